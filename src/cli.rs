@@ -1,0 +1,110 @@
+//! The `kiln` command line. Exit codes: 0 success, 1 user errors in the input, 2 usage errors.
+
+use clap::{Parser, Subcommand, ValueEnum};
+use kiln_compiler::diagnostics::{render_to_stderr, Code, Diagnostic};
+use kiln_compiler::spec::{emit, Format};
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "kiln", version, about = "Compile and run language-model training experiments")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check experiment files and report every error with its location.
+    Check {
+        /// The .kiln files to check.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Print the resolved spec (every default filled in, every value's origin).
+        #[arg(long, value_enum)]
+        emit: Option<Emit>,
+        /// Output format for --emit.
+        #[arg(long, value_enum, default_value_t = OutputFormat::Toml)]
+        format: OutputFormat,
+    },
+    /// Explain a diagnostic code, such as K0012.
+    Explain {
+        code: String,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Emit {
+    Spec,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OutputFormat {
+    Toml,
+    Json,
+}
+
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // clap prints help/version to stdout (exit 0) and usage errors to stderr (exit 2).
+            let _ = e.print();
+            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+        }
+    };
+    match cli.command {
+        Command::Check { files, emit: emit_what, format } => check(&files, emit_what, format),
+        Command::Explain { code } => explain(&code),
+    }
+}
+
+fn check(files: &[PathBuf], emit_what: Option<Emit>, format: OutputFormat) -> ExitCode {
+    let mut failed = false;
+    let mut out = std::io::stdout().lock();
+    for file in files {
+        let checked = kiln_compiler::check_file(file);
+        if !checked.is_ok() {
+            failed = true;
+            let errors = checked.errors();
+            let refs: Vec<&Diagnostic> = errors.iter().collect();
+            render_to_stderr(&checked.program.sources.borrow(), &refs);
+            let n = errors.len();
+            eprintln!("error: {} has {n} error{}", file.display(), if n == 1 { "" } else { "s" });
+            continue;
+        }
+        match emit_what {
+            Some(Emit::Spec) => {
+                let format = match format {
+                    OutputFormat::Toml => Format::Toml,
+                    OutputFormat::Json => Format::Json,
+                };
+                let text = emit(&checked.module, &checked.program.sources.borrow(), format);
+                if out.write_all(text.as_bytes()).is_err() {
+                    return ExitCode::from(1);
+                }
+            }
+            None => eprintln!("{}: ok", file.display()),
+        }
+    }
+    if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn explain(code: &str) -> ExitCode {
+    let wanted = code.trim().to_ascii_uppercase();
+    match Code::ALL.iter().find(|c| c.as_str() == wanted) {
+        Some(c) => {
+            println!("{}: {}", c.as_str(), c.explanation());
+            ExitCode::SUCCESS
+        }
+        None => {
+            eprintln!("error: unknown code `{code}`; codes run from K0001 to {}", Code::ALL.last().map_or("", |c| c.as_str()));
+            ExitCode::from(2)
+        }
+    }
+}
