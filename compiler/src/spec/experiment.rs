@@ -28,11 +28,15 @@ pub fn experiment(cx: &Cx, v: &Spanned, module: ModuleId) -> Option<Experiment> 
             Some(Objective::CausalLm)
         }
     };
+    let data_span = r.span_of("data");
     let data = match r.get("data") {
         Some(v) => data(cx, &v, module, objective.as_ref()),
         None if r.has("data") => None,
         None => Some(Data { fields: objective.as_ref().map(field_map).unwrap_or_default(), ..Data::default() }),
     };
+    if let (Some(o), Some(d)) = (&objective, &data) {
+        check_placeholders(cx, o, d, r.has("data").then_some(data_span));
+    }
     let adapters = r.or("adapter", Vec::new(), |cx, v| adapters(cx, v, "adapters", model.as_ref()));
     let parallel = match r.get("parallel") {
         Some(v) => record(cx, &v, "parallel", "parallel settings").and_then(|mut p| {
@@ -158,27 +162,30 @@ fn data(cx: &Cx, v: &Spanned, module: ModuleId, objective: Option<&Objective>) -
     if let Some(Some(custom)) = &custom {
         fields.extend(custom.clone());
     }
-    let fields_span = r.span_of("fields");
     r.finish();
-    if let Some(Objective::Pvp(pvp)) = objective {
-        let pattern_span = cx.origins.borrow().span("objective.pattern");
-        if let Some(span) = pattern_span {
-            for (name, at) in placeholders(cx, &pvp.pattern, span) {
-                if !fields.contains_key(&name) {
-                    let known: Vec<&str> = fields.keys().map(String::as_str).collect();
-                    let mut d = Diagnostic::new(Code::Pattern, format!("placeholder `{{{name}}}` is not a data field"))
-                        .at(at, "not a field of the data records")
-                        .also(fields_span, format!("data fields: {}", known.join(", ")));
-                    d = match crate::diagnostics::did_you_mean(&name, known.iter().copied()) {
-                        Some(s) => d.help(format!("did you mean `{{{s}}}`?")),
-                        None => d.help(format!("declare it: data {{ fields = {{ {name} = \"{name}\" }} }}")),
-                    };
-                    cx.report(d);
-                }
-            }
-        }
-    }
     Some(Data { train: train?, eval: eval?, tokenizer: tokenizer?, fields })
+}
+
+/// Every `{placeholder}` of a PET pattern must be a field of the data records.
+fn check_placeholders(cx: &Cx, objective: &Objective, data: &Data, data_span: Option<Span>) {
+    let Objective::Pvp(pvp) = objective else { return };
+    let Some(span) = cx.origins.borrow().span("objective.pattern") else { return };
+    for (name, at) in placeholders(cx, &pvp.pattern, span) {
+        if data.fields.contains_key(&name) {
+            continue;
+        }
+        let known: Vec<&str> = data.fields.keys().map(String::as_str).collect();
+        let mut d = Diagnostic::new(Code::Pattern, format!("placeholder `{{{name}}}` is not a data field")).at(at, "not a field of the data records");
+        d = match data_span {
+            Some(span) => d.also(span, format!("data fields: {}", known.join(", "))),
+            None => d.note(format!("data fields: {}", known.join(", "))),
+        };
+        d = match crate::diagnostics::did_you_mean(&name, known.iter().copied()) {
+            Some(s) => d.help(format!("did you mean `{{{s}}}`?")),
+            None => d.help(format!("declare it: data {{ fields = {{ {name} = \"{name}\" }} }}")),
+        };
+        cx.report(d);
+    }
 }
 
 fn parallel(r: &mut Rec, model: Option<&Model>) -> Option<Parallel> {

@@ -279,6 +279,14 @@ pub struct Variant {
 
 /// Reads a choice among `choices`; reports an unknown one with the closest choice.
 pub fn variant(cx: &Cx, v: &Spanned, what: &str, choices: &[&str]) -> Option<Variant> {
+    // A bare word that also names a definition (`family = gpt2` beside `model gpt2`) was
+    // evaluated as a reference; where a choice is expected, the word as written wins.
+    if !matches!(v.value, Value::Symbol { .. } | Value::Call { .. } | Value::Str(_)) {
+        let written = cx.text(v.span);
+        if choices.contains(&written.as_str()) {
+            return Some(Variant { name: written, record: None, args: Vec::new() });
+        }
+    }
     let (name, record, args) = match &v.value {
         Value::Symbol { name, .. } => (name.clone(), None, Vec::new()),
         Value::Call { name, args, .. } => (name.clone(), None, args.clone()),
@@ -298,7 +306,7 @@ pub fn variant(cx: &Cx, v: &Spanned, what: &str, choices: &[&str]) -> Option<Var
         }
     };
     if !choices.contains(&name.as_str()) {
-        let mut d = Diagnostic::new(Code::Variant, format!("unknown {what} `{name}`")).at(v.span, format!("not a {what}"));
+        let mut d = Diagnostic::new(Code::Variant, format!("unknown {what} `{name}`")).at(v.span, "not one of the choices");
         d = match did_you_mean(&name, choices.iter().copied()) {
             Some(s) => d.help(format!("did you mean `{s}`?")),
             None => d.help(format!("choose one of: {}", choices.join(", "))),
