@@ -53,6 +53,23 @@ fn mutate(base: &str, ops: &[(u8, usize, usize)]) -> String {
     s.into_iter().collect()
 }
 
+#[test]
+fn deep_nesting_and_long_chains_are_errors_not_stack_overflows() {
+    for text in [
+        format!("let x = {}{}", "[".repeat(5000), "]".repeat(5000)),
+        format!("let x = {}1{}", "(".repeat(5000), ")".repeat(5000)),
+        format!("let x = {}1", "1 + ".repeat(50_000)),
+        format!("let x = {}1", "-".repeat(50_000)),
+        format!("experiment e {}{}", "{ a ".repeat(3000), "}".repeat(3000)),
+        // Each definition needs the next, so the first one evaluates the whole chain.
+        (0..20_000).map(|i| format!("let a{i} = a{} + 1\n", i + 1)).collect::<String>() + "let a20000 = 0\n",
+        (0..20_000).map(|i| format!("model m{i} = m{} {{}}\n", i + 1)).collect::<String>() + "model m20000 { family = gpt2 }\n",
+    ] {
+        let checked = kiln::compiler::check_source("deep.kiln", &text, None);
+        assert!(!checked.is_ok());
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 

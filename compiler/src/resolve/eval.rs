@@ -17,7 +17,13 @@ use std::rc::Rc;
 pub struct Evaluator<'p> {
     pub program: &'p Program,
     defs: RefCell<HashMap<(ModuleId, String), CellState>>,
+    /// How many definitions and fields are being evaluated inside each other.
+    depth: std::cell::Cell<usize>,
 }
+
+/// Chains of definitions referring to definitions deeper than this are reported rather than
+/// allowed to overflow the stack; real files stay far below it.
+const MAX_DEPTH: usize = 256;
 
 /// A definition found by name, and the module it lives in.
 pub struct Found<'p> {
@@ -27,7 +33,7 @@ pub struct Found<'p> {
 
 impl<'p> Evaluator<'p> {
     pub fn new(program: &'p Program) -> Self {
-        Evaluator { program, defs: RefCell::new(HashMap::new()) }
+        Evaluator { program, defs: RefCell::new(HashMap::new()), depth: std::cell::Cell::new(0) }
     }
 
     pub fn report(&self, diagnostic: Diagnostic) {
@@ -96,7 +102,7 @@ impl<'p> Evaluator<'p> {
         }
         self.defs.borrow_mut().insert(key.clone(), CellState::Forcing);
         let env = Env { module, frames: Vec::new() };
-        let result = self.expr(&def.value, &env).and_then(|v| self.name_definition(def, v));
+        let result = self.nested(def.name.span, || self.expr(&def.value, &env)).and_then(|v| self.name_definition(def, v));
         self.defs.borrow_mut().insert(key, CellState::Done(result.clone()));
         result
     }
@@ -129,6 +135,22 @@ impl<'p> Evaluator<'p> {
         Some(Spanned { value: Value::Record(Rc::new(renamed)), span: value.span })
     }
 
+    /// Runs `f` one level deeper, or reports that references nest too deeply.
+    fn nested(&self, span: Span, f: impl FnOnce() -> Option<Spanned>) -> Option<Spanned> {
+        if self.depth.get() >= MAX_DEPTH {
+            self.report(
+                Diagnostic::new(Code::Cycle, "definitions refer to each other too deeply")
+                    .at(span, format!("more than {MAX_DEPTH} levels of references"))
+                    .help("flatten the chain of definitions"),
+            );
+            return None;
+        }
+        self.depth.set(self.depth.get() + 1);
+        let result = f();
+        self.depth.set(self.depth.get() - 1);
+        result
+    }
+
     // ----- records -----------------------------------------------------------------------
 
     /// Evaluates a field of a record (once), with `self` bound to that record.
@@ -149,7 +171,7 @@ impl<'p> Evaluator<'p> {
             CellState::Pending => {}
         }
         *field.cell.borrow_mut() = CellState::Forcing;
-        let result = self.source(&field.source, record);
+        let result = self.nested(field.key_span, || self.source(&field.source, record));
         // A cycle error may already have poisoned the cell; keep the first outcome.
         let mut cell = field.cell.borrow_mut();
         if matches!(*cell, CellState::Forcing) {

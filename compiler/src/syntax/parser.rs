@@ -27,7 +27,7 @@ fn pratt() -> &'static PrattParser<Rule> {
 /// most one diagnostic comes back; semantic checks later report everything else at once.
 pub fn parse(file: FileId, text: &str) -> Result<SourceFile, Diagnostic> {
     let mut pairs = KilnParser::parse(Rule::file, text).map_err(|e| syntax_error(file, text, e))?;
-    let b = Builder { file };
+    let b = Builder { file, depth: std::cell::Cell::new(0) };
     let root = pairs.next().expect("pest returns the `file` rule on success");
     let mut items = Vec::new();
     for pair in root.into_inner() {
@@ -42,7 +42,14 @@ pub fn parse(file: FileId, text: &str) -> Result<SourceFile, Diagnostic> {
 
 struct Builder {
     file: FileId,
+    /// Current nesting of expressions; evaluation recurses as deep, so it is bounded.
+    depth: std::cell::Cell<usize>,
 }
+
+/// Deeper nesting, or longer operator chains, are certainly mistakes (or generated input)
+/// and would overflow the stack of the recursive evaluator.
+const MAX_NESTING: usize = 128;
+const MAX_OPERATORS: usize = 1024;
 
 impl Builder {
     fn span(&self, pair: &Pair<Rule>) -> Span {
@@ -109,6 +116,20 @@ impl Builder {
     }
 
     fn expr(&self, pair: Pair<Rule>) -> Result<Expr, Diagnostic> {
+        let span = self.span(&pair);
+        let operators = pair.clone().into_inner().filter(|p| matches!(p.as_rule(), Rule::add | Rule::sub | Rule::mul | Rule::div | Rule::neg)).count();
+        if operators > MAX_OPERATORS || self.depth.get() >= MAX_NESTING {
+            return Err(Diagnostic::new(Code::Syntax, "expression is too deeply nested")
+                .at(Span { end: span.start + 1, ..span }, "starts here")
+                .help(format!("Kiln accepts up to {MAX_NESTING} levels of nesting and {MAX_OPERATORS} operators in one expression")));
+        }
+        self.depth.set(self.depth.get() + 1);
+        let result = self.expr_inner(pair);
+        self.depth.set(self.depth.get() - 1);
+        result
+    }
+
+    fn expr_inner(&self, pair: Pair<Rule>) -> Result<Expr, Diagnostic> {
         pratt()
             .map_primary(|p| self.primary(p))
             .map_prefix(|op, rhs| {
