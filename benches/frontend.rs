@@ -18,7 +18,10 @@ fn examples() -> Vec<PathBuf> {
 fn frontend(c: &mut Criterion) {
     let mut group = c.benchmark_group("check");
     for path in examples() {
-        let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
         group.bench_function(&name, |b| {
             b.iter(|| {
                 let checked = kiln::compiler::check_file(&path);

@@ -8,7 +8,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "kiln", version, about = "Compile and run language-model training experiments")]
+#[command(
+    name = "kiln",
+    version,
+    about = "Compile and run language-model training experiments"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -29,9 +33,7 @@ enum Command {
         format: OutputFormat,
     },
     /// Explain a diagnostic code, such as K0012.
-    Explain {
-        code: String,
-    },
+    Explain { code: String },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -51,11 +53,19 @@ pub fn main() -> ExitCode {
         Err(e) => {
             // clap prints help/version to stdout (exit 0) and usage errors to stderr (exit 2).
             let _ = e.print();
-            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
         }
     };
     match cli.command {
-        Command::Check { files, emit: emit_what, format } => check(&files, emit_what, format),
+        Command::Check {
+            files,
+            emit: emit_what,
+            format,
+        } => check(&files, emit_what, format),
         Command::Explain { code } => explain(&code),
     }
 }
@@ -71,7 +81,11 @@ fn check(files: &[PathBuf], emit_what: Option<Emit>, format: OutputFormat) -> Ex
             let refs: Vec<&Diagnostic> = errors.iter().collect();
             render_to_stderr(&checked.program.sources.borrow(), &refs);
             let n = errors.len();
-            eprintln!("error: {} has {n} error{}", file.display(), if n == 1 { "" } else { "s" });
+            eprintln!(
+                "error: {} has {n} error{}",
+                file.display(),
+                if n == 1 { "" } else { "s" }
+            );
             continue;
         }
         match emit_what {
@@ -103,7 +117,10 @@ fn explain(code: &str) -> ExitCode {
             ExitCode::SUCCESS
         }
         None => {
-            eprintln!("error: unknown code `{code}`; codes run from K0001 to {}", Code::ALL.last().map_or("", |c| c.as_str()));
+            eprintln!(
+                "error: unknown code `{code}`; codes run from K0001 to {}",
+                Code::ALL.last().map_or("", |c| c.as_str())
+            );
             ExitCode::from(2)
         }
     }

@@ -14,7 +14,12 @@ fn kiln(args: &[&str]) -> Output {
 #[test]
 fn clean_file_exits_zero() {
     let out = kiln(&["check", "examples/quickstart_gpt2_lora.kiln"]);
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -23,21 +28,40 @@ fn user_errors_exit_one_with_every_error_and_no_colour_in_a_pipe() {
     std::fs::create_dir_all(&dir).unwrap();
     let bad = dir.join("bad.kiln");
     std::fs::write(&bad, "model m {\n  family = gpt2\n  vocab = 10, positions = 8\n  hidden = 10, layers = 1, heads = 3\n  dropout = 2\n}\n").unwrap();
-    let out = kiln(&["check", bad.to_str().unwrap(), "examples/quickstart_gpt2_lora.kiln"]);
+    let out = kiln(&[
+        "check",
+        bad.to_str().unwrap(),
+        "examples/quickstart_gpt2_lora.kiln",
+    ]);
     std::fs::remove_dir_all(&dir).ok();
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("error[K0012]") && stderr.contains("error[K0007]"), "both errors: {stderr}");
-    assert!(stderr.contains("bad.kiln:4:"), "location is file:line:col: {stderr}");
-    assert!(stderr.contains("examples/quickstart_gpt2_lora.kiln: ok"), "the other file is still checked: {stderr}");
-    assert!(!stderr.contains('\u{1b}'), "stderr is not a terminal, so no ANSI colour");
+    assert!(
+        stderr.contains("error[K0012]") && stderr.contains("error[K0007]"),
+        "both errors: {stderr}"
+    );
+    assert!(
+        stderr.contains("bad.kiln:4:"),
+        "location is file:line:col: {stderr}"
+    );
+    assert!(
+        stderr.contains("examples/quickstart_gpt2_lora.kiln: ok"),
+        "the other file is still checked: {stderr}"
+    );
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "stderr is not a terminal, so no ANSI colour"
+    );
 }
 
 #[test]
 fn usage_errors_exit_two() {
     assert_eq!(kiln(&["check"]).status.code(), Some(2));
     assert_eq!(kiln(&["frobnicate"]).status.code(), Some(2));
-    assert_eq!(kiln(&["check", "--format", "yaml", "x.kiln"]).status.code(), Some(2));
+    assert_eq!(
+        kiln(&["check", "--format", "yaml", "x.kiln"]).status.code(),
+        Some(2)
+    );
     assert_eq!(kiln(&["explain", "K9999"]).status.code(), Some(2));
 }
 
@@ -57,23 +81,48 @@ fn explain_prints_the_code() {
 
 #[test]
 fn emit_spec_json_has_every_default_and_its_origin() {
-    let out = kiln(&["check", "examples/quickstart_gpt2_lora.kiln", "--emit", "spec", "--format", "json"]);
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = kiln(&[
+        "check",
+        "examples/quickstart_gpt2_lora.kiln",
+        "--emit",
+        "spec",
+        "--format",
+        "json",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("valid JSON");
-    let (_, exp) = json.as_object().unwrap().iter().next().expect("one experiment");
+    let (_, exp) = json
+        .as_object()
+        .unwrap()
+        .iter()
+        .next()
+        .expect("one experiment");
     let spec = &exp["spec"];
     let origins = &exp["origins"];
     // Inherited from the stdlib, overridden in the file, and defaulted.
     assert_eq!(spec["model"]["vocab"], 50257);
-    assert!(origins["model.vocab"].as_str().unwrap().starts_with("<std>/models/gpt2.kiln:"));
-    assert!(origins["train.seed"].as_str().unwrap().starts_with("examples/quickstart_gpt2_lora.kiln:"));
+    assert!(origins["model.vocab"]
+        .as_str()
+        .unwrap()
+        .starts_with("<std>/models/gpt2.kiln:"));
+    assert!(origins["train.seed"]
+        .as_str()
+        .unwrap()
+        .starts_with("examples/quickstart_gpt2_lora.kiln:"));
     assert_eq!(origins["train.optimizer.beta2"], "default");
     assert_eq!(spec["train"]["optimizer"]["beta2"], 0.999);
     // Every leaf has an origin.
     fn count_leaves(v: &serde_json::Value) -> usize {
         match v {
             serde_json::Value::Object(m) => m.values().map(count_leaves).sum(),
-            serde_json::Value::Array(a) if a.iter().any(|x| x.is_object()) => a.iter().map(count_leaves).sum(),
+            serde_json::Value::Array(a) if a.iter().any(|x| x.is_object()) => {
+                a.iter().map(count_leaves).sum()
+            }
             serde_json::Value::Null => 0,
             _ => 1,
         }
@@ -85,7 +134,12 @@ fn emit_spec_json_has_every_default_and_its_origin() {
 fn emit_spec_toml_is_deterministic_and_parses() {
     let a = kiln(&["check", "examples/rlhf_pipeline.kiln", "--emit", "spec"]);
     let b = kiln(&["check", "examples/rlhf_pipeline.kiln", "--emit", "spec"]);
-    assert_eq!(a.status.code(), Some(0), "{}", String::from_utf8_lossy(&a.stderr));
+    assert_eq!(
+        a.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&a.stderr)
+    );
     assert_eq!(a.stdout, b.stdout, "byte-identical output");
     let text = String::from_utf8(a.stdout).unwrap();
     let parsed: toml::Value = toml::from_str(&text).expect("valid TOML");

@@ -16,7 +16,9 @@ fn examples() -> Vec<String> {
         .unwrap()
         .filter_map(|e| {
             let p = e.ok()?.path();
-            (p.extension()? == "kiln").then(|| std::fs::read_to_string(p).ok()).flatten()
+            (p.extension()? == "kiln")
+                .then(|| std::fs::read_to_string(p).ok())
+                .flatten()
         })
         .collect();
     out.sort();
@@ -24,10 +26,51 @@ fn examples() -> Vec<String> {
 }
 
 const FRAGMENTS: &[&str] = &[
-    "{", "}", "[", "]", "(", ")", "=", ",", ":", "\"", "+", "-", "*", "/", "0", "1e999", "9999999999999999999999",
-    "80GiB", "1f1b", "model", "experiment", "import", "import std.models.gpt2", "a.b.c", "{x}", "[MASK]", "%",
-    "cpu(0)", "cpu(-1)", "hf(\"nope\")", "peft(1)", "dgx_a100 * 0", "x = x", "\\", "\u{e9}", "\n", "//", "/*",
-    "layers = 0", "heads = 7", "mlm + nsp", "lora {}", "interleaved(0)", "classifier(1)", "steps = 1, epochs = 1",
+    "{",
+    "}",
+    "[",
+    "]",
+    "(",
+    ")",
+    "=",
+    ",",
+    ":",
+    "\"",
+    "+",
+    "-",
+    "*",
+    "/",
+    "0",
+    "1e999",
+    "9999999999999999999999",
+    "80GiB",
+    "1f1b",
+    "model",
+    "experiment",
+    "import",
+    "import std.models.gpt2",
+    "a.b.c",
+    "{x}",
+    "[MASK]",
+    "%",
+    "cpu(0)",
+    "cpu(-1)",
+    "hf(\"nope\")",
+    "peft(1)",
+    "dgx_a100 * 0",
+    "x = x",
+    "\\",
+    "\u{e9}",
+    "\n",
+    "//",
+    "/*",
+    "layers = 0",
+    "heads = 7",
+    "mlm + nsp",
+    "lora {}",
+    "interleaved(0)",
+    "classifier(1)",
+    "steps = 1, epochs = 1",
 ];
 
 fn mutate(base: &str, ops: &[(u8, usize, usize)]) -> String {
@@ -62,8 +105,14 @@ fn deep_nesting_and_long_chains_are_errors_not_stack_overflows() {
         format!("let x = {}1", "-".repeat(50_000)),
         format!("experiment e {}{}", "{ a ".repeat(3000), "}".repeat(3000)),
         // Each definition needs the next, so the first one evaluates the whole chain.
-        (0..20_000).map(|i| format!("let a{i} = a{} + 1\n", i + 1)).collect::<String>() + "let a20000 = 0\n",
-        (0..20_000).map(|i| format!("model m{i} = m{} {{}}\n", i + 1)).collect::<String>() + "model m20000 { family = gpt2 }\n",
+        (0..20_000)
+            .map(|i| format!("let a{i} = a{} + 1\n", i + 1))
+            .collect::<String>()
+            + "let a20000 = 0\n",
+        (0..20_000)
+            .map(|i| format!("model m{i} = m{} {{}}\n", i + 1))
+            .collect::<String>()
+            + "model m20000 { family = gpt2 }\n",
     ] {
         let checked = kiln::compiler::check_source("deep.kiln", &text, None);
         assert!(!checked.is_ok());

@@ -15,12 +15,26 @@ fn models_of(module: &str) -> Vec<Model> {
     assert!(checked.is_ok(), "{module}:\n{}", checked.render_errors());
     // The probe defines nothing; check the module's own definitions directly.
     let program = &checked.program;
-    let id = program.modules.iter().position(|m| m.name == kiln::compiler::stdlib::display_name(module)).expect("module loaded");
+    let id = program
+        .modules
+        .iter()
+        .position(|m| m.name == kiln::compiler::stdlib::display_name(module))
+        .expect("module loaded");
     let ev = kiln::compiler::resolve::Evaluator::new(program);
     let out = kiln::compiler::spec::check_module(&ev, kiln::compiler::resolve::ModuleId(id));
-    let errors = program.diagnostics.borrow().sorted().into_iter().cloned().collect::<Vec<_>>();
+    let errors = program
+        .diagnostics
+        .borrow()
+        .sorted()
+        .into_iter()
+        .cloned()
+        .collect::<Vec<_>>();
     let refs: Vec<_> = errors.iter().collect();
-    assert!(errors.is_empty(), "{module}:\n{}", kiln::compiler::diagnostics::render_plain(&program.sources.borrow(), &refs));
+    assert!(
+        errors.is_empty(),
+        "{module}:\n{}",
+        kiln::compiler::diagnostics::render_plain(&program.sources.borrow(), &refs)
+    );
     out.models.into_iter().map(|m| m.value).collect()
 }
 
@@ -41,15 +55,23 @@ fn every_stdlib_file_is_embedded() {
             if path.is_dir() {
                 stack.push(path);
             } else if path.extension().is_some_and(|e| e == "kiln") {
-                let rel = path.strip_prefix(root().join("stdlib")).unwrap().with_extension("");
+                let rel = path
+                    .strip_prefix(root().join("stdlib"))
+                    .unwrap()
+                    .with_extension("");
                 on_disk.push(format!("std.{}", rel.to_string_lossy().replace('/', ".")));
             }
         }
     }
     on_disk.sort();
-    let mut embedded: Vec<String> = kiln::compiler::stdlib::module_names().map(String::from).collect();
+    let mut embedded: Vec<String> = kiln::compiler::stdlib::module_names()
+        .map(String::from)
+        .collect();
     embedded.sort();
-    assert_eq!(on_disk, embedded, "stdlib/ and compiler/src/stdlib.rs list different modules");
+    assert_eq!(
+        on_disk, embedded,
+        "stdlib/ and compiler/src/stdlib.rs list different modules"
+    );
 }
 
 fn examples() -> Vec<PathBuf> {
@@ -65,44 +87,79 @@ fn examples() -> Vec<PathBuf> {
 
 fn check_example(path: &Path) -> Vec<Experiment> {
     let checked = kiln::compiler::check_file(path);
-    assert!(checked.is_ok(), "{}:\n{}", path.display(), checked.render_errors());
-    checked.module.experiments.into_iter().map(|e| e.value).collect()
+    assert!(
+        checked.is_ok(),
+        "{}:\n{}",
+        path.display(),
+        checked.render_errors()
+    );
+    checked
+        .module
+        .experiments
+        .into_iter()
+        .map(|e| e.value)
+        .collect()
 }
 
 #[test]
 fn every_example_checks_clean() {
     let all = examples();
-    assert!(all.len() >= 10, "expected the ten example kinds, found {}", all.len());
+    assert!(
+        all.len() >= 10,
+        "expected the ten example kinds, found {}",
+        all.len()
+    );
     for path in all {
         check_example(&path);
     }
 }
 
 fn model(models: &[Model], name: &str) -> Model {
-    models.iter().find(|m| m.name == name).unwrap_or_else(|| panic!("no model {name}")).clone()
+    models
+        .iter()
+        .find(|m| m.name == name)
+        .unwrap_or_else(|| panic!("no model {name}"))
+        .clone()
 }
 
 #[test]
 fn published_shapes() {
     let gpt2 = models_of("std.models.gpt2");
     let m = model(&gpt2, "gpt2_medium");
-    assert_eq!((m.hidden, m.layers, m.heads, m.ffn, m.vocab), (1024, 24, 16, 4096, 50257), "ffn follows hidden through inheritance");
+    assert_eq!(
+        (m.hidden, m.layers, m.heads, m.ffn, m.vocab),
+        (1024, 24, 16, 4096, 50257),
+        "ffn follows hidden through inheritance"
+    );
     let m = model(&gpt2, "gpt2_xl");
     assert_eq!((m.hidden, m.layers, m.heads, m.ffn), (1600, 48, 25, 6400));
 
     let bert = models_of("std.models.bert");
     let m = model(&bert, "bert_base");
-    assert_eq!((m.hidden, m.layers, m.heads, m.ffn, m.type_vocab, m.vocab), (768, 12, 12, 3072, 2, 30522));
+    assert_eq!(
+        (m.hidden, m.layers, m.heads, m.ffn, m.type_vocab, m.vocab),
+        (768, 12, 12, 3072, 2, 30522)
+    );
 
     let llama = models_of("std.models.llama");
     let m = model(&llama, "llama_70b");
-    assert_eq!((m.hidden, m.layers, m.heads, m.kv_heads, m.ffn), (8192, 80, 64, 8, 28672), "LLaMA-2 70B uses GQA with 8 KV heads");
+    assert_eq!(
+        (m.hidden, m.layers, m.heads, m.kv_heads, m.ffn),
+        (8192, 80, 64, 8, 28672),
+        "LLaMA-2 70B uses GQA with 8 KV heads"
+    );
     let m = model(&llama, "llama_7b");
-    assert_eq!((m.hidden, m.layers, m.ffn, m.tie_embeddings), (4096, 32, 11008, false));
+    assert_eq!(
+        (m.hidden, m.layers, m.ffn, m.tie_embeddings),
+        (4096, 32, 11008, false)
+    );
 
     let gpt3 = models_of("std.models.gpt3");
     let m = model(&gpt3, "gpt3_175b");
-    assert_eq!((m.hidden, m.layers, m.heads, m.positions), (12288, 96, 96, 2048));
+    assert_eq!(
+        (m.hidden, m.layers, m.heads, m.positions),
+        (12288, 96, 96, 2048)
+    );
 }
 
 #[test]
@@ -117,5 +174,9 @@ fn gpt3_plan_example_targets_a_1024_gpu_cluster() {
 #[test]
 fn bert_pretraining_example_combines_mlm_and_nsp() {
     let exps = check_example(Path::new("examples/bert_wwm_nsp.kiln"));
-    assert!(matches!(exps[0].objective, Objective::MlmNsp { .. }), "{:?}", exps[0].objective);
+    assert!(
+        matches!(exps[0].objective, Objective::MlmNsp { .. }),
+        "{:?}",
+        exps[0].objective
+    );
 }

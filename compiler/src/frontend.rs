@@ -14,7 +14,13 @@ pub struct Checked {
 
 impl Checked {
     pub fn errors(&self) -> Vec<Diagnostic> {
-        self.program.diagnostics.borrow().sorted().into_iter().cloned().collect()
+        self.program
+            .diagnostics
+            .borrow()
+            .sorted()
+            .into_iter()
+            .cloned()
+            .collect()
     }
 
     pub fn is_ok(&self) -> bool {
@@ -51,5 +57,8 @@ fn finish(program: Program, module: Option<crate::resolve::ModuleId>) -> Checked
         }
         None => CheckedModule::default(),
     };
-    Checked { program, module: checked }
+    Checked {
+        program,
+        module: checked,
+    }
 }

@@ -27,12 +27,20 @@ pub struct Span {
 
 impl Span {
     pub fn new(file: FileId, range: Range<usize>) -> Self {
-        Span { file, start: range.start, end: range.end }
+        Span {
+            file,
+            start: range.start,
+            end: range.end,
+        }
     }
 
     /// The smallest span covering both (same file assumed).
     pub fn to(self, other: Span) -> Span {
-        Span { file: self.file, start: self.start.min(other.start), end: self.end.max(other.end) }
+        Span {
+            file: self.file,
+            start: self.start.min(other.start),
+            end: self.end.max(other.end),
+        }
     }
 
     pub fn range(self) -> Range<usize> {
@@ -49,7 +57,10 @@ pub struct SourceMap {
 
 impl Default for SourceMap {
     fn default() -> Self {
-        SourceMap { files: SimpleFiles::new(), count: 0 }
+        SourceMap {
+            files: SimpleFiles::new(),
+            count: 0,
+        }
     }
 }
 
@@ -64,11 +75,17 @@ impl SourceMap {
     }
 
     pub fn name(&self, id: FileId) -> &str {
-        self.files.get(id.0).map(|f| f.name().as_str()).unwrap_or("<unknown>")
+        self.files
+            .get(id.0)
+            .map(|f| f.name().as_str())
+            .unwrap_or("<unknown>")
     }
 
     pub fn text(&self, id: FileId) -> &str {
-        self.files.get(id.0).map(|f| f.source().as_str()).unwrap_or("")
+        self.files
+            .get(id.0)
+            .map(|f| f.source().as_str())
+            .unwrap_or("")
     }
 
     pub fn text_of(&self, span: Span) -> &str {
@@ -137,13 +154,19 @@ impl Diagnostic {
 
     /// The span that is wrong, with a short label.
     pub fn at(mut self, span: Span, label: impl Into<String>) -> Self {
-        self.primary = Some(Label { span, message: label.into() });
+        self.primary = Some(Label {
+            span,
+            message: label.into(),
+        });
         self
     }
 
     /// Another span that takes part (what this conflicts with, where a thing was defined).
     pub fn also(mut self, span: Span, label: impl Into<String>) -> Self {
-        self.secondary.push(Label { span, message: label.into() });
+        self.secondary.push(Label {
+            span,
+            message: label.into(),
+        });
         self
     }
 
@@ -197,7 +220,10 @@ impl Diagnostics {
 }
 
 /// The closest candidate to a misspelt name, if one is close enough to suggest.
-pub fn did_you_mean<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+pub fn did_you_mean<'a>(
+    name: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
     let mut best: Option<(f64, &str)> = None;
     for candidate in candidates {
         let score = strsim::jaro_winkler(name, candidate);

@@ -32,7 +32,9 @@ pub fn render_plain(sources: &SourceMap, diagnostics: &[&Diagnostic]) -> String 
         // Writing into a Vec cannot fail; a label outside its file is a compiler bug that
         // codespan reports as an error, which we surface as text rather than panic.
         if let Err(e) = term::emit(&mut out, &config, sources.files(), &to_codespan(d)) {
-            out.get_mut().extend_from_slice(format!("error[{}]: {} ({e})\n", d.code.as_str(), d.message).as_bytes());
+            out.get_mut().extend_from_slice(
+                format!("error[{}]: {} ({e})\n", d.code.as_str(), d.message).as_bytes(),
+            );
         }
     }
     String::from_utf8_lossy(&out.into_inner()).into_owned()
@@ -40,7 +42,8 @@ pub fn render_plain(sources: &SourceMap, diagnostics: &[&Diagnostic]) -> String 
 
 /// Renders to standard error, coloured only on a terminal and when NO_COLOR is unset.
 pub fn render_to_stderr(sources: &SourceMap, diagnostics: &[&Diagnostic]) {
-    let colour = std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()) && std::io::stderr().is_terminal();
+    let colour = std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+        && std::io::stderr().is_terminal();
     if !colour {
         eprint!("{}", render_plain(sources, diagnostics));
         return;

@@ -20,21 +20,53 @@ fn record(kind: RecordKind, span: Span, fields: Vec<(&str, Spanned)>) -> Rc<Reco
 
 /// `node * n`: a cluster of `n` identical nodes.
 pub(super) fn cluster_of(node: &Rc<Record>, n: i64, span: Span, n_span: Span) -> Value {
-    cluster_named(format!("{} * {n}", node.kind.name().unwrap_or("node")), node, n, span, n_span)
+    cluster_named(
+        format!("{} * {n}", node.kind.name().unwrap_or("node")),
+        node,
+        n,
+        span,
+        n_span,
+    )
 }
 
 fn cluster_named(name: String, node: &Rc<Record>, n: i64, span: Span, n_span: Span) -> Value {
     let fields = vec![
-        ("node", Spanned { value: Value::Record(node.clone()), span }),
-        ("nodes", Spanned { value: Value::Int(n), span: n_span }),
+        (
+            "node",
+            Spanned {
+                value: Value::Record(node.clone()),
+                span,
+            },
+        ),
+        (
+            "nodes",
+            Spanned {
+                value: Value::Int(n),
+                span: n_span,
+            },
+        ),
     ];
-    Value::Record(record(RecordKind::Def { kind: DefKind::Cluster, name, tag: None }, span, fields))
+    Value::Record(record(
+        RecordKind::Def {
+            kind: DefKind::Cluster,
+            name,
+            tag: None,
+        },
+        span,
+        fields,
+    ))
 }
 
 /// `cpu(n)`: this machine as one node of `n` CPU devices (the stdlib's `cpu_host`).
 pub(super) fn cpu(ev: &Evaluator, args: &[Spanned], env: &Env, span: Span) -> Option<Value> {
     let n = match args {
-        [Spanned { value: Value::Int(n), span }] if *n >= 1 => Spanned { value: Value::Int(*n), span: *span },
+        [Spanned {
+            value: Value::Int(n),
+            span,
+        }] if *n >= 1 => Spanned {
+            value: Value::Int(*n),
+            span: *span,
+        },
         _ => {
             ev.report(
                 Diagnostic::new(Code::Type, "`cpu` takes the number of devices")
@@ -46,30 +78,65 @@ pub(super) fn cpu(ev: &Evaluator, args: &[Spanned], env: &Env, span: Span) -> Op
     };
     let found = ev.lookup(env.module, "cpu_host", span)?;
     let host = ev.definition(found.module, found.def)?;
-    let Value::Record(host) = host.value else { return None };
-    let mut fields: IndexMap<String, Field> = host.fields.iter().map(|(k, f)| (k.clone(), f.reinstantiate())).collect();
-    fields.insert("devices".into(), Field::new(n.span, FieldSource::Value(n.clone())));
+    let Value::Record(host) = host.value else {
+        return None;
+    };
+    let mut fields: IndexMap<String, Field> = host
+        .fields
+        .iter()
+        .map(|(k, f)| (k.clone(), f.reinstantiate()))
+        .collect();
+    fields.insert(
+        "devices".into(),
+        Field::new(n.span, FieldSource::Value(n.clone())),
+    );
     let name = ev.program.sources.borrow().text_of(span).to_string();
-    let node = Rc::new(Record { kind: RecordKind::Def { kind: DefKind::Node, name: "cpu_host".into(), tag: None }, span, fields });
+    let node = Rc::new(Record {
+        kind: RecordKind::Def {
+            kind: DefKind::Node,
+            name: "cpu_host".into(),
+            tag: None,
+        },
+        span,
+        fields,
+    });
     Some(cluster_named(name, &node, 1, span, span))
 }
 
 /// Reads `dir/file` relative to the calling module, registering it as a source so that later
 /// diagnostics and spec origins can point into it.
-fn read_json(ev: &Evaluator, args: &[Spanned], env: &Env, span: Span, func: &str, file: &str) -> Option<(FileId, serde_json::Map<String, Json>, String)> {
+fn read_json(
+    ev: &Evaluator,
+    args: &[Spanned],
+    env: &Env,
+    span: Span,
+    func: &str,
+    file: &str,
+) -> Option<(FileId, serde_json::Map<String, Json>, String)> {
     let dir = match args {
-        [Spanned { value: Value::Str(dir), .. }] => dir.clone(),
+        [Spanned {
+            value: Value::Str(dir),
+            ..
+        }] => dir.clone(),
         _ => {
             ev.report(
                 Diagnostic::new(Code::Type, format!("`{func}` takes a directory path"))
                     .at(span, "expected one string")
-                    .help(format!("write `{func}(\"path/to/dir\")`; it reads {file} there")),
+                    .help(format!(
+                        "write `{func}(\"path/to/dir\")`; it reads {file} there"
+                    )),
             );
             return None;
         }
     };
     let Some(base) = ev.program.module(env.module).dir.clone() else {
-        ev.report(Diagnostic::new(Code::Io, format!("`{func}` cannot be used in the standard library")).at(span, "no directory to resolve against"));
+        ev.report(
+            Diagnostic::new(
+                Code::Io,
+                format!("`{func}` cannot be used in the standard library"),
+            )
+            .at(span, "no directory to resolve against"),
+        );
         return None;
     };
     let path: PathBuf = base.join(&dir).join(file);
@@ -84,19 +151,32 @@ fn read_json(ev: &Evaluator, args: &[Spanned], env: &Env, span: Span, func: &str
             return None;
         }
     };
-    let id = ev.program.sources.borrow_mut().add(path.display().to_string(), text.clone());
+    let id = ev
+        .program
+        .sources
+        .borrow_mut()
+        .add(path.display().to_string(), text.clone());
     match serde_json::from_str::<Json>(&text) {
         Ok(Json::Object(map)) => Some((id, map, path.display().to_string())),
         Ok(_) => {
-            ev.report(Diagnostic::new(Code::External, format!("`{}` is not a JSON object", path.display())).at(span, "read from here"));
+            ev.report(
+                Diagnostic::new(
+                    Code::External,
+                    format!("`{}` is not a JSON object", path.display()),
+                )
+                .at(span, "read from here"),
+            );
             None
         }
         Err(e) => {
             let offset = line_offset(&text, e.line(), e.column());
             ev.report(
-                Diagnostic::new(Code::External, format!("`{}` is not valid JSON: {e}", path.display()))
-                    .at(Span::new(id, offset..offset), "here")
-                    .also(span, "read because of this"),
+                Diagnostic::new(
+                    Code::External,
+                    format!("`{}` is not valid JSON: {e}", path.display()),
+                )
+                .at(Span::new(id, offset..offset), "here")
+                .also(span, "read because of this"),
             );
             None
         }
@@ -104,7 +184,11 @@ fn read_json(ev: &Evaluator, args: &[Spanned], env: &Env, span: Span, func: &str
 }
 
 fn line_offset(text: &str, line: usize, column: usize) -> usize {
-    let start: usize = text.split_inclusive('\n').take(line.saturating_sub(1)).map(str::len).sum();
+    let start: usize = text
+        .split_inclusive('\n')
+        .take(line.saturating_sub(1))
+        .map(str::len)
+        .sum();
     (start + column.saturating_sub(1)).min(text.len())
 }
 
@@ -137,16 +221,28 @@ impl JsonFields<'_> {
                 items
                     .iter()
                     .filter_map(|i| i.as_str())
-                    .map(|s| Spanned { value: Value::Str(s.to_string()), span: self.span_of(key) })
+                    .map(|s| Spanned {
+                        value: Value::Str(s.to_string()),
+                        span: self.span_of(key),
+                    })
                     .collect(),
             ),
             _ => return None,
         };
-        Some(Spanned { value, span: self.span_of(key) })
+        Some(Spanned {
+            value,
+            span: self.span_of(key),
+        })
     }
 
     fn symbol(&self, key: &str, name: &str, module: super::ModuleId) -> Spanned {
-        Spanned { value: Value::Symbol { name: name.to_string(), module }, span: self.span_of(key) }
+        Spanned {
+            value: Value::Symbol {
+                name: name.to_string(),
+                module,
+            },
+            span: self.span_of(key),
+        }
     }
 
     fn report_unsupported(&self, ev: &Evaluator, key: &str, what: &str, call: Span) {
@@ -163,12 +259,20 @@ pub(super) fn hf(ev: &Evaluator, args: &[Spanned], env: &Env, span: Span) -> Opt
     let (file, map, path) = read_json(ev, args, env, span, "hf", "config.json")?;
     let text = ev.program.sources.borrow().text(file).to_string();
     let whole = Span::new(file, 0..0);
-    let j = JsonFields { file, text, map: &map, whole };
+    let j = JsonFields {
+        file,
+        text,
+        map: &map,
+        whole,
+    };
     let module = env.module;
     let model_type = match map.get("model_type") {
         Some(Json::String(s)) => s.clone(),
         _ => {
-            ev.report(Diagnostic::new(Code::External, format!("`{path}` has no `model_type`")).at(span, "read from here"));
+            ev.report(
+                Diagnostic::new(Code::External, format!("`{path}` has no `model_type`"))
+                    .at(span, "read from here"),
+            );
             return None;
         }
     };
@@ -188,16 +292,45 @@ pub(super) fn hf(ev: &Evaluator, args: &[Spanned], env: &Env, span: Span) -> Opt
         Some(sym(key, kiln))
     };
     let norm = |kind: &str, key: &str, default_eps: f64| -> Spanned {
-        let eps = j.get(key).unwrap_or(Spanned { value: Value::Float(default_eps), span: whole });
-        let tag = RecordKind::Tag { name: kind.to_string(), module };
-        Spanned { value: Value::Record(record(tag, eps.span, vec![("eps", eps.clone())])), span: eps.span }
+        let eps = j.get(key).unwrap_or(Spanned {
+            value: Value::Float(default_eps),
+            span: whole,
+        });
+        let tag = RecordKind::Tag {
+            name: kind.to_string(),
+            module,
+        };
+        Spanned {
+            value: Value::Record(record(tag, eps.span, vec![("eps", eps.clone())])),
+            span: eps.span,
+        }
     };
     let heads_list = |names: &[&str]| -> Spanned {
-        let items = names.iter().map(|n| Spanned { value: Value::Symbol { name: n.to_string(), module }, span: whole }).collect();
-        Spanned { value: Value::List(items), span: j.span_of("architectures") }
+        let items = names
+            .iter()
+            .map(|n| Spanned {
+                value: Value::Symbol {
+                    name: n.to_string(),
+                    module,
+                },
+                span: whole,
+            })
+            .collect();
+        Spanned {
+            value: Value::List(items),
+            span: j.span_of("architectures"),
+        }
     };
-    let int = |v: i64| Spanned { value: Value::Int(v), span: whole };
-    let bool_or = |key: &str, default: bool| j.get(key).unwrap_or(Spanned { value: Value::Bool(default), span: whole });
+    let int = |v: i64| Spanned {
+        value: Value::Int(v),
+        span: whole,
+    };
+    let bool_or = |key: &str, default: bool| {
+        j.get(key).unwrap_or(Spanned {
+            value: Value::Bool(default),
+            span: whole,
+        })
+    };
 
     let mut fields: Vec<(&str, Spanned)> = Vec::new();
     let mut put = |name: &'static str, v: Option<Spanned>| {
@@ -214,7 +347,9 @@ pub(super) fn hf(ev: &Evaluator, args: &[Spanned], env: &Env, span: Span) -> Opt
             put("layers", j.get("n_layer"));
             put("heads", j.get("n_head"));
             put("kv_heads", j.get("n_head"));
-            let ffn = j.get("n_inner").filter(|v| matches!(v.value, Value::Int(_)));
+            let ffn = j
+                .get("n_inner")
+                .filter(|v| matches!(v.value, Value::Int(_)));
             let ffn = ffn.or_else(|| match j.get("n_embd")?.value {
                 Value::Int(h) => Some(int(4 * h)),
                 _ => None,
@@ -225,7 +360,13 @@ pub(super) fn hf(ev: &Evaluator, args: &[Spanned], env: &Env, span: Span) -> Opt
             put("mlp", Some(sym("model_type", "plain")));
             put("position", Some(sym("n_positions", "learned")));
             put("block", Some(sym("model_type", "pre_norm")));
-            put("bias", Some(Spanned { value: Value::Bool(true), span: whole }));
+            put(
+                "bias",
+                Some(Spanned {
+                    value: Value::Bool(true),
+                    span: whole,
+                }),
+            );
             put("tie_embeddings", Some(bool_or("tie_word_embeddings", true)));
             put("type_vocab", Some(int(0)));
             put("output_heads", Some(heads_list(&["lm"])));
@@ -245,7 +386,13 @@ pub(super) fn hf(ev: &Evaluator, args: &[Spanned], env: &Env, span: Span) -> Opt
             put("mlp", Some(sym("model_type", "plain")));
             put("position", Some(sym("max_position_embeddings", "learned")));
             put("block", Some(sym("model_type", "post_norm")));
-            put("bias", Some(Spanned { value: Value::Bool(true), span: whole }));
+            put(
+                "bias",
+                Some(Spanned {
+                    value: Value::Bool(true),
+                    span: whole,
+                }),
+            );
             put("tie_embeddings", Some(bool_or("tie_word_embeddings", true)));
             put("type_vocab", j.get("type_vocab_size"));
             put("output_heads", Some(heads_list(&["mlm", "nsp"])));
@@ -258,27 +405,59 @@ pub(super) fn hf(ev: &Evaluator, args: &[Spanned], env: &Env, span: Span) -> Opt
             put("hidden", j.get("hidden_size"));
             put("layers", j.get("num_hidden_layers"));
             put("heads", j.get("num_attention_heads"));
-            put("kv_heads", j.get("num_key_value_heads").or_else(|| j.get("num_attention_heads")));
+            put(
+                "kv_heads",
+                j.get("num_key_value_heads")
+                    .or_else(|| j.get("num_attention_heads")),
+            );
             put("ffn", j.get("intermediate_size"));
             put("norm", Some(norm("rmsnorm", "rms_norm_eps", 1e-6)));
             put("activation", activation("hidden_act", "silu"));
             put("mlp", Some(sym("model_type", "gated")));
-            let theta = j.get("rope_theta").unwrap_or(Spanned { value: Value::Float(10000.0), span: whole });
-            let rotary = record(RecordKind::Tag { name: "rotary".into(), module }, theta.span, vec![("theta", theta.clone())]);
-            put("position", Some(Spanned { value: Value::Record(rotary), span: theta.span }));
+            let theta = j.get("rope_theta").unwrap_or(Spanned {
+                value: Value::Float(10000.0),
+                span: whole,
+            });
+            let rotary = record(
+                RecordKind::Tag {
+                    name: "rotary".into(),
+                    module,
+                },
+                theta.span,
+                vec![("theta", theta.clone())],
+            );
+            put(
+                "position",
+                Some(Spanned {
+                    value: Value::Record(rotary),
+                    span: theta.span,
+                }),
+            );
             put("block", Some(sym("model_type", "pre_norm")));
             put("bias", Some(bool_or("attention_bias", false)));
-            put("tie_embeddings", Some(bool_or("tie_word_embeddings", false)));
+            put(
+                "tie_embeddings",
+                Some(bool_or("tie_word_embeddings", false)),
+            );
             put("type_vocab", Some(int(0)));
             put("output_heads", Some(heads_list(&["lm"])));
             put("dropout", j.get("attention_dropout"));
         }
         other => {
-            j.report_unsupported(ev, "model_type", &format!("`{other}` (Kiln reads gpt2, bert and llama)"), span);
+            j.report_unsupported(
+                ev,
+                "model_type",
+                &format!("`{other}` (Kiln reads gpt2, bert and llama)"),
+                span,
+            );
             return None;
         }
     }
-    let kind = RecordKind::Def { kind: DefKind::Model, name: format!("hf({})", ev.program.sources.borrow().text_of(args[0].span)), tag: None };
+    let kind = RecordKind::Def {
+        kind: DefKind::Model,
+        name: format!("hf({})", ev.program.sources.borrow().text_of(args[0].span)),
+        tag: None,
+    };
     Some(Value::Record(record(kind, span, fields)))
 }
 
@@ -287,10 +466,18 @@ pub(super) fn peft(ev: &Evaluator, args: &[Spanned], env: &Env, span: Span) -> O
     let (file, map, path) = read_json(ev, args, env, span, "peft", "adapter_config.json")?;
     let text = ev.program.sources.borrow().text(file).to_string();
     let whole = Span::new(file, 0..0);
-    let j = JsonFields { file, text, map: &map, whole };
+    let j = JsonFields {
+        file,
+        text,
+        map: &map,
+        whole,
+    };
     let module = env.module;
     let Some(peft_type) = map.get("peft_type").and_then(Json::as_str) else {
-        ev.report(Diagnostic::new(Code::External, format!("`{path}` has no `peft_type`")).at(span, "read from here"));
+        ev.report(
+            Diagnostic::new(Code::External, format!("`{path}` has no `peft_type`"))
+                .at(span, "read from here"),
+        );
         return None;
     };
     let sym = |key: &str, name: &str| j.symbol(key, name, module);
@@ -328,9 +515,22 @@ pub(super) fn peft(ev: &Evaluator, args: &[Spanned], env: &Env, span: Span) -> O
             put("tokens", j.get("num_virtual_tokens"));
             match map.get("prompt_tuning_init").and_then(Json::as_str) {
                 Some("TEXT") => {
-                    let text = j.get("prompt_tuning_init_text").unwrap_or(Spanned { value: Value::Str(String::new()), span: whole });
-                    let call = Value::Call { name: "text".into(), args: vec![text.clone()], module };
-                    put("init", Some(Spanned { value: call, span: text.span }));
+                    let text = j.get("prompt_tuning_init_text").unwrap_or(Spanned {
+                        value: Value::Str(String::new()),
+                        span: whole,
+                    });
+                    let call = Value::Call {
+                        name: "text".into(),
+                        args: vec![text.clone()],
+                        module,
+                    };
+                    put(
+                        "init",
+                        Some(Spanned {
+                            value: call,
+                            span: text.span,
+                        }),
+                    );
                 }
                 Some("SAMPLE_VOCAB") => put("init", Some(sym("prompt_tuning_init", "vocab"))),
                 _ => put("init", Some(sym("prompt_tuning_init", "random"))),
@@ -339,18 +539,38 @@ pub(super) fn peft(ev: &Evaluator, args: &[Spanned], env: &Env, span: Span) -> O
         }
         "P_TUNING" => {
             put("tokens", j.get("num_virtual_tokens"));
-            let encoder = match map.get("encoder_reparameterization_type").and_then(Json::as_str) {
+            let encoder = match map
+                .get("encoder_reparameterization_type")
+                .and_then(Json::as_str)
+            {
                 Some("LSTM") => "lstm",
                 _ => "mlp",
             };
-            put("encoder", Some(sym("encoder_reparameterization_type", encoder)));
+            put(
+                "encoder",
+                Some(sym("encoder_reparameterization_type", encoder)),
+            );
             put("hidden", j.get("encoder_hidden_size"));
             "ptuning"
         }
         other => {
-            j.report_unsupported(ev, "peft_type", &format!("`{other}` (Kiln reads LORA, IA3, PREFIX_TUNING, PROMPT_TUNING, P_TUNING)"), span);
+            j.report_unsupported(
+                ev,
+                "peft_type",
+                &format!(
+                    "`{other}` (Kiln reads LORA, IA3, PREFIX_TUNING, PROMPT_TUNING, P_TUNING)"
+                ),
+                span,
+            );
             return None;
         }
     };
-    Some(Value::Record(record(RecordKind::Tag { name: tag.into(), module }, span, fields)))
+    Some(Value::Record(record(
+        RecordKind::Tag {
+            name: tag.into(),
+            module,
+        },
+        span,
+        fields,
+    )))
 }

@@ -33,7 +33,11 @@ pub struct Found<'p> {
 
 impl<'p> Evaluator<'p> {
     pub fn new(program: &'p Program) -> Self {
-        Evaluator { program, defs: RefCell::new(HashMap::new()), depth: std::cell::Cell::new(0) }
+        Evaluator {
+            program,
+            defs: RefCell::new(HashMap::new()),
+            depth: std::cell::Cell::new(0),
+        }
     }
 
     pub fn report(&self, diagnostic: Diagnostic) {
@@ -52,11 +56,17 @@ impl<'p> Evaluator<'p> {
         let mut found: Vec<Found<'p>> = Vec::new();
         for &(imported, _) in &m.imports {
             if let Some(def) = self.program.module(imported).defs.get(name) {
-                found.push(Found { module: imported, def });
+                found.push(Found {
+                    module: imported,
+                    def,
+                });
             }
         }
         if found.len() > 1 {
-            let names: Vec<String> = found.iter().map(|f| self.program.module(f.module).name.clone()).collect();
+            let names: Vec<String> = found
+                .iter()
+                .map(|f| self.program.module(f.module).name.clone())
+                .collect();
             self.report(
                 Diagnostic::new(Code::UnknownName, format!("`{name}` is ambiguous"))
                     .at(use_span, "defined by more than one import")
@@ -92,18 +102,30 @@ impl<'p> Evaluator<'p> {
             Some(CellState::Done(v)) => return v,
             Some(CellState::Forcing) => {
                 self.report(
-                    Diagnostic::new(Code::Cycle, format!("`{}` is defined in terms of itself", def.name.name))
-                        .at(def.name.span, "this definition depends on itself")
-                        .help("break the cycle: a definition cannot inherit from or refer to itself"),
+                    Diagnostic::new(
+                        Code::Cycle,
+                        format!("`{}` is defined in terms of itself", def.name.name),
+                    )
+                    .at(def.name.span, "this definition depends on itself")
+                    .help("break the cycle: a definition cannot inherit from or refer to itself"),
                 );
                 return None;
             }
             _ => {}
         }
-        self.defs.borrow_mut().insert(key.clone(), CellState::Forcing);
-        let env = Env { module, frames: Vec::new() };
-        let result = self.nested(def.name.span, || self.expr(&def.value, &env)).and_then(|v| self.name_definition(def, v));
-        self.defs.borrow_mut().insert(key, CellState::Done(result.clone()));
+        self.defs
+            .borrow_mut()
+            .insert(key.clone(), CellState::Forcing);
+        let env = Env {
+            module,
+            frames: Vec::new(),
+        };
+        let result = self
+            .nested(def.name.span, || self.expr(&def.value, &env))
+            .and_then(|v| self.name_definition(def, v));
+        self.defs
+            .borrow_mut()
+            .insert(key, CellState::Done(result.clone()));
         result
     }
 
@@ -118,9 +140,15 @@ impl<'p> Evaluator<'p> {
         if let RecordKind::Def { kind, name, .. } = &record.kind {
             if *kind != def.kind && *kind != DefKind::Let {
                 self.report(
-                    Diagnostic::new(Code::Type, format!("{} `{}` cannot inherit from {kind} `{name}`", def.kind, def.name.name))
-                        .at(value.span, format!("this is a {kind}"))
-                        .help(format!("inherit from a {}", def.kind)),
+                    Diagnostic::new(
+                        Code::Type,
+                        format!(
+                            "{} `{}` cannot inherit from {kind} `{name}`",
+                            def.kind, def.name.name
+                        ),
+                    )
+                    .at(value.span, format!("this is a {kind}"))
+                    .help(format!("inherit from a {}", def.kind)),
                 );
                 return None;
             }
@@ -130,9 +158,20 @@ impl<'p> Evaluator<'p> {
             RecordKind::Def { tag, .. } => tag.clone(),
             RecordKind::Plain => None,
         };
-        let kind = RecordKind::Def { kind: def.kind, name: def.name.name.clone(), tag };
-        let renamed = Record { kind, span: record.span, fields: reinstantiate(record) };
-        Some(Spanned { value: Value::Record(Rc::new(renamed)), span: value.span })
+        let kind = RecordKind::Def {
+            kind: def.kind,
+            name: def.name.name.clone(),
+            tag,
+        };
+        let renamed = Record {
+            kind,
+            span: record.span,
+            fields: reinstantiate(record),
+        };
+        Some(Spanned {
+            value: Value::Record(Rc::new(renamed)),
+            span: value.span,
+        })
     }
 
     /// Runs `f` one level deeper, or reports that references nest too deeply.
@@ -194,7 +233,10 @@ impl<'p> Evaluator<'p> {
                     Value::Record(parent) => {
                         let kind = parent.kind.clone();
                         let merged = self.inherit(parent, body, &env, kind);
-                        Some(Spanned { value: Value::Record(merged), span: body.span })
+                        Some(Spanned {
+                            value: Value::Record(merged),
+                            span: body.span,
+                        })
                     }
                     _ => self.record_literal(body, &env),
                 }
@@ -203,7 +245,13 @@ impl<'p> Evaluator<'p> {
     }
 
     /// A new record with `base`'s fields, overridden by `body`'s.
-    fn inherit(&self, base: &Rc<Record>, body: &RecordLit, env: &Env, kind: RecordKind) -> Rc<Record> {
+    fn inherit(
+        &self,
+        base: &Rc<Record>,
+        body: &RecordLit,
+        env: &Env,
+        kind: RecordKind,
+    ) -> Rc<Record> {
         let mut fields = reinstantiate(base);
         for (key, lit) in self.unique_fields(body) {
             let source = match (&lit.value.kind, base.fields.get(&key.name)) {
@@ -212,32 +260,63 @@ impl<'p> Evaluator<'p> {
                     body: Rc::new(inner.clone()),
                     env: env.clone(),
                 },
-                _ => FieldSource::Expr { expr: lit.value.clone(), env: env.clone() },
+                _ => FieldSource::Expr {
+                    expr: lit.value.clone(),
+                    env: env.clone(),
+                },
             };
             fields.insert(key.name.clone(), Field::new(key.span, source));
         }
-        Rc::new(Record { kind, span: body.span, fields })
+        Rc::new(Record {
+            kind,
+            span: body.span,
+            fields,
+        })
     }
 
     fn record_literal(&self, body: &RecordLit, env: &Env) -> Option<Spanned> {
         let fields = self
             .unique_fields(body)
-            .map(|(key, lit)| (key.name.clone(), Field::new(key.span, FieldSource::Expr { expr: lit.value.clone(), env: env.clone() })))
+            .map(|(key, lit)| {
+                (
+                    key.name.clone(),
+                    Field::new(
+                        key.span,
+                        FieldSource::Expr {
+                            expr: lit.value.clone(),
+                            env: env.clone(),
+                        },
+                    ),
+                )
+            })
             .collect();
-        let record = Record { kind: RecordKind::Plain, span: body.span, fields };
-        Some(Spanned { value: Value::Record(Rc::new(record)), span: body.span })
+        let record = Record {
+            kind: RecordKind::Plain,
+            span: body.span,
+            fields,
+        };
+        Some(Spanned {
+            value: Value::Record(Rc::new(record)),
+            span: body.span,
+        })
     }
 
     /// The fields of a literal, reporting a key written twice.
-    fn unique_fields<'a>(&self, body: &'a RecordLit) -> impl Iterator<Item = (&'a Ident, &'a crate::syntax::FieldLit)> {
+    fn unique_fields<'a>(
+        &self,
+        body: &'a RecordLit,
+    ) -> impl Iterator<Item = (&'a Ident, &'a crate::syntax::FieldLit)> {
         let mut seen: IndexMap<&str, Span> = IndexMap::new();
         let mut out = Vec::new();
         for lit in &body.fields {
             if let Some(first) = seen.get(lit.key.name.as_str()) {
                 self.report(
-                    Diagnostic::new(Code::Duplicate, format!("field `{}` is set twice", lit.key.name))
-                        .at(lit.key.span, "set again here")
-                        .also(*first, "first set here"),
+                    Diagnostic::new(
+                        Code::Duplicate,
+                        format!("field `{}` is set twice", lit.key.name),
+                    )
+                    .at(lit.key.span, "set again here")
+                    .also(*first, "first set here"),
                 );
                 continue;
             }
@@ -256,7 +335,11 @@ impl<'p> Evaluator<'p> {
             ExprKind::Float(f) => Value::Float(*f),
             ExprKind::Str(s) => Value::Str(s.clone()),
             ExprKind::Bool(b) => Value::Bool(*b),
-            ExprKind::Quantity { value, unit, unit_span } => self.quantity(*value, unit, *unit_span, span)?,
+            ExprKind::Quantity {
+                value,
+                unit,
+                unit_span,
+            } => self.quantity(*value, unit, *unit_span, span)?,
             ExprKind::List(items) => {
                 let items: Vec<Option<Spanned>> = items.iter().map(|e| self.expr(e, env)).collect();
                 Value::List(items.into_iter().collect::<Option<_>>()?)
@@ -276,8 +359,15 @@ impl<'p> Evaluator<'p> {
                 let record = match &base_value.value {
                     Value::Record(parent) => self.inherit(parent, body, env, parent.kind.clone()),
                     Value::Symbol { name, module } => {
-                        let kind = RecordKind::Tag { name: name.clone(), module: *module };
-                        let empty = Rc::new(Record { kind: kind.clone(), span: base.span, fields: IndexMap::new() });
+                        let kind = RecordKind::Tag {
+                            name: name.clone(),
+                            module: *module,
+                        };
+                        let empty = Rc::new(Record {
+                            kind: kind.clone(),
+                            span: base.span,
+                            fields: IndexMap::new(),
+                        });
                         self.inherit(&empty, body, env, kind)
                     }
                     other => {
@@ -303,7 +393,11 @@ impl<'p> Evaluator<'p> {
                     }
                     other => {
                         self.report(
-                            Diagnostic::new(Code::Arithmetic, format!("cannot negate {}", other.describe())).at(span, "not a number"),
+                            Diagnostic::new(
+                                Code::Arithmetic,
+                                format!("cannot negate {}", other.describe()),
+                            )
+                            .at(span, "not a number"),
                         );
                         return None;
                     }
@@ -321,10 +415,15 @@ impl<'p> Evaluator<'p> {
         let written = self.program.sources.borrow().text_of(span).to_string();
         match units::lookup(unit) {
             Some(UnitMeaning::Percent) => Some(Value::Float(value / 100.0)),
-            Some(UnitMeaning::Quantity(dim, factor)) => Some(Value::Quantity(units::Quantity { si: value * factor, dim, written })),
+            Some(UnitMeaning::Quantity(dim, factor)) => Some(Value::Quantity(units::Quantity {
+                si: value * factor,
+                dim,
+                written,
+            })),
             None => {
                 let all = units::all_units();
-                let mut d = Diagnostic::new(Code::Unit, format!("unknown unit `{unit}`")).at(unit_span, "not a unit Kiln knows");
+                let mut d = Diagnostic::new(Code::Unit, format!("unknown unit `{unit}`"))
+                    .at(unit_span, "not a unit Kiln knows");
                 d = match did_you_mean(unit, all.iter().map(String::as_str)) {
                     Some(s) => d.help(format!("did you mean `{s}`?")),
                     None => d.help("units: B KB MB GB KiB MiB GiB (bytes), GB/s Gb/s (bandwidth), TFLOP/s, ns us ms s, %"),
@@ -343,20 +442,32 @@ impl<'p> Evaluator<'p> {
             // Where a reference was expected, the checker reports it with the names in scope.
             None => {
                 let name: Vec<&str> = path.iter().map(|i| i.name.as_str()).collect();
-                return Some(Spanned { value: Value::Symbol { name: name.join("."), module: env.module }, span });
+                return Some(Spanned {
+                    value: Value::Symbol {
+                        name: name.join("."),
+                        module: env.module,
+                    },
+                    span,
+                });
             }
         };
         for segment in &path[1..] {
             let Value::Record(record) = &value.value else {
                 self.report(
-                    Diagnostic::new(Code::Type, format!("{} has no fields", value.value.describe()))
-                        .at(segment.span, format!("cannot take `.{}`", segment.name)),
+                    Diagnostic::new(
+                        Code::Type,
+                        format!("{} has no fields", value.value.describe()),
+                    )
+                    .at(segment.span, format!("cannot take `.{}`", segment.name)),
                 );
                 return None;
             };
             if !record.fields.contains_key(&segment.name) {
-                let mut d = Diagnostic::new(Code::UnknownField, format!("{} has no field `{}`", record.kind.describe(), segment.name))
-                    .at(segment.span, "unknown field");
+                let mut d = Diagnostic::new(
+                    Code::UnknownField,
+                    format!("{} has no field `{}`", record.kind.describe(), segment.name),
+                )
+                .at(segment.span, "unknown field");
                 if let Some(s) = did_you_mean(&segment.name, record.field_names()) {
                     d = d.help(format!("did you mean `{s}`?"));
                 }
@@ -366,7 +477,10 @@ impl<'p> Evaluator<'p> {
             value = self.field(record, &segment.name)?;
         }
         // A reference keeps the span where it was written, so errors point at the use.
-        Some(Spanned { value: value.value, span })
+        Some(Spanned {
+            value: value.value,
+            span,
+        })
     }
 
     /// A name in an expression: a field of an enclosing record (innermost first), then a
@@ -383,14 +497,21 @@ impl<'p> Evaluator<'p> {
 
     fn call(&self, name: &[Ident], args: Vec<Spanned>, env: &Env, span: Span) -> Option<Spanned> {
         let [ident] = name else {
-            self.report(Diagnostic::new(Code::UnknownName, "only plain names can be called").at(span, "dotted call"));
+            self.report(
+                Diagnostic::new(Code::UnknownName, "only plain names can be called")
+                    .at(span, "dotted call"),
+            );
             return None;
         };
         let value = match ident.name.as_str() {
             "cpu" => builtins::cpu(self, &args, env, span)?,
             "hf" => builtins::hf(self, &args, env, span)?,
             "peft" => builtins::peft(self, &args, env, span)?,
-            _ => Value::Call { name: ident.name.clone(), args, module: env.module },
+            _ => Value::Call {
+                name: ident.name.clone(),
+                args,
+                module: env.module,
+            },
         };
         Some(Spanned { value, span })
     }
@@ -399,10 +520,18 @@ impl<'p> Evaluator<'p> {
         use Value::*;
         let fail = |why: &str| {
             self.report(
-                Diagnostic::new(Code::Arithmetic, format!("cannot compute {} {} {}", l.value.describe(), op.symbol(), r.value.describe()))
-                    .at(span, why.to_string())
-                    .also(l.span, "left operand")
-                    .also(r.span, "right operand"),
+                Diagnostic::new(
+                    Code::Arithmetic,
+                    format!(
+                        "cannot compute {} {} {}",
+                        l.value.describe(),
+                        op.symbol(),
+                        r.value.describe()
+                    ),
+                )
+                .at(span, why.to_string())
+                .also(l.span, "left operand")
+                .also(r.span, "right operand"),
             );
             None
         };
@@ -424,8 +553,14 @@ impl<'p> Evaluator<'p> {
                 }
                 Float(apply(op, a, b))
             }
-            (Quantity(a), Quantity(b)) if a.dim == b.dim && matches!(op, BinOp::Add | BinOp::Sub) => {
-                Quantity(units::Quantity { si: apply(op, a.si, b.si), dim: a.dim, written: self.written(span) })
+            (Quantity(a), Quantity(b))
+                if a.dim == b.dim && matches!(op, BinOp::Add | BinOp::Sub) =>
+            {
+                Quantity(units::Quantity {
+                    si: apply(op, a.si, b.si),
+                    dim: a.dim,
+                    written: self.written(span),
+                })
             }
             (Quantity(a), Quantity(b)) if a.dim == b.dim && op == BinOp::Div => {
                 if b.si == 0.0 {
@@ -438,14 +573,25 @@ impl<'p> Evaluator<'p> {
                 if op == BinOp::Div && n == 0.0 {
                     return fail("division by zero");
                 }
-                Quantity(units::Quantity { si: apply(op, q.si, n), dim: q.dim, written: self.written(span) })
+                Quantity(units::Quantity {
+                    si: apply(op, q.si, n),
+                    dim: q.dim,
+                    written: self.written(span),
+                })
             }
-            (Int(_) | Float(_), Quantity(q)) if op == BinOp::Mul => {
-                Quantity(units::Quantity { si: as_f64(&l.value) * q.si, dim: q.dim, written: self.written(span) })
-            }
+            (Int(_) | Float(_), Quantity(q)) if op == BinOp::Mul => Quantity(units::Quantity {
+                si: as_f64(&l.value) * q.si,
+                dim: q.dim,
+                written: self.written(span),
+            }),
             (Quantity(_), Quantity(_)) => return fail("the units do not combine"),
-            (Record(node), Int(n)) if op == BinOp::Mul && is_node(node) => builtins::cluster_of(node, *n, span, r.span),
-            (Record(_) | Symbol { .. } | Call { .. } | Sum(_), Record(_) | Symbol { .. } | Call { .. } | Sum(_)) if op == BinOp::Add => {
+            (Record(node), Int(n)) if op == BinOp::Mul && is_node(node) => {
+                builtins::cluster_of(node, *n, span, r.span)
+            }
+            (
+                Record(_) | Symbol { .. } | Call { .. } | Sum(_),
+                Record(_) | Symbol { .. } | Call { .. } | Sum(_),
+            ) if op == BinOp::Add => {
                 let mut parts = Vec::new();
                 for side in [l.clone(), r.clone()] {
                     match side.value {
@@ -467,7 +613,13 @@ impl<'p> Evaluator<'p> {
 }
 
 fn is_node(record: &Record) -> bool {
-    matches!(&record.kind, RecordKind::Def { kind: DefKind::Node, .. })
+    matches!(
+        &record.kind,
+        RecordKind::Def {
+            kind: DefKind::Node,
+            ..
+        }
+    )
 }
 
 fn as_f64(v: &Value) -> f64 {
@@ -489,5 +641,9 @@ fn apply(op: BinOp, a: f64, b: f64) -> f64 {
 
 /// Copies of a record's fields with fresh caches (see [`Field::reinstantiate`]).
 fn reinstantiate(record: &Record) -> IndexMap<String, Field> {
-    record.fields.iter().map(|(k, f)| (k.clone(), f.reinstantiate())).collect()
+    record
+        .fields
+        .iter()
+        .map(|(k, f)| (k.clone(), f.reinstantiate()))
+        .collect()
 }

@@ -22,7 +22,10 @@ pub(super) struct Loader<'p> {
 
 impl<'p> Loader<'p> {
     pub fn new(program: &'p mut Program) -> Self {
-        Loader { program, stack: Vec::new() }
+        Loader {
+            program,
+            stack: Vec::new(),
+        }
     }
 
     /// Loads a user file given on the command line (its name is kept as given, so messages
@@ -38,29 +41,57 @@ impl<'p> Loader<'p> {
                 return None;
             }
         };
-        self.load_text(&path.display().to_string(), text, path.parent().map(Path::to_path_buf))
+        self.load_text(
+            &path.display().to_string(),
+            text,
+            path.parent().map(Path::to_path_buf),
+        )
     }
 
     /// Loads source text under a display name; `dir` resolves its relative imports and paths.
-    pub fn load_text(&mut self, name: &str, text: String, dir: Option<PathBuf>) -> Option<ModuleId> {
-        let key = ModuleKey::File(canonical(&dir.clone().unwrap_or_default().join(file_name(name))));
+    pub fn load_text(
+        &mut self,
+        name: &str,
+        text: String,
+        dir: Option<PathBuf>,
+    ) -> Option<ModuleId> {
+        let key = ModuleKey::File(canonical(
+            &dir.clone().unwrap_or_default().join(file_name(name)),
+        ));
         self.load(key, name.to_string(), text, dir)
     }
 
-    fn load(&mut self, key: ModuleKey, name: String, text: String, dir: Option<PathBuf>) -> Option<ModuleId> {
+    fn load(
+        &mut self,
+        key: ModuleKey,
+        name: String,
+        text: String,
+        dir: Option<PathBuf>,
+    ) -> Option<ModuleId> {
         if let Some(&id) = self.program.module_keys.get(&key) {
             return Some(id);
         }
-        let file = self.program.sources.get_mut().add(name.clone(), text.clone());
+        let file = self
+            .program
+            .sources
+            .get_mut()
+            .add(name.clone(), text.clone());
         let ast = match syntax::parse(file, &text) {
             Ok(ast) => ast,
             Err(d) => {
-                self.program.report(d);
+                self.program.report(*d);
                 return None;
             }
         };
         let id = ModuleId(self.program.modules.len());
-        self.program.modules.push(Module { name: name.clone(), file, dir: dir.clone(), ast, defs: IndexMap::new(), imports: Vec::new() });
+        self.program.modules.push(Module {
+            name: name.clone(),
+            file,
+            dir: dir.clone(),
+            ast,
+            defs: IndexMap::new(),
+            imports: Vec::new(),
+        });
         self.program.module_keys.insert(key.clone(), id);
         self.stack.push((key.clone(), name));
 
@@ -78,7 +109,8 @@ impl<'p> Loader<'p> {
                         let imports = &mut self.program.modules[id.0].imports;
                         if imports.iter().any(|(m, s)| *m == target && s.is_some()) {
                             self.program.report(
-                                Diagnostic::new(Code::Duplicate, "module imported twice").at(import.span, "already imported above"),
+                                Diagnostic::new(Code::Duplicate, "module imported twice")
+                                    .at(import.span, "already imported above"),
                             );
                         } else {
                             imports.push((target, Some(import.span)));
@@ -90,9 +122,12 @@ impl<'p> Loader<'p> {
                     if let Some(previous) = defs.get(&def.name.name) {
                         let previous = previous.name.span;
                         self.program.report(
-                            Diagnostic::new(Code::Duplicate, format!("`{}` is defined twice", def.name.name))
-                                .at(def.name.span, "defined again here")
-                                .also(previous, "first defined here"),
+                            Diagnostic::new(
+                                Code::Duplicate,
+                                format!("`{}` is defined twice", def.name.name),
+                            )
+                            .at(def.name.span, "defined again here")
+                            .also(previous, "first defined here"),
                         );
                     } else {
                         defs.insert(def.name.name.clone(), def.clone());
@@ -106,31 +141,56 @@ impl<'p> Loader<'p> {
 
     fn load_std(&mut self, module: &str) -> Option<ModuleId> {
         let text = stdlib::source(module)?;
-        self.load(ModuleKey::Std(module.to_string()), stdlib::display_name(module), text.to_string(), None)
+        self.load(
+            ModuleKey::Std(module.to_string()),
+            stdlib::display_name(module),
+            text.to_string(),
+            None,
+        )
     }
 
-    fn import(&mut self, target: &ImportTarget, span: Span, dir: Option<&Path>) -> Option<ModuleId> {
+    fn import(
+        &mut self,
+        target: &ImportTarget,
+        span: Span,
+        dir: Option<&Path>,
+    ) -> Option<ModuleId> {
         let (key, name, text, new_dir) = match target {
             ImportTarget::Module(path) => {
                 let dotted: Vec<&str> = path.iter().map(|i| i.name.as_str()).collect();
                 let dotted = dotted.join(".");
                 if stdlib::source(&dotted).is_none() {
-                    let mut d = Diagnostic::new(Code::Import, format!("no module `{dotted}`")).at(span, "unknown module");
+                    let mut d = Diagnostic::new(Code::Import, format!("no module `{dotted}`"))
+                        .at(span, "unknown module");
                     d = match did_you_mean(&dotted, stdlib::module_names()) {
                         Some(s) => d.help(format!("did you mean `{s}`?")),
-                        None if dotted.starts_with("std.") => d.help(format!("the standard library has: {}", stdlib::module_names().collect::<Vec<_>>().join(", "))),
-                        None => d.help("files are imported by path in quotes: import \"common.kiln\""),
+                        None if dotted.starts_with("std.") => d.help(format!(
+                            "the standard library has: {}",
+                            stdlib::module_names().collect::<Vec<_>>().join(", ")
+                        )),
+                        None => {
+                            d.help("files are imported by path in quotes: import \"common.kiln\"")
+                        }
                     };
                     self.program.report(d);
                     return None;
                 }
                 let key = ModuleKey::Std(dotted.clone());
-                (key, stdlib::display_name(&dotted), stdlib::source(&dotted).map(str::to_string), None)
+                (
+                    key,
+                    stdlib::display_name(&dotted),
+                    stdlib::source(&dotted).map(str::to_string),
+                    None,
+                )
             }
             ImportTarget::File(relative) => {
                 let Some(dir) = dir else {
                     self.program.report(
-                        Diagnostic::new(Code::Import, "standard-library modules cannot import files").at(span, "file import in the stdlib"),
+                        Diagnostic::new(
+                            Code::Import,
+                            "standard-library modules cannot import files",
+                        )
+                        .at(span, "file import in the stdlib"),
                     );
                     return None;
                 };
@@ -142,9 +202,15 @@ impl<'p> Loader<'p> {
                     Ok(text) => (key, name, Some(text), path.parent().map(Path::to_path_buf)),
                     Err(e) if !self.program.module_keys.contains_key(&key) => {
                         self.program.report(
-                            Diagnostic::new(Code::Import, format!("cannot import `{relative}`: {e}"))
-                                .at(span, "this file")
-                                .help(format!("paths are relative to the importing file's directory (`{}`)", dir.display())),
+                            Diagnostic::new(
+                                Code::Import,
+                                format!("cannot import `{relative}`: {e}"),
+                            )
+                            .at(span, "this file")
+                            .help(format!(
+                                "paths are relative to the importing file's directory (`{}`)",
+                                dir.display()
+                            )),
                         );
                         return None;
                     }
@@ -168,7 +234,10 @@ impl<'p> Loader<'p> {
 }
 
 fn file_name(name: &str) -> PathBuf {
-    Path::new(name).file_name().map(PathBuf::from).unwrap_or_else(|| PathBuf::from(name))
+    Path::new(name)
+        .file_name()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(name))
 }
 
 /// Identity of a file for import de-duplication; falls back to the path as given when the

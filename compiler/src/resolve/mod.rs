@@ -65,7 +65,10 @@ impl Program {
     /// The implicitly imported prelude, once loaded.
     pub fn prelude(&self) -> Option<ModuleId> {
         let name = crate::stdlib::display_name(crate::stdlib::PRELUDE);
-        self.modules.iter().position(|m| m.name == name).map(ModuleId)
+        self.modules
+            .iter()
+            .position(|m| m.name == name)
+            .map(ModuleId)
     }
 
     pub fn report(&self, diagnostic: crate::diagnostics::Diagnostic) {

@@ -61,9 +61,24 @@ const BYTE_PREFIXES: &[(&str, f64)] = &[
     ("Ti", 1099511627776.0),
 ];
 
-const FLOP_PREFIXES: &[(&str, f64)] = &[("", 1.0), ("K", 1e3), ("M", 1e6), ("G", 1e9), ("T", 1e12), ("P", 1e15), ("E", 1e18)];
+const FLOP_PREFIXES: &[(&str, f64)] = &[
+    ("", 1.0),
+    ("K", 1e3),
+    ("M", 1e6),
+    ("G", 1e9),
+    ("T", 1e12),
+    ("P", 1e15),
+    ("E", 1e18),
+];
 
-const TIME_UNITS: &[(&str, f64)] = &[("ns", 1e-9), ("us", 1e-6), ("ms", 1e-3), ("s", 1.0), ("min", 60.0), ("h", 3600.0)];
+const TIME_UNITS: &[(&str, f64)] = &[
+    ("ns", 1e-9),
+    ("us", 1e-6),
+    ("ms", 1e-3),
+    ("s", 1.0),
+    ("min", 60.0),
+    ("h", 3600.0),
+];
 
 pub fn lookup(unit: &str) -> Option<UnitMeaning> {
     if unit == "%" {
@@ -89,7 +104,11 @@ pub fn lookup(unit: &str) -> Option<UnitMeaning> {
         return None;
     };
     let &(_, f) = BYTE_PREFIXES.iter().find(|(p, _)| *p == prefix)?;
-    let dim = if per_second { Dim::Bandwidth } else { Dim::Bytes };
+    let dim = if per_second {
+        Dim::Bandwidth
+    } else {
+        Dim::Bytes
+    };
     Some(UnitMeaning::Quantity(dim, f * factor))
 }
 

@@ -29,9 +29,16 @@ pub enum Value {
     Bool(bool),
     /// A bare name that is neither a field nor a definition: an enum choice (`gelu`), or a
     /// misspelt reference that the checker reports with the names that were in scope.
-    Symbol { name: String, module: ModuleId },
+    Symbol {
+        name: String,
+        module: ModuleId,
+    },
     /// A parameterised symbol: `interleaved(2)`, `classifier(3)`, `text("...")`.
-    Call { name: String, args: Vec<Spanned>, module: ModuleId },
+    Call {
+        name: String,
+        args: Vec<Spanned>,
+        module: ModuleId,
+    },
     List(Vec<Spanned>),
     Record(Rc<Record>),
     /// `a + b` of non-numbers: composed objectives (`mlm + nsp`).
@@ -65,7 +72,11 @@ pub enum RecordKind {
     Tag { name: String, module: ModuleId },
     /// A definition (`model gpt2 = ...`), or a value inheriting from one. `tag` is the
     /// variant a preset was built from (`objective yelp = pvp { .. }` has tag `pvp`).
-    Def { kind: DefKind, name: String, tag: Option<String> },
+    Def {
+        kind: DefKind,
+        name: String,
+        tag: Option<String>,
+    },
 }
 
 impl RecordKind {
@@ -73,7 +84,11 @@ impl RecordKind {
         match self {
             RecordKind::Plain => "a record".into(),
             RecordKind::Tag { name, .. } => format!("`{name} {{ ... }}`"),
-            RecordKind::Def { kind: DefKind::Let, name, .. } => format!("`{name}`"),
+            RecordKind::Def {
+                kind: DefKind::Let,
+                name,
+                ..
+            } => format!("`{name}`"),
             RecordKind::Def { kind, name, .. } => format!("{kind} `{name}`"),
         }
     }
@@ -96,7 +111,11 @@ pub(crate) enum FieldSource {
     Value(Spanned),
     /// An untagged record written over an inherited field: `train { steps = 10 }` in a child
     /// experiment changes `steps` and keeps the parent's other `train` fields.
-    Merge { base: Box<FieldSource>, body: Rc<RecordLit>, env: Env },
+    Merge {
+        base: Box<FieldSource>,
+        body: Rc<RecordLit>,
+        env: Env,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -116,7 +135,11 @@ pub struct Field {
 
 impl Field {
     pub(crate) fn new(key_span: Span, source: FieldSource) -> Field {
-        Field { key_span, source, cell: RefCell::new(CellState::Pending) }
+        Field {
+            key_span,
+            source,
+            cell: RefCell::new(CellState::Pending),
+        }
     }
 
     /// The same source with a fresh cache: used when a record is inherited, so that the
@@ -162,6 +185,9 @@ impl Env {
         let mut frames = Vec::with_capacity(self.frames.len() + 1);
         frames.push(record.clone());
         frames.extend(self.frames.iter().cloned());
-        Env { module: self.module, frames }
+        Env {
+            module: self.module,
+            frames,
+        }
     }
 }

@@ -7,7 +7,16 @@ use crate::diagnostics::{did_you_mean, Code, Diagnostic};
 use crate::resolve::{RecordKind, Spanned, Value};
 use std::rc::Rc;
 
-const ADAPTERS: &[&str] = &["lora", "prefix", "prompt", "ptuning", "ptuning_v2", "bottleneck", "ia3", "freeze"];
+const ADAPTERS: &[&str] = &[
+    "lora",
+    "prefix",
+    "prompt",
+    "ptuning",
+    "ptuning_v2",
+    "bottleneck",
+    "ia3",
+    "freeze",
+];
 
 const KILN_TARGETS: &[(&str, &[Target])] = &[
     ("qkv", &[Target::Qkv]),
@@ -24,7 +33,12 @@ const KILN_TARGETS: &[(&str, &[Target])] = &[
 /// when equal to it or to a `.`-separated suffix of it, as PEFT matches `target_modules`.
 fn hf_modules(family: Family) -> &'static [(&'static str, Target)] {
     match family {
-        Family::Gpt2 => &[("attn.c_attn", Target::Qkv), ("attn.c_proj", Target::AttnOut), ("mlp.c_fc", Target::FfnUp), ("mlp.c_proj", Target::FfnDown)],
+        Family::Gpt2 => &[
+            ("attn.c_attn", Target::Qkv),
+            ("attn.c_proj", Target::AttnOut),
+            ("mlp.c_fc", Target::FfnUp),
+            ("mlp.c_proj", Target::FfnDown),
+        ],
         Family::Bert => &[
             ("attention.self.query", Target::Query),
             ("attention.self.key", Target::Key),
@@ -48,7 +62,13 @@ fn hf_modules(family: Family) -> &'static [(&'static str, Target)] {
 /// The Kiln targets a name denotes in a family, or `None` if it names nothing there.
 pub fn resolve_target(name: &str, model: &Model) -> Option<Vec<Target>> {
     if name == "all_linear" || name == "all-linear" {
-        return Some(hf_modules(model.family).iter().map(|(_, t)| *t).filter(|t| *t != Target::FfnGate || model.mlp == Mlp::Gated).collect());
+        return Some(
+            hf_modules(model.family)
+                .iter()
+                .map(|(_, t)| *t)
+                .filter(|t| *t != Target::FfnGate || model.mlp == Mlp::Gated)
+                .collect(),
+        );
     }
     if let Some((_, targets)) = KILN_TARGETS.iter().find(|(n, _)| *n == name) {
         // Only GPT-2 has a fused projection; elsewhere `qkv` means all three.
@@ -92,8 +112,15 @@ pub fn targets(cx: &Cx, v: &Spanned, model: Option<&Model>) -> Option<Vec<Target
         match resolve_target(&name, model) {
             Some(ts) => out.extend(ts),
             None => {
-                let family = FAMILY_NAMES.iter().find(|(_, f)| *f == model.family).map_or("this", |(n, _)| n);
-                let mut d = Diagnostic::new(Code::Target, format!("{family} models have no module `{name}`")).at(item.span, "unknown module");
+                let family = FAMILY_NAMES
+                    .iter()
+                    .find(|(_, f)| *f == model.family)
+                    .map_or("this", |(n, _)| n);
+                let mut d = Diagnostic::new(
+                    Code::Target,
+                    format!("{family} models have no module `{name}`"),
+                )
+                .at(item.span, "unknown module");
                 d = match did_you_mean(&name, target_names(model)) {
                     Some(s) => d.help(format!("did you mean `{s}`?")),
                     None => d.help(format!("modules: {}", target_names(model).join(", "))),
@@ -125,8 +152,14 @@ fn default_lora_targets(model: &Model) -> Vec<Target> {
 fn default_ia3(model: &Model) -> (Vec<Target>, Vec<Target>) {
     match model.family {
         Family::Gpt2 => (vec![Target::Qkv, Target::FfnDown], vec![Target::FfnDown]),
-        Family::Bert => (vec![Target::Key, Target::Value, Target::AttnOut, Target::FfnDown], vec![Target::AttnOut, Target::FfnDown]),
-        Family::Llama => (vec![Target::Key, Target::Value, Target::FfnDown], vec![Target::FfnDown]),
+        Family::Bert => (
+            vec![Target::Key, Target::Value, Target::AttnOut, Target::FfnDown],
+            vec![Target::AttnOut, Target::FfnDown],
+        ),
+        Family::Llama => (
+            vec![Target::Key, Target::Value, Target::FfnDown],
+            vec![Target::FfnDown],
+        ),
     }
 }
 
@@ -137,17 +170,24 @@ pub fn adapters(cx: &Cx, v: &Spanned, path: &str, model: Option<&Model>) -> Opti
     let mut ok = true;
     let mut prepending: Option<(String, crate::diagnostics::Span)> = None;
     for (i, item) in items.iter().enumerate() {
-        let item_path = if matches!(v.value, Value::List(_)) { format!("{path}.{i}") } else { format!("{path}.0") };
+        let item_path = if matches!(v.value, Value::List(_)) {
+            format!("{path}.{i}")
+        } else {
+            format!("{path}.0")
+        };
         cx.origins.borrow_mut().source(&item_path, item.span);
         match adapter(cx, item, &item_path, model) {
             Some(a) => {
                 if a.prepends_tokens() {
                     if let Some((first, span)) = &prepending {
                         cx.report(
-                            Diagnostic::new(Code::Conflict, format!("`{}` and `{first}` both prepend virtual tokens", a.name()))
-                                .at(item.span, "second prompt-style adapter")
-                                .also(*span, "first one")
-                                .help("use one of prefix, prompt, ptuning and ptuning_v2"),
+                            Diagnostic::new(
+                                Code::Conflict,
+                                format!("`{}` and `{first}` both prepend virtual tokens", a.name()),
+                            )
+                            .at(item.span, "second prompt-style adapter")
+                            .also(*span, "first one")
+                            .help("use one of prefix, prompt, ptuning and ptuning_v2"),
                         );
                         ok = false;
                     }
@@ -163,7 +203,13 @@ pub fn adapters(cx: &Cx, v: &Spanned, path: &str, model: Option<&Model>) -> Opti
 
 fn adapter(cx: &Cx, v: &Spanned, path: &str, model: Option<&Model>) -> Option<Adapter> {
     let var = variant(cx, v, "adapter", ADAPTERS)?;
-    let record = var.record.clone().unwrap_or_else(|| Rc::new(crate::resolve::Record { kind: RecordKind::Plain, span: v.span, fields: Default::default() }));
+    let record = var.record.clone().unwrap_or_else(|| {
+        Rc::new(crate::resolve::Record {
+            kind: RecordKind::Plain,
+            span: v.span,
+            fields: Default::default(),
+        })
+    });
     let mut r = Rec::new(cx, record, path, var.name.clone());
     let out = match var.name.as_str() {
         "lora" => {
@@ -174,45 +220,102 @@ fn adapter(cx: &Cx, v: &Spanned, path: &str, model: Option<&Model>) -> Option<Ad
             let targets = r.or("targets", default_targets, |cx, v| targets(cx, v, model));
             let rslora = r.or("rslora", false, boolean);
             let dora = r.or("dora", false, boolean);
-            let bias = r.or("bias", LoraBias::None, |cx, v| choice(cx, v, "LoRA bias mode", &[("none", LoraBias::None), ("all", LoraBias::All), ("lora_only", LoraBias::LoraOnly)]));
-            Some(Adapter::Lora(Lora { rank: rank?, alpha: alpha?, dropout: dropout_rate?, targets: targets?, rslora: rslora?, dora: dora?, bias: bias? }))
+            let bias = r.or("bias", LoraBias::None, |cx, v| {
+                choice(
+                    cx,
+                    v,
+                    "LoRA bias mode",
+                    &[
+                        ("none", LoraBias::None),
+                        ("all", LoraBias::All),
+                        ("lora_only", LoraBias::LoraOnly),
+                    ],
+                )
+            });
+            Some(Adapter::Lora(Lora {
+                rank: rank?,
+                alpha: alpha?,
+                dropout: dropout_rate?,
+                targets: targets?,
+                rslora: rslora?,
+                dora: dora?,
+                bias: bias?,
+            }))
         }
         "prefix" => {
             let tokens = r.or("tokens", 20, positive);
             let projection = r.opt("projection", positive);
-            Some(Adapter::Prefix { tokens: tokens?, projection: projection? })
+            Some(Adapter::Prefix {
+                tokens: tokens?,
+                projection: projection?,
+            })
         }
         "prompt" => {
             let tokens = r.or("tokens", 20, positive);
             let init = r.or("init", PromptInit::Random, prompt_init);
-            Some(Adapter::Prompt { tokens: tokens?, init: init? })
+            Some(Adapter::Prompt {
+                tokens: tokens?,
+                init: init?,
+            })
         }
         "ptuning" => {
             let tokens = r.or("tokens", 20, positive);
-            let encoder = r.or("encoder", PromptEncoder::Mlp, |cx, v| choice(cx, v, "prompt encoder", &[("mlp", PromptEncoder::Mlp), ("lstm", PromptEncoder::Lstm)]));
+            let encoder = r.or("encoder", PromptEncoder::Mlp, |cx, v| {
+                choice(
+                    cx,
+                    v,
+                    "prompt encoder",
+                    &[("mlp", PromptEncoder::Mlp), ("lstm", PromptEncoder::Lstm)],
+                )
+            });
             let hidden = r.or_derived("hidden", model.map(|m| m.hidden).or(Some(128)), positive);
-            Some(Adapter::Ptuning { tokens: tokens?, encoder: encoder?, hidden: hidden? })
+            Some(Adapter::Ptuning {
+                tokens: tokens?,
+                encoder: encoder?,
+                hidden: hidden?,
+            })
         }
-        "ptuning_v2" => r.or("tokens", 20, positive).map(|tokens| Adapter::PtuningV2 { tokens }),
+        "ptuning_v2" => r
+            .or("tokens", 20, positive)
+            .map(|tokens| Adapter::PtuningV2 { tokens }),
         "bottleneck" => {
-            let placement = r.or("placement", Placement::Pfeiffer, |cx, v| choice(cx, v, "adapter placement", &[("houlsby", Placement::Houlsby), ("pfeiffer", Placement::Pfeiffer)]));
+            let placement = r.or("placement", Placement::Pfeiffer, |cx, v| {
+                choice(
+                    cx,
+                    v,
+                    "adapter placement",
+                    &[
+                        ("houlsby", Placement::Houlsby),
+                        ("pfeiffer", Placement::Pfeiffer),
+                    ],
+                )
+            });
             let default_activation = match placement {
                 Some(Placement::Houlsby) => Activation::Silu,
                 _ => Activation::Relu,
             };
             let reduction = r.or("reduction", 16, positive);
             let reduction_span = r.span_of("reduction");
-            let activation = r.or("activation", default_activation, |cx, v| choice(cx, v, "activation", super::model::ACTIVATIONS));
+            let activation = r.or("activation", default_activation, |cx, v| {
+                choice(cx, v, "activation", super::model::ACTIVATIONS)
+            });
             if let (Some(red), Some(m)) = (reduction, model) {
                 if m.hidden % red != 0 {
                     cx.report(
-                        Diagnostic::new(Code::Divisibility, format!("reduction = {red} does not divide hidden = {}", m.hidden))
-                            .at(reduction_span, "the bottleneck width is hidden / reduction"),
+                        Diagnostic::new(
+                            Code::Divisibility,
+                            format!("reduction = {red} does not divide hidden = {}", m.hidden),
+                        )
+                        .at(reduction_span, "the bottleneck width is hidden / reduction"),
                     );
                     return None;
                 }
             }
-            Some(Adapter::Bottleneck { placement: placement?, reduction: reduction?, activation: activation? })
+            Some(Adapter::Bottleneck {
+                placement: placement?,
+                reduction: reduction?,
+                activation: activation?,
+            })
         }
         "ia3" => {
             let (dt, dff) = model.map(default_ia3).unwrap_or_default();
@@ -222,14 +325,20 @@ fn adapter(cx: &Cx, v: &Spanned, path: &str, model: Option<&Model>) -> Option<Ad
             if let (Some(t), Some(ff)) = (&targets_v, &feedforward) {
                 if let Some(extra) = ff.iter().find(|f| !t.contains(f)) {
                     cx.report(
-                        Diagnostic::new(Code::Conflict, format!("feed-forward module {extra:?} is not among the IA3 targets"))
-                            .at(ff_span, "must be a subset of `targets`")
-                            .help("PEFT requires feedforward_modules to be a subset of target_modules"),
+                        Diagnostic::new(
+                            Code::Conflict,
+                            format!("feed-forward module {extra:?} is not among the IA3 targets"),
+                        )
+                        .at(ff_span, "must be a subset of `targets`")
+                        .help("PEFT requires feedforward_modules to be a subset of target_modules"),
                     );
                     return None;
                 }
             }
-            Some(Adapter::Ia3 { targets: targets_v?, feedforward: feedforward? })
+            Some(Adapter::Ia3 {
+                targets: targets_v?,
+                feedforward: feedforward?,
+            })
         }
         _ => {
             let layers = r.or("layers", 0, non_negative);
@@ -240,13 +349,21 @@ fn adapter(cx: &Cx, v: &Spanned, path: &str, model: Option<&Model>) -> Option<Ad
             if let (Some(l), Some(m)) = (layers, model) {
                 if l > m.layers {
                     cx.report(
-                        Diagnostic::new(Code::Range, format!("cannot freeze {l} layers of a {}-layer model", m.layers))
-                            .at(layers_span, format!("at most {}", m.layers)),
+                        Diagnostic::new(
+                            Code::Range,
+                            format!("cannot freeze {l} layers of a {}-layer model", m.layers),
+                        )
+                        .at(layers_span, format!("at most {}", m.layers)),
                     );
                     return None;
                 }
             }
-            Some(Adapter::Freeze(Freeze { layers: layers?, biases_only: biases_only?, norms_only: norms_only?, embeddings: embeddings? }))
+            Some(Adapter::Freeze(Freeze {
+                layers: layers?,
+                biases_only: biases_only?,
+                norms_only: norms_only?,
+                embeddings: embeddings?,
+            }))
         }
     };
     r.finish();
@@ -261,7 +378,10 @@ fn prompt_init(cx: &Cx, v: &Spanned) -> Option<PromptInit> {
         _ => match var.args.as_slice() {
             [text] => string(cx, text).map(PromptInit::Text),
             _ => {
-                cx.report(Diagnostic::new(Code::Type, "`text` takes the initialisation text").at(v.span, "write `text(\"Classify the review:\")`"));
+                cx.report(
+                    Diagnostic::new(Code::Type, "`text` takes the initialisation text")
+                        .at(v.span, "write `text(\"Classify the review:\")`"),
+                );
                 None
             }
         },

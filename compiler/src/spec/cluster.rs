@@ -10,20 +10,35 @@ use std::collections::BTreeMap;
 
 /// Checks that `v` is a record defined as `kind` (or a plain record), reporting a misspelt
 /// reference with the definitions of that kind in scope.
-pub fn expect_def<'c, 'e, 'p>(cx: &'c Cx<'e, 'p>, v: &Spanned, kind: DefKind, path: &str) -> Option<Rec<'c, 'e, 'p>> {
+pub fn expect_def<'c, 'e, 'p>(
+    cx: &'c Cx<'e, 'p>,
+    v: &Spanned,
+    kind: DefKind,
+    path: &str,
+) -> Option<Rec<'c, 'e, 'p>> {
     let unknown = |name: &str, module| {
         let names = cx.ev.visible_names(module, Some(kind));
-        let mut d = Diagnostic::new(Code::UnknownName, format!("unknown {kind} `{name}`")).at(v.span, format!("no {kind} of this name"));
+        let mut d = Diagnostic::new(Code::UnknownName, format!("unknown {kind} `{name}`"))
+            .at(v.span, format!("no {kind} of this name"));
         d = match did_you_mean(name, names.iter().copied()) {
             Some(s) => d.help(format!("did you mean `{s}`?")),
-            None if names.is_empty() => d.help(format!("import the module that defines it (for example `import std.{}`)", if kind == DefKind::Model { "models.gpt2" } else { "clusters" })),
+            None if names.is_empty() => d.help(format!(
+                "import the module that defines it (for example `import std.{}`)",
+                if kind == DefKind::Model {
+                    "models.gpt2"
+                } else {
+                    "clusters"
+                }
+            )),
             None => d.help(format!("{kind}s in scope: {}", names.join(", "))),
         };
         cx.report(d);
     };
     match &v.value {
         Value::Record(r) => match &r.kind {
-            RecordKind::Def { kind: k, name, .. } if *k == kind => Some(Rec::new(cx, r.clone(), path, format!("{kind} `{name}`"))),
+            RecordKind::Def { kind: k, name, .. } if *k == kind => {
+                Some(Rec::new(cx, r.clone(), path, format!("{kind} `{name}`")))
+            }
             RecordKind::Plain => Some(Rec::new(cx, r.clone(), path, kind.as_str())),
             RecordKind::Tag { name, module } => {
                 unknown(name, *module);
@@ -48,8 +63,10 @@ pub fn expect_def<'c, 'e, 'p>(cx: &'c Cx<'e, 'p>, v: &Spanned, kind: DefKind, pa
 pub fn device(cx: &Cx, v: &Spanned, path: &str) -> Option<Device> {
     let mut r = expect_def(cx, v, DefKind::Device, path)?;
     let name = r.record.kind.name().unwrap_or("device").to_string();
-    let peak = r.req("peak", |cx, v| peak(cx, v));
-    let matmul_efficiency = r.req("matmul_efficiency", |cx, v| number_where(cx, v, "in (0, 1]", |x| x > 0.0 && x <= 1.0));
+    let peak = r.req("peak", peak);
+    let matmul_efficiency = r.req("matmul_efficiency", |cx, v| {
+        number_where(cx, v, "in (0, 1]", |x| x > 0.0 && x <= 1.0)
+    });
     let memory = r.req("memory", |cx, v| quantity(cx, v, Dim::Bytes));
     let memory_reserve = r.or("memory_reserve", 0.0, |cx, v| quantity(cx, v, Dim::Bytes));
     let hbm_bandwidth = r.req("hbm_bandwidth", |cx, v| quantity(cx, v, Dim::Bandwidth));
@@ -57,13 +74,28 @@ pub fn device(cx: &Cx, v: &Spanned, path: &str) -> Option<Device> {
     r.finish();
     let (memory, memory_reserve) = (memory?, memory_reserve?);
     if memory_reserve >= memory {
-        cx.report(Diagnostic::new(Code::Range, "the memory reserve leaves no memory to use").at(reserve_span, "at least the device's memory"));
+        cx.report(
+            Diagnostic::new(Code::Range, "the memory reserve leaves no memory to use")
+                .at(reserve_span, "at least the device's memory"),
+        );
         return None;
     }
-    Some(Device { name, peak: peak?, matmul_efficiency: matmul_efficiency?, memory, memory_reserve, hbm_bandwidth: hbm_bandwidth? })
+    Some(Device {
+        name,
+        peak: peak?,
+        matmul_efficiency: matmul_efficiency?,
+        memory,
+        memory_reserve,
+        hbm_bandwidth: hbm_bandwidth?,
+    })
 }
 
-const PRECISIONS: &[(&str, Precision)] = &[("f32", Precision::F32), ("tf32", Precision::Tf32), ("bf16", Precision::Bf16), ("f16", Precision::F16)];
+const PRECISIONS: &[(&str, Precision)] = &[
+    ("f32", Precision::F32),
+    ("tf32", Precision::Tf32),
+    ("bf16", Precision::Bf16),
+    ("f16", Precision::F16),
+];
 
 pub fn precision(cx: &Cx, v: &Spanned) -> Option<Precision> {
     choice(cx, v, "precision", PRECISIONS)
@@ -74,12 +106,22 @@ fn peak(cx: &Cx, v: &Spanned) -> Option<BTreeMap<Precision, f64>> {
     let mut out = BTreeMap::new();
     let mut ok = true;
     for (name, field) in &r.record.fields {
-        let key = Spanned { value: Value::Symbol { name: name.clone(), module: crate::resolve::ModuleId(0) }, span: field.key_span };
+        let key = Spanned {
+            value: Value::Symbol {
+                name: name.clone(),
+                module: crate::resolve::ModuleId(0),
+            },
+            span: field.key_span,
+        };
         let Some(p) = precision(cx, &key) else {
             ok = false;
             continue;
         };
-        match cx.ev.field(&r.record, name).and_then(|v| quantity(cx, &v, Dim::FlopRate)) {
+        match cx
+            .ev
+            .field(&r.record, name)
+            .and_then(|v| quantity(cx, &v, Dim::FlopRate))
+        {
             Some(f) => {
                 out.insert(p, f);
             }
@@ -93,7 +135,9 @@ pub fn node(cx: &Cx, v: &Spanned, path: &str) -> Option<Node> {
     let mut r = expect_def(cx, v, DefKind::Node, path)?;
     let name = r.record.kind.name().unwrap_or("node").to_string();
     let device_path = r.child_path("device");
-    let device = r.required("device").and_then(|v| device(cx, &v, &device_path));
+    let device = r
+        .required("device")
+        .and_then(|v| device(cx, &v, &device_path));
     let devices = r.req("devices", positive);
     let intra_bandwidth = r.req("intra_bandwidth", |cx, v| quantity(cx, v, Dim::Bandwidth));
     let intra_latency = r.req("intra_latency", |cx, v| quantity(cx, v, Dim::Time));
@@ -114,8 +158,18 @@ pub fn node(cx: &Cx, v: &Spanned, path: &str) -> Option<Node> {
 pub fn cluster(cx: &Cx, v: &Spanned, path: &str) -> Option<Cluster> {
     // A single node is a cluster of one.
     if let Value::Record(r) = &v.value {
-        if matches!(r.kind, RecordKind::Def { kind: DefKind::Node, .. }) {
-            return Some(Cluster { name: r.kind.name().unwrap_or("node").to_string(), nodes: 1, node: node(cx, v, &format!("{path}.node"))? });
+        if matches!(
+            r.kind,
+            RecordKind::Def {
+                kind: DefKind::Node,
+                ..
+            }
+        ) {
+            return Some(Cluster {
+                name: r.kind.name().unwrap_or("node").to_string(),
+                nodes: 1,
+                node: node(cx, v, &format!("{path}.node"))?,
+            });
         }
     }
     let mut r = expect_def(cx, v, DefKind::Cluster, path)?;
@@ -124,5 +178,9 @@ pub fn cluster(cx: &Cx, v: &Spanned, path: &str) -> Option<Cluster> {
     let node = r.required("node").and_then(|v| node(cx, &v, &node_path));
     let nodes = r.req("nodes", positive);
     r.finish();
-    Some(Cluster { name, nodes: nodes?, node: node? })
+    Some(Cluster {
+        name,
+        nodes: nodes?,
+        node: node?,
+    })
 }

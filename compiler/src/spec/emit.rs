@@ -14,10 +14,20 @@ pub enum Format {
 pub fn emit(module: &CheckedModule, sources: &SourceMap, format: Format) -> String {
     let mut entries: Vec<(String, &'static str, Json, &Origins)> = Vec::new();
     for e in &module.experiments {
-        entries.push((e.value.name.clone(), "experiment", to_json(&e.value), &e.origins));
+        entries.push((
+            e.value.name.clone(),
+            "experiment",
+            to_json(&e.value),
+            &e.origins,
+        ));
     }
     for p in &module.pipelines {
-        entries.push((p.value.name.clone(), "pipeline", to_json(&p.value), &p.origins));
+        entries.push((
+            p.value.name.clone(),
+            "pipeline",
+            to_json(&p.value),
+            &p.origins,
+        ));
     }
     match format {
         Format::Json => {
@@ -25,7 +35,10 @@ pub fn emit(module: &CheckedModule, sources: &SourceMap, format: Format) -> Stri
             for (name, kind, spec, origins) in entries {
                 let mut from = Map::new();
                 leaves(&spec, "", &mut |path, _| {
-                    from.insert(path.to_string(), Json::String(origins.describe(path, sources)));
+                    from.insert(
+                        path.to_string(),
+                        Json::String(origins.describe(path, sources)),
+                    );
                 });
                 let mut item = Map::new();
                 item.insert("kind".into(), Json::String(kind.into()));
@@ -81,7 +94,13 @@ fn join(path: &str, key: &str) -> String {
     }
 }
 
-fn fill_table(table: &mut toml_edit::Table, v: &Json, path: &str, origins: &Origins, sources: &SourceMap) {
+fn fill_table(
+    table: &mut toml_edit::Table,
+    v: &Json,
+    path: &str,
+    origins: &Origins,
+    sources: &SourceMap,
+) {
     let Json::Object(map) = v else { return };
     for (k, child) in map {
         let child_path = join(path, k);
@@ -96,14 +115,24 @@ fn fill_table(table: &mut toml_edit::Table, v: &Json, path: &str, origins: &Orig
                 let mut array = toml_edit::ArrayOfTables::new();
                 for (i, item) in items.iter().enumerate() {
                     let mut sub = toml_edit::Table::new();
-                    fill_table(&mut sub, item, &join(&child_path, &i.to_string()), origins, sources);
+                    fill_table(
+                        &mut sub,
+                        item,
+                        &join(&child_path, &i.to_string()),
+                        origins,
+                        sources,
+                    );
                     array.push(sub);
                 }
                 table.insert(k, toml_edit::Item::ArrayOfTables(array));
             }
             _ => {
-                let Some(mut value) = scalar(child) else { continue };
-                value.decor_mut().set_suffix(format!("  # {}", origins.describe(&child_path, sources)));
+                let Some(mut value) = scalar(child) else {
+                    continue;
+                };
+                value
+                    .decor_mut()
+                    .set_suffix(format!("  # {}", origins.describe(&child_path, sources)));
                 table.insert(k, toml_edit::Item::Value(value));
             }
         }

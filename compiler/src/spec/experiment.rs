@@ -32,12 +32,17 @@ pub fn experiment(cx: &Cx, v: &Spanned, module: ModuleId) -> Option<Experiment> 
     let data = match r.get("data") {
         Some(v) => data(cx, &v, module, objective.as_ref()),
         None if r.has("data") => None,
-        None => Some(Data { fields: objective.as_ref().map(field_map).unwrap_or_default(), ..Data::default() }),
+        None => Some(Data {
+            fields: objective.as_ref().map(field_map).unwrap_or_default(),
+            ..Data::default()
+        }),
     };
     if let (Some(o), Some(d)) = (&objective, &data) {
         check_placeholders(cx, o, d, r.has("data").then_some(data_span));
     }
-    let adapters = r.or("adapter", Vec::new(), |cx, v| adapters(cx, v, "adapters", model.as_ref()));
+    let adapters = r.or("adapter", Vec::new(), |cx, v| {
+        adapters(cx, v, "adapters", model.as_ref())
+    });
     let parallel = match r.get("parallel") {
         Some(v) => record(cx, &v, "parallel", "parallel settings").and_then(|mut p| {
             let out = parallel(&mut p, model.as_ref());
@@ -45,16 +50,27 @@ pub fn experiment(cx: &Cx, v: &Spanned, module: ModuleId) -> Option<Experiment> 
             out
         }),
         None if r.has("parallel") => None,
-        None => parallel(&mut Rec::new(cx, empty(r.span()), "parallel", "parallel"), model.as_ref()),
+        None => parallel(
+            &mut Rec::new(cx, empty(r.span()), "parallel", "parallel"),
+            model.as_ref(),
+        ),
     };
     let train = match r.get("train") {
         Some(v) => record(cx, &v, "train", "training settings").and_then(|mut t| {
-            let out = train(&mut t, model.as_ref(), parallel.as_ref().map(|p| (p, r_parallel_spans(cx))));
+            let out = train(
+                &mut t,
+                model.as_ref(),
+                parallel.as_ref().map(|p| (p, r_parallel_spans(cx))),
+            );
             t.finish();
             out
         }),
         None if r.has("train") => None,
-        None => train(&mut Rec::new(cx, empty(r.span()), "train", "train"), model.as_ref(), None),
+        None => train(
+            &mut Rec::new(cx, empty(r.span()), "train", "train"),
+            model.as_ref(),
+            None,
+        ),
     };
     let init = r.opt("init", super::objective::experiment_name);
     cx.origins.borrow_mut().rename("adapter", "adapters");
@@ -76,13 +92,27 @@ pub fn experiment(cx: &Cx, v: &Spanned, module: ModuleId) -> Option<Experiment> 
     }
     if let (Some(m), Some(t)) = (&model, &train) {
         if m.position == Position::Learned && t.seq_len > m.positions {
-            let span = cx.origins.borrow().span("train.seq_len").unwrap_or(experiment_span);
-            let positions_span = cx.origins.borrow().span("model.positions").unwrap_or(model_span);
+            let span = cx
+                .origins
+                .borrow()
+                .span("train.seq_len")
+                .unwrap_or(experiment_span);
+            let positions_span = cx
+                .origins
+                .borrow()
+                .span("model.positions")
+                .unwrap_or(model_span);
             cx.report(
-                Diagnostic::new(Code::Range, format!("seq_len = {} is longer than the model's {} learned positions", t.seq_len, m.positions))
-                    .at(span, "too long")
-                    .also(positions_span, "positions")
-                    .help(format!("use seq_len <= {}", m.positions)),
+                Diagnostic::new(
+                    Code::Range,
+                    format!(
+                        "seq_len = {} is longer than the model's {} learned positions",
+                        t.seq_len, m.positions
+                    ),
+                )
+                .at(span, "too long")
+                .also(positions_span, "positions")
+                .help(format!("use seq_len <= {}", m.positions)),
             );
         }
     }
@@ -114,16 +144,26 @@ fn r_parallel_spans(cx: &Cx) -> Option<Span> {
 fn move_degree_origins(cx: &Cx) {
     let mut origins = cx.origins.borrow_mut();
     for degree in ["data", "tensor", "pipeline"] {
-        origins.rename(&format!("parallel.{degree}"), &format!("parallel.plan.{degree}"));
+        origins.rename(
+            &format!("parallel.{degree}"),
+            &format!("parallel.plan.{degree}"),
+        );
     }
 }
 
 fn empty(span: Span) -> std::rc::Rc<crate::resolve::Record> {
-    std::rc::Rc::new(crate::resolve::Record { kind: crate::resolve::RecordKind::Plain, span, fields: Default::default() })
+    std::rc::Rc::new(crate::resolve::Record {
+        kind: crate::resolve::RecordKind::Plain,
+        span,
+        fields: Default::default(),
+    })
 }
 
 fn field_map(objective: &Objective) -> BTreeMap<String, String> {
-    default_fields(objective).into_iter().map(|f| (f.clone(), f)).collect()
+    default_fields(objective)
+        .into_iter()
+        .map(|f| (f.clone(), f))
+        .collect()
 }
 
 fn data(cx: &Cx, v: &Spanned, module: ModuleId, objective: Option<&Objective>) -> Option<Data> {
@@ -137,7 +177,10 @@ fn data(cx: &Cx, v: &Spanned, module: ModuleId, objective: Option<&Objective>) -
                     cx.report(
                         Diagnostic::new(Code::Io, format!("{name} file `{p}` does not exist"))
                             .at(v.span, "not found")
-                            .help(format!("paths are relative to the experiment file's directory (`{}`)", dir.display())),
+                            .help(format!(
+                                "paths are relative to the experiment file's directory (`{}`)",
+                                dir.display()
+                            )),
                     );
                     return None;
                 }
@@ -155,7 +198,9 @@ fn data(cx: &Cx, v: &Spanned, module: ModuleId, objective: Option<&Objective>) -
         for name in f.record.fields.keys() {
             let value = cx.ev.field(&f.record, name)?;
             out.insert(name.clone(), string(cx, &value)?);
-            cx.origins.borrow_mut().source(&format!("data.fields.{name}"), value.span);
+            cx.origins
+                .borrow_mut()
+                .source(&format!("data.fields.{name}"), value.span);
         }
         Some(out)
     });
@@ -163,26 +208,41 @@ fn data(cx: &Cx, v: &Spanned, module: ModuleId, objective: Option<&Objective>) -
         fields.extend(custom.clone());
     }
     r.finish();
-    Some(Data { train: train?, eval: eval?, tokenizer: tokenizer?, fields })
+    Some(Data {
+        train: train?,
+        eval: eval?,
+        tokenizer: tokenizer?,
+        fields,
+    })
 }
 
 /// Every `{placeholder}` of a PET pattern must be a field of the data records.
 fn check_placeholders(cx: &Cx, objective: &Objective, data: &Data, data_span: Option<Span>) {
-    let Objective::Pvp(pvp) = objective else { return };
-    let Some(span) = cx.origins.borrow().span("objective.pattern") else { return };
+    let Objective::Pvp(pvp) = objective else {
+        return;
+    };
+    let Some(span) = cx.origins.borrow().span("objective.pattern") else {
+        return;
+    };
     for (name, at) in placeholders(cx, &pvp.pattern, span) {
         if data.fields.contains_key(&name) {
             continue;
         }
         let known: Vec<&str> = data.fields.keys().map(String::as_str).collect();
-        let mut d = Diagnostic::new(Code::Pattern, format!("placeholder `{{{name}}}` is not a data field")).at(at, "not a field of the data records");
+        let mut d = Diagnostic::new(
+            Code::Pattern,
+            format!("placeholder `{{{name}}}` is not a data field"),
+        )
+        .at(at, "not a field of the data records");
         d = match data_span {
             Some(span) => d.also(span, format!("data fields: {}", known.join(", "))),
             None => d.note(format!("data fields: {}", known.join(", "))),
         };
         d = match crate::diagnostics::did_you_mean(&name, known.iter().copied()) {
             Some(s) => d.help(format!("did you mean `{{{s}}}`?")),
-            None => d.help(format!("declare it: data {{ fields = {{ {name} = \"{name}\" }} }}")),
+            None => d.help(format!(
+                "declare it: data {{ fields = {{ {name} = \"{name}\" }} }}"
+            )),
         };
         cx.report(d);
     }
@@ -196,9 +256,15 @@ fn parallel(r: &mut Rec, model: Option<&Model>) -> Option<Parallel> {
         let found = cx.ev.lookup(prelude, "cpu_host", r.span())?;
         let host = cx.ev.definition(found.module, found.def)?;
         let node = super::cluster::node(cx, &host, "parallel.mesh.node")?;
-        Some(Cluster { name: "cpu(1)".into(), nodes: 1, node: Node { devices: 1, ..node } })
+        Some(Cluster {
+            name: "cpu(1)".into(),
+            nodes: 1,
+            node: Node { devices: 1, ..node },
+        })
     };
-    let mesh = if r.has("mesh") { r.req("mesh", |cx, v| cluster(cx, v, "parallel.mesh")) } else {
+    let mesh = if r.has("mesh") {
+        r.req("mesh", |cx, v| cluster(cx, v, "parallel.mesh"))
+    } else {
         r.defaulted("mesh");
         mesh_default()
     };
@@ -217,11 +283,31 @@ fn parallel(r: &mut Rec, model: Option<&Model>) -> Option<Parallel> {
     let sequence_parallel = r.or("sequence_parallel", false, boolean);
     let zero = r.or("zero", 0u8, |cx, v| int_in(cx, v, 0, 3).map(|z| z as u8));
     let recompute = r.or("recompute", Recompute::None, |cx, v| {
-        choice(cx, v, "recompute setting", &[("none", Recompute::None), ("selective", Recompute::Selective), ("full", Recompute::Full)])
+        choice(
+            cx,
+            v,
+            "recompute setting",
+            &[
+                ("none", Recompute::None),
+                ("selective", Recompute::Selective),
+                ("full", Recompute::Full),
+            ],
+        )
     });
     let schedule = r.or("schedule", PipelineSchedule::OneFOneB, schedule);
     let microbatches = r.opt("microbatches", positive);
-    let offload = r.or("offload", Offload::None, |cx, v| choice(cx, v, "offload setting", &[("none", Offload::None), ("optimizer", Offload::Optimizer), ("all", Offload::All)]));
+    let offload = r.or("offload", Offload::None, |cx, v| {
+        choice(
+            cx,
+            v,
+            "offload setting",
+            &[
+                ("none", Offload::None),
+                ("optimizer", Offload::Optimizer),
+                ("all", Offload::All),
+            ],
+        )
+    });
     let (mesh, auto) = (mesh?, auto?);
     let (data, tensor, pipeline) = (data?, tensor?, pipeline?);
     let devices = mesh.devices();
@@ -229,7 +315,10 @@ fn parallel(r: &mut Rec, model: Option<&Model>) -> Option<Parallel> {
     let plan = if auto {
         if !given.is_empty() {
             let d = given.iter().fold(
-                Diagnostic::new(Code::Conflict, "`plan = auto` chooses the degrees itself").at(plan_v.as_ref().map_or(r.span(), |v| v.span), "automatic plan"),
+                Diagnostic::new(Code::Conflict, "`plan = auto` chooses the degrees itself").at(
+                    plan_v.as_ref().map_or(r.span(), |v| v.span),
+                    "automatic plan",
+                ),
                 |d, name| d.also(r.span_of(name), format!("`{name}` set by hand")),
             );
             cx.report(d.help("remove the degrees, or remove `plan = auto` to plan by hand"));
@@ -243,9 +332,22 @@ fn parallel(r: &mut Rec, model: Option<&Model>) -> Option<Parallel> {
             None if devices % (tensor * pipeline) == 0 => devices / (tensor * pipeline),
             None => {
                 cx.report(
-                    Diagnostic::new(Code::Mesh, format!("tensor × pipeline = {} does not divide the mesh's {devices} devices", tensor * pipeline))
-                        .at(if r.has("tensor") { r.span_of("tensor") } else { r.span_of("pipeline") }, "this degree")
-                        .also(mesh_span, format!("{devices} devices")),
+                    Diagnostic::new(
+                        Code::Mesh,
+                        format!(
+                            "tensor × pipeline = {} does not divide the mesh's {devices} devices",
+                            tensor * pipeline
+                        ),
+                    )
+                    .at(
+                        if r.has("tensor") {
+                            r.span_of("tensor")
+                        } else {
+                            r.span_of("pipeline")
+                        },
+                        "this degree",
+                    )
+                    .also(mesh_span, format!("{devices} devices")),
                 );
                 return None;
             }
@@ -259,14 +361,32 @@ fn parallel(r: &mut Rec, model: Option<&Model>) -> Option<Parallel> {
             cx.report(d.help("make the product equal the number of devices, or use `plan = auto`"));
             return None;
         }
-        Plan::Manual { data, tensor, pipeline }
+        Plan::Manual {
+            data,
+            tensor,
+            pipeline,
+        }
     };
     let mut ok = true;
-    if let (Plan::Manual { tensor, pipeline, .. }, Some(m)) = (plan, model) {
+    if let (
+        Plan::Manual {
+            tensor, pipeline, ..
+        },
+        Some(m),
+    ) = (plan, model)
+    {
         let model_span = |path: &str| cx.origins.borrow().span(path);
-        for (what, size, path) in [("heads", m.heads, "model.heads"), ("kv_heads", m.kv_heads, "model.kv_heads"), ("ffn", m.ffn, "model.ffn")] {
+        for (what, size, path) in [
+            ("heads", m.heads, "model.heads"),
+            ("kv_heads", m.kv_heads, "model.kv_heads"),
+            ("ffn", m.ffn, "model.ffn"),
+        ] {
             if size % tensor != 0 {
-                let mut d = Diagnostic::new(Code::Divisibility, format!("tensor = {tensor} does not divide {what} = {size}")).at(r.span_of("tensor"), "tensor-parallel degree");
+                let mut d = Diagnostic::new(
+                    Code::Divisibility,
+                    format!("tensor = {tensor} does not divide {what} = {size}"),
+                )
+                .at(r.span_of("tensor"), "tensor-parallel degree");
                 if let Some(s) = model_span(path) {
                     d = d.also(s, format!("{what} = {size}"));
                 }
@@ -277,22 +397,37 @@ fn parallel(r: &mut Rec, model: Option<&Model>) -> Option<Parallel> {
         }
         if pipeline > m.layers {
             cx.report(
-                Diagnostic::new(Code::Range, format!("pipeline = {pipeline} is more stages than the model's {} layers", m.layers))
-                    .at(r.span_of("pipeline"), "too many stages"),
+                Diagnostic::new(
+                    Code::Range,
+                    format!(
+                        "pipeline = {pipeline} is more stages than the model's {} layers",
+                        m.layers
+                    ),
+                )
+                .at(r.span_of("pipeline"), "too many stages"),
             );
             ok = false;
         }
         if let Some(PipelineSchedule::Interleaved { chunks }) = schedule {
             if m.layers % (pipeline * chunks) != 0 {
                 cx.report(
-                    Diagnostic::new(Code::Divisibility, format!("pipeline × chunks = {} does not divide layers = {}", pipeline * chunks, m.layers))
-                        .at(r.span_of("schedule"), "interleaved schedule")
-                        .help("each device holds `chunks` equal groups of layers"),
+                    Diagnostic::new(
+                        Code::Divisibility,
+                        format!(
+                            "pipeline × chunks = {} does not divide layers = {}",
+                            pipeline * chunks,
+                            m.layers
+                        ),
+                    )
+                    .at(r.span_of("schedule"), "interleaved schedule")
+                    .help("each device holds `chunks` equal groups of layers"),
                 );
                 ok = false;
             }
         }
-        if let (Some(mb), Some(PipelineSchedule::OneFOneB | PipelineSchedule::Interleaved { .. })) = (microbatches.flatten(), schedule) {
+        if let (Some(mb), Some(PipelineSchedule::OneFOneB | PipelineSchedule::Interleaved { .. })) =
+            (microbatches.flatten(), schedule)
+        {
             if pipeline > 1 && mb < pipeline {
                 cx.report(
                     Diagnostic::new(Code::Range, format!("microbatches = {mb} is fewer than the {pipeline} pipeline stages"))
@@ -304,9 +439,15 @@ fn parallel(r: &mut Rec, model: Option<&Model>) -> Option<Parallel> {
         }
         if sequence_parallel == Some(true) && tensor == 1 {
             cx.report(
-                Diagnostic::new(Code::Conflict, "sequence parallelism needs tensor parallelism")
-                    .at(r.span_of("sequence_parallel"), "has no effect with tensor = 1")
-                    .help("set tensor > 1, or remove sequence_parallel"),
+                Diagnostic::new(
+                    Code::Conflict,
+                    "sequence parallelism needs tensor parallelism",
+                )
+                .at(
+                    r.span_of("sequence_parallel"),
+                    "has no effect with tensor = 1",
+                )
+                .help("set tensor > 1, or remove sequence_parallel"),
             );
             ok = false;
         }
@@ -328,16 +469,26 @@ fn parallel(r: &mut Rec, model: Option<&Model>) -> Option<Parallel> {
 }
 
 fn schedule(cx: &Cx, v: &Spanned) -> Option<PipelineSchedule> {
-    let var = variant(cx, v, "pipeline schedule", &["gpipe", "1f1b", "interleaved"])?;
+    let var = variant(
+        cx,
+        v,
+        "pipeline schedule",
+        &["gpipe", "1f1b", "interleaved"],
+    )?;
     match var.name.as_str() {
         "gpipe" => Some(PipelineSchedule::Gpipe),
         "1f1b" => Some(PipelineSchedule::OneFOneB),
         _ => match var.args.as_slice() {
-            [n] => int_in(cx, n, 2, u64::MAX).map(|chunks| PipelineSchedule::Interleaved { chunks }),
+            [n] => {
+                int_in(cx, n, 2, u64::MAX).map(|chunks| PipelineSchedule::Interleaved { chunks })
+            }
             _ => {
                 cx.report(
-                    Diagnostic::new(Code::Type, "`interleaved` takes the number of model chunks per device")
-                        .at(v.span, "write `interleaved(2)`"),
+                    Diagnostic::new(
+                        Code::Type,
+                        "`interleaved` takes the number of model chunks per device",
+                    )
+                    .at(v.span, "write `interleaved(2)`"),
                 );
                 None
             }
@@ -345,15 +496,41 @@ fn schedule(cx: &Cx, v: &Spanned) -> Option<PipelineSchedule> {
     }
 }
 
-fn train(r: &mut Rec, model: Option<&Model>, parallel: Option<(&Parallel, Option<Span>)>) -> Option<Train> {
+fn train(
+    r: &mut Rec,
+    model: Option<&Model>,
+    parallel: Option<(&Parallel, Option<Span>)>,
+) -> Option<Train> {
     let cx = r.cx;
-    let optimizer = r.or("optimizer", Optimizer::Adamw { lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }, |cx, v| optimizer(cx, v));
-    let schedule = r.or("schedule", LrSchedule { kind: ScheduleKind::Constant, warmup: 0, min_lr_ratio: 0.0 }, lr_schedule);
+    let optimizer = r.or(
+        "optimizer",
+        Optimizer::Adamw {
+            lr: 1e-4,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        },
+        optimizer,
+    );
+    let schedule = r.or(
+        "schedule",
+        LrSchedule {
+            kind: ScheduleKind::Constant,
+            warmup: 0,
+            min_lr_ratio: 0.0,
+        },
+        lr_schedule,
+    );
     let batch = r.or("batch", 8, positive);
     let micro_batch = r.opt("micro_batch", positive);
     let steps = r.opt("steps", positive);
     let epochs = r.opt("epochs", positive);
-    let seq_len = r.or_derived("seq_len", model.map(|m| m.positions.min(2048)).or(Some(512)), positive);
+    let seq_len = r.or_derived(
+        "seq_len",
+        model.map(|m| m.positions.min(2048)).or(Some(512)),
+        positive,
+    );
     let precision_v = r.or("precision", Precision::F32, precision);
     let grad_clip = r.or("grad_clip", Some(1.0), |cx, v| match v.value {
         Value::Bool(false) => Some(None),
@@ -379,19 +556,31 @@ fn train(r: &mut Rec, model: Option<&Model>, parallel: Option<(&Parallel, Option
         }
     };
     let (batch, micro_batch) = (batch?, micro_batch?);
-    if let Some((Parallel { plan: Plan::Manual { data, .. }, .. }, data_span)) = parallel {
+    if let Some((
+        Parallel {
+            plan: Plan::Manual { data, .. },
+            ..
+        },
+        data_span,
+    )) = parallel
+    {
         let per_replica = micro_batch.unwrap_or(1) * data;
         if batch % per_replica != 0 {
             let what = match micro_batch {
                 Some(mb) => format!("data × micro_batch = {data} × {mb}"),
                 None => format!("data = {data}"),
             };
-            let mut d = Diagnostic::new(Code::Divisibility, format!("batch = {batch} is not divisible by {what}"))
-                .at(r.span_of("batch"), "global batch");
+            let mut d = Diagnostic::new(
+                Code::Divisibility,
+                format!("batch = {batch} is not divisible by {what}"),
+            )
+            .at(r.span_of("batch"), "global batch");
             if let Some(s) = data_span {
                 d = d.also(s, "data-parallel degree");
             }
-            cx.report(d.help("every data-parallel replica gets the same number of whole microbatches"));
+            cx.report(
+                d.help("every data-parallel replica gets the same number of whole microbatches"),
+            );
             return None;
         }
     }
@@ -414,33 +603,70 @@ fn optimizer(cx: &Cx, v: &Spanned) -> Option<Optimizer> {
     let var = variant(cx, v, "optimizer", &["adamw", "sgd"])?;
     let record = var.record.unwrap_or_else(|| empty(v.span));
     let mut r = Rec::new(cx, record, "train.optimizer", var.name.clone());
-    let lr = r.or("lr", if var.name == "sgd" { 1e-2 } else { 1e-4 }, positive_number);
-    let weight_decay = r.or("weight_decay", 0.0, |cx, v| number_where(cx, v, "at least 0", |x| x >= 0.0));
+    let lr = r.or(
+        "lr",
+        if var.name == "sgd" { 1e-2 } else { 1e-4 },
+        positive_number,
+    );
+    let weight_decay = r.or("weight_decay", 0.0, |cx, v| {
+        number_where(cx, v, "at least 0", |x| x >= 0.0)
+    });
     let out = if var.name == "adamw" {
-        let beta1 = r.or("beta1", 0.9, |cx, v| number_where(cx, v, "in [0, 1)", |x| (0.0..1.0).contains(&x)));
-        let beta2 = r.or("beta2", 0.999, |cx, v| number_where(cx, v, "in [0, 1)", |x| (0.0..1.0).contains(&x)));
+        let beta1 = r.or("beta1", 0.9, |cx, v| {
+            number_where(cx, v, "in [0, 1)", |x| (0.0..1.0).contains(&x))
+        });
+        let beta2 = r.or("beta2", 0.999, |cx, v| {
+            number_where(cx, v, "in [0, 1)", |x| (0.0..1.0).contains(&x))
+        });
         let eps = r.or("eps", 1e-8, positive_number);
-        Some(Optimizer::Adamw { lr: lr?, beta1: beta1?, beta2: beta2?, eps: eps?, weight_decay: weight_decay? })
+        Some(Optimizer::Adamw {
+            lr: lr?,
+            beta1: beta1?,
+            beta2: beta2?,
+            eps: eps?,
+            weight_decay: weight_decay?,
+        })
     } else {
-        let momentum = r.or("momentum", 0.0, |cx, v| number_where(cx, v, "in [0, 1)", |x| (0.0..1.0).contains(&x)));
+        let momentum = r.or("momentum", 0.0, |cx, v| {
+            number_where(cx, v, "in [0, 1)", |x| (0.0..1.0).contains(&x))
+        });
         let nesterov = r.or("nesterov", false, boolean);
-        Some(Optimizer::Sgd { lr: lr?, momentum: momentum?, weight_decay: weight_decay?, nesterov: nesterov? })
+        Some(Optimizer::Sgd {
+            lr: lr?,
+            momentum: momentum?,
+            weight_decay: weight_decay?,
+            nesterov: nesterov?,
+        })
     };
     r.finish();
     out
 }
 
 fn lr_schedule(cx: &Cx, v: &Spanned) -> Option<LrSchedule> {
-    let kinds = [("constant", ScheduleKind::Constant), ("linear", ScheduleKind::Linear), ("cosine", ScheduleKind::Cosine), ("warmup", ScheduleKind::Warmup)];
+    let kinds = [
+        ("constant", ScheduleKind::Constant),
+        ("linear", ScheduleKind::Linear),
+        ("cosine", ScheduleKind::Cosine),
+        ("warmup", ScheduleKind::Warmup),
+    ];
     let names: Vec<&str> = kinds.iter().map(|(n, _)| *n).collect();
     let var = variant(cx, v, "learning-rate schedule", &names)?;
-    let kind = kinds.iter().find(|(n, _)| *n == var.name).map(|(_, k)| *k)?;
+    let kind = kinds
+        .iter()
+        .find(|(n, _)| *n == var.name)
+        .map(|(_, k)| *k)?;
     let record = var.record.unwrap_or_else(|| empty(v.span));
     let mut r = Rec::new(cx, record, "train.schedule", var.name.clone());
     let warmup = r.or("warmup", 0, non_negative);
-    let min_lr_ratio = r.or("min_lr_ratio", 0.0, |cx, v| number_where(cx, v, "in [0, 1]", |x| (0.0..=1.0).contains(&x)));
+    let min_lr_ratio = r.or("min_lr_ratio", 0.0, |cx, v| {
+        number_where(cx, v, "in [0, 1]", |x| (0.0..=1.0).contains(&x))
+    });
     r.finish();
-    Some(LrSchedule { kind, warmup: warmup?, min_lr_ratio: min_lr_ratio? })
+    Some(LrSchedule {
+        kind,
+        warmup: warmup?,
+        min_lr_ratio: min_lr_ratio?,
+    })
 }
 
 pub fn pipeline(cx: &Cx, v: &Spanned, module: ModuleId) -> Option<(Pipeline, Vec<super::Origins>)> {
@@ -454,7 +680,10 @@ pub fn pipeline(cx: &Cx, v: &Spanned, module: ModuleId) -> Option<(Pipeline, Vec
     let mut ok = true;
     let items = list(&stages_v);
     if items.is_empty() {
-        cx.report(Diagnostic::new(Code::Missing, "a pipeline needs at least one stage").at(stages_v.span, "empty"));
+        cx.report(
+            Diagnostic::new(Code::Missing, "a pipeline needs at least one stage")
+                .at(stages_v.span, "empty"),
+        );
         return None;
     }
     for item in &items {
@@ -465,7 +694,10 @@ pub fn pipeline(cx: &Cx, v: &Spanned, module: ModuleId) -> Option<(Pipeline, Vec
                     e.init = stages.last().map(|prev: &Experiment| prev.name.clone());
                 }
                 if let Objective::Ppo(ppo) = &e.objective {
-                    let earlier: Vec<&str> = stages.iter().map(|s: &Experiment| s.name.as_str()).collect();
+                    let earlier: Vec<&str> = stages
+                        .iter()
+                        .map(|s: &Experiment| s.name.as_str())
+                        .collect();
                     if !earlier.contains(&ppo.reward_model.as_str()) {
                         cx.report(
                             Diagnostic::new(Code::Conflict, format!("PPO stage `{}` uses reward model `{}`, which is not an earlier stage", e.name, ppo.reward_model))

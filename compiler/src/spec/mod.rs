@@ -41,24 +41,35 @@ pub struct CheckedModule {
 pub fn check_module(ev: &Evaluator, module: ModuleId) -> CheckedModule {
     let mut out = CheckedModule::default();
     for def in ev.program.module(module).defs.values() {
-        let Some(value) = ev.definition(module, def) else { continue };
+        let Some(value) = ev.definition(module, def) else {
+            continue;
+        };
         let cx = Cx::new(ev);
         cx.origins.borrow_mut().source("name", def.name.span);
         let path = def.name.name.as_str();
         match def.kind {
             DefKind::Experiment => {
                 if let Some(e) = experiment::experiment(&cx, &value, module) {
-                    out.experiments.push(Checked { value: e, origins: cx.origins.take() });
+                    out.experiments.push(Checked {
+                        value: e,
+                        origins: cx.origins.take(),
+                    });
                 }
             }
             DefKind::Pipeline => {
                 if let Some((p, _)) = experiment::pipeline(&cx, &value, module) {
-                    out.pipelines.push(Checked { value: p, origins: cx.origins.take() });
+                    out.pipelines.push(Checked {
+                        value: p,
+                        origins: cx.origins.take(),
+                    });
                 }
             }
             DefKind::Model => {
                 if let Some(m) = model::model(&cx, &value, "") {
-                    out.models.push(Checked { value: m, origins: cx.origins.take() });
+                    out.models.push(Checked {
+                        value: m,
+                        origins: cx.origins.take(),
+                    });
                 }
             }
             DefKind::Device => {
@@ -69,7 +80,10 @@ pub fn check_module(ev: &Evaluator, module: ModuleId) -> CheckedModule {
             }
             DefKind::Cluster => {
                 if let Some(c) = cluster::cluster(&cx, &value, "") {
-                    out.clusters.push(Checked { value: c, origins: cx.origins.take() });
+                    out.clusters.push(Checked {
+                        value: c,
+                        origins: cx.origins.take(),
+                    });
                 }
             }
             DefKind::Objective => {

@@ -7,9 +7,17 @@ use crate::diagnostics::{Code, Diagnostic};
 use crate::resolve::Spanned;
 use crate::syntax::DefKind;
 
-pub const FAMILIES: &[(&str, Family)] = &[("gpt2", Family::Gpt2), ("bert", Family::Bert), ("llama", Family::Llama)];
-pub const ACTIVATIONS: &[(&str, Activation)] =
-    &[("gelu", Activation::Gelu), ("gelu_tanh", Activation::GeluTanh), ("relu", Activation::Relu), ("silu", Activation::Silu)];
+pub const FAMILIES: &[(&str, Family)] = &[
+    ("gpt2", Family::Gpt2),
+    ("bert", Family::Bert),
+    ("llama", Family::Llama),
+];
+pub const ACTIVATIONS: &[(&str, Activation)] = &[
+    ("gelu", Activation::Gelu),
+    ("gelu_tanh", Activation::GeluTanh),
+    ("relu", Activation::Relu),
+    ("silu", Activation::Silu),
+];
 
 pub fn model(cx: &Cx, v: &Spanned, path: &str) -> Option<Model> {
     let mut r = expect_def(cx, v, DefKind::Model, path)?;
@@ -23,10 +31,26 @@ pub fn model(cx: &Cx, v: &Spanned, path: &str) -> Option<Model> {
     let kv_heads = r.or_derived("kv_heads", heads, positive);
     let ffn = r.or_derived("ffn", hidden.map(|h| 4 * h), positive);
     let norm = r.or("norm", Norm::Layernorm { eps: 1e-5 }, norm);
-    let activation = r.or("activation", Activation::Gelu, |cx, v| choice(cx, v, "activation", ACTIVATIONS));
-    let mlp = r.or("mlp", Mlp::Plain, |cx, v| choice(cx, v, "MLP kind", &[("plain", Mlp::Plain), ("gated", Mlp::Gated)]));
+    let activation = r.or("activation", Activation::Gelu, |cx, v| {
+        choice(cx, v, "activation", ACTIVATIONS)
+    });
+    let mlp = r.or("mlp", Mlp::Plain, |cx, v| {
+        choice(
+            cx,
+            v,
+            "MLP kind",
+            &[("plain", Mlp::Plain), ("gated", Mlp::Gated)],
+        )
+    });
     let position = r.or("position", Position::Learned, position);
-    let block = r.or("block", Block::PreNorm, |cx, v| choice(cx, v, "block layout", &[("pre_norm", Block::PreNorm), ("post_norm", Block::PostNorm)]));
+    let block = r.or("block", Block::PreNorm, |cx, v| {
+        choice(
+            cx,
+            v,
+            "block layout",
+            &[("pre_norm", Block::PreNorm), ("post_norm", Block::PostNorm)],
+        )
+    });
     let bias = r.or("bias", true, boolean);
     let tie_embeddings = r.or("tie_embeddings", true, boolean);
     let type_vocab = r.or("type_vocab", 0, non_negative);
@@ -37,10 +61,16 @@ pub fn model(cx: &Cx, v: &Spanned, path: &str) -> Option<Model> {
     if let (Some(h), Some(a)) = (hidden, heads) {
         if h % a != 0 {
             cx.report(
-                Diagnostic::new(Code::Divisibility, format!("heads = {a} does not divide hidden = {h}"))
-                    .at(r.span_of("heads"), format!("{a} heads"))
-                    .also(r.span_of("hidden"), format!("hidden = {h}"))
-                    .help(format!("each head gets hidden / heads dimensions; try heads = {}", divisors_near(h, a))),
+                Diagnostic::new(
+                    Code::Divisibility,
+                    format!("heads = {a} does not divide hidden = {h}"),
+                )
+                .at(r.span_of("heads"), format!("{a} heads"))
+                .also(r.span_of("hidden"), format!("hidden = {h}"))
+                .help(format!(
+                    "each head gets hidden / heads dimensions; try heads = {}",
+                    divisors_near(h, a)
+                )),
             );
         }
     }
@@ -80,7 +110,10 @@ pub fn model(cx: &Cx, v: &Spanned, path: &str) -> Option<Model> {
 
 /// The divisor of `n` closest to `near`, for suggestions.
 fn divisors_near(n: u64, near: u64) -> u64 {
-    (1..=n).filter(|d| n % d == 0).min_by_key(|d| d.abs_diff(near)).unwrap_or(1)
+    (1..=n)
+        .filter(|d| n % d == 0)
+        .min_by_key(|d| d.abs_diff(near))
+        .unwrap_or(1)
 }
 
 fn norm(cx: &Cx, v: &Spanned) -> Option<Norm> {
@@ -95,7 +128,11 @@ fn norm(cx: &Cx, v: &Spanned) -> Option<Norm> {
         }
         None => default,
     };
-    Some(if var.name == "rmsnorm" { Norm::Rmsnorm { eps } } else { Norm::Layernorm { eps } })
+    Some(if var.name == "rmsnorm" {
+        Norm::Rmsnorm { eps }
+    } else {
+        Norm::Layernorm { eps }
+    })
 }
 
 fn position(cx: &Cx, v: &Spanned) -> Option<Position> {
@@ -122,7 +159,12 @@ fn output_heads(cx: &Cx, v: &Spanned) -> Option<Vec<OutputHead>> {
     let mut out: Vec<OutputHead> = Vec::new();
     let mut ok = true;
     for item in list(v) {
-        let Some(var) = variant(cx, &item, "output head", &["lm", "mlm", "nsp", "classifier", "reward", "value"]) else {
+        let Some(var) = variant(
+            cx,
+            &item,
+            "output head",
+            &["lm", "mlm", "nsp", "classifier", "reward", "value"],
+        ) else {
             ok = false;
             continue;
         };
@@ -151,7 +193,13 @@ fn output_heads(cx: &Cx, v: &Spanned) -> Option<Vec<OutputHead>> {
             },
         };
         if out.iter().any(|h| h.name() == head.name()) {
-            cx.report(Diagnostic::new(Code::Duplicate, format!("output head `{}` is listed twice", head.name())).at(item.span, "listed again"));
+            cx.report(
+                Diagnostic::new(
+                    Code::Duplicate,
+                    format!("output head `{}` is listed twice", head.name()),
+                )
+                .at(item.span, "listed again"),
+            );
             ok = false;
             continue;
         }

@@ -21,17 +21,25 @@ pub fn objective(cx: &Cx, v: &Spanned, path: &str) -> Option<Objective> {
     let out = match var.name.as_str() {
         "causal_lm" => Some(Objective::CausalLm),
         "mlm" => mlm(&mut r).map(Objective::Mlm),
-        "nsp" => r.or("random_next", 0.5, probability).map(|random_next| Objective::Nsp { random_next }),
+        "nsp" => r
+            .or("random_next", 0.5, probability)
+            .map(|random_next| Objective::Nsp { random_next }),
         "pvp" => pvp(&mut r).map(Objective::Pvp),
         "sft" => {
             let prompt = r.or("prompt", "prompt".to_string(), string);
             let response = r.or("response", "response".to_string(), string);
-            Some(Objective::Sft { prompt: prompt?, response: response? })
+            Some(Objective::Sft {
+                prompt: prompt?,
+                response: response?,
+            })
         }
         "reward" => {
             let chosen = r.or("chosen", "chosen".to_string(), string);
             let rejected = r.or("rejected", "rejected".to_string(), string);
-            Some(Objective::Reward { chosen: chosen?, rejected: rejected? })
+            Some(Objective::Reward {
+                chosen: chosen?,
+                rejected: rejected?,
+            })
         }
         _ => ppo(&mut r).map(Objective::Ppo),
     };
@@ -40,7 +48,11 @@ pub fn objective(cx: &Cx, v: &Spanned, path: &str) -> Option<Objective> {
 }
 
 fn empty(span: Span) -> std::rc::Rc<crate::resolve::Record> {
-    std::rc::Rc::new(crate::resolve::Record { kind: RecordKind::Plain, span, fields: Default::default() })
+    std::rc::Rc::new(crate::resolve::Record {
+        kind: RecordKind::Plain,
+        span,
+        fields: Default::default(),
+    })
 }
 
 /// `mlm + nsp`, the one composition BERT pretraining needs.
@@ -53,9 +65,12 @@ fn sum(cx: &Cx, v: &Spanned, parts: &[Spanned], path: &str) -> Option<Objective>
             Objective::Nsp { random_next } if nsp_part.is_none() => nsp_part = Some(random_next),
             _ => {
                 cx.report(
-                    Diagnostic::new(Code::Conflict, "objectives can only be combined as `mlm + nsp`")
-                        .at(part.span, "cannot be combined here")
-                        .help("PET's auxiliary MLM loss is `pvp { mlm_weight = ... }`, not a sum"),
+                    Diagnostic::new(
+                        Code::Conflict,
+                        "objectives can only be combined as `mlm + nsp`",
+                    )
+                    .at(part.span, "cannot be combined here")
+                    .help("PET's auxiliary MLM loss is `pvp { mlm_weight = ... }`, not a sum"),
                 );
                 return None;
             }
@@ -64,25 +79,43 @@ fn sum(cx: &Cx, v: &Spanned, parts: &[Spanned], path: &str) -> Option<Objective>
     match (mlm_part, nsp_part) {
         (Some(mlm), Some(random_next)) => Some(Objective::MlmNsp { mlm, random_next }),
         _ => {
-            cx.report(Diagnostic::new(Code::Conflict, "objectives can only be combined as `mlm + nsp`").at(v.span, "this sum"));
+            cx.report(
+                Diagnostic::new(
+                    Code::Conflict,
+                    "objectives can only be combined as `mlm + nsp`",
+                )
+                .at(v.span, "this sum"),
+            );
             None
         }
     }
 }
 
 fn mlm(r: &mut Rec) -> Option<Mlm> {
-    let prob = r.or("prob", 0.15, |cx, v| number_where(cx, v, "in (0, 1)", |x| x > 0.0 && x < 1.0));
+    let prob = r.or("prob", 0.15, |cx, v| {
+        number_where(cx, v, "in (0, 1)", |x| x > 0.0 && x < 1.0)
+    });
     let strategy = r.or("strategy", MaskStrategy::Token, |cx, v| {
-        choice(cx, v, "masking strategy", &[
-            ("token", MaskStrategy::Token),
-            ("whole_word", MaskStrategy::WholeWord),
-            ("entity", MaskStrategy::Entity),
-            ("span", MaskStrategy::Span),
-        ])
+        choice(
+            cx,
+            v,
+            "masking strategy",
+            &[
+                ("token", MaskStrategy::Token),
+                ("whole_word", MaskStrategy::WholeWord),
+                ("entity", MaskStrategy::Entity),
+                ("span", MaskStrategy::Span),
+            ],
+        )
     });
     let replace = r.or("replace", [0.8, 0.1, 0.1], replace_split);
     let max_predictions = r.or("max_predictions", 20, positive);
-    Some(Mlm { prob: prob?, strategy: strategy?, replace: replace?, max_predictions: max_predictions? })
+    Some(Mlm {
+        prob: prob?,
+        strategy: strategy?,
+        replace: replace?,
+        max_predictions: max_predictions?,
+    })
 }
 
 /// `[80%, 10%, 10%]`: masked, random, kept; must add up to one.
@@ -91,9 +124,12 @@ fn replace_split(cx: &Cx, v: &Spanned) -> Option<[f64; 3]> {
         Value::List(items) if items.len() == 3 => items.clone(),
         _ => {
             cx.report(
-                Diagnostic::new(Code::Type, "`replace` is three fractions: [MASK], random token, unchanged")
-                    .at(v.span, "expected a list of three")
-                    .help("BERT's split is `replace = [80%, 10%, 10%]`"),
+                Diagnostic::new(
+                    Code::Type,
+                    "`replace` is three fractions: [MASK], random token, unchanged",
+                )
+                .at(v.span, "expected a list of three")
+                .help("BERT's split is `replace = [80%, 10%, 10%]`"),
             );
             return None;
         }
@@ -104,8 +140,14 @@ fn replace_split(cx: &Cx, v: &Spanned) -> Option<[f64; 3]> {
     }
     if (out.iter().sum::<f64>() - 1.0).abs() > 1e-9 {
         cx.report(
-            Diagnostic::new(Code::Range, format!("the replacement split adds up to {}%, not 100%", (out.iter().sum::<f64>() * 100.0).round()))
-                .at(v.span, "must add up to 100%"),
+            Diagnostic::new(
+                Code::Range,
+                format!(
+                    "the replacement split adds up to {}%, not 100%",
+                    (out.iter().sum::<f64>() * 100.0).round()
+                ),
+            )
+            .at(v.span, "must add up to 100%"),
         );
         return None;
     }
@@ -116,20 +158,33 @@ fn pvp(r: &mut Rec) -> Option<Pvp> {
     let pattern = r.req("pattern", string);
     let pattern_span = r.span_of("pattern");
     let verbalizer = r.required("verbalizer").and_then(|v| verbalizer(r.cx, &v));
-    let mlm_weight = r.or("mlm_weight", 1e-4, |cx, v| number_where(cx, v, "in [0, 1)", |x| (0.0..1.0).contains(&x)));
+    let mlm_weight = r.or("mlm_weight", 1e-4, |cx, v| {
+        number_where(cx, v, "in [0, 1)", |x| (0.0..1.0).contains(&x))
+    });
     let pattern = pattern?;
     check_mask_count(r.cx, &pattern, pattern_span);
-    Some(Pvp { pattern, verbalizer: verbalizer?, mlm_weight: mlm_weight? })
+    Some(Pvp {
+        pattern,
+        verbalizer: verbalizer?,
+        mlm_weight: mlm_weight?,
+    })
 }
 
 fn check_mask_count(cx: &Cx, pattern: &str, span: Span) {
     let masks = pattern.matches("[MASK]").count();
     if masks != 1 {
-        let what = if masks == 0 { "no [MASK]".to_string() } else { format!("{masks} [MASK]s") };
+        let what = if masks == 0 {
+            "no [MASK]".to_string()
+        } else {
+            format!("{masks} [MASK]s")
+        };
         cx.report(
-            Diagnostic::new(Code::Pattern, format!("a PET pattern needs exactly one [MASK]; this one has {what}"))
-                .at(span, "the verbalizer word is predicted at the one [MASK]")
-                .help("for example: \"{text} All in all, it was [MASK].\""),
+            Diagnostic::new(
+                Code::Pattern,
+                format!("a PET pattern needs exactly one [MASK]; this one has {what}"),
+            )
+            .at(span, "the verbalizer word is predicted at the one [MASK]")
+            .help("for example: \"{text} All in all, it was [MASK].\""),
         );
     }
 }
@@ -139,7 +194,17 @@ pub fn placeholders(cx: &Cx, pattern: &str, span: Span) -> Vec<(String, Span)> {
     // The span covers the quoted literal; offsets are exact when the string has no escapes.
     let literal = cx.text(span);
     let exact = literal.len() == pattern.len() + 2;
-    let at = |start: usize, end: usize| if exact { Span { file: span.file, start: span.start + 1 + start, end: span.start + 1 + end } } else { span };
+    let at = |start: usize, end: usize| {
+        if exact {
+            Span {
+                file: span.file,
+                start: span.start + 1 + start,
+                end: span.start + 1 + end,
+            }
+        } else {
+            span
+        }
+    };
     let mut out = Vec::new();
     let mut rest = 0;
     while let Some(open) = pattern[rest..].find('{') {
@@ -179,17 +244,26 @@ fn verbalizer(cx: &Cx, v: &Spanned) -> Option<Vec<(String, String)>> {
         };
         if text.trim().is_empty() || text.split_whitespace().count() > 1 {
             cx.report(
-                Diagnostic::new(Code::Verbalizer, format!("the verbalizer word for `{label}` must be one word"))
-                    .at(word.span, "one word, predicted at the mask"),
+                Diagnostic::new(
+                    Code::Verbalizer,
+                    format!("the verbalizer word for `{label}` must be one word"),
+                )
+                .at(word.span, "one word, predicted at the mask"),
             );
             ok = false;
         }
         if let Some(i) = out.iter().position(|(_, w)| *w == text) {
             cx.report(
-                Diagnostic::new(Code::Verbalizer, format!("labels `{}` and `{label}` share the word \"{text}\"", out[i].0))
-                    .at(word.span, "used again here")
-                    .also(spans[i], "first used here")
-                    .help("each label needs its own word, or the classes cannot be told apart"),
+                Diagnostic::new(
+                    Code::Verbalizer,
+                    format!(
+                        "labels `{}` and `{label}` share the word \"{text}\"",
+                        out[i].0
+                    ),
+                )
+                .at(word.span, "used again here")
+                .also(spans[i], "first used here")
+                .help("each label needs its own word, or the classes cannot be told apart"),
             );
             ok = false;
         }
@@ -197,20 +271,27 @@ fn verbalizer(cx: &Cx, v: &Spanned) -> Option<Vec<(String, String)>> {
         spans.push(word.span);
     }
     if out.len() < 2 {
-        cx.report(Diagnostic::new(Code::Verbalizer, "a verbalizer needs at least two labels").at(v.span, "here"));
+        cx.report(
+            Diagnostic::new(Code::Verbalizer, "a verbalizer needs at least two labels")
+                .at(v.span, "here"),
+        );
         return None;
     }
     ok.then_some(out)
 }
 
 fn ppo(r: &mut Rec) -> Option<Ppo> {
-    let kl = r.or("kl", 0.1, |cx, v| number_where(cx, v, "at least 0", |x| x >= 0.0));
+    let kl = r.or("kl", 0.1, |cx, v| {
+        number_where(cx, v, "at least 0", |x| x >= 0.0)
+    });
     let clip = r.or("clip", 0.2, positive_number);
     let value_clip = r.or("value_clip", 0.2, positive_number);
     let gamma = r.or("gamma", 1.0, probability);
     let lambda = r.or("lambda", 0.95, probability);
     let epochs = r.or("epochs", 4, positive);
-    let value_coef = r.or("value_coef", 0.1, |cx, v| number_where(cx, v, "at least 0", |x| x >= 0.0));
+    let value_coef = r.or("value_coef", 0.1, |cx, v| {
+        number_where(cx, v, "at least 0", |x| x >= 0.0)
+    });
     let reward_model = r.req("reward_model", experiment_name);
     let reference = r.opt("reference", experiment_name);
     Some(Ppo {
@@ -230,7 +311,11 @@ fn ppo(r: &mut Rec) -> Option<Ppo> {
 pub fn experiment_name(cx: &Cx, v: &Spanned) -> Option<String> {
     match &v.value {
         Value::Record(r) => match &r.kind {
-            RecordKind::Def { kind: DefKind::Experiment, name, .. } => Some(name.clone()),
+            RecordKind::Def {
+                kind: DefKind::Experiment,
+                name,
+                ..
+            } => Some(name.clone()),
             _ => {
                 cx.type_error(v, "an experiment");
                 None
@@ -238,7 +323,8 @@ pub fn experiment_name(cx: &Cx, v: &Spanned) -> Option<String> {
         },
         Value::Symbol { name, module } => {
             let names = cx.ev.visible_names(*module, Some(DefKind::Experiment));
-            let mut d = Diagnostic::new(Code::UnknownName, format!("unknown experiment `{name}`")).at(v.span, "no experiment of this name");
+            let mut d = Diagnostic::new(Code::UnknownName, format!("unknown experiment `{name}`"))
+                .at(v.span, "no experiment of this name");
             if let Some(s) = crate::diagnostics::did_you_mean(name, names.iter().copied()) {
                 d = d.help(format!("did you mean `{s}`?"));
             }
@@ -266,10 +352,15 @@ pub fn required_heads(objective: &Objective) -> &'static [&'static str] {
 /// Data fields an objective reads from each record, by default.
 pub fn default_fields(objective: &Objective) -> Vec<String> {
     let v: Vec<&str> = match objective {
-        Objective::CausalLm | Objective::Mlm(_) | Objective::Nsp { .. } | Objective::MlmNsp { .. } => vec!["text"],
+        Objective::CausalLm
+        | Objective::Mlm(_)
+        | Objective::Nsp { .. }
+        | Objective::MlmNsp { .. } => vec!["text"],
         Objective::Pvp(_) => vec!["text", "label"],
         Objective::Sft { prompt, response } => return vec![prompt.clone(), response.clone()],
-        Objective::Reward { chosen, rejected } => return vec!["prompt".into(), chosen.clone(), rejected.clone()],
+        Objective::Reward { chosen, rejected } => {
+            return vec!["prompt".into(), chosen.clone(), rejected.clone()]
+        }
         Objective::Ppo(_) => vec!["prompt"],
     };
     v.into_iter().map(String::from).collect()

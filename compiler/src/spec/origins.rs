@@ -21,7 +21,9 @@ impl Origins {
     }
 
     pub fn defaulted(&mut self, path: &str) {
-        self.entries.entry(path.to_string()).or_insert(Origin::Default);
+        self.entries
+            .entry(path.to_string())
+            .or_insert(Origin::Default);
     }
 
     /// The origin of a path, or of its nearest recorded ancestor (values inside a record

@@ -17,7 +17,10 @@ pub struct Cx<'e, 'p> {
 
 impl<'e, 'p> Cx<'e, 'p> {
     pub fn new(ev: &'e Evaluator<'p>) -> Self {
-        Cx { ev, origins: RefCell::new(Origins::default()) }
+        Cx {
+            ev,
+            origins: RefCell::new(Origins::default()),
+        }
     }
 
     pub fn report(&self, d: Diagnostic) {
@@ -26,8 +29,11 @@ impl<'e, 'p> Cx<'e, 'p> {
 
     pub fn type_error(&self, v: &Spanned, expected: &str) {
         self.report(
-            Diagnostic::new(Code::Type, format!("expected {expected}, found {}", v.value.describe()))
-                .at(v.span, format!("expected {expected}")),
+            Diagnostic::new(
+                Code::Type,
+                format!("expected {expected}, found {}", v.value.describe()),
+            )
+            .at(v.span, format!("expected {expected}")),
         );
     }
 
@@ -48,8 +54,19 @@ pub struct Rec<'c, 'e, 'p> {
 }
 
 impl<'c, 'e, 'p> Rec<'c, 'e, 'p> {
-    pub fn new(cx: &'c Cx<'e, 'p>, record: Rc<Record>, path: &str, what: impl Into<String>) -> Self {
-        Rec { cx, record, path: path.to_string(), what: what.into(), known: Vec::new() }
+    pub fn new(
+        cx: &'c Cx<'e, 'p>,
+        record: Rc<Record>,
+        path: &str,
+        what: impl Into<String>,
+    ) -> Self {
+        Rec {
+            cx,
+            record,
+            path: path.to_string(),
+            what: what.into(),
+            known: Vec::new(),
+        }
     }
 
     pub fn span(&self) -> Span {
@@ -75,13 +92,19 @@ impl<'c, 'e, 'p> Rec<'c, 'e, 'p> {
             return None;
         }
         let v = self.cx.ev.field(&self.record, name)?;
-        self.cx.origins.borrow_mut().source(&self.child_path(name), v.span);
+        self.cx
+            .origins
+            .borrow_mut()
+            .source(&self.child_path(name), v.span);
         Some(v)
     }
 
     /// Notes that a field took its default.
     pub fn defaulted(&self, name: &str) {
-        self.cx.origins.borrow_mut().defaulted(&self.child_path(name));
+        self.cx
+            .origins
+            .borrow_mut()
+            .defaulted(&self.child_path(name));
     }
 
     pub fn required(&mut self, name: &'static str) -> Option<Spanned> {
@@ -97,7 +120,12 @@ impl<'c, 'e, 'p> Rec<'c, 'e, 'p> {
     }
 
     /// Reads a field with `read`, or takes `default` when it is absent.
-    pub fn or<T>(&mut self, name: &'static str, default: T, read: impl FnOnce(&Cx, &Spanned) -> Option<T>) -> Option<T> {
+    pub fn or<T>(
+        &mut self,
+        name: &'static str,
+        default: T,
+        read: impl FnOnce(&Cx, &Spanned) -> Option<T>,
+    ) -> Option<T> {
         if self.has(name) {
             let v = self.get(name)?;
             read(self.cx, &v)
@@ -109,7 +137,12 @@ impl<'c, 'e, 'p> Rec<'c, 'e, 'p> {
     }
 
     /// Like [`Rec::or`] with a default computed from other fields (`None` if they failed).
-    pub fn or_derived<T>(&mut self, name: &'static str, default: Option<T>, read: impl FnOnce(&Cx, &Spanned) -> Option<T>) -> Option<T> {
+    pub fn or_derived<T>(
+        &mut self,
+        name: &'static str,
+        default: Option<T>,
+        read: impl FnOnce(&Cx, &Spanned) -> Option<T>,
+    ) -> Option<T> {
         if self.has(name) {
             let v = self.get(name)?;
             read(self.cx, &v)
@@ -121,7 +154,11 @@ impl<'c, 'e, 'p> Rec<'c, 'e, 'p> {
     }
 
     /// Reads an optional field with `read`; absent is `Some(None)`.
-    pub fn opt<T>(&mut self, name: &'static str, read: impl FnOnce(&Cx, &Spanned) -> Option<T>) -> Option<Option<T>> {
+    pub fn opt<T>(
+        &mut self,
+        name: &'static str,
+        read: impl FnOnce(&Cx, &Spanned) -> Option<T>,
+    ) -> Option<Option<T>> {
         if self.has(name) {
             let v = self.get(name)?;
             read(self.cx, &v).map(Some)
@@ -132,7 +169,11 @@ impl<'c, 'e, 'p> Rec<'c, 'e, 'p> {
         }
     }
 
-    pub fn req<T>(&mut self, name: &'static str, read: impl FnOnce(&Cx, &Spanned) -> Option<T>) -> Option<T> {
+    pub fn req<T>(
+        &mut self,
+        name: &'static str,
+        read: impl FnOnce(&Cx, &Spanned) -> Option<T>,
+    ) -> Option<T> {
         let v = self.required(name)?;
         read(self.cx, &v)
     }
@@ -148,7 +189,11 @@ impl<'c, 'e, 'p> Rec<'c, 'e, 'p> {
             if self.known.contains(&name.as_str()) {
                 continue;
             }
-            let mut d = Diagnostic::new(Code::UnknownField, format!("{} has no field `{name}`", self.what)).at(field.key_span, "unknown field");
+            let mut d = Diagnostic::new(
+                Code::UnknownField,
+                format!("{} has no field `{name}`", self.what),
+            )
+            .at(field.key_span, "unknown field");
             d = match did_you_mean(name, self.known.iter().copied()) {
                 Some(s) => d.help(format!("did you mean `{s}`?")),
                 None => d.help(format!("the fields are: {}", self.known.join(", "))),
@@ -167,8 +212,15 @@ pub fn int_in(cx: &Cx, v: &Spanned, min: u64, max: u64) -> Option<u64> {
         return None;
     };
     if i < min as i64 || (i as u64) > max {
-        let range = if max == u64::MAX { format!("at least {min}") } else { format!("between {min} and {max}") };
-        cx.report(Diagnostic::new(Code::Range, format!("{i} is out of range: must be {range}")).at(v.span, format!("must be {range}")));
+        let range = if max == u64::MAX {
+            format!("at least {min}")
+        } else {
+            format!("between {min} and {max}")
+        };
+        cx.report(
+            Diagnostic::new(Code::Range, format!("{i} is out of range: must be {range}"))
+                .at(v.span, format!("must be {range}")),
+        );
         return None;
     }
     Some(i as u64)
@@ -198,7 +250,10 @@ pub fn number(cx: &Cx, v: &Spanned) -> Option<f64> {
 pub fn number_where(cx: &Cx, v: &Spanned, range: &str, ok: impl Fn(f64) -> bool) -> Option<f64> {
     let x = number(cx, v)?;
     if !ok(x) {
-        cx.report(Diagnostic::new(Code::Range, format!("{x} is out of range: must be {range}")).at(v.span, format!("must be {range}")));
+        cx.report(
+            Diagnostic::new(Code::Range, format!("{x} is out of range: must be {range}"))
+                .at(v.span, format!("must be {range}")),
+        );
         return None;
     }
     Some(x)
@@ -242,14 +297,25 @@ pub fn quantity(cx: &Cx, v: &Spanned, dim: Dim) -> Option<f64> {
     match &v.value {
         Value::Quantity(q) if q.dim == dim && q.si > 0.0 => Some(q.si),
         Value::Quantity(q) if q.dim == dim => {
-            cx.report(Diagnostic::new(Code::Range, format!("{} must be positive", q.written)).at(v.span, "must be greater than 0"));
+            cx.report(
+                Diagnostic::new(Code::Range, format!("{} must be positive", q.written))
+                    .at(v.span, "must be greater than 0"),
+            );
             None
         }
         Value::Quantity(q) => {
             cx.report(
-                Diagnostic::new(Code::Unit, format!("expected a {}, found a {} ({})", dim.describe(), q.dim.describe(), q.written))
-                    .at(v.span, format!("wrong unit for a {}", dim.describe()))
-                    .help(format!("write it like {}", dim.examples())),
+                Diagnostic::new(
+                    Code::Unit,
+                    format!(
+                        "expected a {}, found a {} ({})",
+                        dim.describe(),
+                        q.dim.describe(),
+                        q.written
+                    ),
+                )
+                .at(v.span, format!("wrong unit for a {}", dim.describe()))
+                .help(format!("write it like {}", dim.examples())),
             );
             None
         }
@@ -281,10 +347,17 @@ pub struct Variant {
 pub fn variant(cx: &Cx, v: &Spanned, what: &str, choices: &[&str]) -> Option<Variant> {
     // A bare word that also names a definition (`family = gpt2` beside `model gpt2`) was
     // evaluated as a reference; where a choice is expected, the word as written wins.
-    if !matches!(v.value, Value::Symbol { .. } | Value::Call { .. } | Value::Str(_)) {
+    if !matches!(
+        v.value,
+        Value::Symbol { .. } | Value::Call { .. } | Value::Str(_)
+    ) {
         let written = cx.text(v.span);
         if choices.contains(&written.as_str()) {
-            return Some(Variant { name: written, record: None, args: Vec::new() });
+            return Some(Variant {
+                name: written,
+                record: None,
+                args: Vec::new(),
+            });
         }
     }
     let (name, record, args) = match &v.value {
@@ -306,7 +379,8 @@ pub fn variant(cx: &Cx, v: &Spanned, what: &str, choices: &[&str]) -> Option<Var
         }
     };
     if !choices.contains(&name.as_str()) {
-        let mut d = Diagnostic::new(Code::Variant, format!("unknown {what} `{name}`")).at(v.span, "not one of the choices");
+        let mut d = Diagnostic::new(Code::Variant, format!("unknown {what} `{name}`"))
+            .at(v.span, "not one of the choices");
         d = match did_you_mean(&name, choices.iter().copied()) {
             Some(s) => d.help(format!("did you mean `{s}`?")),
             None => d.help(format!("choose one of: {}", choices.join(", "))),
@@ -322,14 +396,25 @@ pub fn choice<T: Copy>(cx: &Cx, v: &Spanned, what: &str, choices: &[(&str, T)]) 
     let names: Vec<&str> = choices.iter().map(|(n, _)| *n).collect();
     let var = variant(cx, v, what, &names)?;
     if var.record.is_some() || !var.args.is_empty() {
-        cx.report(Diagnostic::new(Code::Type, format!("`{}` takes no parameters", var.name)).at(v.span, "write just the name"));
+        cx.report(
+            Diagnostic::new(Code::Type, format!("`{}` takes no parameters", var.name))
+                .at(v.span, "write just the name"),
+        );
         return None;
     }
-    choices.iter().find(|(n, _)| *n == var.name).map(|(_, t)| *t)
+    choices
+        .iter()
+        .find(|(n, _)| *n == var.name)
+        .map(|(_, t)| *t)
 }
 
 /// A record value (tagged, plain or defined); `None` with an error otherwise.
-pub fn record<'c, 'e, 'p>(cx: &'c Cx<'e, 'p>, v: &Spanned, path: &str, what: &str) -> Option<Rec<'c, 'e, 'p>> {
+pub fn record<'c, 'e, 'p>(
+    cx: &'c Cx<'e, 'p>,
+    v: &Spanned,
+    path: &str,
+    what: &str,
+) -> Option<Rec<'c, 'e, 'p>> {
     match &v.value {
         Value::Record(r) => Some(Rec::new(cx, r.clone(), path, what)),
         _ => {

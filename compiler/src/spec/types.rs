@@ -181,12 +181,31 @@ pub struct Ppo {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Adapter {
     Lora(Lora),
-    Prefix { tokens: u64, projection: Option<u64> },
-    Prompt { tokens: u64, init: PromptInit },
-    Ptuning { tokens: u64, encoder: PromptEncoder, hidden: u64 },
-    PtuningV2 { tokens: u64 },
-    Bottleneck { placement: Placement, reduction: u64, activation: Activation },
-    Ia3 { targets: Vec<Target>, feedforward: Vec<Target> },
+    Prefix {
+        tokens: u64,
+        projection: Option<u64>,
+    },
+    Prompt {
+        tokens: u64,
+        init: PromptInit,
+    },
+    Ptuning {
+        tokens: u64,
+        encoder: PromptEncoder,
+        hidden: u64,
+    },
+    PtuningV2 {
+        tokens: u64,
+    },
+    Bottleneck {
+        placement: Placement,
+        reduction: u64,
+        activation: Activation,
+    },
+    Ia3 {
+        targets: Vec<Target>,
+        feedforward: Vec<Target>,
+    },
     Freeze(Freeze),
 }
 
@@ -206,7 +225,13 @@ impl Adapter {
 
     /// Adapters that prepend virtual tokens; at most one per experiment.
     pub fn prepends_tokens(&self) -> bool {
-        matches!(self, Adapter::Prefix { .. } | Adapter::Prompt { .. } | Adapter::Ptuning { .. } | Adapter::PtuningV2 { .. })
+        matches!(
+            self,
+            Adapter::Prefix { .. }
+                | Adapter::Prompt { .. }
+                | Adapter::Ptuning { .. }
+                | Adapter::PtuningV2 { .. }
+        )
     }
 }
 
@@ -295,7 +320,11 @@ pub struct Parallel {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Plan {
     Auto,
-    Manual { data: u64, tensor: u64, pipeline: u64 },
+    Manual {
+        data: u64,
+        tensor: u64,
+        pipeline: u64,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -312,7 +341,9 @@ pub enum PipelineSchedule {
     Gpipe,
     #[serde(rename = "1f1b")]
     OneFOneB,
-    Interleaved { chunks: u64 },
+    Interleaved {
+        chunks: u64,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -391,8 +422,19 @@ pub struct Train {
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Optimizer {
-    Adamw { lr: f64, beta1: f64, beta2: f64, eps: f64, weight_decay: f64 },
-    Sgd { lr: f64, momentum: f64, weight_decay: f64, nesterov: bool },
+    Adamw {
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        eps: f64,
+        weight_decay: f64,
+    },
+    Sgd {
+        lr: f64,
+        momentum: f64,
+        weight_decay: f64,
+        nesterov: bool,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]

@@ -125,19 +125,33 @@ pub enum ExprKind {
     Int(i64),
     Float(f64),
     /// A number with a unit, as written (`80GiB`); the unit is interpreted when evaluated.
-    Quantity { value: f64, unit: String, unit_span: Span },
+    Quantity {
+        value: f64,
+        unit: String,
+        unit_span: Span,
+    },
     Str(String),
     Bool(bool),
     /// `a` or `a.b.c`: a definition, a field of an enclosing record, or an enum symbol.
     Path(Vec<Ident>),
     /// `name(args)`: a builtin (`cpu(4)`, `hf("dir")`) or a parameterised symbol (`interleaved(2)`).
-    Call { name: Vec<Ident>, args: Vec<Expr> },
+    Call {
+        name: Vec<Ident>,
+        args: Vec<Expr>,
+    },
     /// `base { fields }`: inherit from a definition or construct a tagged value (`lora { .. }`).
-    Construct { base: Box<Expr>, body: RecordLit },
+    Construct {
+        base: Box<Expr>,
+        body: RecordLit,
+    },
     Record(RecordLit),
     List(Vec<Expr>),
     Neg(Box<Expr>),
-    Binary { op: BinOp, lhs: Box<Expr>, rhs: Box<Expr> },
+    Binary {
+        op: BinOp,
+        lhs: Box<Expr>,
+        rhs: Box<Expr>,
+    },
 }
 
 #[derive(Clone, Debug)]

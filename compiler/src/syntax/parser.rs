@@ -25,10 +25,16 @@ fn pratt() -> &'static PrattParser<Rule> {
 
 /// Parses one file. Syntax errors stop the parse of that file (pest does not recover), so at
 /// most one diagnostic comes back; semantic checks later report everything else at once.
-pub fn parse(file: FileId, text: &str) -> Result<SourceFile, Diagnostic> {
-    let mut pairs = KilnParser::parse(Rule::file, text).map_err(|e| syntax_error(file, text, e))?;
-    let b = Builder { file, depth: std::cell::Cell::new(0) };
-    let root = pairs.next().expect("pest returns the `file` rule on success");
+pub fn parse(file: FileId, text: &str) -> Result<SourceFile, Box<Diagnostic>> {
+    let mut pairs =
+        KilnParser::parse(Rule::file, text).map_err(|e| Box::new(syntax_error(file, text, e)))?;
+    let b = Builder {
+        file,
+        depth: std::cell::Cell::new(0),
+    };
+    let root = pairs
+        .next()
+        .expect("pest returns the `file` rule on success");
     let mut items = Vec::new();
     for pair in root.into_inner() {
         match pair.as_rule() {
@@ -58,16 +64,22 @@ impl Builder {
     }
 
     fn ident(&self, pair: Pair<Rule>) -> Ident {
-        Ident { name: pair.as_str().to_string(), span: self.span(&pair) }
+        Ident {
+            name: pair.as_str().to_string(),
+            span: self.span(&pair),
+        }
     }
 
     fn path(&self, pair: Pair<Rule>) -> Vec<Ident> {
         pair.into_inner().map(|p| self.ident(p)).collect()
     }
 
-    fn import(&self, pair: Pair<Rule>) -> Result<Import, Diagnostic> {
+    fn import(&self, pair: Pair<Rule>) -> Result<Import, Box<Diagnostic>> {
         let span = self.span(&pair);
-        let target = pair.into_inner().find(|p| p.as_rule() != Rule::kw_import).expect("grammar: import has a target");
+        let target = pair
+            .into_inner()
+            .find(|p| p.as_rule() != Rule::kw_import)
+            .expect("grammar: import has a target");
         let target = match target.as_rule() {
             Rule::string => ImportTarget::File(self.string(target)?),
             _ => ImportTarget::Module(self.path(target)),
@@ -75,7 +87,7 @@ impl Builder {
         Ok(Import { target, span })
     }
 
-    fn definition(&self, pair: Pair<Rule>) -> Result<Definition, Diagnostic> {
+    fn definition(&self, pair: Pair<Rule>) -> Result<Definition, Box<Diagnostic>> {
         let span = self.span(&pair);
         let mut inner = pair.into_inner();
         let kind_pair = inner.next().expect("grammar: def_kind");
@@ -85,43 +97,71 @@ impl Builder {
         let value = match value_pair.as_rule() {
             Rule::record => {
                 let body = self.record(value_pair)?;
-                Expr { span: body.span, kind: ExprKind::Record(body) }
+                Expr {
+                    span: body.span,
+                    kind: ExprKind::Record(body),
+                }
             }
             _ => self.expr(value_pair)?,
         };
-        Ok(Definition { kind, name, value: Rc::new(value), span })
+        Ok(Definition {
+            kind,
+            name,
+            value: Rc::new(value),
+            span,
+        })
     }
 
-    fn record(&self, pair: Pair<Rule>) -> Result<RecordLit, Diagnostic> {
+    fn record(&self, pair: Pair<Rule>) -> Result<RecordLit, Box<Diagnostic>> {
         let span = self.span(&pair);
         let mut fields = Vec::new();
         for field in pair.into_inner() {
             let mut inner = field.into_inner();
             let key_pair = inner.next().expect("grammar: field key");
             let key = match key_pair.as_rule() {
-                Rule::string => Ident { span: self.span(&key_pair), name: self.string(key_pair)? },
+                Rule::string => Ident {
+                    span: self.span(&key_pair),
+                    name: self.string(key_pair)?,
+                },
                 _ => self.ident(key_pair),
             };
             let value_pair = inner.next().expect("grammar: field value");
             let value = match value_pair.as_rule() {
                 Rule::record => {
                     let body = self.record(value_pair)?;
-                    Expr { span: body.span, kind: ExprKind::Record(body) }
+                    Expr {
+                        span: body.span,
+                        kind: ExprKind::Record(body),
+                    }
                 }
                 _ => self.expr(value_pair)?,
             };
-            fields.push(FieldLit { key, value: Rc::new(value) });
+            fields.push(FieldLit {
+                key,
+                value: Rc::new(value),
+            });
         }
         Ok(RecordLit { fields, span })
     }
 
-    fn expr(&self, pair: Pair<Rule>) -> Result<Expr, Diagnostic> {
+    fn expr(&self, pair: Pair<Rule>) -> Result<Expr, Box<Diagnostic>> {
         let span = self.span(&pair);
-        let operators = pair.clone().into_inner().filter(|p| matches!(p.as_rule(), Rule::add | Rule::sub | Rule::mul | Rule::div | Rule::neg)).count();
+        let operators = pair
+            .clone()
+            .into_inner()
+            .filter(|p| {
+                matches!(
+                    p.as_rule(),
+                    Rule::add | Rule::sub | Rule::mul | Rule::div | Rule::neg
+                )
+            })
+            .count();
         if operators > MAX_OPERATORS || self.depth.get() >= MAX_NESTING {
-            return Err(Diagnostic::new(Code::Syntax, "expression is too deeply nested")
-                .at(Span { end: span.start + 1, ..span }, "starts here")
-                .help(format!("Kiln accepts up to {MAX_NESTING} levels of nesting and {MAX_OPERATORS} operators in one expression")));
+            return Err(Box::new(
+                Diagnostic::new(Code::Syntax, "expression is too deeply nested")
+                    .at(Span { end: span.start + 1, ..span }, "starts here")
+                    .help(format!("Kiln accepts up to {MAX_NESTING} levels of nesting and {MAX_OPERATORS} operators in one expression")),
+            ));
         }
         self.depth.set(self.depth.get() + 1);
         let result = self.expr_inner(pair);
@@ -129,13 +169,16 @@ impl Builder {
         result
     }
 
-    fn expr_inner(&self, pair: Pair<Rule>) -> Result<Expr, Diagnostic> {
+    fn expr_inner(&self, pair: Pair<Rule>) -> Result<Expr, Box<Diagnostic>> {
         pratt()
             .map_primary(|p| self.primary(p))
             .map_prefix(|op, rhs| {
                 let rhs = rhs?;
                 let span = self.span(&op).to(rhs.span);
-                Ok(Expr { span, kind: ExprKind::Neg(Box::new(rhs)) })
+                Ok(Expr {
+                    span,
+                    kind: ExprKind::Neg(Box::new(rhs)),
+                })
             })
             .map_infix(|lhs, op, rhs| {
                 let (lhs, rhs) = (lhs?, rhs?);
@@ -146,17 +189,27 @@ impl Builder {
                     _ => BinOp::Div,
                 };
                 let span = lhs.span.to(rhs.span);
-                Ok(Expr { span, kind: ExprKind::Binary { op, lhs: Box::new(lhs), rhs: Box::new(rhs) } })
+                Ok(Expr {
+                    span,
+                    kind: ExprKind::Binary {
+                        op,
+                        lhs: Box::new(lhs),
+                        rhs: Box::new(rhs),
+                    },
+                })
             })
             .parse(pair.into_inner())
     }
 
-    fn primary(&self, pair: Pair<Rule>) -> Result<Expr, Diagnostic> {
+    fn primary(&self, pair: Pair<Rule>) -> Result<Expr, Box<Diagnostic>> {
         let span = self.span(&pair);
         let kind = match pair.as_rule() {
             Rule::paren => {
                 let inner = self.expr(pair.into_inner().next().expect("grammar: paren expr"))?;
-                return Ok(Expr { span, kind: inner.kind });
+                return Ok(Expr {
+                    span,
+                    kind: inner.kind,
+                });
             }
             Rule::int => ExprKind::Int(self.int(&pair)?),
             Rule::float => ExprKind::Float(self.float(&pair)?),
@@ -172,8 +225,15 @@ impl Builder {
             }
             Rule::string => ExprKind::Str(self.string(pair)?),
             Rule::boolean => ExprKind::Bool(pair.as_str() == "true"),
-            Rule::schedule_1f1b => ExprKind::Path(vec![Ident { name: "1f1b".into(), span }]),
-            Rule::list => ExprKind::List(pair.into_inner().map(|p| self.expr(p)).collect::<Result<_, _>>()?),
+            Rule::schedule_1f1b => ExprKind::Path(vec![Ident {
+                name: "1f1b".into(),
+                span,
+            }]),
+            Rule::list => ExprKind::List(
+                pair.into_inner()
+                    .map(|p| self.expr(p))
+                    .collect::<Result<_, _>>()?,
+            ),
             Rule::record => ExprKind::Record(self.record(pair)?),
             Rule::reference => return self.reference(pair),
             rule => unreachable!("grammar: unexpected primary {rule:?}"),
@@ -181,46 +241,69 @@ impl Builder {
         Ok(Expr { span, kind })
     }
 
-    fn reference(&self, pair: Pair<Rule>) -> Result<Expr, Diagnostic> {
+    fn reference(&self, pair: Pair<Rule>) -> Result<Expr, Box<Diagnostic>> {
         let mut inner = pair.into_inner();
         let path_pair = inner.next().expect("grammar: reference path");
         let mut span = self.span(&path_pair);
         let name = self.path(path_pair);
-        let mut head = Expr { span, kind: ExprKind::Path(name.clone()) };
+        let mut head = Expr {
+            span,
+            kind: ExprKind::Path(name.clone()),
+        };
         for part in inner {
             span = span.to(self.span(&part));
             match part.as_rule() {
                 Rule::args => {
-                    let args = part.into_inner().map(|p| self.expr(p)).collect::<Result<_, _>>()?;
-                    head = Expr { span, kind: ExprKind::Call { name: name.clone(), args } };
+                    let args = part
+                        .into_inner()
+                        .map(|p| self.expr(p))
+                        .collect::<Result<_, _>>()?;
+                    head = Expr {
+                        span,
+                        kind: ExprKind::Call {
+                            name: name.clone(),
+                            args,
+                        },
+                    };
                 }
                 _ => {
                     let body = self.record(part)?;
-                    head = Expr { span, kind: ExprKind::Construct { base: Box::new(head), body } };
+                    head = Expr {
+                        span,
+                        kind: ExprKind::Construct {
+                            base: Box::new(head),
+                            body,
+                        },
+                    };
                 }
             }
         }
         Ok(head)
     }
 
-    fn int(&self, pair: &Pair<Rule>) -> Result<i64, Diagnostic> {
+    fn int(&self, pair: &Pair<Rule>) -> Result<i64, Box<Diagnostic>> {
         let text = pair.as_str().replace('_', "");
         text.parse::<i64>().map_err(|_| {
-            Diagnostic::new(Code::Syntax, "integer literal is too large")
-                .at(self.span(pair), "does not fit in a 64-bit integer")
-                .help("write it as a float (`1e20`) if an approximate value is fine")
+            Box::new(
+                Diagnostic::new(Code::Syntax, "integer literal is too large")
+                    .at(self.span(pair), "does not fit in a 64-bit integer")
+                    .help("write it as a float (`1e20`) if an approximate value is fine"),
+            )
         })
     }
 
-    fn float(&self, pair: &Pair<Rule>) -> Result<f64, Diagnostic> {
+    fn float(&self, pair: &Pair<Rule>) -> Result<f64, Box<Diagnostic>> {
         let text = pair.as_str().replace('_', "");
         match text.parse::<f64>() {
             Ok(v) if v.is_finite() => Ok(v),
-            _ => Err(Diagnostic::new(Code::Syntax, "number literal is out of range").at(self.span(pair), "not a finite number")),
+            _ => Err(Box::new(
+                Diagnostic::new(Code::Syntax, "number literal is out of range")
+                    .at(self.span(pair), "not a finite number"),
+            )),
         }
     }
 
-    fn string(&self, pair: Pair<Rule>) -> Result<String, Diagnostic> {
+    fn string(&self, pair: Pair<Rule>) -> Result<String, Box<Diagnostic>> {
         let span = self.span(&pair);
         let raw = pair.into_inner().next().map(|p| p.as_str()).unwrap_or("");
         let mut out = String::with_capacity(raw.len());
@@ -237,9 +320,14 @@ impl Builder {
                 Some('\\') => out.push('\\'),
                 other => {
                     let shown = other.map(|c| c.to_string()).unwrap_or_default();
-                    return Err(Diagnostic::new(Code::Syntax, format!("unknown escape `\\{shown}` in string"))
+                    return Err(Box::new(
+                        Diagnostic::new(
+                            Code::Syntax,
+                            format!("unknown escape `\\{shown}` in string"),
+                        )
                         .at(span, "in this string")
-                        .help("the escapes are \\n, \\t, \\\" and \\\\"));
+                        .help("the escapes are \\n, \\t, \\\" and \\\\"),
+                    ));
                 }
             }
         }
@@ -263,7 +351,10 @@ fn syntax_error(file: FileId, text: &str, error: pest::error::Error<Rule>) -> Di
     let found = if pos >= text.len() {
         "end of file".to_string()
     } else {
-        format!("`{}`", &text[pos..token_end.max(pos + text[pos..].chars().next().map_or(0, char::len_utf8))])
+        format!(
+            "`{}`",
+            &text[pos..token_end.max(pos + text[pos..].chars().next().map_or(0, char::len_utf8))]
+        )
     };
     let expected = match &error.variant {
         ErrorVariant::ParsingError { positives, .. } => {
