@@ -414,10 +414,23 @@ pub(super) fn hf(ev: &Evaluator, args: &[Spanned], env: &Env, span: Span) -> Opt
             put("norm", Some(norm("rmsnorm", "rms_norm_eps", 1e-6)));
             put("activation", activation("hidden_act", "silu"));
             put("mlp", Some(sym("model_type", "gated")));
-            let theta = j.get("rope_theta").unwrap_or(Spanned {
-                value: Value::Float(10000.0),
-                span: whole,
-            });
+            // transformers 4 writes `rope_theta` at the top; 5 nests it in `rope_parameters`.
+            let nested_theta = map
+                .get("rope_parameters")
+                .and_then(|p| p.get("rope_theta"))
+                .and_then(Json::as_f64);
+            let theta = j
+                .get("rope_theta")
+                .or_else(|| {
+                    nested_theta.map(|t| Spanned {
+                        value: Value::Float(t),
+                        span: j.span_of("rope_theta"),
+                    })
+                })
+                .unwrap_or(Spanned {
+                    value: Value::Float(10000.0),
+                    span: whole,
+                });
             let rotary = record(
                 RecordKind::Tag {
                     name: "rotary".into(),
