@@ -234,3 +234,12 @@ pub fn did_you_mean<'a>(
     }
     best.map(|(_, c)| c)
 }
+
+/// A directory for messages: `.` rather than an empty string for the current directory.
+pub fn display_dir(dir: &std::path::Path) -> String {
+    if dir.as_os_str().is_empty() {
+        ".".into()
+    } else {
+        dir.display().to_string()
+    }
+}

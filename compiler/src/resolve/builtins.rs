@@ -67,6 +67,17 @@ pub(super) fn cpu(ev: &Evaluator, args: &[Spanned], env: &Env, span: Span) -> Op
             value: Value::Int(*n),
             span: *span,
         },
+        [Spanned {
+            value: Value::Int(n),
+            span,
+        }] => {
+            ev.report(
+                Diagnostic::new(Code::Range, format!("`cpu({n})` has no devices"))
+                    .at(*span, "must be at least 1")
+                    .help("write `cpu(4)` for four CPU devices in this process"),
+            );
+            return None;
+        }
         _ => {
             ev.report(
                 Diagnostic::new(Code::Type, "`cpu` takes the number of devices")

@@ -424,7 +424,11 @@ impl<'p> Evaluator<'p> {
                 let all = units::all_units();
                 let mut d = Diagnostic::new(Code::Unit, format!("unknown unit `{unit}`"))
                     .at(unit_span, "not a unit Kiln knows");
-                d = match did_you_mean(unit, all.iter().map(String::as_str)) {
+                let same_letters = all
+                    .iter()
+                    .find(|u| u.eq_ignore_ascii_case(unit))
+                    .map(String::as_str);
+                d = match same_letters.or_else(|| did_you_mean(unit, all.iter().map(String::as_str))) {
                     Some(s) => d.help(format!("did you mean `{s}`?")),
                     None => d.help("units: B KB MB GB KiB MiB GiB (bytes), GB/s Gb/s (bandwidth), TFLOP/s, ns us ms s, %"),
                 };
@@ -602,6 +606,18 @@ impl<'p> Evaluator<'p> {
                 Sum(parts)
             }
             (Str(a), Str(b)) if op == BinOp::Add => Str(format!("{a}{b}")),
+            (Symbol { name, module }, Int(_)) if op == BinOp::Mul => {
+                // `dgx_a100 * 16` with the node undefined: say so, rather than "cannot multiply".
+                let mut d =
+                    Diagnostic::new(Code::UnknownName, format!("cannot find node `{name}`"))
+                        .at(l.span, "not defined");
+                d = match did_you_mean(name, self.visible_names(*module, Some(DefKind::Node))) {
+                    Some(s) => d.help(format!("did you mean `{s}`?")),
+                    None => d.help("the stdlib's nodes are in `import std.clusters`"),
+                };
+                self.report(d);
+                return None;
+            }
             _ => return fail("these operands do not support this operator"),
         };
         Some(Spanned { value, span })

@@ -209,7 +209,7 @@ impl<'p> Loader<'p> {
                             .at(span, "this file")
                             .help(format!(
                                 "paths are relative to the importing file's directory (`{}`)",
-                                dir.display()
+                                crate::diagnostics::display_dir(dir)
                             )),
                         );
                         return None;

@@ -121,9 +121,12 @@ pub fn targets(cx: &Cx, v: &Spanned, model: Option<&Model>) -> Option<Vec<Target
                     format!("{family} models have no module `{name}`"),
                 )
                 .at(item.span, "unknown module");
-                d = match did_you_mean(&name, target_names(model)) {
-                    Some(s) => d.help(format!("did you mean `{s}`?")),
-                    None => d.help(format!("modules: {}", target_names(model).join(", "))),
+                d = match equivalent_in_family(&name, model) {
+                    Some(hint) => d.help(hint),
+                    None => match did_you_mean(&name, target_names(model)) {
+                        Some(s) => d.help(format!("did you mean `{s}`?")),
+                        None => d.help(format!("modules: {}", target_names(model).join(", "))),
+                    },
                 };
                 cx.report(d);
                 ok = false;
@@ -137,6 +140,35 @@ pub fn targets(cx: &Cx, v: &Spanned, model: Option<&Model>) -> Option<Vec<Target
         return None;
     }
     ok.then_some(out)
+}
+
+/// For a module name of another family (`q_proj` on GPT-2), the name of the same module here.
+fn equivalent_in_family(name: &str, model: &Model) -> Option<String> {
+    let families = [Family::Gpt2, Family::Bert, Family::Llama];
+    let target = families
+        .iter()
+        .filter(|f| **f != model.family)
+        .find_map(|f| {
+            hf_modules(*f)
+                .iter()
+                .find(|(path, _)| *path == name || path.ends_with(&format!(".{name}")))
+                .map(|(_, t)| *t)
+        })?;
+    let here: Vec<&str> = hf_modules(model.family)
+        .iter()
+        .filter(|(_, t)| {
+            // GPT-2's fused projection corresponds to all three of the others'.
+            let qkv = |x: &Target| matches!(x, Target::Query | Target::Key | Target::Value);
+            *t == target || (*t == Target::Qkv && qkv(&target)) || (target == Target::Qkv && qkv(t))
+        })
+        .map(|(path, _)| *path)
+        .collect();
+    let kiln = target.name();
+    Some(match here.as_slice() {
+        [] => format!("`{name}` is the `{kiln}` projection, which this model does not have"),
+        [path] if *path == "attn.c_attn" => format!("`{name}` is the `{kiln}` projection; GPT-2 fuses query, key and value in `c_attn` (or write `{kiln}` to adapt it alone)"),
+        paths => format!("`{name}` is the `{kiln}` projection; here it is `{}` (or Kiln's `{kiln}`)", paths.join("`, `")),
+    })
 }
 
 const FAMILY_NAMES: &[(&str, Family)] = super::model::FAMILIES;
@@ -327,7 +359,10 @@ fn adapter(cx: &Cx, v: &Spanned, path: &str, model: Option<&Model>) -> Option<Ad
                     cx.report(
                         Diagnostic::new(
                             Code::Conflict,
-                            format!("feed-forward module {extra:?} is not among the IA3 targets"),
+                            format!(
+                                "feed-forward module `{}` is not among the IA3 targets",
+                                extra.name()
+                            ),
                         )
                         .at(ff_span, "must be a subset of `targets`")
                         .help("PEFT requires feedforward_modules to be a subset of target_modules"),

@@ -82,8 +82,8 @@ pub fn experiment(cx: &Cx, v: &Spanned, module: ModuleId) -> Option<Experiment> 
             if !m.output_heads.iter().any(|h| h.name() == *head) {
                 let have: Vec<&str> = m.output_heads.iter().map(OutputHead::name).collect();
                 cx.report(
-                    Diagnostic::new(Code::Head, format!("this objective trains through a `{head}` head, which model `{}` does not have", m.name))
-                        .at(objective_span, format!("needs a `{head}` head"))
+                    Diagnostic::new(Code::Head, format!("this objective trains through the `{head}` head, which model `{}` does not have", m.name))
+                        .at(objective_span, format!("needs the `{head}` head"))
                         .also(model_span, format!("output_heads = [{}]", have.join(", ")))
                         .help(format!("add it to the model: `{} {{ output_heads = [{}] }}`", m.name, with_head(&have, head))),
                 );
@@ -179,7 +179,7 @@ fn data(cx: &Cx, v: &Spanned, module: ModuleId, objective: Option<&Objective>) -
                             .at(v.span, "not found")
                             .help(format!(
                                 "paths are relative to the experiment file's directory (`{}`)",
-                                dir.display()
+                                crate::diagnostics::display_dir(dir)
                             )),
                     );
                     return None;

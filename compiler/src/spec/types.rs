@@ -261,6 +261,22 @@ pub enum Target {
     FfnDown,
 }
 
+impl Target {
+    /// Kiln's name for the module, as written in `targets = [...]`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::Qkv => "qkv",
+            Target::Query => "query",
+            Target::Key => "key",
+            Target::Value => "value",
+            Target::AttnOut => "attn_out",
+            Target::FfnUp => "ffn_up",
+            Target::FfnGate => "ffn_gate",
+            Target::FfnDown => "ffn_down",
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LoraBias {
