@@ -17,6 +17,8 @@ use std::rc::Rc;
 pub struct Evaluator<'p> {
     pub program: &'p Program,
     defs: RefCell<HashMap<(ModuleId, String), CellState>>,
+    /// Names of the definitions being evaluated, outermost first (to explain cycles).
+    forcing: RefCell<Vec<String>>,
     /// How many definitions and fields are being evaluated inside each other.
     depth: std::cell::Cell<usize>,
 }
@@ -36,6 +38,7 @@ impl<'p> Evaluator<'p> {
         Evaluator {
             program,
             defs: RefCell::new(HashMap::new()),
+            forcing: RefCell::new(Vec::new()),
             depth: std::cell::Cell::new(0),
         }
     }
@@ -107,6 +110,7 @@ impl<'p> Evaluator<'p> {
                         format!("`{}` is defined in terms of itself", def.name.name),
                     )
                     .at(def.name.span, "this definition depends on itself")
+                    .note(self.cycle_chain(&def.name.name))
                     .help("break the cycle: a definition cannot inherit from or refer to itself"),
                 );
                 return None;
@@ -116,6 +120,7 @@ impl<'p> Evaluator<'p> {
         self.defs
             .borrow_mut()
             .insert(key.clone(), CellState::Forcing);
+        self.forcing.borrow_mut().push(def.name.name.clone());
         let env = Env {
             module,
             frames: Vec::new(),
@@ -123,6 +128,7 @@ impl<'p> Evaluator<'p> {
         let result = self
             .nested(def.name.span, || self.expr(&def.value, &env))
             .and_then(|v| self.name_definition(def, v));
+        self.forcing.borrow_mut().pop();
         self.defs
             .borrow_mut()
             .insert(key, CellState::Done(result.clone()));
@@ -172,6 +178,15 @@ impl<'p> Evaluator<'p> {
             value: Value::Record(Rc::new(renamed)),
             span: value.span,
         })
+    }
+
+    /// `a -> b -> a` for a definition found while it is being evaluated.
+    fn cycle_chain(&self, name: &str) -> String {
+        let forcing = self.forcing.borrow();
+        let from = forcing.iter().rposition(|n| n == name).unwrap_or(0);
+        let mut chain: Vec<&str> = forcing[from..].iter().map(String::as_str).collect();
+        chain.push(name);
+        chain.join(" -> ")
     }
 
     /// Runs `f` one level deeper, or reports that references nest too deeply.

@@ -18,8 +18,10 @@ pub fn expect_def<'c, 'e, 'p>(
 ) -> Option<Rec<'c, 'e, 'p>> {
     let unknown = |name: &str, module| {
         let names = cx.ev.visible_names(module, Some(kind));
-        let mut d = Diagnostic::new(Code::UnknownName, format!("unknown {kind} `{name}`"))
-            .at(v.span, format!("no {kind} of this name"));
+        let mut d = Diagnostic::new(Code::UnknownName, format!("unknown {kind} `{name}`")).at(
+            name_span(cx, v.span, name),
+            format!("no {kind} of this name"),
+        );
         d = match did_you_mean(name, names.iter().copied()) {
             Some(s) => d.help(format!("did you mean `{s}`?")),
             None if names.is_empty() => d.help(format!(

@@ -64,14 +64,17 @@ fn sum(cx: &Cx, v: &Spanned, parts: &[Spanned], path: &str) -> Option<Objective>
             Objective::Mlm(m) if mlm_part.is_none() => mlm_part = Some(m),
             Objective::Nsp { random_next } if nsp_part.is_none() => nsp_part = Some(random_next),
             _ => {
-                cx.report(
-                    Diagnostic::new(
-                        Code::Conflict,
-                        "objectives can only be combined as `mlm + nsp`",
-                    )
-                    .at(part.span, "cannot be combined here")
-                    .help("PET's auxiliary MLM loss is `pvp { mlm_weight = ... }`, not a sum"),
-                );
+                let d = Diagnostic::new(
+                    Code::Conflict,
+                    "objectives can only be combined as `mlm + nsp`",
+                )
+                .at(part.span, "cannot be combined here");
+                let d = if parts.iter().any(|p| cx.text(p.span).starts_with("pvp")) {
+                    d.help("PET's auxiliary MLM loss is `pvp { mlm_weight = ... }`, not a sum")
+                } else {
+                    d.help("BERT pretraining is `mlm + nsp`; other objectives train alone")
+                };
+                cx.report(d);
                 return None;
             }
         }

@@ -112,7 +112,7 @@ impl<'c, 'e, 'p> Rec<'c, 'e, 'p> {
             self.known.push(name);
             self.cx.report(
                 Diagnostic::new(Code::Missing, format!("{} is missing `{name}`", self.what))
-                    .at(self.record.span, format!("needs `{name} = ...`")),
+                    .at(self.opening(), format!("needs `{name} = ...`")),
             );
             return None;
         }
@@ -183,6 +183,15 @@ impl<'c, 'e, 'p> Rec<'c, 'e, 'p> {
         self.record.value_span(name).unwrap_or(self.record.span)
     }
 
+    /// The record's first character (its `{`, or the name it is built from): a multi-line
+    /// record would otherwise be underlined whole.
+    fn opening(&self) -> Span {
+        Span {
+            end: self.record.span.start + 1,
+            ..self.record.span
+        }
+    }
+
     /// Reports fields this kind does not have, with the closest known name.
     pub fn finish(self) {
         for (name, field) in &self.record.fields {
@@ -200,6 +209,18 @@ impl<'c, 'e, 'p> Rec<'c, 'e, 'p> {
             };
             self.cx.report(d);
         }
+    }
+}
+
+/// The span of just the name at the start of a value (`gtp2` in `gtp2 { layers = 2 }`).
+pub fn name_span(cx: &Cx, span: Span, name: &str) -> Span {
+    if cx.text(span).starts_with(name) {
+        Span {
+            end: span.start + name.len(),
+            ..span
+        }
+    } else {
+        span
     }
 }
 
@@ -380,7 +401,7 @@ pub fn variant(cx: &Cx, v: &Spanned, what: &str, choices: &[&str]) -> Option<Var
     };
     if !choices.contains(&name.as_str()) {
         let mut d = Diagnostic::new(Code::Variant, format!("unknown {what} `{name}`"))
-            .at(v.span, "not one of the choices");
+            .at(name_span(cx, v.span, &name), "not one of the choices");
         d = match did_you_mean(&name, choices.iter().copied()) {
             Some(s) => d.help(format!("did you mean `{s}`?")),
             None => d.help(format!("choose one of: {}", choices.join(", "))),

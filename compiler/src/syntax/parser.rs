@@ -1,7 +1,7 @@
 //! pest parse tree → AST.
 
 use super::ast::*;
-use crate::diagnostics::{Code, Diagnostic, FileId, Span};
+use crate::diagnostics::{did_you_mean, Code, Diagnostic, FileId, Span};
 use pest::error::{ErrorVariant, InputLocation};
 use pest::iterators::Pair;
 use pest::pratt_parser::{Assoc, Op, PrattParser};
@@ -44,6 +44,16 @@ pub fn parse(file: FileId, text: &str) -> Result<SourceFile, Box<Diagnostic>> {
         }
     }
     Ok(SourceFile { items })
+}
+
+/// The children of a pair without the punctuation tokens (named only for error messages).
+fn content(pair: Pair<Rule>) -> impl Iterator<Item = Pair<Rule>> {
+    pair.into_inner().filter(|p| {
+        !matches!(
+            p.as_rule(),
+            Rule::assign | Rule::comma | Rule::rbrace | Rule::rbracket | Rule::rparen
+        )
+    })
 }
 
 struct Builder {
@@ -89,7 +99,7 @@ impl Builder {
 
     fn definition(&self, pair: Pair<Rule>) -> Result<Definition, Box<Diagnostic>> {
         let span = self.span(&pair);
-        let mut inner = pair.into_inner();
+        let mut inner = content(pair);
         let kind_pair = inner.next().expect("grammar: def_kind");
         let kind = DefKind::parse(kind_pair.as_str()).expect("grammar only admits known kinds");
         let name = self.ident(inner.next().expect("grammar: definition name"));
@@ -115,8 +125,8 @@ impl Builder {
     fn record(&self, pair: Pair<Rule>) -> Result<RecordLit, Box<Diagnostic>> {
         let span = self.span(&pair);
         let mut fields = Vec::new();
-        for field in pair.into_inner() {
-            let mut inner = field.into_inner();
+        for field in content(pair) {
+            let mut inner = content(field);
             let key_pair = inner.next().expect("grammar: field key");
             let key = match key_pair.as_rule() {
                 Rule::string => Ident {
@@ -230,7 +240,7 @@ impl Builder {
                 span,
             }]),
             Rule::list => ExprKind::List(
-                pair.into_inner()
+                content(pair)
                     .map(|p| self.expr(p))
                     .collect::<Result<_, _>>()?,
             ),
@@ -254,8 +264,7 @@ impl Builder {
             span = span.to(self.span(&part));
             match part.as_rule() {
                 Rule::args => {
-                    let args = part
-                        .into_inner()
+                    let args = content(part)
                         .map(|p| self.expr(p))
                         .collect::<Result<_, _>>()?;
                     head = Expr {
@@ -341,6 +350,9 @@ fn syntax_error(file: FileId, text: &str, error: pest::error::Error<Rule>) -> Di
         InputLocation::Pos(p) => p,
         InputLocation::Span((s, _)) => s,
     };
+    if let Some(d) = malformed_token(file, text, pos) {
+        return d;
+    }
     // Point at the whole offending token, or at the end of input.
     let token_end = text[pos..]
         .char_indices()
@@ -377,6 +389,42 @@ fn syntax_error(file: FileId, text: &str, error: pest::error::Error<Rule>) -> Di
     d
 }
 
+/// Errors that are about one token rather than the structure around it: an unterminated
+/// string, or a number run into letters that are not a unit (`1f2b`, `80gigs`).
+fn malformed_token(file: FileId, text: &str, pos: usize) -> Option<Diagnostic> {
+    let line_end = text[pos..].find('\n').map_or(text.len(), |i| pos + i);
+    if text[pos..].starts_with('"') && !text[pos + 1..line_end].contains('"') {
+        return Some(
+            Diagnostic::new(Code::Syntax, "unterminated string")
+                .at(Span::new(file, pos..pos + 1), "this string is not closed")
+                .help("add the closing `\"` before the end of the line"),
+        );
+    }
+    // Walk back over the digits of a number that the error landed inside.
+    let start = text[..pos]
+        .trim_end_matches(|c: char| c.is_ascii_digit() || c == '.' || c == '_')
+        .len();
+    let glued = text[pos..].starts_with(|c: char| c.is_ascii_alphanumeric());
+    if start == pos || !glued || !text[start..].starts_with(|c: char| c.is_ascii_digit()) {
+        return None;
+    }
+    let end = text[pos..]
+        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '/' || c == '%'))
+        .map_or(text.len(), |i| pos + i);
+    let token = &text[start..end];
+    let d = Diagnostic::new(
+        Code::Syntax,
+        format!("`{token}` is not a number with a unit"),
+    )
+    .at(Span::new(file, start..end), "not a valid literal");
+    Some(match did_you_mean(&token.to_ascii_lowercase(), ["1f1b"]) {
+        Some(s) => d.help(format!("did you mean the pipeline schedule `{s}`?")),
+        None => d.help(
+            "units follow the number directly: 80GiB, 600GB/s, 200Gb/s, 312TFLOP/s, 2us, 15%",
+        ),
+    })
+}
+
 fn describe(rule: Rule) -> Option<&'static str> {
     Some(match rule {
         Rule::EOI => "end of file",
@@ -387,6 +435,11 @@ fn describe(rule: Rule) -> Option<&'static str> {
         Rule::int | Rule::float | Rule::number | Rule::quantity => "a number",
         Rule::string => "a string",
         Rule::record => "`{`",
+        Rule::assign => "`=`",
+        Rule::comma => "`,`",
+        Rule::rbrace => "`}`",
+        Rule::rbracket => "`]`",
+        Rule::rparen => "`)`",
         Rule::field => "a field (`name = value`)",
         Rule::list => "`[`",
         Rule::args => "`(`",
