@@ -119,6 +119,24 @@ fn deep_nesting_and_long_chains_are_errors_not_stack_overflows() {
     }
 }
 
+#[test]
+fn nesting_within_and_across_definitions_multiplies_without_overflow() {
+    // 250 definitions each nesting the next 120 lists deep: valid, and 30,000 levels in all.
+    let text = (0..250)
+        .map(|i| {
+            format!(
+                "let a{i} = {}a{}{}\n",
+                "[".repeat(120),
+                i + 1,
+                "]".repeat(120)
+            )
+        })
+        .collect::<String>()
+        + "let a250 = 1\n";
+    let checked = kiln::compiler::check_source("deep.kiln", &text, None);
+    assert!(checked.is_ok(), "{}", checked.render_errors());
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 

@@ -53,7 +53,15 @@ fn finish(program: Program, module: Option<crate::resolve::ModuleId>) -> Checked
     let checked = match module {
         Some(id) => {
             let ev = Evaluator::new(&program);
-            check_module(&ev, id)
+            let checked = check_module(&ev, id);
+            // Imported user files are checked too (their errors matter even for definitions
+            // this file does not use); the stdlib is checked by Kiln's own tests.
+            for other in (0..program.modules.len()).map(crate::resolve::ModuleId) {
+                if other != id && program.module(other).dir.is_some() {
+                    check_module(&ev, other);
+                }
+            }
+            checked
         }
         None => CheckedModule::default(),
     };

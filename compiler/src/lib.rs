@@ -2,6 +2,7 @@
 //! in later stages — lowering to an operator graph and planning across a device mesh.
 
 pub mod diagnostics;
+pub mod graph;
 pub mod resolve;
 pub mod spec;
 pub mod stdlib;

@@ -46,4 +46,5 @@ codes! {
     Target = "K0021": "An adapter targets a module name that the model family does not have.",
     Head = "K0022": "The objective needs an output head that the model does not declare.",
     Override = "K0023": "A `--set key=value` override names no field or does not parse.",
+    Internal = "K0024": "The compiler broke one of its own invariants (a bug in Kiln, not in the experiment). Please report it with the experiment file.",
 }

@@ -210,10 +210,13 @@ impl Diagnostics {
                 .map(|l| (l.span.file.0, l.span.start, l.span.end))
                 .unwrap_or((usize::MAX, 0, 0))
         });
-        out.dedup_by(|a, b| {
-            a.code == b.code
-                && a.message == b.message
-                && a.primary.as_ref().map(|l| l.span) == b.primary.as_ref().map(|l| l.span)
+        let mut seen = std::collections::HashSet::new();
+        out.retain(|d| {
+            seen.insert((
+                d.code,
+                d.message.clone(),
+                d.primary.as_ref().map(|l| l.span),
+            ))
         });
         out
     }

@@ -58,7 +58,7 @@ fn cluster_named(name: String, node: &Rc<Record>, n: i64, span: Span, n_span: Sp
 }
 
 /// `cpu(n)`: this machine as one node of `n` CPU devices (the stdlib's `cpu_host`).
-pub(super) fn cpu(ev: &Evaluator, args: &[Spanned], env: &Env, span: Span) -> Option<Value> {
+pub(super) fn cpu(ev: &Evaluator, args: &[Spanned], span: Span) -> Option<Value> {
     let n = match args {
         [Spanned {
             value: Value::Int(n),
@@ -87,9 +87,20 @@ pub(super) fn cpu(ev: &Evaluator, args: &[Spanned], env: &Env, span: Span) -> Op
             return None;
         }
     };
-    let found = ev.lookup(env.module, "cpu_host", span)?;
-    let host = ev.definition(found.module, found.def)?;
-    let Value::Record(host) = host.value else {
+    // The prelude's host, whatever the user's file calls `cpu_host`.
+    let host = ev.program.prelude().and_then(|prelude| {
+        let def = ev.program.module(prelude).defs.get("cpu_host")?;
+        ev.definition(prelude, def)
+    });
+    let Some(Spanned {
+        value: Value::Record(host),
+        ..
+    }) = host
+    else {
+        ev.report(
+            Diagnostic::new(Code::Internal, "the prelude defines no `cpu_host` node")
+                .at(span, "needed by `cpu(n)`"),
+        );
         return None;
     };
     let mut fields: IndexMap<String, Field> = host
@@ -362,7 +373,7 @@ pub(super) fn hf(ev: &Evaluator, args: &[Spanned], env: &Env, span: Span) -> Opt
                 .get("n_inner")
                 .filter(|v| matches!(v.value, Value::Int(_)));
             let ffn = ffn.or_else(|| match j.get("n_embd")?.value {
-                Value::Int(h) => Some(int(4 * h)),
+                Value::Int(h) => h.checked_mul(4).map(int),
                 _ => None,
             });
             put("ffn", ffn);

@@ -159,6 +159,28 @@ impl<'p> Evaluator<'p> {
                 return None;
             }
         }
+        // Models, hardware, experiments and pipelines inherit from definitions; an unknown
+        // name in front of `{ ... }` there is a missing definition, not a variant tag.
+        let inherits_only = !matches!(def.kind, DefKind::Objective | DefKind::Adapter);
+        if let (true, RecordKind::Tag { name, module }) = (inherits_only, &record.kind) {
+            let mut d =
+                Diagnostic::new(Code::UnknownName, format!("unknown {} `{name}`", def.kind)).at(
+                    Span {
+                        end: value.span.start + name.len(),
+                        ..value.span
+                    },
+                    "not defined",
+                );
+            let candidates = self
+                .visible_names(*module, Some(def.kind))
+                .into_iter()
+                .filter(|n| *n != def.name.name);
+            if let Some(s) = did_you_mean(name, candidates) {
+                d = d.help(format!("did you mean `{s}`?"));
+            }
+            self.report(d);
+            return None;
+        }
         let tag = match &record.kind {
             RecordKind::Tag { name, .. } => Some(name.clone()),
             RecordKind::Def { tag, .. } => tag.clone(),
@@ -270,7 +292,7 @@ impl<'p> Evaluator<'p> {
         let mut fields = reinstantiate(base);
         for (key, lit) in self.unique_fields(body) {
             let source = match (&lit.value.kind, base.fields.get(&key.name)) {
-                (ExprKind::Record(inner), Some(inherited)) => FieldSource::Merge {
+                (ExprKind::Record(inner), Some(inherited)) if lit.merge => FieldSource::Merge {
                     base: Box::new(inherited.source.clone()),
                     body: Rc::new(inner.clone()),
                     env: env.clone(),
@@ -344,6 +366,12 @@ impl<'p> Evaluator<'p> {
     // ----- expressions -------------------------------------------------------------------
 
     pub(crate) fn expr(&self, expr: &Expr, env: &Env) -> Option<Spanned> {
+        // Nesting inside expressions and across definitions multiplies; grow the stack on
+        // demand rather than bound the product.
+        stacker::maybe_grow(64 * 1024, 1024 * 1024, || self.expr_inner(expr, env))
+    }
+
+    fn expr_inner(&self, expr: &Expr, env: &Env) -> Option<Spanned> {
         let span = expr.span;
         let value = match &expr.kind {
             ExprKind::Int(i) => Value::Int(*i),
@@ -399,7 +427,16 @@ impl<'p> Evaluator<'p> {
             ExprKind::Neg(inner) => {
                 let v = self.expr(inner, env)?;
                 match v.value {
-                    Value::Int(i) => Value::Int(i.checked_neg()?),
+                    Value::Int(i) => match i.checked_neg() {
+                        Some(n) => Value::Int(n),
+                        None => {
+                            self.report(
+                                Diagnostic::new(Code::Arithmetic, "integer overflow")
+                                    .at(span, "its negation does not fit in 64 bits"),
+                            );
+                            return None;
+                        }
+                    },
                     Value::Float(f) => Value::Float(-f),
                     Value::Quantity(mut q) => {
                         q.si = -q.si;
@@ -523,7 +560,7 @@ impl<'p> Evaluator<'p> {
             return None;
         };
         let value = match ident.name.as_str() {
-            "cpu" => builtins::cpu(self, &args, env, span)?,
+            "cpu" => builtins::cpu(self, &args, span)?,
             "hf" => builtins::hf(self, &args, env, span)?,
             "peft" => builtins::peft(self, &args, env, span)?,
             _ => Value::Call {
@@ -548,9 +585,7 @@ impl<'p> Evaluator<'p> {
                         r.value.describe()
                     ),
                 )
-                .at(span, why.to_string())
-                .also(l.span, "left operand")
-                .also(r.span, "right operand"),
+                .at(span, why.to_string()),
             );
             None
         };
@@ -561,8 +596,11 @@ impl<'p> Evaluator<'p> {
                 BinOp::Mul => a.checked_mul(*b).map(Int),
                 BinOp::Div if *b == 0 => return fail("division by zero"),
                 // Exact division stays an integer (`hidden / heads`); otherwise a float.
-                BinOp::Div if a % b == 0 => Some(Int(a / b)),
-                BinOp::Div => Some(Float(*a as f64 / *b as f64)),
+                BinOp::Div => match a.checked_rem(*b) {
+                    Some(0) => a.checked_div(*b).map(Int),
+                    Some(_) => Some(Float(*a as f64 / *b as f64)),
+                    None => None,
+                },
             }
             .or_else(|| fail("integer overflow").map(|s| s.value))?,
             (Int(_) | Float(_), Int(_) | Float(_)) => {
@@ -635,6 +673,14 @@ impl<'p> Evaluator<'p> {
             }
             _ => return fail("these operands do not support this operator"),
         };
+        let finite = match &value {
+            Float(f) => f.is_finite(),
+            Quantity(q) => q.si.is_finite(),
+            _ => true,
+        };
+        if !finite {
+            return fail("the result is too large to represent");
+        }
         Some(Spanned { value, span })
     }
 

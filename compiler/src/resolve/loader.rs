@@ -107,13 +107,14 @@ impl<'p> Loader<'p> {
                 Item::Import(import) => {
                     if let Some(target) = self.import(&import.target, import.span, dir.as_deref()) {
                         let imports = &mut self.program.modules[id.0].imports;
-                        if imports.iter().any(|(m, s)| *m == target && s.is_some()) {
-                            self.program.report(
+                        match imports.iter().find(|(m, _)| *m == target) {
+                            Some((_, Some(_))) => self.program.report(
                                 Diagnostic::new(Code::Duplicate, "module imported twice")
                                     .at(import.span, "already imported above"),
-                            );
-                        } else {
-                            imports.push((target, Some(import.span)));
+                            ),
+                            // `import std.prelude` says what is implicit anyway.
+                            Some((_, None)) => {}
+                            None => imports.push((target, Some(import.span))),
                         }
                     }
                 }

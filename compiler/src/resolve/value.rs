@@ -39,7 +39,8 @@ pub enum Value {
         args: Vec<Spanned>,
         module: ModuleId,
     },
-    List(Vec<Spanned>),
+    /// Shared, so that copying a cached value is cheap however deeply it nests.
+    List(Rc<[Spanned]>),
     Record(Rc<Record>),
     /// `a + b` of non-numbers: composed objectives (`mlm + nsp`).
     Sum(Vec<Spanned>),
@@ -50,7 +51,7 @@ impl Value {
     pub fn describe(&self) -> String {
         match self {
             Value::Int(i) => format!("the integer {i}"),
-            Value::Float(f) => format!("the number {f}"),
+            Value::Float(f) => format!("the number {f:?}"),
             Value::Quantity(q) => format!("a {} ({})", q.dim.describe(), q.written),
             Value::Str(s) => format!("the string \"{s}\""),
             Value::Bool(b) => format!("`{b}`"),

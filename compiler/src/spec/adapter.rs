@@ -243,6 +243,8 @@ fn adapter(cx: &Cx, v: &Spanned, path: &str, model: Option<&Model>) -> Option<Ad
         })
     });
     let mut r = Rec::new(cx, record, path, var.name.clone());
+    // Cross-field failures set `ok`, so that unknown fields are still reported below.
+    let mut ok = true;
     let out = match var.name.as_str() {
         "lora" => {
             let rank = r.or("rank", 8, positive);
@@ -340,7 +342,7 @@ fn adapter(cx: &Cx, v: &Spanned, path: &str, model: Option<&Model>) -> Option<Ad
                         )
                         .at(reduction_span, "the bottleneck width is hidden / reduction"),
                     );
-                    return None;
+                    ok = false;
                 }
             }
             Some(Adapter::Bottleneck {
@@ -353,6 +355,11 @@ fn adapter(cx: &Cx, v: &Spanned, path: &str, model: Option<&Model>) -> Option<Ad
             let (dt, dff) = model.map(default_ia3).unwrap_or_default();
             let targets_v = r.or("targets", dt, |cx, v| targets(cx, v, model));
             let ff_span = r.span_of("feedforward");
+            // Without `feedforward`, the family's default among the targets given.
+            let dff: Vec<Target> = match &targets_v {
+                Some(t) => dff.into_iter().filter(|f| t.contains(f)).collect(),
+                None => dff,
+            };
             let feedforward = r.or("feedforward", dff, |cx, v| targets(cx, v, model));
             if let (Some(t), Some(ff)) = (&targets_v, &feedforward) {
                 if let Some(extra) = ff.iter().find(|f| !t.contains(f)) {
@@ -367,7 +374,7 @@ fn adapter(cx: &Cx, v: &Spanned, path: &str, model: Option<&Model>) -> Option<Ad
                         .at(ff_span, "must be a subset of `targets`")
                         .help("PEFT requires feedforward_modules to be a subset of target_modules"),
                     );
-                    return None;
+                    ok = false;
                 }
             }
             Some(Adapter::Ia3 {
@@ -390,7 +397,7 @@ fn adapter(cx: &Cx, v: &Spanned, path: &str, model: Option<&Model>) -> Option<Ad
                         )
                         .at(layers_span, format!("at most {}", m.layers)),
                     );
-                    return None;
+                    ok = false;
                 }
             }
             Some(Adapter::Freeze(Freeze {
@@ -402,7 +409,7 @@ fn adapter(cx: &Cx, v: &Spanned, path: &str, model: Option<&Model>) -> Option<Ad
         }
     };
     r.finish();
-    out
+    out.filter(|_| ok)
 }
 
 fn prompt_init(cx: &Cx, v: &Spanned) -> Option<PromptInit> {

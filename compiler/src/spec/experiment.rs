@@ -125,6 +125,7 @@ pub fn experiment(cx: &Cx, v: &Spanned, module: ModuleId) -> Option<Experiment> 
         adapters: adapters?,
         parallel: parallel?,
         train: train?,
+        origins: cx.origins.borrow().clone(),
     })
 }
 
@@ -329,14 +330,16 @@ fn parallel(r: &mut Rec, model: Option<&Model>) -> Option<Parallel> {
     } else {
         let data = match data {
             Some(d) => d,
-            None if devices % (tensor * pipeline) == 0 => devices / (tensor * pipeline),
+            None if devices % tensor.saturating_mul(pipeline) == 0 => {
+                devices / tensor.saturating_mul(pipeline)
+            }
             None => {
                 cx.report(
                     Diagnostic::new(
                         Code::Mesh,
                         format!(
                             "tensor × pipeline = {} does not divide the mesh's {devices} devices",
-                            tensor * pipeline
+                            tensor.saturating_mul(pipeline)
                         ),
                     )
                     .at(
@@ -352,8 +355,8 @@ fn parallel(r: &mut Rec, model: Option<&Model>) -> Option<Parallel> {
                 return None;
             }
         };
-        if data * tensor * pipeline != devices {
-            let mut d = Diagnostic::new(Code::Mesh, format!("data × tensor × pipeline = {data} × {tensor} × {pipeline} = {}, but the mesh has {devices} devices", data * tensor * pipeline))
+        if data.saturating_mul(tensor).saturating_mul(pipeline) != devices {
+            let mut d = Diagnostic::new(Code::Mesh, format!("data × tensor × pipeline = {data} × {tensor} × {pipeline} = {}, but the mesh has {devices} devices", data.saturating_mul(tensor).saturating_mul(pipeline)))
                 .at(mesh_span, format!("{devices} devices"));
             for name in &given {
                 d = d.also(r.span_of(name), *name);
@@ -409,13 +412,13 @@ fn parallel(r: &mut Rec, model: Option<&Model>) -> Option<Parallel> {
             ok = false;
         }
         if let Some(PipelineSchedule::Interleaved { chunks }) = schedule {
-            if m.layers % (pipeline * chunks) != 0 {
+            if m.layers % pipeline.saturating_mul(chunks) != 0 {
                 cx.report(
                     Diagnostic::new(
                         Code::Divisibility,
                         format!(
                             "pipeline × chunks = {} does not divide layers = {}",
-                            pipeline * chunks,
+                            pipeline.saturating_mul(chunks),
                             m.layers
                         ),
                     )
@@ -564,7 +567,7 @@ fn train(
         data_span,
     )) = parallel
     {
-        let per_replica = micro_batch.unwrap_or(1) * data;
+        let per_replica = micro_batch.unwrap_or(1).saturating_mul(*data);
         if batch % per_replica != 0 {
             let what = match micro_batch {
                 Some(mb) => format!("data × micro_batch = {data} × {mb}"),
@@ -669,15 +672,12 @@ fn lr_schedule(cx: &Cx, v: &Spanned) -> Option<LrSchedule> {
     })
 }
 
-pub fn pipeline(cx: &Cx, v: &Spanned, module: ModuleId) -> Option<(Pipeline, Vec<super::Origins>)> {
+pub fn pipeline(cx: &Cx, v: &Spanned, module: ModuleId) -> Option<Pipeline> {
     let mut r = expect_def(cx, v, DefKind::Pipeline, "")?;
     let name = r.record.kind.name().unwrap_or("pipeline").to_string();
     let stages_v = r.required("stages");
     r.finish();
     let stages_v = stages_v?;
-    let mut stages = Vec::new();
-    let mut origins = Vec::new();
-    let mut ok = true;
     let items = list(&stages_v);
     if items.is_empty() {
         cx.report(
@@ -686,32 +686,52 @@ pub fn pipeline(cx: &Cx, v: &Spanned, module: ModuleId) -> Option<(Pipeline, Vec
         );
         return None;
     }
+    let mut stages: Vec<Experiment> = Vec::new();
+    let mut ok = true;
     for item in &items {
         cx.origins.replace(super::Origins::default());
-        match experiment(cx, item, module) {
-            Some(mut e) => {
-                if e.init.is_none() {
-                    e.init = stages.last().map(|prev: &Experiment| prev.name.clone());
-                }
-                if let Objective::Ppo(ppo) = &e.objective {
-                    let earlier: Vec<&str> = stages
-                        .iter()
-                        .map(|s: &Experiment| s.name.as_str())
-                        .collect();
-                    if !earlier.contains(&ppo.reward_model.as_str()) {
-                        cx.report(
-                            Diagnostic::new(Code::Conflict, format!("PPO stage `{}` uses reward model `{}`, which is not an earlier stage", e.name, ppo.reward_model))
-                                .at(item.span, "this stage")
-                                .help("put the reward-model stage before the PPO stage"),
-                        );
-                        ok = false;
-                    }
-                }
-                stages.push(e);
-                origins.push(cx.origins.take());
-            }
-            None => ok = false,
+        let Some(mut e) = experiment(cx, item, module) else {
+            ok = false;
+            continue;
+        };
+        let earlier: Vec<&str> = stages.iter().map(|s| s.name.as_str()).collect();
+        if earlier.contains(&e.name.as_str()) {
+            cx.report(
+                Diagnostic::new(Code::Duplicate, format!("stage `{}` appears twice", e.name))
+                    .at(item.span, "again here"),
+            );
+            ok = false;
         }
+        // Each reference to another stage must point backwards: a stage starts from, and
+        // compares against, outputs that already exist.
+        let mut references = vec![("starts from", e.init.clone())];
+        if let Objective::Ppo(ppo) = &e.objective {
+            references.push(("uses the reward model of", Some(ppo.reward_model.clone())));
+            references.push(("uses the reference policy of", ppo.reference.clone()));
+        }
+        for (what, target) in references {
+            let Some(target) = target else { continue };
+            if !earlier.contains(&target.as_str()) {
+                cx.report(
+                    Diagnostic::new(
+                        Code::Conflict,
+                        format!(
+                            "stage `{}` {what} `{target}`, which is not an earlier stage",
+                            e.name
+                        ),
+                    )
+                    .at(item.span, "this stage")
+                    .help(
+                        "order the stages so that each one only uses outputs of stages before it",
+                    ),
+                );
+                ok = false;
+            }
+        }
+        if e.init.is_none() {
+            e.init = stages.last().map(|prev| prev.name.clone());
+        }
+        stages.push(e);
     }
-    ok.then_some((Pipeline { name, stages }, origins))
+    ok.then_some(Pipeline { name, stages })
 }

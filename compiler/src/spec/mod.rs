@@ -57,11 +57,13 @@ pub fn check_module(ev: &Evaluator, module: ModuleId) -> CheckedModule {
                 }
             }
             DefKind::Pipeline => {
-                if let Some((p, _)) = experiment::pipeline(&cx, &value, module) {
-                    out.pipelines.push(Checked {
-                        value: p,
-                        origins: cx.origins.take(),
-                    });
+                if let Some(p) = experiment::pipeline(&cx, &value, module) {
+                    let mut origins = Origins::default();
+                    origins.source("name", def.name.span);
+                    for (i, stage) in p.stages.iter().enumerate() {
+                        origins.extend_under(&format!("stages.{i}"), &stage.origins);
+                    }
+                    out.pipelines.push(Checked { value: p, origins });
                 }
             }
             DefKind::Model => {
@@ -100,6 +102,10 @@ pub fn check_module(ev: &Evaluator, module: ModuleId) -> CheckedModule {
 
 /// Evaluates every field of a plain value so that its errors are reported.
 fn force(ev: &Evaluator, value: &Spanned) {
+    stacker::maybe_grow(64 * 1024, 1024 * 1024, || force_inner(ev, value));
+}
+
+fn force_inner(ev: &Evaluator, value: &Spanned) {
     match &value.value {
         Value::Record(r) => {
             for name in r.fields.keys() {
@@ -108,7 +114,8 @@ fn force(ev: &Evaluator, value: &Spanned) {
                 }
             }
         }
-        Value::List(items) | Value::Sum(items) => items.iter().for_each(|v| force(ev, v)),
+        Value::List(items) => items.iter().for_each(|v| force(ev, v)),
+        Value::Sum(items) => items.iter().for_each(|v| force(ev, v)),
         Value::Call { args, .. } => args.iter().for_each(|v| force(ev, v)),
         _ => {}
     }

@@ -29,7 +29,7 @@ pub fn model(cx: &Cx, v: &Spanned, path: &str) -> Option<Model> {
     let layers = r.req("layers", positive);
     let heads = r.req("heads", positive);
     let kv_heads = r.or_derived("kv_heads", heads, positive);
-    let ffn = r.or_derived("ffn", hidden.map(|h| 4 * h), positive);
+    let ffn = r.or_derived("ffn", hidden.map(|h| h.saturating_mul(4)), positive);
     let norm = r.or("norm", Norm::Layernorm { eps: 1e-5 }, norm);
     let activation = r.or("activation", Activation::Gelu, |cx, v| {
         choice(cx, v, "activation", ACTIVATIONS)
@@ -67,10 +67,10 @@ pub fn model(cx: &Cx, v: &Spanned, path: &str) -> Option<Model> {
                 )
                 .at(r.span_of("heads"), format!("{a} heads"))
                 .also(r.span_of("hidden"), format!("hidden = {h}"))
-                .help(format!(
-                    "each head gets hidden / heads dimensions; try heads = {}",
-                    divisors_near(h, a)
-                )),
+                .help(match divisors_near(h, a) {
+                    Some(d) => format!("each head gets hidden / heads dimensions; try heads = {d}"),
+                    None => "each head gets hidden / heads dimensions".to_string(),
+                }),
             );
         }
     }
@@ -109,11 +109,17 @@ pub fn model(cx: &Cx, v: &Spanned, path: &str) -> Option<Model> {
 }
 
 /// The divisor of `n` closest to `near`, for suggestions.
-fn divisors_near(n: u64, near: u64) -> u64 {
-    (1..=n)
+fn divisors_near(n: u64, near: u64) -> Option<u64> {
+    // Divisors come in pairs (d, n/d) with d ≤ √n; beyond a few million the hint is not
+    // worth the search.
+    let limit = (n as f64).sqrt() as u64;
+    if limit > 1 << 22 {
+        return None;
+    }
+    (1..=limit)
         .filter(|d| n % d == 0)
-        .min_by_key(|d| d.abs_diff(near))
-        .unwrap_or(1)
+        .flat_map(|d| [d, n / d])
+        .min_by_key(|d| (d.abs_diff(near), *d))
 }
 
 fn norm(cx: &Cx, v: &Spanned) -> Option<Norm> {
@@ -137,6 +143,13 @@ fn norm(cx: &Cx, v: &Spanned) -> Option<Norm> {
 
 fn position(cx: &Cx, v: &Spanned) -> Option<Position> {
     let var = variant(cx, v, "position encoding", &["learned", "rotary", "none"])?;
+    if var.name != "rotary" && var.record.is_some() {
+        cx.report(
+            Diagnostic::new(Code::Type, format!("`{}` takes no settings", var.name))
+                .at(v.span, "remove the braces"),
+        );
+        return None;
+    }
     Some(match var.name.as_str() {
         "rotary" => {
             let theta = match var.record {
@@ -168,6 +181,17 @@ fn output_heads(cx: &Cx, v: &Spanned) -> Option<Vec<OutputHead>> {
             ok = false;
             continue;
         };
+        if var.record.is_some() {
+            cx.report(
+                Diagnostic::new(
+                    Code::Type,
+                    format!("output head `{}` takes no settings", var.name),
+                )
+                .at(item.span, "remove the braces"),
+            );
+            ok = false;
+            continue;
+        }
         let head = match var.name.as_str() {
             "lm" => OutputHead::Lm,
             "mlm" => OutputHead::Mlm,

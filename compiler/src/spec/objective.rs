@@ -138,7 +138,7 @@ fn replace_split(cx: &Cx, v: &Spanned) -> Option<[f64; 3]> {
         }
     };
     let mut out = [0.0; 3];
-    for (slot, item) in out.iter_mut().zip(&items) {
+    for (slot, item) in out.iter_mut().zip(items.iter()) {
         *slot = probability(cx, item)?;
     }
     if (out.iter().sum::<f64>() - 1.0).abs() > 1e-9 {
@@ -194,9 +194,9 @@ fn check_mask_count(cx: &Cx, pattern: &str, span: Span) {
 
 /// The `{placeholders}` of a pattern with their spans in the source, and unclosed braces.
 pub fn placeholders(cx: &Cx, pattern: &str, span: Span) -> Vec<(String, Span)> {
-    // The span covers the quoted literal; offsets are exact when the string has no escapes.
-    let literal = cx.text(span);
-    let exact = literal.len() == pattern.len() + 2;
+    // Offsets map into the source only when the value was written right there as a literal
+    // without escapes (not through a `let`, not with `\"`).
+    let exact = cx.text(span) == format!("\"{pattern}\"");
     let at = |start: usize, end: usize| {
         if exact {
             Span {

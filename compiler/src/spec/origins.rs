@@ -52,6 +52,13 @@ impl Origins {
         }
     }
 
+    /// Adds `other`'s entries under `prefix.` (a pipeline's stages under `stages.N`).
+    pub fn extend_under(&mut self, prefix: &str, other: &Origins) {
+        for (k, v) in &other.entries {
+            self.entries.insert(format!("{prefix}.{k}"), *v);
+        }
+    }
+
     /// `file:line`, or `default`.
     pub fn describe(&self, path: &str, sources: &SourceMap) -> String {
         match self.get(path) {

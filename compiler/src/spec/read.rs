@@ -364,6 +364,9 @@ pub struct Variant {
     pub args: Vec<Spanned>,
 }
 
+/// The choices written with arguments: `interleaved(2)`, `classifier(3)`, `text("...")`.
+const PARAMETERISED: &[&str] = &["interleaved", "classifier", "text"];
+
 /// Reads a choice among `choices`; reports an unknown one with the closest choice.
 pub fn variant(cx: &Cx, v: &Spanned, what: &str, choices: &[&str]) -> Option<Variant> {
     // A bare word that also names a definition (`family = gpt2` beside `model gpt2`) was
@@ -409,6 +412,15 @@ pub fn variant(cx: &Cx, v: &Spanned, what: &str, choices: &[&str]) -> Option<Var
         cx.report(d);
         return None;
     }
+    // Only a few choices take arguments; silently dropping `lora(1)` would hide a mistake.
+    if !args.is_empty() && !PARAMETERISED.contains(&name.as_str()) {
+        cx.report(
+            Diagnostic::new(Code::Type, format!("`{name}` takes no arguments"))
+                .at(v.span, "remove the parentheses")
+                .help(format!("settings go in braces: `{name} {{ ... }}`")),
+        );
+        return None;
+    }
     Some(Variant { name, record, args })
 }
 
@@ -448,7 +460,7 @@ pub fn record<'c, 'e, 'p>(
 /// The elements of a list; a single value is read as a list of one.
 pub fn list(v: &Spanned) -> Vec<Spanned> {
     match &v.value {
-        Value::List(items) => items.clone(),
+        Value::List(items) => items.to_vec(),
         _ => vec![v.clone()],
     }
 }

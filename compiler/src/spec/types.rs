@@ -18,6 +18,10 @@ pub struct Experiment {
     pub adapters: Vec<Adapter>,
     pub parallel: Parallel,
     pub train: Train,
+    /// Where each value came from, so that later stages (lowering, planning) can point their
+    /// errors at the source.
+    #[serde(skip)]
+    pub origins: super::Origins,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -379,7 +383,7 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn devices(&self) -> u64 {
-        self.nodes * self.node.devices
+        self.nodes.saturating_mul(self.node.devices)
     }
 }
 

@@ -164,4 +164,7 @@ pub struct RecordLit {
 pub struct FieldLit {
     pub key: Ident,
     pub value: Rc<Expr>,
+    /// Written `name { ... }` (no `=`): merges into the field it overrides, where
+    /// `name = { ... }` replaces it.
+    pub merge: bool,
 }

@@ -136,6 +136,7 @@ impl Builder {
                 _ => self.ident(key_pair),
             };
             let value_pair = inner.next().expect("grammar: field value");
+            let merge = value_pair.as_rule() == Rule::record;
             let value = match value_pair.as_rule() {
                 Rule::record => {
                     let body = self.record(value_pair)?;
@@ -149,6 +150,7 @@ impl Builder {
             fields.push(FieldLit {
                 key,
                 value: Rc::new(value),
+                merge,
             });
         }
         Ok(RecordLit { fields, span })

@@ -1,0 +1,68 @@
+//! Bottleneck adapters (adapter-hub): `x + up(act(down(x)))` on a sublayer's output, before
+//! its residual. Houlsby: after attention and after the FFN; Pfeiffer: after the FFN only.
+
+use super::Context;
+use crate::graph::ir::*;
+use crate::graph::lower::add_linear;
+use crate::graph::names::Module;
+use crate::spec::{Activation, Placement};
+
+pub fn apply(
+    g: &mut Graph,
+    cx: &Context,
+    placement: Placement,
+    reduction: u64,
+    activation: Activation,
+) {
+    let h = cx.model.hidden;
+    let width = h / reduction;
+    let act = match activation {
+        Activation::Gelu => Act::Gelu,
+        Activation::GeluTanh => Act::GeluTanh,
+        Activation::Relu => Act::Relu,
+        Activation::Silu => Act::Silu,
+    };
+    let sites: &[Module] = match placement {
+        Placement::Houlsby => &[Module::AttnOut, Module::FfnDown],
+        Placement::Pfeiffer => &[Module::FfnDown],
+    };
+    for i in 0..cx.model.layers {
+        for &site in sites {
+            let module = cx.names.module(site, i);
+            let Some(out) = g.find(&module) else { continue };
+            let layer = g.dag[out].layer;
+            let name = format!("{module}.adapters.bottleneck");
+            let down = add_linear(
+                g,
+                &format!("{name}.adapter_down.0"),
+                out,
+                h,
+                width,
+                true,
+                Layout::OutIn,
+                layer,
+            );
+            let down = g.add(
+                format!("{name}.adapter_down.act"),
+                Op::Activation { act },
+                &[down],
+                layer,
+            );
+            let up = add_linear(
+                g,
+                &format!("{name}.adapter_up"),
+                down,
+                width,
+                h,
+                true,
+                Layout::OutIn,
+                layer,
+            );
+            g.insert_after(out, format!("{name}.residual"), Op::Add, &[up]);
+            for p in g.params.iter_mut().filter(|p| p.name.starts_with(&name)) {
+                p.role = ParamRole::Adapter;
+                p.trainable = true;
+            }
+        }
+    }
+}

@@ -1,0 +1,90 @@
+//! The language's evaluation rules: late binding through inheritance, merging versus
+//! replacing an inherited record, presets, and units.
+
+use kiln::compiler::spec::{Length, Objective};
+
+fn check(src: &str) -> kiln::compiler::CheckedFile {
+    let checked = kiln::compiler::check_source("semantics.kiln", src, None);
+    assert!(checked.is_ok(), "{}", checked.render_errors());
+    checked
+}
+
+const BASE: &str = "
+import std.models.gpt2
+experiment long {
+  model = gpt2 { layers = 2 }
+  train { batch = 16, steps = 1000, seq_len = 64, seed = 3 }
+}
+";
+
+#[test]
+fn overriding_a_field_rebinds_fields_computed_from_it() {
+    let c = check(&format!("{BASE}\nexperiment wide = long {{ model = gpt2 {{ layers = 2, hidden = 256, heads = 4 }} }}"));
+    let m = &c.module.experiments[1].value.model;
+    assert_eq!(
+        (m.hidden, m.ffn),
+        (256, 1024),
+        "ffn = 4 * hidden follows the override"
+    );
+}
+
+#[test]
+fn a_block_merges_into_the_inherited_record() {
+    let c = check(&format!(
+        "{BASE}\nexperiment short = long {{ train {{ steps = 10 }} }}"
+    ));
+    let t = &c.module.experiments[1].value.train;
+    assert_eq!(t.length, Length::Steps(10));
+    assert_eq!(
+        (t.batch, t.seq_len, t.seed),
+        (16, 64, 3),
+        "the other train fields are kept"
+    );
+}
+
+#[test]
+fn an_assignment_replaces_the_inherited_record() {
+    let c = check(&format!(
+        "{BASE}\nexperiment fresh = long {{ train = {{ steps = 10 }} }}"
+    ));
+    let t = &c.module.experiments[1].value.train;
+    assert_eq!(t.length, Length::Steps(10));
+    assert_eq!(
+        (t.batch, t.seed),
+        (8, 0),
+        "defaults, not the parent's values"
+    );
+}
+
+#[test]
+fn a_preset_verbalizer_is_replaced_not_merged() {
+    let c = check(
+        "import std.models.bert\nimport std.objectives.pet\n\
+         experiment e { model = bert_tiny, objective = yelp_p1 { verbalizer = { bad: \"awful\", good: \"superb\" } } }",
+    );
+    let Objective::Pvp(p) = &c.module.experiments[0].value.objective else {
+        panic!("a PET objective")
+    };
+    assert_eq!(
+        p.verbalizer,
+        vec![
+            ("bad".to_string(), "awful".to_string()),
+            ("good".to_string(), "superb".to_string())
+        ]
+    );
+    assert!(p.pattern.contains("[MASK]"), "the preset's pattern is kept");
+}
+
+#[test]
+fn units_and_arithmetic_reach_the_spec_in_si() {
+    let c = check(
+        "import std.models.gpt2\nimport std.clusters\n\
+         node half = dgx_a100 { inter_bandwidth = 4 * 200Gb/s, intra_latency = 3us }\n\
+         experiment e { model = gpt2, parallel { mesh = half * 2, plan = auto } }",
+    );
+    let mesh = &c.module.experiments[0].value.parallel.mesh;
+    assert_eq!(mesh.devices(), 16);
+    assert_eq!(mesh.node.inter_bandwidth, 100e9, "4 × 200 Gb/s = 100 GB/s");
+    assert!((mesh.node.intra_latency - 3e-6).abs() < 1e-18);
+    assert_eq!(mesh.node.device.memory, 80e9);
+}
