@@ -182,14 +182,14 @@ impl Graph {
     /// sequence length (prompt tuning prepends tokens).
     pub fn reinfer(&mut self) {
         for n in self.topo_order() {
-            if matches!(self.dag[n].op, Op::Input { .. }) {
-                continue;
-            }
-            let inputs = self.inputs(n);
-            let metas: Vec<&TensorMeta> = inputs.iter().map(|&i| &self.dag[i].out).collect();
-            match infer(&self.dag[n].op, &metas, &self.params, self.dtype) {
-                Ok(out) => self.dag[n].out = out,
-                Err(why) => self.problems.push(format!("{}: {why}", self.dag[n].name)),
+            // Inputs keep the shape a pass gave them; everything else follows from them.
+            if !matches!(self.dag[n].op, Op::Input { .. }) {
+                let inputs = self.inputs(n);
+                let metas: Vec<&TensorMeta> = inputs.iter().map(|&i| &self.dag[i].out).collect();
+                match infer(&self.dag[n].op, &metas, &self.params, self.dtype) {
+                    Ok(out) => self.dag[n].out = out,
+                    Err(why) => self.problems.push(format!("{}: {why}", self.dag[n].name)),
+                }
             }
             let out = self.dag[n].out.clone();
             let edges: Vec<_> = self
@@ -214,8 +214,11 @@ impl Graph {
         if let Some(p) = self.problems.first() {
             return Err(p.clone());
         }
-        if petgraph::algo::is_cyclic_directed(&self.dag) {
-            return Err("the graph has a cycle".into());
+        if let Err(cycle) = petgraph::algo::toposort(&self.dag, None) {
+            return Err(format!(
+                "the graph has a cycle through {}",
+                self.dag[cycle.node_id()].name
+            ));
         }
         for n in self.dag.node_indices() {
             let node = &self.dag[n];

@@ -5,7 +5,8 @@
 //! Hugging Face checkpoint of the model's family, and marked trainable or frozen. Nodes are
 //! grouped into layers (embedding, block 0..N-1, head), the units of pipeline partitioning.
 
-use petgraph::graph::{DiGraph, NodeIndex};
+use petgraph::graph::NodeIndex;
+use petgraph::stable_graph::StableDiGraph;
 use serde::Serialize;
 
 pub type ParamId = usize;
@@ -373,7 +374,8 @@ pub struct Layer {
 
 #[derive(Clone, Debug)]
 pub struct Graph {
-    pub dag: DiGraph<Node, Edge>,
+    /// Stable indices: passes remove and re-add edges while holding indices.
+    pub dag: StableDiGraph<Node, Edge>,
     pub params: Vec<Param>,
     pub layers: Vec<Layer>,
     /// Sequences and tokens per sequence the shapes are built for (the global batch).

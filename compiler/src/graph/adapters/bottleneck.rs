@@ -42,7 +42,7 @@ pub fn apply(
                 Layout::OutIn,
                 layer,
             );
-            let down = g.add(
+            let act = g.add(
                 format!("{name}.adapter_down.act"),
                 Op::Activation { act },
                 &[down],
@@ -51,14 +51,16 @@ pub fn apply(
             let up = add_linear(
                 g,
                 &format!("{name}.adapter_up"),
-                down,
+                act,
                 width,
                 h,
                 true,
                 Layout::OutIn,
                 layer,
             );
-            g.insert_after(out, format!("{name}.residual"), Op::Add, &[up]);
+            let residual = g.add(format!("{name}.residual"), Op::Add, &[out, up], layer);
+            // The sublayer's consumers now read the adapted output; the adapter still reads it.
+            g.redirect_consumers(out, residual, &[down]);
             for p in g.params.iter_mut().filter(|p| p.name.starts_with(&name)) {
                 p.role = ParamRole::Adapter;
                 p.trainable = true;
