@@ -32,6 +32,16 @@ enum Command {
         #[arg(long, value_enum, default_value_t = OutputFormat::Toml)]
         format: OutputFormat,
     },
+    /// Lower an experiment to its operator graph and print it.
+    Graph {
+        file: PathBuf,
+        /// Which experiment of the file (default: the first; a pipeline's stages count).
+        #[arg(long)]
+        experiment: Option<String>,
+        /// table: per-layer parameters, FLOPs and activations; dot: Graphviz; json: the IR.
+        #[arg(long, value_enum, default_value_t = GraphFormat::Table)]
+        format: GraphFormat,
+    },
     /// Explain a diagnostic code, such as K0012.
     Explain { code: String },
 }
@@ -39,6 +49,13 @@ enum Command {
 #[derive(Clone, Copy, ValueEnum)]
 enum Emit {
     Spec,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum GraphFormat {
+    Table,
+    Dot,
+    Json,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -66,6 +83,11 @@ pub fn main() -> ExitCode {
             emit: emit_what,
             format,
         } => check(&files, emit_what, format),
+        Command::Graph {
+            file,
+            experiment,
+            format,
+        } => graph(&file, experiment.as_deref(), format),
         Command::Explain { code } => explain(&code),
     }
 }
@@ -75,17 +97,8 @@ fn check(files: &[PathBuf], emit_what: Option<Emit>, format: OutputFormat) -> Ex
     let mut out = std::io::stdout().lock();
     for file in files {
         let checked = kiln_compiler::check_file(file);
-        if !checked.is_ok() {
+        if report_errors(file, &checked) {
             failed = true;
-            let errors = checked.errors();
-            let refs: Vec<&Diagnostic> = errors.iter().collect();
-            render_to_stderr(&checked.program.sources.borrow(), &refs);
-            let n = errors.len();
-            eprintln!(
-                "error: {} has {n} error{}",
-                file.display(),
-                if n == 1 { "" } else { "s" }
-            );
             continue;
         }
         match emit_what {
@@ -107,6 +120,68 @@ fn check(files: &[PathBuf], emit_what: Option<Emit>, format: OutputFormat) -> Ex
     } else {
         ExitCode::SUCCESS
     }
+}
+
+/// Reports a file's errors; `true` when there were any.
+fn report_errors(file: &std::path::Path, checked: &kiln_compiler::CheckedFile) -> bool {
+    if checked.is_ok() {
+        return false;
+    }
+    let errors = checked.errors();
+    let refs: Vec<&Diagnostic> = errors.iter().collect();
+    render_to_stderr(&checked.program.sources.borrow(), &refs);
+    let n = errors.len();
+    eprintln!(
+        "error: {} has {n} error{}",
+        file.display(),
+        if n == 1 { "" } else { "s" }
+    );
+    true
+}
+
+fn graph(file: &std::path::Path, wanted: Option<&str>, format: GraphFormat) -> ExitCode {
+    let checked = kiln_compiler::check_file(file);
+    if report_errors(file, &checked) {
+        return ExitCode::from(1);
+    }
+    let module = &checked.module;
+    let all: Vec<&kiln_compiler::spec::Experiment> = module
+        .experiments
+        .iter()
+        .map(|e| &e.value)
+        .chain(module.pipelines.iter().flat_map(|p| p.value.stages.iter()))
+        .collect();
+    let chosen = match wanted {
+        Some(name) => all.iter().find(|e| e.name == name),
+        None => all.first(),
+    };
+    let Some(experiment) = chosen else {
+        let names: Vec<&str> = all.iter().map(|e| e.name.as_str()).collect();
+        match wanted {
+            Some(name) => eprintln!(
+                "error: {} has no experiment `{name}`; it has: {}",
+                file.display(),
+                names.join(", ")
+            ),
+            None => eprintln!("error: {} defines no experiment", file.display()),
+        }
+        return ExitCode::from(1);
+    };
+    let graph = match kiln_compiler::graph::compile_graph(experiment) {
+        Ok(g) => g,
+        Err(diagnostics) => {
+            let refs: Vec<&Diagnostic> = diagnostics.items.iter().collect();
+            render_to_stderr(&checked.program.sources.borrow(), &refs);
+            return ExitCode::from(1);
+        }
+    };
+    let text = match format {
+        GraphFormat::Table => kiln_compiler::graph::render_table(&graph),
+        GraphFormat::Dot => kiln_compiler::graph::render_dot(&graph),
+        GraphFormat::Json => kiln_compiler::graph::render_json(&graph),
+    };
+    print!("{text}");
+    ExitCode::SUCCESS
 }
 
 fn explain(code: &str) -> ExitCode {

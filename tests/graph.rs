@@ -208,3 +208,101 @@ fn fixture_trainable_counts() {
         assert_eq!(g.trainable_params(), expected, "{model}/{case}");
     }
 }
+
+/// Korthikanti et al. 2022, Table 2: a GPT block without parallelism keeps
+/// s·b·h·(34 + 5·a·s/h) bytes of 16-bit activations, of which selective recompute drops the
+/// 5·a·s²·b of attention.
+#[test]
+fn block_activations_match_korthikanti() {
+    let g = graph("import std.models.gpt2\nexperiment e { model = gpt2 { dropout = 0.1 }, train { batch = 4, seq_len = 512, precision = bf16 } }");
+    let (s, b, h, a) = (512.0, 4.0, 768.0, 12.0);
+    let blocks: Vec<usize> = g
+        .layers
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.kind == LayerKind::Block)
+        .map(|(i, _)| i)
+        .collect();
+    for layer in blocks {
+        let t = g.totals(|n| n.layer == layer);
+        assert_eq!(
+            t.saved_bytes,
+            s * b * h * (34.0 + 5.0 * a * s / h),
+            "layer {layer}"
+        );
+        assert_eq!(
+            t.saved_bytes - t.selective_bytes,
+            34.0 * s * b * h,
+            "layer {layer}"
+        );
+    }
+}
+
+/// Frozen weights skip their weight-gradient GEMM, and nothing below the lowest trainable
+/// parameter computes gradients at all.
+#[test]
+fn frozen_weights_cost_less_backward() {
+    let full = graph("import std.models.gpt2\nexperiment e { model = gpt2 { layers = 4 }, train { batch = 2, seq_len = 64 } }");
+    let lora = graph("import std.models.gpt2\nexperiment e { model = gpt2 { layers = 4 }, adapter = lora, train { batch = 2, seq_len = 64 } }");
+    let top = graph("import std.models.gpt2\nexperiment e { model = gpt2 { layers = 4 }, adapter = freeze { layers = 3, embeddings = true }, train { batch = 2, seq_len = 64 } }");
+    let bwd = |g: &Graph| g.totals(|_| true).flops_bwd;
+    let fwd = |g: &Graph| g.totals(|_| true).flops_fwd;
+    assert!(
+        (bwd(&full) - 2.0 * fwd(&full)).abs() < 1e-6 * bwd(&full),
+        "full training: backward = 2 × forward"
+    );
+    assert!(
+        bwd(&lora) < 0.6 * bwd(&full),
+        "LoRA: input gradients only, about 1 × forward"
+    );
+    let frozen_block = |g: &Graph, i: usize| {
+        g.totals(|n| g.layers[n.layer].name == format!("block.{i}"))
+            .flops_bwd
+    };
+    assert_eq!(
+        frozen_block(&top, 0),
+        0.0,
+        "nothing below the first trainable layer needs a gradient"
+    );
+    assert!(frozen_block(&top, 3) > 0.0);
+}
+
+/// Every example lowers, verifies, and its table is stable (reviewed snapshots).
+#[test]
+fn example_graph_tables() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files: Vec<_> = std::fs::read_dir(root.join("examples"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "kiln"))
+        .collect();
+    files.sort();
+    for path in files {
+        let relative = path.strip_prefix(root).unwrap();
+        let checked = kiln::compiler::check_file(relative);
+        assert!(checked.is_ok(), "{}", checked.render_errors());
+        let module = &checked.module;
+        let all: Vec<&Experiment> = module
+            .experiments
+            .iter()
+            .map(|e| &e.value)
+            .chain(module.pipelines.iter().flat_map(|p| p.value.stages.iter()))
+            .collect();
+        let mut text = String::new();
+        let mut seen = std::collections::BTreeSet::new();
+        for e in all {
+            if !seen.insert(e.name.clone()) {
+                continue;
+            }
+            let g = compile_graph(e).unwrap_or_else(|d| panic!("{}: {:?}", e.name, d.items));
+            g.verify().unwrap();
+            text.push_str(&format!(
+                "== {}\n{}\n",
+                e.name,
+                kiln::compiler::graph::render_table(&g)
+            ));
+        }
+        let name = path.file_stem().unwrap().to_string_lossy().into_owned();
+        insta::assert_snapshot!(format!("graph_{name}"), text);
+    }
+}
