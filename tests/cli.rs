@@ -146,3 +146,29 @@ fn emit_spec_toml_is_deterministic_and_parses() {
     assert!(parsed.get("rlhf").is_some(), "the pipeline is emitted");
     assert!(text.contains("# default"));
 }
+
+#[test]
+fn graph_formats() {
+    let table = kiln(&["graph", "examples/quickstart_gpt2_lora.kiln"]);
+    assert_eq!(table.status.code(), Some(0), "{}", String::from_utf8_lossy(&table.stderr));
+    assert!(String::from_utf8_lossy(&table.stdout).contains("16384 trainable"));
+
+    let dot = kiln(&["graph", "examples/quickstart_gpt2_lora.kiln", "--format", "dot"]);
+    let dot = String::from_utf8(dot.stdout).unwrap();
+    assert!(dot.starts_with("digraph kiln {") && dot.contains("subgraph cluster_1") && dot.contains("fillcolor"), "layers as clusters, trainable nodes filled");
+
+    let json = kiln(&["graph", "examples/quickstart_gpt2_lora.kiln", "--format", "json"]);
+    let json: serde_json::Value = serde_json::from_slice(&json.stdout).expect("valid JSON");
+    assert_eq!(json["params_trainable"], 16384);
+    let nodes = json["nodes"].as_array().unwrap();
+    // Topological order: every input comes before its consumer.
+    for (i, node) in nodes.iter().enumerate() {
+        for input in node["inputs"].as_array().unwrap() {
+            assert!(input.as_u64().unwrap() < i as u64);
+        }
+    }
+
+    let missing = kiln(&["graph", "examples/rlhf_pipeline.kiln", "--experiment", "nope"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("rlhf_sft"), "lists the experiments it has");
+}
