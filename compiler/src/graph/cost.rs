@@ -25,6 +25,7 @@ pub fn annotate(g: &mut Graph) {
             .any(|i| requires_grad[i.index()]);
         requires_grad[n.index()] = own || upstream;
     }
+    let split: Vec<bool> = g.dag.node_indices().map(|n| tensor_parallel(g, n)).collect();
     let mut saved: BTreeSet<usize> = BTreeSet::new();
     let elem = g.dtype.bytes() as f64;
     for &n in &order {
@@ -40,6 +41,7 @@ pub fn annotate(g: &mut Graph) {
         let in_bytes: f64 = inputs.iter().map(|&i| g.dag[i].out.bytes() as f64).sum();
         let mut cost = Cost {
             bytes: in_bytes + node.out.bytes() as f64 + param_bytes,
+            tensor_parallel: split[n.index()],
             ..Cost::default()
         };
         let mut keep: Vec<NodeIndex> = Vec::new();
@@ -84,8 +86,15 @@ pub fn annotate(g: &mut Graph) {
                         scores * elem
                     };
                     cost.saved_bytes += internal;
+                    cost.saved_split += internal;
                     cost.selective_bytes = internal;
                 }
+                // Unfused attention (as in the Megatron measurements) materialises the scores:
+                // written, softmax read and written, read by the product with V; dropout adds a
+                // read, a write and a mask.
+                let scores = b * *heads as f64 * s * s_kv;
+                let passes = if *dropout > 0.0 { 6.0 * elem + 1.0 } else { 4.0 * elem };
+                cost.bytes += scores * passes;
             }
             Op::Lstm {
                 hidden,
@@ -122,12 +131,50 @@ pub fn annotate(g: &mut Graph) {
             }
             _ => {}
         }
+        if matches!(node.op, Op::CrossEntropy { .. } | Op::TokenLogProbs) {
+            cost.saved_split = cost.saved_bytes;
+        }
         for t in keep {
             if saved.insert(t.index()) {
-                cost.saved_bytes += g.dag[t].out.bytes() as f64;
+                let bytes = g.dag[t].out.bytes() as f64;
+                cost.saved_bytes += bytes;
+                if split[t.index()] {
+                    cost.saved_split += bytes;
+                }
             }
         }
         g.dag[n].cost = cost;
+    }
+}
+
+/// Whether tensor parallelism divides a node's work: inside blocks the GEMMs and what lies
+/// between a column- and a row-parallel GEMM; the vocabulary-parallel embedding, LM head and
+/// loss. Norms, residual adds and dropout on the hidden stream stay whole (unless sequence
+/// parallelism splits them, which the planner applies).
+fn tensor_parallel(g: &Graph, n: NodeIndex) -> bool {
+    let node = &g.dag[n];
+    match g.layers[node.layer].kind {
+        LayerKind::Block => matches!(
+            node.op,
+            Op::Linear { .. }
+                | Op::Attention { .. }
+                | Op::Activation { .. }
+                | Op::Mul
+                | Op::Rotary { .. }
+                | Op::Slice { .. }
+                | Op::ScaleBy { .. }
+                | Op::Scale { .. }
+                | Op::Concat { .. }
+                | Op::DoraRescale { .. }
+        ),
+        LayerKind::Embedding => matches!(node.op, Op::Embedding { .. }),
+        // The vocabulary projection and the loss over it.
+        LayerKind::Head => match &node.op {
+            // The token embedding is the graph's first parameter: its rows are the vocabulary.
+            Op::Linear { out_features, .. } => g.params.first().is_some_and(|wte| wte.shape[0] == *out_features),
+            Op::CrossEntropy { .. } | Op::TokenLogProbs => true,
+            _ => false,
+        },
     }
 }
 

@@ -337,6 +337,11 @@ pub struct Cost {
     /// Part of `saved_bytes` that selective recompute drops and recomputes (attention's
     /// softmax output and dropout mask).
     pub selective_bytes: f64,
+    /// Whether Megatron tensor parallelism divides this node's work (GEMMs, attention, the
+    /// MLP's inner activations, vocabulary-parallel embedding, head and loss) across the group.
+    pub tensor_parallel: bool,
+    /// Part of `saved_bytes` held in tensors that tensor parallelism divides.
+    pub saved_split: f64,
 }
 
 #[derive(Clone, Debug, Serialize)]
