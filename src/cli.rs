@@ -42,6 +42,21 @@ enum Command {
         #[arg(long, value_enum, default_value_t = GraphFormat::Table)]
         format: GraphFormat,
     },
+    /// Plan an experiment on its mesh (or another cluster): stages, sharding, memory, time.
+    Plan {
+        file: PathBuf,
+        /// Which experiment of the file (default: the first; a pipeline's stages count).
+        #[arg(long)]
+        experiment: Option<String>,
+        #[arg(long, value_enum, default_value_t = PlanFormat::Text)]
+        format: PlanFormat,
+        /// Plan for other hardware: a cluster expression such as `dgx_a100 * 16`.
+        #[arg(long, value_name = "EXPR")]
+        cluster: Option<String>,
+        /// Override a field: `--set train.batch=512` (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+    },
     /// Explain a diagnostic code, such as K0012.
     Explain { code: String },
 }
@@ -49,6 +64,13 @@ enum Command {
 #[derive(Clone, Copy, ValueEnum)]
 enum Emit {
     Spec,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PlanFormat {
+    Text,
+    Json,
+    Toml,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -88,6 +110,19 @@ pub fn main() -> ExitCode {
             experiment,
             format,
         } => graph(&file, experiment.as_deref(), format),
+        Command::Plan {
+            file,
+            experiment,
+            format,
+            cluster,
+            overrides,
+        } => plan(
+            &file,
+            experiment.as_deref(),
+            format,
+            cluster.as_deref(),
+            &overrides,
+        ),
         Command::Explain { code } => explain(&code),
     }
 }
@@ -179,6 +214,89 @@ fn graph(file: &std::path::Path, wanted: Option<&str>, format: GraphFormat) -> E
         GraphFormat::Table => kiln_compiler::graph::render_table(&graph),
         GraphFormat::Dot => kiln_compiler::graph::render_dot(&graph),
         GraphFormat::Json => kiln_compiler::graph::render_json(&graph),
+    };
+    print!("{text}");
+    ExitCode::SUCCESS
+}
+
+/// The experiment `wanted` (or the first) of a checked file, pipeline stages included.
+fn pick<'a>(
+    file: &std::path::Path,
+    checked: &'a kiln_compiler::CheckedFile,
+    wanted: Option<&str>,
+) -> Option<&'a kiln_compiler::spec::Experiment> {
+    let module = &checked.module;
+    let all: Vec<&kiln_compiler::spec::Experiment> = module
+        .experiments
+        .iter()
+        .map(|e| &e.value)
+        .chain(module.pipelines.iter().flat_map(|p| p.value.stages.iter()))
+        .collect();
+    let chosen = match wanted {
+        Some(name) => all.iter().find(|e| e.name == name).copied(),
+        None => all.first().copied(),
+    };
+    if chosen.is_none() {
+        let names: Vec<&str> = all.iter().map(|e| e.name.as_str()).collect();
+        match wanted {
+            Some(name) => eprintln!(
+                "error: {} has no experiment `{name}`; it has: {}",
+                file.display(),
+                names.join(", ")
+            ),
+            None => eprintln!("error: {} defines no experiment", file.display()),
+        }
+    }
+    chosen
+}
+
+fn plan(
+    file: &std::path::Path,
+    wanted: Option<&str>,
+    format: PlanFormat,
+    cluster: Option<&str>,
+    sets: &[String],
+) -> ExitCode {
+    let mut checked = kiln_compiler::check_file(file);
+    if report_errors(file, &checked) {
+        return ExitCode::from(1);
+    }
+    if cluster.is_some() || !sets.is_empty() {
+        let Some(name) = pick(file, &checked, wanted).map(|e| e.name.clone()) else {
+            return ExitCode::from(1);
+        };
+        checked = match kiln_compiler::overrides::check_with_overrides(file, &name, cluster, sets) {
+            Ok(c) => c,
+            Err(message) => {
+                eprintln!("{message}");
+                return ExitCode::from(2);
+            }
+        };
+        if report_errors(file, &checked) {
+            return ExitCode::from(1);
+        }
+    }
+    let Some(experiment) = pick(file, &checked, wanted) else {
+        return ExitCode::from(1);
+    };
+    let plan = match kiln_compiler::plan::compile_plan(experiment) {
+        Ok(p) => p,
+        Err(diagnostics) => {
+            let refs: Vec<&Diagnostic> = diagnostics.items.iter().collect();
+            render_to_stderr(&checked.program.sources.borrow(), &refs);
+            return ExitCode::from(1);
+        }
+    };
+    let text = match format {
+        PlanFormat::Text => kiln_compiler::plan::render_text(&plan),
+        PlanFormat::Json => serde_json::to_string_pretty(&plan).unwrap_or_default() + "\n",
+        PlanFormat::Toml => match toml::to_string(&plan) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("error: cannot write the plan as TOML: {e}");
+                return ExitCode::from(1);
+            }
+        },
     };
     print!("{text}");
     ExitCode::SUCCESS

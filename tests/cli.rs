@@ -150,14 +150,34 @@ fn emit_spec_toml_is_deterministic_and_parses() {
 #[test]
 fn graph_formats() {
     let table = kiln(&["graph", "examples/quickstart_gpt2_lora.kiln"]);
-    assert_eq!(table.status.code(), Some(0), "{}", String::from_utf8_lossy(&table.stderr));
+    assert_eq!(
+        table.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&table.stderr)
+    );
     assert!(String::from_utf8_lossy(&table.stdout).contains("16384 trainable"));
 
-    let dot = kiln(&["graph", "examples/quickstart_gpt2_lora.kiln", "--format", "dot"]);
+    let dot = kiln(&[
+        "graph",
+        "examples/quickstart_gpt2_lora.kiln",
+        "--format",
+        "dot",
+    ]);
     let dot = String::from_utf8(dot.stdout).unwrap();
-    assert!(dot.starts_with("digraph kiln {") && dot.contains("subgraph cluster_1") && dot.contains("fillcolor"), "layers as clusters, trainable nodes filled");
+    assert!(
+        dot.starts_with("digraph kiln {")
+            && dot.contains("subgraph cluster_1")
+            && dot.contains("fillcolor"),
+        "layers as clusters, trainable nodes filled"
+    );
 
-    let json = kiln(&["graph", "examples/quickstart_gpt2_lora.kiln", "--format", "json"]);
+    let json = kiln(&[
+        "graph",
+        "examples/quickstart_gpt2_lora.kiln",
+        "--format",
+        "json",
+    ]);
     let json: serde_json::Value = serde_json::from_slice(&json.stdout).expect("valid JSON");
     assert_eq!(json["params_trainable"], 16384);
     let nodes = json["nodes"].as_array().unwrap();
@@ -168,7 +188,15 @@ fn graph_formats() {
         }
     }
 
-    let missing = kiln(&["graph", "examples/rlhf_pipeline.kiln", "--experiment", "nope"]);
+    let missing = kiln(&[
+        "graph",
+        "examples/rlhf_pipeline.kiln",
+        "--experiment",
+        "nope",
+    ]);
     assert_eq!(missing.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&missing.stderr).contains("rlhf_sft"), "lists the experiments it has");
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("rlhf_sft"),
+        "lists the experiments it has"
+    );
 }

@@ -3,11 +3,13 @@
 
 pub mod diagnostics;
 pub mod graph;
+pub mod plan;
 pub mod resolve;
 pub mod spec;
 pub mod stdlib;
 pub mod syntax;
 
 mod frontend;
+pub mod overrides;
 
 pub use frontend::{check_file, check_source, Checked as CheckedFile};

@@ -46,5 +46,8 @@ codes! {
     Target = "K0021": "An adapter targets a module name that the model family does not have.",
     Head = "K0022": "The objective needs an output head that the model does not declare.",
     Override = "K0023": "A `--set key=value` override names no field or does not parse.",
+    Memory = "K0025": "The plan does not fit in device memory. The message names the stage, the predicted bytes and the capacity, and lists settings that would make it fit.",
+    Placement = "K0026": "A parallel degree does not fit the hardware's topology, such as tensor parallelism spanning nodes.",
+    NoPlan = "K0027": "The planner found no strategy at all for this experiment on this mesh (for example, a batch that no data-parallel degree divides).",
     Internal = "K0024": "The compiler broke one of its own invariants (a bug in Kiln, not in the experiment). Please report it with the experiment file.",
 }

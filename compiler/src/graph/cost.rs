@@ -25,19 +25,29 @@ pub fn annotate(g: &mut Graph) {
             .any(|i| requires_grad[i.index()]);
         requires_grad[n.index()] = own || upstream;
     }
-    let split: Vec<bool> = g.dag.node_indices().map(|n| tensor_parallel(g, n)).collect();
+    let split: Vec<bool> = g
+        .dag
+        .node_indices()
+        .map(|n| tensor_parallel(g, n))
+        .collect();
     let mut saved: BTreeSet<usize> = BTreeSet::new();
     let elem = g.dtype.bytes() as f64;
     for &n in &order {
         let inputs = g.inputs(n);
         let input_grad = inputs.iter().any(|i| requires_grad[i.index()]);
         let node = &g.dag[n];
-        let param_bytes: f64 = node
-            .op
-            .params()
-            .iter()
-            .map(|&p| g.params[p].numel() as f64 * elem)
-            .sum();
+        // Lookups read only the rows they gather, not the whole table.
+        let param_bytes: f64 = match node.op {
+            Op::Embedding { .. } | Op::PositionEmbedding { .. } | Op::VirtualTokens { .. } => {
+                node.out.bytes() as f64
+            }
+            _ => node
+                .op
+                .params()
+                .iter()
+                .map(|&p| g.params[p].numel() as f64 * elem)
+                .sum(),
+        };
         let in_bytes: f64 = inputs.iter().map(|&i| g.dag[i].out.bytes() as f64).sum();
         let mut cost = Cost {
             bytes: in_bytes + node.out.bytes() as f64 + param_bytes,
@@ -93,7 +103,11 @@ pub fn annotate(g: &mut Graph) {
                 // written, softmax read and written, read by the product with V; dropout adds a
                 // read, a write and a mask.
                 let scores = b * *heads as f64 * s * s_kv;
-                let passes = if *dropout > 0.0 { 6.0 * elem + 1.0 } else { 4.0 * elem };
+                let passes = if *dropout > 0.0 {
+                    6.0 * elem + 1.0
+                } else {
+                    4.0 * elem
+                };
                 cost.bytes += scores * passes;
             }
             Op::Lstm {
@@ -171,7 +185,10 @@ fn tensor_parallel(g: &Graph, n: NodeIndex) -> bool {
         // The vocabulary projection and the loss over it.
         LayerKind::Head => match &node.op {
             // The token embedding is the graph's first parameter: its rows are the vocabulary.
-            Op::Linear { out_features, .. } => g.params.first().is_some_and(|wte| wte.shape[0] == *out_features),
+            Op::Linear { out_features, .. } => g
+                .params
+                .first()
+                .is_some_and(|wte| wte.shape[0] == *out_features),
             Op::CrossEntropy { .. } | Op::TokenLogProbs => true,
             _ => false,
         },

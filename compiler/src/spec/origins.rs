@@ -38,6 +38,11 @@ impl Origins {
         }
     }
 
+    /// The origin recorded for exactly this path (no ancestor fallback).
+    pub fn exact(&self, path: &str) -> Option<Origin> {
+        self.entries.get(path).copied()
+    }
+
     /// The span a value was written at, for diagnostics of later stages.
     pub fn span(&self, path: &str) -> Option<Span> {
         match self.get(path)? {

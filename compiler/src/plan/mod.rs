@@ -1,0 +1,317 @@
+//! The planner: device mesh, cost model, manual and automatic partitioning, and the
+//! execution plan. Formulas: shared/reference/cost-model.md; search: auto-partition.md.
+
+mod assemble;
+pub mod cost;
+mod profile;
+mod report;
+pub mod search;
+mod types;
+
+pub use cost::{model_states, MemoryBreakdown, TimeBreakdown};
+pub use report::render_text;
+pub use types::*;
+
+use crate::diagnostics::{Code, Diagnostic, Diagnostics, Span};
+use crate::graph::{compile_graph, LayerKind};
+use crate::spec::{Experiment, Origin, Plan};
+use cost::{Model, RecomputeChoice, ScheduleChoice};
+use search::{Shape, Space};
+
+/// Plans a checked experiment on its mesh.
+pub fn compile_plan(e: &Experiment) -> Result<ExecutionPlan, Diagnostics> {
+    let graph = compile_graph(e)?;
+    let layers = profile::profile(&graph);
+    let model = Model {
+        layers: &layers,
+        cluster: &e.parallel.mesh,
+        precision: e.train.precision,
+        batch: e.train.batch,
+        offload: e.parallel.offload,
+    };
+    let blocks = graph
+        .layers
+        .iter()
+        .filter(|l| l.kind == LayerKind::Block)
+        .count() as u64;
+    let shape = Shape {
+        devices: e.parallel.mesh.devices(),
+        node_devices: e.parallel.mesh.node.devices,
+        batch: e.train.batch,
+        blocks,
+        heads: e.model.heads,
+        kv_heads: e.model.kv_heads,
+        ffn: e.model.ffn,
+    };
+    let auto = e.parallel.plan == Plan::Auto;
+    let space = space(e);
+    check_placement(e, &shape)?;
+    let candidates = search::candidates(&space, &shape);
+    let span = span_of(e, &["parallel.mesh", "parallel"]);
+    if candidates.is_empty() {
+        let mut d = Diagnostic::new(
+            Code::NoPlan,
+            format!(
+                "no way to split a batch of {} sequences over this mesh",
+                e.train.batch
+            ),
+        )
+        .help("make the global batch divisible by the data-parallel degree (and micro_batch)");
+        if let Some(s) = span {
+            d = d.at(s, format!("{} devices", shape.devices));
+        }
+        return Err(one(d));
+    }
+    let ranked = search::search(&model, &candidates);
+    let best = &ranked[0];
+    if !best.evaluation.fits {
+        return Err(one(does_not_fit(e, &model, best, auto, span)));
+    }
+    let alternatives: Vec<Alternative> = if auto {
+        ranked
+            .iter()
+            .skip(1)
+            .filter(|c| {
+                c.evaluation.strategy.tensor != best.evaluation.strategy.tensor
+                    || c.evaluation.strategy.pipeline != best.evaluation.strategy.pipeline
+                    || c.evaluation.strategy.data != best.evaluation.strategy.data
+            })
+            .take(3)
+            .chain(ranked.iter().skip(1).take(2))
+            .map(|c| Alternative {
+                strategy: assemble::describe(&c.evaluation.strategy),
+                step_time: assemble::round(c.evaluation.time.total),
+                peak_memory: c.evaluation.peak_memory().round(),
+                why: assemble::why_lost(&best.evaluation, &c.evaluation),
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let mut alternatives = alternatives;
+    alternatives.sort_by(|a, b| {
+        a.step_time
+            .total_cmp(&b.step_time)
+            .then(a.strategy.cmp(&b.strategy))
+    });
+    alternatives.dedup_by(|a, b| a.strategy == b.strategy);
+    let chosen_by = if auto { "auto" } else { "manual" };
+    Ok(assemble::plan(
+        &model,
+        &graph,
+        e,
+        best,
+        chosen_by,
+        alternatives,
+        candidates.len(),
+    ))
+}
+
+fn one(d: Diagnostic) -> Diagnostics {
+    let mut out = Diagnostics::default();
+    out.push(d);
+    out
+}
+
+/// The first of `paths` the user wrote.
+fn span_of(e: &Experiment, paths: &[&str]) -> Option<Span> {
+    paths.iter().find_map(|p| match e.origins.get(p)? {
+        Origin::Source(s) => Some(s),
+        Origin::Default => None,
+    })
+}
+
+/// Whether the user wrote this field themselves (not inherited from an enclosing value).
+fn written(e: &Experiment, path: &str) -> bool {
+    matches!(e.origins.exact(path), Some(Origin::Source(_)))
+}
+
+/// What the parallel block fixes. A manual plan fixes its degrees and knobs; `plan = auto`
+/// searches every knob the user did not write.
+fn space(e: &Experiment) -> Space {
+    let p = &e.parallel;
+    let manual = match p.plan {
+        Plan::Manual {
+            data,
+            tensor,
+            pipeline,
+        } => Some((data, tensor, pipeline)),
+        Plan::Auto => None,
+    };
+    let fixed = |path: &str| manual.is_some() || written(e, path);
+    Space {
+        data: manual.map(|m| m.0),
+        tensor: manual.map(|m| m.1),
+        pipeline: manual.map(|m| m.2),
+        micro_batch: e.train.micro_batch,
+        microbatches: p.microbatches,
+        schedule: fixed("parallel.schedule").then_some(ScheduleChoice::from_spec(p.schedule)),
+        zero: fixed("parallel.zero").then_some(p.zero),
+        recompute: fixed("parallel.recompute").then_some(RecomputeChoice::from_spec(p.recompute)),
+        sequence_parallel: fixed("parallel.sequence_parallel").then_some(p.sequence_parallel),
+    }
+}
+
+/// Tensor parallelism exchanges activations twice per layer: it stays on NVLink.
+fn check_placement(e: &Experiment, shape: &Shape) -> Result<(), Diagnostics> {
+    if let Plan::Manual { tensor, .. } = e.parallel.plan {
+        if tensor > shape.node_devices {
+            let mut d = Diagnostic::new(Code::Placement, format!("tensor = {tensor} spans more than one node of {} devices", shape.node_devices))
+                .help(format!("tensor parallelism all-reduces activations four times per layer; keep tensor <= {} and use pipeline or data parallelism across nodes", shape.node_devices));
+            if let Some(s) = span_of(e, &["parallel.plan.tensor"]) {
+                d = d.at(s, "crosses the node boundary");
+            }
+            if let Some(s) = span_of(e, &["parallel.mesh"]) {
+                d = d.also(s, format!("{} devices per node", shape.node_devices));
+            }
+            return Err(one(d));
+        }
+    }
+    Ok(())
+}
+
+/// The plan does not fit: which device, by how much, and which levers would make it fit.
+fn does_not_fit(
+    e: &Experiment,
+    model: &Model,
+    best: &search::Candidate,
+    auto: bool,
+    span: Option<Span>,
+) -> Diagnostic {
+    let ev = &best.evaluation;
+    let (i, stage) = ev
+        .stages
+        .iter()
+        .enumerate()
+        .max_by(|a, b| {
+            (a.1.memory.total / a.1.memory.capacity)
+                .total_cmp(&(b.1.memory.total / b.1.memory.capacity))
+        })
+        .unwrap_or((0, &ev.stages[0]));
+    let m = &stage.memory;
+    let gib = |x: f64| x / assemble::GIB;
+    let device = &e.parallel.mesh.node.device.name;
+    let message = if auto {
+        format!(
+            "no plan fits in memory: the best needs {:.1} GiB per {device}, which has {:.1} GiB",
+            gib(m.total),
+            gib(m.capacity)
+        )
+    } else {
+        format!("the plan does not fit in memory: stage {i} needs {:.1} GiB per {device}, which has {:.1} GiB", gib(m.total), gib(m.capacity))
+    };
+    let mut d = Diagnostic::new(Code::Memory, message).note(format!(
+        "per device: weights {:.1} GiB, gradients {:.1} GiB, optimizer state {:.1} GiB, activations {:.1} GiB, buffers {:.1} GiB",
+        gib(m.weights),
+        gib(m.gradients),
+        gib(m.optimizer),
+        gib(m.activations),
+        gib(m.buffers)
+    ));
+    if let Some(s) = span {
+        d = d.at(s, format!("{} devices", e.parallel.mesh.devices()));
+    }
+    // Levers: the same plan with one setting changed, kept if it then fits.
+    let s = ev.strategy;
+    let mut levers: Vec<(String, search::Candidate)> = Vec::new();
+    let mut try_lever = |label: String, changed: cost::Strategy| {
+        let layout = model.balanced_stages(changed.pipeline);
+        let evaluation = model.evaluate(&changed, &layout);
+        if evaluation.fits {
+            levers.push((label, search::Candidate { evaluation, layout }));
+        }
+    };
+    for zero in (s.zero + 1)..=3 {
+        if s.data > 1 {
+            try_lever(format!("zero = {zero}"), cost::Strategy { zero, ..s });
+        }
+    }
+    for (label, r) in [
+        ("recompute = selective", RecomputeChoice::Selective),
+        ("recompute = full", RecomputeChoice::Full),
+    ] {
+        if r > s.recompute {
+            try_lever(label.into(), cost::Strategy { recompute: r, ..s });
+        }
+    }
+    if s.micro_batch > 1 {
+        let per_replica = s.micro_batch * s.microbatches;
+        try_lever(
+            "micro_batch = 1".into(),
+            cost::Strategy {
+                micro_batch: 1,
+                microbatches: per_replica,
+                ..s
+            },
+        );
+    }
+    if s.tensor > 1 && !s.sequence_parallel {
+        try_lever(
+            "sequence_parallel = true".into(),
+            cost::Strategy {
+                sequence_parallel: true,
+                ..s
+            },
+        );
+    }
+    d = if levers.is_empty() {
+        d.help("no single setting makes it fit: add devices (a larger mesh), use more pipeline stages, or offload = optimizer")
+    } else {
+        let list: Vec<String> = levers
+            .iter()
+            .map(|(label, c)| format!("{label} ({:.1} GiB)", gib(c.evaluation.peak_memory())))
+            .collect();
+        d.help(format!("any of these makes it fit: {}", list.join(", ")))
+    };
+    d
+}
+
+/// Plans the first experiment of a source text: the library entry point for users who snapshot
+/// plans from their own tests.
+pub fn compile(source: &str) -> Result<ExecutionPlan, CompileError> {
+    let checked = crate::check_source("experiment.kiln", source, None);
+    if !checked.is_ok() {
+        return Err(CompileError {
+            rendered: checked.render_errors(),
+            diagnostics: checked.errors(),
+        });
+    }
+    let experiment = checked
+        .module
+        .experiments
+        .first()
+        .map(|e| &e.value)
+        .or_else(|| {
+            checked
+                .module
+                .pipelines
+                .first()
+                .and_then(|p| p.value.stages.first())
+        })
+        .ok_or_else(|| CompileError {
+            rendered: "error: the source defines no experiment\n".into(),
+            diagnostics: Vec::new(),
+        })?;
+    compile_plan(experiment).map_err(|d| {
+        let refs: Vec<&Diagnostic> = d.items.iter().collect();
+        CompileError {
+            rendered: crate::diagnostics::render_plain(&checked.program.sources.borrow(), &refs),
+            diagnostics: d.items,
+        }
+    })
+}
+
+/// Errors of [`compile`], with their rendering.
+#[derive(Debug)]
+pub struct CompileError {
+    pub diagnostics: Vec<Diagnostic>,
+    pub rendered: String,
+}
+
+impl std::fmt::Display for CompileError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.rendered)
+    }
+}
+
+impl std::error::Error for CompileError {}

@@ -1,0 +1,225 @@
+//! The planner against published numbers, its own invariants, and its diagnostics.
+
+use kiln::compiler::plan::{compile, model_states, ExecutionPlan};
+use kiln::compiler::spec::Precision;
+use proptest::prelude::*;
+
+fn plan(src: &str) -> ExecutionPlan {
+    compile(src).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Megatron 2021 Table 1 (DGX A100 80GB, s = 2048, V = 51200, full recompute).
+const ROWS: &[(&str, u64, u64, u64, u64, f64)] = &[
+    ("megatron_1_7b", 1, 1, 32, 512, 137.0),
+    ("megatron_3_6b", 2, 1, 64, 512, 138.0),
+    ("megatron_7_5b", 4, 1, 128, 512, 142.0),
+    ("megatron_18_4b", 8, 1, 256, 1024, 135.0),
+    ("megatron_39_1b", 8, 2, 512, 1536, 138.0),
+];
+
+fn megatron_source(model: &str, gpus: u64, batch: u64, parallel: &str) -> String {
+    format!(
+        "import std.models.megatron\nimport std.clusters\n\
+         experiment e {{ model = {model}, parallel {{ mesh = dgx_a100 * {}, {parallel} }}, train {{ batch = {batch}, seq_len = 2048, precision = bf16 }} }}",
+        gpus / 8
+    )
+}
+
+#[test]
+fn published_megatron_throughput_within_15_percent() {
+    for &(model, t, p, gpus, batch, published) in ROWS {
+        let d = gpus / (t * p);
+        let schedule = if p > 1 {
+            "schedule = interleaved(2),"
+        } else {
+            ""
+        };
+        let ours = plan(&megatron_source(
+            model,
+            gpus,
+            batch,
+            &format!("data = {d}, tensor = {t}, pipeline = {p}, recompute = full, {schedule}"),
+        ));
+        let tflops = ours.throughput.tflops_per_device;
+        let error = tflops / published - 1.0;
+        assert!(
+            error.abs() <= 0.15,
+            "{model}: predicted {tflops:.1} TF/s per GPU, published {published} ({:+.1}%)",
+            error * 100.0
+        );
+    }
+}
+
+#[test]
+fn auto_is_at_least_as_fast_as_the_published_plan_and_keeps_tensor_parallelism_in_a_node() {
+    for &(model, t, p, gpus, batch, _) in ROWS {
+        let d = gpus / (t * p);
+        let published = plan(&megatron_source(
+            model,
+            gpus,
+            batch,
+            &format!("data = {d}, tensor = {t}, pipeline = {p}, recompute = full"),
+        ));
+        let auto = plan(&megatron_source(model, gpus, batch, "plan = auto"));
+        assert!(
+            auto.time.total <= published.time.total * (1.0 + 1e-9),
+            "{model}: auto {} s vs published (t={t}, p={p}) {} s",
+            auto.time.total,
+            published.time.total
+        );
+        assert!(
+            auto.strategy.tensor <= 8,
+            "{model}: tensor {} crosses a node",
+            auto.strategy.tensor
+        );
+    }
+}
+
+/// Rajbhandari et al. 2020: Ψ = 7.5B on 64 GPUs, mixed-precision Adam (K = 12).
+#[test]
+fn zero_memory_matches_the_paper() {
+    let gb = |zero| {
+        let (w, g, o) = model_states(7.5e9, 7.5e9, zero, 64, Precision::Bf16);
+        ((w + g + o) / 1e9 * 10.0).round() / 10.0
+    };
+    assert_eq!([gb(0), gb(1), gb(2), gb(3)], [120.0, 31.4, 16.6, 1.9]);
+}
+
+#[test]
+fn lora_shrinks_model_state_to_the_adapter() {
+    let full = plan("import std.models.gpt2\nexperiment e { model = gpt2, parallel { mesh = cpu(1) }, train { batch = 1, seq_len = 16 } }");
+    let lora = plan("import std.models.gpt2\nexperiment e { model = gpt2, adapter = lora, parallel { mesh = cpu(1) }, train { batch = 1, seq_len = 16 } }");
+    let (f, l) = (&full.stages[0].memory, &lora.stages[0].memory);
+    assert!(
+        l.weights >= f.weights && l.weights < 1.01 * f.weights,
+        "frozen weights stay, plus the adapter's"
+    );
+    assert!(
+        l.gradients < f.gradients / 100.0 && l.optimizer < f.optimizer / 100.0,
+        "gradients and optimizer state only for the adapter"
+    );
+}
+
+fn check_invariants(p: &ExecutionPlan, devices: u64, blocks: u64) {
+    let s = &p.strategy;
+    assert_eq!(
+        s.data * s.tensor * s.pipeline,
+        devices,
+        "device counts add up"
+    );
+    assert_eq!(p.stages.len() as u64, s.pipeline);
+    for st in &p.stages {
+        assert!(
+            st.memory.total <= st.memory.capacity,
+            "stage {} does not fit by the planner's own model",
+            st.index
+        );
+    }
+    // Every layer exactly once, in order.
+    let mut seen: Vec<String> = Vec::new();
+    for st in &p.stages {
+        for l in &st.layers {
+            match l.strip_prefix("block.").and_then(|r| r.split_once('-')) {
+                Some((a, b)) => {
+                    let (a, b): (u64, u64) = (a.parse().unwrap(), b.parse().unwrap());
+                    seen.extend((a..=b).map(|i| format!("block.{i}")));
+                }
+                None => seen.push(l.clone()),
+            }
+        }
+    }
+    // Interleaved schedules give a rank several chunks: compare in model order.
+    let order = |name: &String| match name.as_str() {
+        "embedding" => 0,
+        "head" => u64::MAX,
+        block => block.trim_start_matches("block.").parse::<u64>().unwrap() + 1,
+    };
+    seen.sort_by_key(order);
+    let mut expected = vec!["embedding".to_string()];
+    expected.extend((0..blocks).map(|i| format!("block.{i}")));
+    expected.push("head".into());
+    assert_eq!(seen, expected);
+    // Stages hold disjoint, consecutive device ranges covering the mesh.
+    let per_stage = s.data * s.tensor;
+    for st in &p.stages {
+        let first = st.index * per_stage;
+        let expect = if per_stage == 1 {
+            first.to_string()
+        } else {
+            format!("{first}-{}", first + per_stage - 1)
+        };
+        assert_eq!(st.devices, expect);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    #[test]
+    fn auto_plans_fit_cover_every_layer_and_use_every_device(
+        layers in 2u64..13, heads_log in 1u32..4, nodes in prop::sample::select(vec![1u64, 2, 4, 16]), per_device_log in 0u32..3, lora in any::<bool>(),
+    ) {
+        let heads = 1u64 << heads_log;
+        let hidden = 64 * heads;
+        // At least one sequence per device, so some data-parallel split exists.
+        let batch = (nodes * 8) << per_device_log;
+        let adapter = if lora { "adapter = lora," } else { "" };
+        let src = format!(
+            "import std.models.gpt2\nimport std.clusters\n\
+             experiment e {{ model = gpt2 {{ layers = {layers}, hidden = {hidden}, heads = {heads} }}, {adapter} parallel {{ mesh = dgx_a100 * {nodes}, plan = auto }}, train {{ batch = {batch}, seq_len = 256, precision = bf16 }} }}"
+        );
+        let p = plan(&src);
+        check_invariants(&p, nodes * 8, layers);
+        // Deterministic: the same input gives the same plan, byte for byte.
+        prop_assert_eq!(serde_json::to_string(&p).unwrap(), serde_json::to_string(&plan(&src)).unwrap());
+    }
+}
+
+#[test]
+fn a_plan_that_does_not_fit_names_the_device_and_the_levers() {
+    let err = compile("import std.models.llama\nimport std.clusters\nexperiment e { model = llama_13b, parallel { mesh = dgx_a100, data = 8 }, train { batch = 64, seq_len = 2048, precision = bf16 } }").unwrap_err();
+    insta::assert_snapshot!(err.rendered);
+}
+
+#[test]
+fn tensor_parallelism_across_nodes_is_an_error() {
+    let err = compile("import std.models.gpt3\nimport std.clusters\nexperiment e { model = gpt3_175b, parallel { mesh = dgx_a100 * 2, tensor = 16 }, train { batch = 32, seq_len = 2048, precision = bf16 } }").unwrap_err();
+    insta::assert_snapshot!(err.rendered);
+}
+
+/// Every example's plan, as text and as JSON (reviewed snapshots).
+#[test]
+fn example_plans() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files: Vec<_> = std::fs::read_dir(root.join("examples"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "kiln"))
+        .collect();
+    files.sort();
+    for path in files {
+        let checked = kiln::compiler::check_file(path.strip_prefix(root).unwrap());
+        assert!(checked.is_ok(), "{}", checked.render_errors());
+        let experiment = checked
+            .module
+            .experiments
+            .first()
+            .map(|e| &e.value)
+            .or_else(|| {
+                checked
+                    .module
+                    .pipelines
+                    .first()
+                    .and_then(|p| p.value.stages.first())
+            })
+            .unwrap();
+        let p = kiln::compiler::plan::compile_plan(experiment)
+            .unwrap_or_else(|d| panic!("{}: {:?}", path.display(), d.items));
+        let name = path.file_stem().unwrap().to_string_lossy().into_owned();
+        insta::assert_snapshot!(
+            format!("plan_{name}"),
+            kiln::compiler::plan::render_text(&p)
+        );
+        insta::assert_json_snapshot!(format!("plan_{name}_json"), p);
+    }
+}
