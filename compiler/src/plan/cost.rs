@@ -362,7 +362,11 @@ impl Model<'_> {
 
     /// Time and memory of a strategy with the given stage layout.
     pub fn evaluate(&self, s: &Strategy, layout: &[Range<usize>]) -> Evaluation {
-        let prefix = self.prefix(s);
+        self.evaluate_with(s, layout, &self.prefix(s))
+    }
+
+    /// [`Model::evaluate`] with the strategy's prefix sums already computed.
+    pub fn evaluate_with(&self, s: &Strategy, layout: &[Range<usize>], prefix: &[Terms]) -> Evaluation {
         let stages: Vec<StageCost> = layout
             .iter()
             .enumerate()

@@ -18,93 +18,114 @@ use crate::spec::{Experiment, Origin, Plan};
 use cost::{Model, RecomputeChoice, ScheduleChoice};
 use search::{Shape, Space};
 
+/// An experiment prepared for planning: its graph, per-layer profiles and shape facts.
+pub struct Planner<'e> {
+    experiment: &'e Experiment,
+    graph: crate::graph::Graph,
+    layers: Vec<profile::LayerProfile>,
+    shape: Shape,
+}
+
+impl<'e> Planner<'e> {
+    pub fn new(e: &'e Experiment) -> Result<Self, Diagnostics> {
+        let graph = compile_graph(e)?;
+        let layers = profile::profile(&graph);
+        let blocks = graph.layers.iter().filter(|l| l.kind == LayerKind::Block).count() as u64;
+        let shape = Shape {
+            devices: e.parallel.mesh.devices(),
+            node_devices: e.parallel.mesh.node.devices,
+            batch: e.train.batch,
+            blocks,
+            heads: e.model.heads,
+            kv_heads: e.model.kv_heads,
+            ffn: e.model.ffn,
+        };
+        Ok(Planner { experiment: e, graph, layers, shape })
+    }
+
+    fn model(&self) -> Model<'_> {
+        let e = self.experiment;
+        Model { layers: &self.layers, cluster: &e.parallel.mesh, precision: e.train.precision, batch: e.train.batch, offload: e.parallel.offload }
+    }
+
+    /// The uniform fast path alone: every candidate with balanced stages, best first.
+    pub fn uniform(&self) -> Vec<search::Candidate> {
+        search::uniform(&self.model(), &search::candidates(&space(self.experiment), &self.shape))
+    }
+
+    /// The whole search and the execution plan.
+    pub fn plan(&self) -> Result<ExecutionPlan, Diagnostics> {
+        let (e, graph, shape, model) = (self.experiment, &self.graph, &self.shape, self.model());
+        let model = &model;
+        let auto = e.parallel.plan == Plan::Auto;
+        let space = space(e);
+        check_placement(e, &shape)?;
+        let candidates = search::candidates(&space, &shape);
+        let span = span_of(e, &["parallel.mesh", "parallel"]);
+        if candidates.is_empty() {
+            let mut d = Diagnostic::new(
+                Code::NoPlan,
+                format!(
+                    "no way to split a batch of {} sequences over this mesh",
+                    e.train.batch
+                ),
+            )
+            .help("make the global batch divisible by the data-parallel degree (and micro_batch)");
+            if let Some(s) = span {
+                d = d.at(s, format!("{} devices", shape.devices));
+            }
+            return Err(one(d));
+        }
+        let ranked = search::search(&model, &candidates);
+        let best = &ranked[0];
+        if !best.evaluation.fits {
+            return Err(one(does_not_fit(e, &model, best, auto, span)));
+        }
+        let alternatives: Vec<Alternative> = if auto {
+            ranked
+                .iter()
+                .skip(1)
+                .filter(|c| {
+                    c.evaluation.strategy.tensor != best.evaluation.strategy.tensor
+                        || c.evaluation.strategy.pipeline != best.evaluation.strategy.pipeline
+                        || c.evaluation.strategy.data != best.evaluation.strategy.data
+                })
+                .take(3)
+                .chain(ranked.iter().skip(1).take(2))
+                .map(|c| Alternative {
+                    strategy: assemble::describe(&c.evaluation.strategy),
+                    step_time: assemble::round(c.evaluation.time.total),
+                    peak_memory: c.evaluation.peak_memory().round(),
+                    why: assemble::why_lost(&best.evaluation, &c.evaluation),
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let mut alternatives = alternatives;
+        alternatives.sort_by(|a, b| {
+            a.step_time
+                .total_cmp(&b.step_time)
+                .then(a.strategy.cmp(&b.strategy))
+        });
+        alternatives.dedup_by(|a, b| a.strategy == b.strategy);
+        let chosen_by = if auto { "auto" } else { "manual" };
+        Ok(assemble::plan(
+            model,
+            graph,
+            e,
+            best,
+            chosen_by,
+            alternatives,
+            candidates.len(),
+        ))
+    }
+
+}
+
 /// Plans a checked experiment on its mesh.
 pub fn compile_plan(e: &Experiment) -> Result<ExecutionPlan, Diagnostics> {
-    let graph = compile_graph(e)?;
-    let layers = profile::profile(&graph);
-    let model = Model {
-        layers: &layers,
-        cluster: &e.parallel.mesh,
-        precision: e.train.precision,
-        batch: e.train.batch,
-        offload: e.parallel.offload,
-    };
-    let blocks = graph
-        .layers
-        .iter()
-        .filter(|l| l.kind == LayerKind::Block)
-        .count() as u64;
-    let shape = Shape {
-        devices: e.parallel.mesh.devices(),
-        node_devices: e.parallel.mesh.node.devices,
-        batch: e.train.batch,
-        blocks,
-        heads: e.model.heads,
-        kv_heads: e.model.kv_heads,
-        ffn: e.model.ffn,
-    };
-    let auto = e.parallel.plan == Plan::Auto;
-    let space = space(e);
-    check_placement(e, &shape)?;
-    let candidates = search::candidates(&space, &shape);
-    let span = span_of(e, &["parallel.mesh", "parallel"]);
-    if candidates.is_empty() {
-        let mut d = Diagnostic::new(
-            Code::NoPlan,
-            format!(
-                "no way to split a batch of {} sequences over this mesh",
-                e.train.batch
-            ),
-        )
-        .help("make the global batch divisible by the data-parallel degree (and micro_batch)");
-        if let Some(s) = span {
-            d = d.at(s, format!("{} devices", shape.devices));
-        }
-        return Err(one(d));
-    }
-    let ranked = search::search(&model, &candidates);
-    let best = &ranked[0];
-    if !best.evaluation.fits {
-        return Err(one(does_not_fit(e, &model, best, auto, span)));
-    }
-    let alternatives: Vec<Alternative> = if auto {
-        ranked
-            .iter()
-            .skip(1)
-            .filter(|c| {
-                c.evaluation.strategy.tensor != best.evaluation.strategy.tensor
-                    || c.evaluation.strategy.pipeline != best.evaluation.strategy.pipeline
-                    || c.evaluation.strategy.data != best.evaluation.strategy.data
-            })
-            .take(3)
-            .chain(ranked.iter().skip(1).take(2))
-            .map(|c| Alternative {
-                strategy: assemble::describe(&c.evaluation.strategy),
-                step_time: assemble::round(c.evaluation.time.total),
-                peak_memory: c.evaluation.peak_memory().round(),
-                why: assemble::why_lost(&best.evaluation, &c.evaluation),
-            })
-            .collect()
-    } else {
-        Vec::new()
-    };
-    let mut alternatives = alternatives;
-    alternatives.sort_by(|a, b| {
-        a.step_time
-            .total_cmp(&b.step_time)
-            .then(a.strategy.cmp(&b.strategy))
-    });
-    alternatives.dedup_by(|a, b| a.strategy == b.strategy);
-    let chosen_by = if auto { "auto" } else { "manual" };
-    Ok(assemble::plan(
-        &model,
-        &graph,
-        e,
-        best,
-        chosen_by,
-        alternatives,
-        candidates.len(),
-    ))
+    Planner::new(e)?.plan()
 }
 
 fn one(d: Diagnostic) -> Diagnostics {

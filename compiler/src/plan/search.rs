@@ -2,7 +2,8 @@
 //! knobs; `plan = auto` leaves them to the search), the uniform fast path over all of them, and
 //! an Alpa-style dynamic program that re-cuts the layers into stages for the best candidates.
 
-use super::cost::{Evaluation, Model, RecomputeChoice, ScheduleChoice, Strategy};
+use super::cost::{Evaluation, Model, RecomputeChoice, ScheduleChoice, Strategy, Terms};
+use std::collections::HashMap;
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -155,14 +156,17 @@ fn better(a: &Evaluation, b: &Evaluation) -> std::cmp::Ordering {
 
 /// Costs every candidate with balanced stages (in parallel) and returns them best first.
 pub fn uniform(model: &Model, candidates: &[Strategy]) -> Vec<Candidate> {
+    // Per-layer costs depend only on these four choices: compute each set of prefix sums once.
+    let key = |s: &Strategy| (s.tensor, s.micro_batch, s.recompute, s.sequence_parallel);
+    let mut keys: Vec<&Strategy> = candidates.iter().collect();
+    keys.sort_by_key(|s| key(s));
+    keys.dedup_by_key(|s| key(s));
+    let prefixes: HashMap<_, Vec<Terms>> = keys.par_iter().map(|s| (key(s), model.prefix(s))).collect();
     let mut out: Vec<Candidate> = candidates
         .par_iter()
         .map(|s| {
             let layout = model.balanced_stages(s.pipeline);
-            Candidate {
-                evaluation: model.evaluate(s, &layout),
-                layout,
-            }
+            Candidate { evaluation: model.evaluate_with(s, &layout, &prefixes[&key(s)]), layout }
         })
         .collect();
     out.sort_by(|a, b| better(&a.evaluation, &b.evaluation));
