@@ -15,13 +15,21 @@ fn source(adapter: &str) -> String {
 fn planning(c: &mut Criterion) {
     let mut group = c.benchmark_group("plan");
     group.sample_size(10);
-    for (name, adapter) in [("gpt3_175b_full", ""), ("gpt3_175b_lora", "adapter = lora { rank = 8, targets = [c_attn] },")] {
+    for (name, adapter) in [
+        ("gpt3_175b_full", ""),
+        (
+            "gpt3_175b_lora",
+            "adapter = lora { rank = 8, targets = [c_attn] },",
+        ),
+    ] {
         let checked = kiln::compiler::check_source("bench.kiln", &source(adapter), None);
         assert!(checked.is_ok(), "{}", checked.render_errors());
         let experiment = &checked.module.experiments[0].value;
         // Lowering and profiling once (lower/gpt3_175b_* in the graph benchmark), then the search.
         let planner = Planner::new(experiment).expect("lowers");
-        group.bench_function(format!("auto/{name}"), |b| b.iter(|| planner.plan().expect("plans")));
+        group.bench_function(format!("auto/{name}"), |b| {
+            b.iter(|| planner.plan().expect("plans"))
+        });
         group.bench_function(format!("uniform/{name}"), |b| b.iter(|| planner.uniform()));
     }
     group.finish();

@@ -204,33 +204,85 @@ fn graph_formats() {
 #[test]
 fn plan_formats_and_overrides() {
     let text = kiln(&["plan", "examples/gpt3_175b_plan.kiln"]);
-    assert_eq!(text.status.code(), Some(0), "{}", String::from_utf8_lossy(&text.stderr));
+    assert_eq!(
+        text.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&text.stderr)
+    );
     let text = String::from_utf8(text.stdout).unwrap();
-    assert!(text.contains("runners-up:") && text.contains("step time"), "{text}");
+    assert!(
+        text.contains("runners-up:") && text.contains("step time"),
+        "{text}"
+    );
 
     let json = kiln(&["plan", "examples/gpt3_175b_plan.kiln", "--format", "json"]);
     let json: serde_json::Value = serde_json::from_slice(&json.stdout).expect("valid JSON");
     assert_eq!(json["mesh"]["devices"], 1024);
 
-    let toml_out = kiln(&["plan", "examples/quickstart_gpt2_lora.kiln", "--format", "toml"]);
-    assert_eq!(toml_out.status.code(), Some(0), "{}", String::from_utf8_lossy(&toml_out.stderr));
-    let parsed: toml::Value = toml::from_str(&String::from_utf8(toml_out.stdout).unwrap()).expect("valid TOML");
+    let toml_out = kiln(&[
+        "plan",
+        "examples/quickstart_gpt2_lora.kiln",
+        "--format",
+        "toml",
+    ]);
+    assert_eq!(
+        toml_out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&toml_out.stderr)
+    );
+    let parsed: toml::Value =
+        toml::from_str(&String::from_utf8(toml_out.stdout).unwrap()).expect("valid TOML");
     assert_eq!(parsed["strategy"]["pipeline"].as_integer(), Some(1));
 
     // The same experiment on other hardware, with a larger batch.
-    let h100 = kiln(&["plan", "examples/gpt3_175b_plan.kiln", "--format", "json", "--cluster", "dgx_h100 * 64", "--set", "train.batch=2048"]);
-    assert_eq!(h100.status.code(), Some(0), "{}", String::from_utf8_lossy(&h100.stderr));
+    let h100 = kiln(&[
+        "plan",
+        "examples/gpt3_175b_plan.kiln",
+        "--format",
+        "json",
+        "--cluster",
+        "dgx_h100 * 64",
+        "--set",
+        "train.batch=2048",
+    ]);
+    assert_eq!(
+        h100.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&h100.stderr)
+    );
     let h100: serde_json::Value = serde_json::from_slice(&h100.stdout).unwrap();
-    assert_eq!((h100["mesh"]["devices"].as_u64(), h100["mesh"]["device"].as_str()), (Some(512), Some("h100")));
+    assert_eq!(
+        (
+            h100["mesh"]["devices"].as_u64(),
+            h100["mesh"]["device"].as_str()
+        ),
+        (Some(512), Some("h100"))
+    );
     assert_eq!(h100["strategy"]["global_batch"], 2048);
     assert_eq!(h100["experiment"], "gpt3_175b_plan");
 
     // A misspelt override is an ordinary diagnostic pointing at the override.
-    let bad = kiln(&["plan", "examples/gpt3_175b_plan.kiln", "--set", "train.bacth=1"]);
+    let bad = kiln(&[
+        "plan",
+        "examples/gpt3_175b_plan.kiln",
+        "--set",
+        "train.bacth=1",
+    ]);
     assert_eq!(bad.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&bad.stderr);
-    assert!(stderr.contains("<command line>") && stderr.contains("did you mean `batch`?"), "{stderr}");
-    let malformed = kiln(&["plan", "examples/gpt3_175b_plan.kiln", "--set", "train.batch"]);
+    assert!(
+        stderr.contains("<command line>") && stderr.contains("did you mean `batch`?"),
+        "{stderr}"
+    );
+    let malformed = kiln(&[
+        "plan",
+        "examples/gpt3_175b_plan.kiln",
+        "--set",
+        "train.batch",
+    ]);
     assert_eq!(malformed.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&malformed.stderr).contains("K0023"));
 }

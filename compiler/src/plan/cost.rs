@@ -198,9 +198,8 @@ impl Model<'_> {
         if n * stride <= node.devices {
             return (node.intra_bandwidth, node.intra_latency);
         }
-        let ranks_per_node = (node.devices / stride.min(node.devices)).max(1) as f64;
-        let bw =
-            (node.inter_bandwidth * ranks_per_node / node.devices as f64).min(node.intra_bandwidth);
+        // Each device's traffic leaves the node through its own share of the node's links.
+        let bw = (node.inter_bandwidth / node.devices as f64).min(node.intra_bandwidth);
         (bw, node.inter_latency)
     }
 
@@ -366,7 +365,12 @@ impl Model<'_> {
     }
 
     /// [`Model::evaluate`] with the strategy's prefix sums already computed.
-    pub fn evaluate_with(&self, s: &Strategy, layout: &[Range<usize>], prefix: &[Terms]) -> Evaluation {
+    pub fn evaluate_with(
+        &self,
+        s: &Strategy,
+        layout: &[Range<usize>],
+        prefix: &[Terms],
+    ) -> Evaluation {
         let stages: Vec<StageCost> = layout
             .iter()
             .enumerate()
@@ -413,6 +417,7 @@ impl Model<'_> {
             .fold(0.0, f64::max)
             * self.element_bytes();
         let (bw, lat) = self.group_bandwidth(s.data, s.tensor);
+        // ZeRO-3 also gathers the weights (forward and backward): 3Ψ against 2Ψ.
         let zero3 = if s.zero == 3 { 1.5 } else { 1.0 };
         let data_parallel = zero3 * all_reduce(grad_bytes, s.data, bw, lat);
         // Adam reads and writes fp32 master weights and both moments, reads the gradient and

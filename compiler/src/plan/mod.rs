@@ -30,7 +30,11 @@ impl<'e> Planner<'e> {
     pub fn new(e: &'e Experiment) -> Result<Self, Diagnostics> {
         let graph = compile_graph(e)?;
         let layers = profile::profile(&graph);
-        let blocks = graph.layers.iter().filter(|l| l.kind == LayerKind::Block).count() as u64;
+        let blocks = graph
+            .layers
+            .iter()
+            .filter(|l| l.kind == LayerKind::Block)
+            .count() as u64;
         let shape = Shape {
             devices: e.parallel.mesh.devices(),
             node_devices: e.parallel.mesh.node.devices,
@@ -40,17 +44,31 @@ impl<'e> Planner<'e> {
             kv_heads: e.model.kv_heads,
             ffn: e.model.ffn,
         };
-        Ok(Planner { experiment: e, graph, layers, shape })
+        Ok(Planner {
+            experiment: e,
+            graph,
+            layers,
+            shape,
+        })
     }
 
     fn model(&self) -> Model<'_> {
         let e = self.experiment;
-        Model { layers: &self.layers, cluster: &e.parallel.mesh, precision: e.train.precision, batch: e.train.batch, offload: e.parallel.offload }
+        Model {
+            layers: &self.layers,
+            cluster: &e.parallel.mesh,
+            precision: e.train.precision,
+            batch: e.train.batch,
+            offload: e.parallel.offload,
+        }
     }
 
     /// The uniform fast path alone: every candidate with balanced stages, best first.
     pub fn uniform(&self) -> Vec<search::Candidate> {
-        search::uniform(&self.model(), &search::candidates(&space(self.experiment), &self.shape))
+        search::uniform(
+            &self.model(),
+            &search::candidates(&space(self.experiment), &self.shape),
+        )
     }
 
     /// The whole search and the execution plan.
@@ -120,7 +138,6 @@ impl<'e> Planner<'e> {
             candidates.len(),
         ))
     }
-
 }
 
 /// Plans a checked experiment on its mesh.

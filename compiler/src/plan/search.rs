@@ -3,8 +3,8 @@
 //! an Alpa-style dynamic program that re-cuts the layers into stages for the best candidates.
 
 use super::cost::{Evaluation, Model, RecomputeChoice, ScheduleChoice, Strategy, Terms};
-use std::collections::HashMap;
 use rayon::prelude::*;
+use std::collections::HashMap;
 use std::ops::Range;
 
 /// What the search may choose; `None` fields are free.
@@ -161,12 +161,16 @@ pub fn uniform(model: &Model, candidates: &[Strategy]) -> Vec<Candidate> {
     let mut keys: Vec<&Strategy> = candidates.iter().collect();
     keys.sort_by_key(|s| key(s));
     keys.dedup_by_key(|s| key(s));
-    let prefixes: HashMap<_, Vec<Terms>> = keys.par_iter().map(|s| (key(s), model.prefix(s))).collect();
+    let prefixes: HashMap<_, Vec<Terms>> =
+        keys.par_iter().map(|s| (key(s), model.prefix(s))).collect();
     let mut out: Vec<Candidate> = candidates
         .par_iter()
         .map(|s| {
             let layout = model.balanced_stages(s.pipeline);
-            Candidate { evaluation: model.evaluate_with(s, &layout, &prefixes[&key(s)]), layout }
+            Candidate {
+                evaluation: model.evaluate_with(s, &layout, &prefixes[&key(s)]),
+                layout,
+            }
         })
         .collect();
     out.sort_by(|a, b| better(&a.evaluation, &b.evaluation));
