@@ -374,7 +374,7 @@ impl Model<'_> {
         let stages: Vec<StageCost> = layout
             .iter()
             .enumerate()
-            .map(|(i, r)| self.stage(s, &prefix, r.clone(), i as u64))
+            .map(|(i, r)| self.stage(s, prefix, r.clone(), i as u64))
             .collect();
         let slowest = stages
             .iter()

@@ -77,8 +77,8 @@ impl<'e> Planner<'e> {
         let model = &model;
         let auto = e.parallel.plan == Plan::Auto;
         let space = space(e);
-        check_placement(e, &shape)?;
-        let candidates = search::candidates(&space, &shape);
+        check_placement(e, shape)?;
+        let candidates = search::candidates(&space, shape);
         let span = span_of(e, &["parallel.mesh", "parallel"]);
         if candidates.is_empty() {
             let mut d = Diagnostic::new(
@@ -94,10 +94,10 @@ impl<'e> Planner<'e> {
             }
             return Err(one(d));
         }
-        let ranked = search::search(&model, &candidates);
+        let ranked = search::search(model, &candidates);
         let best = &ranked[0];
         if !best.evaluation.fits {
-            return Err(one(does_not_fit(e, &model, best, auto, span)));
+            return Err(one(does_not_fit(e, model, best, auto, span)));
         }
         let alternatives: Vec<Alternative> = if auto {
             ranked
