@@ -179,27 +179,7 @@ fn graph(file: &std::path::Path, wanted: Option<&str>, format: GraphFormat) -> E
     if report_errors(file, &checked) {
         return ExitCode::from(1);
     }
-    let module = &checked.module;
-    let all: Vec<&kiln_compiler::spec::Experiment> = module
-        .experiments
-        .iter()
-        .map(|e| &e.value)
-        .chain(module.pipelines.iter().flat_map(|p| p.value.stages.iter()))
-        .collect();
-    let chosen = match wanted {
-        Some(name) => all.iter().find(|e| e.name == name),
-        None => all.first(),
-    };
-    let Some(experiment) = chosen else {
-        let names: Vec<&str> = all.iter().map(|e| e.name.as_str()).collect();
-        match wanted {
-            Some(name) => eprintln!(
-                "error: {} has no experiment `{name}`; it has: {}",
-                file.display(),
-                names.join(", ")
-            ),
-            None => eprintln!("error: {} defines no experiment", file.display()),
-        }
+    let Some(experiment) = pick(file, &checked, wanted) else {
         return ExitCode::from(1);
     };
     let graph = match kiln_compiler::graph::compile_graph(experiment) {
@@ -225,13 +205,7 @@ fn pick<'a>(
     checked: &'a kiln_compiler::CheckedFile,
     wanted: Option<&str>,
 ) -> Option<&'a kiln_compiler::spec::Experiment> {
-    let module = &checked.module;
-    let all: Vec<&kiln_compiler::spec::Experiment> = module
-        .experiments
-        .iter()
-        .map(|e| &e.value)
-        .chain(module.pipelines.iter().flat_map(|p| p.value.stages.iter()))
-        .collect();
+    let all = checked.module.all_experiments();
     let chosen = match wanted {
         Some(name) => all.iter().find(|e| e.name == name).copied(),
         None => all.first().copied(),

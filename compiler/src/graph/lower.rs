@@ -63,7 +63,20 @@ pub struct Lowering<'a> {
     pub qkv: QkvLayout,
 }
 
-impl Lowering<'_> {
+impl<'a> Lowering<'a> {
+    /// Lowers `model` into `g`, every module name prefixed by `prefix`.
+    pub fn new(g: &'a mut Graph, model: &'a Model, prefix: &str, qkv: QkvLayout) -> Self {
+        Lowering {
+            g,
+            model,
+            names: Names {
+                family: model.family,
+            },
+            prefix: prefix.into(),
+            qkv,
+        }
+    }
+
     fn name(&self, module: Module, layer: u64) -> String {
         format!("{}{}", self.prefix, self.names.module(module, layer))
     }

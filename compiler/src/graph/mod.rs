@@ -42,37 +42,11 @@ pub fn compile_graph(e: &Experiment) -> Result<Graph, Diagnostics> {
         )
     });
 
-    let mut low = Lowering {
-        g: &mut g,
-        model: &e.model,
-        names: Names {
-            family: e.model.family,
-        },
-        prefix: String::new(),
-        qkv,
-    };
-    let base = low.model(tokens, types, emb_layer);
-    let reference = objectives::needs_reference(&e.objective).then(|| {
-        let mut copy = Lowering {
-            g: low.g,
-            model: &e.model,
-            names: Names {
-                family: e.model.family,
-            },
-            prefix: "ref.".into(),
-            qkv,
-        };
-        copy.model(tokens, types, emb_layer)
-    });
-    let mut low = Lowering {
-        g: &mut g,
-        model: &e.model,
-        names: Names {
-            family: e.model.family,
-        },
-        prefix: String::new(),
-        qkv,
-    };
+    let base = Lowering::new(&mut g, &e.model, "", qkv).model(tokens, types, emb_layer);
+    // PPO compares against a frozen copy of the initial model, lowered beside it.
+    let reference = objectives::needs_reference(&e.objective)
+        .then(|| Lowering::new(&mut g, &e.model, "ref.", qkv).model(tokens, types, emb_layer));
+    let mut low = Lowering::new(&mut g, &e.model, "", qkv);
     let loss = objectives::lower_objective(&mut low, &base, &e.objective, reference.as_ref());
     g.loss = Some(loss);
     check(&g, "lowering")?;

@@ -314,22 +314,11 @@ pub fn compile(source: &str) -> Result<ExecutionPlan, CompileError> {
             diagnostics: checked.errors(),
         });
     }
-    let experiment = checked
-        .module
-        .experiments
-        .first()
-        .map(|e| &e.value)
-        .or_else(|| {
-            checked
-                .module
-                .pipelines
-                .first()
-                .and_then(|p| p.value.stages.first())
-        })
-        .ok_or_else(|| CompileError {
-            rendered: "error: the source defines no experiment\n".into(),
-            diagnostics: Vec::new(),
-        })?;
+    let all = checked.module.all_experiments();
+    let experiment = all.first().copied().ok_or_else(|| CompileError {
+        rendered: "error: the source defines no experiment\n".into(),
+        diagnostics: Vec::new(),
+    })?;
     compile_plan(experiment).map_err(|d| {
         let refs: Vec<&Diagnostic> = d.items.iter().collect();
         CompileError {

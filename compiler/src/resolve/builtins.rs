@@ -276,6 +276,90 @@ impl JsonFields<'_> {
     }
 }
 
+/// How a Hugging Face family's `config.json` maps onto a Kiln model.
+struct HfFamily {
+    model_type: &'static str,
+    /// Kiln field ← the first of these config keys present.
+    keys: &'static [(&'static str, &'static [&'static str])],
+    /// Norm kind, its epsilon's key, and the default epsilon.
+    norm: (&'static str, &'static str, f64),
+    /// The activation's key and its default.
+    activation: (&'static str, &'static str),
+    mlp: &'static str,
+    block: &'static str,
+    /// Config key saying whether linears have biases (`None`: they always do).
+    bias_key: Option<&'static str>,
+    tied: bool,
+    rotary: bool,
+    heads: &'static [&'static str],
+}
+
+const FAMILIES: &[HfFamily] = &[
+    HfFamily {
+        model_type: "gpt2",
+        keys: &[
+            ("vocab", &["vocab_size"]),
+            ("positions", &["n_positions"]),
+            ("hidden", &["n_embd"]),
+            ("layers", &["n_layer"]),
+            ("heads", &["n_head"]),
+            ("kv_heads", &["n_head"]),
+            ("dropout", &["resid_pdrop"]),
+        ],
+        norm: ("layernorm", "layer_norm_epsilon", 1e-5),
+        activation: ("activation_function", "gelu_new"),
+        mlp: "plain",
+        block: "pre_norm",
+        bias_key: None,
+        tied: true,
+        rotary: false,
+        heads: &["lm"],
+    },
+    HfFamily {
+        model_type: "bert",
+        keys: &[
+            ("vocab", &["vocab_size"]),
+            ("positions", &["max_position_embeddings"]),
+            ("hidden", &["hidden_size"]),
+            ("layers", &["num_hidden_layers"]),
+            ("heads", &["num_attention_heads"]),
+            ("kv_heads", &["num_attention_heads"]),
+            ("ffn", &["intermediate_size"]),
+            ("type_vocab", &["type_vocab_size"]),
+            ("dropout", &["hidden_dropout_prob"]),
+        ],
+        norm: ("layernorm", "layer_norm_eps", 1e-12),
+        activation: ("hidden_act", "gelu"),
+        mlp: "plain",
+        block: "post_norm",
+        bias_key: None,
+        tied: true,
+        rotary: false,
+        heads: &["mlm", "nsp"],
+    },
+    HfFamily {
+        model_type: "llama",
+        keys: &[
+            ("vocab", &["vocab_size"]),
+            ("positions", &["max_position_embeddings"]),
+            ("hidden", &["hidden_size"]),
+            ("layers", &["num_hidden_layers"]),
+            ("heads", &["num_attention_heads"]),
+            ("kv_heads", &["num_key_value_heads", "num_attention_heads"]),
+            ("ffn", &["intermediate_size"]),
+            ("dropout", &["attention_dropout"]),
+        ],
+        norm: ("rmsnorm", "rms_norm_eps", 1e-6),
+        activation: ("hidden_act", "silu"),
+        mlp: "gated",
+        block: "pre_norm",
+        bias_key: Some("attention_bias"),
+        tied: false,
+        rotary: true,
+        heads: &["lm"],
+    },
+];
+
 /// `hf("dir")`: a model record from a Hugging Face `config.json` (gpt2, bert, llama).
 pub(super) fn hf(ev: &Evaluator, args: &[Spanned], env: &Env, span: Span) -> Option<Value> {
     let (file, map, path) = read_json(ev, args, env, span, "hf", "config.json")?;
@@ -360,133 +444,93 @@ pub(super) fn hf(ev: &Evaluator, args: &[Spanned], env: &Env, span: Span) -> Opt
             fields.push((name, v));
         }
     };
-    match model_type.as_str() {
-        "gpt2" => {
-            put("family", Some(sym("model_type", "gpt2")));
-            put("vocab", j.get("vocab_size"));
-            put("positions", j.get("n_positions"));
-            put("hidden", j.get("n_embd"));
-            put("layers", j.get("n_layer"));
-            put("heads", j.get("n_head"));
-            put("kv_heads", j.get("n_head"));
-            let ffn = j
-                .get("n_inner")
-                .filter(|v| matches!(v.value, Value::Int(_)));
-            let ffn = ffn.or_else(|| match j.get("n_embd")?.value {
+    let Some(family) = FAMILIES.iter().find(|f| f.model_type == model_type) else {
+        j.report_unsupported(
+            ev,
+            "model_type",
+            &format!("`{model_type}` (Kiln reads gpt2, bert and llama)"),
+            span,
+        );
+        return None;
+    };
+    put("family", Some(sym("model_type", family.model_type)));
+    for (field, keys) in family.keys {
+        put(field, keys.iter().find_map(|k| j.get(k)));
+    }
+    if family.model_type == "gpt2" {
+        // `n_inner: null` means 4 × n_embd.
+        let ffn = j
+            .get("n_inner")
+            .filter(|v| matches!(v.value, Value::Int(_)));
+        put(
+            "ffn",
+            ffn.or_else(|| match j.get("n_embd")?.value {
                 Value::Int(h) => h.checked_mul(4).map(int),
                 _ => None,
-            });
-            put("ffn", ffn);
-            put("norm", Some(norm("layernorm", "layer_norm_epsilon", 1e-5)));
-            put("activation", activation("activation_function", "gelu_new"));
-            put("mlp", Some(sym("model_type", "plain")));
-            put("position", Some(sym("n_positions", "learned")));
-            put("block", Some(sym("model_type", "pre_norm")));
-            put(
-                "bias",
-                Some(Spanned {
-                    value: Value::Bool(true),
-                    span: whole,
-                }),
-            );
-            put("tie_embeddings", Some(bool_or("tie_word_embeddings", true)));
-            put("type_vocab", Some(int(0)));
-            put("output_heads", Some(heads_list(&["lm"])));
-            put("dropout", j.get("resid_pdrop"));
-        }
-        "bert" => {
-            put("family", Some(sym("model_type", "bert")));
-            put("vocab", j.get("vocab_size"));
-            put("positions", j.get("max_position_embeddings"));
-            put("hidden", j.get("hidden_size"));
-            put("layers", j.get("num_hidden_layers"));
-            put("heads", j.get("num_attention_heads"));
-            put("kv_heads", j.get("num_attention_heads"));
-            put("ffn", j.get("intermediate_size"));
-            put("norm", Some(norm("layernorm", "layer_norm_eps", 1e-12)));
-            put("activation", activation("hidden_act", "gelu"));
-            put("mlp", Some(sym("model_type", "plain")));
-            put("position", Some(sym("max_position_embeddings", "learned")));
-            put("block", Some(sym("model_type", "post_norm")));
-            put(
-                "bias",
-                Some(Spanned {
-                    value: Value::Bool(true),
-                    span: whole,
-                }),
-            );
-            put("tie_embeddings", Some(bool_or("tie_word_embeddings", true)));
-            put("type_vocab", j.get("type_vocab_size"));
-            put("output_heads", Some(heads_list(&["mlm", "nsp"])));
-            put("dropout", j.get("hidden_dropout_prob"));
-        }
-        "llama" => {
-            put("family", Some(sym("model_type", "llama")));
-            put("vocab", j.get("vocab_size"));
-            put("positions", j.get("max_position_embeddings"));
-            put("hidden", j.get("hidden_size"));
-            put("layers", j.get("num_hidden_layers"));
-            put("heads", j.get("num_attention_heads"));
-            put(
-                "kv_heads",
-                j.get("num_key_value_heads")
-                    .or_else(|| j.get("num_attention_heads")),
-            );
-            put("ffn", j.get("intermediate_size"));
-            put("norm", Some(norm("rmsnorm", "rms_norm_eps", 1e-6)));
-            put("activation", activation("hidden_act", "silu"));
-            put("mlp", Some(sym("model_type", "gated")));
-            // transformers 4 writes `rope_theta` at the top; 5 nests it in `rope_parameters`.
-            let nested_theta = map
-                .get("rope_parameters")
-                .and_then(|p| p.get("rope_theta"))
-                .and_then(Json::as_f64);
-            let theta = j
-                .get("rope_theta")
-                .or_else(|| {
-                    nested_theta.map(|t| Spanned {
-                        value: Value::Float(t),
-                        span: j.span_of("rope_theta"),
-                    })
+            }),
+        );
+    }
+    let (norm_kind, norm_key, eps) = family.norm;
+    put("norm", Some(norm(norm_kind, norm_key, eps)));
+    put(
+        "activation",
+        activation(family.activation.0, family.activation.1),
+    );
+    put("mlp", Some(sym("model_type", family.mlp)));
+    put("block", Some(sym("model_type", family.block)));
+    put(
+        "bias",
+        Some(match family.bias_key {
+            Some(key) => bool_or(key, false),
+            None => Spanned {
+                value: Value::Bool(true),
+                span: whole,
+            },
+        }),
+    );
+    put(
+        "tie_embeddings",
+        Some(bool_or("tie_word_embeddings", family.tied)),
+    );
+    if !family.keys.iter().any(|(f, _)| *f == "type_vocab") {
+        put("type_vocab", Some(int(0)));
+    }
+    put("output_heads", Some(heads_list(family.heads)));
+    if family.rotary {
+        // transformers 4 writes `rope_theta` at the top; 5 nests it in `rope_parameters`.
+        let nested = map
+            .get("rope_parameters")
+            .and_then(|p| p.get("rope_theta"))
+            .and_then(Json::as_f64);
+        let theta = j
+            .get("rope_theta")
+            .or_else(|| {
+                nested.map(|t| Spanned {
+                    value: Value::Float(t),
+                    span: j.span_of("rope_theta"),
                 })
-                .unwrap_or(Spanned {
-                    value: Value::Float(10000.0),
-                    span: whole,
-                });
-            let rotary = record(
-                RecordKind::Tag {
-                    name: "rotary".into(),
-                    module,
-                },
-                theta.span,
-                vec![("theta", theta.clone())],
-            );
-            put(
-                "position",
-                Some(Spanned {
-                    value: Value::Record(rotary),
-                    span: theta.span,
-                }),
-            );
-            put("block", Some(sym("model_type", "pre_norm")));
-            put("bias", Some(bool_or("attention_bias", false)));
-            put(
-                "tie_embeddings",
-                Some(bool_or("tie_word_embeddings", false)),
-            );
-            put("type_vocab", Some(int(0)));
-            put("output_heads", Some(heads_list(&["lm"])));
-            put("dropout", j.get("attention_dropout"));
-        }
-        other => {
-            j.report_unsupported(
-                ev,
-                "model_type",
-                &format!("`{other}` (Kiln reads gpt2, bert and llama)"),
-                span,
-            );
-            return None;
-        }
+            })
+            .unwrap_or(Spanned {
+                value: Value::Float(10000.0),
+                span: whole,
+            });
+        let rotary = record(
+            RecordKind::Tag {
+                name: "rotary".into(),
+                module,
+            },
+            theta.span,
+            vec![("theta", theta.clone())],
+        );
+        put(
+            "position",
+            Some(Spanned {
+                value: Value::Record(rotary),
+                span: theta.span,
+            }),
+        );
+    } else {
+        put("position", Some(sym("model_type", "learned")));
     }
     let kind = RecordKind::Def {
         kind: DefKind::Model,

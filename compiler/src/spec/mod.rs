@@ -37,6 +37,17 @@ pub struct CheckedModule {
     pub clusters: Vec<Checked<Cluster>>,
 }
 
+impl CheckedModule {
+    /// Every experiment, the stages of pipelines included, in definition order.
+    pub fn all_experiments(&self) -> Vec<&Experiment> {
+        self.experiments
+            .iter()
+            .map(|e| &e.value)
+            .chain(self.pipelines.iter().flat_map(|p| p.value.stages.iter()))
+            .collect()
+    }
+}
+
 /// Checks every definition of a module by its kind.
 pub fn check_module(ev: &Evaluator, module: ModuleId) -> CheckedModule {
     let mut out = CheckedModule::default();

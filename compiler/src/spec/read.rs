@@ -126,14 +126,7 @@ impl<'c, 'e, 'p> Rec<'c, 'e, 'p> {
         default: T,
         read: impl FnOnce(&Cx, &Spanned) -> Option<T>,
     ) -> Option<T> {
-        if self.has(name) {
-            let v = self.get(name)?;
-            read(self.cx, &v)
-        } else {
-            self.known.push(name);
-            self.defaulted(name);
-            Some(default)
-        }
+        self.or_derived(name, Some(default), read)
     }
 
     /// Like [`Rec::or`] with a default computed from other fields (`None` if they failed).

@@ -103,17 +103,7 @@ impl Builder {
         let kind_pair = inner.next().expect("grammar: def_kind");
         let kind = DefKind::parse(kind_pair.as_str()).expect("grammar only admits known kinds");
         let name = self.ident(inner.next().expect("grammar: definition name"));
-        let value_pair = inner.next().expect("grammar: definition value");
-        let value = match value_pair.as_rule() {
-            Rule::record => {
-                let body = self.record(value_pair)?;
-                Expr {
-                    span: body.span,
-                    kind: ExprKind::Record(body),
-                }
-            }
-            _ => self.expr(value_pair)?,
-        };
+        let value = self.value(inner.next().expect("grammar: definition value"))?;
         Ok(Definition {
             kind,
             name,
@@ -137,16 +127,7 @@ impl Builder {
             };
             let value_pair = inner.next().expect("grammar: field value");
             let merge = value_pair.as_rule() == Rule::record;
-            let value = match value_pair.as_rule() {
-                Rule::record => {
-                    let body = self.record(value_pair)?;
-                    Expr {
-                        span: body.span,
-                        kind: ExprKind::Record(body),
-                    }
-                }
-                _ => self.expr(value_pair)?,
-            };
+            let value = self.value(value_pair)?;
             fields.push(FieldLit {
                 key,
                 value: Rc::new(value),
@@ -154,6 +135,20 @@ impl Builder {
             });
         }
         Ok(RecordLit { fields, span })
+    }
+
+    /// A definition's or field's value: a `{ ... }` body or an expression.
+    fn value(&self, pair: Pair<Rule>) -> Result<Expr, Box<Diagnostic>> {
+        match pair.as_rule() {
+            Rule::record => {
+                let body = self.record(pair)?;
+                Ok(Expr {
+                    span: body.span,
+                    kind: ExprKind::Record(body),
+                })
+            }
+            _ => self.expr(pair),
+        }
     }
 
     fn expr(&self, pair: Pair<Rule>) -> Result<Expr, Box<Diagnostic>> {
