@@ -274,6 +274,13 @@ pub fn infer(
         }
         Op::TokenLogProbs => {
             arity(2)?;
+            let (logits, labels) = (inputs[0], inputs[1]);
+            if logits.shape[..logits.shape.len().saturating_sub(1)] != labels.shape[..] {
+                return Err(format!(
+                    "log-probabilities of logits {:?} for tokens {:?}",
+                    logits.shape, labels.shape
+                ));
+            }
             Ok(TensorMeta {
                 shape: inputs[1].shape.clone(),
                 dtype: DType::F32,

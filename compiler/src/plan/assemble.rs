@@ -144,16 +144,16 @@ pub fn why_lost(best: &Evaluation, other: &Evaluation) -> String {
 
 pub const GIB: f64 = 1073741824.0;
 
-/// Which pipeline rank holds each layer: the stage that owns it, or with an interleaved
-/// schedule the rank of its model chunk (chunk c lives on rank c mod p).
-fn owners(model: &Model, s: &Strategy, layout: &[std::ops::Range<usize>]) -> Vec<u64> {
-    let n = model.layers.len();
-    let chunks = match s.schedule {
-        ScheduleChoice::Interleaved(v) if s.pipeline > 1 => model.balanced_stages(s.pipeline * v),
-        _ => layout.to_vec(),
-    };
-    (0..n)
-        .map(|l| chunks.iter().position(|r| r.contains(&l)).unwrap_or(0) as u64 % s.pipeline)
+/// Which pipeline rank holds each layer (with an interleaved schedule a rank holds several
+/// chunks).
+fn owners(model: &Model, layout: &[Vec<std::ops::Range<usize>>]) -> Vec<u64> {
+    (0..model.layers.len())
+        .map(|l| {
+            layout
+                .iter()
+                .position(|ranges| ranges.iter().any(|r| r.contains(&l)))
+                .unwrap_or(0) as u64
+        })
         .collect()
 }
 
@@ -331,8 +331,10 @@ fn collectives(model: &Model, g: &Graph, c: &Candidate) -> Vec<Collective> {
         let slowest = c
             .layout
             .iter()
-            .map(|r| {
-                (r.start..r.end)
+            .map(|ranges| {
+                ranges
+                    .iter()
+                    .flat_map(|r| r.clone())
                     .filter(|&l| g.layers[l].kind == LayerKind::Block)
                     .count()
             })
@@ -375,9 +377,10 @@ fn collectives(model: &Model, g: &Graph, c: &Candidate) -> Vec<Collective> {
         let trainable: f64 = c
             .layout
             .iter()
-            .map(|r| {
-                model.layers[r.clone()]
+            .map(|ranges| {
+                ranges
                     .iter()
+                    .flat_map(|r| &model.layers[r.clone()])
                     .map(|l| l.trainable_split / s.tensor as f64 + l.trainable_repl)
                     .sum::<f64>()
             })
@@ -513,7 +516,7 @@ pub fn plan(
     let s = ev.strategy;
     let cluster = &e.parallel.mesh;
     let per_stage = s.data * s.tensor;
-    let owners = owners(model, &s, &best.layout);
+    let owners = owners(model, &best.layout);
     let stages: Vec<Stage> = ev
         .stages
         .iter()

@@ -116,7 +116,8 @@ pub struct MemoryBreakdown {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct StageCost {
     /// Layer indices `[start, end)` into the profiles.
-    pub layers: (usize, usize),
+    /// Layer ranges `[start, end)` into the profiles (several with an interleaved schedule).
+    pub layers: Vec<(usize, usize)>,
     /// Seconds per microbatch: forward, backward, recompute, tensor-parallel communication.
     pub forward: f64,
     pub backward: f64,
@@ -150,6 +151,11 @@ impl Evaluation {
             .map(|s| s.memory.total)
             .fold(0.0, f64::max)
     }
+}
+
+/// Ring all-gather or reduce-scatter: (n−1)/n · S/B plus n−1 latency steps.
+pub fn all_gather(bytes: f64, n: u64, bandwidth: f64, latency: f64) -> f64 {
+    all_reduce(bytes, n, bandwidth, latency) / 2.0
 }
 
 /// Ring all-reduce: 2(n−1)/n · S/B plus 2(n−1) latency steps.
@@ -287,27 +293,53 @@ impl Model<'_> {
         out
     }
 
-    /// The cost of one stage (layers `range`) from prefix sums.
+    /// The stage layout of a strategy: blocks as even as possible; with an interleaved
+    /// schedule the model is cut into p·v chunks and rank i holds chunks i, i+p, i+2p, ...
+    pub fn layout(&self, s: &Strategy) -> Vec<Vec<Range<usize>>> {
+        match s.schedule {
+            ScheduleChoice::Interleaved(v) if s.pipeline > 1 => {
+                let chunks = self.balanced_stages(s.pipeline * v);
+                let p = s.pipeline as usize;
+                (0..p)
+                    .map(|i| chunks.iter().skip(i).step_by(p).cloned().collect())
+                    .collect()
+            }
+            _ => self
+                .balanced_stages(s.pipeline)
+                .into_iter()
+                .map(|r| vec![r])
+                .collect(),
+        }
+    }
+
+    /// The cost of one stage (its layer ranges) from prefix sums.
     pub fn stage(
         &self,
         s: &Strategy,
         prefix: &[Terms],
-        range: Range<usize>,
+        ranges: &[Range<usize>],
         stage_index: u64,
     ) -> StageCost {
-        let sum = prefix[range.end].minus(&prefix[range.start]);
+        let sum = ranges.iter().fold(Terms::default(), |acc, r| {
+            acc.plus(&prefix[r.end].minus(&prefix[r.start]))
+        });
         // The largest single layer's activations (live while full recompute rebuilds it).
-        let largest = (range.start..range.end)
+        let largest = ranges
+            .iter()
+            .flat_map(|r| r.start..r.end)
             .map(|i| prefix[i + 1].largest - prefix[i].largest)
             .fold(0.0, f64::max);
         let p = s.pipeline;
         // Microbatches whose activations are alive at once on this stage.
+        // Microbatches whose activations are alive at once on this stage: all of them under
+        // GPipe; p − i under 1F1B; interleaved, the warmup of 2(p−i−1) + (v−1)p chunks plus
+        // one, each 1/v of a microbatch (stage 0: p·(1 + (p−1)/(p·v)), as in Korthikanti).
         let in_flight = match s.schedule {
             ScheduleChoice::Gpipe => s.microbatches as f64,
             ScheduleChoice::OneFOneB => (p - stage_index).min(s.microbatches) as f64,
             ScheduleChoice::Interleaved(v) => {
-                (p - stage_index).min(s.microbatches) as f64
-                    * (1.0 + (p as f64 - 1.0) / (p as f64 * v as f64))
+                let chunks = (2 * (p - stage_index - 1) + (v - 1) * p + 1).min(s.microbatches * v);
+                chunks as f64 / v as f64
             }
         };
         let activations = if s.recompute == RecomputeChoice::Full {
@@ -319,7 +351,7 @@ impl Model<'_> {
             / self.batch as f64;
         let memory = self.memory(s, sum.params, sum.trainable, activations, boundary);
         StageCost {
-            layers: (range.start, range.end),
+            layers: ranges.iter().map(|r| (r.start, r.end)).collect(),
             forward: sum.forward,
             backward: sum.backward,
             recompute: sum.recompute,
@@ -360,7 +392,7 @@ impl Model<'_> {
     }
 
     /// Time and memory of a strategy with the given stage layout.
-    pub fn evaluate(&self, s: &Strategy, layout: &[Range<usize>]) -> Evaluation {
+    pub fn evaluate(&self, s: &Strategy, layout: &[Vec<Range<usize>>]) -> Evaluation {
         self.evaluate_with(s, layout, &self.prefix(s))
     }
 
@@ -368,20 +400,20 @@ impl Model<'_> {
     pub fn evaluate_with(
         &self,
         s: &Strategy,
-        layout: &[Range<usize>],
+        layout: &[Vec<Range<usize>>],
         prefix: &[Terms],
     ) -> Evaluation {
         let stages: Vec<StageCost> = layout
             .iter()
             .enumerate()
-            .map(|(i, r)| self.stage(s, prefix, r.clone(), i as u64))
+            .map(|(i, r)| self.stage(s, prefix, r, i as u64))
             .collect();
         let slowest = stages
             .iter()
             .max_by(|a, b| a.per_microbatch().total_cmp(&b.per_microbatch()))
             .cloned()
             .unwrap_or(StageCost {
-                layers: (0, 0),
+                layers: Vec::new(),
                 forward: 0.0,
                 backward: 0.0,
                 recompute: 0.0,
@@ -413,18 +445,28 @@ impl Model<'_> {
         // (ZeRO-3 adds the parameter all-gather: 3Ψ instead of 2Ψ).
         let grad_bytes = stages
             .iter()
-            .map(|st| self.stage_trainable(s, st.layers))
+            .map(|st| self.stage_trainable(s, &st.layers))
             .fold(0.0, f64::max)
             * self.element_bytes();
         let (bw, lat) = self.group_bandwidth(s.data, s.tensor);
-        // ZeRO-3 also gathers the weights (forward and backward): 3Ψ against 2Ψ.
-        let zero3 = if s.zero == 3 { 1.5 } else { 1.0 };
-        let data_parallel = zero3 * all_reduce(grad_bytes, s.data, bw, lat);
+        // ZeRO-3 reduce-scatters gradients and all-gathers every weight (frozen ones too) for
+        // the forward and again for the backward: 3Ψ for full training.
+        let data_parallel = if s.zero == 3 {
+            let weight_bytes = stages
+                .iter()
+                .map(|st| self.stage_params(s, &st.layers))
+                .fold(0.0, f64::max)
+                * self.element_bytes();
+            all_gather(grad_bytes, s.data, bw, lat)
+                + 2.0 * all_gather(weight_bytes, s.data, bw, lat)
+        } else {
+            all_reduce(grad_bytes, s.data, bw, lat)
+        };
         // Adam reads and writes fp32 master weights and both moments, reads the gradient and
         // writes the working copy: about 28 bytes per trainable parameter it owns.
         let owned = stages
             .iter()
-            .map(|st| self.stage_trainable(s, st.layers))
+            .map(|st| self.stage_trainable(s, &st.layers))
             .fold(0.0, f64::max)
             / if s.zero >= 1 { s.data as f64 } else { 1.0 };
         let optimizer = if self.offload == Offload::None {
@@ -471,10 +513,19 @@ impl Model<'_> {
         }
     }
 
-    fn stage_trainable(&self, s: &Strategy, layers: (usize, usize)) -> f64 {
-        self.layers[layers.0..layers.1]
+    fn stage_trainable(&self, s: &Strategy, layers: &[(usize, usize)]) -> f64 {
+        layers
             .iter()
+            .flat_map(|&(a, b)| &self.layers[a..b])
             .map(|l| l.trainable_split / s.tensor as f64 + l.trainable_repl)
+            .sum()
+    }
+
+    fn stage_params(&self, s: &Strategy, layers: &[(usize, usize)]) -> f64 {
+        layers
+            .iter()
+            .flat_map(|&(a, b)| &self.layers[a..b])
+            .map(|l| l.params_split / s.tensor as f64 + l.params_repl)
             .sum()
     }
 }

@@ -88,7 +88,7 @@ impl<'e> Planner<'e> {
                     e.train.batch
                 ),
             )
-            .help("make the global batch divisible by the data-parallel degree (and micro_batch)");
+            .help("the global batch must split evenly into data-parallel replicas and microbatches, and an interleaved schedule needs a multiple of `pipeline` microbatches");
             if let Some(s) = span {
                 d = d.at(s, format!("{} devices", shape.devices));
             }
@@ -253,7 +253,7 @@ fn does_not_fit(
     let s = ev.strategy;
     let mut levers: Vec<(String, search::Candidate)> = Vec::new();
     let mut try_lever = |label: String, changed: cost::Strategy| {
-        let layout = model.balanced_stages(changed.pipeline);
+        let layout = model.layout(&changed);
         let evaluation = model.evaluate(&changed, &layout);
         if evaluation.fits {
             levers.push((label, search::Candidate { evaluation, layout }));

@@ -95,6 +95,10 @@ pub fn candidates(space: &Space, shape: &Shape) -> Vec<Strategy> {
                     }
                 };
                 for &schedule in &schedules {
+                    // Interleaving fills the pipeline in groups of p microbatches.
+                    if matches!(schedule, ScheduleChoice::Interleaved(_)) && m % p != 0 {
+                        continue;
+                    }
                     let zeros: Vec<u8> = match space.zero {
                         Some(z) => vec![z],
                         None if d == 1 => vec![0],
@@ -141,7 +145,8 @@ pub fn candidates(space: &Space, shape: &Shape) -> Vec<Strategy> {
 #[derive(Clone, Debug)]
 pub struct Candidate {
     pub evaluation: Evaluation,
-    pub layout: Vec<Range<usize>>,
+    /// Each stage's layer ranges.
+    pub layout: Vec<Vec<Range<usize>>>,
 }
 
 /// Orders evaluations: feasible first, then faster, then less memory, then the stable order of
@@ -166,7 +171,7 @@ pub fn uniform(model: &Model, candidates: &[Strategy]) -> Vec<Candidate> {
     let mut out: Vec<Candidate> = candidates
         .par_iter()
         .map(|s| {
-            let layout = model.balanced_stages(s.pipeline);
+            let layout = model.layout(s);
             Candidate {
                 evaluation: model.evaluate_with(s, &layout, &prefixes[&key(s)]),
                 layout,
@@ -180,11 +185,15 @@ pub fn uniform(model: &Model, candidates: &[Strategy]) -> Vec<Candidate> {
 /// Re-cuts the layers into `p` stages to minimise the slowest stage, with every stage fitting
 /// its memory (Alpa's inter-operator DP, here over uniform submeshes): `best[i][j]` is the
 /// smallest possible slowest-stage time when stages `i..p` hold layers `j..`.
-pub fn rebalance(model: &Model, s: &Strategy) -> Option<Vec<Range<usize>>> {
+pub fn rebalance(model: &Model, s: &Strategy) -> Option<Vec<Vec<Range<usize>>>> {
     let n = model.layers.len();
     let p = s.pipeline as usize;
+    // Interleaved chunks stay equal: the schedule assumes it.
+    if matches!(s.schedule, ScheduleChoice::Interleaved(_)) {
+        return None;
+    }
     if p <= 1 {
-        return Some(std::iter::once(0..n).collect());
+        return Some(vec![std::iter::once(0..n).collect()]);
     }
     let prefix = model.prefix(s);
     let inf = f64::INFINITY;
@@ -198,7 +207,7 @@ pub fn rebalance(model: &Model, s: &Strategy) -> Option<Vec<Range<usize>>> {
                 if best[i + 1][k] == inf {
                     continue;
                 }
-                let stage = model.stage(s, &prefix, j..k, i as u64);
+                let stage = model.stage(s, &prefix, &[j..k], i as u64);
                 if stage.memory.total > stage.memory.capacity {
                     continue;
                 }
@@ -217,7 +226,7 @@ pub fn rebalance(model: &Model, s: &Strategy) -> Option<Vec<Range<usize>>> {
     let mut j = 0;
     for row in cut.iter().take(p) {
         let k = row[j];
-        layout.push(j..k);
+        layout.push(vec![j..k]);
         j = k;
     }
     Some(layout)

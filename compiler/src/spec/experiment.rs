@@ -75,8 +75,22 @@ pub fn experiment(cx: &Cx, v: &Spanned, module: ModuleId) -> Option<Experiment> 
     let init = r.opt("init", super::objective::experiment_name);
     cx.origins.borrow_mut().rename("adapter", "adapters");
     let experiment_span = r.span();
+    let adapter_span = r.span_of("adapter");
     r.finish();
 
+    if let (Some(Objective::Ppo(_)), Some(list)) = (&objective, &adapters) {
+        if let Some(a) = list
+            .iter()
+            .find(|a| matches!(a, Adapter::Prompt { .. } | Adapter::Ptuning { .. }))
+        {
+            cx.report(
+                Diagnostic::new(Code::Conflict, format!("PPO cannot train `{}`: the reference policy would see a different sequence", a.name()))
+                    .at(adapter_span, "prepends virtual tokens to the policy's input")
+                    .also(objective_span, "compares the policy with the reference token by token")
+                    .help("use lora, ia3 or prefix (which leaves the sequence unchanged) with ppo"),
+            );
+        }
+    }
     if let (Some(m), Some(o)) = (&model, &objective) {
         for head in required_heads(o) {
             if !m.output_heads.iter().any(|h| h.name() == *head) {

@@ -29,9 +29,19 @@ pub fn apply(
     for i in 0..cx.model.layers {
         for &site in sites {
             let module = cx.names.module(site, i);
-            let Some(out) = g.find(&module) else { continue };
+            let Some(projection) = g.find(&module) else {
+                continue;
+            };
+            // After the sublayer's dropout, as adapter-hub places it.
+            let dropout = g
+                .dag
+                .neighbors_directed(projection, petgraph::Direction::Outgoing)
+                .find(|&n| matches!(g.dag[n].op, Op::Dropout { .. }));
+            let out = dropout.unwrap_or(projection);
             let layer = g.dag[out].layer;
-            let name = format!("{module}.adapters.bottleneck");
+            // adapter-hub names adapters after the sublayer's output module (`...output.adapters.NAME`).
+            let parent = module.rsplit_once('.').map_or(module.as_str(), |(p, _)| p);
+            let name = format!("{parent}.adapters.bottleneck");
             let down = add_linear(
                 g,
                 &format!("{name}.adapter_down.0"),

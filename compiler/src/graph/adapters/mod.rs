@@ -79,7 +79,12 @@ pub fn apply(g: &mut Graph, cx: &Context, adapters: &[Adapter]) {
             p.trainable = p.role == ParamRole::NewHead;
         }
     }
-    for adapter in adapters {
+    // Bottleneck adapters wrap a sublayer's whole output, so they go in first: passes that
+    // rewrite the projection itself (LoRA, IA3) then stay inside what the bottleneck reads.
+    let (wrapping, rest): (Vec<&Adapter>, Vec<&Adapter>) = adapters
+        .iter()
+        .partition(|a| matches!(a, Adapter::Bottleneck { .. }));
+    for adapter in wrapping.into_iter().chain(rest) {
         match adapter {
             Adapter::Lora(l) => lora::apply(g, cx, l),
             Adapter::Ia3 {

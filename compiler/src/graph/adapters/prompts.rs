@@ -5,6 +5,7 @@
 use super::Context;
 use crate::graph::ir::*;
 use crate::graph::lower::add_linear;
+use crate::graph::names::Module;
 use crate::spec::PromptEncoder;
 use petgraph::graph::NodeIndex;
 
@@ -120,11 +121,8 @@ fn shift_positions(g: &mut Graph, by: u64) {
 /// Prepends `[b, P, h]` virtual embeddings to the token embeddings; labels get P leading
 /// −100s from the data pipeline, so label inputs grow by P.
 fn prepend(g: &mut Graph, cx: &Context, virtual_embeddings: NodeIndex, tokens: u64) {
-    let Some(embedding) = g
-        .dag
-        .neighbors_directed(cx.tokens, petgraph::Direction::Outgoing)
-        .find(|&n| matches!(g.dag[n].op, Op::Embedding { .. }))
-    else {
+    // The policy's token embedding (not a PPO reference copy's).
+    let Some(embedding) = g.find(&cx.names.module(Module::TokenEmbedding, 0)) else {
         return;
     };
     let layer = g.dag[embedding].layer;
