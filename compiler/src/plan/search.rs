@@ -207,7 +207,7 @@ pub fn rebalance(model: &Model, s: &Strategy) -> Option<Vec<Vec<Range<usize>>>> 
                 if best[i + 1][k] == inf {
                     continue;
                 }
-                let stage = model.stage(s, &prefix, &[j..k], i as u64);
+                let stage = model.stage(s, &prefix, std::slice::from_ref(&(j..k)), i as u64);
                 if stage.memory.total > stage.memory.capacity {
                     continue;
                 }
@@ -226,7 +226,7 @@ pub fn rebalance(model: &Model, s: &Strategy) -> Option<Vec<Vec<Range<usize>>>> 
     let mut j = 0;
     for row in cut.iter().take(p) {
         let k = row[j];
-        layout.push(vec![j..k]);
+        layout.push(std::iter::once(j..k).collect());
         j = k;
     }
     Some(layout)
