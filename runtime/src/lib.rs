@@ -1,4 +1,7 @@
 //! Kiln's runtime: executes the compiler's execution plans with dfdx (CPU by default, CUDA
 //! behind a feature), with data pipelines, checkpoints and collectives.
 //!
-//! It is empty until the graph IR it executes exists; see the project's issues.
+//! So far: reading Hugging Face and PEFT safetensors checkpoints and binding their tensors to
+//! the parameters of an operator graph (`checkpoint`). The executor comes next.
+
+pub mod checkpoint;
