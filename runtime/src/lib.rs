@@ -5,3 +5,4 @@
 //! the parameters of an operator graph (`checkpoint`). The executor comes next.
 
 pub mod checkpoint;
+pub mod exec;

@@ -1,0 +1,785 @@
+//! The CPU executor: interprets the operator graph with dfdx. Values live in a table of
+//! tape-less tensors (one per node); a single gradient tape is threaded through the ops in
+//! topological order (put on the left operand, split off the result), and `backward` on the
+//! loss yields gradients for every parameter the ops touched.
+
+use crate::checkpoint::HostTensor;
+use dfdx::prelude::*;
+use kiln_compiler::graph::{Act, Graph, InputKind, Layout, Op, ParamRef, Pick};
+use petgraph::graph::NodeIndex;
+use std::collections::BTreeMap;
+use std::fmt;
+
+type Tape = OwnedTape<f32, Cpu>;
+type T0 = Tensor<(), f32, Cpu>;
+type T1 = Tensor<(usize,), f32, Cpu>;
+type T2 = Tensor<(usize, usize), f32, Cpu>;
+type T3 = Tensor<(usize, usize, usize), f32, Cpu>;
+type T4 = Tensor<(usize, usize, usize, usize), f32, Cpu>;
+
+/// HF's mask value: the most negative finite f32, so fully masked rows stay finite.
+const MASKED: f32 = f32::MIN;
+
+/// One batch: integer inputs by the graph's input names (`input_ids`, `labels`, ...), plus what
+/// the objective reads outside the graph's inputs.
+#[derive(Clone, Debug, Default)]
+pub struct Batch {
+    /// `[rows][positions]` integers per input name; labels use −100 for "no loss".
+    pub ints: BTreeMap<String, Vec<Vec<i64>>>,
+    /// 1 for real tokens, 0 for padding; all ones when absent.
+    pub attention_mask: Option<Vec<Vec<i64>>>,
+    /// The [MASK] position of each row (PET).
+    pub mask_positions: Option<Vec<usize>>,
+    /// Token ids of each class's verbalizer word (PET).
+    pub class_token_ids: Option<Vec<usize>>,
+}
+
+#[derive(Debug)]
+pub struct ExecError(pub String);
+
+impl fmt::Display for ExecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ExecError {}
+
+fn err<T>(message: impl Into<String>) -> Result<T, ExecError> {
+    Err(ExecError(message.into()))
+}
+
+/// The loss and the gradient of every trainable parameter (`None` for frozen ones).
+pub struct Outcome {
+    pub loss: f32,
+    pub grads: Vec<Option<Vec<f32>>>,
+}
+
+#[derive(Clone)]
+enum V {
+    S(T0),
+    R2(T2),
+    R3(T3),
+    /// Integer input `[b, s]` (or `[b]` as `[b, 1]`).
+    Ints(Vec<Vec<i64>>),
+}
+
+impl V {
+    fn r3(&self, what: &str) -> Result<T3, ExecError> {
+        match self {
+            V::R3(t) => Ok(t.clone()),
+            _ => err(format!("{what}: expected a rank-3 tensor")),
+        }
+    }
+    fn r2(&self, what: &str) -> Result<T2, ExecError> {
+        match self {
+            V::R2(t) => Ok(t.clone()),
+            _ => err(format!("{what}: expected a rank-2 tensor")),
+        }
+    }
+    fn scalar(&self, what: &str) -> Result<T0, ExecError> {
+        match self {
+            V::S(t) => Ok(t.clone()),
+            _ => err(format!("{what}: expected a scalar")),
+        }
+    }
+    fn ints(&self, what: &str) -> Result<&Vec<Vec<i64>>, ExecError> {
+        match self {
+            V::Ints(v) => Ok(v),
+            _ => err(format!("{what}: expected integer input")),
+        }
+    }
+}
+
+/// A parameter as a tape-less tensor of its own rank.
+#[derive(Clone)]
+enum P {
+    R1(T1),
+    R2(T2),
+}
+
+struct Interpreter<'g> {
+    g: &'g Graph,
+    dev: Cpu,
+    tape: Tape,
+    params: Vec<P>,
+    values: Vec<Option<V>>,
+    batch: &'g Batch,
+}
+
+/// Runs forward and backward for one batch.
+pub fn forward_backward(
+    g: &Graph,
+    values: &[HostTensor],
+    batch: &Batch,
+) -> Result<Outcome, ExecError> {
+    let dev = Cpu::default();
+    let params = values
+        .iter()
+        .zip(&g.params)
+        .map(|(v, p)| match v.shape.as_slice() {
+            [n] => Ok(P::R1(dev.tensor_from_vec(v.data.clone(), (*n,)))),
+            [a, b] => Ok(P::R2(dev.tensor_from_vec(v.data.clone(), (*a, *b)))),
+            other => err(format!("parameter `{}` has rank {}", p.name, other.len())),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut it = Interpreter {
+        g,
+        dev,
+        tape: Tape::default(),
+        params,
+        values: vec![None; g.dag.node_count()],
+        batch,
+    };
+    for n in g.topo_order() {
+        let v = it
+            .node(n)
+            .map_err(|e| ExecError(format!("{}: {}", g.dag[n].name, e.0)))?;
+        it.values[n.index()] = Some(v);
+    }
+    let Some(loss_node) = g.loss else {
+        return err("the graph has no loss");
+    };
+    let loss = it.values[loss_node.index()]
+        .take()
+        .ok_or_else(|| ExecError("loss not computed".into()))?
+        .scalar("loss")?;
+    let loss_value = loss.array();
+    if !loss_value.is_finite() {
+        return err(format!("the loss is {loss_value}"));
+    }
+    let tape = std::mem::take(&mut it.tape);
+    let grads = loss.put_tape(tape).backward();
+    let out = it
+        .params
+        .iter()
+        .zip(&g.params)
+        .map(|(p, meta)| {
+            meta.trainable.then(|| match p {
+                P::R1(t) => grads.get(t).as_vec(),
+                P::R2(t) => grads.get(t).as_vec(),
+            })
+        })
+        .collect();
+    Ok(Outcome {
+        loss: loss_value,
+        grads: out,
+    })
+}
+
+/// The erf GELU. dfdx 0.13's `accurate_gelu` computes the right values but its derivative
+/// drops a factor 1/√2 from the erf term; a term whose value is zero (e − stop(e), with
+/// e = exp(−x²/2)) carries the missing −(1 − 1/√2)/√π · x·e of gradient.
+fn exact_gelu<S: Shape>(x: Tensor<S, f32, Cpu, Tape>) -> Tensor<S, f32, Cpu, Tape> {
+    let c = (1.0 - std::f32::consts::FRAC_1_SQRT_2) / std::f32::consts::PI.sqrt();
+    let (xs, tape) = x.split_tape();
+    let (gelu, tape) = xs.clone().put_tape(tape).accurate_gelu().split_tape();
+    let held = (xs.clone().square() * -0.5).exp() * c;
+    let live = (xs.put_tape(tape).square() * -0.5).exp() * c;
+    live + gelu - held
+}
+
+impl Interpreter<'_> {
+    fn input(&self, n: NodeIndex, slot: usize) -> Result<&V, ExecError> {
+        let i = *self
+            .g
+            .inputs(n)
+            .get(slot)
+            .ok_or_else(|| ExecError(format!("no input {slot}")))?;
+        self.values[i.index()]
+            .as_ref()
+            .ok_or_else(|| ExecError("input not computed".into()))
+    }
+
+    fn p1(&self, id: usize) -> Result<T1, ExecError> {
+        match &self.params[id] {
+            P::R1(t) => Ok(t.clone()),
+            P::R2(t) => {
+                // IA3 vectors are stored [n, 1] or [1, n]: read them flat (same values).
+                let (a, b) = *t.shape();
+                Ok(t.clone().reshape_like(&(a * b,)))
+            }
+        }
+    }
+
+    fn p2(&self, id: usize) -> Result<T2, ExecError> {
+        match &self.params[id] {
+            P::R2(t) => Ok(t.clone()),
+            P::R1(_) => err(format!(
+                "parameter `{}` is not a matrix",
+                self.g.params[id].name
+            )),
+        }
+    }
+
+    fn take_tape(&mut self) -> Tape {
+        std::mem::take(&mut self.tape)
+    }
+
+    /// Puts the result's tape back and keeps its value.
+    fn keep3(&mut self, t: Tensor<(usize, usize, usize), f32, Cpu, Tape>) -> V {
+        let (v, tape) = t.split_tape();
+        self.tape = tape;
+        V::R3(v)
+    }
+    fn keep2(&mut self, t: Tensor<(usize, usize), f32, Cpu, Tape>) -> V {
+        let (v, tape) = t.split_tape();
+        self.tape = tape;
+        V::R2(v)
+    }
+    fn keep0(&mut self, t: Tensor<(), f32, Cpu, Tape>) -> V {
+        let (v, tape) = t.split_tape();
+        self.tape = tape;
+        V::S(v)
+    }
+
+    fn node(&mut self, n: NodeIndex) -> Result<V, ExecError> {
+        let node = &self.g.dag[n];
+        let op = node.op.clone();
+        match op {
+            Op::Input { kind } => {
+                let name = node.name.clone();
+                let ints = match self.batch.ints.get(&name) {
+                    Some(v) => v.clone(),
+                    None if kind == InputKind::TokenTypes => {
+                        vec![vec![0; self.g.seq as usize]; self.g.batch as usize]
+                    }
+                    None => return err(format!("the batch has no `{name}`")),
+                };
+                // Inputs made longer by prompt tuning take P leading −100 labels.
+                let want = node.out.shape.get(1).copied().unwrap_or(1) as usize;
+                let padded = ints
+                    .into_iter()
+                    .map(|row| {
+                        if row.len() < want && kind == InputKind::Labels {
+                            std::iter::repeat_n(-100, want - row.len())
+                                .chain(row)
+                                .collect()
+                        } else {
+                            row
+                        }
+                    })
+                    .collect();
+                Ok(V::Ints(padded))
+            }
+            Op::Embedding { table } => {
+                let ids = self.input(n, 0)?.ints("ids")?.clone();
+                let (b, s) = (ids.len(), ids.first().map_or(0, Vec::len));
+                let flat: Vec<usize> = ids.iter().flatten().map(|&i| i.max(0) as usize).collect();
+                let idx: Tensor<(usize, usize), usize, Cpu> =
+                    self.dev.tensor_from_vec(flat, (b, s));
+                let w = self.p2(table)?;
+                let tape = self.take_tape();
+                let out: Tensor<(usize, usize, usize), f32, Cpu, Tape> =
+                    w.put_tape(tape).gather(idx);
+                Ok(self.keep3(out))
+            }
+            Op::PositionEmbedding { table, offset } => {
+                let x = self.input(n, 0)?.r3("x")?;
+                let (b, s, d) = *x.shape();
+                let w = self.p2(table)?;
+                let tape = self.take_tape();
+                let rows = w
+                    .put_tape(tape)
+                    .slice((offset as usize..offset as usize + s, ..))
+                    .reshape_like(&(s, d));
+                let out = rows.broadcast_like::<_, Axis<0>>(&(b, s, d));
+                Ok(self.keep3(out))
+            }
+            Op::VirtualTokens { table } => {
+                let x = self.input(n, 0)?;
+                let b = match x {
+                    V::Ints(v) => v.len(),
+                    V::R3(t) => t.shape().0,
+                    _ => return err("virtual tokens need the batch"),
+                };
+                let w = self.p2(table)?;
+                let p = w.shape().0;
+                // Repeated over the batch as I·w per row: a product, whose backward sums the
+                // rows' gradients into the table (a broadcast consumed by several slices did not).
+                let mut eye = vec![0.0f32; b * p * p];
+                for r in 0..b {
+                    for i in 0..p {
+                        eye[(r * p + i) * p + i] = 1.0;
+                    }
+                }
+                let eye: T3 = self.dev.tensor_from_vec(eye, (b, p, p));
+                let tape = self.take_tape();
+                let out = eye.put_tape(tape).matmul(w);
+                Ok(self.keep3(out))
+            }
+            Op::Add | Op::Mul => {
+                let inputs = self.g.inputs(n);
+                // The same tensor on both sides of one op would break dfdx's backward.
+                let same = inputs.first() == inputs.get(1);
+                let add = matches!(op, Op::Add);
+                match (self.input(n, 0)?.clone(), self.input(n, 1)?.clone()) {
+                    (V::R3(a), V::R3(b)) => {
+                        let a = a.put_tape(self.take_tape());
+                        let out = match (same, add) {
+                            (true, true) => a * 2.0,
+                            (true, false) => a.square(),
+                            (false, true) => a + b,
+                            (false, false) => a * b,
+                        };
+                        Ok(self.keep3(out))
+                    }
+                    (V::R2(a), V::R2(b)) => {
+                        let a = a.put_tape(self.take_tape());
+                        let out = match (same, add) {
+                            (true, true) => a * 2.0,
+                            (true, false) => a.square(),
+                            (false, true) => a + b,
+                            (false, false) => a * b,
+                        };
+                        Ok(self.keep2(out))
+                    }
+                    _ => err("add/mul of unlike tensors"),
+                }
+            }
+            Op::Scale { factor } => {
+                let x = self.input(n, 0)?.r3("x")?;
+                let tape = self.take_tape();
+                Ok(self.keep3(x.put_tape(tape) * factor as f32))
+            }
+            Op::ScaleBy { param } => {
+                let x = self.input(n, 0)?.r3("x")?;
+                let v = self.p1(param)?;
+                let shape = *x.shape();
+                let tape = self.take_tape();
+                Ok(self.keep3(x.put_tape(tape) * v.broadcast_like::<_, Axes2<0, 1>>(&shape)))
+            }
+            Op::LayerNorm { weight, bias, eps } => {
+                let x = self.input(n, 0)?.r3("x")?;
+                let shape = *x.shape();
+                let w = self.p1(weight)?;
+                let tape = self.take_tape();
+                let mut y = x.put_tape(tape).normalize::<Axis<2>>(eps as f32)
+                    * w.broadcast_like::<_, Axes2<0, 1>>(&shape);
+                if let Some(b) = bias {
+                    y = y + self.p1(b)?.broadcast_like::<_, Axes2<0, 1>>(&shape);
+                }
+                Ok(self.keep3(y))
+            }
+            Op::RmsNorm { weight, eps } => {
+                let x = self.input(n, 0)?.r3("x")?;
+                let shape = *x.shape();
+                let w = self.p1(weight)?;
+                let tape = self.take_tape();
+                let x = x.put_tape(tape);
+                let (xs, tape) = x.split_tape();
+                let ms = xs
+                    .clone()
+                    .put_tape(tape)
+                    .square()
+                    .mean::<(usize, usize), Axis<2>>();
+                let inv = (ms + eps as f32)
+                    .sqrt()
+                    .recip()
+                    .broadcast_like::<_, Axis<2>>(&shape);
+                let y = inv * xs * w.broadcast_like::<_, Axes2<0, 1>>(&shape);
+                Ok(self.keep3(y))
+            }
+            Op::Linear {
+                weight,
+                bias,
+                layout,
+                ..
+            } => {
+                let x = self.input(n, 0)?.clone();
+                self.linear(x, weight, bias, layout)
+            }
+            Op::Slice { start, len } => {
+                let (start, end) = (start as usize, (start + len) as usize);
+                match self.input(n, 0)?.clone() {
+                    V::R3(x) => {
+                        let tape = self.take_tape();
+                        Ok(self.keep3(x.put_tape(tape).slice((.., .., start..end)).realize()))
+                    }
+                    _ => err("slice of a non-rank-3 tensor"),
+                }
+            }
+            Op::Concat { axis } => {
+                let (a, b) = (self.input(n, 0)?.r3("a")?, self.input(n, 1)?.r3("b")?);
+                if axis != 1 {
+                    return err("concatenation only along the sequence axis");
+                }
+                let tape = self.take_tape();
+                let out: Tensor<(usize, usize, usize), f32, Cpu, Tape> =
+                    (a.put_tape(tape), b).concat_along(Axis::<1>);
+                Ok(self.keep3(out))
+            }
+            Op::Rotary {
+                theta,
+                head_dim,
+                offset,
+            } => {
+                let x = self.input(n, 0)?.r3("x")?;
+                self.rotary(x, theta, head_dim as usize, offset as usize)
+            }
+            Op::Attention {
+                heads,
+                kv_heads,
+                head_dim,
+                causal,
+                ..
+            } => {
+                let (q, k, v) = (
+                    self.input(n, 0)?.r3("q")?,
+                    self.input(n, 1)?.r3("k")?,
+                    self.input(n, 2)?.r3("v")?,
+                );
+                self.attention(
+                    q,
+                    k,
+                    v,
+                    heads as usize,
+                    kv_heads as usize,
+                    head_dim as usize,
+                    causal,
+                )
+            }
+            Op::Activation { act } => match self.input(n, 0)?.clone() {
+                V::R3(x) => {
+                    let tape = self.take_tape();
+                    let x = x.put_tape(tape);
+                    let y = match act {
+                        Act::Gelu => exact_gelu(x),
+                        Act::GeluTanh => x.fast_gelu(),
+                        Act::Relu => x.relu(),
+                        Act::Tanh => x.tanh(),
+                        Act::Silu => {
+                            let (xs, tape) = x.split_tape();
+                            xs.clone().put_tape(tape).sigmoid() * xs
+                        }
+                    };
+                    Ok(self.keep3(y))
+                }
+                V::R2(x) => {
+                    let tape = self.take_tape();
+                    let x = x.put_tape(tape);
+                    let y = match act {
+                        Act::Gelu => exact_gelu(x),
+                        Act::GeluTanh => x.fast_gelu(),
+                        Act::Relu => x.relu(),
+                        Act::Tanh => x.tanh(),
+                        Act::Silu => {
+                            let (xs, tape) = x.split_tape();
+                            xs.clone().put_tape(tape).sigmoid() * xs
+                        }
+                    };
+                    Ok(self.keep2(y))
+                }
+                _ => err("activation of an unsupported rank"),
+            },
+            Op::Dropout { p } => {
+                if p > 0.0 {
+                    return err("dropout during training is not supported by the CPU executor yet");
+                }
+                Ok(self.input(n, 0)?.clone())
+            }
+            Op::SelectToken { pick } => {
+                let x = self.input(n, 0)?.r3("x")?;
+                let (b, s, d) = *x.shape();
+                let positions: Vec<usize> = match pick {
+                    Pick::First => vec![0; b],
+                    Pick::Mask => self
+                        .batch
+                        .mask_positions
+                        .clone()
+                        .ok_or_else(|| ExecError("the batch has no mask positions".into()))?,
+                    Pick::Last => match &self.batch.attention_mask {
+                        Some(m) => m
+                            .iter()
+                            .map(|row| row.iter().rposition(|&v| v != 0).unwrap_or(0))
+                            .collect(),
+                        None => vec![s - 1; b],
+                    },
+                };
+                if positions.len() != b || positions.iter().any(|&p| p >= s) {
+                    return err("token positions do not fit the batch");
+                }
+                // [b, s, d] → [b, d, s], then pick one position per row for every feature.
+                let idx: Tensor<(usize, usize), usize, Cpu> = self.dev.tensor_from_vec(
+                    positions
+                        .iter()
+                        .flat_map(|&p| std::iter::repeat_n(p, d))
+                        .collect(),
+                    (b, d),
+                );
+                let tape = self.take_tape();
+                let out: Tensor<(usize, usize), f32, Cpu, Tape> =
+                    x.put_tape(tape).permute::<_, Axes3<0, 2, 1>>().select(idx);
+                Ok(self.keep2(out))
+            }
+            Op::GatherClasses { .. } => {
+                let x = self.input(n, 0)?.r2("logits")?;
+                let ids = self
+                    .batch
+                    .class_token_ids
+                    .clone()
+                    .ok_or_else(|| ExecError("the batch has no verbalizer token ids".into()))?;
+                let c = ids.len();
+                let idx: Tensor<(usize,), usize, Cpu> = self.dev.tensor_from_vec(ids, (c,));
+                let tape = self.take_tape();
+                let picked: Tensor<(usize, usize), f32, Cpu, Tape> =
+                    x.put_tape(tape).permute::<_, Axes2<1, 0>>().gather(idx);
+                Ok(self.keep2(picked.permute::<_, Axes2<1, 0>>()))
+            }
+            Op::CrossEntropy { shift } => {
+                let labels = self.input(n, 1)?.ints("labels")?.clone();
+                match self.input(n, 0)?.clone() {
+                    V::R3(logits) => self.token_cross_entropy(logits, &labels, shift),
+                    V::R2(logits) => {
+                        let targets: Vec<i64> = labels
+                            .iter()
+                            .map(|r| r.first().copied().unwrap_or(-100))
+                            .collect();
+                        let (b, c) = *logits.shape();
+                        // Reshaping may copy: do it on the tape so the gradient reaches `logits`.
+                        let (logits, tape) = logits
+                            .put_tape(self.take_tape())
+                            .reshape_like(&(b, 1, c))
+                            .split_tape();
+                        self.tape = tape;
+                        self.token_cross_entropy(
+                            logits,
+                            &targets.iter().map(|&t| vec![t]).collect::<Vec<_>>(),
+                            false,
+                        )
+                    }
+                    _ => err("cross-entropy of an unsupported rank"),
+                }
+            }
+            Op::WeightedSum { weights } => {
+                let mut parts = Vec::new();
+                for (i, w) in weights.iter().enumerate() {
+                    parts.push((self.input(n, i)?.scalar("loss")?, *w as f32));
+                }
+                let mut iter = parts.into_iter();
+                let Some((first, w0)) = iter.next() else {
+                    return err("empty weighted sum");
+                };
+                let mut total = first.put_tape(self.take_tape()) * w0;
+                for (t, w) in iter {
+                    // The tape goes on the left of every product, so each term is recorded.
+                    let (sum, tape) = total.split_tape();
+                    total = t.put_tape(tape) * w + sum;
+                }
+                Ok(self.keep0(total))
+            }
+            other => err(format!(
+                "the CPU executor does not run `{}` yet",
+                other.kind()
+            )),
+        }
+    }
+
+    fn linear(
+        &mut self,
+        x: V,
+        weight: ParamRef,
+        bias: Option<ParamRef>,
+        layout: Layout,
+    ) -> Result<V, ExecError> {
+        // A pooled [b, d] input runs as [b, 1, d].
+        let pooled = matches!(x, V::R2(_));
+        let x = match x {
+            V::R2(t) => {
+                let (b, d) = *t.shape();
+                let (t, tape) = t
+                    .put_tape(self.take_tape())
+                    .reshape_like(&(b, 1, d))
+                    .split_tape();
+                self.tape = tape;
+                t
+            }
+            other => other.r3("x")?,
+        };
+        let (b, s, _) = *x.shape();
+        let w = self.p2(weight.id)?;
+        let tape = self.take_tape();
+        let x = x.put_tape(tape);
+        let y = match layout {
+            Layout::InOut => x.matmul(w),
+            Layout::OutIn => x.matmul(w.permute::<_, Axes2<1, 0>>()),
+        };
+        let n = y.shape().2;
+        let y = match bias {
+            Some(bias) => {
+                y + self
+                    .p1(bias.id)?
+                    .broadcast_like::<_, Axes2<0, 1>>(&(b, s, n))
+            }
+            None => y,
+        };
+        // A range of a fused weight (GPT-2's c_attn read as q, k, v): the full product, sliced.
+        let y = match weight.outputs {
+            Some((a, e)) => y.slice((.., .., a as usize..e as usize)).realize(),
+            None => y,
+        };
+        if pooled {
+            let n = y.shape().2;
+            return Ok(self.keep2(y.reshape_like(&(b, n))));
+        }
+        Ok(self.keep3(y))
+    }
+
+    /// LLaMA's rotary embedding: x·cos + rotate_half(x)·sin per head, positions from `offset`.
+    /// rotate_half is a product with a fixed [d, d] matrix (−x₂, x₁), which keeps the backward
+    /// to matmuls and elementwise products.
+    fn rotary(&mut self, x: T3, theta: f64, d: usize, offset: usize) -> Result<V, ExecError> {
+        let (b, s, width) = *x.shape();
+        let h = width / d;
+        let half = d / 2;
+        let mut cos = Vec::with_capacity(b * s * width);
+        let mut sin = Vec::with_capacity(b * s * width);
+        for _ in 0..b {
+            for pos in offset..offset + s {
+                for _ in 0..h {
+                    for j in 0..d {
+                        let angle = pos as f64 / theta.powf((2 * (j % half)) as f64 / d as f64);
+                        cos.push(angle.cos() as f32);
+                        sin.push(angle.sin() as f32);
+                    }
+                }
+            }
+        }
+        let mut turn = vec![0.0f32; d * d];
+        for j in 0..half {
+            turn[(j + half) * d + j] = -1.0;
+            turn[j * d + j + half] = 1.0;
+        }
+        let rows = (b, s * h, d);
+        let cos: T3 = self.dev.tensor_from_vec(cos, rows);
+        let sin: T3 = self.dev.tensor_from_vec(sin, rows);
+        let turn: T2 = self.dev.tensor_from_vec(turn, (d, d));
+        let (x, tape) = x
+            .put_tape(self.take_tape())
+            .reshape_like(&rows)
+            .split_tape();
+        let (turned, tape) = (x.clone().put_tape(tape).matmul(turn) * sin).split_tape();
+        let y = (x.put_tape(tape) * cos + turned).reshape_like(&(b, s, width));
+        Ok(self.keep3(y))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &mut self,
+        q: T3,
+        k: T3,
+        v: T3,
+        heads: usize,
+        kv_heads: usize,
+        d: usize,
+        causal: bool,
+    ) -> Result<V, ExecError> {
+        let (b, s, _) = *q.shape();
+        let skv = k.shape().1;
+        let group = heads / kv_heads;
+        // Keys without a query of their own (prefixes) come first: query i sees keys up to i + P.
+        let past = skv - s;
+        let mut mask = vec![0.0f32; b * s * skv];
+        let padding = self.batch.attention_mask.clone();
+        for r in 0..b {
+            for i in 0..s {
+                for j in 0..skv {
+                    let future = causal && j > i + past;
+                    // The batch mask covers the last keys (the real tokens); keys before them
+                    // (prefixes, virtual tokens) are always visible.
+                    let pad = padding.as_ref().is_some_and(|m| {
+                        let real = j as i64 - (skv - m[r].len().min(skv)) as i64;
+                        real >= 0 && m[r][real as usize] == 0
+                    });
+                    if future || pad {
+                        mask[(r * s + i) * skv + j] = MASKED;
+                    }
+                }
+            }
+        }
+        let mask: T4 = self
+            .dev
+            .tensor_from_vec(mask, (b, s, skv))
+            .broadcast_like::<_, Axis<1>>(&(b, heads, s, skv));
+        let tape = self.take_tape();
+        let q = q
+            .put_tape(tape)
+            .reshape_like(&(b, s, heads, d))
+            .permute::<_, Axes4<0, 2, 1, 3>>();
+        let (q, tape) = q.split_tape();
+        // Keys and values to [b, heads, s_kv, d], each key/value head serving `group` query
+        // heads (head h reads key/value head h / group): a gather over the head axis, on the tape.
+        let dev = self.dev.clone();
+        let expand = |t: T3, tape: Tape| -> (T4, Tape) {
+            let t = t.put_tape(tape).reshape_like(&(b, skv, kv_heads, d));
+            if group == 1 {
+                return t.permute::<_, Axes4<0, 2, 1, 3>>().split_tape();
+            }
+            let by_head = t
+                .permute::<_, Axes4<2, 0, 1, 3>>()
+                .reshape_like(&(kv_heads, b * skv * d));
+            let idx: Tensor<(usize,), usize, Cpu> =
+                dev.tensor_from_vec((0..heads).map(|h| h / group).collect(), (heads,));
+            let repeated: Tensor<(usize, usize), f32, Cpu, Tape> = by_head.gather(idx);
+            repeated
+                .reshape_like(&(heads, b, skv, d))
+                .permute::<_, Axes4<1, 0, 2, 3>>()
+                .split_tape()
+        };
+        let (k, tape) = expand(k, tape);
+        let (v, tape) = expand(v, tape);
+        let scores =
+            q.put_tape(tape).matmul(k.permute::<_, Axes4<0, 1, 3, 2>>()) / (d as f32).sqrt();
+        let probs = (scores + mask).softmax::<Axis<3>>();
+        let out = probs
+            .matmul(v)
+            .permute::<_, Axes4<0, 2, 1, 3>>()
+            .reshape_like(&(b, s, heads * d));
+        Ok(self.keep3(out))
+    }
+
+    /// Mean cross-entropy over positions whose label is not −100.
+    fn token_cross_entropy(
+        &mut self,
+        logits: T3,
+        labels: &[Vec<i64>],
+        shift: bool,
+    ) -> Result<V, ExecError> {
+        let (b, s, vocab) = *logits.shape();
+        let (positions, offset) = if shift { (s - 1, 1) } else { (s, 0) };
+        let mut targets = Vec::with_capacity(b * positions);
+        let mut weights = Vec::with_capacity(b * positions);
+        for row in labels.iter().take(b) {
+            for t in 0..positions {
+                let label = row.get(t + offset).copied().unwrap_or(-100);
+                if label >= vocab as i64 {
+                    return err(format!(
+                        "label {label} is outside the vocabulary of {vocab}"
+                    ));
+                }
+                targets.push(label.max(0) as usize);
+                weights.push(if label < 0 { 0.0 } else { 1.0 });
+            }
+        }
+        let count: f32 = weights.iter().sum();
+        if count == 0.0 {
+            return err("no position has a label");
+        }
+        let targets: Tensor<(usize, usize), usize, Cpu> =
+            self.dev.tensor_from_vec(targets, (b, positions));
+        let weights: T2 = self.dev.tensor_from_vec(weights, (b, positions));
+        let tape = self.take_tape();
+        let logits = logits.put_tape(tape);
+        let logits = if shift {
+            logits
+                .slice((.., 0..positions, ..))
+                .realize::<(usize, usize, usize)>()
+        } else {
+            logits
+        };
+        let picked: Tensor<(usize, usize), f32, Cpu, Tape> =
+            logits.log_softmax::<Axis<2>>().select(targets);
+        let loss = (picked * weights).sum::<(), _>().negate() / count;
+        Ok(self.keep0(loss))
+    }
+}
