@@ -6,3 +6,4 @@
 
 pub mod checkpoint;
 pub mod exec;
+pub mod optim;
