@@ -32,6 +32,8 @@ pub struct Batch {
     pub mask_positions: Option<Vec<usize>>,
     /// Token ids of each class's verbalizer word (PET).
     pub class_token_ids: Option<Vec<usize>>,
+    /// Seed of this step's dropout masks; `None` runs without dropout (evaluation).
+    pub dropout_seed: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -100,6 +102,8 @@ enum P {
 
 struct Interpreter<'g> {
     g: &'g Graph,
+    /// Dropout masks drawn so far this step (each op gets its own stream).
+    masks_drawn: u64,
     dev: Cpu,
     tape: Tape,
     params: Vec<P>,
@@ -125,6 +129,7 @@ pub fn forward_backward(
         .collect::<Result<Vec<_>, _>>()?;
     let mut it = Interpreter {
         g,
+        masks_drawn: 0,
         dev,
         tape: Tape::default(),
         params,
@@ -179,7 +184,39 @@ fn exact_gelu<S: Shape>(x: Tensor<S, f32, Cpu, Tape>) -> Tensor<S, f32, Cpu, Tap
     live + gelu - held
 }
 
+/// SplitMix64: a small, well-mixed generator; masks depend only on the seed and the draw.
+fn splitmix(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 impl Interpreter<'_> {
+    /// An inverted-dropout mask (0 or 1/(1−p)) of the given shape, or `None` when dropout is
+    /// off for this batch or `p` is zero.
+    fn dropout_mask<S: Shape>(&mut self, shape: S, p: f64) -> Option<Tensor<S, f32, Cpu>> {
+        let seed = self.batch.dropout_seed?;
+        if p <= 0.0 {
+            return None;
+        }
+        self.masks_drawn += 1;
+        let mut state = seed ^ self.masks_drawn.wrapping_mul(0xD1B5_4A32_D192_ED03);
+        let keep = 1.0 / (1.0 - p) as f32;
+        let threshold = (p * u64::MAX as f64) as u64;
+        let data: Vec<f32> = (0..shape.num_elements())
+            .map(|_| {
+                if splitmix(&mut state) < threshold {
+                    0.0
+                } else {
+                    keep
+                }
+            })
+            .collect();
+        Some(self.dev.tensor_from_vec(data, shape))
+    }
+
     fn input(&self, n: NodeIndex, slot: usize) -> Result<&V, ExecError> {
         let i = *self
             .g
@@ -422,7 +459,7 @@ impl Interpreter<'_> {
                 kv_heads,
                 head_dim,
                 causal,
-                ..
+                dropout,
             } => {
                 let (q, k, v) = (
                     self.input(n, 0)?.r3("q")?,
@@ -433,10 +470,9 @@ impl Interpreter<'_> {
                     q,
                     k,
                     v,
-                    heads as usize,
-                    kv_heads as usize,
-                    head_dim as usize,
+                    (heads as usize, kv_heads as usize, head_dim as usize),
                     causal,
+                    dropout,
                 )
             }
             Op::Activation { act } => match self.input(n, 0)?.clone() {
@@ -473,10 +509,14 @@ impl Interpreter<'_> {
                 _ => err("activation of an unsupported rank"),
             },
             Op::Dropout { p } => {
-                if p > 0.0 {
-                    return err("dropout during training is not supported by the CPU executor yet");
+                let x = self.input(n, 0)?.r3("x")?;
+                match self.dropout_mask(*x.shape(), p) {
+                    Some(mask) => {
+                        let tape = self.take_tape();
+                        Ok(self.keep3(x.put_tape(tape) * mask))
+                    }
+                    None => Ok(V::R3(x)),
                 }
-                Ok(self.input(n, 0)?.clone())
             }
             Op::SelectToken { pick } => {
                 let x = self.input(n, 0)?.r3("x")?;
@@ -663,17 +703,18 @@ impl Interpreter<'_> {
         Ok(self.keep3(y))
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Scaled dot-product attention with causal and padding masks; `dims` is (heads, kv heads,
+    /// head dim).
     fn attention(
         &mut self,
         q: T3,
         k: T3,
         v: T3,
-        heads: usize,
-        kv_heads: usize,
-        d: usize,
+        dims: (usize, usize, usize),
         causal: bool,
+        dropout: f64,
     ) -> Result<V, ExecError> {
+        let (heads, kv_heads, d) = dims;
         let (b, s, _) = *q.shape();
         let skv = k.shape().1;
         let group = heads / kv_heads;
@@ -731,6 +772,10 @@ impl Interpreter<'_> {
         let scores =
             q.put_tape(tape).matmul(k.permute::<_, Axes4<0, 1, 3, 2>>()) / (d as f32).sqrt();
         let probs = (scores + mask).softmax::<Axis<3>>();
+        let probs = match self.dropout_mask((b, heads, s, skv), dropout) {
+            Some(m) => probs * m,
+            None => probs,
+        };
         let out = probs
             .matmul(v)
             .permute::<_, Axes4<0, 2, 1, 3>>()

@@ -17,14 +17,22 @@ pub fn learning_rate(peak: f64, schedule: &LrSchedule, step: u64, total: u64) ->
     let factor = match schedule.kind {
         ScheduleKind::Constant | ScheduleKind::Warmup => 1.0,
         ScheduleKind::Linear => floor + (1.0 - floor) * (1.0 - progress),
-        ScheduleKind::Cosine => floor + (1.0 - floor) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
+        ScheduleKind::Cosine => {
+            floor + (1.0 - floor) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+        }
     };
     peak * factor
 }
 
 /// Scales gradients so their global L2 norm is at most `max_norm`; returns the norm before.
 pub fn clip_grad_norm(grads: &mut [Option<Vec<f32>>], max_norm: f64) -> f64 {
-    let norm = grads.iter().flatten().flat_map(|g| g.iter()).map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+    let norm = grads
+        .iter()
+        .flatten()
+        .flat_map(|g| g.iter())
+        .map(|&x| (x as f64).powi(2))
+        .sum::<f64>()
+        .sqrt();
     if norm > max_norm && norm > 0.0 {
         let scale = (max_norm / (norm + 1e-6)) as f32;
         for g in grads.iter_mut().flatten() {
@@ -42,12 +50,28 @@ pub struct State {
 }
 
 /// Applies one step to every parameter that has a gradient; `step` counts from 1.
-pub fn step(optimizer: &Optimizer, lr: f64, step: u64, params: &mut [Vec<f32>], grads: &[Option<Vec<f32>>], states: &mut [Option<State>]) {
+pub fn step(
+    optimizer: &Optimizer,
+    lr: f64,
+    step: u64,
+    params: &mut [Vec<f32>],
+    grads: &[Option<Vec<f32>>],
+    states: &mut [Option<State>],
+) {
     for ((p, g), state) in params.iter_mut().zip(grads).zip(states.iter_mut()) {
         let Some(g) = g else { continue };
-        let st = state.get_or_insert_with(|| State { m: vec![0.0; p.len()], v: vec![0.0; p.len()] });
+        let st = state.get_or_insert_with(|| State {
+            m: vec![0.0; p.len()],
+            v: vec![0.0; p.len()],
+        });
         match *optimizer {
-            Optimizer::Adamw { beta1, beta2, eps, weight_decay, .. } => {
+            Optimizer::Adamw {
+                beta1,
+                beta2,
+                eps,
+                weight_decay,
+                ..
+            } => {
                 let (b1, b2) = (beta1 as f32, beta2 as f32);
                 let c1 = 1.0 - beta1.powi(step as i32);
                 let c2 = 1.0 - beta2.powi(step as i32);
@@ -62,7 +86,12 @@ pub fn step(optimizer: &Optimizer, lr: f64, step: u64, params: &mut [Vec<f32>], 
                     p[i] -= lr32 * (m_hat / (v_hat.sqrt() + eps)) as f32;
                 }
             }
-            Optimizer::Sgd { momentum, weight_decay, nesterov, .. } => {
+            Optimizer::Sgd {
+                momentum,
+                weight_decay,
+                nesterov,
+                ..
+            } => {
                 let (mu, wd, lr32) = (momentum as f32, weight_decay as f32, lr as f32);
                 for i in 0..p.len() {
                     let d = g[i] + wd * p[i];
@@ -80,25 +109,46 @@ mod tests {
     use super::*;
 
     fn schedule(kind: ScheduleKind, warmup: u64) -> LrSchedule {
-        LrSchedule { kind, warmup, min_lr_ratio: 0.0 }
+        LrSchedule {
+            kind,
+            warmup,
+            min_lr_ratio: 0.0,
+        }
     }
 
     #[test]
     fn schedules() {
         let cos = schedule(ScheduleKind::Cosine, 10);
-        assert!((learning_rate(1.0, &cos, 0, 110) - 0.1).abs() < 1e-12, "warmup starts at lr/warmup");
+        assert!(
+            (learning_rate(1.0, &cos, 0, 110) - 0.1).abs() < 1e-12,
+            "warmup starts at lr/warmup"
+        );
         assert!((learning_rate(1.0, &cos, 9, 110) - 1.0).abs() < 1e-12);
-        assert!((learning_rate(1.0, &cos, 60, 110) - 0.5).abs() < 1e-12, "half way down the cosine");
+        assert!(
+            (learning_rate(1.0, &cos, 60, 110) - 0.5).abs() < 1e-12,
+            "half way down the cosine"
+        );
         assert!(learning_rate(1.0, &cos, 109, 110) < 1e-3);
-        assert_eq!(learning_rate(2.0, &schedule(ScheduleKind::Constant, 0), 50, 100), 2.0);
-        assert!((learning_rate(1.0, &schedule(ScheduleKind::Linear, 0), 50, 100) - 0.5).abs() < 1e-12);
+        assert_eq!(
+            learning_rate(2.0, &schedule(ScheduleKind::Constant, 0), 50, 100),
+            2.0
+        );
+        assert!(
+            (learning_rate(1.0, &schedule(ScheduleKind::Linear, 0), 50, 100) - 0.5).abs() < 1e-12
+        );
     }
 
     /// One AdamW step from zero state, checked by hand: m̂ = g, v̂ = g², so the update is
     /// lr·g/(|g| + eps) = lr·sign(g) (for eps ≪ |g|), after the decay p·(1 − lr·wd).
     #[test]
     fn adamw_first_step() {
-        let opt = Optimizer::Adamw { lr: 0.1, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.5 };
+        let opt = Optimizer::Adamw {
+            lr: 0.1,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.5,
+        };
         let mut params = vec![vec![1.0f32, -2.0]];
         let grads = vec![Some(vec![0.3f32, -0.7])];
         let mut states = vec![None];
@@ -111,7 +161,12 @@ mod tests {
 
     #[test]
     fn frozen_parameters_are_untouched_and_clipping_bounds_the_norm() {
-        let opt = Optimizer::Sgd { lr: 1.0, momentum: 0.0, weight_decay: 0.0, nesterov: false };
+        let opt = Optimizer::Sgd {
+            lr: 1.0,
+            momentum: 0.0,
+            weight_decay: 0.0,
+            nesterov: false,
+        };
         let mut params = vec![vec![1.0f32], vec![5.0]];
         let mut grads = vec![Some(vec![3.0f32]), None];
         let norm = clip_grad_norm(&mut grads, 1.0);
