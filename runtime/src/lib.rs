@@ -5,5 +5,6 @@
 //! the parameters of an operator graph (`checkpoint`). The executor comes next.
 
 pub mod checkpoint;
+pub mod data;
 pub mod exec;
 pub mod optim;
