@@ -57,6 +57,23 @@ enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
     },
+    /// Train an experiment on this machine's CPU, with metrics and a checkpoint under --runs.
+    Run {
+        file: PathBuf,
+        #[arg(long)]
+        experiment: Option<String>,
+        /// Train for this many steps instead of the experiment's.
+        #[arg(long)]
+        steps: Option<u64>,
+        /// Where run directories go.
+        #[arg(long, default_value = "runs")]
+        runs: PathBuf,
+    },
+    /// Tokenizers: `kiln tokenizer train --vocab 2000 --out tokenizer.json data.jsonl`.
+    Tokenizer {
+        #[command(subcommand)]
+        action: TokenizerAction,
+    },
     /// Explain a diagnostic code, such as K0012.
     Explain { code: String },
 }
@@ -64,6 +81,19 @@ enum Command {
 #[derive(Clone, Copy, ValueEnum)]
 enum Emit {
     Spec,
+}
+
+#[derive(Subcommand)]
+enum TokenizerAction {
+    /// Train a byte-level BPE tokenizer (GPT-2 style) on text or JSONL files.
+    Train {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        #[arg(long, default_value_t = 2000)]
+        vocab: usize,
+        #[arg(long, default_value = "tokenizer.json")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -123,6 +153,15 @@ pub fn main() -> ExitCode {
             cluster.as_deref(),
             &overrides,
         ),
+        Command::Run {
+            file,
+            experiment,
+            steps,
+            runs,
+        } => run(&file, experiment.as_deref(), steps, &runs),
+        Command::Tokenizer {
+            action: TokenizerAction::Train { files, vocab, out },
+        } => train_tokenizer(&files, vocab, &out),
         Command::Explain { code } => explain(&code),
     }
 }
@@ -274,6 +313,76 @@ fn plan(
     };
     print!("{text}");
     ExitCode::SUCCESS
+}
+
+fn run(
+    file: &std::path::Path,
+    wanted: Option<&str>,
+    steps: Option<u64>,
+    runs: &std::path::Path,
+) -> ExitCode {
+    let checked = kiln_compiler::check_file(file);
+    if report_errors(file, &checked) {
+        return ExitCode::from(1);
+    }
+    let Some(experiment) = pick(file, &checked, wanted) else {
+        return ExitCode::from(1);
+    };
+    let base = file.parent().unwrap_or(std::path::Path::new("."));
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} step {pos}/{len} [{bar:30}] {msg} ETA {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    let result = kiln_runtime::train::run(experiment, base, runs, steps, |r| {
+        bar.set_length(r.total);
+        bar.set_position(r.step);
+        bar.set_message(format!(
+            "loss {:.4} | {:.0} tokens/s",
+            r.loss, r.tokens_per_second
+        ));
+    });
+    bar.finish_and_clear();
+    match result {
+        Ok(s) => {
+            println!(
+                "trained `{}` for {} steps: loss {:.4} -> {:.4}{}",
+                experiment.name,
+                s.steps,
+                s.first_loss,
+                s.last_loss,
+                s.eval_loss
+                    .map(|l| format!(", eval loss {l:.4} (perplexity {:.1})", (l as f64).exp()))
+                    .unwrap_or_default()
+            );
+            println!(
+                "{:.0} tokens/s; metrics and checkpoint in {}",
+                s.tokens_per_second,
+                s.run_dir.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn train_tokenizer(files: &[PathBuf], vocab: usize, out: &std::path::Path) -> ExitCode {
+    match kiln_runtime::data::train_tokenizer(files, vocab, out) {
+        Ok(size) => {
+            println!("wrote {} ({size} tokens)", out.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 fn explain(code: &str) -> ExitCode {

@@ -5,8 +5,8 @@
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
-use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::models::TrainerWrapper;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, Tokenizer};
 
 /// A data problem, with the file (and line) it comes from.
@@ -25,7 +25,12 @@ impl std::error::Error for DataError {}
 pub const END_OF_TEXT: &str = "<|endoftext|>";
 
 pub fn load_tokenizer(path: &Path) -> Result<Tokenizer, DataError> {
-    Tokenizer::from_file(path).map_err(|e| DataError(format!("{}: not a usable tokenizer.json: {e}", path.display())))
+    Tokenizer::from_file(path).map_err(|e| {
+        DataError(format!(
+            "{}: not a usable tokenizer.json: {e}",
+            path.display()
+        ))
+    })
 }
 
 /// Trains a byte-level BPE tokenizer (GPT-2 style) of `vocab` tokens on text files and writes
@@ -48,7 +53,11 @@ pub fn train_tokenizer(files: &[PathBuf], vocab: usize, out: &Path) -> Result<us
     let mut plain = Vec::new();
     for (i, f) in files.iter().enumerate() {
         let text = if f.extension().is_some_and(|e| e == "jsonl") {
-            read_jsonl(f)?.into_iter().flat_map(|(_, r)| string_values(&r)).collect::<Vec<_>>().join("\n")
+            read_jsonl(f)?
+                .into_iter()
+                .flat_map(|(_, r)| string_values(&r))
+                .collect::<Vec<_>>()
+                .join("\n")
         } else {
             std::fs::read_to_string(f).map_err(|e| DataError(format!("{}: {e}", f.display())))?
         };
@@ -56,12 +65,16 @@ pub fn train_tokenizer(files: &[PathBuf], vocab: usize, out: &Path) -> Result<us
         std::fs::write(&p, text).map_err(|e| DataError(format!("{}: {e}", p.display())))?;
         plain.push(p.display().to_string());
     }
-    let trained = tokenizer.train_from_files(&mut trainer, plain).map_err(|e| DataError(format!("training the tokenizer failed: {e}")));
+    let trained = tokenizer
+        .train_from_files(&mut trainer, plain)
+        .map_err(|e| DataError(format!("training the tokenizer failed: {e}")));
     std::fs::remove_dir_all(&dir).ok();
     let trained = trained?;
     let size = trained.get_vocab_size(true);
     let tmp = out.with_extension("json.tmp");
-    trained.save(&tmp, true).map_err(|e| DataError(format!("{}: {e}", tmp.display())))?;
+    trained
+        .save(&tmp, true)
+        .map_err(|e| DataError(format!("{}: {e}", tmp.display())))?;
     std::fs::rename(&tmp, out).map_err(|e| DataError(format!("{}: {e}", out.display())))?;
     Ok(size)
 }
@@ -77,13 +90,20 @@ fn string_values(v: &Value) -> Vec<String> {
 
 /// Records of a JSONL file with their line numbers; a malformed line is an error naming it.
 pub fn read_jsonl(path: &Path) -> Result<Vec<(usize, Value)>, DataError> {
-    let text = std::fs::read_to_string(path).map_err(|e| DataError(format!("{}: cannot read: {e}", path.display())))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| DataError(format!("{}: cannot read: {e}", path.display())))?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
-        let record: Value = serde_json::from_str(line).map_err(|e| DataError(format!("{}:{}: not a JSON record: {e}", path.display(), i + 1)))?;
+        let record: Value = serde_json::from_str(line).map_err(|e| {
+            DataError(format!(
+                "{}:{}: not a JSON record: {e}",
+                path.display(),
+                i + 1
+            ))
+        })?;
         out.push((i + 1, record));
     }
     if out.is_empty() {
@@ -93,23 +113,37 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<(usize, Value)>, DataError> {
 }
 
 /// Token ids of one text field of each record (`.txt` files: one record per non-empty line).
-pub fn tokenize_field(path: &Path, field: &str, tokenizer: &Tokenizer) -> Result<Vec<Vec<i64>>, DataError> {
+pub fn tokenize_field(
+    path: &Path,
+    field: &str,
+    tokenizer: &Tokenizer,
+) -> Result<Vec<Vec<i64>>, DataError> {
     let texts: Vec<String> = if path.extension().is_some_and(|e| e == "jsonl") {
         read_jsonl(path)?
             .into_iter()
             .map(|(line, r)| match r.get(field) {
                 Some(Value::String(s)) => Ok(s.clone()),
-                _ => Err(DataError(format!("{}:{line}: the record has no text field `{field}`", path.display()))),
+                _ => Err(DataError(format!(
+                    "{}:{line}: the record has no text field `{field}`",
+                    path.display()
+                ))),
             })
             .collect::<Result<_, _>>()?
     } else {
-        std::fs::read_to_string(path).map_err(|e| DataError(format!("{}: {e}", path.display())))?.lines().filter(|l| !l.trim().is_empty()).map(String::from).collect()
+        std::fs::read_to_string(path)
+            .map_err(|e| DataError(format!("{}: {e}", path.display())))?
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(String::from)
+            .collect()
     };
     let eot = tokenizer.token_to_id(END_OF_TEXT).map(i64::from);
     texts
         .iter()
         .map(|t| {
-            let enc = tokenizer.encode(t.as_str(), false).map_err(|e| DataError(format!("{}: cannot tokenize: {e}", path.display())))?;
+            let enc = tokenizer
+                .encode(t.as_str(), false)
+                .map_err(|e| DataError(format!("{}: cannot tokenize: {e}", path.display())))?;
             let mut ids: Vec<i64> = enc.get_ids().iter().map(|&i| i as i64).collect();
             ids.extend(eot);
             Ok(ids)
@@ -119,7 +153,11 @@ pub fn tokenize_field(path: &Path, field: &str, tokenizer: &Tokenizer) -> Result
 
 /// A causal-LM batch: `rows` sequences padded or truncated to `seq_len`; labels are the ids
 /// (the loss shifts them) with −100 on padding.
-pub fn causal_batch(sequences: &[&Vec<i64>], seq_len: usize, pad: i64) -> (Vec<Vec<i64>>, Vec<Vec<i64>>, Vec<Vec<i64>>) {
+pub fn causal_batch(
+    sequences: &[&Vec<i64>],
+    seq_len: usize,
+    pad: i64,
+) -> (Vec<Vec<i64>>, Vec<Vec<i64>>, Vec<Vec<i64>>) {
     let mut ids = Vec::new();
     let mut labels = Vec::new();
     let mut mask = Vec::new();

@@ -8,3 +8,4 @@ pub mod checkpoint;
 pub mod data;
 pub mod exec;
 pub mod optim;
+pub mod train;

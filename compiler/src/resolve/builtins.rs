@@ -454,6 +454,18 @@ pub(super) fn hf(ev: &Evaluator, args: &[Spanned], env: &Env, span: Span) -> Opt
         return None;
     };
     put("family", Some(sym("model_type", family.model_type)));
+    // Where the weights are: `kiln run` loads `model.safetensors` from this directory.
+    let dir = std::path::Path::new(&path)
+        .parent()
+        .map(|d| d.display().to_string())
+        .unwrap_or_default();
+    put(
+        "checkpoint",
+        Some(Spanned {
+            value: Value::Str(dir),
+            span,
+        }),
+    );
     for (field, keys) in family.keys {
         put(field, keys.iter().find_map(|k| j.get(k)));
     }

@@ -56,6 +56,7 @@ pub fn model(cx: &Cx, v: &Spanned, path: &str) -> Option<Model> {
     let type_vocab = r.or("type_vocab", 0, non_negative);
     let output_heads = r.or("output_heads", vec![OutputHead::Lm], output_heads);
     let dropout_rate = r.or("dropout", 0.0, dropout);
+    let checkpoint = r.opt("checkpoint", string);
 
     // Shape checks, each pointing at both fields.
     if let (Some(h), Some(a)) = (hidden, heads) {
@@ -105,6 +106,7 @@ pub fn model(cx: &Cx, v: &Spanned, path: &str) -> Option<Model> {
         type_vocab: type_vocab?,
         output_heads: output_heads?,
         dropout: dropout_rate?,
+        checkpoint: checkpoint?,
     })
 }
 

@@ -53,6 +53,9 @@ pub struct Model {
     pub type_vocab: u64,
     pub output_heads: Vec<OutputHead>,
     pub dropout: f64,
+    /// A Hugging Face directory holding the pretrained weights (`model.safetensors`); set by
+    /// `hf("dir")`. Without one, training starts from a random initialisation.
+    pub checkpoint: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]

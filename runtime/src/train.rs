@@ -1,0 +1,372 @@
+//! The training loop on one CPU device: parameter initialisation (or a Hugging Face
+//! checkpoint), causal-LM batches from the experiment's data, forward and backward through the
+//! executor, gradient accumulation and clipping, the optimizer and schedule, metrics, evaluation,
+//! and checkpoints written atomically.
+
+use crate::checkpoint::{bind, read_safetensors, HostTensor};
+use crate::data::{causal_batch, load_tokenizer, tokenize_field, DataError};
+use crate::exec::{forward_backward, Batch};
+use crate::optim::{clip_grad_norm, learning_rate, step, State};
+use kiln_compiler::graph::{compile_graph, Graph, ParamRole};
+use kiln_compiler::spec::{Adapter, Experiment, Length, Objective, Optimizer};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Debug)]
+pub struct RunError(pub String);
+
+impl std::fmt::Display for RunError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for RunError {}
+
+impl From<DataError> for RunError {
+    fn from(e: DataError) -> Self {
+        RunError(e.0)
+    }
+}
+
+/// What a caller sees of each step (for a progress bar).
+pub struct StepReport {
+    pub step: u64,
+    pub total: u64,
+    pub loss: f32,
+    pub tokens_per_second: f64,
+}
+
+pub struct RunSummary {
+    pub steps: u64,
+    pub first_loss: f32,
+    pub last_loss: f32,
+    pub eval_loss: Option<f32>,
+    pub tokens_per_second: f64,
+    pub run_dir: PathBuf,
+}
+
+/// SplitMix64 for initialisation and shuffling (seeded, reproducible everywhere).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn uniform(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Box–Muller.
+    fn normal(&mut self) -> f64 {
+        let (u, v) = (self.uniform().max(1e-300), self.uniform());
+        (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
+    }
+}
+
+/// Initial values as the reference implementations initialise them: weights N(0, 0.02), biases
+/// zero, norm weights one; LoRA A kaiming-uniform U(±1/√in) and B zero (PEFT); IA3 vectors one;
+/// virtual-token tables N(0, 1).
+fn initialise(g: &Graph, seed: u64) -> Vec<HostTensor> {
+    let mut rng = Rng(seed ^ 0x5EED);
+    g.params
+        .iter()
+        .map(|p| {
+            let shape: Vec<usize> = p.shape.iter().map(|&d| d as usize).collect();
+            let n: usize = shape.iter().product();
+            let name = p.name.as_str();
+            let data: Vec<f32> = if name.ends_with("lora_B.weight")
+                || matches!(p.role, ParamRole::Bias | ParamRole::NormBias)
+                || name.ends_with(".bias")
+            {
+                vec![0.0; n]
+            } else if name.ends_with("lora_A.weight") {
+                let bound = 1.0 / (shape[1] as f64).sqrt();
+                (0..n)
+                    .map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32)
+                    .collect()
+            } else if name.ends_with("ia3_l")
+                || name.ends_with("lora_magnitude_vector")
+                || p.role == ParamRole::Norm
+            {
+                vec![1.0; n]
+            } else if name == "prompt_encoder.embedding.weight" {
+                (0..n).map(|_| rng.normal() as f32).collect()
+            } else {
+                (0..n).map(|_| (rng.normal() * 0.02) as f32).collect()
+            };
+            HostTensor { shape, data }
+        })
+        .collect()
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename, so that an interrupted
+/// write never leaves a half-written file where a good one was.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), RunError> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).map_err(|e| RunError(format!("{}: {e}", tmp.display())))?;
+    std::fs::rename(&tmp, path).map_err(|e| RunError(format!("{}: {e}", path.display())))
+}
+
+/// The trainable parameters as safetensors, under their checkpoint names.
+fn save_trainable(
+    g: &Graph,
+    values: &[HostTensor],
+    dir: &Path,
+    step_no: u64,
+    loss: f32,
+) -> Result<(), RunError> {
+    std::fs::create_dir_all(dir).map_err(|e| RunError(format!("{}: {e}", dir.display())))?;
+    let owned: Vec<(String, Vec<u8>, Vec<usize>)> = g
+        .params
+        .iter()
+        .zip(values)
+        .filter(|(p, _)| p.trainable)
+        .map(|(p, v)| {
+            (
+                p.name.clone(),
+                v.data.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                v.shape.clone(),
+            )
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = owned
+        .iter()
+        .map(|(n, bytes, shape)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
+                .map(|v| (n.clone(), v))
+        })
+        .collect::<Result<_, _>>()
+        .map_err(|e| RunError(format!("cannot write the checkpoint: {e}")))?;
+    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    let bytes = safetensors::serialize(views, &Some(meta))
+        .map_err(|e| RunError(format!("cannot write the checkpoint: {e}")))?;
+    write_atomic(&dir.join("trainable.safetensors"), &bytes)?;
+    let state = serde_json::json!({ "step": step_no, "loss": loss });
+    write_atomic(&dir.join("state.json"), state.to_string().as_bytes())
+}
+
+/// Trains `e` (defined in a file in `base`) and writes metrics and a checkpoint under `runs`.
+pub fn run(
+    e: &Experiment,
+    base: &Path,
+    runs: &Path,
+    steps_override: Option<u64>,
+    mut on_step: impl FnMut(&StepReport),
+) -> Result<RunSummary, RunError> {
+    if !matches!(e.objective, Objective::CausalLm | Objective::Sft { .. }) {
+        return Err(RunError(
+            "`kiln run` trains causal-LM objectives so far; this experiment's objective is not one"
+                .into(),
+        ));
+    }
+    if e.parallel.mesh.devices() > 1 {
+        return Err(RunError(format!(
+            "`kiln run` trains on one device so far; the mesh has {}",
+            e.parallel.mesh.devices()
+        )));
+    }
+    if e.adapters
+        .iter()
+        .any(|a| matches!(a, Adapter::Ptuning { .. }))
+    {
+        return Err(RunError(
+            "P-tuning's LSTM encoder is not in the CPU executor yet".into(),
+        ));
+    }
+    let resolve = |p: &Option<String>, what: &str| -> Result<PathBuf, RunError> {
+        p.as_ref()
+            .map(|p| base.join(p))
+            .ok_or_else(|| RunError(format!("data.{what} is required to run this experiment")))
+    };
+    let tokenizer =
+        load_tokenizer(&resolve(&e.data.tokenizer, "tokenizer").map_err(|err| {
+            RunError(format!("{}; make one with `kiln tokenizer train`", err.0))
+        })?)?;
+    if tokenizer.get_vocab_size(true) as u64 > e.model.vocab {
+        return Err(RunError(format!(
+            "the tokenizer has {} tokens but the model's vocab is {}",
+            tokenizer.get_vocab_size(true),
+            e.model.vocab
+        )));
+    }
+    let field = e
+        .data
+        .fields
+        .get("text")
+        .cloned()
+        .unwrap_or_else(|| "text".into());
+    let train_set = tokenize_field(&resolve(&e.data.train, "train")?, &field, &tokenizer)?;
+    let eval_set = match &e.data.eval {
+        Some(p) => Some(tokenize_field(&base.join(p), &field, &tokenizer)?),
+        None => None,
+    };
+
+    let graph = compile_graph(e).map_err(|d| RunError(format!("{:?}", d.items)))?;
+    let mut values = initialise(&graph, e.train.seed);
+    if let Some(dir) = &e.model.checkpoint {
+        let path = Path::new(dir).join("model.safetensors");
+        let tensors = read_safetensors(&path).map_err(|err| RunError(err.to_string()))?;
+        for (slot, bound) in values
+            .iter_mut()
+            .zip(bind(&graph, &[(path, tensors)]).map_err(|err| RunError(err.to_string()))?)
+        {
+            if let Some(t) = bound {
+                *slot = t;
+            }
+        }
+    }
+    let mut states: Vec<Option<State>> = vec![None; values.len()];
+
+    let batch = e.train.batch as usize;
+    let micro = e.train.micro_batch.unwrap_or(e.train.batch) as usize;
+    let seq_len = e.train.seq_len as usize;
+    let total = steps_override.unwrap_or(match e.train.length {
+        Length::Steps(n) => n,
+        Length::Epochs(k) => k * (train_set.len().div_ceil(batch)) as u64,
+    });
+    let peak = match e.train.optimizer {
+        Optimizer::Adamw { lr, .. } | Optimizer::Sgd { lr, .. } => lr,
+    };
+    let run_dir = runs.join(&e.name);
+    std::fs::create_dir_all(&run_dir)
+        .map_err(|err| RunError(format!("{}: {err}", run_dir.display())))?;
+    let mut metrics = std::fs::File::create(run_dir.join("metrics.jsonl"))
+        .map_err(|err| RunError(format!("{}: {err}", run_dir.display())))?;
+
+    let mut order: Vec<usize> = (0..train_set.len()).collect();
+    let mut rng = Rng(e.train.seed);
+    let mut cursor = order.len();
+    let (mut first_loss, mut last_loss) = (f32::NAN, f32::NAN);
+    let started = Instant::now();
+    let mut tokens = 0usize;
+    for s in 0..total {
+        let mut grads: Vec<Option<Vec<f32>>> = vec![None; values.len()];
+        let mut loss_sum = 0.0f32;
+        let micro_steps = batch.div_ceil(micro);
+        for m in 0..micro_steps {
+            // A fresh seeded shuffle each epoch.
+            let rows: Vec<&Vec<i64>> = (0..micro.min(batch - m * micro))
+                .map(|_| {
+                    if cursor == order.len() {
+                        for i in (1..order.len()).rev() {
+                            order.swap(i, (rng.next() % (i as u64 + 1)) as usize);
+                        }
+                        cursor = 0;
+                    }
+                    cursor += 1;
+                    &train_set[order[cursor - 1]]
+                })
+                .collect();
+            let (ids, labels, mask) = causal_batch(&rows, seq_len, 0);
+            tokens += mask.iter().flatten().filter(|&&v| v == 1).count();
+            let mut b = Batch {
+                attention_mask: Some(mask),
+                dropout_seed: Some(e.train.seed ^ (s * 1_000_003 + m as u64)),
+                ..Batch::default()
+            };
+            b.ints.insert("input_ids".into(), ids);
+            b.ints.insert("labels".into(), labels);
+            let out = forward_backward(&graph, &values, &b)
+                .map_err(|err| RunError(format!("step {}: {err}", s + 1)))?;
+            loss_sum += out.loss / micro_steps as f32;
+            for (acc, g) in grads.iter_mut().zip(out.grads) {
+                if let Some(g) = g {
+                    let scaled: Vec<f32> = g.iter().map(|x| x / micro_steps as f32).collect();
+                    match acc {
+                        Some(a) => a.iter_mut().zip(scaled).for_each(|(a, b)| *a += b),
+                        None => *acc = Some(scaled),
+                    }
+                }
+            }
+        }
+        if !loss_sum.is_finite() {
+            return Err(RunError(format!(
+                "the loss became {loss_sum} at step {}; the last checkpoint is unchanged",
+                s + 1
+            )));
+        }
+        let grad_norm = e
+            .train
+            .grad_clip
+            .map_or(0.0, |max| clip_grad_norm(&mut grads, max));
+        let lr = learning_rate(peak, &e.train.schedule, s, total);
+        let mut flat: Vec<Vec<f32>> = values.iter().map(|v| v.data.clone()).collect();
+        step(
+            &e.train.optimizer,
+            lr,
+            s + 1,
+            &mut flat,
+            &grads,
+            &mut states,
+        );
+        for (v, d) in values.iter_mut().zip(flat) {
+            v.data = d;
+        }
+        if s == 0 {
+            first_loss = loss_sum;
+        }
+        last_loss = loss_sum;
+        let tps = tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
+        let line = serde_json::json!({ "step": s + 1, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "tokens_per_second": tps });
+        writeln!(metrics, "{line}").map_err(|err| RunError(format!("metrics: {err}")))?;
+        on_step(&StepReport {
+            step: s + 1,
+            total,
+            loss: loss_sum,
+            tokens_per_second: tps,
+        });
+        if e.train.checkpoint_every.is_some_and(|k| (s + 1) % k == 0) {
+            save_trainable(
+                &graph,
+                &values,
+                &run_dir.join("checkpoint"),
+                s + 1,
+                loss_sum,
+            )?;
+        }
+    }
+    let eval_loss = match &eval_set {
+        Some(set) => {
+            let rows: Vec<&Vec<i64>> = set.iter().take(batch.max(1)).collect();
+            let (ids, labels, mask) = causal_batch(&rows, seq_len, 0);
+            let mut b = Batch {
+                attention_mask: Some(mask),
+                ..Batch::default()
+            };
+            b.ints.insert("input_ids".into(), ids);
+            b.ints.insert("labels".into(), labels);
+            let out = forward_backward(&graph, &values, &b)
+                .map_err(|err| RunError(format!("evaluation: {err}")))?;
+            writeln!(
+                metrics,
+                "{}",
+                serde_json::json!({ "eval_loss": out.loss, "perplexity": (out.loss as f64).exp() })
+            )
+            .map_err(|err| RunError(format!("metrics: {err}")))?;
+            Some(out.loss)
+        }
+        None => None,
+    };
+    save_trainable(
+        &graph,
+        &values,
+        &run_dir.join("checkpoint"),
+        total,
+        last_loss,
+    )?;
+    Ok(RunSummary {
+        steps: total,
+        first_loss,
+        last_loss,
+        eval_loss,
+        tokens_per_second: tokens as f64 / started.elapsed().as_secs_f64().max(1e-9),
+        run_dir,
+    })
+}
