@@ -151,8 +151,15 @@ pub fn tokenize_field(
         .collect()
 }
 
-/// A causal-LM batch: `rows` sequences padded or truncated to `seq_len`; labels are the ids
-/// (the loss shifts them) with −100 on padding.
+/// Rows of a causal-LM batch.
+pub struct CausalBatch {
+    pub ids: Vec<Vec<i64>>,
+    /// The ids again (the loss shifts them), −100 on padding.
+    pub labels: Vec<Vec<i64>>,
+    pub mask: Vec<Vec<i64>>,
+}
+
+/// A causal-LM batch: `rows` sequences padded or truncated to `seq_len`.
 pub fn causal_batch(
     sequences: &[&Vec<i64>],
     seq_len: usize,
@@ -173,7 +180,7 @@ pub fn causal_batch(
         labels.push(lab);
         mask.push(m);
     }
-    (ids, labels, mask)
+    CausalBatch { ids, labels, mask }
 }
 
 #[cfg(test)]
@@ -183,7 +190,7 @@ mod tests {
     #[test]
     fn batches_pad_with_ignored_labels_and_truncate() {
         let (a, b) = (vec![5, 6, 7], vec![1, 2, 3, 4, 5, 6]);
-        let (ids, labels, mask) = causal_batch(&[&a, &b], 4, 0);
+        let CausalBatch { ids, labels, mask } = causal_batch(&[&a, &b], 4, 0);
         assert_eq!(ids, vec![vec![5, 6, 7, 0], vec![1, 2, 3, 4]]);
         assert_eq!(labels, vec![vec![5, 6, 7, -100], vec![1, 2, 3, 4]]);
         assert_eq!(mask, vec![vec![1, 1, 1, 0], vec![1, 1, 1, 1]]);

@@ -4,7 +4,7 @@
 //! and checkpoints written atomically.
 
 use crate::checkpoint::{bind, read_safetensors, HostTensor};
-use crate::data::{causal_batch, load_tokenizer, tokenize_field, DataError};
+use crate::data::{causal_batch, load_tokenizer, tokenize_field, CausalBatch, DataError};
 use crate::exec::{forward_backward, Batch};
 use crate::optim::{clip_grad_norm, learning_rate, step, State};
 use kiln_compiler::graph::{compile_graph, Graph, ParamRole};
@@ -264,7 +264,7 @@ pub fn run(
                     &train_set[order[cursor - 1]]
                 })
                 .collect();
-            let (ids, labels, mask) = causal_batch(&rows, seq_len, 0);
+            let CausalBatch { ids, labels, mask } = causal_batch(&rows, seq_len, 0);
             tokens += mask.iter().flatten().filter(|&&v| v == 1).count();
             let mut b = Batch {
                 attention_mask: Some(mask),
@@ -335,7 +335,7 @@ pub fn run(
     let eval_loss = match &eval_set {
         Some(set) => {
             let rows: Vec<&Vec<i64>> = set.iter().take(batch.max(1)).collect();
-            let (ids, labels, mask) = causal_batch(&rows, seq_len, 0);
+            let CausalBatch { ids, labels, mask } = causal_batch(&rows, seq_len, 0);
             let mut b = Batch {
                 attention_mask: Some(mask),
                 ..Batch::default()
