@@ -160,11 +160,7 @@ pub struct CausalBatch {
 }
 
 /// A causal-LM batch: `rows` sequences padded or truncated to `seq_len`.
-pub fn causal_batch(
-    sequences: &[&Vec<i64>],
-    seq_len: usize,
-    pad: i64,
-) -> (Vec<Vec<i64>>, Vec<Vec<i64>>, Vec<Vec<i64>>) {
+pub fn causal_batch(sequences: &[&Vec<i64>], seq_len: usize, pad: i64) -> CausalBatch {
     let mut ids = Vec::new();
     let mut labels = Vec::new();
     let mut mask = Vec::new();
