@@ -38,6 +38,7 @@ pub struct StepReport {
     pub tokens_per_second: f64,
 }
 
+#[derive(Debug)]
 pub struct RunSummary {
     pub steps: u64,
     pub first_loss: f32,
