@@ -172,6 +172,34 @@ pub fn forward_backward(
     })
 }
 
+fn activate<S: Shape>(x: Tensor<S, f32, Cpu, Tape>, act: Act) -> Tensor<S, f32, Cpu, Tape> {
+    match act {
+        Act::Gelu => exact_gelu(x),
+        Act::GeluTanh => x.fast_gelu(),
+        Act::Relu => x.relu(),
+        Act::Tanh => x.tanh(),
+        Act::Silu => {
+            let (xs, tape) = x.split_tape();
+            xs.clone().put_tape(tape).sigmoid() * xs
+        }
+    }
+}
+
+/// `a + b` or `a * b`; `same` when both are one tensor (dfdx's backward needs distinct operands).
+fn combine<S: Shape>(
+    a: Tensor<S, f32, Cpu, Tape>,
+    b: Tensor<S, f32, Cpu>,
+    add: bool,
+    same: bool,
+) -> Tensor<S, f32, Cpu, Tape> {
+    match (same, add) {
+        (true, true) => a * 2.0,
+        (true, false) => a.square(),
+        (false, true) => a + b,
+        (false, false) => a * b,
+    }
+}
+
 /// The erf GELU. dfdx 0.13's `accurate_gelu` computes the right values but its derivative
 /// drops a factor 1/√2 from the erf term; a term whose value is zero (e − stop(e), with
 /// e = exp(−x²/2)) carries the missing −(1 − 1/√2)/√π · x·e of gradient.
@@ -352,23 +380,11 @@ impl Interpreter<'_> {
                 let add = matches!(op, Op::Add);
                 match (self.input(n, 0)?.clone(), self.input(n, 1)?.clone()) {
                     (V::R3(a), V::R3(b)) => {
-                        let a = a.put_tape(self.take_tape());
-                        let out = match (same, add) {
-                            (true, true) => a * 2.0,
-                            (true, false) => a.square(),
-                            (false, true) => a + b,
-                            (false, false) => a * b,
-                        };
+                        let out = combine(a.put_tape(self.take_tape()), b, add, same);
                         Ok(self.keep3(out))
                     }
                     (V::R2(a), V::R2(b)) => {
-                        let a = a.put_tape(self.take_tape());
-                        let out = match (same, add) {
-                            (true, true) => a * 2.0,
-                            (true, false) => a.square(),
-                            (false, true) => a + b,
-                            (false, false) => a * b,
-                        };
+                        let out = combine(a.put_tape(self.take_tape()), b, add, same);
                         Ok(self.keep2(out))
                     }
                     _ => err("add/mul of unlike tensors"),
@@ -477,33 +493,11 @@ impl Interpreter<'_> {
             }
             Op::Activation { act } => match self.input(n, 0)?.clone() {
                 V::R3(x) => {
-                    let tape = self.take_tape();
-                    let x = x.put_tape(tape);
-                    let y = match act {
-                        Act::Gelu => exact_gelu(x),
-                        Act::GeluTanh => x.fast_gelu(),
-                        Act::Relu => x.relu(),
-                        Act::Tanh => x.tanh(),
-                        Act::Silu => {
-                            let (xs, tape) = x.split_tape();
-                            xs.clone().put_tape(tape).sigmoid() * xs
-                        }
-                    };
+                    let y = activate(x.put_tape(self.take_tape()), act);
                     Ok(self.keep3(y))
                 }
                 V::R2(x) => {
-                    let tape = self.take_tape();
-                    let x = x.put_tape(tape);
-                    let y = match act {
-                        Act::Gelu => exact_gelu(x),
-                        Act::GeluTanh => x.fast_gelu(),
-                        Act::Relu => x.relu(),
-                        Act::Tanh => x.tanh(),
-                        Act::Silu => {
-                            let (xs, tape) = x.split_tape();
-                            xs.clone().put_tape(tape).sigmoid() * xs
-                        }
-                    };
+                    let y = activate(x.put_tape(self.take_tape()), act);
                     Ok(self.keep2(y))
                 }
                 _ => err("activation of an unsupported rank"),
