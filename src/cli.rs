@@ -68,6 +68,9 @@ enum Command {
         /// Where run directories go.
         #[arg(long, default_value = "runs")]
         runs: PathBuf,
+        /// Continue the run from its last checkpoint (bit-exactly, as if never interrupted).
+        #[arg(long)]
+        resume: bool,
     },
     /// Tokenizers: `kiln tokenizer train --vocab 2000 --out tokenizer.json data.jsonl`.
     Tokenizer {
@@ -158,7 +161,8 @@ pub fn main() -> ExitCode {
             experiment,
             steps,
             runs,
-        } => run(&file, experiment.as_deref(), steps, &runs),
+            resume,
+        } => run(&file, experiment.as_deref(), steps, &runs, resume),
         Command::Tokenizer {
             action: TokenizerAction::Train { files, vocab, out },
         } => train_tokenizer(&files, vocab, &out),
@@ -320,6 +324,7 @@ fn run(
     wanted: Option<&str>,
     steps: Option<u64>,
     runs: &std::path::Path,
+    resume: bool,
 ) -> ExitCode {
     let checked = kiln_compiler::check_file(file);
     if report_errors(file, &checked) {
@@ -337,13 +342,14 @@ fn run(
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
         .progress_chars("=> "),
     );
-    let result = kiln_runtime::train::run(experiment, base, runs, steps, |r| {
+    let result = kiln_runtime::train::run(experiment, base, runs, steps, resume, |r| {
         bar.set_length(r.total);
         bar.set_position(r.step);
         bar.set_message(format!(
             "loss {:.4} | {:.0} tokens/s",
             r.loss, r.tokens_per_second
         ));
+        kiln_runtime::train::Control::Continue
     });
     bar.finish_and_clear();
     match result {

@@ -115,51 +115,173 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), RunError> {
     std::fs::rename(&tmp, path).map_err(|e| RunError(format!("{}: {e}", path.display())))
 }
 
-/// The trainable parameters as safetensors, under their checkpoint names.
-fn save_trainable(
-    g: &Graph,
-    values: &[HostTensor],
-    dir: &Path,
-    step_no: u64,
-    loss: f32,
-) -> Result<(), RunError> {
-    std::fs::create_dir_all(dir).map_err(|e| RunError(format!("{}: {e}", dir.display())))?;
-    let owned: Vec<(String, Vec<u8>, Vec<usize>)> = g
-        .params
-        .iter()
-        .zip(values)
-        .filter(|(p, _)| p.trainable)
-        .map(|(p, v)| {
+fn safetensors_bytes(tensors: Vec<(String, Vec<usize>, &[f32])>) -> Result<Vec<u8>, RunError> {
+    let owned: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .into_iter()
+        .map(|(n, shape, data)| {
             (
-                p.name.clone(),
-                v.data.iter().flat_map(|x| x.to_le_bytes()).collect(),
-                v.shape.clone(),
+                n,
+                shape,
+                data.iter().flat_map(|x| x.to_le_bytes()).collect(),
             )
         })
         .collect();
     let views: Vec<(String, safetensors::tensor::TensorView)> = owned
         .iter()
-        .map(|(n, bytes, shape)| {
+        .map(|(n, shape, bytes)| {
             safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
                 .map(|v| (n.clone(), v))
         })
         .collect::<Result<_, _>>()
         .map_err(|e| RunError(format!("cannot write the checkpoint: {e}")))?;
     let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-    let bytes = safetensors::serialize(views, &Some(meta))
-        .map_err(|e| RunError(format!("cannot write the checkpoint: {e}")))?;
-    write_atomic(&dir.join("trainable.safetensors"), &bytes)?;
-    let state = serde_json::json!({ "step": step_no, "loss": loss });
-    write_atomic(&dir.join("state.json"), state.to_string().as_bytes())
+    safetensors::serialize(views, &Some(meta))
+        .map_err(|e| RunError(format!("cannot write the checkpoint: {e}")))
 }
 
-/// Trains `e` (defined in a file in `base`) and writes metrics and a checkpoint under `runs`.
+/// Where a run is: enough to continue it bit-exactly.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Progress {
+    /// Steps completed.
+    step: u64,
+    loss: f32,
+    first_loss: f32,
+    /// The data order's generator, the current epoch's order and the position in it.
+    rng: u64,
+    order: Vec<usize>,
+    cursor: usize,
+    tokens: usize,
+    /// Fingerprint of everything that must not change between a run and its resumption.
+    fingerprint: String,
+}
+
+/// FNV-1a over the parts of the experiment a checkpoint depends on (not the step count, which a
+/// resumed run may extend).
+fn fingerprint(e: &Experiment) -> String {
+    let relevant = serde_json::json!({
+        "model": e.model, "adapters": e.adapters, "objective": e.objective, "data": e.data,
+        "optimizer": e.train.optimizer, "schedule": e.train.schedule, "batch": e.train.batch,
+        "micro_batch": e.train.micro_batch, "seq_len": e.train.seq_len, "seed": e.train.seed,
+    });
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in relevant.to_string().bytes() {
+        h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// Trainable weights, optimizer moments and progress, each file replaced atomically (the state
+/// file last, so a complete state always describes complete weights).
+fn save_checkpoint(
+    g: &Graph,
+    values: &[HostTensor],
+    states: &[Option<State>],
+    progress: &Progress,
+    dir: &Path,
+) -> Result<(), RunError> {
+    std::fs::create_dir_all(dir).map_err(|e| RunError(format!("{}: {e}", dir.display())))?;
+    let trainable: Vec<usize> = (0..g.params.len())
+        .filter(|&i| g.params[i].trainable)
+        .collect();
+    let weights = trainable
+        .iter()
+        .map(|&i| {
+            (
+                g.params[i].name.clone(),
+                values[i].shape.clone(),
+                values[i].data.as_slice(),
+            )
+        })
+        .collect();
+    write_atomic(
+        &dir.join("trainable.safetensors"),
+        &safetensors_bytes(weights)?,
+    )?;
+    let mut moments = Vec::new();
+    for &i in &trainable {
+        if let Some(st) = &states[i] {
+            moments.push((
+                format!("{}.exp_avg", g.params[i].name),
+                values[i].shape.clone(),
+                st.m.as_slice(),
+            ));
+            moments.push((
+                format!("{}.exp_avg_sq", g.params[i].name),
+                values[i].shape.clone(),
+                st.v.as_slice(),
+            ));
+        }
+    }
+    write_atomic(
+        &dir.join("optimizer.safetensors"),
+        &safetensors_bytes(moments)?,
+    )?;
+    let state = serde_json::to_string_pretty(progress)
+        .map_err(|e| RunError(format!("cannot write the state: {e}")))?;
+    write_atomic(&dir.join("state.json"), state.as_bytes())
+}
+
+/// Restores weights, moments and progress from a checkpoint directory.
+fn load_checkpoint(
+    g: &Graph,
+    values: &mut [HostTensor],
+    states: &mut [Option<State>],
+    dir: &Path,
+    e: &Experiment,
+) -> Result<Progress, RunError> {
+    let state_path = dir.join("state.json");
+    let text = std::fs::read_to_string(&state_path)
+        .map_err(|err| RunError(format!("cannot resume: {}: {err}", state_path.display())))?;
+    let progress: Progress = serde_json::from_str(&text).map_err(|err| {
+        RunError(format!(
+            "cannot resume: {} is damaged: {err}",
+            state_path.display()
+        ))
+    })?;
+    if progress.fingerprint != fingerprint(e) {
+        return Err(RunError(format!(
+            "cannot resume from {}: the experiment changed since that checkpoint (model, adapters, objective, data, optimizer, schedule, batch, sequence length or seed); start a new run, or restore the experiment",
+            dir.display()
+        )));
+    }
+    let weights = read_safetensors(&dir.join("trainable.safetensors"))
+        .map_err(|err| RunError(err.to_string()))?;
+    let moments = read_safetensors(&dir.join("optimizer.safetensors"))
+        .map_err(|err| RunError(err.to_string()))?;
+    for (i, p) in g.params.iter().enumerate().filter(|(_, p)| p.trainable) {
+        let w = weights.get(&p.name).ok_or_else(|| {
+            RunError(format!("cannot resume: the checkpoint has no `{}`", p.name))
+        })?;
+        values[i] = w.clone();
+        if let (Some(m), Some(v)) = (
+            moments.get(&format!("{}.exp_avg", p.name)),
+            moments.get(&format!("{}.exp_avg_sq", p.name)),
+        ) {
+            states[i] = Some(State {
+                m: m.data.clone(),
+                v: v.data.clone(),
+            });
+        }
+    }
+    Ok(progress)
+}
+
+/// What to do after a step.
+pub enum Control {
+    Continue,
+    /// Save a checkpoint and stop (as on an interrupt).
+    Stop,
+}
+
+/// Trains `e` (defined in a file in `base`) and writes metrics and checkpoints under `runs`;
+/// with `resume`, continues the run from its checkpoint with identical results.
 pub fn run(
     e: &Experiment,
     base: &Path,
     runs: &Path,
     steps_override: Option<u64>,
-    mut on_step: impl FnMut(&StepReport),
+    resume: bool,
+    mut on_step: impl FnMut(&StepReport) -> Control,
 ) -> Result<RunSummary, RunError> {
     if !matches!(e.objective, Objective::CausalLm | Objective::Sft { .. }) {
         return Err(RunError(
@@ -224,6 +346,22 @@ pub fn run(
         }
     }
     let mut states: Vec<Option<State>> = vec![None; values.len()];
+    let run_dir = runs.join(&e.name);
+    let checkpoint_dir = run_dir.join("checkpoint");
+    let mut progress = if resume {
+        load_checkpoint(&graph, &mut values, &mut states, &checkpoint_dir, e)?
+    } else {
+        Progress {
+            step: 0,
+            loss: f32::NAN,
+            first_loss: f32::NAN,
+            rng: e.train.seed,
+            order: (0..train_set.len()).collect(),
+            cursor: train_set.len(),
+            tokens: 0,
+            fingerprint: fingerprint(e),
+        }
+    };
 
     let batch = e.train.batch as usize;
     let micro = e.train.micro_batch.unwrap_or(e.train.batch) as usize;
@@ -235,38 +373,42 @@ pub fn run(
     let peak = match e.train.optimizer {
         Optimizer::Adamw { lr, .. } | Optimizer::Sgd { lr, .. } => lr,
     };
-    let run_dir = runs.join(&e.name);
     std::fs::create_dir_all(&run_dir)
         .map_err(|err| RunError(format!("{}: {err}", run_dir.display())))?;
-    let mut metrics = std::fs::File::create(run_dir.join("metrics.jsonl"))
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(resume)
+        .write(true)
+        .truncate(!resume)
+        .open(run_dir.join("metrics.jsonl"))
         .map_err(|err| RunError(format!("{}: {err}", run_dir.display())))?;
 
-    let mut order: Vec<usize> = (0..train_set.len()).collect();
-    let mut rng = Rng(e.train.seed);
-    let mut cursor = order.len();
-    let (mut first_loss, mut last_loss) = (f32::NAN, f32::NAN);
     let started = Instant::now();
-    let mut tokens = 0usize;
-    for s in 0..total {
+    let tokens_before = progress.tokens;
+    while progress.step < total {
+        let s = progress.step;
         let mut grads: Vec<Option<Vec<f32>>> = vec![None; values.len()];
         let mut loss_sum = 0.0f32;
         let micro_steps = batch.div_ceil(micro);
         for m in 0..micro_steps {
             // A fresh seeded shuffle each epoch.
-            let rows: Vec<&Vec<i64>> = (0..micro.min(batch - m * micro))
-                .map(|_| {
-                    if cursor == order.len() {
-                        for i in (1..order.len()).rev() {
-                            order.swap(i, (rng.next() % (i as u64 + 1)) as usize);
-                        }
-                        cursor = 0;
+            let mut rows: Vec<&Vec<i64>> = Vec::new();
+            for _ in 0..micro.min(batch - m * micro) {
+                if progress.cursor == progress.order.len() {
+                    let mut rng = Rng(progress.rng);
+                    for i in (1..progress.order.len()).rev() {
+                        progress
+                            .order
+                            .swap(i, (rng.next() % (i as u64 + 1)) as usize);
                     }
-                    cursor += 1;
-                    &train_set[order[cursor - 1]]
-                })
-                .collect();
+                    progress.rng = rng.0;
+                    progress.cursor = 0;
+                }
+                rows.push(&train_set[progress.order[progress.cursor]]);
+                progress.cursor += 1;
+            }
             let CausalBatch { ids, labels, mask } = causal_batch(&rows, seq_len, 0);
-            tokens += mask.iter().flatten().filter(|&&v| v == 1).count();
+            progress.tokens += mask.iter().flatten().filter(|&&v| v == 1).count();
             let mut b = Batch {
                 attention_mask: Some(mask),
                 dropout_seed: Some(e.train.seed ^ (s * 1_000_003 + m as u64)),
@@ -310,31 +452,31 @@ pub fn run(
         for (v, d) in values.iter_mut().zip(flat) {
             v.data = d;
         }
-        if s == 0 {
-            first_loss = loss_sum;
+        progress.step += 1;
+        if progress.first_loss.is_nan() {
+            progress.first_loss = loss_sum;
         }
-        last_loss = loss_sum;
-        let tps = tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
+        progress.loss = loss_sum;
+        let tps =
+            (progress.tokens - tokens_before) as f64 / started.elapsed().as_secs_f64().max(1e-9);
         let line = serde_json::json!({ "step": s + 1, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "tokens_per_second": tps });
         writeln!(metrics, "{line}").map_err(|err| RunError(format!("metrics: {err}")))?;
-        on_step(&StepReport {
+        let control = on_step(&StepReport {
             step: s + 1,
             total,
             loss: loss_sum,
             tokens_per_second: tps,
         });
-        if e.train.checkpoint_every.is_some_and(|k| (s + 1) % k == 0) {
-            save_trainable(
-                &graph,
-                &values,
-                &run_dir.join("checkpoint"),
-                s + 1,
-                loss_sum,
-            )?;
+        let stop = matches!(control, Control::Stop);
+        if stop || e.train.checkpoint_every.is_some_and(|k| (s + 1) % k == 0) {
+            save_checkpoint(&graph, &values, &states, &progress, &checkpoint_dir)?;
+        }
+        if stop {
+            break;
         }
     }
-    let eval_loss = match &eval_set {
-        Some(set) => {
+    let eval_loss = match (&eval_set, progress.step == total) {
+        (Some(set), true) => {
             let rows: Vec<&Vec<i64>> = set.iter().take(batch.max(1)).collect();
             let CausalBatch { ids, labels, mask } = causal_batch(&rows, seq_len, 0);
             let mut b = Batch {
@@ -353,21 +495,17 @@ pub fn run(
             .map_err(|err| RunError(format!("metrics: {err}")))?;
             Some(out.loss)
         }
-        None => None,
+        _ => None,
     };
-    save_trainable(
-        &graph,
-        &values,
-        &run_dir.join("checkpoint"),
-        total,
-        last_loss,
-    )?;
+    save_checkpoint(&graph, &values, &states, &progress, &checkpoint_dir)?;
+    let tokens_per_second =
+        (progress.tokens - tokens_before) as f64 / started.elapsed().as_secs_f64().max(1e-9);
     Ok(RunSummary {
-        steps: total,
-        first_loss,
-        last_loss,
+        steps: progress.step,
+        first_loss: progress.first_loss,
+        last_loss: progress.loss,
         eval_loss,
-        tokens_per_second: tokens as f64 / started.elapsed().as_secs_f64().max(1e-9),
+        tokens_per_second,
         run_dir,
     })
 }

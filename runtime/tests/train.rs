@@ -3,7 +3,7 @@
 //! stops with the step named and the last good checkpoint intact.
 
 use kiln_runtime::checkpoint::read_safetensors;
-use kiln_runtime::train::run;
+use kiln_runtime::train::{run, Control};
 use std::path::{Path, PathBuf};
 
 fn examples() -> PathBuf {
@@ -34,14 +34,14 @@ fn scratch(name: &str) -> PathBuf {
 fn quickstart_learns_and_is_reproducible() {
     let e = quickstart("train { steps = 12 }");
     let (a, b) = (scratch("a"), scratch("b"));
-    let first = run(&e, &examples(), &a, None, |_| {}).unwrap();
+    let first = run(&e, &examples(), &a, None, false, |_| Control::Continue).unwrap();
     assert!(
         first.last_loss < first.first_loss - 1.0,
         "loss {} -> {}",
         first.first_loss,
         first.last_loss
     );
-    run(&e, &examples(), &b, None, |_| {}).unwrap();
+    run(&e, &examples(), &b, None, false, |_| Control::Continue).unwrap();
     let metrics = |dir: &Path| {
         let text = std::fs::read_to_string(dir.join("variant/metrics.jsonl")).unwrap();
         // Throughput differs between runs; everything else must not.
@@ -68,7 +68,7 @@ fn quickstart_learns_and_is_reproducible() {
 fn divergence_names_the_step_and_keeps_the_last_checkpoint() {
     let e = quickstart("train { steps = 40, checkpoint_every = 1, grad_clip = false, optimizer = sgd { lr = 1e4 } }");
     let dir = scratch("nan");
-    let err = run(&e, &examples(), &dir, None, |_| {})
+    let err = run(&e, &examples(), &dir, None, false, |_| Control::Continue)
         .unwrap_err()
         .to_string();
     assert!(err.contains("at step") || err.contains("step "), "{err}");
@@ -83,4 +83,57 @@ fn divergence_names_the_step_and_keeps_the_last_checkpoint() {
     read_safetensors(&dir.join("variant/checkpoint/trainable.safetensors"))
         .expect("still a valid file");
     std::fs::remove_dir_all(&dir).ok();
+}
+
+fn losses(dir: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(dir.join("variant/metrics.jsonl")).unwrap();
+    text.lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v.as_object_mut().unwrap().remove("tokens_per_second");
+            v
+        })
+        .collect()
+}
+
+#[test]
+fn an_interrupted_run_resumes_bit_exactly() {
+    // Dropout on, so that the resumed run must also reproduce the random masks.
+    let model = "model = gpt2 { vocab = 1024, positions = 128, hidden = 64, layers = 2, heads = 4, dropout = 0.1 }";
+    let e = quickstart(&format!(
+        "{model}, train {{ steps = 8, batch = 4, micro_batch = 2 }}"
+    ));
+    let (whole, split) = (scratch("whole"), scratch("split"));
+    run(&e, &examples(), &whole, None, false, |_| Control::Continue).unwrap();
+    let stopped = run(&e, &examples(), &split, None, false, |r| {
+        if r.step == 3 {
+            Control::Stop
+        } else {
+            Control::Continue
+        }
+    })
+    .unwrap();
+    assert_eq!(stopped.steps, 3);
+    run(&e, &examples(), &split, None, true, |_| Control::Continue).unwrap();
+    assert_eq!(
+        losses(&whole),
+        losses(&split),
+        "the same losses as the uninterrupted run"
+    );
+    let a = read_safetensors(&whole.join("variant/checkpoint/trainable.safetensors")).unwrap();
+    let b = read_safetensors(&split.join("variant/checkpoint/trainable.safetensors")).unwrap();
+    assert_eq!(a, b, "and the same weights, bit for bit");
+
+    // A changed experiment is refused.
+    let changed = quickstart(&format!(
+        "{model}, train {{ steps = 8, batch = 4, micro_batch = 2, seed = 8 }}"
+    ));
+    let err = run(&changed, &examples(), &split, None, true, |_| {
+        Control::Continue
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("the experiment changed"), "{err}");
+    std::fs::remove_dir_all(&whole).ok();
+    std::fs::remove_dir_all(&split).ok();
 }
