@@ -72,6 +72,17 @@ enum Command {
         #[arg(long)]
         resume: bool,
     },
+    /// Export a run's trained adapter in PEFT's format (adapter_config.json + safetensors).
+    Export {
+        file: PathBuf,
+        #[arg(long)]
+        experiment: Option<String>,
+        /// The directory to write PEFT's files into.
+        #[arg(long, value_name = "DIR")]
+        peft: PathBuf,
+        #[arg(long, default_value = "runs")]
+        runs: PathBuf,
+    },
     /// Tokenizers: `kiln tokenizer train --vocab 2000 --out tokenizer.json data.jsonl`.
     Tokenizer {
         #[command(subcommand)]
@@ -166,6 +177,12 @@ pub fn main() -> ExitCode {
         Command::Tokenizer {
             action: TokenizerAction::Train { files, vocab, out },
         } => train_tokenizer(&files, vocab, &out),
+        Command::Export {
+            file,
+            experiment,
+            peft,
+            runs,
+        } => export(&file, experiment.as_deref(), &peft, &runs),
         Command::Explain { code } => explain(&code),
     }
 }
@@ -369,6 +386,31 @@ fn run(
                 s.tokens_per_second,
                 s.run_dir.display()
             );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn export(
+    file: &std::path::Path,
+    wanted: Option<&str>,
+    out: &std::path::Path,
+    runs: &std::path::Path,
+) -> ExitCode {
+    let checked = kiln_compiler::check_file(file);
+    if report_errors(file, &checked) {
+        return ExitCode::from(1);
+    }
+    let Some(experiment) = pick(file, &checked, wanted) else {
+        return ExitCode::from(1);
+    };
+    match kiln_runtime::export::export_run(experiment, runs, out) {
+        Ok(()) => {
+            println!("wrote PEFT adapter files to {}", out.display());
             ExitCode::SUCCESS
         }
         Err(e) => {

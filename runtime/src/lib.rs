@@ -7,5 +7,6 @@
 pub mod checkpoint;
 pub mod data;
 pub mod exec;
+pub mod export;
 pub mod optim;
 pub mod train;
