@@ -10,12 +10,19 @@ use petgraph::graph::NodeIndex;
 use std::collections::BTreeMap;
 use std::fmt;
 
-type Tape = OwnedTape<f32, Cpu>;
-type T0 = Tensor<(), f32, Cpu>;
-type T1 = Tensor<(usize,), f32, Cpu>;
-type T2 = Tensor<(usize, usize), f32, Cpu>;
-type T3 = Tensor<(usize, usize, usize), f32, Cpu>;
-type T4 = Tensor<(usize, usize, usize, usize), f32, Cpu>;
+/// The device the executor computes on: the CPU, or with the `cuda` feature an NVIDIA GPU
+/// through dfdx's CUDA backend (the same ops, kernels compiled by nvcc).
+#[cfg(not(feature = "cuda"))]
+pub type Dev = Cpu;
+#[cfg(feature = "cuda")]
+pub type Dev = dfdx::tensor::Cuda;
+
+type Tape = OwnedTape<f32, Dev>;
+type T0 = Tensor<(), f32, Dev>;
+type T1 = Tensor<(usize,), f32, Dev>;
+type T2 = Tensor<(usize, usize), f32, Dev>;
+type T3 = Tensor<(usize, usize, usize), f32, Dev>;
+type T4 = Tensor<(usize, usize, usize, usize), f32, Dev>;
 
 /// HF's mask value: the most negative finite f32, so fully masked rows stay finite.
 const MASKED: f32 = f32::MIN;
@@ -104,7 +111,7 @@ struct Interpreter<'g> {
     g: &'g Graph,
     /// Dropout masks drawn so far this step (each op gets its own stream).
     masks_drawn: u64,
-    dev: Cpu,
+    dev: Dev,
     tape: Tape,
     params: Vec<P>,
     values: Vec<Option<V>>,
@@ -117,7 +124,7 @@ pub fn forward_backward(
     values: &[HostTensor],
     batch: &Batch,
 ) -> Result<Outcome, ExecError> {
-    let dev = Cpu::default();
+    let dev = Dev::default();
     let params = values
         .iter()
         .zip(&g.params)
@@ -172,7 +179,7 @@ pub fn forward_backward(
     })
 }
 
-fn activate<S: Shape>(x: Tensor<S, f32, Cpu, Tape>, act: Act) -> Tensor<S, f32, Cpu, Tape> {
+fn activate<S: Shape>(x: Tensor<S, f32, Dev, Tape>, act: Act) -> Tensor<S, f32, Dev, Tape> {
     match act {
         Act::Gelu => exact_gelu(x),
         Act::GeluTanh => x.fast_gelu(),
@@ -187,11 +194,11 @@ fn activate<S: Shape>(x: Tensor<S, f32, Cpu, Tape>, act: Act) -> Tensor<S, f32, 
 
 /// `a + b` or `a * b`; `same` when both are one tensor (dfdx's backward needs distinct operands).
 fn combine<S: Shape>(
-    a: Tensor<S, f32, Cpu, Tape>,
-    b: Tensor<S, f32, Cpu>,
+    a: Tensor<S, f32, Dev, Tape>,
+    b: Tensor<S, f32, Dev>,
     add: bool,
     same: bool,
-) -> Tensor<S, f32, Cpu, Tape> {
+) -> Tensor<S, f32, Dev, Tape> {
     match (same, add) {
         (true, true) => a * 2.0,
         (true, false) => a.square(),
@@ -203,7 +210,7 @@ fn combine<S: Shape>(
 /// The erf GELU. dfdx 0.13's `accurate_gelu` computes the right values but its derivative
 /// drops a factor 1/√2 from the erf term; a term whose value is zero (e − stop(e), with
 /// e = exp(−x²/2)) carries the missing −(1 − 1/√2)/√π · x·e of gradient.
-fn exact_gelu<S: Shape>(x: Tensor<S, f32, Cpu, Tape>) -> Tensor<S, f32, Cpu, Tape> {
+fn exact_gelu<S: Shape>(x: Tensor<S, f32, Dev, Tape>) -> Tensor<S, f32, Dev, Tape> {
     let c = (1.0 - std::f32::consts::FRAC_1_SQRT_2) / std::f32::consts::PI.sqrt();
     let (xs, tape) = x.split_tape();
     let (gelu, tape) = xs.clone().put_tape(tape).accurate_gelu().split_tape();
@@ -224,7 +231,7 @@ fn splitmix(state: &mut u64) -> u64 {
 impl Interpreter<'_> {
     /// An inverted-dropout mask (0 or 1/(1−p)) of the given shape, or `None` when dropout is
     /// off for this batch or `p` is zero.
-    fn dropout_mask<S: Shape>(&mut self, shape: S, p: f64) -> Option<Tensor<S, f32, Cpu>> {
+    fn dropout_mask<S: Shape>(&mut self, shape: S, p: f64) -> Option<Tensor<S, f32, Dev>> {
         let seed = self.batch.dropout_seed?;
         if p <= 0.0 {
             return None;
@@ -282,17 +289,17 @@ impl Interpreter<'_> {
     }
 
     /// Puts the result's tape back and keeps its value.
-    fn keep3(&mut self, t: Tensor<(usize, usize, usize), f32, Cpu, Tape>) -> V {
+    fn keep3(&mut self, t: Tensor<(usize, usize, usize), f32, Dev, Tape>) -> V {
         let (v, tape) = t.split_tape();
         self.tape = tape;
         V::R3(v)
     }
-    fn keep2(&mut self, t: Tensor<(usize, usize), f32, Cpu, Tape>) -> V {
+    fn keep2(&mut self, t: Tensor<(usize, usize), f32, Dev, Tape>) -> V {
         let (v, tape) = t.split_tape();
         self.tape = tape;
         V::R2(v)
     }
-    fn keep0(&mut self, t: Tensor<(), f32, Cpu, Tape>) -> V {
+    fn keep0(&mut self, t: Tensor<(), f32, Dev, Tape>) -> V {
         let (v, tape) = t.split_tape();
         self.tape = tape;
         V::S(v)
@@ -331,11 +338,11 @@ impl Interpreter<'_> {
                 let ids = self.input(n, 0)?.ints("ids")?.clone();
                 let (b, s) = (ids.len(), ids.first().map_or(0, Vec::len));
                 let flat: Vec<usize> = ids.iter().flatten().map(|&i| i.max(0) as usize).collect();
-                let idx: Tensor<(usize, usize), usize, Cpu> =
+                let idx: Tensor<(usize, usize), usize, Dev> =
                     self.dev.tensor_from_vec(flat, (b, s));
                 let w = self.p2(table)?;
                 let tape = self.take_tape();
-                let out: Tensor<(usize, usize, usize), f32, Cpu, Tape> =
+                let out: Tensor<(usize, usize, usize), f32, Dev, Tape> =
                     w.put_tape(tape).gather(idx);
                 Ok(self.keep3(out))
             }
@@ -458,7 +465,7 @@ impl Interpreter<'_> {
                     return err("concatenation only along the sequence axis");
                 }
                 let tape = self.take_tape();
-                let out: Tensor<(usize, usize, usize), f32, Cpu, Tape> =
+                let out: Tensor<(usize, usize, usize), f32, Dev, Tape> =
                     (a.put_tape(tape), b).concat_along(Axis::<1>);
                 Ok(self.keep3(out))
             }
@@ -534,7 +541,7 @@ impl Interpreter<'_> {
                     return err("token positions do not fit the batch");
                 }
                 // [b, s, d] → [b, d, s], then pick one position per row for every feature.
-                let idx: Tensor<(usize, usize), usize, Cpu> = self.dev.tensor_from_vec(
+                let idx: Tensor<(usize, usize), usize, Dev> = self.dev.tensor_from_vec(
                     positions
                         .iter()
                         .flat_map(|&p| std::iter::repeat_n(p, d))
@@ -542,7 +549,7 @@ impl Interpreter<'_> {
                     (b, d),
                 );
                 let tape = self.take_tape();
-                let out: Tensor<(usize, usize), f32, Cpu, Tape> =
+                let out: Tensor<(usize, usize), f32, Dev, Tape> =
                     x.put_tape(tape).permute::<_, Axes3<0, 2, 1>>().select(idx);
                 Ok(self.keep2(out))
             }
@@ -554,9 +561,9 @@ impl Interpreter<'_> {
                     .clone()
                     .ok_or_else(|| ExecError("the batch has no verbalizer token ids".into()))?;
                 let c = ids.len();
-                let idx: Tensor<(usize,), usize, Cpu> = self.dev.tensor_from_vec(ids, (c,));
+                let idx: Tensor<(usize,), usize, Dev> = self.dev.tensor_from_vec(ids, (c,));
                 let tape = self.take_tape();
-                let picked: Tensor<(usize, usize), f32, Cpu, Tape> =
+                let picked: Tensor<(usize, usize), f32, Dev, Tape> =
                     x.put_tape(tape).permute::<_, Axes2<1, 0>>().gather(idx);
                 Ok(self.keep2(picked.permute::<_, Axes2<1, 0>>()))
             }
@@ -753,9 +760,9 @@ impl Interpreter<'_> {
             let by_head = t
                 .permute::<_, Axes4<2, 0, 1, 3>>()
                 .reshape_like(&(kv_heads, b * skv * d));
-            let idx: Tensor<(usize,), usize, Cpu> =
+            let idx: Tensor<(usize,), usize, Dev> =
                 dev.tensor_from_vec((0..heads).map(|h| h / group).collect(), (heads,));
-            let repeated: Tensor<(usize, usize), f32, Cpu, Tape> = by_head.gather(idx);
+            let repeated: Tensor<(usize, usize), f32, Dev, Tape> = by_head.gather(idx);
             repeated
                 .reshape_like(&(heads, b, skv, d))
                 .permute::<_, Axes4<1, 0, 2, 3>>()
@@ -804,7 +811,7 @@ impl Interpreter<'_> {
         if count == 0.0 {
             return err("no position has a label");
         }
-        let targets: Tensor<(usize, usize), usize, Cpu> =
+        let targets: Tensor<(usize, usize), usize, Dev> =
             self.dev.tensor_from_vec(targets, (b, positions));
         let weights: T2 = self.dev.tensor_from_vec(weights, (b, positions));
         let tape = self.take_tape();
@@ -816,7 +823,7 @@ impl Interpreter<'_> {
         } else {
             logits
         };
-        let picked: Tensor<(usize, usize), f32, Cpu, Tape> =
+        let picked: Tensor<(usize, usize), f32, Dev, Tape> =
             logits.log_softmax::<Axis<2>>().select(targets);
         let loss = (picked * weights).sum::<(), _>().negate() / count;
         Ok(self.keep0(loss))
