@@ -350,7 +350,6 @@ fn run(
     let Some(experiment) = pick(file, &checked, wanted) else {
         return ExitCode::from(1);
     };
-    let base = file.parent().unwrap_or(std::path::Path::new("."));
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
@@ -359,7 +358,7 @@ fn run(
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
         .progress_chars("=> "),
     );
-    let result = kiln_runtime::train::run(experiment, base, runs, steps, resume, |r| {
+    let result = kiln_runtime::train::run(experiment, runs, steps, resume, |r| {
         bar.set_length(r.total);
         bar.set_position(r.step);
         bar.set_message(format!(

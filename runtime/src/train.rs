@@ -273,11 +273,10 @@ pub enum Control {
     Stop,
 }
 
-/// Trains `e` (defined in a file in `base`) and writes metrics and checkpoints under `runs`;
+/// Trains `e` and writes metrics and checkpoints under `runs`;
 /// with `resume`, continues the run from its checkpoint with identical results.
 pub fn run(
     e: &Experiment,
-    base: &Path,
     runs: &Path,
     steps_override: Option<u64>,
     resume: bool,
@@ -305,7 +304,7 @@ pub fn run(
     }
     let resolve = |p: &Option<String>, what: &str| -> Result<PathBuf, RunError> {
         p.as_ref()
-            .map(|p| base.join(p))
+            .map(PathBuf::from)
             .ok_or_else(|| RunError(format!("data.{what} is required to run this experiment")))
     };
     let tokenizer =
@@ -327,7 +326,7 @@ pub fn run(
         .unwrap_or_else(|| "text".into());
     let train_set = tokenize_field(&resolve(&e.data.train, "train")?, &field, &tokenizer)?;
     let eval_set = match &e.data.eval {
-        Some(p) => Some(tokenize_field(&base.join(p), &field, &tokenizer)?),
+        Some(p) => Some(tokenize_field(Path::new(p), &field, &tokenizer)?),
         None => None,
     };
 

@@ -34,14 +34,14 @@ fn scratch(name: &str) -> PathBuf {
 fn quickstart_learns_and_is_reproducible() {
     let e = quickstart("train { steps = 12 }");
     let (a, b) = (scratch("a"), scratch("b"));
-    let first = run(&e, &examples(), &a, None, false, |_| Control::Continue).unwrap();
+    let first = run(&e, &a, None, false, |_| Control::Continue).unwrap();
     assert!(
         first.last_loss < first.first_loss - 1.0,
         "loss {} -> {}",
         first.first_loss,
         first.last_loss
     );
-    run(&e, &examples(), &b, None, false, |_| Control::Continue).unwrap();
+    run(&e, &b, None, false, |_| Control::Continue).unwrap();
     let metrics = |dir: &Path| {
         let text = std::fs::read_to_string(dir.join("variant/metrics.jsonl")).unwrap();
         // Throughput differs between runs; everything else must not.
@@ -68,7 +68,7 @@ fn quickstart_learns_and_is_reproducible() {
 fn divergence_names_the_step_and_keeps_the_last_checkpoint() {
     let e = quickstart("train { steps = 40, checkpoint_every = 1, grad_clip = false, optimizer = sgd { lr = 1e4 } }");
     let dir = scratch("nan");
-    let err = run(&e, &examples(), &dir, None, false, |_| Control::Continue)
+    let err = run(&e, &dir, None, false, |_| Control::Continue)
         .unwrap_err()
         .to_string();
     assert!(err.contains("at step") || err.contains("step "), "{err}");
@@ -104,8 +104,8 @@ fn an_interrupted_run_resumes_bit_exactly() {
         "{model}, train {{ steps = 8, batch = 4, micro_batch = 2 }}"
     ));
     let (whole, split) = (scratch("whole"), scratch("split"));
-    run(&e, &examples(), &whole, None, false, |_| Control::Continue).unwrap();
-    let stopped = run(&e, &examples(), &split, None, false, |r| {
+    run(&e, &whole, None, false, |_| Control::Continue).unwrap();
+    let stopped = run(&e, &split, None, false, |r| {
         if r.step == 3 {
             Control::Stop
         } else {
@@ -114,7 +114,7 @@ fn an_interrupted_run_resumes_bit_exactly() {
     })
     .unwrap();
     assert_eq!(stopped.steps, 3);
-    run(&e, &examples(), &split, None, true, |_| Control::Continue).unwrap();
+    run(&e, &split, None, true, |_| Control::Continue).unwrap();
     assert_eq!(
         losses(&whole),
         losses(&split),
@@ -128,11 +128,9 @@ fn an_interrupted_run_resumes_bit_exactly() {
     let changed = quickstart(&format!(
         "{model}, train {{ steps = 8, batch = 4, micro_batch = 2, seed = 8 }}"
     ));
-    let err = run(&changed, &examples(), &split, None, true, |_| {
-        Control::Continue
-    })
-    .unwrap_err()
-    .to_string();
+    let err = run(&changed, &split, None, true, |_| Control::Continue)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("the experiment changed"), "{err}");
     std::fs::remove_dir_all(&whole).ok();
     std::fs::remove_dir_all(&split).ok();

@@ -8,11 +8,11 @@ use super::objective::{default_fields, objective, placeholders, required_heads};
 use super::read::*;
 use super::types::*;
 use crate::diagnostics::{Code, Diagnostic, Span};
-use crate::resolve::{ModuleId, Spanned, Value};
+use crate::resolve::{Spanned, Value};
 use crate::syntax::DefKind;
 use std::collections::BTreeMap;
 
-pub fn experiment(cx: &Cx, v: &Spanned, module: ModuleId) -> Option<Experiment> {
+pub fn experiment(cx: &Cx, v: &Spanned) -> Option<Experiment> {
     let mut r = expect_def(cx, v, DefKind::Experiment, "")?;
     let name = r.record.kind.name().unwrap_or("experiment").to_string();
     let model_v = r.required("model");
@@ -30,7 +30,7 @@ pub fn experiment(cx: &Cx, v: &Spanned, module: ModuleId) -> Option<Experiment> 
     };
     let data_span = r.span_of("data");
     let data = match r.get("data") {
-        Some(v) => data(cx, &v, module, objective.as_ref()),
+        Some(v) => data(cx, &v, objective.as_ref()),
         None if r.has("data") => None,
         None => Some(Data {
             fields: objective.as_ref().map(field_map).unwrap_or_default(),
@@ -181,26 +181,25 @@ fn field_map(objective: &Objective) -> BTreeMap<String, String> {
         .collect()
 }
 
-fn data(cx: &Cx, v: &Spanned, module: ModuleId, objective: Option<&Objective>) -> Option<Data> {
+fn data(cx: &Cx, v: &Spanned, objective: Option<&Objective>) -> Option<Data> {
     let mut r = record(cx, v, "data", "data settings")?;
-    let dir = cx.ev.program.module(module).dir.clone();
+    // A path is relative to the file it is written in (an inherited experiment keeps its
+    // parent's data); the spec stores it joined with that file's directory.
     let path = |r: &mut Rec, name: &'static str| {
         r.opt(name, |cx, v| {
             let p = string(cx, v)?;
-            if let Some(dir) = &dir {
-                if !dir.join(&p).exists() {
-                    cx.report(
-                        Diagnostic::new(Code::Io, format!("{name} file `{p}` does not exist"))
-                            .at(v.span, "not found")
-                            .help(format!(
-                                "paths are relative to the experiment file's directory (`{}`)",
-                                crate::diagnostics::display_dir(dir)
-                            )),
-                    );
-                    return None;
-                }
+            let dir = cx.ev.program.modules.iter().find(|m| m.file == v.span.file).and_then(|m| m.dir.clone());
+            let Some(dir) = dir else { return Some(p) };
+            let joined = dir.join(&p);
+            if !joined.exists() {
+                cx.report(
+                    Diagnostic::new(Code::Io, format!("{name} file `{p}` does not exist"))
+                        .at(v.span, "not found")
+                        .help(format!("paths are relative to the directory of the file that names them (`{}`)", crate::diagnostics::display_dir(&dir))),
+                );
+                return None;
             }
-            Some(p)
+            Some(joined.display().to_string())
         })
     };
     let train = path(&mut r, "train");
@@ -686,7 +685,7 @@ fn lr_schedule(cx: &Cx, v: &Spanned) -> Option<LrSchedule> {
     })
 }
 
-pub fn pipeline(cx: &Cx, v: &Spanned, module: ModuleId) -> Option<Pipeline> {
+pub fn pipeline(cx: &Cx, v: &Spanned) -> Option<Pipeline> {
     let mut r = expect_def(cx, v, DefKind::Pipeline, "")?;
     let name = r.record.kind.name().unwrap_or("pipeline").to_string();
     let stages_v = r.required("stages");
@@ -704,7 +703,7 @@ pub fn pipeline(cx: &Cx, v: &Spanned, module: ModuleId) -> Option<Pipeline> {
     let mut ok = true;
     for item in &items {
         cx.origins.replace(super::Origins::default());
-        let Some(mut e) = experiment(cx, item, module) else {
+        let Some(mut e) = experiment(cx, item) else {
             ok = false;
             continue;
         };

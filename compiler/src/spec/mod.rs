@@ -60,7 +60,7 @@ pub fn check_module(ev: &Evaluator, module: ModuleId) -> CheckedModule {
         let path = def.name.name.as_str();
         match def.kind {
             DefKind::Experiment => {
-                if let Some(e) = experiment::experiment(&cx, &value, module) {
+                if let Some(e) = experiment::experiment(&cx, &value) {
                     out.experiments.push(Checked {
                         value: e,
                         origins: cx.origins.take(),
@@ -68,7 +68,7 @@ pub fn check_module(ev: &Evaluator, module: ModuleId) -> CheckedModule {
                 }
             }
             DefKind::Pipeline => {
-                if let Some(p) = experiment::pipeline(&cx, &value, module) {
+                if let Some(p) = experiment::pipeline(&cx, &value) {
                     let mut origins = Origins::default();
                     origins.source("name", def.name.span);
                     for (i, stage) in p.stages.iter().enumerate() {
