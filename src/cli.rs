@@ -377,7 +377,11 @@ fn run(
                 s.first_loss,
                 s.last_loss,
                 s.eval_loss
-                    .map(|l| format!(", eval loss {l:.4} (perplexity {:.1})", (l as f64).exp()))
+                    .map(|l| if s.token_loss {
+                        format!(", eval loss {l:.4} (perplexity {:.1})", (l as f64).exp())
+                    } else {
+                        format!(", eval loss {l:.4}")
+                    })
                     .unwrap_or_default()
             );
             println!(

@@ -2,7 +2,9 @@
 //! byte-level BPE tokenizer from text, JSONL datasets with errors that name file and line, and
 //! causal-LM batches (padding, truncation, labels −100 on padding, attention masks).
 
+use kiln_compiler::spec::Objective;
 use serde_json::Value;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::models::TrainerWrapper;
@@ -112,71 +114,142 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<(usize, Value)>, DataError> {
     Ok(out)
 }
 
-/// Token ids of one text field of each record (`.txt` files: one record per non-empty line).
-pub fn tokenize_field(
-    path: &Path,
-    field: &str,
-    tokenizer: &Tokenizer,
-) -> Result<Vec<Vec<i64>>, DataError> {
-    let texts: Vec<String> = if path.extension().is_some_and(|e| e == "jsonl") {
-        read_jsonl(path)?
-            .into_iter()
-            .map(|(line, r)| match r.get(field) {
-                Some(Value::String(s)) => Ok(s.clone()),
-                _ => Err(DataError(format!(
-                    "{}:{line}: the record has no text field `{field}`",
-                    path.display()
-                ))),
-            })
-            .collect::<Result<_, _>>()?
-    } else {
-        std::fs::read_to_string(path)
-            .map_err(|e| DataError(format!("{}: {e}", path.display())))?
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(String::from)
-            .collect()
-    };
-    let eot = tokenizer.token_to_id(END_OF_TEXT).map(i64::from);
-    texts
-        .iter()
-        .map(|t| {
-            let enc = tokenizer
-                .encode(t.as_str(), false)
-                .map_err(|e| DataError(format!("{}: cannot tokenize: {e}", path.display())))?;
-            let mut ids: Vec<i64> = enc.get_ids().iter().map(|&i| i as i64).collect();
-            ids.extend(eot);
-            Ok(ids)
-        })
-        .collect()
+/// One training sequence: token ids and per-token labels (−100 where no loss is taken).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Example {
+    pub ids: Vec<i64>,
+    pub labels: Vec<i64>,
 }
 
-/// Rows of a causal-LM batch.
-pub struct CausalBatch {
+/// The texts of a file: JSONL records (with their line numbers), or a `.txt` file's non-empty
+/// lines as records with a `text` field.
+fn records(path: &Path) -> Result<Vec<(usize, Value)>, DataError> {
+    if path.extension().is_some_and(|e| e == "jsonl") {
+        return read_jsonl(path);
+    }
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| DataError(format!("{}: cannot read: {e}", path.display())))?;
+    Ok(text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| (i + 1, serde_json::json!({ "text": l })))
+        .collect())
+}
+
+/// What each record becomes for the objective: one example (causal LM, SFT) or a
+/// chosen/rejected pair (reward model). `fields` maps logical field names to record keys.
+pub fn load_examples(
+    path: &Path,
+    objective: &Objective,
+    fields: &BTreeMap<String, String>,
+    tokenizer: &Tokenizer,
+) -> Result<Vec<Vec<Example>>, DataError> {
+    let eot = tokenizer.token_to_id(END_OF_TEXT).map(i64::from);
+    let encode = |text: &str, line: usize| -> Result<Vec<i64>, DataError> {
+        let enc = tokenizer
+            .encode(text, false)
+            .map_err(|e| DataError(format!("{}:{line}: cannot tokenize: {e}", path.display())))?;
+        Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
+    };
+    let mut out = Vec::new();
+    for (line, record) in records(path)? {
+        let field = |logical: &str| -> Result<String, DataError> {
+            let key = fields.get(logical).map_or(logical, String::as_str);
+            match record.get(key) {
+                Some(Value::String(s)) => Ok(s.clone()),
+                _ => Err(DataError(format!(
+                    "{}:{line}: the record has no text field `{key}`",
+                    path.display()
+                ))),
+            }
+        };
+        let with_end = |mut ids: Vec<i64>| {
+            ids.extend(eot);
+            ids
+        };
+        let examples = match objective {
+            Objective::CausalLm => {
+                let ids = with_end(encode(&field("text")?, line)?);
+                vec![Example {
+                    labels: ids.clone(),
+                    ids,
+                }]
+            }
+            Objective::Sft { prompt, response } => {
+                // The loss is on the response only.
+                let p = encode(&field(prompt)?, line)?;
+                let r = with_end(encode(&field(response)?, line)?);
+                let labels = std::iter::repeat_n(-100, p.len())
+                    .chain(r.iter().copied())
+                    .collect();
+                vec![Example {
+                    ids: p.into_iter().chain(r).collect(),
+                    labels,
+                }]
+            }
+            Objective::Reward { chosen, rejected } => {
+                let p = if record
+                    .get(fields.get("prompt").map_or("prompt", String::as_str))
+                    .is_some()
+                {
+                    encode(&field("prompt")?, line)?
+                } else {
+                    Vec::new()
+                };
+                [chosen, rejected]
+                    .into_iter()
+                    .map(|f| {
+                        let ids: Vec<i64> = p
+                            .iter()
+                            .copied()
+                            .chain(with_end(encode(&field(f)?, line)?))
+                            .collect();
+                        Ok(Example {
+                            labels: vec![-100; ids.len()],
+                            ids,
+                        })
+                    })
+                    .collect::<Result<_, DataError>>()?
+            }
+            _ => return Err(DataError(
+                "this objective's data pipeline is not built yet (causal LM, SFT and reward are)"
+                    .into(),
+            )),
+        };
+        out.push(examples);
+    }
+    Ok(out)
+}
+
+/// Rows of a batch, padded or truncated to one length.
+pub struct PaddedBatch {
     pub ids: Vec<Vec<i64>>,
-    /// The ids again (the loss shifts them), −100 on padding.
+    /// −100 on padding.
     pub labels: Vec<Vec<i64>>,
     pub mask: Vec<Vec<i64>>,
 }
 
-/// A causal-LM batch: `rows` sequences padded or truncated to `seq_len`.
-pub fn causal_batch(sequences: &[&Vec<i64>], seq_len: usize, pad: i64) -> CausalBatch {
-    let mut ids = Vec::new();
-    let mut labels = Vec::new();
-    let mut mask = Vec::new();
-    for seq in sequences {
-        let real = seq.len().min(seq_len);
-        let mut row: Vec<i64> = seq[..real].to_vec();
-        let mut lab = row.clone();
-        let mut m = vec![1; real];
-        row.resize(seq_len, pad);
-        lab.resize(seq_len, -100);
-        m.resize(seq_len, 0);
-        ids.push(row);
-        labels.push(lab);
-        mask.push(m);
+/// Pads (or truncates) `examples` to `seq_len`.
+pub fn pad_batch(examples: &[&Example], seq_len: usize, pad: i64) -> PaddedBatch {
+    let mut out = PaddedBatch {
+        ids: Vec::new(),
+        labels: Vec::new(),
+        mask: Vec::new(),
+    };
+    for ex in examples {
+        let real = ex.ids.len().min(seq_len);
+        let mut ids = ex.ids[..real].to_vec();
+        let mut labels = ex.labels[..real].to_vec();
+        let mut mask = vec![1; real];
+        ids.resize(seq_len, pad);
+        labels.resize(seq_len, -100);
+        mask.resize(seq_len, 0);
+        out.ids.push(ids);
+        out.labels.push(labels);
+        out.mask.push(mask);
     }
-    CausalBatch { ids, labels, mask }
+    out
 }
 
 #[cfg(test)]
@@ -185,11 +258,40 @@ mod tests {
 
     #[test]
     fn batches_pad_with_ignored_labels_and_truncate() {
-        let (a, b) = (vec![5, 6, 7], vec![1, 2, 3, 4, 5, 6]);
-        let CausalBatch { ids, labels, mask } = causal_batch(&[&a, &b], 4, 0);
+        let a = Example {
+            ids: vec![5, 6, 7],
+            labels: vec![-100, 6, 7],
+        };
+        let b = Example {
+            ids: vec![1, 2, 3, 4, 5, 6],
+            labels: vec![1, 2, 3, 4, 5, 6],
+        };
+        let PaddedBatch { ids, labels, mask } = pad_batch(&[&a, &b], 4, 0);
         assert_eq!(ids, vec![vec![5, 6, 7, 0], vec![1, 2, 3, 4]]);
-        assert_eq!(labels, vec![vec![5, 6, 7, -100], vec![1, 2, 3, 4]]);
+        assert_eq!(labels, vec![vec![-100, 6, 7, -100], vec![1, 2, 3, 4]]);
         assert_eq!(mask, vec![vec![1, 1, 1, 0], vec![1, 1, 1, 1]]);
+    }
+
+    #[test]
+    fn sft_takes_the_loss_on_the_response_only() {
+        let dir = std::env::temp_dir().join(format!("kiln-sft-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("sft.jsonl");
+        std::fs::write(&f, "{\"q\": \"hello there\", \"a\": \"general kenobi\"}\n").unwrap();
+        let tok = load_tokenizer(Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../examples/data/tokenizer.json"
+        )))
+        .unwrap();
+        let objective = Objective::Sft {
+            prompt: "q".into(),
+            response: "a".into(),
+        };
+        let ex = &load_examples(&f, &objective, &BTreeMap::new(), &tok).unwrap()[0][0];
+        let prompt_len = tok.encode("hello there", false).unwrap().get_ids().len();
+        assert!(ex.labels[..prompt_len].iter().all(|&l| l == -100));
+        assert_eq!(&ex.labels[prompt_len..], &ex.ids[prompt_len..]);
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]

@@ -609,6 +609,33 @@ impl Interpreter<'_> {
                 }
                 Ok(self.keep0(total))
             }
+            Op::PairwiseLoss => {
+                // Rows alternate chosen, rejected: −log σ(r_chosen − r_rejected), averaged.
+                let rewards = self.input(n, 0)?.r2("rewards")?;
+                let rows = rewards.shape().0;
+                if rows % 2 != 0 {
+                    return err("a reward batch holds chosen/rejected pairs: it needs an even number of rows");
+                }
+                let pairs = rows / 2;
+                let (x, tape) = rewards
+                    .put_tape(self.take_tape())
+                    .reshape_like(&(pairs, 2))
+                    .split_tape();
+                let (chosen, tape) = x
+                    .clone()
+                    .put_tape(tape)
+                    .slice((.., 0..1))
+                    .realize::<(usize, usize)>()
+                    .split_tape();
+                let (rejected, tape) = x
+                    .put_tape(tape)
+                    .slice((.., 1..2))
+                    .realize::<(usize, usize)>()
+                    .split_tape();
+                let margin = chosen.put_tape(tape) - rejected;
+                let loss = (margin.negate().exp() + 1.0).ln().mean::<(), _>();
+                Ok(self.keep0(loss))
+            }
             other => err(format!(
                 "the CPU executor does not run `{}` yet",
                 other.kind()

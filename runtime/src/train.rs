@@ -4,7 +4,7 @@
 //! and checkpoints written atomically.
 
 use crate::checkpoint::{bind, read_safetensors, HostTensor};
-use crate::data::{causal_batch, load_tokenizer, tokenize_field, CausalBatch, DataError};
+use crate::data::{load_examples, load_tokenizer, pad_batch, DataError, Example, PaddedBatch};
 use crate::exec::{forward_backward, Batch};
 use crate::optim::{clip_grad_norm, learning_rate, step, State};
 use kiln_compiler::graph::{compile_graph, Graph, ParamRole};
@@ -40,6 +40,8 @@ pub struct StepReport {
 
 #[derive(Debug)]
 pub struct RunSummary {
+    /// Whether the loss is a per-token cross-entropy (so that perplexity means something).
+    pub token_loss: bool,
     pub steps: u64,
     pub first_loss: f32,
     pub last_loss: f32,
@@ -282,10 +284,12 @@ pub fn run(
     resume: bool,
     mut on_step: impl FnMut(&StepReport) -> Control,
 ) -> Result<RunSummary, RunError> {
-    if !matches!(e.objective, Objective::CausalLm | Objective::Sft { .. }) {
+    if !matches!(
+        e.objective,
+        Objective::CausalLm | Objective::Sft { .. } | Objective::Reward { .. }
+    ) {
         return Err(RunError(
-            "`kiln run` trains causal-LM objectives so far; this experiment's objective is not one"
-                .into(),
+            "`kiln run` trains causal-LM, SFT and reward-model objectives so far".into(),
         ));
     }
     if e.parallel.mesh.devices() > 1 {
@@ -318,17 +322,23 @@ pub fn run(
             e.model.vocab
         )));
     }
-    let field = e
-        .data
-        .fields
-        .get("text")
-        .cloned()
-        .unwrap_or_else(|| "text".into());
-    let train_set = tokenize_field(&resolve(&e.data.train, "train")?, &field, &tokenizer)?;
+    let train_set = load_examples(
+        &resolve(&e.data.train, "train")?,
+        &e.objective,
+        &e.data.fields,
+        &tokenizer,
+    )?;
     let eval_set = match &e.data.eval {
-        Some(p) => Some(tokenize_field(Path::new(p), &field, &tokenizer)?),
+        Some(p) => Some(load_examples(
+            Path::new(p),
+            &e.objective,
+            &e.data.fields,
+            &tokenizer,
+        )?),
         None => None,
     };
+    // Sequences per record: reward pairs take two rows, which must stay in one batch.
+    let per_record = train_set.first().map_or(1, Vec::len);
 
     let graph = compile_graph(e).map_err(|d| RunError(format!("{:?}", d.items)))?;
     let mut values = initialise(&graph, e.train.seed);
@@ -391,8 +401,8 @@ pub fn run(
         let micro_steps = batch.div_ceil(micro);
         for m in 0..micro_steps {
             // A fresh seeded shuffle each epoch.
-            let mut rows: Vec<&Vec<i64>> = Vec::new();
-            for _ in 0..micro.min(batch - m * micro) {
+            let mut rows: Vec<&Example> = Vec::new();
+            for _ in 0..micro.min(batch - m * micro) / per_record {
                 if progress.cursor == progress.order.len() {
                     let mut rng = Rng(progress.rng);
                     for i in (1..progress.order.len()).rev() {
@@ -403,10 +413,10 @@ pub fn run(
                     progress.rng = rng.0;
                     progress.cursor = 0;
                 }
-                rows.push(&train_set[progress.order[progress.cursor]]);
+                rows.extend(&train_set[progress.order[progress.cursor]]);
                 progress.cursor += 1;
             }
-            let CausalBatch { ids, labels, mask } = causal_batch(&rows, seq_len, 0);
+            let PaddedBatch { ids, labels, mask } = pad_batch(&rows, seq_len, 0);
             progress.tokens += mask.iter().flatten().filter(|&&v| v == 1).count();
             let mut b = Batch {
                 attention_mask: Some(mask),
@@ -476,8 +486,12 @@ pub fn run(
     }
     let eval_loss = match (&eval_set, progress.step == total) {
         (Some(set), true) => {
-            let rows: Vec<&Vec<i64>> = set.iter().take(batch.max(1)).collect();
-            let CausalBatch { ids, labels, mask } = causal_batch(&rows, seq_len, 0);
+            let rows: Vec<&Example> = set
+                .iter()
+                .take((batch / per_record).max(1))
+                .flatten()
+                .collect();
+            let PaddedBatch { ids, labels, mask } = pad_batch(&rows, seq_len, 0);
             let mut b = Batch {
                 attention_mask: Some(mask),
                 ..Batch::default()
@@ -486,12 +500,11 @@ pub fn run(
             b.ints.insert("labels".into(), labels);
             let out = forward_backward(&graph, &values, &b)
                 .map_err(|err| RunError(format!("evaluation: {err}")))?;
-            writeln!(
-                metrics,
-                "{}",
-                serde_json::json!({ "eval_loss": out.loss, "perplexity": (out.loss as f64).exp() })
-            )
-            .map_err(|err| RunError(format!("metrics: {err}")))?;
+            let mut line = serde_json::json!({ "eval_loss": out.loss });
+            if !matches!(e.objective, Objective::Reward { .. }) {
+                line["perplexity"] = serde_json::json!((out.loss as f64).exp());
+            }
+            writeln!(metrics, "{line}").map_err(|err| RunError(format!("metrics: {err}")))?;
             Some(out.loss)
         }
         _ => None,
@@ -500,6 +513,7 @@ pub fn run(
     let tokens_per_second =
         (progress.tokens - tokens_before) as f64 / started.elapsed().as_secs_f64().max(1e-9);
     Ok(RunSummary {
+        token_loss: !matches!(e.objective, Objective::Reward { .. }),
         steps: progress.step,
         first_loss: progress.first_loss,
         last_loss: progress.loss,

@@ -135,3 +135,55 @@ fn an_interrupted_run_resumes_bit_exactly() {
     std::fs::remove_dir_all(&whole).ok();
     std::fs::remove_dir_all(&split).ok();
 }
+
+fn rlhf_stage(name: &str, overrides: &str) -> kiln_compiler::spec::Experiment {
+    let src = format!(
+        "import std.models.gpt2\nimport \"rlhf_pipeline.kiln\"\n\
+         experiment variant = {name} {{ model = gpt2 {{ vocab = 1024, hidden = 64, layers = 2, heads = 4, positions = 256, dropout = 0.0 {overrides} }}, \
+         data {{ tokenizer = \"data/tokenizer.json\" }}, train {{ seq_len = 96 }} }}"
+    );
+    let checked = kiln_compiler::check_source("rlhf.kiln", &src, Some(&examples()));
+    assert!(checked.is_ok(), "{}", checked.render_errors());
+    checked
+        .module
+        .experiments
+        .into_iter()
+        .find(|e| e.value.name == "variant")
+        .unwrap()
+        .value
+}
+
+#[test]
+fn sft_and_reward_models_train() {
+    let dir = scratch("rlhf");
+    let sft = run(&rlhf_stage("rlhf_sft", ""), &dir, Some(15), false, |_| {
+        Control::Continue
+    })
+    .unwrap();
+    assert!(
+        sft.last_loss < sft.first_loss,
+        "SFT: {} -> {}",
+        sft.first_loss,
+        sft.last_loss
+    );
+    let reward = run(
+        &rlhf_stage("rlhf_reward", ", output_heads = [reward]"),
+        &dir,
+        Some(12),
+        false,
+        |_| Control::Continue,
+    )
+    .unwrap();
+    assert!(
+        reward.first_loss > 0.5 && reward.first_loss < 0.9,
+        "an untrained reward model scores pairs near ln 2: {}",
+        reward.first_loss
+    );
+    assert!(
+        reward.last_loss < reward.first_loss,
+        "reward: {} -> {}",
+        reward.first_loss,
+        reward.last_loss
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
