@@ -99,7 +99,8 @@ enum Emit {
 
 #[derive(Subcommand)]
 enum TokenizerAction {
-    /// Train a byte-level BPE tokenizer (GPT-2 style) on text or JSONL files.
+    /// Train a tokenizer on text or JSONL files: byte-level BPE (GPT-2 style) for causal
+    /// models, or uncased WordPiece with [CLS]/[SEP]/[MASK] for BERT-style models.
     Train {
         #[arg(required = true)]
         files: Vec<PathBuf>,
@@ -107,7 +108,15 @@ enum TokenizerAction {
         vocab: usize,
         #[arg(long, default_value = "tokenizer.json")]
         out: PathBuf,
+        #[arg(long, value_enum, default_value_t = TokenizerKind::Bpe)]
+        kind: TokenizerKind,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TokenizerKind {
+    Bpe,
+    Wordpiece,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -175,8 +184,14 @@ pub fn main() -> ExitCode {
             resume,
         } => run(&file, experiment.as_deref(), steps, &runs, resume),
         Command::Tokenizer {
-            action: TokenizerAction::Train { files, vocab, out },
-        } => train_tokenizer(&files, vocab, &out),
+            action:
+                TokenizerAction::Train {
+                    files,
+                    vocab,
+                    out,
+                    kind,
+                },
+        } => train_tokenizer(&files, vocab, &out, kind),
         Command::Export {
             file,
             experiment,
@@ -423,8 +438,17 @@ fn export(
     }
 }
 
-fn train_tokenizer(files: &[PathBuf], vocab: usize, out: &std::path::Path) -> ExitCode {
-    match kiln_runtime::data::train_tokenizer(files, vocab, out) {
+fn train_tokenizer(
+    files: &[PathBuf],
+    vocab: usize,
+    out: &std::path::Path,
+    kind: TokenizerKind,
+) -> ExitCode {
+    let kind = match kind {
+        TokenizerKind::Bpe => kiln_runtime::data::TokenizerKind::Bpe,
+        TokenizerKind::Wordpiece => kiln_runtime::data::TokenizerKind::WordPiece,
+    };
+    match kiln_runtime::data::train_tokenizer(files, vocab, out, kind) {
         Ok(size) => {
             println!("wrote {} ({size} tokens)", out.display());
             ExitCode::SUCCESS

@@ -1,14 +1,19 @@
 //! Data: Hugging Face tokenizers (`tokenizer.json`, through the `tokenizers` crate), training a
-//! byte-level BPE tokenizer from text, JSONL datasets with errors that name file and line, and
+//! byte-level BPE or WordPiece tokenizer from text, JSONL datasets with errors that name file and line, and
 //! causal-LM batches (padding, truncation, labels −100 on padding, attention masks).
 
 use kiln_compiler::spec::Objective;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use tokenizers::decoders::wordpiece::WordPiece as WordPieceDecoder;
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
+use tokenizers::models::wordpiece::{WordPiece, WordPieceTrainerBuilder};
 use tokenizers::models::TrainerWrapper;
+use tokenizers::normalizers::bert::BertNormalizer;
+use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::processors::bert::BertProcessing;
 use tokenizers::{AddedToken, Tokenizer};
 
 /// A data problem, with the file (and line) it comes from.
@@ -35,20 +40,30 @@ pub fn load_tokenizer(path: &Path) -> Result<Tokenizer, DataError> {
     })
 }
 
-/// Trains a byte-level BPE tokenizer (GPT-2 style) of `vocab` tokens on text files and writes
-/// it as `tokenizer.json`.
-pub fn train_tokenizer(files: &[PathBuf], vocab: usize, out: &Path) -> Result<usize, DataError> {
-    let mut trainer: TrainerWrapper = BpeTrainerBuilder::new()
-        .show_progress(false)
-        .vocab_size(vocab)
-        .min_frequency(2)
-        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
-        .special_tokens(vec![AddedToken::from(END_OF_TEXT.to_string(), true)])
-        .build()
-        .into();
-    let mut tokenizer = Tokenizer::new(BPE::default());
-    tokenizer.with_pre_tokenizer(Some(ByteLevel::default()));
-    tokenizer.with_decoder(Some(ByteLevel::default()));
+/// The special tokens of a BERT-style tokenizer, in id order (0 pad, 1 unknown, 2 [CLS], 3 [SEP],
+/// 4 [MASK], as in the reference fixtures).
+pub const BERT_SPECIAL: [&str; 5] = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"];
+
+/// Which kind of tokenizer to train.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenizerKind {
+    /// Byte-level BPE (GPT-2, LLaMA-style causal models).
+    Bpe,
+    /// Lower-cased WordPiece with BERT's special tokens (masked-LM models).
+    WordPiece,
+}
+
+/// Trains a tokenizer of `vocab` tokens on text or JSONL files and writes it as `tokenizer.json`.
+pub fn train_tokenizer(
+    files: &[PathBuf],
+    vocab: usize,
+    out: &Path,
+    kind: TokenizerKind,
+) -> Result<usize, DataError> {
+    let (mut tokenizer, mut trainer) = match kind {
+        TokenizerKind::Bpe => bpe_tokenizer(vocab),
+        TokenizerKind::WordPiece => wordpiece_tokenizer(vocab),
+    };
     // JSONL inputs are trained on their text, not their JSON syntax.
     let dir = std::env::temp_dir().join(format!("kiln-tokenizer-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| DataError(format!("{}: {e}", dir.display())))?;
@@ -72,6 +87,12 @@ pub fn train_tokenizer(files: &[PathBuf], vocab: usize, out: &Path) -> Result<us
         .map_err(|e| DataError(format!("training the tokenizer failed: {e}")));
     std::fs::remove_dir_all(&dir).ok();
     let trained = trained?;
+    if kind == TokenizerKind::WordPiece {
+        // `[CLS] A [SEP] B [SEP]` when the file is used with `add_special_tokens`, as in BERT.
+        let id = |t: &str| (t.to_string(), trained.token_to_id(t).unwrap_or_default());
+        let bert = BertProcessing::new(id("[SEP]"), id("[CLS]"));
+        trained.with_post_processor(Some(bert));
+    }
     let size = trained.get_vocab_size(true);
     let tmp = out.with_extension("json.tmp");
     trained
@@ -79,6 +100,42 @@ pub fn train_tokenizer(files: &[PathBuf], vocab: usize, out: &Path) -> Result<us
         .map_err(|e| DataError(format!("{}: {e}", tmp.display())))?;
     std::fs::rename(&tmp, out).map_err(|e| DataError(format!("{}: {e}", out.display())))?;
     Ok(size)
+}
+
+/// GPT-2's byte-level BPE with `<|endoftext|>`.
+fn bpe_tokenizer(vocab: usize) -> (Tokenizer, TrainerWrapper) {
+    let trainer = BpeTrainerBuilder::new()
+        .show_progress(false)
+        .vocab_size(vocab)
+        .min_frequency(2)
+        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+        .special_tokens(vec![AddedToken::from(END_OF_TEXT.to_string(), true)])
+        .build();
+    let mut tokenizer = Tokenizer::new(BPE::default());
+    tokenizer.with_pre_tokenizer(Some(ByteLevel::default()));
+    tokenizer.with_decoder(Some(ByteLevel::default()));
+    (tokenizer, trainer.into())
+}
+
+/// BERT's uncased WordPiece: lower-casing and accent-stripping normaliser, whitespace and
+/// punctuation pre-tokeniser, `##` continuations, and the special tokens first (ids 0–4).
+fn wordpiece_tokenizer(vocab: usize) -> (Tokenizer, TrainerWrapper) {
+    let trainer = WordPieceTrainerBuilder::new()
+        .show_progress(false)
+        .vocab_size(vocab)
+        .min_frequency(2)
+        .special_tokens(
+            BERT_SPECIAL
+                .iter()
+                .map(|t| AddedToken::from(t.to_string(), true))
+                .collect(),
+        )
+        .build();
+    let mut tokenizer = Tokenizer::new(WordPiece::default());
+    tokenizer.with_normalizer(Some(BertNormalizer::default()));
+    tokenizer.with_pre_tokenizer(Some(BertPreTokenizer));
+    tokenizer.with_decoder(Some(WordPieceDecoder::default()));
+    (tokenizer, trainer.into())
 }
 
 fn string_values(v: &Value) -> Vec<String> {
@@ -115,15 +172,19 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<(usize, Value)>, DataError> {
 }
 
 /// One training sequence: token ids and per-token labels (−100 where no loss is taken).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Example {
     pub ids: Vec<i64>,
     pub labels: Vec<i64>,
+    /// Segment of each token (BERT's token types); empty means all zero.
+    pub types: Vec<i64>,
+    /// A label for the whole sequence (NSP: 0 when B follows A, 1 when it is random).
+    pub class: Option<i64>,
 }
 
 /// The texts of a file: JSONL records (with their line numbers), or a `.txt` file's non-empty
 /// lines as records with a `text` field.
-fn records(path: &Path) -> Result<Vec<(usize, Value)>, DataError> {
+pub(crate) fn records(path: &Path) -> Result<Vec<(usize, Value)>, DataError> {
     if path.extension().is_some_and(|e| e == "jsonl") {
         return read_jsonl(path);
     }
@@ -144,7 +205,23 @@ pub fn load_examples(
     objective: &Objective,
     fields: &BTreeMap<String, String>,
     tokenizer: &Tokenizer,
+    seq_len: usize,
+    seed: u64,
 ) -> Result<Vec<Vec<Example>>, DataError> {
+    if matches!(
+        objective,
+        Objective::Mlm(_) | Objective::Nsp { .. } | Objective::MlmNsp { .. }
+    ) {
+        return crate::mlm::examples(
+            &records(path)?,
+            path,
+            objective,
+            fields,
+            tokenizer,
+            seq_len,
+            seed,
+        );
+    }
     let eot = tokenizer.token_to_id(END_OF_TEXT).map(i64::from);
     let encode = |text: &str, line: usize| -> Result<Vec<i64>, DataError> {
         let enc = tokenizer
@@ -171,10 +248,7 @@ pub fn load_examples(
         let examples = match objective {
             Objective::CausalLm => {
                 let ids = with_end(encode(&field("text")?, line)?);
-                vec![Example {
-                    labels: ids.clone(),
-                    ids,
-                }]
+                vec![Example { labels: ids.clone(), ids, ..Example::default() }]
             }
             Objective::Sft { prompt, response } => {
                 // The loss is on the response only.
@@ -183,10 +257,7 @@ pub fn load_examples(
                 let labels = std::iter::repeat_n(-100, p.len())
                     .chain(r.iter().copied())
                     .collect();
-                vec![Example {
-                    ids: p.into_iter().chain(r).collect(),
-                    labels,
-                }]
+                vec![Example { ids: p.into_iter().chain(r).collect(), labels, ..Example::default() }]
             }
             Objective::Reward { chosen, rejected } => {
                 let p = if record
@@ -205,15 +276,12 @@ pub fn load_examples(
                             .copied()
                             .chain(with_end(encode(&field(f)?, line)?))
                             .collect();
-                        Ok(Example {
-                            labels: vec![-100; ids.len()],
-                            ids,
-                        })
+                        Ok(Example { labels: vec![-100; ids.len()], ids, ..Example::default() })
                     })
                     .collect::<Result<_, DataError>>()?
             }
             _ => return Err(DataError(
-                "this objective's data pipeline is not built yet (causal LM, SFT and reward are)"
+                "this objective's data pipeline is not built yet (causal LM, SFT, reward, MLM and NSP are)"
                     .into(),
             )),
         };
@@ -225,6 +293,7 @@ pub fn load_examples(
 /// Rows of a batch, padded or truncated to one length.
 pub struct PaddedBatch {
     pub ids: Vec<Vec<i64>>,
+    pub types: Vec<Vec<i64>>,
     /// −100 on padding.
     pub labels: Vec<Vec<i64>>,
     pub mask: Vec<Vec<i64>>,
@@ -234,6 +303,7 @@ pub struct PaddedBatch {
 pub fn pad_batch(examples: &[&Example], seq_len: usize, pad: i64) -> PaddedBatch {
     let mut out = PaddedBatch {
         ids: Vec::new(),
+        types: Vec::new(),
         labels: Vec::new(),
         mask: Vec::new(),
     };
@@ -245,7 +315,10 @@ pub fn pad_batch(examples: &[&Example], seq_len: usize, pad: i64) -> PaddedBatch
         ids.resize(seq_len, pad);
         labels.resize(seq_len, -100);
         mask.resize(seq_len, 0);
+        let mut types: Vec<i64> = ex.types.iter().take(real).copied().collect();
+        types.resize(seq_len, 0);
         out.ids.push(ids);
+        out.types.push(types);
         out.labels.push(labels);
         out.mask.push(mask);
     }
@@ -261,12 +334,16 @@ mod tests {
         let a = Example {
             ids: vec![5, 6, 7],
             labels: vec![-100, 6, 7],
+            ..Example::default()
         };
         let b = Example {
             ids: vec![1, 2, 3, 4, 5, 6],
             labels: vec![1, 2, 3, 4, 5, 6],
+            ..Example::default()
         };
-        let PaddedBatch { ids, labels, mask } = pad_batch(&[&a, &b], 4, 0);
+        let PaddedBatch {
+            ids, labels, mask, ..
+        } = pad_batch(&[&a, &b], 4, 0);
         assert_eq!(ids, vec![vec![5, 6, 7, 0], vec![1, 2, 3, 4]]);
         assert_eq!(labels, vec![vec![-100, 6, 7, -100], vec![1, 2, 3, 4]]);
         assert_eq!(mask, vec![vec![1, 1, 1, 0], vec![1, 1, 1, 1]]);
@@ -287,7 +364,7 @@ mod tests {
             prompt: "q".into(),
             response: "a".into(),
         };
-        let ex = &load_examples(&f, &objective, &BTreeMap::new(), &tok).unwrap()[0][0];
+        let ex = &load_examples(&f, &objective, &BTreeMap::new(), &tok, 64, 0).unwrap()[0][0];
         let prompt_len = tok.encode("hello there", false).unwrap().get_ids().len();
         assert!(ex.labels[..prompt_len].iter().all(|&l| l == -100));
         assert_eq!(&ex.labels[prompt_len..], &ex.ids[prompt_len..]);

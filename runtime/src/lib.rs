@@ -8,5 +8,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod exec;
 pub mod export;
+pub mod mlm;
 pub mod optim;
+mod rng;
 pub mod train;

@@ -7,6 +7,7 @@ use crate::checkpoint::{bind, read_safetensors, HostTensor};
 use crate::data::{load_examples, load_tokenizer, pad_batch, DataError, Example, PaddedBatch};
 use crate::exec::{forward_backward, Batch};
 use crate::optim::{clip_grad_norm, learning_rate, step, State};
+use crate::rng::Rng;
 use kiln_compiler::graph::{compile_graph, Graph, ParamRole};
 use kiln_compiler::spec::{Adapter, Experiment, Length, Objective, Optimizer};
 use std::io::Write;
@@ -50,27 +51,43 @@ pub struct RunSummary {
     pub run_dir: PathBuf,
 }
 
-/// SplitMix64 for initialisation and shuffling (seeded, reproducible everywhere).
-struct Rng(u64);
+/// Whether the objective's loss is a token cross-entropy alone, for which perplexity is defined
+/// (not sums with NSP, nor pair losses).
+fn token_loss(objective: &Objective) -> bool {
+    matches!(
+        objective,
+        Objective::CausalLm | Objective::Sft { .. } | Objective::Mlm(_)
+    )
+}
 
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+/// The executor's inputs for a batch of examples: ids, token types, attention mask, and the
+/// labels under the names the objective's loss reads.
+fn batch_inputs(rows: &[&Example], seq_len: usize, objective: &Objective) -> Batch {
+    let PaddedBatch {
+        ids,
+        types,
+        labels,
+        mask,
+    } = pad_batch(rows, seq_len, 0);
+    let mut b = Batch {
+        attention_mask: Some(mask),
+        ..Batch::default()
+    };
+    b.ints.insert("input_ids".into(), ids);
+    b.ints.insert("token_type_ids".into(), types);
+    let token_labels = match objective {
+        Objective::Mlm(_) | Objective::MlmNsp { .. } => Some("mlm_labels"),
+        Objective::Nsp { .. } => None,
+        _ => Some("labels"),
+    };
+    if let Some(name) = token_labels {
+        b.ints.insert(name.into(), labels);
     }
-
-    fn uniform(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    if matches!(objective, Objective::Nsp { .. } | Objective::MlmNsp { .. }) {
+        let classes = rows.iter().map(|r| vec![r.class.unwrap_or(-100)]).collect();
+        b.ints.insert("next_sentence_labels".into(), classes);
     }
-
-    /// Box–Muller.
-    fn normal(&mut self) -> f64 {
-        let (u, v) = (self.uniform().max(1e-300), self.uniform());
-        (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
-    }
+    b
 }
 
 /// Initial values as the reference implementations initialise them: weights N(0, 0.02), biases
@@ -286,10 +303,16 @@ pub fn run(
 ) -> Result<RunSummary, RunError> {
     if !matches!(
         e.objective,
-        Objective::CausalLm | Objective::Sft { .. } | Objective::Reward { .. }
+        Objective::CausalLm
+            | Objective::Sft { .. }
+            | Objective::Reward { .. }
+            | Objective::Mlm(_)
+            | Objective::Nsp { .. }
+            | Objective::MlmNsp { .. }
     ) {
         return Err(RunError(
-            "`kiln run` trains causal-LM, SFT and reward-model objectives so far".into(),
+            "`kiln run` trains causal-LM, masked-LM, NSP, SFT and reward-model objectives so far"
+                .into(),
         ));
     }
     if e.parallel.mesh.devices() > 1 {
@@ -322,11 +345,14 @@ pub fn run(
             e.model.vocab
         )));
     }
+    let seq_len = e.train.seq_len as usize;
     let train_set = load_examples(
         &resolve(&e.data.train, "train")?,
         &e.objective,
         &e.data.fields,
         &tokenizer,
+        seq_len,
+        e.train.seed,
     )?;
     let eval_set = match &e.data.eval {
         Some(p) => Some(load_examples(
@@ -334,6 +360,8 @@ pub fn run(
             &e.objective,
             &e.data.fields,
             &tokenizer,
+            seq_len,
+            e.train.seed,
         )?),
         None => None,
     };
@@ -374,7 +402,6 @@ pub fn run(
 
     let batch = e.train.batch as usize;
     let micro = e.train.micro_batch.unwrap_or(e.train.batch) as usize;
-    let seq_len = e.train.seq_len as usize;
     let total = steps_override.unwrap_or(match e.train.length {
         Length::Steps(n) => n,
         Length::Epochs(k) => k * (train_set.len().div_ceil(batch)) as u64,
@@ -406,9 +433,7 @@ pub fn run(
                 if progress.cursor == progress.order.len() {
                     let mut rng = Rng(progress.rng);
                     for i in (1..progress.order.len()).rev() {
-                        progress
-                            .order
-                            .swap(i, (rng.next() % (i as u64 + 1)) as usize);
+                        progress.order.swap(i, rng.below(i + 1));
                     }
                     progress.rng = rng.0;
                     progress.cursor = 0;
@@ -416,15 +441,15 @@ pub fn run(
                 rows.extend(&train_set[progress.order[progress.cursor]]);
                 progress.cursor += 1;
             }
-            let PaddedBatch { ids, labels, mask } = pad_batch(&rows, seq_len, 0);
-            progress.tokens += mask.iter().flatten().filter(|&&v| v == 1).count();
-            let mut b = Batch {
-                attention_mask: Some(mask),
-                dropout_seed: Some(e.train.seed ^ (s * 1_000_003 + m as u64)),
-                ..Batch::default()
-            };
-            b.ints.insert("input_ids".into(), ids);
-            b.ints.insert("labels".into(), labels);
+            let mut b = batch_inputs(&rows, seq_len, &e.objective);
+            progress.tokens += b
+                .attention_mask
+                .iter()
+                .flatten()
+                .flatten()
+                .filter(|&&v| v == 1)
+                .count();
+            b.dropout_seed = Some(e.train.seed ^ (s * 1_000_003 + m as u64));
             let out = forward_backward(&graph, &values, &b)
                 .map_err(|err| RunError(format!("step {}: {err}", s + 1)))?;
             loss_sum += out.loss / micro_steps as f32;
@@ -491,17 +516,11 @@ pub fn run(
                 .take((batch / per_record).max(1))
                 .flatten()
                 .collect();
-            let PaddedBatch { ids, labels, mask } = pad_batch(&rows, seq_len, 0);
-            let mut b = Batch {
-                attention_mask: Some(mask),
-                ..Batch::default()
-            };
-            b.ints.insert("input_ids".into(), ids);
-            b.ints.insert("labels".into(), labels);
+            let b = batch_inputs(&rows, seq_len, &e.objective);
             let out = forward_backward(&graph, &values, &b)
                 .map_err(|err| RunError(format!("evaluation: {err}")))?;
             let mut line = serde_json::json!({ "eval_loss": out.loss });
-            if !matches!(e.objective, Objective::Reward { .. }) {
+            if token_loss(&e.objective) {
                 line["perplexity"] = serde_json::json!((out.loss as f64).exp());
             }
             writeln!(metrics, "{line}").map_err(|err| RunError(format!("metrics: {err}")))?;
@@ -513,7 +532,7 @@ pub fn run(
     let tokens_per_second =
         (progress.tokens - tokens_before) as f64 / started.elapsed().as_secs_f64().max(1e-9);
     Ok(RunSummary {
-        token_loss: !matches!(e.objective, Objective::Reward { .. }),
+        token_loss: token_loss(&e.objective),
         steps: progress.step,
         first_loss: progress.first_loss,
         last_loss: progress.loss,

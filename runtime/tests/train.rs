@@ -187,3 +187,34 @@ fn sft_and_reward_models_train() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn bert_pretraining_with_whole_word_masking_and_nsp_learns() {
+    let src = "import std.models.bert\nimport \"bert_wwm_nsp.kiln\"\n\
+         experiment variant = bert_wwm_nsp { model = bert_mini { vocab = 800, hidden = 64, layers = 2, heads = 2, dropout = 0.0 }, \
+         parallel { mesh = cpu(1), plan = auto }, train { batch = 8, seq_len = 64, schedule = constant { warmup = 0 }, optimizer = adamw { lr = 2e-3 } } }";
+    let checked = kiln_compiler::check_source("bert.kiln", src, Some(&examples()));
+    assert!(checked.is_ok(), "{}", checked.render_errors());
+    let e = checked
+        .module
+        .experiments
+        .into_iter()
+        .find(|e| e.value.name == "variant")
+        .unwrap()
+        .value;
+    let dir = scratch("bert");
+    let out = run(&e, &dir, Some(30), false, |_| Control::Continue).unwrap();
+    // MLM over ~800 tokens starts near ln 800 ≈ 6.7 plus NSP's ln 2 ≈ 0.69.
+    assert!(
+        (6.5..8.5).contains(&out.first_loss),
+        "untrained MLM+NSP loss: {}",
+        out.first_loss
+    );
+    assert!(
+        out.last_loss < out.first_loss - 1.0,
+        "loss {} -> {}",
+        out.first_loss,
+        out.last_loss
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
