@@ -9,7 +9,7 @@ use crate::exec::{forward_backward, Batch};
 use crate::optim::{clip_grad_norm, learning_rate, step, State};
 use crate::rng::Rng;
 use kiln_compiler::graph::{compile_graph, Graph, ParamRole};
-use kiln_compiler::spec::{Adapter, Experiment, Length, Objective, Optimizer};
+use kiln_compiler::spec::{Adapter, Experiment, Length, Objective, Optimizer, PromptEncoder};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -323,10 +323,19 @@ pub fn run(
     }
     if e.adapters
         .iter()
-        .any(|a| matches!(a, Adapter::Ptuning { .. }))
+        .any(|a| {
+            matches!(
+                a,
+                Adapter::Ptuning {
+                    encoder: PromptEncoder::Lstm,
+                    ..
+                }
+            )
+        })
     {
         return Err(RunError(
-            "P-tuning's LSTM encoder is not in the CPU executor yet".into(),
+            "P-tuning's LSTM encoder is not in the CPU executor yet; `encoder = mlp` (PEFT's default) is"
+                .into(),
         ));
     }
     let resolve = |p: &Option<String>, what: &str| -> Result<PathBuf, RunError> {
