@@ -10,5 +10,6 @@ pub mod exec;
 pub mod export;
 pub mod mlm;
 pub mod optim;
+pub mod plot;
 mod rng;
 pub mod train;

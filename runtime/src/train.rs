@@ -7,6 +7,7 @@ use crate::checkpoint::{bind, read_safetensors, HostTensor};
 use crate::data::{load_examples, load_tokenizer, pad_batch, DataError, Example, PaddedBatch};
 use crate::exec::{forward_backward, Batch};
 use crate::optim::{clip_grad_norm, learning_rate, step, State};
+use crate::plot::{read_losses, write_loss_curve};
 use crate::rng::Rng;
 use kiln_compiler::graph::{compile_graph, Graph, ParamRole};
 use kiln_compiler::spec::{Adapter, Experiment, Length, Objective, Optimizer, PromptEncoder};
@@ -49,6 +50,18 @@ pub struct RunSummary {
     pub eval_loss: Option<f32>,
     pub tokens_per_second: f64,
     pub run_dir: PathBuf,
+}
+
+/// `loss.svg` beside `metrics.jsonl`, covering every step the run has taken.
+fn plot_run(name: &str, run_dir: &Path) -> Result<(), RunError> {
+    let metrics = std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .map_err(|err| RunError(format!("metrics: {err}")))?;
+    let (steps, eval) = read_losses(&metrics);
+    if steps.is_empty() {
+        return Ok(());
+    }
+    write_loss_curve(name, &steps, eval, &run_dir.join("loss.svg"))
+        .map_err(|err| RunError(format!("loss curve: {err}")))
 }
 
 /// Whether the objective's loss is a token cross-entropy alone, for which perplexity is defined
@@ -321,18 +334,15 @@ pub fn run(
             e.parallel.mesh.devices()
         )));
     }
-    if e.adapters
-        .iter()
-        .any(|a| {
-            matches!(
-                a,
-                Adapter::Ptuning {
-                    encoder: PromptEncoder::Lstm,
-                    ..
-                }
-            )
-        })
-    {
+    if e.adapters.iter().any(|a| {
+        matches!(
+            a,
+            Adapter::Ptuning {
+                encoder: PromptEncoder::Lstm,
+                ..
+            }
+        )
+    }) {
         return Err(RunError(
             "P-tuning's LSTM encoder is not in the CPU executor yet; `encoder = mlp` (PEFT's default) is"
                 .into(),
@@ -538,6 +548,8 @@ pub fn run(
         _ => None,
     };
     save_checkpoint(&graph, &values, &states, &progress, &checkpoint_dir)?;
+    drop(metrics);
+    plot_run(&e.name, &run_dir)?;
     let tokens_per_second =
         (progress.tokens - tokens_before) as f64 / started.elapsed().as_secs_f64().max(1e-9);
     Ok(RunSummary {

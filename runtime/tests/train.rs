@@ -55,6 +55,8 @@ fn quickstart_learns_and_is_reproducible() {
     };
     assert_eq!(metrics(&a), metrics(&b), "same seed, same losses");
     assert_eq!(metrics(&a).len(), 13, "12 steps and the evaluation");
+    let svg = std::fs::read_to_string(a.join("variant/loss.svg")).unwrap();
+    assert!(svg.contains("<polyline"), "the loss curve is plotted");
     let saved = read_safetensors(&a.join("variant/checkpoint/trainable.safetensors")).unwrap();
     assert!(
         saved.contains_key("transformer.wte.weight")
