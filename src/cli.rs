@@ -110,6 +110,9 @@ enum TokenizerAction {
         out: PathBuf,
         #[arg(long, value_enum, default_value_t = TokenizerKind::Bpe)]
         kind: TokenizerKind,
+        /// Words kept as single tokens (comma-separated), such as PET verbalizer words.
+        #[arg(long, value_delimiter = ',')]
+        words: Vec<String>,
     },
 }
 
@@ -190,8 +193,9 @@ pub fn main() -> ExitCode {
                     vocab,
                     out,
                     kind,
+                    words,
                 },
-        } => train_tokenizer(&files, vocab, &out, kind),
+        } => train_tokenizer(&files, vocab, &out, kind, &words),
         Command::Export {
             file,
             experiment,
@@ -386,7 +390,7 @@ fn run(
     match result {
         Ok(s) => {
             println!(
-                "trained `{}` for {} steps: loss {:.4} -> {:.4}{}",
+                "trained `{}` for {} steps: loss {:.4} -> {:.4}{}{}",
                 experiment.name,
                 s.steps,
                 s.first_loss,
@@ -397,6 +401,9 @@ fn run(
                     } else {
                         format!(", eval loss {l:.4}")
                     })
+                    .unwrap_or_default(),
+                s.eval_accuracy
+                    .map(|a| format!(", eval accuracy {:.1}%", a * 100.0))
                     .unwrap_or_default()
             );
             println!(
@@ -443,12 +450,13 @@ fn train_tokenizer(
     vocab: usize,
     out: &std::path::Path,
     kind: TokenizerKind,
+    words: &[String],
 ) -> ExitCode {
     let kind = match kind {
         TokenizerKind::Bpe => kiln_runtime::data::TokenizerKind::Bpe,
         TokenizerKind::Wordpiece => kiln_runtime::data::TokenizerKind::WordPiece,
     };
-    match kiln_runtime::data::train_tokenizer(files, vocab, out, kind) {
+    match kiln_runtime::data::train_tokenizer(files, vocab, out, kind, words) {
         Ok(size) => {
             println!("wrote {} ({size} tokens)", out.display());
             ExitCode::SUCCESS

@@ -53,12 +53,14 @@ pub enum TokenizerKind {
     WordPiece,
 }
 
-/// Trains a tokenizer of `vocab` tokens on text or JSONL files and writes it as `tokenizer.json`.
+/// Trains a tokenizer of `vocab` tokens on text or JSONL files, adds `whole_words` as tokens of
+/// their own, and writes it as `tokenizer.json`.
 pub fn train_tokenizer(
     files: &[PathBuf],
     vocab: usize,
     out: &Path,
     kind: TokenizerKind,
+    whole_words: &[String],
 ) -> Result<usize, DataError> {
     let (mut tokenizer, mut trainer) = match kind {
         TokenizerKind::Bpe => bpe_tokenizer(vocab),
@@ -87,6 +89,13 @@ pub fn train_tokenizer(
         .map_err(|e| DataError(format!("training the tokenizer failed: {e}")));
     std::fs::remove_dir_all(&dir).ok();
     let trained = trained?;
+    // Words that must stay one token whatever the corpus says (PET's verbalizer words).
+    let words: Vec<AddedToken> = whole_words
+        .iter()
+        .filter(|w| trained.token_to_id(w).is_none())
+        .map(|w| AddedToken::from(w.clone(), false))
+        .collect();
+    trained.add_tokens(&words);
     if kind == TokenizerKind::WordPiece {
         // `[CLS] A [SEP] B [SEP]` when the file is used with `add_special_tokens`, as in BERT.
         let id = |t: &str| (t.to_string(), trained.token_to_id(t).unwrap_or_default());
@@ -178,8 +187,11 @@ pub struct Example {
     pub labels: Vec<i64>,
     /// Segment of each token (BERT's token types); empty means all zero.
     pub types: Vec<i64>,
-    /// A label for the whole sequence (NSP: 0 when B follows A, 1 when it is random).
+    /// A label for the whole sequence (NSP: 0 when B follows A, 1 when it is random; PET: the
+    /// class index).
     pub class: Option<i64>,
+    /// The position whose MLM logits score the classes (PET's [MASK]).
+    pub mask_position: Option<usize>,
 }
 
 /// The texts of a file: JSONL records (with their line numbers), or a `.txt` file's non-empty
@@ -222,6 +234,9 @@ pub fn load_examples(
             seed,
         );
     }
+    if let Objective::Pvp(pvp) = objective {
+        return crate::pet::examples(&records(path)?, path, pvp, fields, tokenizer, seq_len, seed);
+    }
     let eot = tokenizer.token_to_id(END_OF_TEXT).map(i64::from);
     let encode = |text: &str, line: usize| -> Result<Vec<i64>, DataError> {
         let enc = tokenizer
@@ -245,46 +260,59 @@ pub fn load_examples(
             ids.extend(eot);
             ids
         };
-        let examples = match objective {
-            Objective::CausalLm => {
-                let ids = with_end(encode(&field("text")?, line)?);
-                vec![Example { labels: ids.clone(), ids, ..Example::default() }]
-            }
-            Objective::Sft { prompt, response } => {
-                // The loss is on the response only.
-                let p = encode(&field(prompt)?, line)?;
-                let r = with_end(encode(&field(response)?, line)?);
-                let labels = std::iter::repeat_n(-100, p.len())
-                    .chain(r.iter().copied())
-                    .collect();
-                vec![Example { ids: p.into_iter().chain(r).collect(), labels, ..Example::default() }]
-            }
-            Objective::Reward { chosen, rejected } => {
-                let p = if record
-                    .get(fields.get("prompt").map_or("prompt", String::as_str))
-                    .is_some()
-                {
-                    encode(&field("prompt")?, line)?
-                } else {
-                    Vec::new()
-                };
-                [chosen, rejected]
-                    .into_iter()
-                    .map(|f| {
-                        let ids: Vec<i64> = p
-                            .iter()
-                            .copied()
-                            .chain(with_end(encode(&field(f)?, line)?))
-                            .collect();
-                        Ok(Example { labels: vec![-100; ids.len()], ids, ..Example::default() })
-                    })
-                    .collect::<Result<_, DataError>>()?
-            }
-            _ => return Err(DataError(
-                "this objective's data pipeline is not built yet (causal LM, SFT, reward, MLM and NSP are)"
-                    .into(),
-            )),
-        };
+        let examples =
+            match objective {
+                Objective::CausalLm => {
+                    let ids = with_end(encode(&field("text")?, line)?);
+                    vec![Example {
+                        labels: ids.clone(),
+                        ids,
+                        ..Example::default()
+                    }]
+                }
+                Objective::Sft { prompt, response } => {
+                    // The loss is on the response only.
+                    let p = encode(&field(prompt)?, line)?;
+                    let r = with_end(encode(&field(response)?, line)?);
+                    let labels = std::iter::repeat_n(-100, p.len())
+                        .chain(r.iter().copied())
+                        .collect();
+                    vec![Example {
+                        ids: p.into_iter().chain(r).collect(),
+                        labels,
+                        ..Example::default()
+                    }]
+                }
+                Objective::Reward { chosen, rejected } => {
+                    let p = if record
+                        .get(fields.get("prompt").map_or("prompt", String::as_str))
+                        .is_some()
+                    {
+                        encode(&field("prompt")?, line)?
+                    } else {
+                        Vec::new()
+                    };
+                    [chosen, rejected]
+                        .into_iter()
+                        .map(|f| {
+                            let ids: Vec<i64> = p
+                                .iter()
+                                .copied()
+                                .chain(with_end(encode(&field(f)?, line)?))
+                                .collect();
+                            Ok(Example {
+                                labels: vec![-100; ids.len()],
+                                ids,
+                                ..Example::default()
+                            })
+                        })
+                        .collect::<Result<_, DataError>>()?
+                }
+                _ => return Err(DataError(
+                    "PPO's rollouts are not built yet (every other objective's data pipeline is)"
+                        .into(),
+                )),
+            };
         out.push(examples);
     }
     Ok(out)

@@ -62,6 +62,8 @@ fn err<T>(message: impl Into<String>) -> Result<T, ExecError> {
 pub struct Outcome {
     pub loss: f32,
     pub grads: Vec<Option<Vec<f32>>>,
+    /// Per-row class scores, for objectives that classify (PET), to measure accuracy.
+    pub class_logits: Option<Vec<Vec<f32>>>,
 }
 
 #[derive(Clone)]
@@ -160,6 +162,17 @@ pub fn forward_backward(
     if !loss_value.is_finite() {
         return err(format!("the loss is {loss_value}"));
     }
+    let class_logits = g
+        .dag
+        .node_indices()
+        .find(|&n| matches!(g.dag[n].op, Op::GatherClasses { .. }))
+        .and_then(|n| match &it.values[n.index()] {
+            Some(V::R2(t)) => {
+                let (_, classes) = *t.shape();
+                Some(t.as_vec().chunks(classes).map(<[f32]>::to_vec).collect())
+            }
+            _ => None,
+        });
     let tape = std::mem::take(&mut it.tape);
     let grads = loss.put_tape(tape).backward();
     let out = it
@@ -176,6 +189,7 @@ pub fn forward_backward(
     Ok(Outcome {
         loss: loss_value,
         grads: out,
+        class_logits,
     })
 }
 

@@ -10,6 +10,7 @@ pub mod exec;
 pub mod export;
 pub mod mlm;
 pub mod optim;
+pub mod pet;
 pub mod plot;
 mod rng;
 pub mod train;

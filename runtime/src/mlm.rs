@@ -92,7 +92,7 @@ pub fn examples(
         // Each sequence is its own group: the unit the loader shuffles and batches.
         for seq in sequences {
             out.push(vec![match mlm {
-                Some(m) => mask(seq, m, &specials, vocab, &mut rng),
+                Some(m) => mask(seq, m, specials.mask, vocab, &mut rng),
                 None => seq.example,
             }]);
         }
@@ -288,9 +288,9 @@ fn truncate_pair(a: &mut Segment, b: &mut Segment, max: usize, rng: &mut Rng) {
 
 /// A sequence before masking, with the word of each position (`None` for [CLS] and [SEP],
 /// which are never masked).
-struct Unmasked {
-    example: Example,
-    words: Vec<Option<u32>>,
+pub(crate) struct Unmasked {
+    pub example: Example,
+    pub words: Vec<Option<u32>>,
 }
 
 /// `[CLS] A [SEP]` or `[CLS] A [SEP] B [SEP]`, token types 0 for A and 1 for B, no labels yet.
@@ -318,6 +318,7 @@ fn sequence(a: &Segment, b: Option<(&Segment, i64)>, sp: &Specials) -> Unmasked 
             ids,
             types,
             class,
+            mask_position: None,
         },
         words,
     }
@@ -326,7 +327,7 @@ fn sequence(a: &Segment, b: Option<(&Segment, i64)>, sp: &Specials) -> Unmasked 
 /// Chooses `prob` of the positions (at most `max_predictions`, at least one), whole words at a
 /// time for whole-word masking, labels them with their token and replaces them by [MASK], a
 /// random token or themselves in the `replace` proportions.
-fn mask(seq: Unmasked, m: &Mlm, sp: &Specials, vocab: usize, rng: &mut Rng) -> Example {
+pub(crate) fn mask(seq: Unmasked, m: &Mlm, mask_id: i64, vocab: usize, rng: &mut Rng) -> Example {
     let Unmasked { mut example, words } = seq;
     // Candidate units: single positions, or the positions of one word.
     let mut units: Vec<Vec<usize>> = Vec::new();
@@ -359,7 +360,7 @@ fn mask(seq: Unmasked, m: &Mlm, sp: &Specials, vocab: usize, rng: &mut Rng) -> E
             example.labels[pos] = example.ids[pos];
             let r = rng.uniform();
             if r < m.replace[0] {
-                example.ids[pos] = sp.mask;
+                example.ids[pos] = mask_id;
             } else if r < m.replace[0] + m.replace[1] {
                 example.ids[pos] = rng.below(vocab) as i64;
             }

@@ -7,6 +7,7 @@ use crate::checkpoint::{bind, read_safetensors, HostTensor};
 use crate::data::{load_examples, load_tokenizer, pad_batch, DataError, Example, PaddedBatch};
 use crate::exec::{forward_backward, Batch};
 use crate::optim::{clip_grad_norm, learning_rate, step, State};
+use crate::pet::verbalizer_ids;
 use crate::plot::{read_losses, write_loss_curve};
 use crate::rng::Rng;
 use kiln_compiler::graph::{compile_graph, Graph, ParamRole};
@@ -48,6 +49,8 @@ pub struct RunSummary {
     pub first_loss: f32,
     pub last_loss: f32,
     pub eval_loss: Option<f32>,
+    /// Share of evaluation rows classified right (PET).
+    pub eval_accuracy: Option<f32>,
     pub tokens_per_second: f64,
     pub run_dir: PathBuf,
 }
@@ -64,6 +67,42 @@ fn plot_run(name: &str, run_dir: &Path) -> Result<(), RunError> {
         .map_err(|err| RunError(format!("loss curve: {err}")))
 }
 
+/// Loss and accuracy over an evaluation set.
+struct Evaluation {
+    loss: f32,
+    accuracy: Option<f32>,
+}
+
+/// Evaluates the whole set, `chunk` records at a time, without dropout: the loss is the mean
+/// over records, the accuracy the share of rows whose highest class score is their class.
+fn evaluate(
+    graph: &Graph,
+    values: &[HostTensor],
+    set: &[Vec<Example>],
+    chunk: usize,
+    seq_len: usize,
+    objective: &Objective,
+    verbalizer: Option<&[usize]>,
+) -> Result<Evaluation, RunError> {
+    let (mut loss, mut correct, mut classified) = (0.0f64, 0usize, 0usize);
+    for records in set.chunks(chunk) {
+        let rows: Vec<&Example> = records.iter().flatten().collect();
+        let b = batch_inputs(&rows, seq_len, objective, verbalizer);
+        let out = forward_backward(graph, values, &b)
+            .map_err(|err| RunError(format!("evaluation: {err}")))?;
+        loss += f64::from(out.loss) * records.len() as f64;
+        for (scores, row) in out.class_logits.iter().flatten().zip(&rows) {
+            let best = (0..scores.len()).max_by(|&a, &b| scores[a].total_cmp(&scores[b]));
+            correct += usize::from(best.map(|c| c as i64) == row.class);
+            classified += 1;
+        }
+    }
+    Ok(Evaluation {
+        loss: (loss / set.len() as f64) as f32,
+        accuracy: (classified > 0).then(|| correct as f32 / classified as f32),
+    })
+}
+
 /// Whether the objective's loss is a token cross-entropy alone, for which perplexity is defined
 /// (not sums with NSP, nor pair losses).
 fn token_loss(objective: &Objective) -> bool {
@@ -75,7 +114,12 @@ fn token_loss(objective: &Objective) -> bool {
 
 /// The executor's inputs for a batch of examples: ids, token types, attention mask, and the
 /// labels under the names the objective's loss reads.
-fn batch_inputs(rows: &[&Example], seq_len: usize, objective: &Objective) -> Batch {
+fn batch_inputs(
+    rows: &[&Example],
+    seq_len: usize,
+    objective: &Objective,
+    verbalizer: Option<&[usize]>,
+) -> Batch {
     let PaddedBatch {
         ids,
         types,
@@ -90,7 +134,8 @@ fn batch_inputs(rows: &[&Example], seq_len: usize, objective: &Objective) -> Bat
     b.ints.insert("token_type_ids".into(), types);
     let token_labels = match objective {
         Objective::Mlm(_) | Objective::MlmNsp { .. } => Some("mlm_labels"),
-        Objective::Nsp { .. } => None,
+        Objective::Pvp(pvp) if pvp.mlm_weight > 0.0 => Some("mlm_labels"),
+        Objective::Nsp { .. } | Objective::Pvp(_) => None,
         _ => Some("labels"),
     };
     if let Some(name) = token_labels {
@@ -99,6 +144,12 @@ fn batch_inputs(rows: &[&Example], seq_len: usize, objective: &Objective) -> Bat
     if matches!(objective, Objective::Nsp { .. } | Objective::MlmNsp { .. }) {
         let classes = rows.iter().map(|r| vec![r.class.unwrap_or(-100)]).collect();
         b.ints.insert("next_sentence_labels".into(), classes);
+    }
+    if let Objective::Pvp(_) = objective {
+        let classes = rows.iter().map(|r| vec![r.class.unwrap_or(-100)]).collect();
+        b.ints.insert("class_labels".into(), classes);
+        b.mask_positions = Some(rows.iter().map(|r| r.mask_position.unwrap_or(0)).collect());
+        b.class_token_ids = verbalizer.map(<[usize]>::to_vec);
     }
     b
 }
@@ -322,9 +373,10 @@ pub fn run(
             | Objective::Mlm(_)
             | Objective::Nsp { .. }
             | Objective::MlmNsp { .. }
+            | Objective::Pvp(_)
     ) {
         return Err(RunError(
-            "`kiln run` trains causal-LM, masked-LM, NSP, SFT and reward-model objectives so far"
+            "`kiln run` trains every objective but PPO so far (its rollout loop is not built)"
                 .into(),
         ));
     }
@@ -364,6 +416,10 @@ pub fn run(
             e.model.vocab
         )));
     }
+    let verbalizer = match &e.objective {
+        Objective::Pvp(pvp) => Some(verbalizer_ids(pvp, &tokenizer)?),
+        _ => None,
+    };
     let seq_len = e.train.seq_len as usize;
     let train_set = load_examples(
         &resolve(&e.data.train, "train")?,
@@ -460,7 +516,7 @@ pub fn run(
                 rows.extend(&train_set[progress.order[progress.cursor]]);
                 progress.cursor += 1;
             }
-            let mut b = batch_inputs(&rows, seq_len, &e.objective);
+            let mut b = batch_inputs(&rows, seq_len, &e.objective, verbalizer.as_deref());
             progress.tokens += b
                 .attention_mask
                 .iter()
@@ -528,22 +584,26 @@ pub fn run(
             break;
         }
     }
-    let eval_loss = match (&eval_set, progress.step == total) {
+    let eval = match (&eval_set, progress.step == total) {
         (Some(set), true) => {
-            let rows: Vec<&Example> = set
-                .iter()
-                .take((batch / per_record).max(1))
-                .flatten()
-                .collect();
-            let b = batch_inputs(&rows, seq_len, &e.objective);
-            let out = forward_backward(&graph, &values, &b)
-                .map_err(|err| RunError(format!("evaluation: {err}")))?;
-            let mut line = serde_json::json!({ "eval_loss": out.loss });
+            let eval = evaluate(
+                &graph,
+                &values,
+                set,
+                (micro / per_record).max(1),
+                seq_len,
+                &e.objective,
+                verbalizer.as_deref(),
+            )?;
+            let mut line = serde_json::json!({ "eval_loss": eval.loss });
             if token_loss(&e.objective) {
-                line["perplexity"] = serde_json::json!((out.loss as f64).exp());
+                line["perplexity"] = serde_json::json!((eval.loss as f64).exp());
+            }
+            if let Some(accuracy) = eval.accuracy {
+                line["accuracy"] = serde_json::json!(accuracy);
             }
             writeln!(metrics, "{line}").map_err(|err| RunError(format!("metrics: {err}")))?;
-            Some(out.loss)
+            Some(eval)
         }
         _ => None,
     };
@@ -557,7 +617,8 @@ pub fn run(
         steps: progress.step,
         first_loss: progress.first_loss,
         last_loss: progress.loss,
-        eval_loss,
+        eval_loss: eval.as_ref().map(|e| e.loss),
+        eval_accuracy: eval.and_then(|e| e.accuracy),
         tokens_per_second,
         run_dir,
     })

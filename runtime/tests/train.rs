@@ -193,7 +193,7 @@ fn sft_and_reward_models_train() {
 #[test]
 fn bert_pretraining_with_whole_word_masking_and_nsp_learns() {
     let src = "import std.models.bert\nimport \"bert_wwm_nsp.kiln\"\n\
-         experiment variant = bert_wwm_nsp { model = bert_mini { vocab = 800, hidden = 64, layers = 2, heads = 2, dropout = 0.0 }, \
+         experiment variant = bert_wwm_nsp { model = bert_mini { vocab = 1024, hidden = 64, layers = 2, heads = 2, dropout = 0.0 }, \
          parallel { mesh = cpu(1), plan = auto }, train { batch = 8, seq_len = 64, schedule = constant { warmup = 0 }, optimizer = adamw { lr = 2e-3 } } }";
     let checked = kiln_compiler::check_source("bert.kiln", src, Some(&examples()));
     assert!(checked.is_ok(), "{}", checked.render_errors());
@@ -206,7 +206,7 @@ fn bert_pretraining_with_whole_word_masking_and_nsp_learns() {
         .value;
     let dir = scratch("bert");
     let out = run(&e, &dir, Some(30), false, |_| Control::Continue).unwrap();
-    // MLM over ~800 tokens starts near ln 800 ≈ 6.7 plus NSP's ln 2 ≈ 0.69.
+    // MLM over ~1000 tokens starts near ln 1000 ≈ 6.9 plus NSP's ln 2 ≈ 0.69.
     assert!(
         (6.5..8.5).contains(&out.first_loss),
         "untrained MLM+NSP loss: {}",
@@ -218,5 +218,33 @@ fn bert_pretraining_with_whole_word_masking_and_nsp_learns() {
         out.first_loss,
         out.last_loss
     );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn pet_cloze_fits_its_training_set_and_reports_accuracy() {
+    // Evaluating on the training set: a model that has fitted it must classify it.
+    let src = "import std.models.bert\nimport \"pet_sentiment.kiln\"\n\
+         experiment variant = pet_sentiment { model = bert_tiny { vocab = 1024, dropout = 0.0 }, adapter = [], \
+         parallel { mesh = cpu(1) }, data { tokenizer = \"data/wordpiece.json\", eval = \"data/reviews_train.jsonl\" }, \
+         train { batch = 8, seq_len = 64, optimizer = adamw { lr = 1e-3 }, schedule = constant } }";
+    let checked = kiln_compiler::check_source("pet.kiln", src, Some(&examples()));
+    assert!(checked.is_ok(), "{}", checked.render_errors());
+    let e = checked
+        .module
+        .experiments
+        .into_iter()
+        .find(|e| e.value.name == "variant")
+        .unwrap()
+        .value;
+    let dir = scratch("pet");
+    let out = run(&e, &dir, Some(60), false, |_| Control::Continue).unwrap();
+    assert!(
+        (0.6..0.8).contains(&out.first_loss),
+        "two classes start near ln 2: {}",
+        out.first_loss
+    );
+    let accuracy = out.eval_accuracy.expect("PET reports accuracy");
+    assert!(accuracy >= 0.9, "training-set accuracy {accuracy}");
     std::fs::remove_dir_all(&dir).ok();
 }
