@@ -5,6 +5,7 @@
 //! the parameters of an operator graph (`checkpoint`). The executor comes next.
 
 pub mod checkpoint;
+pub mod collective;
 pub mod data;
 pub mod exec;
 pub mod export;

@@ -4,6 +4,7 @@
 //! and checkpoints written atomically.
 
 use crate::checkpoint::{bind, read_safetensors, HostTensor};
+use crate::collective::{cpu_ring, Collective, CollectiveError};
 use crate::data::{load_examples, load_tokenizer, pad_batch, DataError, Example, PaddedBatch};
 use crate::exec::{forward_backward, Batch};
 use crate::optim::{clip_grad_norm, learning_rate, step, State};
@@ -11,6 +12,7 @@ use crate::pet::verbalizer_ids;
 use crate::plot::{read_losses, write_loss_curve};
 use crate::rng::Rng;
 use kiln_compiler::graph::{compile_graph, Graph, ParamRole};
+use kiln_compiler::plan::compile_plan;
 use kiln_compiler::spec::{Adapter, Experiment, Length, Objective, Optimizer, PromptEncoder};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -65,6 +67,169 @@ fn plot_run(name: &str, run_dir: &Path) -> Result<(), RunError> {
     }
     write_loss_curve(name, &steps, eval, &run_dir.join("loss.svg"))
         .map_err(|err| RunError(format!("loss curve: {err}")))
+}
+
+/// One device's copy of the trained state; data parallelism keeps the copies identical by
+/// applying the same all-reduced gradients to each.
+#[derive(Clone)]
+struct Replica {
+    values: Vec<HostTensor>,
+    states: Vec<Option<State>>,
+}
+
+/// What a step computed, the same on every device.
+struct StepResult {
+    loss: f32,
+    grad_norm: f64,
+}
+
+/// Why a device's step failed: its own error, or a collective broken by another device's.
+enum StepFailure {
+    Own(RunError),
+    Peer(CollectiveError),
+}
+
+/// Gradients are all-reduced in buckets of about this many values (4 MiB), so that no single
+/// message holds the whole model.
+const BUCKET_VALUES: usize = 1 << 20;
+
+/// The devices `kiln run` trains on and the sequences per micro-batch: the plan's data-parallel
+/// degree and micro-batch on a mesh of several devices, one device otherwise.
+fn data_parallelism(e: &Experiment) -> Result<(usize, usize), RunError> {
+    if e.parallel.mesh.devices() == 1 {
+        return Ok((1, e.train.micro_batch.unwrap_or(e.train.batch) as usize));
+    }
+    let plan = compile_plan(e).map_err(|d| RunError(format!("planning: {:?}", d.items)))?;
+    let st = &plan.strategy;
+    if st.tensor > 1 || st.pipeline > 1 || st.zero > 0 {
+        return Err(RunError(format!(
+            "the plan uses data {} x tensor {} x pipeline {} with ZeRO {}; `kiln run` executes plain data parallelism so far (set `parallel {{ data = {} }}`)",
+            st.data,
+            st.tensor,
+            st.pipeline,
+            st.zero,
+            e.parallel.mesh.devices()
+        )));
+    }
+    let (data, micro) = (st.data as usize, st.micro_batch as usize);
+    if (e.train.batch as usize).div_ceil(micro) % data != 0 {
+        return Err(RunError(format!(
+            "a batch of {} in micro-batches of {micro} does not split evenly over {data} devices",
+            e.train.batch
+        )));
+    }
+    Ok((data, micro))
+}
+
+/// One device's part of a step: forward and backward over its micro-batches, the gradient
+/// (and loss) all-reduce, clipping and the optimizer update of its replica. Every device ends
+/// with the same weights, as one device taking all `micro_steps` would.
+#[allow(clippy::too_many_arguments)]
+fn replica_step(
+    graph: &Graph,
+    e: &Experiment,
+    replica: &mut Replica,
+    micros: &[Batch],
+    micro_steps: usize,
+    ring: &mut dyn Collective,
+    lr: f64,
+    step_no: u64,
+) -> Result<StepResult, StepFailure> {
+    let device = |err: String| {
+        if ring.size() > 1 {
+            RunError(format!("device {}: {err}", ring.rank()))
+        } else {
+            RunError(err)
+        }
+    };
+    let scale = 1.0 / micro_steps as f32;
+    let mut grads: Vec<Option<Vec<f32>>> = graph
+        .params
+        .iter()
+        .map(|p| {
+            p.trainable
+                .then(|| vec![0.0; p.shape.iter().product::<u64>() as usize])
+        })
+        .collect();
+    let mut loss = 0.0f32;
+    for b in micros {
+        let out = forward_backward(graph, &replica.values, b)
+            .map_err(|err| StepFailure::Own(device(format!("step {step_no}: {err}"))))?;
+        loss += out.loss * scale;
+        for (acc, g) in grads.iter_mut().zip(out.grads) {
+            if let (Some(acc), Some(g)) = (acc, g) {
+                acc.iter_mut().zip(g).for_each(|(a, g)| *a += g * scale);
+            }
+        }
+    }
+    if ring.size() > 1 {
+        loss = all_reduce_gradients(ring, &mut grads, loss).map_err(StepFailure::Peer)?;
+    }
+    if !loss.is_finite() {
+        return Err(StepFailure::Own(RunError(format!(
+            "the loss became {loss} at step {step_no}; the last checkpoint is unchanged"
+        ))));
+    }
+    let grad_norm = e
+        .train
+        .grad_clip
+        .map_or(0.0, |max| clip_grad_norm(&mut grads, max));
+    let mut flat: Vec<Vec<f32>> = replica.values.iter().map(|v| v.data.clone()).collect();
+    step(
+        &e.train.optimizer,
+        lr,
+        step_no,
+        &mut flat,
+        &grads,
+        &mut replica.states,
+    );
+    for (v, d) in replica.values.iter_mut().zip(flat) {
+        v.data = d;
+    }
+    Ok(StepResult { loss, grad_norm })
+}
+
+/// Sums every device's gradients (and losses) in place, bucket by bucket, last parameters first
+/// (the order backward finishes them in, as DDP buckets them); returns the summed loss.
+fn all_reduce_gradients(
+    ring: &mut dyn Collective,
+    grads: &mut [Option<Vec<f32>>],
+    loss: f32,
+) -> Result<f32, CollectiveError> {
+    let order: Vec<usize> = (0..grads.len())
+        .rev()
+        .filter(|&i| grads[i].is_some())
+        .collect();
+    let mut bucket: Vec<f32> = Vec::new();
+    let mut members: Vec<usize> = Vec::new();
+    for (k, &i) in order.iter().enumerate() {
+        bucket.extend_from_slice(grads[i].as_deref().unwrap_or_default());
+        members.push(i);
+        if bucket.len() < BUCKET_VALUES && k + 1 < order.len() {
+            continue;
+        }
+        // The loss rides in the last bucket.
+        let last = k + 1 == order.len();
+        if last {
+            bucket.push(loss);
+        }
+        ring.all_reduce_sum(&mut bucket)?;
+        let mut at = 0;
+        for m in members.drain(..) {
+            if let Some(g) = grads[m].as_mut() {
+                let n = g.len();
+                g.copy_from_slice(&bucket[at..at + n]);
+                at += n;
+            }
+        }
+        if last {
+            return Ok(bucket[at]);
+        }
+        bucket.clear();
+    }
+    let mut alone = [loss];
+    ring.all_reduce_sum(&mut alone)?;
+    Ok(alone[0])
 }
 
 /// Loss and accuracy over an evaluation set.
@@ -380,12 +545,6 @@ pub fn run(
                 .into(),
         ));
     }
-    if e.parallel.mesh.devices() > 1 {
-        return Err(RunError(format!(
-            "`kiln run` trains on one device so far; the mesh has {}",
-            e.parallel.mesh.devices()
-        )));
-    }
     if e.adapters.iter().any(|a| {
         matches!(
             a,
@@ -476,7 +635,7 @@ pub fn run(
     };
 
     let batch = e.train.batch as usize;
-    let micro = e.train.micro_batch.unwrap_or(e.train.batch) as usize;
+    let (data_parallel, micro) = data_parallelism(e)?;
     let total = steps_override.unwrap_or(match e.train.length {
         Length::Steps(n) => n,
         Length::Epochs(k) => k * (train_set.len().div_ceil(batch)) as u64,
@@ -496,11 +655,12 @@ pub fn run(
 
     let started = Instant::now();
     let tokens_before = progress.tokens;
+    let mut replicas = vec![Replica { values, states }; data_parallel];
+    let mut rings = cpu_ring(data_parallel);
     while progress.step < total {
         let s = progress.step;
-        let mut grads: Vec<Option<Vec<f32>>> = vec![None; values.len()];
-        let mut loss_sum = 0.0f32;
         let micro_steps = batch.div_ceil(micro);
+        let mut micros = Vec::with_capacity(micro_steps);
         for m in 0..micro_steps {
             // A fresh seeded shuffle each epoch.
             let mut rows: Vec<&Example> = Vec::new();
@@ -524,43 +684,69 @@ pub fn run(
                 .flatten()
                 .filter(|&&v| v == 1)
                 .count();
+            // Seeded by the micro-batch's place in the step, not by the device that runs it.
             b.dropout_seed = Some(e.train.seed ^ (s * 1_000_003 + m as u64));
-            let out = forward_backward(&graph, &values, &b)
-                .map_err(|err| RunError(format!("step {}: {err}", s + 1)))?;
-            loss_sum += out.loss / micro_steps as f32;
-            for (acc, g) in grads.iter_mut().zip(out.grads) {
-                if let Some(g) = g {
-                    let scaled: Vec<f32> = g.iter().map(|x| x / micro_steps as f32).collect();
-                    match acc {
-                        Some(a) => a.iter_mut().zip(scaled).for_each(|(a, b)| *a += b),
-                        None => *acc = Some(scaled),
-                    }
-                }
+            micros.push(b);
+        }
+        let lr = learning_rate(peak, &e.train.schedule, s, total);
+        let per_device = micro_steps / data_parallel;
+        let results: Vec<Result<StepResult, StepFailure>> = if data_parallel == 1 {
+            vec![replica_step(
+                &graph,
+                e,
+                &mut replicas[0],
+                &micros,
+                micro_steps,
+                &mut rings[0],
+                lr,
+                s + 1,
+            )]
+        } else {
+            let (graph, micros) = (&graph, &micros);
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = replicas
+                    .iter_mut()
+                    .zip(rings.iter_mut())
+                    .enumerate()
+                    .map(|(r, (replica, ring))| {
+                        let mine = &micros[r * per_device..(r + 1) * per_device];
+                        scope.spawn(move || {
+                            replica_step(graph, e, replica, mine, micro_steps, ring, lr, s + 1)
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .enumerate()
+                    .map(|(r, h)| {
+                        h.join().unwrap_or_else(|_| {
+                            Err(StepFailure::Own(RunError(format!(
+                                "device {r} panicked during step {}",
+                                s + 1
+                            ))))
+                        })
+                    })
+                    .collect()
+            })
+        };
+        // A device's own error explains the others' (which only saw a collective break).
+        let mut step_result = None;
+        let mut peer_error = None;
+        for result in results {
+            match result {
+                Ok(r) => step_result = step_result.or(Some(r)),
+                Err(StepFailure::Own(err)) => return Err(err),
+                Err(StepFailure::Peer(err)) => peer_error = peer_error.or(Some(err)),
             }
         }
-        if !loss_sum.is_finite() {
-            return Err(RunError(format!(
-                "the loss became {loss_sum} at step {}; the last checkpoint is unchanged",
-                s + 1
-            )));
-        }
-        let grad_norm = e
-            .train
-            .grad_clip
-            .map_or(0.0, |max| clip_grad_norm(&mut grads, max));
-        let lr = learning_rate(peak, &e.train.schedule, s, total);
-        let mut flat: Vec<Vec<f32>> = values.iter().map(|v| v.data.clone()).collect();
-        step(
-            &e.train.optimizer,
-            lr,
-            s + 1,
-            &mut flat,
-            &grads,
-            &mut states,
-        );
-        for (v, d) in values.iter_mut().zip(flat) {
-            v.data = d;
-        }
+        let StepResult {
+            loss: loss_sum,
+            grad_norm,
+        } = match (step_result, peer_error) {
+            (Some(r), None) => r,
+            (_, Some(err)) => return Err(RunError(err.0)),
+            (None, None) => unreachable!("at least one device"),
+        };
         progress.step += 1;
         if progress.first_loss.is_nan() {
             progress.first_loss = loss_sum;
@@ -578,7 +764,13 @@ pub fn run(
         });
         let stop = matches!(control, Control::Stop);
         if stop || e.train.checkpoint_every.is_some_and(|k| (s + 1) % k == 0) {
-            save_checkpoint(&graph, &values, &states, &progress, &checkpoint_dir)?;
+            save_checkpoint(
+                &graph,
+                &replicas[0].values,
+                &replicas[0].states,
+                &progress,
+                &checkpoint_dir,
+            )?;
         }
         if stop {
             break;
@@ -588,7 +780,7 @@ pub fn run(
         (Some(set), true) => {
             let eval = evaluate(
                 &graph,
-                &values,
+                &replicas[0].values,
                 set,
                 (micro / per_record).max(1),
                 seq_len,
@@ -607,7 +799,13 @@ pub fn run(
         }
         _ => None,
     };
-    save_checkpoint(&graph, &values, &states, &progress, &checkpoint_dir)?;
+    save_checkpoint(
+        &graph,
+        &replicas[0].values,
+        &replicas[0].states,
+        &progress,
+        &checkpoint_dir,
+    )?;
     drop(metrics);
     plot_run(&e.name, &run_dir)?;
     let tokens_per_second =

@@ -248,3 +248,78 @@ fn pet_cloze_fits_its_training_set_and_reports_accuracy() {
     assert!(accuracy >= 0.9, "training-set accuracy {accuracy}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Data parallelism computes what one device computes: the same losses step by step and the same
+/// trained weights, with dropout on (its masks follow the micro-batch, not the device).
+#[test]
+fn data_parallel_training_matches_one_device() {
+    let common = "model = gpt2 { vocab = 1024, positions = 128, hidden = 64, layers = 2, heads = 4, dropout = 0.1 }";
+    let one = quickstart(&format!(
+        "{common}, parallel {{ mesh = cpu(1) }}, train {{ batch = 8, micro_batch = 2, steps = 4 }}"
+    ));
+    let (a, b) = (scratch("dp1"), scratch("dp4"));
+    let single = run(&one, &a, None, false, |_| Control::Continue).unwrap();
+    for devices in [2, 4] {
+        let many = quickstart(&format!(
+            "{common}, parallel {{ mesh = cpu({devices}), data = {devices} }}, train {{ batch = 8, micro_batch = 2, steps = 4 }}"
+        ));
+        let parallel = run(&many, &b, None, false, |_| Control::Continue).unwrap();
+        let (la, lb) = (losses(&a), losses(&b));
+        assert_eq!(la.len(), lb.len());
+        // Every number of every line: step losses, gradient norms, the evaluation.
+        for (x, y) in la.iter().zip(&lb) {
+            for (key, vx) in x.as_object().unwrap() {
+                let (vx, vy) = (vx.as_f64().unwrap(), y[key].as_f64().unwrap());
+                assert!(
+                    (vx - vy).abs() <= 1e-5 * vx.abs(),
+                    "{devices} devices: {key} {vy} vs {vx}"
+                );
+            }
+        }
+        assert!((single.last_loss - parallel.last_loss).abs() <= 1e-5 * single.last_loss.abs());
+        let wa = read_safetensors(&a.join("variant/checkpoint/trainable.safetensors")).unwrap();
+        let wb = read_safetensors(&b.join("variant/checkpoint/trainable.safetensors")).unwrap();
+        assert_eq!(wa.len(), wb.len());
+        for (name, ta) in &wa {
+            let tb = &wb[name];
+            // The key projection's bias has an exactly-zero gradient (softmax ignores a shift
+            // shared by every key), so its "gradient" is rounding noise, which Adam scales up
+            // to full-size steps whose direction depends on summation order. It is left out.
+            let n = ta.data.len();
+            let key_bias = name.ends_with("attn.c_attn.bias");
+            let compared = (0..n).filter(|&i| !key_bias || !(n / 3..2 * n / 3).contains(&i));
+            let (num, den) = compared
+                .map(|i| (ta.data[i], tb.data[i]))
+                .fold((0.0f64, 0.0f64), |(n, d), (x, y)| {
+                    (n + f64::from(x - y).powi(2), d + f64::from(x).powi(2))
+                });
+            assert!(
+                num.sqrt() <= 1e-5 * den.sqrt().max(1e-12),
+                "{devices} devices: `{name}` differs (relative L2 {})",
+                num.sqrt() / den.sqrt()
+            );
+        }
+        std::fs::remove_dir_all(&b).ok();
+    }
+    std::fs::remove_dir_all(&a).ok();
+}
+
+#[test]
+fn a_diverging_data_parallel_run_stops_with_one_message() {
+    let e = quickstart(
+        "parallel { mesh = cpu(2), data = 2 }, \
+         train { steps = 40, micro_batch = 4, checkpoint_every = 1, grad_clip = false, optimizer = sgd { lr = 1e4 } }",
+    );
+    let dir = scratch("nan-dp");
+    let err = run(&e, &dir, None, false, |_| Control::Continue)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("step "), "{err}");
+    assert!(!err.contains("neighbouring device"), "the cause, not its echo: {err}");
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("variant/checkpoint/state.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(state["loss"].as_f64().unwrap().is_finite());
+    std::fs::remove_dir_all(&dir).ok();
+}
