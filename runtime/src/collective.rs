@@ -19,13 +19,15 @@ impl std::fmt::Display for CollectiveError {
 
 impl std::error::Error for CollectiveError {}
 
-/// The operations data parallelism needs; every device of the group calls each one in the
+/// The operations data parallelism and ZeRO need; every device of the group calls each one in the
 /// same order with buffers of the same length.
 pub trait Collective: Send {
     fn rank(&self) -> usize;
     fn size(&self) -> usize;
     /// Every device ends with the element-wise sum of all devices' buffers.
     fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError>;
+    /// Every device ends with device `root`'s buffer.
+    fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<(), CollectiveError>;
 }
 
 /// One device's end of a ring of `size` devices.
@@ -120,6 +122,21 @@ impl Collective for CpuRing {
         }
         Ok(())
     }
+
+    /// Passed along the ring from `root`; the device before `root` is the last to receive.
+    fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<(), CollectiveError> {
+        if self.size == 1 {
+            return Ok(());
+        }
+        if self.rank != root {
+            let got = self.recv(buf.len())?;
+            buf.copy_from_slice(&got);
+        }
+        if (self.rank + 1) % self.size != root {
+            self.send(buf)?;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -152,6 +169,29 @@ mod tests {
             for (rank, got) in all_reduce(size, len).into_iter().enumerate() {
                 assert_eq!(got, expected, "size {size}, len {len}, device {rank}");
             }
+        }
+    }
+
+    #[test]
+    fn broadcast_copies_the_root_buffer_everywhere() {
+        for root in 0..3 {
+            let got: Vec<Vec<f32>> = std::thread::scope(|s| {
+                let handles: Vec<_> = cpu_ring(3)
+                    .into_iter()
+                    .map(|mut ring| {
+                        s.spawn(move || {
+                            let mut buf = vec![ring.rank() as f32; 4];
+                            ring.broadcast(&mut buf, root).unwrap();
+                            buf
+                        })
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            assert!(
+                got.iter().all(|b| *b == vec![root as f32; 4]),
+                "root {root}: {got:?}"
+            );
         }
     }
 

@@ -93,17 +93,27 @@ enum StepFailure {
 /// message holds the whole model.
 const BUCKET_VALUES: usize = 1 << 20;
 
-/// The devices `kiln run` trains on and the sequences per micro-batch: the plan's data-parallel
-/// degree and micro-batch on a mesh of several devices, one device otherwise.
-fn data_parallelism(e: &Experiment) -> Result<(usize, usize), RunError> {
+/// How `kiln run` spreads a step: the plan's data-parallel degree, micro-batch and ZeRO stage on
+/// a mesh of several devices; one device otherwise.
+struct DataParallel {
+    devices: usize,
+    micro: usize,
+    zero: u8,
+}
+
+fn data_parallelism(e: &Experiment) -> Result<DataParallel, RunError> {
     if e.parallel.mesh.devices() == 1 {
-        return Ok((1, e.train.micro_batch.unwrap_or(e.train.batch) as usize));
+        return Ok(DataParallel {
+            devices: 1,
+            micro: e.train.micro_batch.unwrap_or(e.train.batch) as usize,
+            zero: 0,
+        });
     }
     let plan = compile_plan(e).map_err(|d| RunError(format!("planning: {:?}", d.items)))?;
     let st = &plan.strategy;
-    if st.tensor > 1 || st.pipeline > 1 || st.zero > 0 {
+    if st.tensor > 1 || st.pipeline > 1 || st.zero > 2 {
         return Err(RunError(format!(
-            "the plan uses data {} x tensor {} x pipeline {} with ZeRO {}; `kiln run` executes plain data parallelism so far (set `parallel {{ data = {} }}`)",
+            "the plan uses data {} x tensor {} x pipeline {} with ZeRO {}; `kiln run` executes data parallelism with ZeRO 0-2 so far (set `parallel {{ data = {} }}`)",
             st.data,
             st.tensor,
             st.pipeline,
@@ -118,7 +128,40 @@ fn data_parallelism(e: &Experiment) -> Result<(usize, usize), RunError> {
             e.train.batch
         )));
     }
-    Ok((data, micro))
+    Ok(DataParallel {
+        devices: data,
+        micro,
+        zero: st.zero,
+    })
+}
+
+/// ZeRO-1/2 as PyTorch's `ZeroRedundancyOptimizer` partitions it: each trainable parameter's
+/// optimizer state lives on one device, parameters dealt out largest first to the device
+/// holding the fewest values so far.
+fn optimizer_owners(graph: &Graph, devices: usize) -> Vec<usize> {
+    let size = |i: usize| graph.params[i].shape.iter().product::<u64>();
+    let mut order: Vec<usize> = (0..graph.params.len()).collect();
+    order.sort_by_key(|&i| (std::cmp::Reverse(size(i)), i));
+    let mut load = vec![0u64; devices];
+    let mut owners = vec![0; graph.params.len()];
+    for i in order.into_iter().filter(|&i| graph.params[i].trainable) {
+        let device = (0..devices).min_by_key(|&d| (load[d], d)).unwrap_or(0);
+        owners[i] = device;
+        load[device] += size(i);
+    }
+    owners
+}
+
+/// The full optimizer state for a checkpoint: each parameter's from the device that owns it.
+fn gathered_states(replicas: &[Replica], owners: Option<&[usize]>) -> Vec<Option<State>> {
+    match owners {
+        None => replicas[0].states.clone(),
+        Some(owners) => owners
+            .iter()
+            .enumerate()
+            .map(|(i, &o)| replicas[o].states[i].clone())
+            .collect(),
+    }
 }
 
 /// One device's part of a step: forward and backward over its micro-batches, the gradient
@@ -132,6 +175,7 @@ fn replica_step(
     micros: &[Batch],
     micro_steps: usize,
     ring: &mut dyn Collective,
+    owners: Option<&[usize]>,
     lr: f64,
     step_no: u64,
 ) -> Result<StepResult, StepFailure> {
@@ -174,6 +218,14 @@ fn replica_step(
         .train
         .grad_clip
         .map_or(0.0, |max| clip_grad_norm(&mut grads, max));
+    if let Some(owners) = owners {
+        // Only the owner updates a parameter (and keeps its optimizer state).
+        for (g, &o) in grads.iter_mut().zip(owners) {
+            if o != ring.rank() {
+                *g = None;
+            }
+        }
+    }
     let mut flat: Vec<Vec<f32>> = replica.values.iter().map(|v| v.data.clone()).collect();
     step(
         &e.train.optimizer,
@@ -185,6 +237,25 @@ fn replica_step(
     );
     for (v, d) in replica.values.iter_mut().zip(flat) {
         v.data = d;
+    }
+    if let Some(owners) = owners {
+        // Each owner sends its updated parameters to the others (ZeRO's parameter all-gather).
+        for o in 0..ring.size() {
+            let mine: Vec<usize> = (0..owners.len())
+                .filter(|&i| owners[i] == o && graph.params[i].trainable)
+                .collect();
+            let mut buf: Vec<f32> = mine
+                .iter()
+                .flat_map(|&i| replica.values[i].data.iter().copied())
+                .collect();
+            ring.broadcast(&mut buf, o).map_err(StepFailure::Peer)?;
+            let mut at = 0;
+            for &i in &mine {
+                let n = replica.values[i].data.len();
+                replica.values[i].data.copy_from_slice(&buf[at..at + n]);
+                at += n;
+            }
+        }
     }
     Ok(StepResult { loss, grad_norm })
 }
@@ -635,7 +706,11 @@ pub fn run(
     };
 
     let batch = e.train.batch as usize;
-    let (data_parallel, micro) = data_parallelism(e)?;
+    let DataParallel {
+        devices: data_parallel,
+        micro,
+        zero,
+    } = data_parallelism(e)?;
     let total = steps_override.unwrap_or(match e.train.length {
         Length::Steps(n) => n,
         Length::Epochs(k) => k * (train_set.len().div_ceil(batch)) as u64,
@@ -655,7 +730,18 @@ pub fn run(
 
     let started = Instant::now();
     let tokens_before = progress.tokens;
+    let owners = (zero > 0).then(|| optimizer_owners(&graph, data_parallel));
     let mut replicas = vec![Replica { values, states }; data_parallel];
+    if let Some(owners) = &owners {
+        // A resumed run's optimizer state is dealt out to the owners.
+        for (r, replica) in replicas.iter_mut().enumerate() {
+            for (state, &o) in replica.states.iter_mut().zip(owners) {
+                if o != r {
+                    *state = None;
+                }
+            }
+        }
+    }
     let mut rings = cpu_ring(data_parallel);
     while progress.step < total {
         let s = progress.step;
@@ -698,11 +784,12 @@ pub fn run(
                 &micros,
                 micro_steps,
                 &mut rings[0],
+                None,
                 lr,
                 s + 1,
             )]
         } else {
-            let (graph, micros) = (&graph, &micros);
+            let (graph, micros, owners) = (&graph, &micros, owners.as_deref());
             std::thread::scope(|scope| {
                 let handles: Vec<_> = replicas
                     .iter_mut()
@@ -711,7 +798,17 @@ pub fn run(
                     .map(|(r, (replica, ring))| {
                         let mine = &micros[r * per_device..(r + 1) * per_device];
                         scope.spawn(move || {
-                            replica_step(graph, e, replica, mine, micro_steps, ring, lr, s + 1)
+                            replica_step(
+                                graph,
+                                e,
+                                replica,
+                                mine,
+                                micro_steps,
+                                ring,
+                                owners,
+                                lr,
+                                s + 1,
+                            )
                         })
                     })
                     .collect();
@@ -767,7 +864,7 @@ pub fn run(
             save_checkpoint(
                 &graph,
                 &replicas[0].values,
-                &replicas[0].states,
+                &gathered_states(&replicas, owners.as_deref()),
                 &progress,
                 &checkpoint_dir,
             )?;
@@ -802,7 +899,7 @@ pub fn run(
     save_checkpoint(
         &graph,
         &replicas[0].values,
-        &replicas[0].states,
+        &gathered_states(&replicas, owners.as_deref()),
         &progress,
         &checkpoint_dir,
     )?;

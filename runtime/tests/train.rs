@@ -249,8 +249,9 @@ fn pet_cloze_fits_its_training_set_and_reports_accuracy() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-/// Data parallelism computes what one device computes: the same losses step by step and the same
-/// trained weights, with dropout on (its masks follow the micro-batch, not the device).
+/// Data parallelism, plain and with ZeRO's sharded optimizer state, computes what one device
+/// computes: the same losses step by step and the same trained weights (and a checkpoint with
+/// every optimizer moment), with dropout on (its masks follow the micro-batch, not the device).
 #[test]
 fn data_parallel_training_matches_one_device() {
     let common = "model = gpt2 { vocab = 1024, positions = 128, hidden = 64, layers = 2, heads = 4, dropout = 0.1 }";
@@ -259,9 +260,9 @@ fn data_parallel_training_matches_one_device() {
     ));
     let (a, b) = (scratch("dp1"), scratch("dp4"));
     let single = run(&one, &a, None, false, |_| Control::Continue).unwrap();
-    for devices in [2, 4] {
+    for (devices, zero) in [(2, 0), (4, 0), (2, 1), (4, 2)] {
         let many = quickstart(&format!(
-            "{common}, parallel {{ mesh = cpu({devices}), data = {devices} }}, train {{ batch = 8, micro_batch = 2, steps = 4 }}"
+            "{common}, parallel {{ mesh = cpu({devices}), data = {devices}, zero = {zero} }}, train {{ batch = 8, micro_batch = 2, steps = 4 }}"
         ));
         let parallel = run(&many, &b, None, false, |_| Control::Continue).unwrap();
         let (la, lb) = (losses(&a), losses(&b));
@@ -272,7 +273,7 @@ fn data_parallel_training_matches_one_device() {
                 let (vx, vy) = (vx.as_f64().unwrap(), y[key].as_f64().unwrap());
                 assert!(
                     (vx - vy).abs() <= 1e-5 * vx.abs(),
-                    "{devices} devices: {key} {vy} vs {vx}"
+                    "{devices} devices, ZeRO {zero}: {key} {vy} vs {vx}"
                 );
             }
         }
@@ -295,10 +296,21 @@ fn data_parallel_training_matches_one_device() {
                 });
             assert!(
                 num.sqrt() <= 1e-5 * den.sqrt().max(1e-12),
-                "{devices} devices: `{name}` differs (relative L2 {})",
+                "{devices} devices, ZeRO {zero}: `{name}` differs (relative L2 {})",
                 num.sqrt() / den.sqrt()
             );
         }
+        // The checkpoint gathers every moment, whichever device owned it.
+        let oa = read_safetensors(&a.join("variant/checkpoint/optimizer.safetensors")).unwrap();
+        let ob = read_safetensors(&b.join("variant/checkpoint/optimizer.safetensors")).unwrap();
+        let mut names: Vec<_> = oa.keys().collect();
+        names.sort();
+        let mut other: Vec<_> = ob.keys().collect();
+        other.sort();
+        assert_eq!(
+            names, other,
+            "{devices} devices, ZeRO {zero}: optimizer state names"
+        );
         std::fs::remove_dir_all(&b).ok();
     }
     std::fs::remove_dir_all(&a).ok();
@@ -315,7 +327,10 @@ fn a_diverging_data_parallel_run_stops_with_one_message() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("step "), "{err}");
-    assert!(!err.contains("neighbouring device"), "the cause, not its echo: {err}");
+    assert!(
+        !err.contains("neighbouring device"),
+        "the cause, not its echo: {err}"
+    );
     let state: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(dir.join("variant/checkpoint/state.json")).unwrap(),
     )
