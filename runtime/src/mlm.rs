@@ -44,17 +44,9 @@ pub fn examples(
         Objective::MlmNsp { mlm, random_next } => (Some(mlm), Some(*random_next)),
         _ => unreachable!("only called for MLM and NSP objectives"),
     };
-    if let Some(m) = mlm {
-        if matches!(m.strategy, MaskStrategy::Entity | MaskStrategy::Span) {
-            return Err(DataError(format!(
-                "{}: {:?} masking needs entity or span annotations, which the data pipeline does not read yet; token and whole_word masking are built",
-                path.display(),
-                m.strategy
-            )));
-        }
-    }
     let specials = specials(tokenizer, path, mlm.is_some())?;
     let key = fields.get("text").map_or("text", String::as_str);
+    let entity_masking = mlm.is_some_and(|m| m.strategy == MaskStrategy::Entity);
     let docs = records
         .iter()
         .map(|(line, record)| {
@@ -64,8 +56,17 @@ pub fn examples(
                     path.display()
                 ))
             })?;
+            let entities = if entity_masking {
+                entity_spans(record, text, fields, path, *line)?
+            } else {
+                Vec::new()
+            };
             sentences(text)
-                .map(|s| encode(tokenizer, s, path, *line))
+                .map(|s| {
+                    // Sentences are slices of the text: their byte offset places the entities.
+                    let at = s.as_ptr() as usize - text.as_ptr() as usize;
+                    encode(tokenizer, s, at, &entities, path, *line)
+                })
                 .filter(|s| !matches!(s, Ok(s) if s.ids.is_empty()))
                 .collect::<Result<Vec<_>, _>>()
         })
@@ -139,18 +140,74 @@ fn sentences(text: &str) -> impl Iterator<Item = &str> {
     })
 }
 
+/// The record's entities (`"entities": [[start, end], ...]`, character offsets into the text,
+/// end exclusive) as byte ranges, for entity masking (ERNIE).
+fn entity_spans(
+    record: &Value,
+    text: &str,
+    fields: &BTreeMap<String, String>,
+    path: &Path,
+    line: usize,
+) -> Result<Vec<(usize, usize)>, DataError> {
+    let key = fields.get("entities").map_or("entities", String::as_str);
+    let bad = |what: &str| {
+        DataError(format!(
+            "{}:{line}: entity masking reads `{key}`: a list of [start, end] character offsets into the text; {what}",
+            path.display()
+        ))
+    };
+    let Some(list) = record.get(key).and_then(Value::as_array) else {
+        return Err(bad("the record has none"));
+    };
+    // Byte offset of every character boundary, the text's end included.
+    let bytes: Vec<usize> = text
+        .char_indices()
+        .map(|(b, _)| b)
+        .chain([text.len()])
+        .collect();
+    list.iter()
+        .map(|span| {
+            let pair = span
+                .as_array()
+                .map(|a| a.iter().map(Value::as_u64).collect::<Vec<_>>());
+            match pair.as_deref() {
+                Some(&[Some(a), Some(b)]) if a < b && (b as usize) < bytes.len() => {
+                    Ok((bytes[a as usize], bytes[b as usize]))
+                }
+                _ => Err(bad(&format!("{span} is not a span inside the text"))),
+            }
+        })
+        .collect()
+}
+
+/// A sentence's tokens and words; a token inside an entity (byte ranges in the document, the
+/// sentence starting at byte `at`) belongs to the entity's word, so the entity masks whole.
 fn encode(
     tokenizer: &Tokenizer,
     text: &str,
+    at: usize,
+    entities: &[(usize, usize)],
     path: &Path,
     line: usize,
 ) -> Result<Sentence, DataError> {
     let enc = tokenizer
         .encode(text, false)
         .map_err(|e| DataError(format!("{}:{line}: cannot tokenize: {e}", path.display())))?;
+    let words: Vec<Option<u32>> = enc
+        .get_word_ids()
+        .iter()
+        .zip(enc.get_offsets())
+        .map(|(&word, &(a, b))| {
+            let (a, b) = (a + at, b + at);
+            match entities.iter().position(|&(s, e)| a < e && b > s) {
+                Some(k) => Some(u32::MAX - k as u32),
+                None => word,
+            }
+        })
+        .collect();
     Ok(Sentence {
         ids: enc.get_ids().iter().map(|&i| i64::from(i)).collect(),
-        words: dense_words(enc.get_word_ids()),
+        words: dense_words(&words),
     })
 }
 
@@ -324,17 +381,17 @@ fn sequence(a: &Segment, b: Option<(&Segment, i64)>, sp: &Specials) -> Unmasked 
     }
 }
 
-/// Chooses `prob` of the positions (at most `max_predictions`, at least one), whole words at a
-/// time for whole-word masking, labels them with their token and replaces them by [MASK], a
-/// random token or themselves in the `replace` proportions.
+/// Chooses `prob` of the positions (at most `max_predictions`, at least one) — single tokens,
+/// whole words, whole entities, or SpanBERT's spans of whole words (lengths from a geometric
+/// distribution, p = 0.2, at most 10 words) — labels them with their token and replaces them by
+/// [MASK], a random token or themselves in the `replace` proportions.
 pub(crate) fn mask(seq: Unmasked, m: &Mlm, mask_id: i64, vocab: usize, rng: &mut Rng) -> Example {
     let Unmasked { mut example, words } = seq;
-    // Candidate units: single positions, or the positions of one word.
+    // Candidate units: single positions, or the positions of one word (or entity).
     let mut units: Vec<Vec<usize>> = Vec::new();
     for (pos, w) in words.iter().enumerate() {
         let Some(w) = w else { continue };
-        let same_word =
-            m.strategy == MaskStrategy::WholeWord && pos > 0 && words[pos - 1] == Some(*w);
+        let same_word = m.strategy != MaskStrategy::Token && pos > 0 && words[pos - 1] == Some(*w);
         match units.last_mut() {
             Some(unit) if same_word => unit.push(pos),
             _ => units.push(vec![pos]),
@@ -343,20 +400,25 @@ pub(crate) fn mask(seq: Unmasked, m: &Mlm, mask_id: i64, vocab: usize, rng: &mut
     let candidates: usize = units.iter().map(Vec::len).sum();
     let budget =
         ((candidates as f64 * m.prob).round() as usize).clamp(1, m.max_predictions as usize);
-    for i in (1..units.len()).rev() {
-        units.swap(i, rng.below(i + 1));
-    }
+    let groups = if m.strategy == MaskStrategy::Span {
+        spans(&units, budget, rng)
+    } else {
+        for i in (1..units.len()).rev() {
+            units.swap(i, rng.below(i + 1));
+        }
+        units
+    };
     let mut chosen = 0;
-    for unit in units {
+    for group in groups {
         if chosen >= budget {
             break;
         }
         // As in BERT: a word that would overshoot the budget is skipped, not split.
-        if chosen + unit.len() > budget {
+        if chosen + group.len() > budget {
             continue;
         }
-        chosen += unit.len();
-        for pos in unit {
+        chosen += group.len();
+        for pos in group {
             example.labels[pos] = example.ids[pos];
             let r = rng.uniform();
             if r < m.replace[0] {
@@ -367,6 +429,33 @@ pub(crate) fn mask(seq: Unmasked, m: &Mlm, mask_id: i64, vocab: usize, rng: &mut
         }
     }
     example
+}
+
+/// SpanBERT's span selection over words: a span of ℓ ~ Geometric(0.2) words (ℓ ≤ 10) from a
+/// random start, until the budget is met; spans never overlap. Returns each span's positions.
+fn spans(words: &[Vec<usize>], budget: usize, rng: &mut Rng) -> Vec<Vec<usize>> {
+    let mut taken = vec![false; words.len()];
+    let (mut out, mut chosen) = (Vec::new(), 0);
+    // Bounded: short sequences may not fit the budget exactly.
+    for _ in 0..words.len() * 10 {
+        if chosen >= budget || words.is_empty() {
+            break;
+        }
+        let mut len = 1;
+        while len < 10 && rng.uniform() >= 0.2 {
+            len += 1;
+        }
+        let start = rng.below(words.len());
+        let end = (start + len).min(words.len());
+        let span: Vec<usize> = words[start..end].iter().flatten().copied().collect();
+        if taken[start..end].iter().any(|&t| t) || chosen + span.len() > budget {
+            continue;
+        }
+        taken[start..end].iter_mut().for_each(|t| *t = true);
+        chosen += span.len();
+        out.push(span);
+    }
+    out
 }
 
 #[cfg(test)]
@@ -572,6 +661,101 @@ mod tests {
         assert!(e
             .unwrap_err()
             .0
-            .contains("masking needs entity or span annotations"));
+            .contains("d.jsonl:1: entity masking reads `entities`"));
+    }
+
+    #[test]
+    fn entity_masking_masks_annotated_entities_whole() {
+        let text = "The Amazon River flows through South America. Many species live there.";
+        let start = text.find("South America").unwrap();
+        let record = serde_json::json!({
+            "text": text,
+            "entities": [[4, 16], [start, start + "South America".len()]],
+        });
+        let objective = Objective::Mlm(mlm(MaskStrategy::Entity, 0.5));
+        let tok = tokenizer();
+        let mut whole = 0;
+        for seed in 0..20 {
+            let ex = examples(
+                &[(1, record.clone())],
+                Path::new("d.jsonl"),
+                &objective,
+                &BTreeMap::new(),
+                &tok,
+                64,
+                seed,
+            )
+            .unwrap()
+            .remove(0)
+            .remove(0);
+            let original: Vec<i64> = ex
+                .ids
+                .iter()
+                .zip(&ex.labels)
+                .map(|(&id, &l)| if l == -100 { id } else { l })
+                .collect();
+            for entity in ["Amazon River", "South America"] {
+                let pieces: Vec<i64> = tok
+                    .encode(entity, false)
+                    .unwrap()
+                    .get_ids()
+                    .iter()
+                    .map(|&i| i64::from(i))
+                    .collect();
+                let at = original
+                    .windows(pieces.len())
+                    .position(|w| w == pieces.as_slice())
+                    .unwrap();
+                let masked: Vec<bool> = (at..at + pieces.len())
+                    .map(|p| ex.labels[p] != -100)
+                    .collect();
+                assert!(
+                    masked.iter().all(|&m| m == masked[0]),
+                    "seed {seed}: {entity} half masked"
+                );
+                whole += usize::from(masked[0]);
+            }
+        }
+        assert!(whole > 0, "entities get masked");
+        let bad = serde_json::json!({ "text": "abc", "entities": [[2, 9]] });
+        let err = examples(
+            &[(3, bad)],
+            Path::new("d.jsonl"),
+            &objective,
+            &BTreeMap::new(),
+            &tok,
+            64,
+            0,
+        );
+        assert!(err
+            .unwrap_err()
+            .0
+            .contains("d.jsonl:3: entity masking reads `entities`"));
+    }
+
+    #[test]
+    fn span_masking_masks_runs_of_whole_words_at_the_rate() {
+        // Masked rate and mean length of runs of consecutive masked positions.
+        let stats = |strategy| {
+            let ex = build(&Objective::Mlm(mlm(strategy, 0.15)), 200, 64, 11);
+            let (mut candidates, mut chosen, mut runs) = (0, 0, 0);
+            for e in &ex {
+                candidates += e.ids.len() - 2;
+                let masked: Vec<bool> = e.labels.iter().map(|&l| l != -100).collect();
+                chosen += masked.iter().filter(|&&m| m).count();
+                runs += masked.windows(2).filter(|w| !w[0] && w[1]).count();
+            }
+            (
+                chosen as f64 / candidates as f64,
+                chosen as f64 / runs as f64,
+            )
+        };
+        let (rate, span_run) = stats(MaskStrategy::Span);
+        assert!((0.12..0.17).contains(&rate), "masked rate {rate}");
+        let (_, token_run) = stats(MaskStrategy::Token);
+        assert!(
+            span_run > 1.5 * token_run,
+            "spans {span_run} tokens per run, single tokens {token_run}"
+        );
     }
 }
