@@ -72,6 +72,16 @@ enum Command {
         #[arg(long)]
         resume: bool,
     },
+    /// Measure training throughput: time `--steps` steps after `--warmup` steps (nothing kept).
+    Bench {
+        file: PathBuf,
+        #[arg(long)]
+        experiment: Option<String>,
+        #[arg(long, default_value_t = 5)]
+        steps: u64,
+        #[arg(long, default_value_t = 1)]
+        warmup: u64,
+    },
     /// Export a run's trained adapter in PEFT's format (adapter_config.json + safetensors).
     Export {
         file: PathBuf,
@@ -186,6 +196,12 @@ pub fn main() -> ExitCode {
             runs,
             resume,
         } => run(&file, experiment.as_deref(), steps, &runs, resume),
+        Command::Bench {
+            file,
+            experiment,
+            steps,
+            warmup,
+        } => bench(&file, experiment.as_deref(), steps, warmup),
         Command::Tokenizer {
             action:
                 TokenizerAction::Train {
@@ -418,6 +434,59 @@ fn run(
             ExitCode::from(1)
         }
     }
+}
+
+fn bench(file: &std::path::Path, wanted: Option<&str>, steps: u64, warmup: u64) -> ExitCode {
+    let checked = kiln_compiler::check_file(file);
+    if report_errors(file, &checked) {
+        return ExitCode::from(1);
+    }
+    let Some(experiment) = pick(file, &checked, wanted) else {
+        return ExitCode::from(1);
+    };
+    if steps == 0 {
+        eprintln!("error: --steps must be at least 1");
+        return ExitCode::from(2);
+    }
+    let scratch = std::env::temp_dir().join(format!("kiln-bench-{}", std::process::id()));
+    // The end of each step; a step's time is the gap to the previous one's end.
+    let mut ends = vec![std::time::Instant::now()];
+    let result =
+        kiln_runtime::train::run(experiment, &scratch, Some(warmup + steps), false, |_| {
+            ends.push(std::time::Instant::now());
+            kiln_runtime::train::Control::Continue
+        });
+    std::fs::remove_dir_all(&scratch).ok();
+    if let Err(e) = result {
+        eprintln!("error: {e}");
+        return ExitCode::from(1);
+    }
+    let mut times: Vec<f64> = ends
+        .windows(2)
+        .skip(warmup as usize)
+        .map(|w| (w[1] - w[0]).as_secs_f64())
+        .collect();
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    let positions = (experiment.train.batch * experiment.train.seq_len) as f64;
+    println!(
+        "{}: {} steps after {warmup} warm-up: {median:.3} s/step median (min {:.3}, max {:.3}); {:.0} tokens/s (batch {} x seq_len {}, padding included)",
+        experiment.name,
+        times.len(),
+        times[0],
+        times[times.len() - 1],
+        positions / median,
+        experiment.train.batch,
+        experiment.train.seq_len
+    );
+    if let Ok(plan) = kiln_compiler::plan::compile_plan(experiment) {
+        println!(
+            "planner's prediction for this mesh: {:.3} s/step, {:.0} tokens/s",
+            positions / plan.throughput.tokens_per_second,
+            plan.throughput.tokens_per_second
+        );
+    }
+    ExitCode::SUCCESS
 }
 
 fn export(
