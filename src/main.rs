@@ -1,9 +1,23 @@
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    exit_quietly_on_closed_pipe();
     keep_freed_memory();
     kiln::cli::main()
 }
+
+/// `kiln plan FILE | head` should stop printing when `head` exits, as other Unix tools do,
+/// rather than panic on the write error Rust's ignored SIGPIPE turns into.
+#[cfg(unix)]
+fn exit_quietly_on_closed_pipe() {
+    // SAFETY: restores the default disposition of one signal before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+#[cfg(not(unix))]
+fn exit_quietly_on_closed_pipe() {}
 
 /// The executor allocates and frees tensors of megabytes at every op. glibc's malloc serves
 /// those with mmap and returns them on free, so each op faults its pages back in (a third of a
