@@ -459,11 +459,12 @@ fn spans(words: &[Vec<usize>], budget: usize, rng: &mut Rng) -> Vec<Vec<usize>> 
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use kiln_compiler::spec::Mlm;
 
-    fn tokenizer() -> Tokenizer {
+    /// The shipped BERT-style WordPiece tokenizer.
+    pub(crate) fn tokenizer() -> Tokenizer {
         let path = Path::new(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/../examples/data/wordpiece.json"

@@ -235,14 +235,7 @@ pub fn examples(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn tokenizer() -> Tokenizer {
-        let path = Path::new(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../examples/data/wordpiece.json"
-        ));
-        crate::data::load_tokenizer(path).unwrap()
-    }
+    use crate::mlm::tests::tokenizer;
 
     fn pvp(pattern: &str, mlm_weight: f64) -> Pvp {
         Pvp {

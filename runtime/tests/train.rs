@@ -13,7 +13,12 @@ fn examples() -> PathBuf {
 fn quickstart(overrides: &str) -> kiln_compiler::spec::Experiment {
     let src = std::fs::read_to_string(examples().join("quickstart.kiln")).unwrap();
     let src = format!("{src}\nexperiment variant = quickstart {{ {overrides} }}\n");
-    let checked = kiln_compiler::check_source("quickstart.kiln", &src, Some(&examples()));
+    variant(&src)
+}
+
+/// The experiment named `variant` in `src`, checked as a file beside the examples.
+fn variant(src: &str) -> kiln_compiler::spec::Experiment {
+    let checked = kiln_compiler::check_source("variant.kiln", src, Some(&examples()));
     assert!(checked.is_ok(), "{}", checked.render_errors());
     checked
         .module
@@ -144,15 +149,7 @@ fn rlhf_stage(name: &str, overrides: &str) -> kiln_compiler::spec::Experiment {
          experiment variant = {name} {{ model = gpt2 {{ vocab = 1024, hidden = 64, layers = 2, heads = 4, positions = 256, dropout = 0.0 {overrides} }}, \
          data {{ tokenizer = \"data/tokenizer.json\" }}, train {{ seq_len = 96 }} }}"
     );
-    let checked = kiln_compiler::check_source("rlhf.kiln", &src, Some(&examples()));
-    assert!(checked.is_ok(), "{}", checked.render_errors());
-    checked
-        .module
-        .experiments
-        .into_iter()
-        .find(|e| e.value.name == "variant")
-        .unwrap()
-        .value
+    variant(&src)
 }
 
 #[test]
@@ -195,15 +192,7 @@ fn bert_pretraining_with_whole_word_masking_and_nsp_learns() {
     let src = "import std.models.bert\nimport \"bert_wwm_nsp.kiln\"\n\
          experiment variant = bert_wwm_nsp { model = bert_mini { vocab = 1024, hidden = 64, layers = 2, heads = 2, dropout = 0.0 }, \
          parallel { mesh = cpu(1), plan = auto }, train { batch = 8, seq_len = 64, schedule = constant { warmup = 0 }, optimizer = adamw { lr = 2e-3 } } }";
-    let checked = kiln_compiler::check_source("bert.kiln", src, Some(&examples()));
-    assert!(checked.is_ok(), "{}", checked.render_errors());
-    let e = checked
-        .module
-        .experiments
-        .into_iter()
-        .find(|e| e.value.name == "variant")
-        .unwrap()
-        .value;
+    let e = variant(src);
     let dir = scratch("bert");
     let out = run(&e, &dir, Some(30), false, |_| Control::Continue).unwrap();
     // MLM over ~1000 tokens starts near ln 1000 ≈ 6.9 plus NSP's ln 2 ≈ 0.69.
@@ -228,15 +217,7 @@ fn pet_cloze_fits_its_training_set_and_reports_accuracy() {
          experiment variant = pet_sentiment { model = bert_tiny { vocab = 1024, dropout = 0.0 }, adapter = [], \
          parallel { mesh = cpu(1) }, data { tokenizer = \"data/wordpiece.json\", eval = \"data/reviews_train.jsonl\" }, \
          train { batch = 8, seq_len = 64, optimizer = adamw { lr = 1e-3 }, schedule = constant } }";
-    let checked = kiln_compiler::check_source("pet.kiln", src, Some(&examples()));
-    assert!(checked.is_ok(), "{}", checked.render_errors());
-    let e = checked
-        .module
-        .experiments
-        .into_iter()
-        .find(|e| e.value.name == "variant")
-        .unwrap()
-        .value;
+    let e = variant(src);
     let dir = scratch("pet");
     let out = run(&e, &dir, Some(60), false, |_| Control::Continue).unwrap();
     assert!(
