@@ -82,14 +82,23 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         warmup: u64,
     },
-    /// Export a run's trained adapter in PEFT's format (adapter_config.json + safetensors).
+    /// Export a run: its adapter in PEFT's format (--peft), or the base model with LoRA merged
+    /// in as a Hugging Face checkpoint (--merged).
     Export {
         file: PathBuf,
         #[arg(long)]
         experiment: Option<String>,
-        /// The directory to write PEFT's files into.
+        /// Write PEFT's files (adapter_config.json + adapter_model.safetensors) into DIR.
+        #[arg(
+            long,
+            value_name = "DIR",
+            required_unless_present = "merged",
+            conflicts_with = "merged"
+        )]
+        peft: Option<PathBuf>,
+        /// Write config.json + model.safetensors with LoRA merged into the weights into DIR.
         #[arg(long, value_name = "DIR")]
-        peft: PathBuf,
+        merged: Option<PathBuf>,
         #[arg(long, default_value = "runs")]
         runs: PathBuf,
     },
@@ -216,8 +225,9 @@ pub fn main() -> ExitCode {
             file,
             experiment,
             peft,
+            merged,
             runs,
-        } => export(&file, experiment.as_deref(), &peft, &runs),
+        } => export(&file, experiment.as_deref(), peft, merged, &runs),
         Command::Explain { code } => explain(&code),
     }
 }
@@ -492,7 +502,8 @@ fn bench(file: &std::path::Path, wanted: Option<&str>, steps: u64, warmup: u64) 
 fn export(
     file: &std::path::Path,
     wanted: Option<&str>,
-    out: &std::path::Path,
+    peft: Option<PathBuf>,
+    merged: Option<PathBuf>,
     runs: &std::path::Path,
 ) -> ExitCode {
     let checked = kiln_compiler::check_file(file);
@@ -502,9 +513,22 @@ fn export(
     let Some(experiment) = pick(file, &checked, wanted) else {
         return ExitCode::from(1);
     };
-    match kiln_runtime::export::export_run(experiment, runs, out) {
+    let (result, what, out) = match (peft, merged) {
+        (_, Some(out)) => (
+            kiln_runtime::export::export_merged(experiment, runs, &out),
+            "the merged Hugging Face model",
+            out,
+        ),
+        (Some(out), None) => (
+            kiln_runtime::export::export_run(experiment, runs, &out),
+            "PEFT adapter files",
+            out,
+        ),
+        (None, None) => unreachable!("clap requires --peft or --merged"),
+    };
+    match result {
         Ok(()) => {
-            println!("wrote PEFT adapter files to {}", out.display());
+            println!("wrote {what} to {}", out.display());
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -110,3 +110,35 @@ pub fn bind(
     }
     Ok(out)
 }
+
+/// Writes `bytes` to a temporary file beside `path` and renames it over `path`: a reader finds
+/// the old file or the new one, never half of one.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// f32 tensors as a safetensors file, with PyTorch's `format: pt` metadata.
+pub fn safetensors_bytes(tensors: Vec<(String, Vec<usize>, &[f32])>) -> Result<Vec<u8>, String> {
+    let owned: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .into_iter()
+        .map(|(n, shape, data)| {
+            (
+                n,
+                shape,
+                data.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            )
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = owned
+        .iter()
+        .map(|(n, shape, bytes)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
+                .map(|v| (n.clone(), v))
+        })
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("cannot write tensors: {e}"))?;
+    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize(views, &Some(meta)).map_err(|e| format!("cannot write tensors: {e}"))
+}

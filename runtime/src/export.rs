@@ -1,9 +1,10 @@
 //! Exporting a trained adapter in PEFT's format (`adapter_config.json` + an
 //! `adapter_model.safetensors` whose keys are `base_model.model.<module>.<tensor>`), so that
-//! `PeftModel.from_pretrained` loads it.
+//! `PeftModel.from_pretrained` loads it; or the base model with LoRA merged in, as a Hugging Face
+//! checkpoint `from_pretrained` loads without PEFT.
 
-use crate::checkpoint::HostTensor;
-use kiln_compiler::graph::{Graph, ParamRole};
+use crate::checkpoint::{safetensors_bytes, write_atomic, HostTensor};
+use kiln_compiler::graph::{Graph, Layout, Op, ParamRole};
 use kiln_compiler::spec::{Adapter, Experiment, LoraBias, Objective, PromptInit};
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
@@ -120,7 +121,7 @@ pub fn write_peft(
         config["peft_type"].as_str(),
         Some("PROMPT_TUNING" | "PREFIX_TUNING")
     );
-    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut tensors: Vec<(String, Vec<usize>, &[f32])> = Vec::new();
     for (p, v) in g.params.iter().zip(values) {
         if p.role != ParamRole::Adapter {
             continue;
@@ -131,24 +132,10 @@ pub fn write_peft(
         } else {
             format!("{PREFIX}{}", p.name)
         };
-        tensors.push((
-            name,
-            v.shape.clone(),
-            v.data.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        ));
+        tensors.push((name, v.shape.clone(), &v.data));
     }
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
-    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
-        .iter()
-        .map(|(n, shape, bytes)| {
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
-                .map(|t| (n.clone(), t))
-        })
-        .collect::<Result<_, _>>()
-        .map_err(|err| ExportError(format!("cannot write the adapter: {err}")))?;
-    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-    let bytes = safetensors::serialize(views, &Some(meta))
-        .map_err(|err| ExportError(format!("cannot write the adapter: {err}")))?;
+    let bytes = safetensors_bytes(tensors).map_err(ExportError)?;
     std::fs::create_dir_all(out).map_err(|err| ExportError(format!("{}: {err}", out.display())))?;
     // serde_json's maps are ordered here; sort the keys as PEFT writes them.
     let sorted: std::collections::BTreeMap<String, Value> = config
@@ -162,11 +149,7 @@ pub fn write_peft(
         ("adapter_model.safetensors", bytes),
         ("adapter_config.json", text.into_bytes()),
     ] {
-        let path = out.join(file);
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, content)
-            .and_then(|_| std::fs::rename(&tmp, &path))
-            .map_err(|err| ExportError(format!("{}: {err}", path.display())))?;
+        write_atomic(&out.join(file), &content).map_err(ExportError)?;
     }
     Ok(())
 }
@@ -201,4 +184,114 @@ pub fn export_run(e: &Experiment, runs: &Path, out: &Path) -> Result<(), ExportE
         })
         .collect::<Result<_, _>>()?;
     write_peft(&g, &values, e, out)
+}
+
+/// Writes `<run>`'s model with every LoRA update merged into its weight (W += s·B·A, on the
+/// output rows a split target owns) and every other trained parameter in place, as
+/// `model.safetensors` (f32) beside the base checkpoint's `config.json`: a plain Hugging Face
+/// model directory.
+pub fn export_merged(e: &Experiment, runs: &Path, out: &Path) -> Result<(), ExportError> {
+    let Some(base) = &e.model.checkpoint else {
+        return Err(ExportError(
+            "--merged writes the base model as a Hugging Face checkpoint, and this model was not loaded from one (`model = hf(\"dir\")` keeps its config.json); use --peft".into(),
+        ));
+    };
+    let mut lora = None;
+    for a in &e.adapters {
+        match a {
+            Adapter::Lora(l) if !l.dora && lora.is_none() => lora = Some(l),
+            Adapter::Freeze(_) => {}
+            other => {
+                return Err(ExportError(format!(
+                    "only one plain LoRA adapter merges into the base weights; this experiment has {}{}",
+                    other.name(),
+                    if matches!(other, Adapter::Lora(_)) { " (DoRA, or a second LoRA)" } else { "" }
+                )))
+            }
+        }
+    }
+    let g = kiln_compiler::graph::compile_graph(e)
+        .map_err(|d| ExportError(format!("{:?}", d.items)))?;
+    let read = |path: &Path| {
+        crate::checkpoint::read_safetensors(path).map_err(|err| ExportError(err.to_string()))
+    };
+    let base = Path::new(base);
+    // Everything the base checkpoint holds is written back, trained parameters updated.
+    let mut tensors = read(&base.join("model.safetensors"))?;
+    let run = runs
+        .join(&e.name)
+        .join("checkpoint")
+        .join("trainable.safetensors");
+    let trained = crate::checkpoint::read_safetensors(&run)
+        .map_err(|err| ExportError(format!("{err}; run `kiln run` first")))?;
+    for (name, t) in &trained {
+        if tensors.contains_key(name) {
+            tensors.insert(name.clone(), t.clone());
+        }
+    }
+    if let Some(l) = lora {
+        let scaling = if l.rslora {
+            l.alpha / (l.rank as f64).sqrt()
+        } else {
+            l.alpha / l.rank as f64
+        } as f32;
+        for n in g.dag.node_indices() {
+            let node = &g.dag[n];
+            let Op::Linear {
+                weight,
+                layout,
+                in_features,
+                out_features,
+                ..
+            } = &node.op
+            else {
+                continue;
+            };
+            let (Some(a), Some(b)) = (
+                trained.get(&format!("{}.lora_A.weight", node.name)),
+                trained.get(&format!("{}.lora_B.weight", node.name)),
+            ) else {
+                continue;
+            };
+            let name = &g.params[weight.id].name;
+            let w = tensors.get_mut(name).ok_or_else(|| {
+                ExportError(format!("{}: no `{name}` to merge into", base.display()))
+            })?;
+            let (rows, cols, r) = (
+                *out_features as usize,
+                *in_features as usize,
+                l.rank as usize,
+            );
+            let start = weight.outputs.map_or(0, |(s, _)| s as usize);
+            // Rows of the whole parameter: a split target owns `start..start + rows` of them.
+            let total = w.data.len() / cols;
+            for o in 0..rows {
+                for i in 0..cols {
+                    let delta: f32 = (0..r)
+                        .map(|k| b.data[o * r + k] * a.data[k * cols + i])
+                        .sum();
+                    let at = match layout {
+                        Layout::OutIn => (start + o) * cols + i,
+                        Layout::InOut => i * total + start + o,
+                    };
+                    w.data[at] += scaling * delta;
+                }
+            }
+        }
+    }
+    // BTreeMap order: sorted names.
+    let model = safetensors_bytes(
+        tensors
+            .iter()
+            .map(|(n, t)| (n.clone(), t.shape.clone(), t.data.as_slice()))
+            .collect(),
+    )
+    .map_err(ExportError)?;
+    let config = std::fs::read(base.join("config.json"))
+        .map_err(|err| ExportError(format!("{}: {err}", base.join("config.json").display())))?;
+    std::fs::create_dir_all(out).map_err(|err| ExportError(format!("{}: {err}", out.display())))?;
+    for (file, content) in [("model.safetensors", model), ("config.json", config)] {
+        write_atomic(&out.join(file), &content).map_err(ExportError)?;
+    }
+    Ok(())
 }

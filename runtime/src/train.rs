@@ -3,7 +3,7 @@
 //! executor, gradient accumulation and clipping, the optimizer and schedule, metrics, evaluation,
 //! and checkpoints written atomically.
 
-use crate::checkpoint::{bind, read_safetensors, HostTensor};
+use crate::checkpoint::{bind, read_safetensors, safetensors_bytes, write_atomic, HostTensor};
 use crate::collective::{cpu_ring, Collective, CollectiveError};
 use crate::data::{load_examples, load_tokenizer, pad_batch, DataError, Example, PaddedBatch};
 use crate::exec::{forward_backward, Batch};
@@ -426,38 +426,6 @@ fn initialise(g: &Graph, seed: u64) -> Vec<HostTensor> {
         .collect()
 }
 
-/// Writes `bytes` to `path` through a temporary file and a rename, so that an interrupted
-/// write never leaves a half-written file where a good one was.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), RunError> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).map_err(|e| RunError(format!("{}: {e}", tmp.display())))?;
-    std::fs::rename(&tmp, path).map_err(|e| RunError(format!("{}: {e}", path.display())))
-}
-
-fn safetensors_bytes(tensors: Vec<(String, Vec<usize>, &[f32])>) -> Result<Vec<u8>, RunError> {
-    let owned: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
-        .into_iter()
-        .map(|(n, shape, data)| {
-            (
-                n,
-                shape,
-                data.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            )
-        })
-        .collect();
-    let views: Vec<(String, safetensors::tensor::TensorView)> = owned
-        .iter()
-        .map(|(n, shape, bytes)| {
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
-                .map(|v| (n.clone(), v))
-        })
-        .collect::<Result<_, _>>()
-        .map_err(|e| RunError(format!("cannot write the checkpoint: {e}")))?;
-    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize(views, &Some(meta))
-        .map_err(|e| RunError(format!("cannot write the checkpoint: {e}")))
-}
-
 /// Where a run is: enough to continue it bit-exactly.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 struct Progress {
@@ -514,8 +482,9 @@ fn save_checkpoint(
         .collect();
     write_atomic(
         &dir.join("trainable.safetensors"),
-        &safetensors_bytes(weights)?,
-    )?;
+        &safetensors_bytes(weights).map_err(RunError)?,
+    )
+    .map_err(RunError)?;
     let mut moments = Vec::new();
     for &i in &trainable {
         if let Some(st) = &states[i] {
@@ -533,11 +502,12 @@ fn save_checkpoint(
     }
     write_atomic(
         &dir.join("optimizer.safetensors"),
-        &safetensors_bytes(moments)?,
-    )?;
+        &safetensors_bytes(moments).map_err(RunError)?,
+    )
+    .map_err(RunError)?;
     let state = serde_json::to_string_pretty(progress)
         .map_err(|e| RunError(format!("cannot write the state: {e}")))?;
-    write_atomic(&dir.join("state.json"), state.as_bytes())
+    write_atomic(&dir.join("state.json"), state.as_bytes()).map_err(RunError)
 }
 
 /// Restores weights, moments and progress from a checkpoint directory.
