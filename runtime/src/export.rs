@@ -253,15 +253,24 @@ pub fn export_merged(e: &Experiment, runs: &Path, out: &Path) -> Result<(), Expo
             ) else {
                 continue;
             };
-            let name = &g.params[weight.id].name;
-            let w = tensors.get_mut(name).ok_or_else(|| {
-                ExportError(format!("{}: no `{name}` to merge into", base.display()))
-            })?;
             let (rows, cols, r) = (
                 *out_features as usize,
                 *in_features as usize,
                 l.rank as usize,
             );
+            if a.shape != [r, cols] || b.shape != [rows, r] {
+                return Err(ExportError(format!(
+                    "{}: `{}`'s LoRA tensors are {:?} and {:?}, the experiment's rank {r} needs [{r}, {cols}] and [{rows}, {r}]; was the run trained with another rank?",
+                    run.display(),
+                    node.name,
+                    a.shape,
+                    b.shape
+                )));
+            }
+            let name = &g.params[weight.id].name;
+            let w = tensors.get_mut(name).ok_or_else(|| {
+                ExportError(format!("{}: no `{name}` to merge into", base.display()))
+            })?;
             let start = weight.outputs.map_or(0, |(s, _)| s as usize);
             // Rows of the whole parameter: a split target owns `start..start + rows` of them.
             let total = w.data.len() / cols;

@@ -286,11 +286,12 @@ fn pairs(
                     }
                 };
                 let start = rng.below(other.len());
+                // As BERT: take a sentence, then stop once B is long enough (truncation trims).
                 for s in &other[start..] {
+                    b.push(&s.ids, &s.words);
                     if b.ids.len() >= target.saturating_sub(a.ids.len()) {
                         break;
                     }
-                    b.push(&s.ids, &s.words);
                 }
                 // The sentences not used as A are not wasted: the next chunk starts with them.
                 i -= chunk.len() - a_end;
@@ -758,5 +759,30 @@ pub(crate) mod tests {
             span_run > 1.5 * token_run,
             "spans {span_run} tokens per run, single tokens {token_run}"
         );
+    }
+
+    #[test]
+    fn sentences_longer_than_the_sequence_still_make_pairs() {
+        // One sentence per document, longer than the sequence: A and B are truncated, not lost.
+        let records: Vec<(usize, Value)> = (0..4)
+            .map(|i| {
+                let text =
+                    format!("the river {i} flows north and the basin is large and wide ").repeat(6);
+                (i + 1, serde_json::json!({ "text": text }))
+            })
+            .collect();
+        let objective = Objective::Nsp { random_next: 0.5 };
+        let ex = examples(
+            &records,
+            Path::new("d.jsonl"),
+            &objective,
+            &BTreeMap::new(),
+            &tokenizer(),
+            32,
+            0,
+        )
+        .unwrap();
+        assert_eq!(ex.len(), 4, "one pair per document");
+        assert!(ex.iter().flatten().all(|e| e.ids.len() == 32));
     }
 }

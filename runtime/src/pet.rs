@@ -3,9 +3,10 @@
 //! `[CLS] A [SEP] B [SEP]`, the [MASK] position remembered for the class logits, and the text —
 //! never the pattern — truncated when the sequence is too long.
 //!
-//! PET's auxiliary MLM loss (`mlm_weight`) is computed on masked unlabelled text; here it is
-//! computed on the rendered rows themselves, with 15% of their text tokens masked (never the
-//! pattern's own words), so that one batch carries both losses.
+//! PET's auxiliary MLM loss (`mlm_weight`) is computed on masked unlabelled text; here each
+//! record also gives a copy of its row with 15% of the text tokens masked (never the pattern's
+//! own words) and no class, so that one batch carries both losses and the classification always
+//! reads unmasked text.
 
 use crate::data::{DataError, Example};
 use crate::mlm::{mask, Unmasked};
@@ -102,6 +103,12 @@ pub fn examples(
     };
     let (cls, sep, mask_id) = (id("[CLS]")?, id("[SEP]")?, id("[MASK]")?);
     let segments = parse(&pvp.pattern);
+    if segments.len() > 2 {
+        return Err(DataError(format!(
+            "the PET pattern has {} segments; BERT-style inputs have at most two (one `||`)",
+            segments.len()
+        )));
+    }
     let label_key = fields.get("label").map_or("label", String::as_str);
     let encode = |text: &str, line: usize| -> Result<Vec<i64>, DataError> {
         let enc = tokenizer
@@ -221,13 +228,31 @@ pub fn examples(
             class: Some(class as i64),
             mask_position,
         };
-        let example = match &aux {
-            Some(m) if words.iter().any(Option::is_some) => {
-                mask(Unmasked { example, words }, m, mask_id, vocab, &mut rng)
+        // The auxiliary MLM reads a masked copy of the row, which has no class, so that the
+        // classification (and its accuracy) always sees the text unmasked.
+        let group = match &aux {
+            Some(m) => {
+                let copy = Example {
+                    class: None,
+                    ..example.clone()
+                };
+                vec![
+                    example,
+                    mask(
+                        Unmasked {
+                            example: copy,
+                            words,
+                        },
+                        m,
+                        mask_id,
+                        vocab,
+                        &mut rng,
+                    ),
+                ]
             }
-            _ => example,
+            None => vec![example],
         };
-        out.push(vec![example]);
+        out.push(group);
     }
     Ok(out)
 }
@@ -334,7 +359,25 @@ mod tests {
     #[test]
     fn the_auxiliary_mlm_masks_text_never_the_pattern() {
         let long = "the river flows north and the basin is large ".repeat(4);
-        let ex = build(&pvp("{text} it was [MASK].", 0.5), &long, "positive", 64).unwrap();
+        let records = [(1, serde_json::json!({ "text": long, "label": "positive" }))];
+        let p = pvp("{text} it was [MASK].", 0.5);
+        let tok = tokenizer();
+        let mut group = examples(
+            &records,
+            Path::new("r.jsonl"),
+            &p,
+            &BTreeMap::new(),
+            &tok,
+            64,
+            0,
+        )
+        .unwrap()
+        .remove(0);
+        assert_eq!(group.len(), 2, "the row and its masked copy");
+        let ex = group.remove(1);
+        let clean = group.remove(0);
+        assert!(clean.labels.iter().all(|&l| l == -100) && clean.class == Some(0));
+        assert_eq!(ex.class, None, "the copy carries only the MLM loss");
         let masked: Vec<usize> = (0..ex.ids.len())
             .filter(|&i| ex.labels[i] != -100)
             .collect();
@@ -362,6 +405,8 @@ mod tests {
             "{}",
             e.0
         );
+        let e = build(&pvp("{text} || a || [MASK]", 0.0), "x", "positive", 16).unwrap_err();
+        assert!(e.0.contains("3 segments"), "{}", e.0);
         let e = build(&pvp("{review} [MASK]", 0.0), "x", "positive", 16).unwrap_err();
         assert!(e.0.contains("no string field `review`"), "{}", e.0);
     }

@@ -4,7 +4,7 @@
 //! and checkpoints written atomically.
 
 use crate::checkpoint::{bind, read_safetensors, safetensors_bytes, write_atomic, HostTensor};
-use crate::collective::{cpu_ring, Collective, CollectiveError};
+use crate::collective::{cpu_ring, Collective, CollectiveError, CpuRing};
 use crate::data::{load_examples, load_tokenizer, pad_batch, DataError, Example, PaddedBatch};
 use crate::exec::{forward_backward, Batch};
 use crate::optim::{clip_grad_norm, learning_rate, step, State};
@@ -260,6 +260,66 @@ fn replica_step(
     Ok(StepResult { loss, grad_norm })
 }
 
+/// One step on every device at once, one thread each, each device taking its share of the
+/// micro-batches; the results in device order. A device whose step fails gives up its end of the
+/// ring, so `rings` keeps only the healthy ones (the caller stops on any failure anyway).
+#[allow(clippy::too_many_arguments)]
+fn parallel_step(
+    graph: &Graph,
+    e: &Experiment,
+    replicas: &mut [Replica],
+    rings: &mut Vec<CpuRing>,
+    micros: &[Batch],
+    owners: Option<&[usize]>,
+    lr: f64,
+    step_no: u64,
+) -> Vec<Result<StepResult, StepFailure>> {
+    let per_device = micros.len() / replicas.len();
+    let outcomes: Vec<_> = std::thread::scope(|scope| {
+        let handles: Vec<_> = replicas
+            .iter_mut()
+            .zip(std::mem::take(rings))
+            .enumerate()
+            .map(|(r, (replica, mut ring))| {
+                let mine = &micros[r * per_device..(r + 1) * per_device];
+                // The thread owns its end of the ring: a device that fails (or panics) drops it
+                // at once, so its neighbours' collectives fail instead of waiting forever.
+                scope.spawn(move || {
+                    let result = replica_step(
+                        graph,
+                        e,
+                        replica,
+                        mine,
+                        micros.len(),
+                        &mut ring,
+                        owners,
+                        lr,
+                        step_no,
+                    );
+                    let ring = result.is_ok().then_some(ring);
+                    (result, ring)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .enumerate()
+            .map(|(r, h)| {
+                h.join().unwrap_or_else(|_| {
+                    let panicked = RunError(format!("device {r} panicked during step {step_no}"));
+                    (Err(StepFailure::Own(panicked)), None)
+                })
+            })
+            .collect()
+    });
+    let mut results = Vec::with_capacity(outcomes.len());
+    for (result, ring) in outcomes {
+        rings.extend(ring);
+        results.push(result);
+    }
+    results
+}
+
 /// Sums every device's gradients (and losses) in place, bucket by bucket, last parameters first
 /// (the order backward finishes them in, as DDP buckets them); returns the summed loss.
 fn all_reduce_gradients(
@@ -328,8 +388,10 @@ fn evaluate(
             .map_err(|err| RunError(format!("evaluation: {err}")))?;
         loss += f64::from(out.loss) * records.len() as f64;
         for (scores, row) in out.class_logits.iter().flatten().zip(&rows) {
+            // Rows without a class (PET's masked copies) carry only the auxiliary loss.
+            let Some(class) = row.class else { continue };
             let best = (0..scores.len()).max_by(|&a, &b| scores[a].total_cmp(&scores[b]));
-            correct += usize::from(best.map(|c| c as i64) == row.class);
+            correct += usize::from(best == Some(class as usize));
             classified += 1;
         }
     }
@@ -681,6 +743,11 @@ pub fn run(
         micro,
         zero,
     } = data_parallelism(e)?;
+    if micro % per_record != 0 || batch % per_record != 0 {
+        return Err(RunError(format!(
+            "each record is {per_record} rows (a chosen/rejected pair, or PET's row and its masked copy) that share a micro-batch; batch {batch} and micro-batch {micro} must be multiples of {per_record}"
+        )));
+    }
     let total = steps_override.unwrap_or(match e.train.length {
         Length::Steps(n) => n,
         Length::Epochs(k) => k * (train_set.len().div_ceil(batch)) as u64,
@@ -745,57 +812,16 @@ pub fn run(
             micros.push(b);
         }
         let lr = learning_rate(peak, &e.train.schedule, s, total);
-        let per_device = micro_steps / data_parallel;
-        let results: Vec<Result<StepResult, StepFailure>> = if data_parallel == 1 {
-            vec![replica_step(
-                &graph,
-                e,
-                &mut replicas[0],
-                &micros,
-                micro_steps,
-                &mut rings[0],
-                None,
-                lr,
-                s + 1,
-            )]
-        } else {
-            let (graph, micros, owners) = (&graph, &micros, owners.as_deref());
-            std::thread::scope(|scope| {
-                let handles: Vec<_> = replicas
-                    .iter_mut()
-                    .zip(rings.iter_mut())
-                    .enumerate()
-                    .map(|(r, (replica, ring))| {
-                        let mine = &micros[r * per_device..(r + 1) * per_device];
-                        scope.spawn(move || {
-                            replica_step(
-                                graph,
-                                e,
-                                replica,
-                                mine,
-                                micro_steps,
-                                ring,
-                                owners,
-                                lr,
-                                s + 1,
-                            )
-                        })
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .enumerate()
-                    .map(|(r, h)| {
-                        h.join().unwrap_or_else(|_| {
-                            Err(StepFailure::Own(RunError(format!(
-                                "device {r} panicked during step {}",
-                                s + 1
-                            ))))
-                        })
-                    })
-                    .collect()
-            })
-        };
+        let results = parallel_step(
+            &graph,
+            e,
+            &mut replicas,
+            &mut rings,
+            &micros,
+            owners.as_deref(),
+            lr,
+            s + 1,
+        );
         // A device's own error explains the others' (which only saw a collective break).
         let mut step_result = None;
         let mut peer_error = None;
@@ -887,4 +913,59 @@ pub fn run(
         tokens_per_second,
         run_dir,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One device failing alone (its batch lacks the token ids) must stop the step on every
+    /// device with its own error, not leave the others waiting in the all-reduce.
+    #[test]
+    fn a_device_failing_alone_does_not_hang_the_others() {
+        let src = "import std.models.gpt2\nexperiment e { model = gpt2 { vocab = 64, positions = 16, hidden = 16, layers = 1, heads = 2 }, train { batch = 2, seq_len = 8 } }";
+        let checked = kiln_compiler::check_source("t.kiln", src, None);
+        assert!(checked.is_ok(), "{}", checked.render_errors());
+        let e = checked.module.experiments[0].value.clone();
+        let graph = compile_graph(&e).unwrap();
+        let replica = Replica {
+            values: initialise(&graph, 0),
+            states: vec![None; graph.params.len()],
+        };
+        let mut good = Batch::default();
+        let ids = vec![(1..9).collect::<Vec<i64>>()];
+        good.ints.insert("input_ids".into(), ids.clone());
+        good.ints.insert("labels".into(), ids);
+        let micros = [good, Batch::default()];
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut replicas = vec![replica.clone(), replica];
+            let mut rings = cpu_ring(2);
+            let results = parallel_step(
+                &graph,
+                &e,
+                &mut replicas,
+                &mut rings,
+                &micros,
+                None,
+                1e-3,
+                1,
+            );
+            done.send(
+                results
+                    .iter()
+                    .map(|r| matches!(r, Err(StepFailure::Own(_))))
+                    .collect::<Vec<_>>(),
+            )
+            .ok();
+        });
+        let own = finished
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("the step returned instead of hanging");
+        assert_eq!(
+            own,
+            [false, true],
+            "device 1 failed on its own; device 0 saw the ring break"
+        );
+    }
 }
