@@ -707,16 +707,29 @@ pub fn run(
 
     let graph = compile_graph(e).map_err(|d| RunError(format!("{:?}", d.items)))?;
     let mut values = initialise(&graph, e.train.seed);
-    if let Some(dir) = &e.model.checkpoint {
-        let path = Path::new(dir).join("model.safetensors");
-        let tensors = read_safetensors(&path).map_err(|err| RunError(err.to_string()))?;
-        for (slot, bound) in values
-            .iter_mut()
-            .zip(bind(&graph, &[(path, tensors)]).map_err(|err| RunError(err.to_string()))?)
-        {
-            if let Some(t) = bound {
-                *slot = t;
-            }
+    // Pretrained weights (`hf("dir")`) and trained adapters (`peft("dir")`) replace the
+    // initial values they name.
+    let files = e
+        .model
+        .checkpoint
+        .iter()
+        .map(|dir| Path::new(dir).join("model.safetensors"))
+        .chain(
+            e.adapter_weights
+                .iter()
+                .map(|dir| Path::new(dir).join("adapter_model.safetensors")),
+        )
+        .map(|path| {
+            let tensors = read_safetensors(&path).map_err(|err| RunError(err.to_string()))?;
+            Ok((path, tensors))
+        })
+        .collect::<Result<Vec<_>, RunError>>()?;
+    for (slot, bound) in values
+        .iter_mut()
+        .zip(bind(&graph, &files).map_err(|err| RunError(err.to_string()))?)
+    {
+        if let Some(t) = bound {
+            *slot = t;
         }
     }
     let mut states: Vec<Option<State>> = vec![None; values.len()];

@@ -319,3 +319,61 @@ fn a_diverging_data_parallel_run_stops_with_one_message() {
     assert!(state["loss"].as_f64().unwrap().is_finite());
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `adapter = peft("dir")` continues from the adapter's trained weights: with a vanishing
+/// learning rate, the run's checkpoint holds the tensors PEFT saved.
+#[test]
+fn peft_adapter_weights_are_loaded_to_continue_training() {
+    let fixtures = Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../shared/fixtures"
+    ));
+    let dir = scratch("peft-continue");
+    std::fs::create_dir_all(&dir).unwrap();
+    let data = dir.join("d.jsonl");
+    let lines: Vec<String> = (0..8)
+        .map(|i| format!("{{\"text\": \"the river {i} flows north and the basin is large\"}}"))
+        .collect();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let tokenizer = dir.join("tokenizer.json");
+    kiln_runtime::data::train_tokenizer(
+        std::slice::from_ref(&data),
+        100,
+        &tokenizer,
+        kiln_runtime::data::TokenizerKind::WordPiece,
+        &[],
+    )
+    .unwrap();
+    let src = format!(
+        "experiment variant {{ model = hf(\"{}\"), adapter = peft(\"{}\"), \
+         data {{ train = \"{}\", tokenizer = \"{}\" }}, \
+         train {{ batch = 2, seq_len = 16, optimizer = sgd {{ lr = 1e-30 }}, schedule = constant }} }}",
+        fixtures.join("gpt2_tiny").display(),
+        fixtures.join("gpt2_tiny/clm_lora").display(),
+        data.display(),
+        tokenizer.display()
+    );
+    let e = variant(&src);
+    assert_eq!(e.adapter_weights.len(), 1);
+    let runs = dir.join("runs");
+    run(&e, &runs, Some(1), false, |_| Control::Continue).unwrap();
+    let saved = read_safetensors(&runs.join("variant/checkpoint/trainable.safetensors")).unwrap();
+    let peft =
+        read_safetensors(&fixtures.join("gpt2_tiny/clm_lora/adapter_model.safetensors")).unwrap();
+    assert!(!peft.is_empty());
+    for (name, t) in &peft {
+        let ours = &saved[name];
+        let diff = ours
+            .data
+            .iter()
+            .zip(&t.data)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        let scale = t.data.iter().map(|x| x.abs()).fold(0.0f32, f32::max);
+        assert!(
+            scale > 0.0 && diff <= 1e-6 * scale,
+            "`{name}` continues from PEFT's value"
+        );
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

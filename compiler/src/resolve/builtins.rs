@@ -360,6 +360,18 @@ const FAMILIES: &[HfFamily] = &[
     },
 ];
 
+/// The directory holding a file that `hf()` or `peft()` read, as a string value.
+fn directory_of(file: &str, span: Span) -> Spanned {
+    let dir = std::path::Path::new(file)
+        .parent()
+        .map(|d| d.display().to_string())
+        .unwrap_or_default();
+    Spanned {
+        value: Value::Str(dir),
+        span,
+    }
+}
+
 /// `hf("dir")`: a model record from a Hugging Face `config.json` (gpt2, bert, llama).
 pub(super) fn hf(ev: &Evaluator, args: &[Spanned], env: &Env, span: Span) -> Option<Value> {
     let (file, map, path) = read_json(ev, args, env, span, "hf", "config.json")?;
@@ -455,17 +467,7 @@ pub(super) fn hf(ev: &Evaluator, args: &[Spanned], env: &Env, span: Span) -> Opt
     };
     put("family", Some(sym("model_type", family.model_type)));
     // Where the weights are: `kiln run` loads `model.safetensors` from this directory.
-    let dir = std::path::Path::new(&path)
-        .parent()
-        .map(|d| d.display().to_string())
-        .unwrap_or_default();
-    put(
-        "checkpoint",
-        Some(Spanned {
-            value: Value::Str(dir),
-            span,
-        }),
-    );
+    put("checkpoint", Some(directory_of(&path, span)));
     for (field, keys) in family.keys {
         put(field, keys.iter().find_map(|k| j.get(k)));
     }
@@ -578,6 +580,8 @@ pub(super) fn peft(ev: &Evaluator, args: &[Spanned], env: &Env, span: Span) -> O
             fields.push((name, v));
         }
     };
+    // Where the trained weights are: `kiln run` loads `adapter_model.safetensors` from here.
+    put("checkpoint", Some(directory_of(&path, span)));
     let tag = match peft_type {
         "LORA" => {
             put("rank", j.get("r"));

@@ -196,9 +196,16 @@ fn default_ia3(model: &Model) -> (Vec<Target>, Vec<Target>) {
 }
 
 /// One adapter or a list of several.
-pub fn adapters(cx: &Cx, v: &Spanned, path: &str, model: Option<&Model>) -> Option<Vec<Adapter>> {
+/// The adapters of an experiment, and the weight directories of those read with `peft("dir")`.
+pub fn adapters(
+    cx: &Cx,
+    v: &Spanned,
+    path: &str,
+    model: Option<&Model>,
+) -> Option<(Vec<Adapter>, Vec<String>)> {
     let items = list(v);
     let mut out = Vec::new();
+    let mut weights = Vec::new();
     let mut ok = true;
     let mut prepending: Option<(String, crate::diagnostics::Span)> = None;
     for (i, item) in items.iter().enumerate() {
@@ -209,7 +216,11 @@ pub fn adapters(cx: &Cx, v: &Spanned, path: &str, model: Option<&Model>) -> Opti
         };
         cx.origins.borrow_mut().source(&item_path, item.span);
         match adapter(cx, item, &item_path, model) {
-            Some(a) => {
+            Some((a, dir)) => {
+                if dir.is_some() {
+                    cx.origins.borrow_mut().source("adapter_weights", item.span);
+                }
+                weights.extend(dir);
                 if a.prepends_tokens() {
                     if let Some((first, span)) = &prepending {
                         cx.report(
@@ -230,10 +241,15 @@ pub fn adapters(cx: &Cx, v: &Spanned, path: &str, model: Option<&Model>) -> Opti
             None => ok = false,
         }
     }
-    ok.then_some(out)
+    ok.then_some((out, weights))
 }
 
-fn adapter(cx: &Cx, v: &Spanned, path: &str, model: Option<&Model>) -> Option<Adapter> {
+fn adapter(
+    cx: &Cx,
+    v: &Spanned,
+    path: &str,
+    model: Option<&Model>,
+) -> Option<(Adapter, Option<String>)> {
     let var = variant(cx, v, "adapter", ADAPTERS)?;
     let record = var.record.clone().unwrap_or_else(|| {
         Rc::new(crate::resolve::Record {
@@ -243,6 +259,8 @@ fn adapter(cx: &Cx, v: &Spanned, path: &str, model: Option<&Model>) -> Option<Ad
         })
     });
     let mut r = Rec::new(cx, record, path, var.name.clone());
+    // Where trained weights for this adapter are (`peft("dir")` sets it).
+    let weights = r.opt("checkpoint", string);
     // Cross-field failures set `ok`, so that unknown fields are still reported below.
     let mut ok = true;
     let out = match var.name.as_str() {
@@ -409,7 +427,7 @@ fn adapter(cx: &Cx, v: &Spanned, path: &str, model: Option<&Model>) -> Option<Ad
         }
     };
     r.finish();
-    out.filter(|_| ok)
+    Some((out.filter(|_| ok)?, weights?))
 }
 
 fn prompt_init(cx: &Cx, v: &Spanned) -> Option<PromptInit> {

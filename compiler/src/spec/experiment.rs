@@ -40,9 +40,13 @@ pub fn experiment(cx: &Cx, v: &Spanned) -> Option<Experiment> {
     if let (Some(o), Some(d)) = (&objective, &data) {
         check_placeholders(cx, o, d, r.has("data").then_some(data_span));
     }
-    let adapters = r.or("adapter", Vec::new(), |cx, v| {
+    let adapters = r.or("adapter", (Vec::new(), Vec::new()), |cx, v| {
         adapters(cx, v, "adapters", model.as_ref())
     });
+    let (adapters, adapter_weights) = match adapters {
+        Some((a, w)) => (Some(a), Some(w)),
+        None => (None, None),
+    };
     let parallel = match r.get("parallel") {
         Some(v) => record(cx, &v, "parallel", "parallel settings").and_then(|mut p| {
             let out = parallel(&mut p, model.as_ref());
@@ -137,6 +141,7 @@ pub fn experiment(cx: &Cx, v: &Spanned) -> Option<Experiment> {
         data: data?,
         objective: objective?,
         adapters: adapters?,
+        adapter_weights: adapter_weights?,
         parallel: parallel?,
         train: train?,
         origins: cx.origins.borrow().clone(),

@@ -16,6 +16,10 @@ pub struct Experiment {
     pub data: Data,
     pub objective: Objective,
     pub adapters: Vec<Adapter>,
+    /// Directories of trained adapter weights (`adapter = peft("dir")` sets it), which `kiln run`
+    /// loads to continue training or evaluate.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub adapter_weights: Vec<String>,
     pub parallel: Parallel,
     pub train: Train,
     /// Where each value came from, so that later stages (lowering, planning) can point their
