@@ -280,28 +280,40 @@ fn report_errors(file: &std::path::Path, checked: &kiln_compiler::CheckedFile) -
 }
 
 fn graph(file: &std::path::Path, wanted: Option<&str>, format: GraphFormat) -> ExitCode {
+    with_experiment(file, wanted, |checked, experiment| {
+        let graph = match kiln_compiler::graph::compile_graph(experiment) {
+            Ok(g) => g,
+            Err(diagnostics) => {
+                let refs: Vec<&Diagnostic> = diagnostics.items.iter().collect();
+                render_to_stderr(&checked.program.sources.borrow(), &refs);
+                return ExitCode::from(1);
+            }
+        };
+        let text = match format {
+            GraphFormat::Table => kiln_compiler::graph::render_table(&graph),
+            GraphFormat::Dot => kiln_compiler::graph::render_dot(&graph),
+            GraphFormat::Json => kiln_compiler::graph::render_json(&graph),
+        };
+        print!("{text}");
+        ExitCode::SUCCESS
+    })
+}
+
+/// Checks `file` and runs `then` on the experiment `wanted` (or the first); exit 1 when the
+/// file has errors or no such experiment (the errors are printed).
+fn with_experiment(
+    file: &std::path::Path,
+    wanted: Option<&str>,
+    then: impl FnOnce(&kiln_compiler::CheckedFile, &kiln_compiler::spec::Experiment) -> ExitCode,
+) -> ExitCode {
     let checked = kiln_compiler::check_file(file);
     if report_errors(file, &checked) {
         return ExitCode::from(1);
     }
-    let Some(experiment) = pick(file, &checked, wanted) else {
-        return ExitCode::from(1);
-    };
-    let graph = match kiln_compiler::graph::compile_graph(experiment) {
-        Ok(g) => g,
-        Err(diagnostics) => {
-            let refs: Vec<&Diagnostic> = diagnostics.items.iter().collect();
-            render_to_stderr(&checked.program.sources.borrow(), &refs);
-            return ExitCode::from(1);
-        }
-    };
-    let text = match format {
-        GraphFormat::Table => kiln_compiler::graph::render_table(&graph),
-        GraphFormat::Dot => kiln_compiler::graph::render_dot(&graph),
-        GraphFormat::Json => kiln_compiler::graph::render_json(&graph),
-    };
-    print!("{text}");
-    ExitCode::SUCCESS
+    match pick(file, &checked, wanted) {
+        Some(experiment) => then(&checked, experiment),
+        None => ExitCode::from(1),
+    }
 }
 
 /// The experiment `wanted` (or the first) of a checked file, pipeline stages included.
@@ -388,115 +400,105 @@ fn run(
     runs: &std::path::Path,
     resume: bool,
 ) -> ExitCode {
-    let checked = kiln_compiler::check_file(file);
-    if report_errors(file, &checked) {
-        return ExitCode::from(1);
-    }
-    let Some(experiment) = pick(file, &checked, wanted) else {
-        return ExitCode::from(1);
-    };
-    let bar = indicatif::ProgressBar::new(0);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{spinner} step {pos}/{len} [{bar:30}] {msg} ETA {eta}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-        .progress_chars("=> "),
-    );
-    let result = kiln_runtime::train::run(experiment, runs, steps, resume, |r| {
-        bar.set_length(r.total);
-        bar.set_position(r.step);
-        bar.set_message(format!(
-            "loss {:.4} | {:.0} tokens/s",
-            r.loss, r.tokens_per_second
-        ));
-        kiln_runtime::train::Control::Continue
-    });
-    bar.finish_and_clear();
-    match result {
-        Ok(s) => {
-            println!(
-                "trained `{}` for {} steps: loss {:.4} -> {:.4}{}{}",
-                experiment.name,
-                s.steps,
-                s.first_loss,
-                s.last_loss,
-                s.eval_loss
-                    .map(|l| if s.token_loss {
-                        format!(", eval loss {l:.4} (perplexity {:.1})", (l as f64).exp())
-                    } else {
-                        format!(", eval loss {l:.4}")
-                    })
-                    .unwrap_or_default(),
-                s.eval_accuracy
-                    .map(|a| format!(", eval accuracy {:.1}%", a * 100.0))
-                    .unwrap_or_default()
-            );
-            println!(
-                "{:.0} tokens/s; metrics and checkpoint in {}",
-                s.tokens_per_second,
-                s.run_dir.display()
-            );
-            ExitCode::SUCCESS
+    with_experiment(file, wanted, |_, experiment| {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} step {pos}/{len} [{bar:30}] {msg} ETA {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        let result = kiln_runtime::train::run(experiment, runs, steps, resume, |r| {
+            bar.set_length(r.total);
+            bar.set_position(r.step);
+            bar.set_message(format!(
+                "loss {:.4} | {:.0} tokens/s",
+                r.loss, r.tokens_per_second
+            ));
+            kiln_runtime::train::Control::Continue
+        });
+        bar.finish_and_clear();
+        match result {
+            Ok(s) => {
+                println!(
+                    "trained `{}` for {} steps: loss {:.4} -> {:.4}{}{}",
+                    experiment.name,
+                    s.steps,
+                    s.first_loss,
+                    s.last_loss,
+                    s.eval_loss
+                        .map(|l| if s.token_loss {
+                            format!(", eval loss {l:.4} (perplexity {:.1})", (l as f64).exp())
+                        } else {
+                            format!(", eval loss {l:.4}")
+                        })
+                        .unwrap_or_default(),
+                    s.eval_accuracy
+                        .map(|a| format!(", eval accuracy {:.1}%", a * 100.0))
+                        .unwrap_or_default()
+                );
+                println!(
+                    "{:.0} tokens/s; metrics and checkpoint in {}",
+                    s.tokens_per_second,
+                    s.run_dir.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(1)
+            }
         }
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::from(1)
-        }
-    }
+    })
 }
 
 fn bench(file: &std::path::Path, wanted: Option<&str>, steps: u64, warmup: u64) -> ExitCode {
-    let checked = kiln_compiler::check_file(file);
-    if report_errors(file, &checked) {
-        return ExitCode::from(1);
-    }
-    let Some(experiment) = pick(file, &checked, wanted) else {
-        return ExitCode::from(1);
-    };
-    if steps == 0 {
-        eprintln!("error: --steps must be at least 1");
-        return ExitCode::from(2);
-    }
-    let scratch = std::env::temp_dir().join(format!("kiln-bench-{}", std::process::id()));
-    // The end of each step; a step's time is the gap to the previous one's end.
-    let mut ends = vec![std::time::Instant::now()];
-    let result =
-        kiln_runtime::train::run(experiment, &scratch, Some(warmup + steps), false, |_| {
-            ends.push(std::time::Instant::now());
-            kiln_runtime::train::Control::Continue
-        });
-    std::fs::remove_dir_all(&scratch).ok();
-    if let Err(e) = result {
-        eprintln!("error: {e}");
-        return ExitCode::from(1);
-    }
-    let mut times: Vec<f64> = ends
-        .windows(2)
-        .skip(warmup as usize)
-        .map(|w| (w[1] - w[0]).as_secs_f64())
-        .collect();
-    times.sort_by(f64::total_cmp);
-    let median = times[times.len() / 2];
-    let positions = (experiment.train.batch * experiment.train.seq_len) as f64;
-    println!(
-        "{}: {} steps after {warmup} warm-up: {median:.3} s/step median (min {:.3}, max {:.3}); {:.0} tokens/s (batch {} x seq_len {}, padding included)",
-        experiment.name,
-        times.len(),
-        times[0],
-        times[times.len() - 1],
-        positions / median,
-        experiment.train.batch,
-        experiment.train.seq_len
-    );
-    if let Ok(plan) = kiln_compiler::plan::compile_plan(experiment) {
+    with_experiment(file, wanted, |_, experiment| {
+        if steps == 0 {
+            eprintln!("error: --steps must be at least 1");
+            return ExitCode::from(2);
+        }
+        let scratch = std::env::temp_dir().join(format!("kiln-bench-{}", std::process::id()));
+        // The end of each step; a step's time is the gap to the previous one's end.
+        let mut ends = vec![std::time::Instant::now()];
+        let result =
+            kiln_runtime::train::run(experiment, &scratch, Some(warmup + steps), false, |_| {
+                ends.push(std::time::Instant::now());
+                kiln_runtime::train::Control::Continue
+            });
+        std::fs::remove_dir_all(&scratch).ok();
+        if let Err(e) = result {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+        let mut times: Vec<f64> = ends
+            .windows(2)
+            .skip(warmup as usize)
+            .map(|w| (w[1] - w[0]).as_secs_f64())
+            .collect();
+        times.sort_by(f64::total_cmp);
+        let median = times[times.len() / 2];
+        let positions = (experiment.train.batch * experiment.train.seq_len) as f64;
         println!(
-            "planner's prediction for this mesh: {:.3} s/step, {:.0} tokens/s",
-            positions / plan.throughput.tokens_per_second,
-            plan.throughput.tokens_per_second
+            "{}: {} steps after {warmup} warm-up: {median:.3} s/step median (min {:.3}, max {:.3}); {:.0} tokens/s (batch {} x seq_len {}, padding included)",
+            experiment.name,
+            times.len(),
+            times[0],
+            times[times.len() - 1],
+            positions / median,
+            experiment.train.batch,
+            experiment.train.seq_len
         );
-    }
-    ExitCode::SUCCESS
+        if let Ok(plan) = kiln_compiler::plan::compile_plan(experiment) {
+            println!(
+                "planner's prediction for this mesh: {:.3} s/step, {:.0} tokens/s",
+                positions / plan.throughput.tokens_per_second,
+                plan.throughput.tokens_per_second
+            );
+        }
+        ExitCode::SUCCESS
+    })
 }
 
 fn export(
@@ -506,36 +508,31 @@ fn export(
     merged: Option<PathBuf>,
     runs: &std::path::Path,
 ) -> ExitCode {
-    let checked = kiln_compiler::check_file(file);
-    if report_errors(file, &checked) {
-        return ExitCode::from(1);
-    }
-    let Some(experiment) = pick(file, &checked, wanted) else {
-        return ExitCode::from(1);
-    };
-    let (result, what, out) = match (peft, merged) {
-        (_, Some(out)) => (
-            kiln_runtime::export::export_merged(experiment, runs, &out),
-            "the merged Hugging Face model",
-            out,
-        ),
-        (Some(out), None) => (
-            kiln_runtime::export::export_run(experiment, runs, &out),
-            "PEFT adapter files",
-            out,
-        ),
-        (None, None) => unreachable!("clap requires --peft or --merged"),
-    };
-    match result {
-        Ok(()) => {
-            println!("wrote {what} to {}", out.display());
-            ExitCode::SUCCESS
+    with_experiment(file, wanted, |_, experiment| {
+        let (result, what, out) = match (peft, merged) {
+            (_, Some(out)) => (
+                kiln_runtime::export::export_merged(experiment, runs, &out),
+                "the merged Hugging Face model",
+                out,
+            ),
+            (Some(out), None) => (
+                kiln_runtime::export::export_run(experiment, runs, &out),
+                "PEFT adapter files",
+                out,
+            ),
+            (None, None) => unreachable!("clap requires --peft or --merged"),
+        };
+        match result {
+            Ok(()) => {
+                println!("wrote {what} to {}", out.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(1)
+            }
         }
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::from(1)
-        }
-    }
+    })
 }
 
 fn train_tokenizer(

@@ -14,7 +14,7 @@ use tokenizers::normalizers::bert::BertNormalizer;
 use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::processors::bert::BertProcessing;
-use tokenizers::{AddedToken, Tokenizer};
+use tokenizers::{AddedToken, Encoding, Tokenizer};
 
 /// A data problem, with the file (and line) it comes from.
 #[derive(Debug)]
@@ -180,6 +180,43 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<(usize, Value)>, DataError> {
     Ok(out)
 }
 
+/// `text` tokenized without special tokens; a failure names the file and line.
+pub(crate) fn encoding(
+    tokenizer: &Tokenizer,
+    text: &str,
+    path: &Path,
+    line: usize,
+) -> Result<Encoding, DataError> {
+    tokenizer
+        .encode(text, false)
+        .map_err(|e| DataError(format!("{}:{line}: cannot tokenize: {e}", path.display())))
+}
+
+/// The token ids of `text` (see [`encoding`]).
+pub(crate) fn token_ids(
+    tokenizer: &Tokenizer,
+    text: &str,
+    path: &Path,
+    line: usize,
+) -> Result<Vec<i64>, DataError> {
+    let enc = encoding(tokenizer, text, path, line)?;
+    Ok(enc.get_ids().iter().map(|&i| i64::from(i)).collect())
+}
+
+/// The id of a special token a masked-LM pipeline builds with ([CLS], [SEP], [MASK]).
+pub(crate) fn special_id(
+    tokenizer: &Tokenizer,
+    token: &str,
+    path: &Path,
+) -> Result<i64, DataError> {
+    tokenizer.token_to_id(token).map(i64::from).ok_or_else(|| {
+        DataError(format!(
+            "{}: the tokenizer has no {token} token; masked-LM objectives need one (make such a tokenizer with `kiln tokenizer train --kind wordpiece`)",
+            path.display()
+        ))
+    })
+}
+
 /// One training sequence: token ids and per-token labels (−100 where no loss is taken).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Example {
@@ -238,12 +275,7 @@ pub fn load_examples(
         return crate::pet::examples(&records(path)?, path, pvp, fields, tokenizer, seq_len, seed);
     }
     let eot = tokenizer.token_to_id(END_OF_TEXT).map(i64::from);
-    let encode = |text: &str, line: usize| -> Result<Vec<i64>, DataError> {
-        let enc = tokenizer
-            .encode(text, false)
-            .map_err(|e| DataError(format!("{}:{line}: cannot tokenize: {e}", path.display())))?;
-        Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
-    };
+    let encode = |text: &str, line: usize| token_ids(tokenizer, text, path, line);
     let mut out = Vec::new();
     for (line, record) in records(path)? {
         let field = |logical: &str| -> Result<String, DataError> {

@@ -6,7 +6,7 @@
 //! Masks are drawn once, when the data is loaded, from the experiment's seed (BERT's static
 //! masking): the same seed gives the same examples, which is what makes `--resume` exact.
 
-use crate::data::{DataError, Example};
+use crate::data::{encoding, special_id, DataError, Example};
 use crate::rng::Rng;
 use kiln_compiler::spec::{MaskStrategy, Mlm, Objective};
 use serde_json::Value;
@@ -108,14 +108,7 @@ pub fn examples(
 }
 
 fn specials(tokenizer: &Tokenizer, path: &Path, masking: bool) -> Result<Specials, DataError> {
-    let id = |t: &str| {
-        tokenizer.token_to_id(t).map(i64::from).ok_or_else(|| {
-            DataError(format!(
-                "{}: the tokenizer has no {t} token; make one with `kiln tokenizer train --kind wordpiece`",
-                path.display()
-            ))
-        })
-    };
+    let id = |t: &str| special_id(tokenizer, t, path);
     Ok(Specials {
         cls: id("[CLS]")?,
         sep: id("[SEP]")?,
@@ -190,9 +183,7 @@ fn encode(
     path: &Path,
     line: usize,
 ) -> Result<Sentence, DataError> {
-    let enc = tokenizer
-        .encode(text, false)
-        .map_err(|e| DataError(format!("{}:{line}: cannot tokenize: {e}", path.display())))?;
+    let enc = encoding(tokenizer, text, path, line)?;
     let words: Vec<Option<u32>> = enc
         .get_word_ids()
         .iter()

@@ -8,7 +8,7 @@
 //! own words) and no class, so that one batch carries both losses and the classification always
 //! reads unmasked text.
 
-use crate::data::{DataError, Example};
+use crate::data::{special_id, token_ids, DataError, Example};
 use crate::mlm::{mask, Unmasked};
 use crate::rng::Rng;
 use kiln_compiler::spec::{MaskStrategy, Mlm, Pvp};
@@ -93,14 +93,7 @@ pub fn examples(
     seq_len: usize,
     seed: u64,
 ) -> Result<Vec<Vec<Example>>, DataError> {
-    let id = |t: &str| {
-        tokenizer.token_to_id(t).map(i64::from).ok_or_else(|| {
-            DataError(format!(
-                "{}: the tokenizer has no {t} token; PET needs a masked-LM tokenizer (`kiln tokenizer train --kind wordpiece`)",
-                path.display()
-            ))
-        })
-    };
+    let id = |t: &str| special_id(tokenizer, t, path);
     let (cls, sep, mask_id) = (id("[CLS]")?, id("[SEP]")?, id("[MASK]")?);
     let segments = parse(&pvp.pattern);
     if segments.len() > 2 {
@@ -110,12 +103,7 @@ pub fn examples(
         )));
     }
     let label_key = fields.get("label").map_or("label", String::as_str);
-    let encode = |text: &str, line: usize| -> Result<Vec<i64>, DataError> {
-        let enc = tokenizer
-            .encode(text, false)
-            .map_err(|e| DataError(format!("{}:{line}: cannot tokenize: {e}", path.display())))?;
-        Ok(enc.get_ids().iter().map(|&i| i64::from(i)).collect())
-    };
+    let encode = |text: &str, line: usize| token_ids(tokenizer, text, path, line);
     // The auxiliary MLM loss masks text tokens, BERT-style.
     let aux = (pvp.mlm_weight > 0.0).then_some(Mlm {
         prob: 0.15,

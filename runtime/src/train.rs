@@ -226,7 +226,12 @@ fn replica_step(
             }
         }
     }
-    let mut flat: Vec<Vec<f32>> = replica.values.iter().map(|v| v.data.clone()).collect();
+    // The optimizer works on the weights in place (moved out and back, not copied).
+    let mut flat: Vec<Vec<f32>> = replica
+        .values
+        .iter_mut()
+        .map(|v| std::mem::take(&mut v.data))
+        .collect();
     step(
         &e.train.optimizer,
         lr,
@@ -519,15 +524,18 @@ fn fingerprint(e: &Experiment) -> String {
     format!("{h:016x}")
 }
 
-/// Trainable weights, optimizer moments and progress, each file replaced atomically (the state
-/// file last, so a complete state always describes complete weights).
+/// Trainable weights (every replica holds them), optimizer moments (gathered from their
+/// owners) and progress, each file replaced atomically (the state file last, so a complete state
+/// always describes complete weights).
 fn save_checkpoint(
     g: &Graph,
-    values: &[HostTensor],
-    states: &[Option<State>],
+    replicas: &[Replica],
+    owners: Option<&[usize]>,
     progress: &Progress,
     dir: &Path,
 ) -> Result<(), RunError> {
+    let values = &replicas[0].values;
+    let states = gathered_states(replicas, owners);
     std::fs::create_dir_all(dir).map_err(|e| RunError(format!("{}: {e}", dir.display())))?;
     let trainable: Vec<usize> = (0..g.params.len())
         .filter(|&i| g.params[i].trainable)
@@ -872,8 +880,8 @@ pub fn run(
         if stop || e.train.checkpoint_every.is_some_and(|k| (s + 1) % k == 0) {
             save_checkpoint(
                 &graph,
-                &replicas[0].values,
-                &gathered_states(&replicas, owners.as_deref()),
+                &replicas,
+                owners.as_deref(),
                 &progress,
                 &checkpoint_dir,
             )?;
@@ -907,8 +915,8 @@ pub fn run(
     };
     save_checkpoint(
         &graph,
-        &replicas[0].values,
-        &gathered_states(&replicas, owners.as_deref()),
+        &replicas,
+        owners.as_deref(),
         &progress,
         &checkpoint_dir,
     )?;
