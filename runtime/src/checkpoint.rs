@@ -15,6 +15,24 @@ pub struct HostTensor {
     pub data: Vec<f32>,
 }
 
+impl HostTensor {
+    /// A rank-0 tensor.
+    pub fn scalar(value: f32) -> Self {
+        HostTensor {
+            shape: Vec::new(),
+            data: vec![value],
+        }
+    }
+
+    /// No value: a parameter this device does not hold.
+    pub fn absent() -> Self {
+        HostTensor {
+            shape: Vec::new(),
+            data: Vec::new(),
+        }
+    }
+}
+
 /// A checkpoint that cannot be used, with the file it came from.
 #[derive(Debug)]
 pub struct CheckpointError {

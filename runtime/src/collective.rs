@@ -5,8 +5,17 @@
 //!
 //! A device that fails drops its channels, so its neighbours' next send or receive fails
 //! instead of waiting forever, and the failure travels around the ring.
+//!
+//! [`Mailbox`] is the point-to-point half (pipeline stages sending activations and gradients):
+//! tagged messages, received by tag whatever order they arrive in.
 
-use std::sync::mpsc::{channel, Receiver, Sender};
+use crate::checkpoint::HostTensor;
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::time::Duration;
 
 #[derive(Debug)]
 pub struct CollectiveError(pub String);
@@ -25,7 +34,17 @@ pub trait Collective: Send {
     fn rank(&self) -> usize;
     fn size(&self) -> usize;
     /// Every device ends with the element-wise sum of all devices' buffers.
-    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError>;
+    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
+        self.reduce_scatter_sum(buf)?;
+        self.all_gather(buf)
+    }
+    /// The part of a buffer of `len` values this device owns after a reduce-scatter.
+    fn shard(&self, len: usize) -> Range<usize>;
+    /// This device's shard of `buf` becomes the sum of every device's shard; the rest of `buf`
+    /// is left partially reduced.
+    fn reduce_scatter_sum(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError>;
+    /// Every device ends with each device's shard of its own buffer.
+    fn all_gather(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError>;
     /// Every device ends with device `root`'s buffer.
     fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<(), CollectiveError>;
 }
@@ -83,13 +102,24 @@ impl CpuRing {
         ))
     }
 
-    /// The `size` chunks a buffer of `len` values is cut into (as even as possible).
-    fn chunk(&self, len: usize, i: usize) -> std::ops::Range<usize> {
-        let i = i % self.size;
-        let (base, extra) = (len / self.size, len % self.size);
-        let start = i * base + i.min(extra);
-        start..start + base + usize::from(i < extra)
+    fn chunk(&self, len: usize, i: usize) -> Range<usize> {
+        ring_chunk(len, self.size, i)
     }
+}
+
+/// Chunk `i` (mod `size`) of the `size` chunks a buffer of `len` values is cut into (as even as
+/// possible).
+fn ring_chunk(len: usize, size: usize, i: usize) -> Range<usize> {
+    let i = i % size;
+    let (base, extra) = (len / size, len % size);
+    let start = i * base + i.min(extra);
+    start..start + base + usize::from(i < extra)
+}
+
+/// The shard of a buffer of `len` values that device `rank` of a ring of `size` owns after a
+/// reduce-scatter ([`Collective::shard`]), for those who lay out state outside the ring.
+pub fn ring_shard(len: usize, size: usize, rank: usize) -> Range<usize> {
+    ring_chunk(len, size, rank + 1)
 }
 
 impl Collective for CpuRing {
@@ -101,10 +131,14 @@ impl Collective for CpuRing {
         self.size
     }
 
-    /// Ring all-reduce: a reduce-scatter (after `size − 1` steps device r holds the full sum of
-    /// chunk r + 1) and an all-gather passing the summed chunks on; each device sends and
-    /// receives 2·(size − 1)/size of the buffer.
-    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
+    /// After the ring reduce-scatter device r holds the full sum of chunk r + 1.
+    fn shard(&self, len: usize) -> Range<usize> {
+        ring_shard(len, self.size, self.rank)
+    }
+
+    /// `size − 1` steps, each sending one chunk to the next device and adding the one received
+    /// from the previous: (size − 1)/size of the buffer out and in per device.
+    fn reduce_scatter_sum(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
         let (n, r) = (self.size, self.rank);
         for step in 0..n - 1 {
             let out = self.chunk(buf.len(), r + n - step);
@@ -113,6 +147,13 @@ impl Collective for CpuRing {
             let got = self.recv(inc.len())?;
             buf[inc].iter_mut().zip(got).for_each(|(a, b)| *a += b);
         }
+        Ok(())
+    }
+
+    /// The summed chunks passed on around the ring; with the reduce-scatter, a ring all-reduce
+    /// (2·(size − 1)/size of the buffer out and in per device).
+    fn all_gather(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
+        let (n, r) = (self.size, self.rank);
         for step in 0..n - 1 {
             let out = self.chunk(buf.len(), r + 1 + n - step);
             self.send(&buf[out])?;
@@ -136,6 +177,89 @@ impl Collective for CpuRing {
             self.send(buf)?;
         }
         Ok(())
+    }
+}
+
+/// What a point-to-point message carries: activations forward, gradients backward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Payload {
+    Activation,
+    Gradient,
+}
+
+/// Identifies a message: which value (`node`) of which microbatch, between which virtual
+/// pipeline stages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Tag {
+    pub payload: Payload,
+    pub microbatch: usize,
+    pub node: usize,
+    pub from: usize,
+    pub to: usize,
+}
+
+/// One device's point-to-point endpoint within a group (a data-parallel rank's pipeline
+/// stages). Sends never block; a receive waits for its tag, keeping messages that arrive
+/// early, and gives up when any device of the mesh has failed.
+pub struct Mailbox {
+    rank: usize,
+    peers: Vec<Sender<(Tag, HostTensor)>>,
+    inbox: Receiver<(Tag, HostTensor)>,
+    early: BTreeMap<Tag, HostTensor>,
+    failed: Arc<AtomicBool>,
+}
+
+/// The group's mailboxes, in rank order; `failed` is raised by any device that stops.
+pub fn mailboxes(size: usize, failed: &Arc<AtomicBool>) -> Vec<Mailbox> {
+    let (senders, receivers): (Vec<_>, Vec<_>) = (0..size).map(|_| channel()).unzip();
+    receivers
+        .into_iter()
+        .enumerate()
+        .map(|(rank, inbox)| Mailbox {
+            rank,
+            peers: senders.clone(),
+            inbox,
+            early: BTreeMap::new(),
+            failed: Arc::clone(failed),
+        })
+        .collect()
+}
+
+impl Mailbox {
+    pub fn send(&self, to: usize, tag: Tag, value: HostTensor) -> Result<(), CollectiveError> {
+        self.peers[to].send((tag, value)).map_err(|_| {
+            CollectiveError(format!(
+                "device {}: pipeline peer {to} stopped before receiving",
+                self.rank
+            ))
+        })
+    }
+
+    pub fn recv(&mut self, tag: Tag) -> Result<HostTensor, CollectiveError> {
+        if let Some(v) = self.early.remove(&tag) {
+            return Ok(v);
+        }
+        loop {
+            if self.failed.load(Ordering::SeqCst) {
+                return Err(CollectiveError(format!(
+                    "device {}: another device failed while this one waited for {tag:?}",
+                    self.rank
+                )));
+            }
+            match self.inbox.recv_timeout(Duration::from_millis(20)) {
+                Ok((t, v)) if t == tag => return Ok(v),
+                Ok((t, v)) => {
+                    self.early.insert(t, v);
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(CollectiveError(format!(
+                        "device {}: its pipeline peers stopped",
+                        self.rank
+                    )))
+                }
+            }
+        }
     }
 }
 
@@ -170,6 +294,58 @@ mod tests {
                 assert_eq!(got, expected, "size {size}, len {len}, device {rank}");
             }
         }
+    }
+
+    #[test]
+    fn reduce_scatter_then_all_gather_is_an_all_reduce_and_shards_cover_the_buffer() {
+        let (size, len) = (3, 10);
+        let got: Vec<(Range<usize>, Vec<f32>, Vec<f32>)> = std::thread::scope(|s| {
+            let handles: Vec<_> = cpu_ring(size)
+                .into_iter()
+                .map(|mut ring| {
+                    s.spawn(move || {
+                        let r = ring.rank() as f32;
+                        let mut buf: Vec<f32> = (0..len).map(|i| r * 100.0 + i as f32).collect();
+                        ring.reduce_scatter_sum(&mut buf).unwrap();
+                        let shard = ring.shard(len);
+                        let scattered = buf[shard.clone()].to_vec();
+                        ring.all_gather(&mut buf).unwrap();
+                        (shard, scattered, buf)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let sum: Vec<f32> = (0..len).map(|i| 300.0 + 3.0 * i as f32).collect();
+        let mut covered = vec![0; len];
+        for (shard, scattered, all) in got {
+            assert_eq!(scattered, sum[shard.clone()].to_vec());
+            assert_eq!(all, sum);
+            shard.for_each(|i| covered[i] += 1);
+        }
+        assert_eq!(covered, vec![1; len]);
+    }
+
+    #[test]
+    fn mailbox_receives_by_tag_in_any_order() {
+        let failed = Arc::new(AtomicBool::new(false));
+        let mut boxes = mailboxes(2, &failed);
+        let tag = |microbatch| Tag {
+            payload: Payload::Activation,
+            microbatch,
+            node: 7,
+            from: 0,
+            to: 1,
+        };
+        boxes[0].send(1, tag(0), HostTensor::scalar(0.0)).unwrap();
+        boxes[0].send(1, tag(1), HostTensor::scalar(1.0)).unwrap();
+        assert_eq!(boxes[1].recv(tag(1)).unwrap().data, vec![1.0]);
+        assert_eq!(boxes[1].recv(tag(0)).unwrap().data, vec![0.0]);
+        failed.store(true, Ordering::SeqCst);
+        assert!(
+            boxes[1].recv(tag(2)).is_err(),
+            "a failed mesh must not hang a receive"
+        );
     }
 
     #[test]

@@ -111,86 +111,263 @@ enum P {
 
 struct Interpreter<'g> {
     g: &'g Graph,
-    /// Dropout masks drawn so far this step (each op gets its own stream).
-    masks_drawn: u64,
+    /// The node being computed: dropout masks are drawn from a stream of their own per node,
+    /// so they do not depend on how the graph is split across devices.
+    current: NodeIndex,
     dev: Dev,
     tape: Tape,
-    params: Vec<P>,
+    /// The parameters this part of the graph reads (`None`: held by another device).
+    params: Vec<Option<P>>,
     values: Vec<Option<V>>,
     batch: &'g Batch,
 }
 
-/// Runs forward and backward for one batch.
+/// Runs forward and backward for one batch over the whole graph on one device.
 pub fn forward_backward(
     g: &Graph,
     values: &[HostTensor],
     batch: &Batch,
 ) -> Result<Outcome, ExecError> {
-    let dev = Dev::default();
-    let params = values
-        .iter()
-        .zip(&g.params)
-        .map(|(v, p)| match v.shape.as_slice() {
-            [n] => Ok(P::R1(dev.tensor_from_vec(v.data.clone(), (*n,)))),
-            [a, b] => Ok(P::R2(dev.tensor_from_vec(v.data.clone(), (*a, *b)))),
-            other => err(format!("parameter `{}` has rank {}", p.name, other.len())),
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let mut it = Interpreter {
-        g,
-        masks_drawn: 0,
-        dev,
-        tape: Tape::default(),
-        params,
-        values: vec![None; g.dag.node_count()],
-        batch,
-    };
-    for n in g.topo_order() {
-        let v = it
-            .node(n)
-            .map_err(|e| ExecError(format!("{}: {}", g.dag[n].name, e.0)))?;
-        it.values[n.index()] = Some(v);
-    }
     let Some(loss_node) = g.loss else {
         return err("the graph has no loss");
     };
-    let loss = it.values[loss_node.index()]
-        .take()
-        .ok_or_else(|| ExecError("loss not computed".into()))?
-        .scalar("loss")?;
-    let loss_value = loss.array();
-    if !loss_value.is_finite() {
-        return err(format!("the loss is {loss_value}"));
+    let segment = Segment::forward(g, values, batch, &g.topo_order(), Vec::new())?;
+    let loss = segment.loss()?;
+    if !loss.is_finite() {
+        return err(format!("the loss is {loss}"));
     }
-    let class_logits = g
-        .dag
-        .node_indices()
-        .find(|&n| matches!(g.dag[n].op, Op::GatherClasses { .. }))
-        .and_then(|n| match &it.values[n.index()] {
-            Some(V::R2(t)) => {
-                let (_, classes) = *t.shape();
-                Some(t.as_vec().chunks(classes).map(<[f32]>::to_vec).collect())
-            }
-            _ => None,
-        });
-    let tape = std::mem::take(&mut it.tape);
-    let grads = loss.put_tape(tape).backward();
-    let out = it
-        .params
-        .iter()
-        .zip(&g.params)
-        .map(|(p, meta)| {
-            meta.trainable.then(|| match p {
-                P::R1(t) => grads.get(t).as_vec(),
-                P::R2(t) => grads.get(t).as_vec(),
-            })
-        })
-        .collect();
+    let class_logits = segment.class_logits();
+    let grads = segment.backward(&[(loss_node, HostTensor::scalar(1.0))])?;
+    let mut out: Vec<Option<Vec<f32>>> = vec![None; g.params.len()];
+    for (id, grad) in grads.params {
+        out[id] = Some(grad);
+    }
     Ok(Outcome {
-        loss: loss_value,
+        loss,
         grads: out,
         class_logits,
     })
+}
+
+/// A part of the graph run forward on one device, holding its tape until its backward: the
+/// whole graph, a pipeline stage's layers, or a piece recomputed in the backward pass.
+pub struct Segment<'g> {
+    it: Interpreter<'g>,
+    /// Values that came from other segments, whose gradients the backward returns.
+    received: Vec<NodeIndex>,
+}
+
+/// What a segment's backward yields: gradients of the trainable parameters it read, and of the
+/// values it received.
+pub struct SegmentGrads {
+    pub params: Vec<(usize, Vec<f32>)>,
+    pub received: Vec<(NodeIndex, HostTensor)>,
+}
+
+impl<'g> Segment<'g> {
+    /// Runs `nodes` (in topological order) forward. Values of other nodes they read come from
+    /// `received`, except integer inputs, which every device reads from its batch. Parameters
+    /// not read here may be left empty in `params`.
+    pub fn forward(
+        g: &'g Graph,
+        params: &[HostTensor],
+        batch: &'g Batch,
+        nodes: &[NodeIndex],
+        received: Vec<(NodeIndex, HostTensor)>,
+    ) -> Result<Self, ExecError> {
+        let dev = Dev::default();
+        let mut used = vec![false; g.params.len()];
+        for &n in nodes {
+            for id in g.dag[n].op.params() {
+                used[id] = true;
+            }
+        }
+        let params = params
+            .iter()
+            .zip(&g.params)
+            .zip(used)
+            .map(|((v, p), used)| {
+                if !used {
+                    return Ok(None);
+                }
+                match v.shape.as_slice() {
+                    [n] => Ok(Some(P::R1(dev.tensor_from_vec(v.data.clone(), (*n,))))),
+                    [a, b] => Ok(Some(P::R2(dev.tensor_from_vec(v.data.clone(), (*a, *b))))),
+                    [] => err(format!("parameter `{}` is not on this device", p.name)),
+                    other => err(format!("parameter `{}` has rank {}", p.name, other.len())),
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut it = Interpreter {
+            g,
+            current: NodeIndex::new(0),
+            dev,
+            tape: Tape::default(),
+            params,
+            values: vec![None; g.dag.node_count()],
+            batch,
+        };
+        let mut ids = Vec::with_capacity(received.len());
+        for (n, t) in received {
+            it.values[n.index()] = Some(it.on_device(t)?);
+            ids.push(n);
+        }
+        for &n in nodes {
+            for i in g.inputs(n) {
+                if it.values[i.index()].is_none() && matches!(g.dag[i].op, Op::Input { .. }) {
+                    it.compute(i)?;
+                }
+            }
+            it.compute(n)?;
+        }
+        Ok(Segment { it, received: ids })
+    }
+
+    /// The value a node computed here (or received), to send to another device.
+    pub fn value(&self, n: NodeIndex) -> Result<HostTensor, ExecError> {
+        match &self.it.values[n.index()] {
+            Some(V::S(t)) => Ok(HostTensor::scalar(t.array())),
+            Some(V::R2(t)) => Ok(HostTensor {
+                shape: vec![t.shape().0, t.shape().1],
+                data: t.as_vec(),
+            }),
+            Some(V::R3(t)) => Ok(HostTensor {
+                shape: vec![t.shape().0, t.shape().1, t.shape().2],
+                data: t.as_vec(),
+            }),
+            Some(V::Ints(_)) => err(format!(
+                "{}: integer inputs are read from the batch, not sent",
+                self.it.g.dag[n].name
+            )),
+            None => err(format!("{}: not computed here", self.it.g.dag[n].name)),
+        }
+    }
+
+    /// The training loss, when this segment computed it.
+    pub fn loss(&self) -> Result<f32, ExecError> {
+        let loss = self
+            .it
+            .g
+            .loss
+            .ok_or_else(|| ExecError("the graph has no loss".into()))?;
+        match &self.it.values[loss.index()] {
+            Some(V::S(t)) => Ok(t.array()),
+            _ => err("the loss is not computed on this device"),
+        }
+    }
+
+    /// Per-row class scores, when this segment computed them (PET's verbalizer logits).
+    pub fn class_logits(&self) -> Option<Vec<Vec<f32>>> {
+        let g = self.it.g;
+        g.dag
+            .node_indices()
+            .find(|&n| matches!(g.dag[n].op, Op::GatherClasses { .. }))
+            .and_then(|n| match &self.it.values[n.index()] {
+                Some(V::R2(t)) => {
+                    let (_, classes) = *t.shape();
+                    Some(t.as_vec().chunks(classes).map(<[f32]>::to_vec).collect())
+                }
+                _ => None,
+            })
+    }
+
+    /// Backpropagates `upstream` (the gradient of the loss with respect to some of this
+    /// segment's values; 1 for the loss itself) through the segment: the gradient of
+    /// Σ ⟨value, upstream⟩, whose derivative is exactly the upstream gradient.
+    pub fn backward(
+        mut self,
+        upstream: &[(NodeIndex, HostTensor)],
+    ) -> Result<SegmentGrads, ExecError> {
+        let dev = self.it.dev.clone();
+        let mut tape = self.it.take_tape();
+        // Gradients of the received values and parameters exist even where nothing flows
+        // into them (zero), so that reading them back cannot fail.
+        for &n in &self.received {
+            match &self.it.values[n.index()] {
+                Some(V::S(t)) => alloc_grad(&mut tape, t.clone()),
+                Some(V::R2(t)) => alloc_grad(&mut tape, t.clone()),
+                Some(V::R3(t)) => alloc_grad(&mut tape, t.clone()),
+                _ => {}
+            }
+        }
+        for (p, meta) in self.it.params.iter().zip(&self.it.g.params) {
+            match p {
+                Some(P::R1(t)) if meta.trainable => alloc_grad(&mut tape, t.clone()),
+                Some(P::R2(t)) if meta.trainable => alloc_grad(&mut tape, t.clone()),
+                _ => {}
+            }
+        }
+        let mut total: Option<T0> = None;
+        for (n, g) in upstream {
+            let name = &self.it.g.dag[*n].name;
+            let term = match (&self.it.values[n.index()], g.shape.as_slice()) {
+                (Some(V::S(t)), []) => t.clone().put_tape(tape) * g.data[0],
+                (Some(V::R2(t)), &[a, b]) if *t.shape() == (a, b) => {
+                    let g: T2 = dev.tensor_from_vec(g.data.clone(), (a, b));
+                    (t.clone().put_tape(tape) * g).sum::<(), _>()
+                }
+                (Some(V::R3(t)), &[a, b, c]) if *t.shape() == (a, b, c) => {
+                    let g: T3 = dev.tensor_from_vec(g.data.clone(), (a, b, c));
+                    (t.clone().put_tape(tape) * g).sum::<(), _>()
+                }
+                (None, _) => return err(format!("{name}: no value to backpropagate through")),
+                _ => {
+                    return err(format!(
+                        "{name}: the gradient's shape {:?} does not match",
+                        g.shape
+                    ))
+                }
+            };
+            let term = match total.take() {
+                Some(sum) => term + sum,
+                None => term,
+            };
+            let (sum, rest) = term.split_tape();
+            total = Some(sum);
+            tape = rest;
+        }
+        let Some(total) = total else {
+            return err("nothing to backpropagate");
+        };
+        let grads = total.put_tape(tape).backward();
+        let params = self
+            .it
+            .params
+            .iter()
+            .zip(&self.it.g.params)
+            .enumerate()
+            .filter_map(|(id, (p, meta))| match p {
+                Some(P::R1(t)) if meta.trainable => Some((id, grads.get(t).as_vec())),
+                Some(P::R2(t)) if meta.trainable => Some((id, grads.get(t).as_vec())),
+                _ => None,
+            })
+            .collect();
+        let received = self
+            .received
+            .iter()
+            .filter_map(|&n| {
+                let grad = match &self.it.values[n.index()] {
+                    Some(V::S(t)) => HostTensor::scalar(grads.get(t).array()),
+                    Some(V::R2(t)) => HostTensor {
+                        shape: vec![t.shape().0, t.shape().1],
+                        data: grads.get(t).as_vec(),
+                    },
+                    Some(V::R3(t)) => HostTensor {
+                        shape: vec![t.shape().0, t.shape().1, t.shape().2],
+                        data: grads.get(t).as_vec(),
+                    },
+                    _ => return None,
+                };
+                Some((n, grad))
+            })
+            .collect();
+        Ok(SegmentGrads { params, received })
+    }
+}
+
+/// Makes sure `t` has a gradient after the backward pass (zero if nothing reaches it).
+fn alloc_grad<S: Shape>(tape: &mut Tape, t: Tensor<S, f32, Dev>) {
+    dfdx::tensor::Tape::add_backward_op(tape, move |grads| grads.try_alloc_for(&t));
 }
 
 fn activate<S: Shape>(x: Tensor<S, f32, Dev, Tape>, act: Act) -> Tensor<S, f32, Dev, Tape> {
@@ -245,13 +422,13 @@ fn splitmix(state: &mut u64) -> u64 {
 impl Interpreter<'_> {
     /// An inverted-dropout mask (0 or 1/(1−p)) of the given shape, or `None` when dropout is
     /// off for this batch or `p` is zero.
-    fn dropout_mask<S: Shape>(&mut self, shape: S, p: f64) -> Option<Tensor<S, f32, Dev>> {
+    fn dropout_mask<S: Shape>(&self, shape: S, p: f64) -> Option<Tensor<S, f32, Dev>> {
         let seed = self.batch.dropout_seed?;
         if p <= 0.0 {
             return None;
         }
-        self.masks_drawn += 1;
-        let mut state = seed ^ self.masks_drawn.wrapping_mul(0xD1B5_4A32_D192_ED03);
+        let stream = self.current.index() as u64 + 1;
+        let mut state = seed ^ stream.wrapping_mul(0xD1B5_4A32_D192_ED03);
         let keep = 1.0 / (1.0 - p) as f32;
         let threshold = (p * u64::MAX as f64) as u64;
         let data: Vec<f32> = (0..shape.num_elements())
@@ -277,8 +454,37 @@ impl Interpreter<'_> {
             .ok_or_else(|| ExecError("input not computed".into()))
     }
 
+    /// Computes node `n` and keeps its value.
+    fn compute(&mut self, n: NodeIndex) -> Result<(), ExecError> {
+        self.current = n;
+        let v = self
+            .node(n)
+            .map_err(|e| ExecError(format!("{}: {}", self.g.dag[n].name, e.0)))?;
+        self.values[n.index()] = Some(v);
+        Ok(())
+    }
+
+    /// A value received from another device, as a tensor on this one.
+    fn on_device(&self, t: HostTensor) -> Result<V, ExecError> {
+        match *t.shape.as_slice() {
+            [] if t.data.len() == 1 => Ok(V::S(self.dev.tensor(t.data[0]))),
+            [a, b] => Ok(V::R2(self.dev.tensor_from_vec(t.data, (a, b)))),
+            [a, b, c] => Ok(V::R3(self.dev.tensor_from_vec(t.data, (a, b, c)))),
+            ref other => err(format!("a received value of shape {other:?}")),
+        }
+    }
+
+    fn param(&self, id: usize) -> Result<&P, ExecError> {
+        self.params[id].as_ref().ok_or_else(|| {
+            ExecError(format!(
+                "parameter `{}` is not on this device",
+                self.g.params[id].name
+            ))
+        })
+    }
+
     fn p1(&self, id: usize) -> Result<T1, ExecError> {
-        match &self.params[id] {
+        match self.param(id)? {
             P::R1(t) => Ok(t.clone()),
             P::R2(t) => {
                 // IA3 vectors are stored [n, 1] or [1, n]: read them flat (same values).
@@ -289,7 +495,7 @@ impl Interpreter<'_> {
     }
 
     fn p2(&self, id: usize) -> Result<T2, ExecError> {
-        match &self.params[id] {
+        match self.param(id)? {
             P::R2(t) => Ok(t.clone()),
             P::R1(_) => err(format!(
                 "parameter `{}` is not a matrix",

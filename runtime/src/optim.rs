@@ -24,22 +24,14 @@ pub fn learning_rate(peak: f64, schedule: &LrSchedule, step: u64, total: u64) ->
     peak * factor
 }
 
-/// Scales gradients so their global L2 norm is at most `max_norm`; returns the norm before.
-pub fn clip_grad_norm(grads: &mut [Option<Vec<f32>>], max_norm: f64) -> f64 {
-    let norm = grads
-        .iter()
-        .flatten()
-        .flat_map(|g| g.iter())
-        .map(|&x| (x as f64).powi(2))
-        .sum::<f64>()
-        .sqrt();
+/// What gradients of global L2 norm `norm` are multiplied by to bring it to at most
+/// `max_norm` (PyTorch's `clip_grad_norm_`).
+pub fn clip_factor(norm: f64, max_norm: f64) -> f32 {
     if norm > max_norm && norm > 0.0 {
-        let scale = (max_norm / (norm + 1e-6)) as f32;
-        for g in grads.iter_mut().flatten() {
-            g.iter_mut().for_each(|x| *x *= scale);
-        }
+        (max_norm / (norm + 1e-6)) as f32
+    } else {
+        1.0
     }
-    norm
 }
 
 /// Per-parameter optimizer state (first and second moments, or momentum).
@@ -168,9 +160,14 @@ mod tests {
             nesterov: false,
         };
         let mut params = vec![vec![1.0f32], vec![5.0]];
-        let mut grads = vec![Some(vec![3.0f32]), None];
-        let norm = clip_grad_norm(&mut grads, 1.0);
-        assert_eq!(norm, 3.0);
+        let factor = clip_factor(3.0, 1.0);
+        assert!((factor - 1.0 / 3.0).abs() < 1e-6);
+        assert_eq!(
+            clip_factor(0.5, 1.0),
+            1.0,
+            "a norm within the bound is left alone"
+        );
+        let grads = vec![Some(vec![3.0 * factor]), None];
         let mut states = vec![None, None];
         step(&opt, 1.0, 1, &mut params, &grads, &mut states);
         assert!((params[0][0] - 0.0).abs() < 1e-5, "1 − clipped gradient 1");

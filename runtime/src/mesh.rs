@@ -1,0 +1,905 @@
+//! One training step on a mesh of devices, as the plan places it: one thread per device, each
+//! with its own copy of the parameters its pipeline stage holds (or, under ZeRO-3, its shard of
+//! them), running its stage's schedule — forward and backward of microbatches, activations and
+//! gradients sent between stages, gradients summed over the data-parallel group (bucketed
+//! all-reduce, or reduce-scatter under ZeRO), tied parameters summed over the stages holding
+//! them, global-norm clipping, the optimizer on what the device owns, and ZeRO's all-gather.
+//!
+//! Every device ends the step with the weights one device would have after the same
+//! microbatches (within float tolerance): the tests check exactly that.
+
+use crate::checkpoint::HostTensor;
+use crate::collective::{
+    cpu_ring, mailboxes, ring_shard, Collective, CollectiveError, CpuRing, Mailbox, Payload, Tag,
+};
+use crate::exec::{Batch, Segment};
+use crate::optim::{clip_factor, step, State};
+use crate::placement::{Action, Placement};
+use kiln_compiler::graph::Graph;
+use kiln_compiler::spec::Train;
+use petgraph::graph::NodeIndex;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// Gradients are all-reduced in buckets of about this many values (4 MiB), so that no single
+/// message holds the whole model.
+const BUCKET_VALUES: usize = 1 << 20;
+
+/// What a step computed, the same on every device.
+pub struct StepOutcome {
+    /// Mean loss over the step's microbatches.
+    pub loss: f32,
+    /// Global gradient norm before clipping (0 without clipping).
+    pub grad_norm: f64,
+}
+
+/// Why a device's step failed: its own error, or a collective broken by another device's.
+enum Failure {
+    Own(String),
+    Peer(CollectiveError),
+}
+
+impl From<CollectiveError> for Failure {
+    fn from(e: CollectiveError) -> Self {
+        Failure::Peer(e)
+    }
+}
+
+/// A device's links: its data-parallel group (same stage), its pipeline group (same data
+/// rank; for tied parameters and the global loss and norm) and its stage-to-stage mailbox.
+struct Links {
+    data: CpuRing,
+    pipeline: CpuRing,
+    mail: Mailbox,
+}
+
+/// One device's state across steps.
+struct Device {
+    stage: usize,
+    rank: usize,
+    /// The parameters it holds whole (absent: another stage's, or sharded under ZeRO-3).
+    values: Vec<HostTensor>,
+    /// ZeRO-3: its shard of each parameter its stage holds.
+    shards: Vec<Option<Vec<f32>>>,
+    /// Optimizer state of what it updates: whole parameters, or its shards under ZeRO.
+    states: Vec<Option<State>>,
+    /// Taken by the step's thread, which drops them if the device fails so that its peers'
+    /// collectives fail instead of waiting.
+    links: Option<Links>,
+}
+
+/// The devices of a mesh and the placement they follow.
+pub struct Mesh {
+    placement: Placement,
+    devices: Vec<Device>,
+    failed: Arc<AtomicBool>,
+}
+
+impl Mesh {
+    /// Deals `values` and `states` (whole, as one device would hold them) out to the devices.
+    pub fn new(
+        g: &Graph,
+        placement: Placement,
+        values: &[HostTensor],
+        states: &[Option<State>],
+    ) -> Self {
+        let (d, p) = (placement.data, placement.pipeline);
+        let failed = Arc::new(AtomicBool::new(false));
+        let mut data_rings: Vec<_> = (0..p).map(|_| cpu_ring(d).into_iter()).collect();
+        let mut pipeline_rings: Vec<_> = (0..d).map(|_| cpu_ring(p).into_iter()).collect();
+        let mut mail: Vec<_> = (0..d).map(|_| mailboxes(p, &failed).into_iter()).collect();
+        let mut devices = Vec::with_capacity(d * p);
+        for (stage, stage_rings) in data_rings.iter_mut().enumerate() {
+            for rank in 0..d {
+                let holds = &placement.holds[stage];
+                let zero3 = placement.zero >= 3;
+                let sharded = placement.zero >= 1;
+                let shard = |len: usize| ring_shard(len, d, rank);
+                let shards = values
+                    .iter()
+                    .zip(holds)
+                    .map(|(v, &held)| (zero3 && held).then(|| v.data[shard(v.data.len())].to_vec()))
+                    .collect();
+                let whole = values
+                    .iter()
+                    .zip(holds)
+                    .map(|(v, &held)| {
+                        if held && !zero3 {
+                            v.clone()
+                        } else {
+                            HostTensor::absent()
+                        }
+                    })
+                    .collect();
+                let states = states
+                    .iter()
+                    .zip(holds)
+                    .zip(&g.params)
+                    .map(|((s, &held), param)| {
+                        let s = s.as_ref().filter(|_| held && param.trainable)?;
+                        Some(if sharded {
+                            let r = shard(s.m.len());
+                            State {
+                                m: s.m[r.clone()].to_vec(),
+                                v: s.v[r].to_vec(),
+                            }
+                        } else {
+                            s.clone()
+                        })
+                    })
+                    .collect();
+                let links = Links {
+                    data: stage_rings.next().expect("one ring end per device"),
+                    pipeline: pipeline_rings[rank]
+                        .next()
+                        .expect("one ring end per device"),
+                    mail: mail[rank].next().expect("one mailbox per device"),
+                };
+                devices.push(Device {
+                    stage,
+                    rank,
+                    values: whole,
+                    shards,
+                    states,
+                    links: Some(links),
+                });
+            }
+        }
+        Mesh {
+            placement,
+            devices,
+            failed,
+        }
+    }
+
+    pub fn placement(&self) -> &Placement {
+        &self.placement
+    }
+
+    /// Microbatches per step over the whole mesh.
+    pub fn microbatches(&self) -> usize {
+        self.placement.microbatches * self.placement.data
+    }
+
+    /// One step over `micros` (data rank r takes the r-th share); every device runs its
+    /// schedule in its own thread. Fails with the first device's own error, if any.
+    pub fn step(
+        &mut self,
+        g: &Graph,
+        train: &Train,
+        micros: &[Batch],
+        lr: f64,
+        step_no: u64,
+    ) -> Result<StepOutcome, String> {
+        if micros.len() != self.microbatches() {
+            return Err(format!(
+                "the plan runs {} microbatches per step; the step has {}",
+                self.microbatches(),
+                micros.len()
+            ));
+        }
+        let per_rank = self.placement.microbatches;
+        let ctx = StepContext {
+            g,
+            placement: &self.placement,
+            train,
+            lr,
+            step_no,
+            scale: 1.0 / micros.len() as f32,
+        };
+        let failed = &self.failed;
+        let devices = self.devices.len();
+        let results: Vec<Result<StepOutcome, Failure>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = self
+                .devices
+                .iter_mut()
+                .map(|device| {
+                    let mine = &micros[device.rank * per_rank..(device.rank + 1) * per_rank];
+                    let links = device.links.take();
+                    let ctx = &ctx;
+                    scope.spawn(move || {
+                        let Some(mut links) = links else {
+                            return Err(Failure::Own("the device failed earlier".into()));
+                        };
+                        let result = ctx.run(device, &mut links, mine);
+                        match result {
+                            Ok(_) => device.links = Some(links),
+                            Err(_) => failed.store(true, Ordering::SeqCst),
+                        }
+                        result
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .enumerate()
+                .map(|(i, h)| {
+                    h.join().unwrap_or_else(|_| {
+                        failed.store(true, Ordering::SeqCst);
+                        Err(Failure::Own(format!("device {i} panicked")))
+                    })
+                })
+                .collect()
+        });
+        let mut outcome = None;
+        let mut peer = None;
+        for (i, result) in results.into_iter().enumerate() {
+            match result {
+                Ok(r) => outcome = outcome.or(Some(r)),
+                Err(Failure::Own(e)) if devices > 1 => return Err(format!("device {i}: {e}")),
+                Err(Failure::Own(e)) => return Err(e),
+                Err(Failure::Peer(e)) => peer = peer.or(Some(e)),
+            }
+        }
+        match (outcome, peer) {
+            (_, Some(e)) => Err(e.0),
+            (Some(r), None) => Ok(r),
+            (None, None) => Err("the mesh has no device".into()),
+        }
+    }
+
+    /// Every parameter whole, as one device would hold it.
+    pub fn values(&self, g: &Graph) -> Vec<HostTensor> {
+        (0..g.params.len())
+            .map(|i| {
+                let stage = self.first_holder(i);
+                let group = self.stage_devices(stage);
+                if self.placement.zero >= 3 {
+                    let len: usize = g.params[i].shape.iter().product::<u64>() as usize;
+                    let mut data = vec![0.0; len];
+                    for d in group {
+                        let r = ring_shard(len, self.placement.data, d.rank);
+                        data[r].copy_from_slice(d.shards[i].as_deref().unwrap_or_default());
+                    }
+                    HostTensor {
+                        shape: g.params[i].shape.iter().map(|&x| x as usize).collect(),
+                        data,
+                    }
+                } else {
+                    group[0].values[i].clone()
+                }
+            })
+            .collect()
+    }
+
+    /// Every trainable parameter's optimizer state whole, gathered from the devices owning it.
+    pub fn states(&self, g: &Graph) -> Vec<Option<State>> {
+        (0..g.params.len())
+            .map(|i| {
+                let group = self.stage_devices(self.first_holder(i));
+                if self.placement.zero == 0 {
+                    return group[0].states[i].clone();
+                }
+                let len: usize = g.params[i].shape.iter().product::<u64>() as usize;
+                let mut whole = State {
+                    m: vec![0.0; len],
+                    v: vec![0.0; len],
+                };
+                for d in group {
+                    let st = d.states[i].as_ref()?;
+                    let r = ring_shard(len, self.placement.data, d.rank);
+                    whole.m[r.clone()].copy_from_slice(&st.m);
+                    whole.v[r].copy_from_slice(&st.v);
+                }
+                Some(whole)
+            })
+            .collect()
+    }
+
+    fn first_holder(&self, param: usize) -> usize {
+        (0..self.placement.pipeline)
+            .find(|&s| self.placement.holds[s][param])
+            .unwrap_or(0)
+    }
+
+    fn stage_devices(&self, stage: usize) -> &[Device] {
+        let d = self.placement.data;
+        &self.devices[stage * d..(stage + 1) * d]
+    }
+}
+
+/// What every device's thread shares during a step.
+struct StepContext<'a> {
+    g: &'a Graph,
+    placement: &'a Placement,
+    train: &'a Train,
+    lr: f64,
+    step_no: u64,
+    /// Each microbatch's share of the step's mean loss.
+    scale: f32,
+}
+
+/// A microbatch in flight through one virtual stage of a device: the values it received or
+/// computes for others, the pieces whose tapes it keeps, and the gradients flowing back.
+#[derive(Default)]
+struct InFlight<'a> {
+    values: BTreeMap<NodeIndex, HostTensor>,
+    kept: Vec<Option<Segment<'a>>>,
+    upstream: BTreeMap<NodeIndex, HostTensor>,
+}
+
+/// The gradient of a parameter on one device: whole, or (after a ZeRO reduce-scatter) the
+/// device's shard.
+type Grads = Vec<Option<Vec<f32>>>;
+
+impl<'c> StepContext<'c> {
+    fn run(
+        &self,
+        device: &mut Device,
+        links: &mut Links,
+        micros: &'c [Batch],
+    ) -> Result<StepOutcome, Failure> {
+        let g = self.g;
+        let holds = &self.placement.holds[device.stage];
+        let mut grads: Grads = g
+            .params
+            .iter()
+            .zip(holds)
+            .map(|(p, &held)| {
+                (p.trainable && held).then(|| vec![0.0; p.shape.iter().product::<u64>() as usize])
+            })
+            .collect();
+        let mut loss = 0.0f32;
+        let mut grad_norm = 0.0;
+        let mut flight: BTreeMap<(usize, usize), InFlight> = BTreeMap::new();
+        for &action in &self.placement.schedules[device.stage] {
+            match action {
+                Action::Recv { mb, chunk } => {
+                    let k = self.virtual_stage(device.stage, chunk)?;
+                    let entry = flight.entry((mb, k)).or_default();
+                    for &(n, from) in &self.placement.virtual_stages[k].needs {
+                        let tag = tag(Payload::Activation, mb, n, from, k);
+                        entry.values.insert(n, links.mail.recv(tag)?);
+                    }
+                }
+                Action::Forward { mb, chunk } => {
+                    let k = self.virtual_stage(device.stage, chunk)?;
+                    let batch = microbatch(micros, mb)?;
+                    let entry = flight.entry((mb, k)).or_default();
+                    if let Some(l) = self.forward(device, links, batch, k, entry)? {
+                        loss += l * self.scale;
+                    }
+                }
+                Action::Send { mb, chunk } => {
+                    let k = self.virtual_stage(device.stage, chunk)?;
+                    let entry = self.in_flight(&mut flight, mb, k)?;
+                    for (n, readers) in &self.placement.virtual_stages[k].feeds {
+                        let value = entry.values.get(n).ok_or_else(|| {
+                            Failure::Own(format!("`{}` was not computed", g.dag[*n].name))
+                        })?;
+                        for &r in readers {
+                            let to = self.placement.virtual_stages[r].stage;
+                            let tag = tag(Payload::Activation, mb, *n, k, r);
+                            links.mail.send(to, tag, value.clone())?;
+                        }
+                    }
+                }
+                Action::RecvGrad { mb, chunk } => {
+                    let k = self.virtual_stage(device.stage, chunk)?;
+                    let entry = self.in_flight(&mut flight, mb, k)?;
+                    for (n, readers) in &self.placement.virtual_stages[k].feeds {
+                        for &r in readers {
+                            let grad = links.mail.recv(tag(Payload::Gradient, mb, *n, r, k))?;
+                            accumulate(&mut entry.upstream, *n, grad);
+                        }
+                    }
+                }
+                Action::Backward { mb, chunk } => {
+                    let k = self.virtual_stage(device.stage, chunk)?;
+                    let batch = microbatch(micros, mb)?;
+                    let mut entry = flight.remove(&(mb, k)).ok_or_else(|| {
+                        Failure::Own(format!("backward of microbatch {mb} before its forward"))
+                    })?;
+                    self.backward(device, links, batch, k, &mut entry, &mut grads)?;
+                    if !self.placement.virtual_stages[k].needs.is_empty() {
+                        // Kept for the send of the gradients of what it received.
+                        flight.insert((mb, k), entry);
+                    }
+                }
+                Action::SendGrad { mb, chunk } => {
+                    let k = self.virtual_stage(device.stage, chunk)?;
+                    let mut entry = flight.remove(&(mb, k)).ok_or_else(|| {
+                        Failure::Own(format!("no gradients of microbatch {mb} to send"))
+                    })?;
+                    for &(n, from) in &self.placement.virtual_stages[k].needs {
+                        let grad = match entry.upstream.remove(&n) {
+                            Some(grad) => grad,
+                            None => zeros_like(entry.values.get(&n).ok_or_else(|| {
+                                Failure::Own(format!("`{}` was not received", g.dag[n].name))
+                            })?),
+                        };
+                        let to = self.placement.virtual_stages[from].stage;
+                        links
+                            .mail
+                            .send(to, tag(Payload::Gradient, mb, n, k, from), grad)?;
+                    }
+                }
+                Action::SyncGrads => {
+                    loss = self.sync_gradients(links, &mut grads, loss)?;
+                }
+                Action::Optimizer => {
+                    grad_norm = self.optimize(device, links, &mut grads, &mut loss)?;
+                }
+                Action::GatherWeights => {
+                    for (i, held) in holds.iter().enumerate() {
+                        if *held && g.params[i].trainable {
+                            links.data.all_gather(&mut device.values[i].data)?;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(StepOutcome { loss, grad_norm })
+    }
+
+    fn virtual_stage(&self, stage: usize, chunk: usize) -> Result<usize, Failure> {
+        self.placement
+            .virtual_stage(stage, chunk)
+            .ok_or_else(|| Failure::Own(format!("stage {stage} has no chunk {chunk}")))
+    }
+
+    fn in_flight<'f, 'a>(
+        &self,
+        flight: &'f mut BTreeMap<(usize, usize), InFlight<'a>>,
+        mb: usize,
+        k: usize,
+    ) -> Result<&'f mut InFlight<'a>, Failure> {
+        flight
+            .get_mut(&(mb, k))
+            .ok_or_else(|| Failure::Own(format!("microbatch {mb} is not in flight here")))
+    }
+
+    /// Runs one piece forward, with (under ZeRO-3) its parameters gathered for the occasion.
+    fn run_piece(
+        &self,
+        device: &mut Device,
+        links: &mut Links,
+        batch: &'c Batch,
+        nodes: &[NodeIndex],
+        inputs: &[NodeIndex],
+        values: &BTreeMap<NodeIndex, HostTensor>,
+    ) -> Result<Segment<'c>, Failure> {
+        let g = self.g;
+        let received = inputs
+            .iter()
+            .map(|n| {
+                values.get(n).cloned().map(|v| (*n, v)).ok_or_else(|| {
+                    Failure::Own(format!(
+                        "`{}` is needed but was not received",
+                        g.dag[*n].name
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let gathered = self.gather_parameters(device, links, nodes)?;
+        let segment = Segment::forward(g, &device.values, batch, nodes, received);
+        for i in gathered {
+            device.values[i] = HostTensor::absent();
+        }
+        segment.map_err(|e| Failure::Own(format!("step {}: {e}", self.step_no)))
+    }
+
+    /// ZeRO-3: all-gathers the parameters `nodes` read from the data-parallel group's shards;
+    /// returns which, to release them after use.
+    fn gather_parameters(
+        &self,
+        device: &mut Device,
+        links: &mut Links,
+        nodes: &[NodeIndex],
+    ) -> Result<Vec<usize>, Failure> {
+        if self.placement.zero < 3 {
+            return Ok(Vec::new());
+        }
+        let mut ids: Vec<usize> = nodes
+            .iter()
+            .flat_map(|&n| self.g.dag[n].op.params())
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        for &i in &ids {
+            let p = &self.g.params[i];
+            let len = p.shape.iter().product::<u64>() as usize;
+            let mut data = vec![0.0; len];
+            let mine = links.data.shard(len);
+            data[mine].copy_from_slice(device.shards[i].as_deref().unwrap_or_default());
+            links.data.all_gather(&mut data)?;
+            device.values[i] = HostTensor {
+                shape: p.shape.iter().map(|&x| x as usize).collect(),
+                data,
+            };
+        }
+        Ok(ids)
+    }
+
+    /// Forward through virtual stage `k`: each piece in turn, keeping what later pieces and
+    /// stages read; returns the loss if this is where it is computed.
+    fn forward(
+        &self,
+        device: &mut Device,
+        links: &mut Links,
+        batch: &'c Batch,
+        k: usize,
+        entry: &mut InFlight<'c>,
+    ) -> Result<Option<f32>, Failure> {
+        let mut loss = None;
+        for piece in &self.placement.virtual_stages[k].pieces {
+            let segment = self.run_piece(
+                device,
+                links,
+                batch,
+                &piece.nodes,
+                &piece.inputs,
+                &entry.values,
+            )?;
+            for &n in &piece.outputs {
+                let v = segment.value(n).map_err(|e| Failure::Own(e.0))?;
+                entry.values.insert(n, v);
+            }
+            if self.g.loss.is_some_and(|l| piece.nodes.contains(&l)) {
+                let l = segment.loss().map_err(|e| Failure::Own(e.0))?;
+                if !l.is_finite() {
+                    return Err(Failure::Own(format!(
+                        "the loss became {l} at step {}; the last checkpoint is unchanged",
+                        self.step_no
+                    )));
+                }
+                loss = Some(l);
+            }
+            entry.kept.push((!piece.recompute).then_some(segment));
+        }
+        Ok(loss)
+    }
+
+    /// Backward through virtual stage `k`, pieces in reverse (recomputed ones run forward
+    /// again first); parameter gradients are added to `grads`, scaled by the microbatch's share.
+    fn backward(
+        &self,
+        device: &mut Device,
+        links: &mut Links,
+        batch: &'c Batch,
+        k: usize,
+        entry: &mut InFlight<'c>,
+        grads: &mut Grads,
+    ) -> Result<(), Failure> {
+        let pieces = &self.placement.virtual_stages[k].pieces;
+        if let Some(l) = self.g.loss {
+            if pieces.iter().any(|p| p.nodes.contains(&l)) {
+                entry.upstream.insert(l, HostTensor::scalar(1.0));
+            }
+        }
+        for (i, piece) in pieces.iter().enumerate().rev() {
+            let upstream: Vec<(NodeIndex, HostTensor)> = piece
+                .nodes
+                .iter()
+                .filter_map(|n| entry.upstream.remove(n).map(|g| (*n, g)))
+                .collect();
+            let kept = entry.kept.get_mut(i).and_then(Option::take);
+            if upstream.is_empty() {
+                continue;
+            }
+            let segment = match kept {
+                Some(s) => s,
+                None => self.run_piece(
+                    device,
+                    links,
+                    batch,
+                    &piece.nodes,
+                    &piece.inputs,
+                    &entry.values,
+                )?,
+            };
+            let out = segment
+                .backward(&upstream)
+                .map_err(|e| Failure::Own(format!("step {}: {e}", self.step_no)))?;
+            for (id, grad) in out.params {
+                if let Some(acc) = grads[id].as_mut() {
+                    acc.iter_mut()
+                        .zip(grad)
+                        .for_each(|(a, g)| *a += g * self.scale);
+                }
+            }
+            for (n, grad) in out.received {
+                accumulate(&mut entry.upstream, n, grad);
+            }
+        }
+        // Only the values received from other stages are still needed (their shapes, for the
+        // gradients sent back).
+        let needs = &self.placement.virtual_stages[k].needs;
+        entry
+            .values
+            .retain(|n, _| needs.iter().any(|(m, _)| m == n));
+        entry.kept.clear();
+        Ok(())
+    }
+
+    /// Sums gradients (and the loss) over the data-parallel group: a bucketed all-reduce, or
+    /// under ZeRO a reduce-scatter leaving each device its shard. Returns the summed loss.
+    fn sync_gradients(
+        &self,
+        links: &mut Links,
+        grads: &mut Grads,
+        loss: f32,
+    ) -> Result<f32, Failure> {
+        if self.placement.zero == 0 {
+            return Ok(all_reduce_gradients(&mut links.data, grads, loss)?);
+        }
+        // Last parameters first, as backward finishes them.
+        for g in grads.iter_mut().rev().flatten() {
+            links.data.reduce_scatter_sum(g)?;
+            let mine = links.data.shard(g.len());
+            *g = g[mine].to_vec();
+        }
+        let mut total = [loss];
+        links.data.all_reduce_sum(&mut total)?;
+        Ok(total[0])
+    }
+
+    /// Finishes the gradients (tied parameters summed over the stages holding them, the loss
+    /// and global norm over the pipeline), clips, and updates what this device owns. Returns the
+    /// norm before clipping.
+    fn optimize(
+        &self,
+        device: &mut Device,
+        links: &mut Links,
+        grads: &mut Grads,
+        loss: &mut f32,
+    ) -> Result<f64, Failure> {
+        let g = self.g;
+        let holds = &self.placement.holds;
+        let p = self.placement.pipeline;
+        let shared: Vec<usize> = (0..g.params.len())
+            .filter(|&i| g.params[i].trainable && holds.iter().filter(|h| h[i]).count() > 1)
+            .collect();
+        if p > 1 {
+            // A parameter used by several stages (tied embeddings) gets the sum of their
+            // gradients; stages without it add zeros.
+            let len = |i: usize| {
+                let n = g.params[i].shape.iter().product::<u64>() as usize;
+                if self.placement.zero >= 1 {
+                    links.data.shard(n).len()
+                } else {
+                    n
+                }
+            };
+            let mut buf: Vec<f32> = Vec::new();
+            for &i in &shared {
+                match &grads[i] {
+                    Some(gr) => buf.extend_from_slice(gr),
+                    None => buf.extend(std::iter::repeat_n(0.0, len(i))),
+                }
+            }
+            buf.push(*loss);
+            links.pipeline.all_reduce_sum(&mut buf)?;
+            *loss = buf.pop().unwrap_or_default();
+            let mut at = 0;
+            for &i in &shared {
+                let n = len(i);
+                if let Some(gr) = grads[i].as_mut() {
+                    gr.copy_from_slice(&buf[at..at + n]);
+                }
+                at += n;
+            }
+        }
+        if !loss.is_finite() {
+            return Err(Failure::Own(format!(
+                "the loss became {loss} at step {}; the last checkpoint is unchanged",
+                self.step_no
+            )));
+        }
+        let grad_norm = match self.train.grad_clip {
+            None => 0.0,
+            Some(max) => {
+                // Each value counted once: a shared parameter on the first stage holding it, a
+                // shard on the device owning it.
+                let mut sq: f64 = grads
+                    .iter()
+                    .enumerate()
+                    .filter(|&(i, _)| (0..p).find(|&s| holds[s][i]) == Some(device.stage))
+                    .filter_map(|(_, gr)| gr.as_ref())
+                    .flat_map(|gr| gr.iter())
+                    .map(|&x| f64::from(x).powi(2))
+                    .sum();
+                let mut total = [sq as f32];
+                if self.placement.zero >= 1 {
+                    links.data.all_reduce_sum(&mut total)?;
+                }
+                if p > 1 {
+                    links.pipeline.all_reduce_sum(&mut total)?;
+                }
+                if self.placement.zero >= 1 || p > 1 {
+                    sq = f64::from(total[0]);
+                }
+                let norm = sq.sqrt();
+                let factor = clip_factor(norm, max);
+                if factor != 1.0 {
+                    for gr in grads.iter_mut().flatten() {
+                        gr.iter_mut().for_each(|x| *x *= factor);
+                    }
+                }
+                norm
+            }
+        };
+        // The optimizer works on the weights in place (moved out and back, not copied): whole
+        // parameters, or under ZeRO this device's shard of each.
+        let zero = self.placement.zero;
+        let mut flat: Vec<Vec<f32>> = (0..g.params.len())
+            .map(|i| match (zero, grads[i].is_some()) {
+                (_, false) => Vec::new(),
+                (0, true) => std::mem::take(&mut device.values[i].data),
+                (1 | 2, true) => {
+                    let r = links.data.shard(device.values[i].data.len());
+                    device.values[i].data[r].to_vec()
+                }
+                _ => device.shards[i].take().unwrap_or_default(),
+            })
+            .collect();
+        step(
+            &self.train.optimizer,
+            self.lr,
+            self.step_no,
+            &mut flat,
+            grads,
+            &mut device.states,
+        );
+        for (i, updated) in flat.into_iter().enumerate() {
+            match (zero, grads[i].is_some()) {
+                (_, false) => {}
+                (0, true) => device.values[i].data = updated,
+                (1 | 2, true) => {
+                    let r = links.data.shard(device.values[i].data.len());
+                    device.values[i].data[r].copy_from_slice(&updated);
+                }
+                _ => device.shards[i] = Some(updated),
+            }
+        }
+        Ok(grad_norm)
+    }
+}
+
+fn microbatch(micros: &[Batch], mb: usize) -> Result<&Batch, Failure> {
+    micros.get(mb).ok_or_else(|| {
+        Failure::Own(format!(
+            "the schedule names microbatch {mb}, which the step does not have"
+        ))
+    })
+}
+
+fn tag(payload: Payload, microbatch: usize, node: NodeIndex, from: usize, to: usize) -> Tag {
+    Tag {
+        payload,
+        microbatch,
+        node: node.index(),
+        from,
+        to,
+    }
+}
+
+fn accumulate(into: &mut BTreeMap<NodeIndex, HostTensor>, n: NodeIndex, grad: HostTensor) {
+    match into.get_mut(&n) {
+        Some(acc) => acc
+            .data
+            .iter_mut()
+            .zip(grad.data)
+            .for_each(|(a, g)| *a += g),
+        None => {
+            into.insert(n, grad);
+        }
+    }
+}
+
+fn zeros_like(t: &HostTensor) -> HostTensor {
+    HostTensor {
+        shape: t.shape.clone(),
+        data: vec![0.0; t.data.len()],
+    }
+}
+
+/// Sums every device's gradients (and losses) in place, bucket by bucket, last parameters first
+/// (the order backward finishes them in, as DDP buckets them); returns the summed loss.
+fn all_reduce_gradients(
+    ring: &mut dyn Collective,
+    grads: &mut [Option<Vec<f32>>],
+    loss: f32,
+) -> Result<f32, CollectiveError> {
+    let order: Vec<usize> = (0..grads.len())
+        .rev()
+        .filter(|&i| grads[i].is_some())
+        .collect();
+    let mut bucket: Vec<f32> = Vec::new();
+    let mut members: Vec<usize> = Vec::new();
+    for (k, &i) in order.iter().enumerate() {
+        bucket.extend_from_slice(grads[i].as_deref().unwrap_or_default());
+        members.push(i);
+        if bucket.len() < BUCKET_VALUES && k + 1 < order.len() {
+            continue;
+        }
+        // The loss rides in the last bucket.
+        let last = k + 1 == order.len();
+        if last {
+            bucket.push(loss);
+        }
+        ring.all_reduce_sum(&mut bucket)?;
+        let mut at = 0;
+        for m in members.drain(..) {
+            if let Some(g) = grads[m].as_mut() {
+                let n = g.len();
+                g.copy_from_slice(&bucket[at..at + n]);
+                at += n;
+            }
+        }
+        if last {
+            return Ok(bucket[at]);
+        }
+        bucket.clear();
+    }
+    let mut alone = [loss];
+    ring.all_reduce_sum(&mut alone)?;
+    Ok(alone[0])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_compiler::graph::compile_graph;
+    use kiln_compiler::plan::compile_plan;
+
+    /// A device failing alone must stop the step on every device with its own error, not
+    /// leave the others waiting: in a data-parallel all-reduce (device 1's batch has no token
+    /// ids) and in a pipeline waiting for gradients (the last stage's batch has no labels).
+    #[test]
+    fn a_device_failing_alone_stops_the_step_without_hanging() {
+        let ids = vec![(1..9).collect::<Vec<i64>>()];
+        let mut good = Batch::default();
+        good.ints.insert("input_ids".into(), ids.clone());
+        good.ints.insert("labels".into(), ids.clone());
+        let mut unlabelled = Batch::default();
+        unlabelled.ints.insert("input_ids".into(), ids);
+        for (parallel, micros, culprit) in [
+            ("data = 2", vec![good.clone(), Batch::default()], "device 1"),
+            (
+                "pipeline = 2, schedule = 1f1b",
+                vec![good.clone(), unlabelled],
+                "device 1",
+            ),
+        ] {
+            let src = format!(
+                "import std.models.gpt2\nexperiment e {{ model = gpt2 {{ vocab = 64, positions = 16, hidden = 16, layers = 2, heads = 2 }}, parallel {{ mesh = cpu(2), {parallel} }}, train {{ batch = 2, micro_batch = 1, seq_len = 8 }} }}"
+            );
+            let checked = kiln_compiler::check_source("t.kiln", &src, None);
+            assert!(checked.is_ok(), "{}", checked.render_errors());
+            let e = checked.module.experiments[0].value.clone();
+            let graph = compile_graph(&e).unwrap();
+            let plan = compile_plan(&e).unwrap();
+            let placement = Placement::from_plan(&graph, &plan).unwrap();
+            let values: Vec<HostTensor> = graph
+                .params
+                .iter()
+                .map(|p| {
+                    let shape: Vec<usize> = p.shape.iter().map(|&d| d as usize).collect();
+                    let n = shape.iter().product();
+                    HostTensor {
+                        shape,
+                        data: vec![0.01; n],
+                    }
+                })
+                .collect();
+            let states = vec![None; values.len()];
+            let (done, finished) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let mut mesh = Mesh::new(&graph, placement, &values, &states);
+                done.send(mesh.step(&graph, &e.train, &micros, 1e-3, 1).err())
+                    .ok();
+            });
+            let err = finished
+                .recv_timeout(std::time::Duration::from_secs(60))
+                .expect("the step returned instead of hanging")
+                .expect("the step failed");
+            assert!(err.starts_with(culprit), "{parallel}: {err}");
+            assert!(
+                !err.contains("stopped"),
+                "{parallel}: the cause, not its echo: {err}"
+            );
+        }
+    }
+}

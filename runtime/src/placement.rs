@@ -1,0 +1,418 @@
+//! Where the plan puts things, in the executor's terms: which graph nodes each pipeline stage
+//! (and each chunk of an interleaved stage) runs, which values cross between stages, which
+//! parameters each stage holds, the pieces recomputed in the backward pass, and each stage's
+//! sequence of actions for one iteration — read from the `ExecutionPlan`, never re-decided.
+
+use kiln_compiler::graph::{Graph, Op};
+use kiln_compiler::plan::ExecutionPlan;
+use petgraph::graph::NodeIndex;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// A plan the runtime cannot follow (a planner/runtime mismatch, not a user error).
+#[derive(Debug)]
+pub struct PlacementError(pub String);
+
+fn fail<T>(message: impl Into<String>) -> Result<T, PlacementError> {
+    Err(PlacementError(message.into()))
+}
+
+/// A run of consecutive layers held by one stage: the unit that receives its inputs, runs
+/// forward and backward, and sends its outputs. Without interleaving each stage has one.
+#[derive(Clone, Debug)]
+pub struct VirtualStage {
+    pub stage: usize,
+    pub chunk: usize,
+    /// Its nodes in topological order, cut into the pieces forward keeps or recomputes.
+    pub pieces: Vec<Piece>,
+    /// Values it reads from earlier virtual stages, with the one that computes each.
+    pub needs: Vec<(NodeIndex, usize)>,
+    /// Values it computes that later virtual stages read, with the ones that read each.
+    pub feeds: Vec<(NodeIndex, Vec<usize>)>,
+}
+
+/// Consecutive nodes of a virtual stage run as one tape. A recomputed piece keeps only its
+/// inputs after the forward pass and runs forward again just before its backward.
+#[derive(Clone, Debug)]
+pub struct Piece {
+    pub nodes: Vec<NodeIndex>,
+    pub recompute: bool,
+    /// Values computed outside the piece that it reads (integer inputs aside).
+    pub inputs: Vec<NodeIndex>,
+    /// Values it computes that are read outside it.
+    pub outputs: Vec<NodeIndex>,
+}
+
+/// One entry of a stage's schedule (`R3 F3 S3 … R'3 B3 S'3 … AllReduce(grads) Optimizer`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Receive the activations of microbatch `mb` for chunk `chunk`.
+    Recv {
+        mb: usize,
+        chunk: usize,
+    },
+    Forward {
+        mb: usize,
+        chunk: usize,
+    },
+    Send {
+        mb: usize,
+        chunk: usize,
+    },
+    /// Receive the gradients of the chunk's outputs.
+    RecvGrad {
+        mb: usize,
+        chunk: usize,
+    },
+    Backward {
+        mb: usize,
+        chunk: usize,
+    },
+    SendGrad {
+        mb: usize,
+        chunk: usize,
+    },
+    /// Sum gradients over the data-parallel group (all-reduce, or reduce-scatter under ZeRO).
+    SyncGrads,
+    Optimizer,
+    /// ZeRO: every device gathers the parameters the others updated.
+    GatherWeights,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecomputeMode {
+    None,
+    /// Attention cores (their score and probability matrices) are recomputed.
+    Selective,
+    /// Each layer keeps only its input and runs forward again in the backward pass.
+    Full,
+}
+
+#[derive(Clone, Debug)]
+pub struct Placement {
+    pub data: usize,
+    pub pipeline: usize,
+    pub zero: u8,
+    pub micro_batch: usize,
+    pub microbatches: usize,
+    pub recompute: RecomputeMode,
+    /// In pipeline order: virtual stage k feeds k + 1.
+    pub virtual_stages: Vec<VirtualStage>,
+    /// `holds[stage][param]`: whether the stage's devices keep the parameter.
+    pub holds: Vec<Vec<bool>>,
+    /// One iteration of each stage's devices.
+    pub schedules: Vec<Vec<Action>>,
+}
+
+impl Placement {
+    /// One device running the whole graph: microbatches forward and backward in turn.
+    pub fn single(g: &Graph, micro_batch: usize, microbatches: usize) -> Self {
+        let mut schedule = Vec::new();
+        for mb in 0..microbatches {
+            schedule.push(Action::Forward { mb, chunk: 0 });
+            schedule.push(Action::Backward { mb, chunk: 0 });
+        }
+        schedule.push(Action::Optimizer);
+        Placement {
+            data: 1,
+            pipeline: 1,
+            zero: 0,
+            micro_batch,
+            microbatches,
+            recompute: RecomputeMode::None,
+            virtual_stages: vec![VirtualStage {
+                stage: 0,
+                chunk: 0,
+                pieces: vec![Piece {
+                    nodes: g.topo_order(),
+                    recompute: false,
+                    inputs: Vec::new(),
+                    outputs: Vec::new(),
+                }],
+                needs: Vec::new(),
+                feeds: Vec::new(),
+            }],
+            holds: vec![vec![true; g.params.len()]],
+            schedules: vec![schedule],
+        }
+    }
+
+    /// What `plan` says, for the graph it was made from.
+    pub fn from_plan(g: &Graph, plan: &ExecutionPlan) -> Result<Self, PlacementError> {
+        let st = &plan.strategy;
+        if st.tensor > 1 {
+            return fail(format!(
+                "the plan splits tensors {}-way; `kiln run` executes data and pipeline parallelism so far (set `parallel {{ tensor = 1 }}` or a manual plan)",
+                st.tensor
+            ));
+        }
+        let pipeline = st.pipeline as usize;
+        let owner = layer_owners(g, plan)?;
+        let recompute = match st.recompute.as_str() {
+            "none" => RecomputeMode::None,
+            "selective" => RecomputeMode::Selective,
+            "full" => RecomputeMode::Full,
+            other => return fail(format!("unknown recompute setting `{other}` in the plan")),
+        };
+        // Virtual stages: maximal runs of consecutive layers on one stage, in layer order.
+        let mut runs: Vec<(usize, Vec<usize>)> = Vec::new();
+        for (layer, &stage) in owner.iter().enumerate() {
+            match runs.last_mut() {
+                Some((s, layers)) if *s == stage => layers.push(layer),
+                _ => runs.push((stage, vec![layer])),
+            }
+        }
+        let mut vstage_of_layer = vec![0; owner.len()];
+        for (k, (_, layers)) in runs.iter().enumerate() {
+            for &l in layers {
+                vstage_of_layer[l] = k;
+            }
+        }
+        let order = g.topo_order();
+        let home = |n: NodeIndex| -> Option<usize> {
+            (!matches!(g.dag[n].op, Op::Input { .. })).then(|| vstage_of_layer[g.dag[n].layer])
+        };
+        let mut needs: Vec<Vec<(NodeIndex, usize)>> = vec![Vec::new(); runs.len()];
+        let mut feeds: Vec<BTreeMap<NodeIndex, Vec<usize>>> = vec![BTreeMap::new(); runs.len()];
+        let mut nodes: Vec<Vec<NodeIndex>> = vec![Vec::new(); runs.len()];
+        for &n in &order {
+            let Some(k) = home(n) else { continue };
+            nodes[k].push(n);
+            for i in g.inputs(n) {
+                let Some(j) = home(i) else { continue };
+                if j > k {
+                    return fail(format!(
+                        "`{}` reads `{}` from a later pipeline stage",
+                        g.dag[n].name, g.dag[i].name
+                    ));
+                }
+                if j < k {
+                    if !needs[k].iter().any(|&(m, _)| m == i) {
+                        needs[k].push((i, j));
+                    }
+                    let readers = feeds[j].entry(i).or_default();
+                    if !readers.contains(&k) {
+                        readers.push(k);
+                    }
+                }
+            }
+        }
+        let mut chunks_seen = vec![0usize; pipeline];
+        let mut virtual_stages = Vec::with_capacity(runs.len());
+        for (k, (stage, _)) in runs.iter().enumerate() {
+            let chunk = chunks_seen[*stage];
+            chunks_seen[*stage] += 1;
+            virtual_stages.push(VirtualStage {
+                stage: *stage,
+                chunk,
+                pieces: pieces(g, &nodes[k], recompute),
+                needs: std::mem::take(&mut needs[k]),
+                feeds: std::mem::take(&mut feeds[k]).into_iter().collect(),
+            });
+        }
+        let mut holds = vec![vec![false; g.params.len()]; pipeline];
+        for v in &virtual_stages {
+            for piece in &v.pieces {
+                for &n in &piece.nodes {
+                    for id in g.dag[n].op.params() {
+                        holds[v.stage][id] = true;
+                    }
+                }
+            }
+        }
+        if plan.schedule.len() != pipeline {
+            return fail("the plan's schedule does not list every stage");
+        }
+        let schedules = plan
+            .schedule
+            .iter()
+            .map(|s| parse_schedule(&s.steps))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Placement {
+            data: st.data as usize,
+            pipeline,
+            zero: st.zero,
+            micro_batch: st.micro_batch as usize,
+            microbatches: st.microbatches as usize,
+            recompute,
+            virtual_stages,
+            holds,
+            schedules,
+        })
+    }
+
+    /// Devices in the plan's rank order (tensor fastest, then data, then pipeline).
+    pub fn devices(&self) -> usize {
+        self.data * self.pipeline
+    }
+
+    /// The virtual stage that is chunk `chunk` of `stage`.
+    pub fn virtual_stage(&self, stage: usize, chunk: usize) -> Option<usize> {
+        self.virtual_stages
+            .iter()
+            .position(|v| v.stage == stage && v.chunk == chunk)
+    }
+}
+
+/// The pipeline stage of every layer, from the plan's stage table (`embedding`, `block.0-11`,
+/// `head`).
+fn layer_owners(g: &Graph, plan: &ExecutionPlan) -> Result<Vec<usize>, PlacementError> {
+    let mut owner: Vec<Option<usize>> = vec![None; g.layers.len()];
+    let index: BTreeMap<&str, usize> = g
+        .layers
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (l.name.as_str(), i))
+        .collect();
+    for (s, stage) in plan.stages.iter().enumerate() {
+        for name in &stage.layers {
+            let layers: Vec<usize> = match name
+                .strip_prefix("block.")
+                .and_then(|r| r.split_once('-'))
+            {
+                Some((a, b)) => {
+                    let (Ok(a), Ok(b)) = (a.parse::<usize>(), b.parse::<usize>()) else {
+                        return fail(format!("cannot read the plan's layer range `{name}`"));
+                    };
+                    (a..=b)
+                        .map(|i| {
+                            index
+                                .get(format!("block.{i}").as_str())
+                                .copied()
+                                .ok_or_else(|| {
+                                    PlacementError(format!("the graph has no layer `block.{i}`"))
+                                })
+                        })
+                        .collect::<Result<_, _>>()?
+                }
+                None => vec![*index
+                    .get(name.as_str())
+                    .ok_or_else(|| PlacementError(format!("the graph has no layer `{name}`")))?],
+            };
+            for l in layers {
+                if owner[l].replace(s).is_some() {
+                    return fail(format!("layer `{}` is on two stages", g.layers[l].name));
+                }
+            }
+        }
+    }
+    owner
+        .into_iter()
+        .enumerate()
+        .map(|(l, o)| {
+            o.ok_or_else(|| PlacementError(format!("layer `{}` is on no stage", g.layers[l].name)))
+        })
+        .collect()
+}
+
+/// Cuts a virtual stage's nodes into pieces: one kept piece without recompute; a recomputed
+/// piece per layer under full recompute (each layer keeps only its input); under selective
+/// recompute, each attention core on its own, recomputed, between kept pieces.
+fn pieces(g: &Graph, nodes: &[NodeIndex], mode: RecomputeMode) -> Vec<Piece> {
+    let mut out: Vec<Piece> = Vec::new();
+    let mut push = |n: NodeIndex, recompute: bool, fresh: bool| match out.last_mut() {
+        Some(p) if !fresh && p.recompute == recompute => p.nodes.push(n),
+        _ => out.push(Piece {
+            nodes: vec![n],
+            recompute,
+            inputs: Vec::new(),
+            outputs: Vec::new(),
+        }),
+    };
+    let mut layer = None;
+    for &n in nodes {
+        let node = &g.dag[n];
+        match mode {
+            RecomputeMode::None => push(n, false, false),
+            RecomputeMode::Full => {
+                let fresh = layer != Some(node.layer);
+                layer = Some(node.layer);
+                push(n, true, fresh)
+            }
+            RecomputeMode::Selective => {
+                let core = matches!(node.op, Op::Attention { .. });
+                push(n, core, core)
+            }
+        }
+    }
+    for piece in &mut out {
+        let inside: BTreeSet<NodeIndex> = piece.nodes.iter().copied().collect();
+        for &n in &piece.nodes {
+            for i in g.inputs(n) {
+                let outside = !inside.contains(&i) && !matches!(g.dag[i].op, Op::Input { .. });
+                if outside && !piece.inputs.contains(&i) {
+                    piece.inputs.push(i);
+                }
+            }
+            let read_outside = g
+                .dag
+                .neighbors_directed(n, petgraph::Direction::Outgoing)
+                .any(|m| !inside.contains(&m));
+            if read_outside {
+                piece.outputs.push(n);
+            }
+        }
+    }
+    out
+}
+
+/// Reads a stage's steps as `kiln plan` prints them.
+fn parse_schedule(steps: &str) -> Result<Vec<Action>, PlacementError> {
+    steps
+        .split_whitespace()
+        .map(|token| {
+            let action = match token {
+                "AllReduce(grads)" | "ReduceScatter(grads)" => return Ok(Action::SyncGrads),
+                "Optimizer" => return Ok(Action::Optimizer),
+                "AllGather(weights)" => return Ok(Action::GatherWeights),
+                _ => token,
+            };
+            let (kind, id) = match action.char_indices().find(|(_, c)| c.is_ascii_digit()) {
+                Some((at, _)) => action.split_at(at),
+                None => return fail(format!("unknown schedule step `{token}`")),
+            };
+            let (mb, chunk) = match id.split_once('.') {
+                Some((mb, c)) => (mb.parse(), c.parse()),
+                None => (id.parse(), Ok(0)),
+            };
+            let (Ok(mb), Ok(chunk)) = (mb, chunk) else {
+                return fail(format!("unknown schedule step `{token}`"));
+            };
+            Ok(match kind {
+                "R" => Action::Recv { mb, chunk },
+                "F" => Action::Forward { mb, chunk },
+                "S" => Action::Send { mb, chunk },
+                "R'" => Action::RecvGrad { mb, chunk },
+                "B" => Action::Backward { mb, chunk },
+                "S'" => Action::SendGrad { mb, chunk },
+                _ => return fail(format!("unknown schedule step `{token}`")),
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedules_read_as_the_planner_writes_them() {
+        let steps = parse_schedule("R0 F0 S0 F1.2 R'0 B0 S'0 AllReduce(grads) Optimizer")
+            .expect("a valid schedule");
+        assert_eq!(
+            steps,
+            vec![
+                Action::Recv { mb: 0, chunk: 0 },
+                Action::Forward { mb: 0, chunk: 0 },
+                Action::Send { mb: 0, chunk: 0 },
+                Action::Forward { mb: 1, chunk: 2 },
+                Action::RecvGrad { mb: 0, chunk: 0 },
+                Action::Backward { mb: 0, chunk: 0 },
+                Action::SendGrad { mb: 0, chunk: 0 },
+                Action::SyncGrads,
+                Action::Optimizer,
+            ]
+        );
+        assert!(parse_schedule("Q0").is_err());
+        assert!(parse_schedule("F").is_err());
+    }
+}
