@@ -4,6 +4,7 @@
 //! loss yields gradients for every parameter the ops touched.
 
 use crate::checkpoint::HostTensor;
+use crate::tensor_parallel::RankOps;
 use dfdx::prelude::*;
 use kiln_compiler::graph::{Act, Graph, InputKind, Layout, Op, ParamRef, Pick};
 use petgraph::graph::NodeIndex;
@@ -23,6 +24,7 @@ type T1 = Tensor<(usize,), f32, Dev>;
 type T2 = Tensor<(usize, usize), f32, Dev>;
 type T3 = Tensor<(usize, usize, usize), f32, Dev>;
 type T4 = Tensor<(usize, usize, usize, usize), f32, Dev>;
+type T3Taped = Tensor<(usize, usize, usize), f32, Dev, Tape>;
 
 /// HF's mask value: the most negative finite f32, so fully masked rows stay finite.
 const MASKED: f32 = f32::MIN;
@@ -120,6 +122,8 @@ struct Interpreter<'g> {
     params: Vec<Option<P>>,
     values: Vec<Option<V>>,
     batch: &'g Batch,
+    /// What this tensor-parallel rank does differently (nothing on one device).
+    ops: &'g RankOps,
 }
 
 /// Runs forward and backward for one batch over the whole graph on one device.
@@ -131,7 +135,8 @@ pub fn forward_backward(
     let Some(loss_node) = g.loss else {
         return err("the graph has no loss");
     };
-    let segment = Segment::forward(g, values, batch, &g.topo_order(), Vec::new())?;
+    let whole = RankOps::default();
+    let segment = Segment::forward(g, values, batch, &whole, &g.topo_order(), Vec::new())?;
     let loss = segment.loss()?;
     if !loss.is_finite() {
         return err(format!("the loss is {loss}"));
@@ -172,6 +177,7 @@ impl<'g> Segment<'g> {
         g: &'g Graph,
         params: &[HostTensor],
         batch: &'g Batch,
+        ops: &'g RankOps,
         nodes: &[NodeIndex],
         received: Vec<(NodeIndex, HostTensor)>,
     ) -> Result<Self, ExecError> {
@@ -206,6 +212,7 @@ impl<'g> Segment<'g> {
             params,
             values: vec![None; g.dag.node_count()],
             batch,
+            ops,
         };
         let mut ids = Vec::with_capacity(received.len());
         for (n, t) in received {
@@ -557,14 +564,35 @@ impl Interpreter<'_> {
             Op::Embedding { table } => {
                 let ids = self.input(n, 0)?.ints("ids")?.clone();
                 let (b, s) = (ids.len(), ids.first().map_or(0, Vec::len));
-                let flat: Vec<usize> = ids.iter().flatten().map(|&i| i.max(0) as usize).collect();
-                let idx: Tensor<(usize, usize), usize, Dev> =
-                    self.dev.tensor_from_vec(flat, (b, s));
                 let w = self.p2(table)?;
                 let tape = self.take_tape();
-                let out: Tensor<(usize, usize, usize), f32, Dev, Tape> =
-                    w.put_tape(tape).gather(idx);
-                Ok(self.keep3(out))
+                let Some(&(lo, hi)) = self.ops.vocab_rows.get(&n) else {
+                    let flat: Vec<usize> =
+                        ids.iter().flatten().map(|&i| i.max(0) as usize).collect();
+                    let idx: Tensor<(usize, usize), usize, Dev> =
+                        self.dev.tensor_from_vec(flat, (b, s));
+                    let out: T3Taped = w.put_tape(tape).gather(idx);
+                    return Ok(self.keep3(out));
+                };
+                // Vocabulary-parallel: this rank's rows, zeros for ids another rank holds (the
+                // all-reduce that follows adds the right row).
+                let local = |i: i64| (i.max(0) as usize).checked_sub(lo).filter(|&r| r < hi - lo);
+                let flat: Vec<usize> = ids
+                    .iter()
+                    .flatten()
+                    .map(|&i| local(i).unwrap_or(0))
+                    .collect();
+                let held: Vec<f32> = ids
+                    .iter()
+                    .flatten()
+                    .map(|&i| if local(i).is_some() { 1.0 } else { 0.0 })
+                    .collect();
+                let idx: Tensor<(usize, usize), usize, Dev> =
+                    self.dev.tensor_from_vec(flat, (b, s));
+                let d = w.shape().1;
+                let held: T2 = self.dev.tensor_from_vec(held, (b, s));
+                let out: T3Taped = w.put_tape(tape).gather(idx);
+                Ok(self.keep3(out * held.broadcast_like::<_, Axis<2>>(&(b, s, d))))
             }
             Op::PositionEmbedding { table, offset } => {
                 let x = self.input(n, 0)?.r3("x")?;
@@ -667,10 +695,26 @@ impl Interpreter<'_> {
                 ..
             } => {
                 let x = self.input(n, 0)?.clone();
-                self.linear(x, weight, bias, layout)
+                // A partial sum gets the bias once, from rank 0.
+                let bias = bias.filter(|_| self.ops.rank == 0 || !self.ops.bias_once.contains(&n));
+                let outputs = match weight.outputs {
+                    Some(_) => self
+                        .ops
+                        .slices
+                        .get(&n)
+                        .copied()
+                        .or(weight.outputs.map(|(a, e)| (a as usize, e as usize))),
+                    None => None,
+                };
+                self.linear(x, weight.id, bias, layout, outputs)
             }
             Op::Slice { start, len } => {
-                let (start, end) = (start as usize, (start + len) as usize);
+                let (start, end) = self
+                    .ops
+                    .slices
+                    .get(&n)
+                    .copied()
+                    .unwrap_or((start as usize, (start + len) as usize));
                 match self.input(n, 0)?.clone() {
                     V::R3(x) => {
                         let tape = self.take_tape();
@@ -863,12 +907,14 @@ impl Interpreter<'_> {
         }
     }
 
+    /// `x·W + b` (or `x·Wᵀ + b`); `outputs` takes a range of the product's features.
     fn linear(
         &mut self,
         x: V,
-        weight: ParamRef,
+        weight: usize,
         bias: Option<ParamRef>,
         layout: Layout,
+        outputs: Option<(usize, usize)>,
     ) -> Result<V, ExecError> {
         // A pooled [b, d] input runs as [b, 1, d].
         let pooled = matches!(x, V::R2(_));
@@ -885,7 +931,7 @@ impl Interpreter<'_> {
             other => other.r3("x")?,
         };
         let (b, s, _) = *x.shape();
-        let w = self.p2(weight.id)?;
+        let w = self.p2(weight)?;
         let tape = self.take_tape();
         let x = x.put_tape(tape);
         let y = match layout {
@@ -902,8 +948,8 @@ impl Interpreter<'_> {
             None => y,
         };
         // A range of a fused weight (GPT-2's c_attn read as q, k, v): the full product, sliced.
-        let y = match weight.outputs {
-            Some((a, e)) => y.slice((.., .., a as usize..e as usize)).realize(),
+        let y = match outputs {
+            Some((a, e)) => y.slice((.., .., a..e)).realize(),
             None => y,
         };
         if pooled {
@@ -962,10 +1008,12 @@ impl Interpreter<'_> {
         causal: bool,
         dropout: f64,
     ) -> Result<V, ExecError> {
-        let (heads, kv_heads, d) = dims;
-        let (b, s, _) = *q.shape();
+        let (all_heads, _, d) = dims;
+        let (b, s, width) = *q.shape();
         let skv = k.shape().1;
-        let group = heads / kv_heads;
+        // The heads this rank holds (all of them without tensor parallelism).
+        let (heads, kv_heads) = (width / d, k.shape().2 / d);
+        let group = heads / kv_heads.max(1);
         // Keys without a query of their own (prefixes) come first: query i sees keys up to i + P.
         let past = skv - s;
         let mut mask = vec![0.0f32; b * s * skv];
@@ -1020,7 +1068,16 @@ impl Interpreter<'_> {
         let scores =
             q.put_tape(tape).matmul(k.permute::<_, Axes4<0, 1, 3, 2>>()) / (d as f32).sqrt();
         let probs = (scores + mask).softmax::<Axis<3>>();
-        let probs = match self.dropout_mask((b, heads, s, skv), dropout) {
+        // Dropout masks are drawn for every head, so that a rank holding some of them drops
+        // what one device would.
+        let first = self.ops.rank * heads;
+        let mask = if heads == all_heads {
+            self.dropout_mask((b, heads, s, skv), dropout)
+        } else {
+            self.dropout_mask((b, all_heads, s, skv), dropout)
+                .map(|m| m.slice((.., first..first + heads, .., ..)).realize())
+        };
+        let probs = match mask {
             Some(m) => probs * m,
             None => probs,
         };

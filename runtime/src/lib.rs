@@ -16,4 +16,5 @@ pub mod pet;
 pub mod placement;
 pub mod plot;
 mod rng;
+pub mod tensor_parallel;
 pub mod train;

@@ -14,7 +14,8 @@ use crate::collective::{
 };
 use crate::exec::{Batch, Segment};
 use crate::optim::{clip_factor, step, State};
-use crate::placement::{Action, Placement};
+use crate::placement::{Action, Piece, Placement};
+use crate::tensor_parallel::{last_axis, Conversion};
 use kiln_compiler::graph::Graph;
 use kiln_compiler::spec::Train;
 use petgraph::graph::NodeIndex;
@@ -46,9 +47,11 @@ impl From<CollectiveError> for Failure {
     }
 }
 
-/// A device's links: its data-parallel group (same stage), its pipeline group (same data
-/// rank; for tied parameters and the global loss and norm) and its stage-to-stage mailbox.
+/// A device's links: its tensor-parallel group (same stage and data rank), its data-parallel
+/// group (same stage and tensor rank), its pipeline group (same data and tensor rank; for tied
+/// parameters and the global loss and norm) and its stage-to-stage mailbox.
 struct Links {
+    tensor: CpuRing,
     data: CpuRing,
     pipeline: CpuRing,
     mail: Mailbox,
@@ -57,12 +60,16 @@ struct Links {
 /// One device's state across steps.
 struct Device {
     stage: usize,
+    /// Data-parallel rank.
     rank: usize,
-    /// The parameters it holds whole (absent: another stage's, or sharded under ZeRO-3).
+    /// Tensor-parallel rank.
+    part: usize,
+    /// The parameters it holds (its tensor-parallel shard of them; absent: another stage's,
+    /// or sharded under ZeRO-3).
     values: Vec<HostTensor>,
-    /// ZeRO-3: its shard of each parameter its stage holds.
+    /// ZeRO-3: its share (over the data-parallel group) of each parameter its stage holds.
     shards: Vec<Option<Vec<f32>>>,
-    /// Optimizer state of what it updates: whole parameters, or its shards under ZeRO.
+    /// Optimizer state of what it updates: its parameters, or its shares under ZeRO.
     states: Vec<Option<State>>,
     /// Taken by the step's thread, which drops them if the device fails so that its peers'
     /// collectives fail instead of waiting.
@@ -84,66 +91,86 @@ impl Mesh {
         values: &[HostTensor],
         states: &[Option<State>],
     ) -> Self {
-        let (d, p) = (placement.data, placement.pipeline);
+        let (t, d, p) = (placement.tensor.size, placement.data, placement.pipeline);
         let failed = Arc::new(AtomicBool::new(false));
-        let mut data_rings: Vec<_> = (0..p).map(|_| cpu_ring(d).into_iter()).collect();
-        let mut pipeline_rings: Vec<_> = (0..d).map(|_| cpu_ring(p).into_iter()).collect();
-        let mut mail: Vec<_> = (0..d).map(|_| mailboxes(p, &failed).into_iter()).collect();
-        let mut devices = Vec::with_capacity(d * p);
-        for (stage, stage_rings) in data_rings.iter_mut().enumerate() {
+        // Ring ends handed out in device order (tensor rank fastest, then data, then stage).
+        let mut tensor_rings: Vec<_> = (0..p * d).map(|_| cpu_ring(t).into_iter()).collect();
+        let mut data_rings: Vec<_> = (0..p * t).map(|_| cpu_ring(d).into_iter()).collect();
+        let mut pipeline_rings: Vec<_> = (0..d * t).map(|_| cpu_ring(p).into_iter()).collect();
+        let mut mail: Vec<_> = (0..d * t)
+            .map(|_| mailboxes(p, &failed).into_iter())
+            .collect();
+        let (zero3, sharded) = (placement.zero >= 3, placement.zero >= 1);
+        let mut devices = Vec::with_capacity(t * d * p);
+        for stage in 0..p {
             for rank in 0..d {
-                let holds = &placement.holds[stage];
-                let zero3 = placement.zero >= 3;
-                let sharded = placement.zero >= 1;
-                let shard = |len: usize| ring_shard(len, d, rank);
-                let shards = values
-                    .iter()
-                    .zip(holds)
-                    .map(|(v, &held)| (zero3 && held).then(|| v.data[shard(v.data.len())].to_vec()))
-                    .collect();
-                let whole = values
-                    .iter()
-                    .zip(holds)
-                    .map(|(v, &held)| {
-                        if held && !zero3 {
-                            v.clone()
-                        } else {
-                            HostTensor::absent()
-                        }
-                    })
-                    .collect();
-                let states = states
-                    .iter()
-                    .zip(holds)
-                    .zip(&g.params)
-                    .map(|((s, &held), param)| {
-                        let s = s.as_ref().filter(|_| held && param.trainable)?;
-                        Some(if sharded {
-                            let r = shard(s.m.len());
-                            State {
-                                m: s.m[r.clone()].to_vec(),
-                                v: s.v[r].to_vec(),
+                for part in 0..t {
+                    let holds = &placement.holds[stage];
+                    let share = |len: usize| ring_shard(len, d, rank);
+                    let local: Vec<HostTensor> = values
+                        .iter()
+                        .zip(&placement.tensor.params)
+                        .zip(holds)
+                        .map(|((v, layout), &held)| {
+                            if held {
+                                layout.shard(v, part, t)
+                            } else {
+                                HostTensor::absent()
                             }
-                        } else {
-                            s.clone()
                         })
-                    })
-                    .collect();
-                let links = Links {
-                    data: stage_rings.next().expect("one ring end per device"),
-                    pipeline: pipeline_rings[rank]
-                        .next()
-                        .expect("one ring end per device"),
-                    mail: mail[rank].next().expect("one mailbox per device"),
-                };
-                devices.push(Device {
-                    stage,
-                    rank,
-                    values: whole,
-                    shards,
-                    states,
-                    links: Some(links),
-                });
+                        .collect();
+                    let shards = local
+                        .iter()
+                        .zip(holds)
+                        .map(|(v, &held)| {
+                            (zero3 && held).then(|| v.data[share(v.data.len())].to_vec())
+                        })
+                        .collect();
+                    let states = states
+                        .iter()
+                        .enumerate()
+                        .map(|(i, s)| {
+                            let s = s.as_ref().filter(|_| holds[i] && g.params[i].trainable)?;
+                            let layout = &placement.tensor.params[i];
+                            let cut = |x: &[f32]| {
+                                let whole = HostTensor {
+                                    shape: values[i].shape.clone(),
+                                    data: x.to_vec(),
+                                };
+                                let mine = layout.shard(&whole, part, t).data;
+                                if sharded {
+                                    mine[share(mine.len())].to_vec()
+                                } else {
+                                    mine
+                                }
+                            };
+                            Some(State {
+                                m: cut(&s.m),
+                                v: cut(&s.v),
+                            })
+                        })
+                        .collect();
+                    let links = Links {
+                        tensor: tensor_rings[stage * d + rank].next().expect("a ring end"),
+                        data: data_rings[stage * t + part].next().expect("a ring end"),
+                        pipeline: pipeline_rings[rank * t + part].next().expect("a ring end"),
+                        mail: mail[rank * t + part].next().expect("a mailbox"),
+                    };
+                    let values = if zero3 {
+                        vec![HostTensor::absent(); local.len()]
+                    } else {
+                        local
+                    };
+                    devices.push(Device {
+                        stage,
+                        rank,
+                        part,
+                        values,
+                        shards,
+                        states,
+                        links: Some(links),
+                    });
+                }
             }
         }
         Mesh {
@@ -213,11 +240,10 @@ impl Mesh {
                 .collect();
             handles
                 .into_iter()
-                .enumerate()
-                .map(|(i, h)| {
+                .map(|h| {
                     h.join().unwrap_or_else(|_| {
                         failed.store(true, Ordering::SeqCst);
-                        Err(Failure::Own(format!("device {i} panicked")))
+                        Err(Failure::Own(format!("panicked during step {step_no}")))
                     })
                 })
                 .collect()
@@ -243,22 +269,14 @@ impl Mesh {
     pub fn values(&self, g: &Graph) -> Vec<HostTensor> {
         (0..g.params.len())
             .map(|i| {
-                let stage = self.first_holder(i);
-                let group = self.stage_devices(stage);
-                if self.placement.zero >= 3 {
-                    let len: usize = g.params[i].shape.iter().product::<u64>() as usize;
-                    let mut data = vec![0.0; len];
-                    for d in group {
-                        let r = ring_shard(len, self.placement.data, d.rank);
-                        data[r].copy_from_slice(d.shards[i].as_deref().unwrap_or_default());
+                let local = self.local_parts(g, i, |d, _| {
+                    if self.placement.zero >= 3 {
+                        d.shards[i].clone().unwrap_or_default()
+                    } else {
+                        d.values[i].data.clone()
                     }
-                    HostTensor {
-                        shape: g.params[i].shape.iter().map(|&x| x as usize).collect(),
-                        data,
-                    }
-                } else {
-                    group[0].values[i].clone()
-                }
+                });
+                self.unshard(g, i, local)
             })
             .collect()
     }
@@ -267,24 +285,72 @@ impl Mesh {
     pub fn states(&self, g: &Graph) -> Vec<Option<State>> {
         (0..g.params.len())
             .map(|i| {
-                let group = self.stage_devices(self.first_holder(i));
-                if self.placement.zero == 0 {
-                    return group[0].states[i].clone();
+                let holder = self.first_holder(i);
+                let group = self.stage_devices(holder);
+                if group.iter().any(|d| d.states[i].is_none()) {
+                    return None;
                 }
-                let len: usize = g.params[i].shape.iter().product::<u64>() as usize;
-                let mut whole = State {
-                    m: vec![0.0; len],
-                    v: vec![0.0; len],
-                };
-                for d in group {
-                    let st = d.states[i].as_ref()?;
-                    let r = ring_shard(len, self.placement.data, d.rank);
-                    whole.m[r.clone()].copy_from_slice(&st.m);
-                    whole.v[r].copy_from_slice(&st.v);
-                }
-                Some(whole)
+                let m = self.local_parts(g, i, |d, _| {
+                    d.states[i]
+                        .as_ref()
+                        .map(|s| s.m.clone())
+                        .unwrap_or_default()
+                });
+                let v = self.local_parts(g, i, |d, _| {
+                    d.states[i]
+                        .as_ref()
+                        .map(|s| s.v.clone())
+                        .unwrap_or_default()
+                });
+                Some(State {
+                    m: self.unshard(g, i, m).data,
+                    v: self.unshard(g, i, v).data,
+                })
             })
             .collect()
+    }
+
+    /// Each tensor-parallel rank's local copy of something about parameter `i` (read by
+    /// `part_of` from the devices of the first stage holding it), reassembled from the
+    /// data-parallel group's shares under ZeRO when `part_of` reads a share.
+    fn local_parts(
+        &self,
+        g: &Graph,
+        i: usize,
+        part_of: impl Fn(&Device, usize) -> Vec<f32>,
+    ) -> Vec<HostTensor> {
+        let (t, d) = (self.placement.tensor.size, self.placement.data);
+        let layout = &self.placement.tensor.params[i];
+        let shape: Vec<usize> = g.params[i].shape.iter().map(|&x| x as usize).collect();
+        let group = self.stage_devices(self.first_holder(i));
+        (0..t)
+            .map(|part| {
+                let local_shape = layout.local_shape(&shape, part, t);
+                let len: usize = local_shape.iter().product();
+                let mut data = vec![0.0; len];
+                let pieces: Vec<Vec<f32>> = (0..d)
+                    .map(|rank| part_of(&group[rank * t + part], len))
+                    .collect();
+                if pieces[0].len() == len {
+                    data.copy_from_slice(&pieces[0]);
+                } else {
+                    for (rank, piece) in pieces.iter().enumerate() {
+                        data[ring_shard(len, d, rank)].copy_from_slice(piece);
+                    }
+                }
+                HostTensor {
+                    shape: local_shape,
+                    data,
+                }
+            })
+            .collect()
+    }
+
+    fn unshard(&self, g: &Graph, i: usize, parts: Vec<HostTensor>) -> HostTensor {
+        let refs: Vec<&HostTensor> = parts.iter().collect();
+        let mut whole = self.placement.tensor.params[i].unshard(&refs);
+        whole.shape = g.params[i].shape.iter().map(|&x| x as usize).collect();
+        whole
     }
 
     fn first_holder(&self, param: usize) -> usize {
@@ -293,9 +359,10 @@ impl Mesh {
             .unwrap_or(0)
     }
 
+    /// The devices of a stage, in order (data rank, then tensor rank).
     fn stage_devices(&self, stage: usize) -> &[Device] {
-        let d = self.placement.data;
-        &self.devices[stage * d..(stage + 1) * d]
+        let n = self.placement.data * self.placement.tensor.size;
+        &self.devices[stage * n..(stage + 1) * n]
     }
 }
 
@@ -315,6 +382,8 @@ struct StepContext<'a> {
 #[derive(Default)]
 struct InFlight<'a> {
     values: BTreeMap<NodeIndex, HostTensor>,
+    /// Values all-reduced or all-gathered over the tensor-parallel group for whole computation.
+    converted: BTreeMap<NodeIndex, HostTensor>,
     kept: Vec<Option<Segment<'a>>>,
     upstream: BTreeMap<NodeIndex, HostTensor>,
 }
@@ -332,12 +401,19 @@ impl<'c> StepContext<'c> {
     ) -> Result<StepOutcome, Failure> {
         let g = self.g;
         let holds = &self.placement.holds[device.stage];
+        let tensor = &self.placement.tensor;
         let mut grads: Grads = g
             .params
             .iter()
             .zip(holds)
-            .map(|(p, &held)| {
-                (p.trainable && held).then(|| vec![0.0; p.shape.iter().product::<u64>() as usize])
+            .zip(&tensor.params)
+            .map(|((p, &held), layout)| {
+                let shape: Vec<usize> = p.shape.iter().map(|&x| x as usize).collect();
+                let local: usize = layout
+                    .local_shape(&shape, device.part, tensor.size)
+                    .iter()
+                    .product();
+                (p.trainable && held).then(|| vec![0.0; local])
             })
             .collect();
         let mut loss = 0.0f32;
@@ -450,30 +526,52 @@ impl<'c> StepContext<'c> {
             .ok_or_else(|| Failure::Own(format!("microbatch {mb} is not in flight here")))
     }
 
-    /// Runs one piece forward, with (under ZeRO-3) its parameters gathered for the occasion.
+    /// Runs one piece forward: its inputs (through the tensor-parallel collective each edge
+    /// needs, done once and kept for a recomputation) and, under ZeRO-3, its parameters
+    /// gathered for the occasion.
     fn run_piece(
         &self,
         device: &mut Device,
         links: &mut Links,
         batch: &'c Batch,
-        nodes: &[NodeIndex],
-        inputs: &[NodeIndex],
-        values: &BTreeMap<NodeIndex, HostTensor>,
+        piece: &Piece,
+        entry: &mut InFlight<'c>,
     ) -> Result<Segment<'c>, Failure> {
         let g = self.g;
-        let received = inputs
-            .iter()
-            .map(|n| {
-                values.get(n).cloned().map(|v| (*n, v)).ok_or_else(|| {
-                    Failure::Own(format!(
-                        "`{}` is needed but was not received",
-                        g.dag[*n].name
-                    ))
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let gathered = self.gather_parameters(device, links, nodes)?;
-        let segment = Segment::forward(g, &device.values, batch, nodes, received);
+        let tensor = &self.placement.tensor;
+        let mut received = Vec::with_capacity(piece.inputs.len());
+        for (n, conversion) in &piece.inputs {
+            let raw = entry.values.get(n).ok_or_else(|| {
+                Failure::Own(format!(
+                    "`{}` is needed but was not received",
+                    g.dag[*n].name
+                ))
+            })?;
+            let value = match conversion {
+                Conversion::None | Conversion::ReduceGradient => raw.clone(),
+                Conversion::AllReduce | Conversion::AllGather(_) => match entry.converted.get(n) {
+                    Some(v) => v.clone(),
+                    None => {
+                        let v = match conversion {
+                            Conversion::AllGather(sections) => {
+                                all_gather_split(&mut links.tensor, raw, sections)?
+                            }
+                            _ => {
+                                let mut v = raw.clone();
+                                links.tensor.all_reduce_sum(&mut v.data)?;
+                                v
+                            }
+                        };
+                        entry.converted.insert(*n, v.clone());
+                        v
+                    }
+                },
+            };
+            received.push((*n, value));
+        }
+        let gathered = self.gather_parameters(device, links, &piece.nodes)?;
+        let ops = &tensor.ranks[device.part];
+        let segment = Segment::forward(g, &device.values, batch, ops, &piece.nodes, received);
         for i in gathered {
             device.values[i] = HostTensor::absent();
         }
@@ -499,15 +597,15 @@ impl<'c> StepContext<'c> {
         ids.dedup();
         for &i in &ids {
             let p = &self.g.params[i];
-            let len = p.shape.iter().product::<u64>() as usize;
+            let tensor = &self.placement.tensor;
+            let shape: Vec<usize> = p.shape.iter().map(|&x| x as usize).collect();
+            let shape = tensor.params[i].local_shape(&shape, device.part, tensor.size);
+            let len = shape.iter().product();
             let mut data = vec![0.0; len];
             let mine = links.data.shard(len);
             data[mine].copy_from_slice(device.shards[i].as_deref().unwrap_or_default());
             links.data.all_gather(&mut data)?;
-            device.values[i] = HostTensor {
-                shape: p.shape.iter().map(|&x| x as usize).collect(),
-                data,
-            };
+            device.values[i] = HostTensor { shape, data };
         }
         Ok(ids)
     }
@@ -524,14 +622,7 @@ impl<'c> StepContext<'c> {
     ) -> Result<Option<f32>, Failure> {
         let mut loss = None;
         for piece in &self.placement.virtual_stages[k].pieces {
-            let segment = self.run_piece(
-                device,
-                links,
-                batch,
-                &piece.nodes,
-                &piece.inputs,
-                &entry.values,
-            )?;
+            let segment = self.run_piece(device, links, batch, piece, entry)?;
             for &n in &piece.outputs {
                 let v = segment.value(n).map_err(|e| Failure::Own(e.0))?;
                 entry.values.insert(n, v);
@@ -552,7 +643,8 @@ impl<'c> StepContext<'c> {
     }
 
     /// Backward through virtual stage `k`, pieces in reverse (recomputed ones run forward
-    /// again first); parameter gradients are added to `grads`, scaled by the microbatch's share.
+    /// again first); parameter gradients are added to `grads`, scaled by the microbatch's
+    /// share; the gradients of each piece's inputs go back through their edges' collectives.
     fn backward(
         &self,
         device: &mut Device,
@@ -568,6 +660,7 @@ impl<'c> StepContext<'c> {
                 entry.upstream.insert(l, HostTensor::scalar(1.0));
             }
         }
+        let (part, size) = (device.part, self.placement.tensor.size);
         for (i, piece) in pieces.iter().enumerate().rev() {
             let upstream: Vec<(NodeIndex, HostTensor)> = piece
                 .nodes
@@ -575,23 +668,18 @@ impl<'c> StepContext<'c> {
                 .filter_map(|n| entry.upstream.remove(n).map(|g| (*n, g)))
                 .collect();
             let kept = entry.kept.get_mut(i).and_then(Option::take);
+            // Nothing reaches this piece (the same on every rank, so collectives stay matched).
             if upstream.is_empty() {
                 continue;
             }
             let segment = match kept {
                 Some(s) => s,
-                None => self.run_piece(
-                    device,
-                    links,
-                    batch,
-                    &piece.nodes,
-                    &piece.inputs,
-                    &entry.values,
-                )?,
+                None => self.run_piece(device, links, batch, piece, entry)?,
             };
             let out = segment
                 .backward(&upstream)
                 .map_err(|e| Failure::Own(format!("step {}: {e}", self.step_no)))?;
+            let mut received = out.received;
             for (id, grad) in out.params {
                 if let Some(acc) = grads[id].as_mut() {
                     acc.iter_mut()
@@ -599,8 +687,33 @@ impl<'c> StepContext<'c> {
                         .for_each(|(a, g)| *a += g * self.scale);
                 }
             }
-            for (n, grad) in out.received {
-                accumulate(&mut entry.upstream, n, grad);
+            for (n, conversion) in &piece.inputs {
+                let at = received.iter().position(|(m, _)| m == n);
+                let grad = match conversion {
+                    // Every rank joins the all-reduce, with zeros if nothing reached the input.
+                    Conversion::ReduceGradient => {
+                        let mut grad = match at {
+                            Some(at) => received.swap_remove(at).1,
+                            None => zeros_like(entry.values.get(n).ok_or_else(|| {
+                                Failure::Own(format!("`{}` was not received", self.g.dag[*n].name))
+                            })?),
+                        };
+                        links.tensor.all_reduce_sum(&mut grad.data)?;
+                        grad
+                    }
+                    Conversion::AllGather(sections) => match at {
+                        Some(at) => {
+                            let whole = received.swap_remove(at).1;
+                            last_axis(&whole.shape, sections).shard(&whole, part, size)
+                        }
+                        None => continue,
+                    },
+                    Conversion::None | Conversion::AllReduce => match at {
+                        Some(at) => received.swap_remove(at).1,
+                        None => continue,
+                    },
+                };
+                accumulate(&mut entry.upstream, *n, grad);
             }
         }
         // Only the values received from other stages are still needed (their shapes, for the
@@ -610,6 +723,7 @@ impl<'c> StepContext<'c> {
             .values
             .retain(|n, _| needs.iter().any(|(m, _)| m == n));
         entry.kept.clear();
+        entry.converted.clear();
         Ok(())
     }
 
@@ -648,6 +762,15 @@ impl<'c> StepContext<'c> {
         let g = self.g;
         let holds = &self.placement.holds;
         let p = self.placement.pipeline;
+        let tensor = &self.placement.tensor;
+        // Replicated parameters read by split computation have partial gradients.
+        if tensor.size > 1 {
+            for &i in &tensor.partial_grads {
+                if let Some(gr) = grads[i].as_mut() {
+                    links.tensor.all_reduce_sum(gr)?;
+                }
+            }
+        }
         let shared: Vec<usize> = (0..g.params.len())
             .filter(|&i| g.params[i].trainable && holds.iter().filter(|h| h[i]).count() > 1)
             .collect();
@@ -655,7 +778,11 @@ impl<'c> StepContext<'c> {
             // A parameter used by several stages (tied embeddings) gets the sum of their
             // gradients; stages without it add zeros.
             let len = |i: usize| {
-                let n = g.params[i].shape.iter().product::<u64>() as usize;
+                let shape: Vec<usize> = g.params[i].shape.iter().map(|&x| x as usize).collect();
+                let n: usize = tensor.params[i]
+                    .local_shape(&shape, device.part, tensor.size)
+                    .iter()
+                    .product();
                 if self.placement.zero >= 1 {
                     links.data.shard(n).len()
                 } else {
@@ -691,23 +818,27 @@ impl<'c> StepContext<'c> {
             None => 0.0,
             Some(max) => {
                 // Each value counted once: a shared parameter on the first stage holding it, a
-                // shard on the device owning it.
+                // replicated one on tensor rank 0, a ZeRO share on the device owning it.
                 let mut sq: f64 = grads
                     .iter()
                     .enumerate()
                     .filter(|&(i, _)| (0..p).find(|&s| holds[s][i]) == Some(device.stage))
+                    .filter(|&(i, _)| tensor.params[i].is_split() || device.part == 0)
                     .filter_map(|(_, gr)| gr.as_ref())
                     .flat_map(|gr| gr.iter())
                     .map(|&x| f64::from(x).powi(2))
                     .sum();
                 let mut total = [sq as f32];
+                if tensor.size > 1 {
+                    links.tensor.all_reduce_sum(&mut total)?;
+                }
                 if self.placement.zero >= 1 {
                     links.data.all_reduce_sum(&mut total)?;
                 }
                 if p > 1 {
                     links.pipeline.all_reduce_sum(&mut total)?;
                 }
-                if self.placement.zero >= 1 || p > 1 {
+                if tensor.size > 1 || self.placement.zero >= 1 || p > 1 {
                     sq = f64::from(total[0]);
                 }
                 let norm = sq.sqrt();
@@ -786,6 +917,19 @@ fn accumulate(into: &mut BTreeMap<NodeIndex, HostTensor>, n: NodeIndex, grad: Ho
             into.insert(n, grad);
         }
     }
+}
+
+/// A value split along its last axis over the tensor-parallel group, whole on every rank: each
+/// rank places its part in a whole-sized buffer and the buffers are summed (shares may differ
+/// in size when a section does not divide evenly).
+fn all_gather_split(
+    ring: &mut CpuRing,
+    local: &HostTensor,
+    sections: &[usize],
+) -> Result<HostTensor, CollectiveError> {
+    let mut whole = last_axis(&local.shape, sections).place(local, ring.rank(), ring.size());
+    ring.all_reduce_sum(&mut whole.data)?;
+    Ok(whole)
 }
 
 fn zeros_like(t: &HostTensor) -> HostTensor {

@@ -3,6 +3,7 @@
 //! parameters each stage holds, the pieces recomputed in the backward pass, and each stage's
 //! sequence of actions for one iteration — read from the `ExecutionPlan`, never re-decided.
 
+use crate::tensor_parallel::{plan_splits, Conversion, TensorLayout};
 use kiln_compiler::graph::{Graph, Op};
 use kiln_compiler::plan::ExecutionPlan;
 use petgraph::graph::NodeIndex;
@@ -31,13 +32,17 @@ pub struct VirtualStage {
 }
 
 /// Consecutive nodes of a virtual stage run as one tape. A recomputed piece keeps only its
-/// inputs after the forward pass and runs forward again just before its backward.
+/// inputs after the forward pass and runs forward again just before its backward. Under tensor
+/// parallelism a piece computes either on split values or on whole ones, never both, so the
+/// collectives between them sit between pieces.
 #[derive(Clone, Debug)]
 pub struct Piece {
     pub nodes: Vec<NodeIndex>,
     pub recompute: bool,
-    /// Values computed outside the piece that it reads (integer inputs aside).
-    pub inputs: Vec<NodeIndex>,
+    pub split: bool,
+    /// Values computed outside the piece that it reads (integer inputs aside), with the
+    /// collective on the way in.
+    pub inputs: Vec<(NodeIndex, Conversion)>,
     /// Values it computes that are read outside it.
     pub outputs: Vec<NodeIndex>,
 }
@@ -90,6 +95,7 @@ pub enum RecomputeMode {
 #[derive(Clone, Debug)]
 pub struct Placement {
     pub data: usize,
+    pub tensor: TensorLayout,
     pub pipeline: usize,
     pub zero: u8,
     pub micro_batch: usize,
@@ -114,6 +120,7 @@ impl Placement {
         schedule.push(Action::Optimizer);
         Placement {
             data: 1,
+            tensor: TensorLayout::whole(g),
             pipeline: 1,
             zero: 0,
             micro_batch,
@@ -125,6 +132,7 @@ impl Placement {
                 pieces: vec![Piece {
                     nodes: g.topo_order(),
                     recompute: false,
+                    split: false,
                     inputs: Vec::new(),
                     outputs: Vec::new(),
                 }],
@@ -139,12 +147,17 @@ impl Placement {
     /// What `plan` says, for the graph it was made from.
     pub fn from_plan(g: &Graph, plan: &ExecutionPlan) -> Result<Self, PlacementError> {
         let st = &plan.strategy;
-        if st.tensor > 1 {
-            return fail(format!(
-                "the plan splits tensors {}-way; `kiln run` executes data and pipeline parallelism so far (set `parallel {{ tensor = 1 }}` or a manual plan)",
-                st.tensor
-            ));
+        if st.sequence_parallel {
+            return fail(
+                "the plan uses sequence parallelism, which `kiln run` does not execute yet (set `parallel { sequence_parallel = false }`)",
+            );
         }
+        let tensor = if st.tensor > 1 {
+            let splits = plan_splits(g, plan).map_err(|e| PlacementError(e.0))?;
+            TensorLayout::new(g, &splits, st.tensor as usize).map_err(|e| PlacementError(e.0))?
+        } else {
+            TensorLayout::whole(g)
+        };
         let pipeline = st.pipeline as usize;
         let owner = layer_owners(g, plan)?;
         let recompute = match st.recompute.as_str() {
@@ -204,7 +217,7 @@ impl Placement {
             virtual_stages.push(VirtualStage {
                 stage: *stage,
                 chunk,
-                pieces: pieces(g, &nodes[k], recompute),
+                pieces: pieces(g, &nodes[k], recompute, &tensor),
                 needs: std::mem::take(&mut needs[k]),
                 feeds: std::mem::take(&mut feeds[k]).into_iter().collect(),
             });
@@ -229,6 +242,7 @@ impl Placement {
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Placement {
             data: st.data as usize,
+            tensor,
             pipeline,
             zero: st.zero,
             micro_batch: st.micro_batch as usize,
@@ -242,7 +256,7 @@ impl Placement {
 
     /// Devices in the plan's rank order (tensor fastest, then data, then pipeline).
     pub fn devices(&self) -> usize {
-        self.data * self.pipeline
+        self.tensor.size * self.data * self.pipeline
     }
 
     /// The virtual stage that is chunk `chunk` of `stage`.
@@ -306,32 +320,35 @@ fn layer_owners(g: &Graph, plan: &ExecutionPlan) -> Result<Vec<usize>, Placement
 
 /// Cuts a virtual stage's nodes into pieces: one kept piece without recompute; a recomputed
 /// piece per layer under full recompute (each layer keeps only its input); under selective
-/// recompute, each attention core on its own, recomputed, between kept pieces.
-fn pieces(g: &Graph, nodes: &[NodeIndex], mode: RecomputeMode) -> Vec<Piece> {
+/// recompute, each attention core on its own, recomputed, between kept pieces. Under tensor
+/// parallelism a piece also ends where computation moves between split and whole values.
+fn pieces(g: &Graph, nodes: &[NodeIndex], mode: RecomputeMode, tl: &TensorLayout) -> Vec<Piece> {
     let mut out: Vec<Piece> = Vec::new();
-    let mut push = |n: NodeIndex, recompute: bool, fresh: bool| match out.last_mut() {
-        Some(p) if !fresh && p.recompute == recompute => p.nodes.push(n),
-        _ => out.push(Piece {
-            nodes: vec![n],
-            recompute,
-            inputs: Vec::new(),
-            outputs: Vec::new(),
-        }),
-    };
     let mut layer = None;
     for &n in nodes {
         let node = &g.dag[n];
-        match mode {
-            RecomputeMode::None => push(n, false, false),
+        let split = tl.is_split(n);
+        let (recompute, fresh) = match mode {
+            RecomputeMode::None => (false, false),
             RecomputeMode::Full => {
                 let fresh = layer != Some(node.layer);
                 layer = Some(node.layer);
-                push(n, true, fresh)
+                (true, fresh)
             }
             RecomputeMode::Selective => {
                 let core = matches!(node.op, Op::Attention { .. });
-                push(n, core, core)
+                (core, core)
             }
+        };
+        match out.last_mut() {
+            Some(p) if !fresh && p.recompute == recompute && p.split == split => p.nodes.push(n),
+            _ => out.push(Piece {
+                nodes: vec![n],
+                recompute,
+                split,
+                inputs: Vec::new(),
+                outputs: Vec::new(),
+            }),
         }
     }
     for piece in &mut out {
@@ -339,8 +356,8 @@ fn pieces(g: &Graph, nodes: &[NodeIndex], mode: RecomputeMode) -> Vec<Piece> {
         for &n in &piece.nodes {
             for i in g.inputs(n) {
                 let outside = !inside.contains(&i) && !matches!(g.dag[i].op, Op::Input { .. });
-                if outside && !piece.inputs.contains(&i) {
-                    piece.inputs.push(i);
+                if outside && !piece.inputs.iter().any(|(m, _)| *m == i) {
+                    piece.inputs.push((i, tl.conversion(g, i, piece.split)));
                 }
             }
             let read_outside = g

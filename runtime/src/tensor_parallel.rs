@@ -1,0 +1,612 @@
+//! Megatron tensor parallelism in the executor's terms. From the plan's split of every
+//! parameter (column, row, vocabulary, replicated) this works out the form each value takes
+//! on a rank of the tensor-parallel group — whole, split along its last axis (by sections, so
+//! that GPT-2's fused q|k|v splits head-wise), or a partial sum — which nodes compute on
+//! split values, how each parameter is cut into shards, and the collective every edge between
+//! split and whole computation needs:
+//!
+//! - a partial sum read by whole computation is all-reduced (Megatron's g; backward identity);
+//! - a split value read by whole computation is all-gathered (backward: the rank's slice);
+//! - a whole value read by a column-parallel linear goes in as is, and its gradient, a partial
+//!   sum, is all-reduced (Megatron's f).
+//!
+//! A row-parallel bias is added by rank 0 alone (the sum adds it once); replicated parameters
+//! read by split computation (that bias, LoRA B after a row-parallel A) get partial gradients,
+//! all-reduced after the backward pass.
+
+use crate::checkpoint::HostTensor;
+use kiln_compiler::graph::LayerKind;
+use kiln_compiler::graph::{Graph, Layout, Op};
+use kiln_compiler::plan::{ExecutionPlan, TensorSplit};
+use petgraph::graph::NodeIndex;
+use petgraph::Direction;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// How a value lies on a rank of the tensor-parallel group.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Form {
+    Whole,
+    /// The last axis split: each section's `1/t` share, sections concatenated.
+    Split(Vec<usize>),
+    /// This rank's addend of the value.
+    Partial,
+}
+
+/// What happens on an edge from one piece of the graph into another.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Conversion {
+    None,
+    /// Forward all-reduce of a partial sum; backward identity.
+    AllReduce,
+    /// Forward all-gather of a split value (by its sections); backward the rank's slice.
+    AllGather(Vec<usize>),
+    /// Forward identity; backward all-reduce of the partial gradient.
+    ReduceGradient,
+}
+
+/// How a parameter is cut across the group.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ParamLayout {
+    Whole,
+    /// Along `axis`, each section's `1/t` share.
+    Split {
+        axis: usize,
+        sections: Vec<usize>,
+    },
+}
+
+/// What a rank changes when running nodes on its shards.
+#[derive(Clone, Debug, Default)]
+pub struct RankOps {
+    pub rank: usize,
+    pub size: usize,
+    /// Slices of split values (and ranges of split fused weights), in local coordinates.
+    pub slices: BTreeMap<NodeIndex, (usize, usize)>,
+    /// Linears whose outputs are partial sums: only rank 0 adds the (replicated) bias.
+    pub bias_once: BTreeSet<NodeIndex>,
+    /// Vocabulary-parallel embeddings: the rows `[lo, hi)` this rank's table holds.
+    pub vocab_rows: BTreeMap<NodeIndex, (usize, usize)>,
+}
+
+/// The tensor-parallel layout of a graph for a group of `size` ranks.
+#[derive(Clone, Debug)]
+pub struct TensorLayout {
+    pub size: usize,
+    /// Per node: its output's form (`Whole` for integer inputs).
+    pub forms: Vec<Form>,
+    pub params: Vec<ParamLayout>,
+    /// Replicated trainable parameters read by split computation: gradients all-reduced.
+    pub partial_grads: Vec<usize>,
+    /// Per rank.
+    pub ranks: Vec<RankOps>,
+}
+
+#[derive(Debug)]
+pub struct LayoutError(pub String);
+
+fn fail<T>(message: impl Into<String>) -> Result<T, LayoutError> {
+    Err(LayoutError(message.into()))
+}
+
+/// Each parameter's split as the plan's sharding table gives it (by name, `*` for the block
+/// index).
+pub fn plan_splits(g: &Graph, plan: &ExecutionPlan) -> Result<Vec<TensorSplit>, LayoutError> {
+    let by_name: BTreeMap<&str, TensorSplit> = plan
+        .sharding
+        .iter()
+        .map(|s| (s.name.as_str(), s.tensor))
+        .collect();
+    g.params
+        .iter()
+        .map(|p| {
+            let layer = &g.layers[p.layer];
+            let pattern = match layer.kind {
+                LayerKind::Block => {
+                    let i = layer.name.trim_start_matches("block.");
+                    p.name.replacen(&format!(".{i}."), ".*.", 1)
+                }
+                _ => p.name.clone(),
+            };
+            by_name
+                .get(pattern.as_str())
+                .copied()
+                .ok_or_else(|| LayoutError(format!("the plan does not place `{}`", p.name)))
+        })
+        .collect()
+}
+
+impl TensorLayout {
+    pub fn new(g: &Graph, splits: &[TensorSplit], size: usize) -> Result<Self, LayoutError> {
+        let mut forms = vec![Form::Whole; g.dag.node_count()];
+        let mut params = vec![ParamLayout::Whole; g.params.len()];
+        let mut partial_grads = BTreeSet::new();
+        let mut slices: BTreeMap<NodeIndex, (usize, usize, Vec<usize>)> = BTreeMap::new();
+        let mut bias_once = BTreeSet::new();
+        let mut vocab: BTreeMap<NodeIndex, usize> = BTreeMap::new();
+        let mut set_layout = |id: usize, layout: ParamLayout| -> Result<(), LayoutError> {
+            match &params[id] {
+                ParamLayout::Whole => {
+                    params[id] = layout;
+                    Ok(())
+                }
+                same if *same == layout => Ok(()),
+                _ => fail(format!("`{}` would be split two ways", g.params[id].name)),
+            }
+        };
+        let split = |id: usize| splits[id];
+        for n in g.topo_order() {
+            let node = &g.dag[n];
+            let ins: Vec<Form> = g
+                .inputs(n)
+                .iter()
+                .map(|i| forms[i.index()].clone())
+                .collect();
+            let unsupported = || {
+                LayoutError(format!(
+                    "tensor parallelism does not execute `{}` ({}) on split values yet",
+                    node.name,
+                    node.op.kind()
+                ))
+            };
+            let all_whole = ins.iter().all(|f| *f == Form::Whole);
+            let form = match &node.op {
+                Op::Input { .. } => Form::Whole,
+                Op::Embedding { table } if split(*table) != TensorSplit::Replicated => {
+                    let rows = g.params[*table].shape[0] as usize;
+                    set_layout(
+                        *table,
+                        ParamLayout::Split {
+                            axis: 0,
+                            sections: vec![rows],
+                        },
+                    )?;
+                    vocab.insert(n, rows);
+                    Form::Partial
+                }
+                Op::Linear {
+                    weight,
+                    bias,
+                    layout,
+                    ..
+                } => match split(weight.id) {
+                    TensorSplit::Column | TensorSplit::Vocab => {
+                        if ins[0] != Form::Whole {
+                            return Err(unsupported());
+                        }
+                        let sections = weight_sections(g, weight.id)?;
+                        let axis = match layout {
+                            Layout::InOut => 1,
+                            Layout::OutIn => 0,
+                        };
+                        set_layout(
+                            weight.id,
+                            ParamLayout::Split {
+                                axis,
+                                sections: sections.clone(),
+                            },
+                        )?;
+                        if let Some(b) = bias {
+                            set_layout(
+                                b.id,
+                                ParamLayout::Split {
+                                    axis: 0,
+                                    sections: sections.clone(),
+                                },
+                            )?;
+                        }
+                        match weight.outputs {
+                            Some((a, e)) => {
+                                slices.insert(n, (a as usize, e as usize, sections));
+                                Form::Split(vec![(e - a) as usize])
+                            }
+                            None => Form::Split(sections),
+                        }
+                    }
+                    TensorSplit::Row => {
+                        let Form::Split(sections) = &ins[0] else {
+                            return Err(unsupported());
+                        };
+                        let axis = match layout {
+                            Layout::InOut => 0,
+                            Layout::OutIn => 1,
+                        };
+                        set_layout(
+                            weight.id,
+                            ParamLayout::Split {
+                                axis,
+                                sections: sections.clone(),
+                            },
+                        )?;
+                        if let Some(b) = bias {
+                            bias_once.insert(n);
+                            partial_grads.insert(b.id);
+                        }
+                        Form::Partial
+                    }
+                    TensorSplit::Replicated => match &ins[0] {
+                        Form::Whole => Form::Whole,
+                        Form::Partial => {
+                            partial_grads.insert(weight.id);
+                            if let Some(b) = bias {
+                                bias_once.insert(n);
+                                partial_grads.insert(b.id);
+                            }
+                            Form::Partial
+                        }
+                        Form::Split(_) => return Err(unsupported()),
+                    },
+                },
+                Op::Slice { start, len } => match &ins[0] {
+                    Form::Split(sections) => {
+                        slices.insert(
+                            n,
+                            (*start as usize, (*start + *len) as usize, sections.clone()),
+                        );
+                        Form::Split(vec![*len as usize])
+                    }
+                    other => other.clone(),
+                },
+                Op::Attention { .. } | Op::Rotary { .. } => {
+                    if all_whole {
+                        Form::Whole
+                    } else if ins.iter().all(|f| matches!(f, Form::Split(_))) {
+                        let width = node.out.shape.last().copied().unwrap_or(0) as usize;
+                        Form::Split(vec![width])
+                    } else {
+                        return Err(unsupported());
+                    }
+                }
+                Op::Add
+                | Op::Mul
+                | Op::Scale { .. }
+                | Op::Dropout { .. }
+                | Op::Activation { .. } => {
+                    let first = ins.first().cloned().unwrap_or(Form::Whole);
+                    let same = ins.iter().all(|f| *f == first);
+                    let linear = matches!(node.op, Op::Add | Op::Scale { .. } | Op::Dropout { .. });
+                    match first {
+                        Form::Split(_) if same && matches!(node.op, Op::Dropout { .. }) => {
+                            return Err(unsupported())
+                        }
+                        Form::Split(_) if same => first,
+                        Form::Partial if same && linear => Form::Partial,
+                        // Whole computation; split and partial inputs are gathered first.
+                        _ => Form::Whole,
+                    }
+                }
+                Op::ScaleBy { param } => match (split(*param), &ins[0]) {
+                    (TensorSplit::Replicated, Form::Whole) => Form::Whole,
+                    (TensorSplit::Column, Form::Split(sections)) => {
+                        let shape = &g.params[*param].shape;
+                        let axis = shape.iter().position(|&d| d != 1).unwrap_or(0);
+                        set_layout(
+                            *param,
+                            ParamLayout::Split {
+                                axis,
+                                sections: sections.clone(),
+                            },
+                        )?;
+                        Form::Split(sections.clone())
+                    }
+                    _ => return Err(unsupported()),
+                },
+                Op::Lstm { .. }
+                | Op::DoraRescale { .. }
+                | Op::TokenLogProbs
+                | Op::PpoLoss { .. }
+                    if size > 1 =>
+                {
+                    return Err(unsupported())
+                }
+                // Whole computation (norms, positions, prompts, pooling, losses).
+                _ => Form::Whole,
+            };
+            if let Some(p) = node
+                .op
+                .params()
+                .into_iter()
+                .find(|&p| split(p) != TensorSplit::Replicated && form == Form::Whole)
+            {
+                return fail(format!(
+                    "`{}` is split but `{}` computes on whole values",
+                    g.params[p].name, node.name
+                ));
+            }
+            forms[n.index()] = form;
+        }
+        let partial_grads = partial_grads
+            .into_iter()
+            .filter(|&p| g.params[p].trainable)
+            .collect();
+        let ranks = (0..size)
+            .map(|rank| {
+                let local = |a: usize, e: usize, sections: &[usize]| -> Result<_, LayoutError> {
+                    let mut at = 0;
+                    let mut local_at = 0;
+                    for &s in sections {
+                        if (a, e) == (at, at + s) {
+                            return Ok((local_at, local_at + s / size));
+                        }
+                        at += s;
+                        local_at += s / size;
+                    }
+                    fail(format!(
+                        "the range {a}..{e} does not follow the split of its tensor"
+                    ))
+                };
+                Ok(RankOps {
+                    rank,
+                    size,
+                    slices: slices
+                        .iter()
+                        .map(|(&n, (a, e, sections))| Ok((n, local(*a, *e, sections)?)))
+                        .collect::<Result<_, LayoutError>>()?,
+                    bias_once: bias_once.clone(),
+                    vocab_rows: vocab
+                        .iter()
+                        .map(|(&n, &rows)| (n, (rank * rows / size, (rank + 1) * rows / size)))
+                        .collect(),
+                })
+            })
+            .collect::<Result<Vec<_>, LayoutError>>()?;
+        Ok(TensorLayout {
+            size,
+            forms,
+            params,
+            partial_grads,
+            ranks,
+        })
+    }
+
+    /// One device: everything whole.
+    pub fn whole(g: &Graph) -> Self {
+        TensorLayout {
+            size: 1,
+            forms: vec![Form::Whole; g.dag.node_count()],
+            params: vec![ParamLayout::Whole; g.params.len()],
+            partial_grads: Vec::new(),
+            ranks: vec![RankOps {
+                rank: 0,
+                size: 1,
+                ..RankOps::default()
+            }],
+        }
+    }
+
+    /// Whether `n` computes on split values (its output is split or partial).
+    pub fn is_split(&self, n: NodeIndex) -> bool {
+        self.forms[n.index()] != Form::Whole
+    }
+
+    /// The collective on the edge from `producer` into a consumer computing split (or not).
+    pub fn conversion(&self, g: &Graph, producer: NodeIndex, split_consumer: bool) -> Conversion {
+        if self.size == 1 || matches!(g.dag[producer].op, Op::Input { .. }) {
+            return Conversion::None;
+        }
+        match (&self.forms[producer.index()], split_consumer) {
+            (Form::Whole, true) => Conversion::ReduceGradient,
+            (Form::Partial, false) => Conversion::AllReduce,
+            (Form::Split(sections), false) => Conversion::AllGather(sections.clone()),
+            _ => Conversion::None,
+        }
+    }
+}
+
+/// The sections of a column-parallel weight's output: the ranges its readers take of it
+/// (GPT-2's fused c_attn read as q, k, v), or the ranges sliced from its output downstream
+/// of elementwise ops; one section when nothing slices it.
+fn weight_sections(g: &Graph, weight: usize) -> Result<Vec<usize>, LayoutError> {
+    let mut ranges: BTreeSet<(u64, u64)> = BTreeSet::new();
+    let mut width = g.params[weight].shape[0];
+    for n in g.dag.node_indices() {
+        let Op::Linear {
+            weight: w, layout, ..
+        } = &g.dag[n].op
+        else {
+            continue;
+        };
+        if w.id != weight {
+            continue;
+        }
+        width = match layout {
+            Layout::InOut => g.params[weight].shape[1],
+            Layout::OutIn => g.params[weight].shape[0],
+        };
+        match w.outputs {
+            Some(r) => {
+                ranges.insert(r);
+            }
+            None => {
+                // Follow same-width elementwise ops down to slices.
+                let mut frontier = vec![n];
+                let mut seen = BTreeSet::new();
+                while let Some(m) = frontier.pop() {
+                    for c in g.dag.neighbors_directed(m, Direction::Outgoing) {
+                        if !seen.insert(c) {
+                            continue;
+                        }
+                        match g.dag[c].op {
+                            Op::Slice { start, len } => {
+                                ranges.insert((start, start + len));
+                            }
+                            Op::Add
+                            | Op::Mul
+                            | Op::Scale { .. }
+                            | Op::Dropout { .. }
+                            | Op::Activation { .. }
+                            | Op::ScaleBy { .. } => frontier.push(c),
+                            _ => {}
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if ranges.is_empty() {
+        return Ok(vec![width as usize]);
+    }
+    let mut at = 0;
+    let mut sections = Vec::new();
+    for (a, e) in ranges {
+        if a != at {
+            return fail(format!(
+                "`{}` is read in ranges that do not tile it",
+                g.params[weight].name
+            ));
+        }
+        sections.push((e - a) as usize);
+        at = e;
+    }
+    if at != width {
+        return fail(format!(
+            "`{}` is read in ranges that do not tile it",
+            g.params[weight].name
+        ));
+    }
+    Ok(sections)
+}
+
+/// The rank's share of each section along the last axis, as ranges of that axis.
+fn section_ranges(sections: &[usize], rank: usize, size: usize) -> Vec<std::ops::Range<usize>> {
+    let mut at = 0;
+    sections
+        .iter()
+        .map(|&s| {
+            let r = at + rank * s / size..at + (rank + 1) * s / size;
+            at += s;
+            r
+        })
+        .collect()
+}
+
+/// Rows × columns of a tensor seen as 2-D with `axis` as columns' or rows' side: (outer,
+/// axis length, inner).
+fn dims(shape: &[usize], axis: usize) -> (usize, usize, usize) {
+    let outer: usize = shape[..axis].iter().product();
+    let inner: usize = shape[axis + 1..].iter().product();
+    (outer, shape[axis], inner)
+}
+
+impl ParamLayout {
+    /// The shape of rank `rank`'s shard of a parameter of shape `shape`.
+    pub fn local_shape(&self, shape: &[usize], rank: usize, size: usize) -> Vec<usize> {
+        let mut local = shape.to_vec();
+        if let ParamLayout::Split { axis, sections } = self {
+            let axis = (*axis).min(shape.len().saturating_sub(1));
+            local[axis] = section_ranges(sections, rank, size)
+                .iter()
+                .map(|r| r.len())
+                .sum();
+        }
+        local
+    }
+
+    pub fn is_split(&self) -> bool {
+        matches!(self, ParamLayout::Split { .. })
+    }
+
+    /// Rank `rank`'s shard of a whole parameter.
+    pub fn shard(&self, whole: &HostTensor, rank: usize, size: usize) -> HostTensor {
+        let ParamLayout::Split { axis, sections } = self else {
+            return whole.clone();
+        };
+        let axis = (*axis).min(whole.shape.len().saturating_sub(1));
+        let (outer, _, inner) = dims(&whole.shape, axis);
+        let ranges = section_ranges(sections, rank, size);
+        let mut shape = whole.shape.clone();
+        shape[axis] = ranges.iter().map(|r| r.len()).sum();
+        let mut data = Vec::with_capacity(outer * shape[axis] * inner);
+        let len = whole.shape[axis];
+        for o in 0..outer {
+            for r in &ranges {
+                let from = (o * len + r.start) * inner;
+                data.extend_from_slice(&whole.data[from..from + r.len() * inner]);
+            }
+        }
+        HostTensor { shape, data }
+    }
+
+    /// The whole parameter from every rank's shard, in rank order.
+    pub fn unshard(&self, shards: &[&HostTensor]) -> HostTensor {
+        if !self.is_split() {
+            return shards[0].clone();
+        }
+        let size = shards.len();
+        let mut whole = self.place(shards[0], 0, size);
+        for (rank, shard) in shards.iter().enumerate().skip(1) {
+            let placed = self.place(shard, rank, size);
+            whole
+                .data
+                .iter_mut()
+                .zip(placed.data)
+                .for_each(|(w, p)| *w += p);
+        }
+        whole
+    }
+
+    /// A whole-sized tensor holding rank `rank`'s shard where it belongs, zeros elsewhere (the
+    /// ranks' placements sum to the whole).
+    pub fn place(&self, shard: &HostTensor, rank: usize, size: usize) -> HostTensor {
+        let ParamLayout::Split { axis, sections } = self else {
+            return shard.clone();
+        };
+        let axis = (*axis).min(shard.shape.len().saturating_sub(1));
+        let mut shape = shard.shape.clone();
+        shape[axis] = sections.iter().sum();
+        let (outer, len, inner) = dims(&shape, axis);
+        let mut data = vec![0.0; outer * len * inner];
+        let ranges = section_ranges(sections, rank, size);
+        let local_len = shard.shape[axis];
+        for o in 0..outer {
+            let mut local_at = 0;
+            for r in &ranges {
+                let to = (o * len + r.start) * inner;
+                let from = (o * local_len + local_at) * inner;
+                data[to..to + r.len() * inner]
+                    .copy_from_slice(&shard.data[from..from + r.len() * inner]);
+                local_at += r.len();
+            }
+        }
+        HostTensor { shape, data }
+    }
+}
+
+/// The layout of a value split along its last axis by `sections`.
+pub fn last_axis(shape: &[usize], sections: &[usize]) -> ParamLayout {
+    ParamLayout::Split {
+        axis: shape.len().saturating_sub(1),
+        sections: sections.to_vec(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_by_section_and_back() {
+        // A fused [2, 6] weight with sections 2|4 along its columns, over 2 ranks.
+        let whole = HostTensor {
+            shape: vec![2, 6],
+            data: (0..12).map(|x| x as f32).collect(),
+        };
+        let layout = ParamLayout::Split {
+            axis: 1,
+            sections: vec![2, 4],
+        };
+        let a = layout.shard(&whole, 0, 2);
+        let b = layout.shard(&whole, 1, 2);
+        assert_eq!(a.shape, vec![2, 3]);
+        assert_eq!(a.data, vec![0.0, 2.0, 3.0, 6.0, 8.0, 9.0]);
+        assert_eq!(b.data, vec![1.0, 4.0, 5.0, 7.0, 10.0, 11.0]);
+        assert_eq!(layout.unshard(&[&a, &b]), whole);
+        let rows = ParamLayout::Split {
+            axis: 0,
+            sections: vec![2],
+        };
+        assert_eq!(
+            rows.shard(&whole, 1, 2).data,
+            (6..12).map(|x| x as f32).collect::<Vec<_>>()
+        );
+    }
+}
