@@ -775,7 +775,16 @@ impl Interpreter<'_> {
             },
             Op::Dropout { p } => {
                 let x = self.input(n, 0)?.r3("x")?;
-                match self.dropout_mask(*x.shape(), p) {
+                let (b, s, d) = *x.shape();
+                // On a share of the sequence: the whole sequence's mask, this rank's positions.
+                let mask = if self.ops.sequence.contains(&n) {
+                    let first = self.ops.rank * s;
+                    self.dropout_mask((b, s * self.ops.size, d), p)
+                        .map(|m| m.slice((.., first..first + s, ..)).realize())
+                } else {
+                    self.dropout_mask((b, s, d), p)
+                };
+                match mask {
                     Some(mask) => {
                         let tape = self.take_tape();
                         Ok(self.keep3(x.put_tape(tape) * mask))

@@ -15,7 +15,7 @@ use crate::collective::{
 use crate::exec::{Batch, Segment};
 use crate::optim::{clip_factor, step, State};
 use crate::placement::{Action, Piece, Placement};
-use crate::tensor_parallel::{last_axis, Conversion};
+use crate::tensor_parallel::{last_axis, sequence_axis, Conversion, ParamLayout};
 use kiln_compiler::graph::Graph;
 use kiln_compiler::spec::Train;
 use petgraph::graph::NodeIndex;
@@ -383,7 +383,7 @@ struct StepContext<'a> {
 struct InFlight<'a> {
     values: BTreeMap<NodeIndex, HostTensor>,
     /// Values all-reduced or all-gathered over the tensor-parallel group for whole computation.
-    converted: BTreeMap<NodeIndex, HostTensor>,
+    converted: BTreeMap<(NodeIndex, Conversion), HostTensor>,
     kept: Vec<Option<Segment<'a>>>,
     upstream: BTreeMap<NodeIndex, HostTensor>,
 }
@@ -547,25 +547,15 @@ impl<'c> StepContext<'c> {
                     g.dag[*n].name
                 ))
             })?;
-            let value = match conversion {
-                Conversion::None | Conversion::ReduceGradient => raw.clone(),
-                Conversion::AllReduce | Conversion::AllGather(_) => match entry.converted.get(n) {
-                    Some(v) => v.clone(),
-                    None => {
-                        let v = match conversion {
-                            Conversion::AllGather(sections) => {
-                                all_gather_split(&mut links.tensor, raw, sections)?
-                            }
-                            _ => {
-                                let mut v = raw.clone();
-                                links.tensor.all_reduce_sum(&mut v.data)?;
-                                v
-                            }
-                        };
-                        entry.converted.insert(*n, v.clone());
-                        v
-                    }
-                },
+            let key = (*n, conversion.clone());
+            let value = match (conversion, entry.converted.get(&key)) {
+                (Conversion::None | Conversion::ReduceGradient, _) => raw.clone(),
+                (_, Some(done)) => done.clone(),
+                _ => {
+                    let v = convert_forward(&mut links.tensor, conversion, raw)?;
+                    entry.converted.insert(key, v.clone());
+                    v
+                }
             };
             received.push((*n, value));
         }
@@ -660,7 +650,6 @@ impl<'c> StepContext<'c> {
                 entry.upstream.insert(l, HostTensor::scalar(1.0));
             }
         }
-        let (part, size) = (device.part, self.placement.tensor.size);
         for (i, piece) in pieces.iter().enumerate().rev() {
             let upstream: Vec<(NodeIndex, HostTensor)> = piece
                 .nodes
@@ -688,31 +677,13 @@ impl<'c> StepContext<'c> {
                 }
             }
             for (n, conversion) in &piece.inputs {
-                let at = received.iter().position(|(m, _)| m == n);
-                let grad = match conversion {
-                    // Every rank joins the all-reduce, with zeros if nothing reached the input.
-                    Conversion::ReduceGradient => {
-                        let mut grad = match at {
-                            Some(at) => received.swap_remove(at).1,
-                            None => zeros_like(entry.values.get(n).ok_or_else(|| {
-                                Failure::Own(format!("`{}` was not received", self.g.dag[*n].name))
-                            })?),
-                        };
-                        links.tensor.all_reduce_sum(&mut grad.data)?;
-                        grad
-                    }
-                    Conversion::AllGather(sections) => match at {
-                        Some(at) => {
-                            let whole = received.swap_remove(at).1;
-                            last_axis(&whole.shape, sections).shard(&whole, part, size)
-                        }
-                        None => continue,
-                    },
-                    Conversion::None | Conversion::AllReduce => match at {
-                        Some(at) => received.swap_remove(at).1,
-                        None => continue,
-                    },
+                // Every input of a piece that ran backward has a gradient (zero if nothing
+                // reached it), on every rank alike, so the collectives stay matched.
+                let Some(at) = received.iter().position(|(m, _)| m == n) else {
+                    continue;
                 };
+                let grad = received.swap_remove(at).1;
+                let grad = convert_backward(&mut links.tensor, conversion, grad)?;
                 accumulate(&mut entry.upstream, *n, grad);
             }
         }
@@ -919,17 +890,80 @@ fn accumulate(into: &mut BTreeMap<NodeIndex, HostTensor>, n: NodeIndex, grad: Ho
     }
 }
 
-/// A value split along its last axis over the tensor-parallel group, whole on every rank: each
-/// rank places its part in a whole-sized buffer and the buffers are summed (shares may differ
-/// in size when a section does not divide evenly).
-fn all_gather_split(
+/// A value on its way into a piece that computes differently from its producer (see
+/// [`Conversion`]): gathered, reduced, scattered or sliced over the tensor-parallel group.
+fn convert_forward(
     ring: &mut CpuRing,
-    local: &HostTensor,
-    sections: &[usize],
+    conversion: &Conversion,
+    value: &HostTensor,
 ) -> Result<HostTensor, CollectiveError> {
-    let mut whole = last_axis(&local.shape, sections).place(local, ring.rank(), ring.size());
-    ring.all_reduce_sum(&mut whole.data)?;
-    Ok(whole)
+    let (rank, size) = (ring.rank(), ring.size());
+    Ok(match conversion {
+        Conversion::None | Conversion::ReduceGradient => value.clone(),
+        Conversion::AllReduce => summed(ring, value.clone())?,
+        Conversion::AllGather(sections) => {
+            gathered(ring, last_axis(&value.shape, sections), value)?
+        }
+        Conversion::GatherSequence { .. } => gathered(ring, sequence_of(value, size), value)?,
+        Conversion::ScatterSequence => {
+            let whole = summed(ring, value.clone())?;
+            sequence_axis(&whole.shape).shard(&whole, rank, size)
+        }
+        Conversion::SliceSequence => sequence_axis(&value.shape).shard(value, rank, size),
+    })
+}
+
+/// The gradient of a converted value, back in its producer's form.
+fn convert_backward(
+    ring: &mut CpuRing,
+    conversion: &Conversion,
+    grad: HostTensor,
+) -> Result<HostTensor, CollectiveError> {
+    let (rank, size) = (ring.rank(), ring.size());
+    Ok(match conversion {
+        Conversion::None | Conversion::AllReduce => grad,
+        Conversion::ReduceGradient => summed(ring, grad)?,
+        Conversion::AllGather(sections) => {
+            last_axis(&grad.shape, sections).shard(&grad, rank, size)
+        }
+        Conversion::GatherSequence { partial_gradients } => {
+            let grad = if *partial_gradients {
+                summed(ring, grad)?
+            } else {
+                grad
+            };
+            sequence_axis(&grad.shape).shard(&grad, rank, size)
+        }
+        Conversion::ScatterSequence | Conversion::SliceSequence => {
+            gathered(ring, sequence_of(&grad, size), &grad)?
+        }
+    })
+}
+
+fn summed(ring: &mut CpuRing, mut t: HostTensor) -> Result<HostTensor, CollectiveError> {
+    ring.all_reduce_sum(&mut t.data)?;
+    Ok(t)
+}
+
+/// Every rank's part of a value laid out by `layout`, whole on every rank: each rank places
+/// its part in a whole-sized buffer and the buffers are summed (parts may differ in size when a
+/// section does not divide evenly).
+fn gathered(
+    ring: &mut CpuRing,
+    layout: ParamLayout,
+    part: &HostTensor,
+) -> Result<HostTensor, CollectiveError> {
+    let whole = layout.place(part, ring.rank(), ring.size());
+    summed(ring, whole)
+}
+
+/// The sequence layout of a value of which `part` is one rank's share.
+fn sequence_of(part: &HostTensor, size: usize) -> ParamLayout {
+    let mut shape = part.shape.clone();
+    if let Some(s) = shape.get_mut(1) {
+        *s *= size;
+    }
+    sequence_axis(&shape)
 }
 
 fn zeros_like(t: &HostTensor) -> HostTensor {

@@ -3,7 +3,7 @@
 //! parameters each stage holds, the pieces recomputed in the backward pass, and each stage's
 //! sequence of actions for one iteration — read from the `ExecutionPlan`, never re-decided.
 
-use crate::tensor_parallel::{plan_splits, Conversion, TensorLayout};
+use crate::tensor_parallel::{plan_splits, Compute, Conversion, TensorLayout};
 use kiln_compiler::graph::{Graph, Op};
 use kiln_compiler::plan::ExecutionPlan;
 use petgraph::graph::NodeIndex;
@@ -33,13 +33,13 @@ pub struct VirtualStage {
 
 /// Consecutive nodes of a virtual stage run as one tape. A recomputed piece keeps only its
 /// inputs after the forward pass and runs forward again just before its backward. Under tensor
-/// parallelism a piece computes either on split values or on whole ones, never both, so the
-/// collectives between them sit between pieces.
+/// parallelism a piece computes in one way only (on whole values, split ones, or a share of the
+/// sequence), so the collectives between them sit between pieces.
 #[derive(Clone, Debug)]
 pub struct Piece {
     pub nodes: Vec<NodeIndex>,
     pub recompute: bool,
-    pub split: bool,
+    pub compute: Compute,
     /// Values computed outside the piece that it reads (integer inputs aside), with the
     /// collective on the way in.
     pub inputs: Vec<(NodeIndex, Conversion)>,
@@ -132,7 +132,7 @@ impl Placement {
                 pieces: vec![Piece {
                     nodes: g.topo_order(),
                     recompute: false,
-                    split: false,
+                    compute: Compute::Whole,
                     inputs: Vec::new(),
                     outputs: Vec::new(),
                 }],
@@ -147,14 +147,10 @@ impl Placement {
     /// What `plan` says, for the graph it was made from.
     pub fn from_plan(g: &Graph, plan: &ExecutionPlan) -> Result<Self, PlacementError> {
         let st = &plan.strategy;
-        if st.sequence_parallel {
-            return fail(
-                "the plan uses sequence parallelism, which `kiln run` does not execute yet (set `parallel { sequence_parallel = false }`)",
-            );
-        }
         let tensor = if st.tensor > 1 {
             let splits = plan_splits(g, plan).map_err(|e| PlacementError(e.0))?;
-            TensorLayout::new(g, &splits, st.tensor as usize).map_err(|e| PlacementError(e.0))?
+            TensorLayout::new(g, &splits, st.tensor as usize, st.sequence_parallel)
+                .map_err(|e| PlacementError(e.0))?
         } else {
             TensorLayout::whole(g)
         };
@@ -321,13 +317,14 @@ fn layer_owners(g: &Graph, plan: &ExecutionPlan) -> Result<Vec<usize>, Placement
 /// Cuts a virtual stage's nodes into pieces: one kept piece without recompute; a recomputed
 /// piece per layer under full recompute (each layer keeps only its input); under selective
 /// recompute, each attention core on its own, recomputed, between kept pieces. Under tensor
-/// parallelism a piece also ends where computation moves between split and whole values.
+/// parallelism a piece also ends where computation moves between whole values, split ones and
+/// shares of the sequence.
 fn pieces(g: &Graph, nodes: &[NodeIndex], mode: RecomputeMode, tl: &TensorLayout) -> Vec<Piece> {
     let mut out: Vec<Piece> = Vec::new();
     let mut layer = None;
     for &n in nodes {
         let node = &g.dag[n];
-        let split = tl.is_split(n);
+        let compute = tl.compute(n);
         let (recompute, fresh) = match mode {
             RecomputeMode::None => (false, false),
             RecomputeMode::Full => {
@@ -341,11 +338,13 @@ fn pieces(g: &Graph, nodes: &[NodeIndex], mode: RecomputeMode, tl: &TensorLayout
             }
         };
         match out.last_mut() {
-            Some(p) if !fresh && p.recompute == recompute && p.split == split => p.nodes.push(n),
+            Some(p) if !fresh && p.recompute == recompute && p.compute == compute => {
+                p.nodes.push(n)
+            }
             _ => out.push(Piece {
                 nodes: vec![n],
                 recompute,
-                split,
+                compute,
                 inputs: Vec::new(),
                 outputs: Vec::new(),
             }),
@@ -357,7 +356,7 @@ fn pieces(g: &Graph, nodes: &[NodeIndex], mode: RecomputeMode, tl: &TensorLayout
             for i in g.inputs(n) {
                 let outside = !inside.contains(&i) && !matches!(g.dag[i].op, Op::Input { .. });
                 if outside && !piece.inputs.iter().any(|(m, _)| *m == i) {
-                    piece.inputs.push((i, tl.conversion(g, i, piece.split)));
+                    piece.inputs.push((i, tl.conversion(g, i, piece.compute)));
                 }
             }
             let read_outside = g

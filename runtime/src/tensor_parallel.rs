@@ -13,6 +13,11 @@
 //! A row-parallel bias is added by rank 0 alone (the sum adds it once); replicated parameters
 //! read by split computation (that bias, LoRA B after a row-parallel A) get partial gradients,
 //! all-reduced after the backward pass.
+//!
+//! With sequence parallelism (Korthikanti et al.) the per-token work between the split regions
+//! (norms, dropout, residual adds, replicated linears) runs on a `1/t` share of the sequence:
+//! g becomes a reduce-scatter along the sequence and f an all-gather (whose backward
+//! reduce-scatters the partial gradients).
 
 use crate::checkpoint::HostTensor;
 use kiln_compiler::graph::LayerKind;
@@ -30,10 +35,21 @@ pub enum Form {
     Split(Vec<usize>),
     /// This rank's addend of the value.
     Partial,
+    /// The sequence axis split evenly: rank r holds the r-th `1/t` of the positions.
+    Sequence,
+}
+
+/// Where a node computes: on whole values, on tensor-split values (or partial sums), or on a
+/// share of the sequence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compute {
+    Whole,
+    Split,
+    Sequence,
 }
 
 /// What happens on an edge from one piece of the graph into another.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Conversion {
     None,
     /// Forward all-reduce of a partial sum; backward identity.
@@ -42,6 +58,15 @@ pub enum Conversion {
     AllGather(Vec<usize>),
     /// Forward identity; backward all-reduce of the partial gradient.
     ReduceGradient,
+    /// Forward all-gather along the sequence; backward the rank's share of the gradient,
+    /// summed over the group first when the readers compute split (their gradients are partial).
+    GatherSequence {
+        partial_gradients: bool,
+    },
+    /// Forward reduce-scatter of a partial sum along the sequence; backward all-gather.
+    ScatterSequence,
+    /// Forward the rank's share of the sequence of a whole value; backward all-gather.
+    SliceSequence,
 }
 
 /// How a parameter is cut across the group.
@@ -66,6 +91,9 @@ pub struct RankOps {
     pub bias_once: BTreeSet<NodeIndex>,
     /// Vocabulary-parallel embeddings: the rows `[lo, hi)` this rank's table holds.
     pub vocab_rows: BTreeMap<NodeIndex, (usize, usize)>,
+    /// Nodes computing on this rank's share of the sequence (dropout draws the whole mask and
+    /// keeps that share).
+    pub sequence: BTreeSet<NodeIndex>,
 }
 
 /// The tensor-parallel layout of a graph for a group of `size` ranks.
@@ -116,7 +144,18 @@ pub fn plan_splits(g: &Graph, plan: &ExecutionPlan) -> Result<Vec<TensorSplit>, 
 }
 
 impl TensorLayout {
-    pub fn new(g: &Graph, splits: &[TensorSplit], size: usize) -> Result<Self, LayoutError> {
+    pub fn new(
+        g: &Graph,
+        splits: &[TensorSplit],
+        size: usize,
+        sequence_parallel: bool,
+    ) -> Result<Self, LayoutError> {
+        if sequence_parallel && g.seq as usize % size != 0 {
+            return fail(format!(
+                "sequence parallelism needs the sequence length ({}) to divide by tensor = {size}",
+                g.seq
+            ));
+        }
         let mut forms = vec![Form::Whole; g.dag.node_count()];
         let mut params = vec![ParamLayout::Whole; g.params.len()];
         let mut partial_grads = BTreeSet::new();
@@ -134,6 +173,18 @@ impl TensorLayout {
             }
         };
         let split = |id: usize| splits[id];
+        // Per-token work runs on a share of the sequence when sequence parallelism is on and
+        // its input comes from (or is) a split region's result.
+        let per_token = |ins: &[Form]| {
+            let from_split = ins
+                .iter()
+                .any(|f| matches!(f, Form::Partial | Form::Sequence));
+            if sequence_parallel && from_split {
+                Form::Sequence
+            } else {
+                Form::Whole
+            }
+        };
         for n in g.topo_order() {
             let node = &g.dag[n];
             let ins: Vec<Form> = g
@@ -143,7 +194,7 @@ impl TensorLayout {
                 .collect();
             let unsupported = || {
                 LayoutError(format!(
-                    "tensor parallelism does not execute `{}` ({}) on split values yet",
+                    "tensor parallelism cannot split `{}` ({}): its inputs mix split and whole values (prefix tuning's key/value prefixes, for one, are whole); plan it with `parallel {{ tensor = 1 }}`",
                     node.name,
                     node.op.kind()
                 ))
@@ -170,7 +221,7 @@ impl TensorLayout {
                     ..
                 } => match split(weight.id) {
                     TensorSplit::Column | TensorSplit::Vocab => {
-                        if ins[0] != Form::Whole {
+                        if !matches!(ins[0], Form::Whole | Form::Sequence) {
                             return Err(unsupported());
                         }
                         let sections = weight_sections(g, weight.id)?;
@@ -225,6 +276,7 @@ impl TensorLayout {
                     }
                     TensorSplit::Replicated => match &ins[0] {
                         Form::Whole => Form::Whole,
+                        Form::Sequence => Form::Sequence,
                         Form::Partial => {
                             partial_grads.insert(weight.id);
                             if let Some(b) = bias {
@@ -270,12 +322,15 @@ impl TensorLayout {
                         }
                         Form::Split(_) if same => first,
                         Form::Partial if same && linear => Form::Partial,
-                        // Whole computation; split and partial inputs are gathered first.
-                        _ => Form::Whole,
+                        // Whole (or, with sequence parallelism, per-token) computation; split
+                        // and partial inputs are gathered or scattered first.
+                        _ => per_token(&ins),
                     }
                 }
+                Op::LayerNorm { .. } | Op::RmsNorm { .. } => per_token(&ins),
                 Op::ScaleBy { param } => match (split(*param), &ins[0]) {
                     (TensorSplit::Replicated, Form::Whole) => Form::Whole,
+                    (TensorSplit::Replicated, Form::Sequence) => Form::Sequence,
                     (TensorSplit::Column, Form::Split(sections)) => {
                         let shape = &g.params[*param].shape;
                         let axis = shape.iter().position(|&d| d != 1).unwrap_or(0);
@@ -312,6 +367,10 @@ impl TensorLayout {
                     g.params[p].name, node.name
                 ));
             }
+            if form == Form::Sequence {
+                // Each rank sees its share of the tokens: its gradient is a partial sum.
+                partial_grads.extend(node.op.params());
+            }
             forms[n.index()] = form;
         }
         let partial_grads = partial_grads
@@ -346,6 +405,11 @@ impl TensorLayout {
                         .iter()
                         .map(|(&n, &rows)| (n, (rank * rows / size, (rank + 1) * rows / size)))
                         .collect(),
+                    sequence: g
+                        .dag
+                        .node_indices()
+                        .filter(|n| forms[n.index()] == Form::Sequence)
+                        .collect(),
                 })
             })
             .collect::<Result<Vec<_>, LayoutError>>()?;
@@ -373,20 +437,34 @@ impl TensorLayout {
         }
     }
 
-    /// Whether `n` computes on split values (its output is split or partial).
-    pub fn is_split(&self, n: NodeIndex) -> bool {
-        self.forms[n.index()] != Form::Whole
+    /// Where `n` computes.
+    pub fn compute(&self, n: NodeIndex) -> Compute {
+        match self.forms[n.index()] {
+            Form::Whole => Compute::Whole,
+            Form::Split(_) | Form::Partial => Compute::Split,
+            Form::Sequence => Compute::Sequence,
+        }
     }
 
-    /// The collective on the edge from `producer` into a consumer computing split (or not).
-    pub fn conversion(&self, g: &Graph, producer: NodeIndex, split_consumer: bool) -> Conversion {
+    /// The collective on the edge from `producer` into a consumer computing as `consumer`.
+    pub fn conversion(&self, g: &Graph, producer: NodeIndex, consumer: Compute) -> Conversion {
         if self.size == 1 || matches!(g.dag[producer].op, Op::Input { .. }) {
             return Conversion::None;
         }
-        match (&self.forms[producer.index()], split_consumer) {
-            (Form::Whole, true) => Conversion::ReduceGradient,
-            (Form::Partial, false) => Conversion::AllReduce,
-            (Form::Split(sections), false) => Conversion::AllGather(sections.clone()),
+        match (&self.forms[producer.index()], consumer) {
+            (Form::Whole, Compute::Split) => Conversion::ReduceGradient,
+            (Form::Whole, Compute::Sequence) => Conversion::SliceSequence,
+            (Form::Partial, Compute::Whole) => Conversion::AllReduce,
+            (Form::Partial, Compute::Sequence) => Conversion::ScatterSequence,
+            (Form::Split(sections), Compute::Whole | Compute::Sequence) => {
+                Conversion::AllGather(sections.clone())
+            }
+            (Form::Sequence, Compute::Split) => Conversion::GatherSequence {
+                partial_gradients: true,
+            },
+            (Form::Sequence, Compute::Whole) => Conversion::GatherSequence {
+                partial_gradients: false,
+            },
             _ => Conversion::None,
         }
     }
@@ -568,6 +646,14 @@ impl ParamLayout {
             }
         }
         HostTensor { shape, data }
+    }
+}
+
+/// The layout of a value split evenly along its sequence axis.
+pub fn sequence_axis(shape: &[usize]) -> ParamLayout {
+    ParamLayout::Split {
+        axis: 1,
+        sections: vec![shape.get(1).copied().unwrap_or(1)],
     }
 }
 

@@ -258,6 +258,8 @@ fn parallel_training_matches_one_device() {
             "mesh = cpu(4), tensor = 2, data = 2, zero = 1",
             "mesh = cpu(4), tensor = 2, pipeline = 2, schedule = 1f1b, recompute = full",
             "mesh = cpu(4), tensor = 4, zero = 3",
+            "mesh = cpu(2), tensor = 2, sequence_parallel = true",
+            "mesh = cpu(4), tensor = 2, pipeline = 2, sequence_parallel = true, recompute = selective",
         ],
     );
 }
@@ -281,13 +283,13 @@ fn tensor_parallel_training_matches_one_device_across_families() {
             "llama_lora_tp",
             "llama_lora_tp",
             "model { vocab = 1024, hidden = 64, layers = 2, heads = 4, kv_heads = 2, ffn = 128 }, data { tokenizer = \"data/tokenizer.json\" }",
-            &["mesh = cpu(2), tensor = 2", "mesh = cpu(4), data = 2, tensor = 2"][..],
+            &["mesh = cpu(2), tensor = 2", "mesh = cpu(4), data = 2, tensor = 2, sequence_parallel = true"][..],
         ),
         (
             "bert_wwm_nsp",
             "bert_wwm_nsp",
             "model { hidden = 64, layers = 2, heads = 4, ffn = 128 }",
-            &["mesh = cpu(2), tensor = 2, plan = manual"][..],
+            &["mesh = cpu(2), plan = auto", "mesh = cpu(2), tensor = 2, plan = manual"][..],
         ),
         ("prompt_tuning", "prompt_tuning", gpt2, &["mesh = cpu(2), tensor = 2"][..]),
     ] {
