@@ -110,40 +110,6 @@ pub struct Placement {
 }
 
 impl Placement {
-    /// One device running the whole graph: microbatches forward and backward in turn.
-    pub fn single(g: &Graph, micro_batch: usize, microbatches: usize) -> Self {
-        let mut schedule = Vec::new();
-        for mb in 0..microbatches {
-            schedule.push(Action::Forward { mb, chunk: 0 });
-            schedule.push(Action::Backward { mb, chunk: 0 });
-        }
-        schedule.push(Action::Optimizer);
-        Placement {
-            data: 1,
-            tensor: TensorLayout::whole(g),
-            pipeline: 1,
-            zero: 0,
-            micro_batch,
-            microbatches,
-            recompute: RecomputeMode::None,
-            virtual_stages: vec![VirtualStage {
-                stage: 0,
-                chunk: 0,
-                pieces: vec![Piece {
-                    nodes: g.topo_order(),
-                    recompute: false,
-                    compute: Compute::Whole,
-                    inputs: Vec::new(),
-                    outputs: Vec::new(),
-                }],
-                needs: Vec::new(),
-                feeds: Vec::new(),
-            }],
-            holds: vec![vec![true; g.params.len()]],
-            schedules: vec![schedule],
-        }
-    }
-
     /// What `plan` says, for the graph it was made from.
     pub fn from_plan(g: &Graph, plan: &ExecutionPlan) -> Result<Self, PlacementError> {
         let st = &plan.strategy;

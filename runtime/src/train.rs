@@ -13,9 +13,7 @@ use crate::plot::{read_losses, write_loss_curve};
 use crate::rng::Rng;
 use kiln_compiler::graph::{compile_graph, Graph, ParamRole};
 use kiln_compiler::plan::compile_plan;
-use kiln_compiler::spec::{
-    Adapter, Experiment, Length, Objective, Optimizer, PromptEncoder, Recompute,
-};
+use kiln_compiler::spec::{Adapter, Experiment, Length, Objective, Optimizer, PromptEncoder};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -71,15 +69,26 @@ fn plot_run(name: &str, run_dir: &Path) -> Result<(), RunError> {
         .map_err(|err| RunError(format!("loss curve: {err}")))
 }
 
-/// How `kiln run` spreads a step: as the plan places it on a mesh of several devices (or with
-/// recompute); one device running every microbatch in turn otherwise.
+/// How `kiln run` spreads a step: as the plan places it (one device running every microbatch
+/// in turn, on `cpu(1)`).
 fn placement(e: &Experiment, g: &Graph) -> Result<Placement, RunError> {
     let batch = e.train.batch as usize;
-    if e.parallel.mesh.devices() == 1 && e.parallel.recompute == Recompute::None {
-        let micro = e.train.micro_batch.unwrap_or(e.train.batch) as usize;
-        return Ok(Placement::single(g, micro, batch.div_ceil(micro)));
-    }
-    let plan = compile_plan(e).map_err(|d| RunError(format!("planning: {:?}", d.items)))?;
+    let plan = compile_plan(e).map_err(|d| {
+        let problems: Vec<String> = d
+            .items
+            .iter()
+            .map(|item| {
+                let mut line = item.message.clone();
+                line.extend(item.notes.iter().map(|n| format!("; {n}")));
+                line.extend(item.help.iter().map(|h| format!(" ({h})")));
+                line
+            })
+            .collect();
+        RunError(format!(
+            "the experiment cannot be planned on its mesh: {} (`kiln plan` shows where)",
+            problems.join("; ")
+        ))
+    })?;
     let placement =
         Placement::from_plan(g, &plan).map_err(|err| RunError(format!("the plan: {}", err.0)))?;
     let (micro, per_step) = (

@@ -149,12 +149,20 @@ pub struct Candidate {
     pub layout: Vec<Vec<Range<usize>>>,
 }
 
-/// Orders evaluations: feasible first, then faster, then less memory, then the stable order of
-/// the strategy itself (deterministic ties).
+/// Orders evaluations: feasible first, then faster, then (among plans that fit) larger
+/// microbatches — at equal modeled time fewer and larger GEMMs run faster in practice, the model
+/// having one efficiency for every size — then less memory, then the stable order of the
+/// strategy itself (deterministic ties).
 fn better(a: &Evaluation, b: &Evaluation) -> std::cmp::Ordering {
+    let larger_microbatch = if a.fits && b.fits {
+        b.strategy.micro_batch.cmp(&a.strategy.micro_batch)
+    } else {
+        std::cmp::Ordering::Equal
+    };
     b.fits
         .cmp(&a.fits)
         .then(a.time.total.total_cmp(&b.time.total))
+        .then(larger_microbatch)
         .then(a.peak_memory().total_cmp(&b.peak_memory()))
         .then(a.strategy.cmp(&b.strategy))
 }
