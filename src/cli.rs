@@ -71,6 +71,9 @@ enum Command {
         /// Continue the run from its last checkpoint (bit-exactly, as if never interrupted).
         #[arg(long)]
         resume: bool,
+        /// Print each device's measured peak memory next to the plan's prediction.
+        #[arg(long)]
+        report: bool,
     },
     /// Measure training throughput: time `--steps` steps after `--warmup` steps (nothing kept).
     Bench {
@@ -204,7 +207,8 @@ pub fn main() -> ExitCode {
             steps,
             runs,
             resume,
-        } => run(&file, experiment.as_deref(), steps, &runs, resume),
+            report,
+        } => run(&file, experiment.as_deref(), steps, &runs, resume, report),
         Command::Bench {
             file,
             experiment,
@@ -399,6 +403,7 @@ fn run(
     steps: Option<u64>,
     runs: &std::path::Path,
     resume: bool,
+    report: bool,
 ) -> ExitCode {
     with_experiment(file, wanted, |_, experiment| {
         let bar = indicatif::ProgressBar::new(0);
@@ -443,6 +448,9 @@ fn run(
                     s.tokens_per_second,
                     s.run_dir.display()
                 );
+                if report {
+                    print_memory_report(&s.memory);
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -451,6 +459,27 @@ fn run(
             }
         }
     })
+}
+
+/// Measured peak memory per device against the plan's prediction for its stage.
+fn print_memory_report(memory: &[kiln_runtime::mesh::DeviceMemory]) {
+    if memory.is_empty() {
+        println!("memory: not measured (this build does not count allocations)");
+        return;
+    }
+    const MIB: f64 = 1024.0 * 1024.0;
+    println!("device  stage   measured peak   plan predicts   measured/plan");
+    for d in memory {
+        let measured = d.measured_bytes as f64;
+        println!(
+            "{:<7} {:<7} {:>10.1} MiB  {:>10.1} MiB   {:>8.2}",
+            d.device,
+            d.stage,
+            measured / MIB,
+            d.predicted_bytes / MIB,
+            measured / d.predicted_bytes.max(1.0)
+        );
+    }
 }
 
 fn bench(file: &std::path::Path, wanted: Option<&str>, steps: u64, warmup: u64) -> ExitCode {

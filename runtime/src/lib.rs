@@ -1,14 +1,14 @@
 //! Kiln's runtime: executes the compiler's execution plans with dfdx (CPU by default, CUDA
-//! behind a feature), with data pipelines, checkpoints and collectives.
-//!
-//! So far: reading Hugging Face and PEFT safetensors checkpoints and binding their tensors to
-//! the parameters of an operator graph (`checkpoint`). The executor comes next.
+//! behind a feature): the graph interpreter (`exec`), the plan's placement (`placement`,
+//! `tensor_parallel`) run on a mesh of device threads (`mesh`) over collectives
+//! (`collective`), data pipelines, optimizers, checkpoints and measured memory.
 
 pub mod checkpoint;
 pub mod collective;
 pub mod data;
 pub mod exec;
 pub mod export;
+pub mod memory;
 pub mod mesh;
 pub mod mlm;
 pub mod optim;

@@ -13,6 +13,7 @@ use crate::collective::{
     cpu_ring, mailboxes, ring_shard, Collective, CollectiveError, CpuRing, Mailbox, Payload, Tag,
 };
 use crate::exec::{Batch, Segment};
+use crate::memory;
 use crate::optim::{clip_factor, step, State};
 use crate::placement::{Action, Piece, Placement};
 use crate::tensor_parallel::{last_axis, sequence_axis, Conversion, ParamLayout};
@@ -74,6 +75,33 @@ struct Device {
     /// Taken by the step's thread, which drops them if the device fails so that its peers'
     /// collectives fail instead of waiting.
     links: Option<Links>,
+    /// The most memory it has used in a step: what it holds between steps plus its thread's
+    /// peak allocation during the step (zero without the counting allocator).
+    peak_bytes: usize,
+}
+
+impl Device {
+    /// Bytes of the state it keeps between steps: parameters, ZeRO shares, optimizer moments.
+    fn held_bytes(&self) -> usize {
+        let values: usize = self.values.iter().map(|v| v.data.len()).sum();
+        let shards: usize = self.shards.iter().flatten().map(Vec::len).sum();
+        let states: usize = self
+            .states
+            .iter()
+            .flatten()
+            .map(|s| s.m.len() + s.v.len())
+            .sum();
+        (values + shards + states) * std::mem::size_of::<f32>()
+    }
+}
+
+/// One device's measured peak next to the plan's prediction for its stage.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct DeviceMemory {
+    pub device: usize,
+    pub stage: usize,
+    pub measured_bytes: usize,
+    pub predicted_bytes: f64,
 }
 
 /// The devices of a mesh and the placement they follow.
@@ -169,6 +197,7 @@ impl Mesh {
                         shards,
                         states,
                         links: Some(links),
+                        peak_bytes: 0,
                     });
                 }
             }
@@ -229,7 +258,11 @@ impl Mesh {
                         let Some(mut links) = links else {
                             return Err(Failure::Own("the device failed earlier".into()));
                         };
+                        let start = memory::start_peak();
+                        let held = device.held_bytes();
                         let result = ctx.run(device, &mut links, mine);
+                        let during = usize::try_from(memory::peak() - start).unwrap_or(0);
+                        device.peak_bytes = device.peak_bytes.max(held + during);
                         match result {
                             Ok(_) => device.links = Some(links),
                             Err(_) => failed.store(true, Ordering::SeqCst),
@@ -263,6 +296,24 @@ impl Mesh {
             (Some(r), None) => Ok(r),
             (None, None) => Err("the mesh has no device".into()),
         }
+    }
+
+    /// Each device's measured peak memory so far, with the plan's prediction; empty when the
+    /// program does not count allocations.
+    pub fn memory(&self) -> Vec<DeviceMemory> {
+        if !memory::installed() {
+            return Vec::new();
+        }
+        self.devices
+            .iter()
+            .enumerate()
+            .map(|(i, d)| DeviceMemory {
+                device: i,
+                stage: d.stage,
+                measured_bytes: d.peak_bytes,
+                predicted_bytes: self.placement.memory.get(d.stage).map_or(0.0, |m| m.total),
+            })
+            .collect()
     }
 
     /// Every parameter whole, as one device would hold it.

@@ -5,7 +5,7 @@
 
 use crate::tensor_parallel::{plan_splits, Compute, Conversion, TensorLayout};
 use kiln_compiler::graph::{Graph, Op};
-use kiln_compiler::plan::ExecutionPlan;
+use kiln_compiler::plan::{ExecutionPlan, MemoryBreakdown};
 use petgraph::graph::NodeIndex;
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -107,6 +107,8 @@ pub struct Placement {
     pub holds: Vec<Vec<bool>>,
     /// One iteration of each stage's devices.
     pub schedules: Vec<Vec<Action>>,
+    /// The plan's prediction of each stage's memory per device.
+    pub memory: Vec<MemoryBreakdown>,
 }
 
 impl Placement {
@@ -213,6 +215,7 @@ impl Placement {
             virtual_stages,
             holds,
             schedules,
+            memory: plan.stages.iter().map(|s| s.memory.clone()).collect(),
         })
     }
 

@@ -5,7 +5,7 @@
 use crate::checkpoint::{bind, read_safetensors, safetensors_bytes, write_atomic, HostTensor};
 use crate::data::{load_examples, load_tokenizer, pad_batch, DataError, Example, PaddedBatch};
 use crate::exec::{forward_backward, Batch};
-use crate::mesh::{Mesh, StepOutcome};
+use crate::mesh::{DeviceMemory, Mesh, StepOutcome};
 use crate::optim::{learning_rate, State};
 use crate::pet::verbalizer_ids;
 use crate::placement::Placement;
@@ -55,6 +55,9 @@ pub struct RunSummary {
     pub eval_accuracy: Option<f32>,
     pub tokens_per_second: f64,
     pub run_dir: PathBuf,
+    /// Each device's measured peak memory beside the plan's prediction (also written to
+    /// `memory.json`); empty when the program does not count allocations.
+    pub memory: Vec<DeviceMemory>,
 }
 
 /// `loss.svg` beside `metrics.jsonl`, covering every step the run has taken.
@@ -607,6 +610,12 @@ pub fn run(
     save_checkpoint(&graph, &mesh, &progress, &checkpoint_dir)?;
     drop(metrics);
     plot_run(&e.name, &run_dir)?;
+    let memory = mesh.memory();
+    if !memory.is_empty() {
+        let json = serde_json::to_string_pretty(&memory)
+            .map_err(|err| RunError(format!("memory report: {err}")))?;
+        write_atomic(&run_dir.join("memory.json"), json.as_bytes()).map_err(RunError)?;
+    }
     let tokens_per_second =
         (progress.tokens - tokens_before) as f64 / started.elapsed().as_secs_f64().max(1e-9);
     Ok(RunSummary {
@@ -618,5 +627,6 @@ pub fn run(
         eval_accuracy: eval.and_then(|e| e.accuracy),
         tokens_per_second,
         run_dir,
+        memory,
     })
 }

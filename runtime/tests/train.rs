@@ -3,8 +3,13 @@
 //! stops with the step named and the last good checkpoint intact.
 
 use kiln_runtime::checkpoint::read_safetensors;
+use kiln_runtime::memory::CountingAllocator;
 use kiln_runtime::train::{run, Control};
 use std::path::{Path, PathBuf};
+
+/// Allocations are counted, for the measured memory per device.
+#[global_allocator]
+static ALLOCATOR: CountingAllocator = CountingAllocator;
 
 fn examples() -> PathBuf {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples")).to_path_buf()
@@ -434,6 +439,50 @@ proptest::proptest! {
         proptest::prop_assume!(example_with("quickstart", "quickstart", &overrides, &plan).is_ok());
         assert_parallel_matches_one_device("quickstart", "quickstart", &overrides, &[plan.as_str()]);
     }
+}
+
+/// Every device reports its measured peak beside the plan's prediction for its stage: at least
+/// the parameters and optimizer state it holds, more for a larger batch, the same on devices
+/// that do the same work, and written to `memory.json`.
+#[test]
+fn each_device_reports_its_measured_peak_memory() {
+    let measure = |batch: u64, plan: &str| {
+        let e = quickstart(&format!(
+            "parallel = {{ {plan} }}, train {{ batch = {batch}, steps = 2 }}"
+        ));
+        let dir = scratch(&format!("memory-{batch}-{}", plan.len()));
+        let summary = run(&e, &dir, None, false, |_| Control::Continue).unwrap();
+        let written: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("variant/memory.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(written.as_array().unwrap().len(), summary.memory.len());
+        std::fs::remove_dir_all(&dir).ok();
+        summary.memory
+    };
+    // 544,256 parameters: weights and two Adam moments, 6.5 MB.
+    let held = 544_256 * 4 * 3;
+    let small = measure(4, "mesh = cpu(1)");
+    let large = measure(16, "mesh = cpu(1)");
+    assert_eq!((small.len(), large.len()), (1, 1));
+    assert!(small[0].measured_bytes > held, "{small:?}");
+    assert!(
+        large[0].measured_bytes > small[0].measured_bytes,
+        "{small:?} {large:?}"
+    );
+    assert!(small[0].predicted_bytes > 0.0);
+    let pair = measure(8, "mesh = cpu(2), data = 2");
+    assert_eq!(pair.len(), 2);
+    let (a, b) = (pair[0].measured_bytes as f64, pair[1].measured_bytes as f64);
+    assert!(
+        (a - b).abs() <= 0.1 * a,
+        "replicas do the same work: {pair:?}"
+    );
+    let stages = measure(8, "mesh = cpu(2), pipeline = 2, schedule = 1f1b");
+    assert_eq!(
+        stages.iter().map(|d| d.stage).collect::<Vec<_>>(),
+        vec![0, 1]
+    );
 }
 
 #[test]
