@@ -491,9 +491,11 @@ fn bench(file: &std::path::Path, wanted: Option<&str>, steps: u64, warmup: u64) 
         let scratch = std::env::temp_dir().join(format!("kiln-bench-{}", std::process::id()));
         // The end of each step; a step's time is the gap to the previous one's end.
         let mut ends = vec![std::time::Instant::now()];
+        let mut collectives = Vec::new();
         let result =
-            kiln_runtime::train::run(experiment, &scratch, Some(warmup + steps), false, |_| {
+            kiln_runtime::train::run(experiment, &scratch, Some(warmup + steps), false, |r| {
                 ends.push(std::time::Instant::now());
+                collectives.push(r.collective_seconds);
                 kiln_runtime::train::Control::Continue
             });
         std::fs::remove_dir_all(&scratch).ok();
@@ -519,6 +521,15 @@ fn bench(file: &std::path::Path, wanted: Option<&str>, steps: u64, warmup: u64) 
             experiment.train.batch,
             experiment.train.seq_len
         );
+        let mut collectives: Vec<f64> = collectives.into_iter().skip(warmup as usize).collect();
+        collectives.sort_by(f64::total_cmp);
+        let in_collectives = collectives[collectives.len() / 2];
+        if in_collectives > 0.0 {
+            println!(
+                "collectives and transfers (waiting for peers included): {in_collectives:.3} s/step per device, {:.1}% of the step",
+                100.0 * in_collectives / median
+            );
+        }
         if let Ok(plan) = kiln_compiler::plan::compile_plan(experiment) {
             println!(
                 "planner's prediction for this mesh: {:.3} s/step, {:.0} tokens/s",

@@ -15,7 +15,7 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 #[derive(Debug)]
 pub struct CollectiveError(pub String);
@@ -53,6 +53,8 @@ pub trait Collective: Send {
 pub struct CpuRing {
     rank: usize,
     size: usize,
+    /// Time spent sending and waiting to receive, for the benchmark's collective overhead.
+    busy: Duration,
     to_next: Sender<Vec<f32>>,
     from_prev: Receiver<Vec<f32>>,
 }
@@ -68,6 +70,7 @@ pub fn cpu_ring(size: usize) -> Vec<CpuRing> {
         .map(|(rank, from_prev)| CpuRing {
             rank,
             size,
+            busy: Duration::ZERO,
             to_next: senders[(rank + 1) % size]
                 .take()
                 .expect("one sender per device"),
@@ -77,14 +80,23 @@ pub fn cpu_ring(size: usize) -> Vec<CpuRing> {
 }
 
 impl CpuRing {
-    fn send(&self, data: &[f32]) -> Result<(), CollectiveError> {
-        self.to_next
-            .send(data.to_vec())
-            .map_err(|_| self.peer_gone())
+    /// Time this device has spent in the ring's transfers (including waiting for its peers).
+    pub fn busy(&self) -> Duration {
+        self.busy
     }
 
-    fn recv(&self, len: usize) -> Result<Vec<f32>, CollectiveError> {
-        let data = self.from_prev.recv().map_err(|_| self.peer_gone())?;
+    fn send(&mut self, data: &[f32]) -> Result<(), CollectiveError> {
+        let start = Instant::now();
+        let sent = self.to_next.send(data.to_vec());
+        self.busy += start.elapsed();
+        sent.map_err(|_| self.peer_gone())
+    }
+
+    fn recv(&mut self, len: usize) -> Result<Vec<f32>, CollectiveError> {
+        let start = Instant::now();
+        let got = self.from_prev.recv();
+        self.busy += start.elapsed();
+        let data = got.map_err(|_| self.peer_gone())?;
         if data.len() != len {
             return Err(CollectiveError(format!(
                 "device {} expected {len} values from its neighbour and got {}",
@@ -207,6 +219,7 @@ pub struct Mailbox {
     inbox: Receiver<(Tag, HostTensor)>,
     early: BTreeMap<Tag, HostTensor>,
     failed: Arc<AtomicBool>,
+    busy: Duration,
 }
 
 /// The group's mailboxes, in rank order; `failed` is raised by any device that stops.
@@ -221,6 +234,7 @@ pub fn mailboxes(size: usize, failed: &Arc<AtomicBool>) -> Vec<Mailbox> {
             inbox,
             early: BTreeMap::new(),
             failed: Arc::clone(failed),
+            busy: Duration::ZERO,
         })
         .collect()
 }
@@ -235,10 +249,22 @@ impl Mailbox {
         })
     }
 
+    /// Time this device has spent waiting for messages.
+    pub fn busy(&self) -> Duration {
+        self.busy
+    }
+
     pub fn recv(&mut self, tag: Tag) -> Result<HostTensor, CollectiveError> {
         if let Some(v) = self.early.remove(&tag) {
             return Ok(v);
         }
+        let start = Instant::now();
+        let got = self.wait_for(tag);
+        self.busy += start.elapsed();
+        got
+    }
+
+    fn wait_for(&mut self, tag: Tag) -> Result<HostTensor, CollectiveError> {
         loop {
             if self.failed.load(Ordering::SeqCst) {
                 return Err(CollectiveError(format!(

@@ -34,6 +34,9 @@ pub struct StepOutcome {
     pub loss: f32,
     /// Global gradient norm before clipping (0 without clipping).
     pub grad_norm: f64,
+    /// Seconds a device spent in collectives and transfers this step (mean over devices),
+    /// waiting for its peers included.
+    pub collective_seconds: f64,
 }
 
 /// Why a device's step failed: its own error, or a collective broken by another device's.
@@ -56,6 +59,12 @@ struct Links {
     data: CpuRing,
     pipeline: CpuRing,
     mail: Mailbox,
+}
+
+impl Links {
+    fn busy(&self) -> std::time::Duration {
+        self.tensor.busy() + self.data.busy() + self.pipeline.busy() + self.mail.busy()
+    }
 }
 
 /// One device's state across steps.
@@ -260,7 +269,11 @@ impl Mesh {
                         };
                         let start = memory::start_peak();
                         let held = device.held_bytes();
-                        let result = ctx.run(device, &mut links, mine);
+                        let busy = links.busy();
+                        let result = ctx.run(device, &mut links, mine).map(|mut outcome| {
+                            outcome.collective_seconds = (links.busy() - busy).as_secs_f64();
+                            outcome
+                        });
                         let during = usize::try_from(memory::peak() - start).unwrap_or(0);
                         device.peak_bytes = device.peak_bytes.max(held + during);
                         match result {
@@ -281,11 +294,15 @@ impl Mesh {
                 })
                 .collect()
         });
-        let mut outcome = None;
+        let mut outcome: Option<StepOutcome> = None;
         let mut peer = None;
+        let mut collective_seconds = 0.0;
         for (i, result) in results.into_iter().enumerate() {
             match result {
-                Ok(r) => outcome = outcome.or(Some(r)),
+                Ok(r) => {
+                    collective_seconds += r.collective_seconds / devices as f64;
+                    outcome = outcome.or(Some(r));
+                }
                 Err(Failure::Own(e)) if devices > 1 => return Err(format!("device {i}: {e}")),
                 Err(Failure::Own(e)) => return Err(e),
                 Err(Failure::Peer(e)) => peer = peer.or(Some(e)),
@@ -293,7 +310,10 @@ impl Mesh {
         }
         match (outcome, peer) {
             (_, Some(e)) => Err(e.0),
-            (Some(r), None) => Ok(r),
+            (Some(r), None) => Ok(StepOutcome {
+                collective_seconds,
+                ..r
+            }),
             (None, None) => Err("the mesh has no device".into()),
         }
     }
@@ -557,7 +577,11 @@ impl<'c> StepContext<'c> {
                 }
             }
         }
-        Ok(StepOutcome { loss, grad_norm })
+        Ok(StepOutcome {
+            loss,
+            grad_norm,
+            collective_seconds: 0.0,
+        })
     }
 
     fn virtual_stage(&self, stage: usize, chunk: usize) -> Result<usize, Failure> {

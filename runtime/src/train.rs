@@ -41,6 +41,8 @@ pub struct StepReport {
     pub total: u64,
     pub loss: f32,
     pub tokens_per_second: f64,
+    /// Seconds a device spent in collectives and transfers during the step (mean over devices).
+    pub collective_seconds: f64,
 }
 
 #[derive(Debug)]
@@ -558,6 +560,7 @@ pub fn run(
         let StepOutcome {
             loss: loss_sum,
             grad_norm,
+            collective_seconds,
         } = mesh
             .step(&graph, &e.train, &micros, lr, s + 1)
             .map_err(RunError)?;
@@ -575,6 +578,7 @@ pub fn run(
             total,
             loss: loss_sum,
             tokens_per_second: tps,
+            collective_seconds,
         });
         let stop = matches!(control, Control::Stop);
         if stop || e.train.checkpoint_every.is_some_and(|k| (s + 1) % k == 0) {
