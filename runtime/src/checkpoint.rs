@@ -24,6 +24,12 @@ impl HostTensor {
         }
     }
 
+    /// Bytes it holds on the heap.
+    pub fn heap_bytes(&self) -> usize {
+        self.data.capacity() * std::mem::size_of::<f32>()
+            + self.shape.capacity() * std::mem::size_of::<usize>()
+    }
+
     /// No value: a parameter this device does not hold.
     pub fn absent() -> Self {
         HostTensor {

@@ -10,6 +10,7 @@
 //! tagged messages, received by tag whatever order they arrive in.
 
 use crate::checkpoint::HostTensor;
+use crate::memory;
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -87,7 +88,9 @@ impl CpuRing {
 
     fn send(&mut self, data: &[f32]) -> Result<(), CollectiveError> {
         let start = Instant::now();
-        let sent = self.to_next.send(data.to_vec());
+        let message = data.to_vec();
+        memory::hand_over(message.capacity() * std::mem::size_of::<f32>());
+        let sent = self.to_next.send(message);
         self.busy += start.elapsed();
         sent.map_err(|_| self.peer_gone())
     }
@@ -97,6 +100,7 @@ impl CpuRing {
         let got = self.from_prev.recv();
         self.busy += start.elapsed();
         let data = got.map_err(|_| self.peer_gone())?;
+        memory::take_over(data.capacity() * std::mem::size_of::<f32>());
         if data.len() != len {
             return Err(CollectiveError(format!(
                 "device {} expected {len} values from its neighbour and got {}",
@@ -241,6 +245,7 @@ pub fn mailboxes(size: usize, failed: &Arc<AtomicBool>) -> Vec<Mailbox> {
 
 impl Mailbox {
     pub fn send(&self, to: usize, tag: Tag, value: HostTensor) -> Result<(), CollectiveError> {
+        memory::hand_over(value.heap_bytes());
         self.peers[to].send((tag, value)).map_err(|_| {
             CollectiveError(format!(
                 "device {}: pipeline peer {to} stopped before receiving",
@@ -273,8 +278,11 @@ impl Mailbox {
                 )));
             }
             match self.inbox.recv_timeout(Duration::from_millis(20)) {
-                Ok((t, v)) if t == tag => return Ok(v),
                 Ok((t, v)) => {
+                    memory::take_over(v.heap_bytes());
+                    if t == tag {
+                        return Ok(v);
+                    }
                     self.early.insert(t, v);
                 }
                 Err(RecvTimeoutError::Timeout) => {}

@@ -79,6 +79,17 @@ pub fn start_peak() -> isize {
     live
 }
 
+/// A buffer this thread allocated is about to be freed by another (a message sent): it stops
+/// counting here...
+pub fn hand_over(bytes: usize) {
+    count(-(bytes as isize));
+}
+
+/// ...and counts on the thread that received it, which will free it.
+pub fn take_over(bytes: usize) {
+    count(bytes as isize);
+}
+
 /// This thread's highest count since [`start_peak`].
 pub fn peak() -> isize {
     PEAK.with(Cell::get)

@@ -704,6 +704,22 @@ impl<'c> StepContext<'c> {
             }
             entry.kept.push((!piece.recompute).then_some(segment));
         }
+        // Kept pieces hold their own copies of their inputs: keep only what is sent on, what a
+        // recomputed piece reads again, and what was received (its shape, for the gradient
+        // sent back).
+        let stage = &self.placement.virtual_stages[k];
+        let recomputed = |n: &NodeIndex| {
+            stage
+                .pieces
+                .iter()
+                .any(|p| p.recompute && p.inputs.iter().any(|(m, _)| m == n))
+        };
+        entry.values.retain(|n, _| {
+            recomputed(n)
+                || stage.feeds.iter().any(|(m, _)| m == n)
+                || stage.needs.iter().any(|(m, _)| m == n)
+        });
+        entry.converted.retain(|(n, _), _| recomputed(n));
         Ok(loss)
     }
 
