@@ -104,6 +104,63 @@ impl V {
     }
 }
 
+/// A value computed by one segment and read by another: a tensor on the device (no copy between
+/// segments of one device), or moved through the host to another device.
+#[derive(Clone)]
+pub struct Value(V);
+
+impl Value {
+    pub fn from_host(t: HostTensor) -> Result<Value, ExecError> {
+        let dev = Dev::default();
+        match *t.shape.as_slice() {
+            [] if t.data.len() == 1 => Ok(Value(V::S(dev.tensor(t.data[0])))),
+            [a, b] => Ok(Value(V::R2(dev.tensor_from_vec(t.data, (a, b))))),
+            [a, b, c] => Ok(Value(V::R3(dev.tensor_from_vec(t.data, (a, b, c))))),
+            ref other => err(format!("a value of shape {other:?}")),
+        }
+    }
+
+    pub fn to_host(&self) -> Result<HostTensor, ExecError> {
+        Ok(match &self.0 {
+            V::S(t) => HostTensor::scalar(t.array()),
+            V::R2(t) => HostTensor {
+                shape: vec![t.shape().0, t.shape().1],
+                data: t.as_vec(),
+            },
+            V::R3(t) => HostTensor {
+                shape: vec![t.shape().0, t.shape().1, t.shape().2],
+                data: t.as_vec(),
+            },
+            V::Ints(_) => return err("integer inputs are read from the batch, not sent"),
+        })
+    }
+
+    pub fn scalar(x: f32) -> Value {
+        Value(V::S(Dev::default().tensor(x)))
+    }
+
+    /// Zeros of the same shape (the gradient of a value nothing depended on).
+    pub fn zeros_like(&self) -> Value {
+        let dev = Dev::default();
+        Value(match &self.0 {
+            V::S(t) => V::S(dev.zeros_like(t)),
+            V::R2(t) => V::R2(dev.zeros_like(t)),
+            V::R3(t) => V::R3(dev.zeros_like(t)),
+            V::Ints(v) => V::Ints(v.clone()),
+        })
+    }
+
+    /// The element-wise sum (gradients from several readers).
+    pub fn add(&self, other: &Value) -> Result<Value, ExecError> {
+        Ok(Value(match (&self.0, &other.0) {
+            (V::S(a), V::S(b)) => V::S(a.clone() + b.clone()),
+            (V::R2(a), V::R2(b)) if a.shape() == b.shape() => V::R2(a.clone() + b.clone()),
+            (V::R3(a), V::R3(b)) if a.shape() == b.shape() => V::R3(a.clone() + b.clone()),
+            _ => return err("adding gradients of different shapes"),
+        }))
+    }
+}
+
 /// A parameter as a tape-less tensor of its own rank.
 #[derive(Clone)]
 enum P {
@@ -142,7 +199,7 @@ pub fn forward_backward(
         return err(format!("the loss is {loss}"));
     }
     let class_logits = segment.class_logits();
-    let grads = segment.backward(&[(loss_node, HostTensor::scalar(1.0))])?;
+    let grads = segment.backward(&[(loss_node, Value::scalar(1.0))])?;
     let mut out: Vec<Option<Vec<f32>>> = vec![None; g.params.len()];
     for (id, grad) in grads.params {
         out[id] = Some(grad);
@@ -166,7 +223,7 @@ pub struct Segment<'g> {
 /// values it received.
 pub struct SegmentGrads {
     pub params: Vec<(usize, Vec<f32>)>,
-    pub received: Vec<(NodeIndex, HostTensor)>,
+    pub received: Vec<(NodeIndex, Value)>,
 }
 
 impl<'g> Segment<'g> {
@@ -179,7 +236,7 @@ impl<'g> Segment<'g> {
         batch: &'g Batch,
         ops: &'g RankOps,
         nodes: &[NodeIndex],
-        received: Vec<(NodeIndex, HostTensor)>,
+        received: Vec<(NodeIndex, Value)>,
     ) -> Result<Self, ExecError> {
         let dev = Dev::default();
         let mut used = vec![false; g.params.len()];
@@ -215,8 +272,8 @@ impl<'g> Segment<'g> {
             ops,
         };
         let mut ids = Vec::with_capacity(received.len());
-        for (n, t) in received {
-            it.values[n.index()] = Some(it.on_device(t)?);
+        for (n, v) in received {
+            it.values[n.index()] = Some(v.0);
             ids.push(n);
         }
         for &n in nodes {
@@ -230,22 +287,14 @@ impl<'g> Segment<'g> {
         Ok(Segment { it, received: ids })
     }
 
-    /// The value a node computed here (or received), to send to another device.
-    pub fn value(&self, n: NodeIndex) -> Result<HostTensor, ExecError> {
+    /// The value a node computed here (or received), for other segments.
+    pub fn value(&self, n: NodeIndex) -> Result<Value, ExecError> {
         match &self.it.values[n.index()] {
-            Some(V::S(t)) => Ok(HostTensor::scalar(t.array())),
-            Some(V::R2(t)) => Ok(HostTensor {
-                shape: vec![t.shape().0, t.shape().1],
-                data: t.as_vec(),
-            }),
-            Some(V::R3(t)) => Ok(HostTensor {
-                shape: vec![t.shape().0, t.shape().1, t.shape().2],
-                data: t.as_vec(),
-            }),
             Some(V::Ints(_)) => err(format!(
                 "{}: integer inputs are read from the batch, not sent",
                 self.it.g.dag[n].name
             )),
+            Some(v) => Ok(Value(v.clone())),
             None => err(format!("{}: not computed here", self.it.g.dag[n].name)),
         }
     }
@@ -281,11 +330,7 @@ impl<'g> Segment<'g> {
     /// Backpropagates `upstream` (the gradient of the loss with respect to some of this
     /// segment's values; 1 for the loss itself) through the segment: the gradient of
     /// Σ ⟨value, upstream⟩, whose derivative is exactly the upstream gradient.
-    pub fn backward(
-        mut self,
-        upstream: &[(NodeIndex, HostTensor)],
-    ) -> Result<SegmentGrads, ExecError> {
-        let dev = self.it.dev.clone();
+    pub fn backward(mut self, upstream: &[(NodeIndex, Value)]) -> Result<SegmentGrads, ExecError> {
         let mut tape = self.it.take_tape();
         // Gradients of the received values and parameters exist even where nothing flows
         // into them (zero), so that reading them back cannot fail.
@@ -307,23 +352,16 @@ impl<'g> Segment<'g> {
         let mut total: Option<T0> = None;
         for (n, g) in upstream {
             let name = &self.it.g.dag[*n].name;
-            let term = match (&self.it.values[n.index()], g.shape.as_slice()) {
-                (Some(V::S(t)), []) => t.clone().put_tape(tape) * g.data[0],
-                (Some(V::R2(t)), &[a, b]) if *t.shape() == (a, b) => {
-                    let g: T2 = dev.tensor_from_vec(g.data.clone(), (a, b));
-                    (t.clone().put_tape(tape) * g).sum::<(), _>()
+            let term = match (&self.it.values[n.index()], &g.0) {
+                (Some(V::S(t)), V::S(g)) => t.clone().put_tape(tape) * g.array(),
+                (Some(V::R2(t)), V::R2(g)) if t.shape() == g.shape() => {
+                    (t.clone().put_tape(tape) * g.clone()).sum::<(), _>()
                 }
-                (Some(V::R3(t)), &[a, b, c]) if *t.shape() == (a, b, c) => {
-                    let g: T3 = dev.tensor_from_vec(g.data.clone(), (a, b, c));
-                    (t.clone().put_tape(tape) * g).sum::<(), _>()
+                (Some(V::R3(t)), V::R3(g)) if t.shape() == g.shape() => {
+                    (t.clone().put_tape(tape) * g.clone()).sum::<(), _>()
                 }
                 (None, _) => return err(format!("{name}: no value to backpropagate through")),
-                _ => {
-                    return err(format!(
-                        "{name}: the gradient's shape {:?} does not match",
-                        g.shape
-                    ))
-                }
+                _ => return err(format!("{name}: the gradient's shape does not match")),
             };
             let term = match total.take() {
                 Some(sum) => term + sum,
@@ -354,18 +392,12 @@ impl<'g> Segment<'g> {
             .iter()
             .filter_map(|&n| {
                 let grad = match &self.it.values[n.index()] {
-                    Some(V::S(t)) => HostTensor::scalar(grads.get(t).array()),
-                    Some(V::R2(t)) => HostTensor {
-                        shape: vec![t.shape().0, t.shape().1],
-                        data: grads.get(t).as_vec(),
-                    },
-                    Some(V::R3(t)) => HostTensor {
-                        shape: vec![t.shape().0, t.shape().1, t.shape().2],
-                        data: grads.get(t).as_vec(),
-                    },
+                    Some(V::S(t)) => V::S(grads.get(t)),
+                    Some(V::R2(t)) => V::R2(grads.get(t)),
+                    Some(V::R3(t)) => V::R3(grads.get(t)),
                     _ => return None,
                 };
-                Some((n, grad))
+                Some((n, Value(grad)))
             })
             .collect();
         Ok(SegmentGrads { params, received })
@@ -469,16 +501,6 @@ impl Interpreter<'_> {
             .map_err(|e| ExecError(format!("{}: {}", self.g.dag[n].name, e.0)))?;
         self.values[n.index()] = Some(v);
         Ok(())
-    }
-
-    /// A value received from another device, as a tensor on this one.
-    fn on_device(&self, t: HostTensor) -> Result<V, ExecError> {
-        match *t.shape.as_slice() {
-            [] if t.data.len() == 1 => Ok(V::S(self.dev.tensor(t.data[0]))),
-            [a, b] => Ok(V::R2(self.dev.tensor_from_vec(t.data, (a, b)))),
-            [a, b, c] => Ok(V::R3(self.dev.tensor_from_vec(t.data, (a, b, c)))),
-            ref other => err(format!("a received value of shape {other:?}")),
-        }
     }
 
     fn param(&self, id: usize) -> Result<&P, ExecError> {

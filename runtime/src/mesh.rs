@@ -12,7 +12,7 @@ use crate::checkpoint::HostTensor;
 use crate::collective::{
     cpu_ring, mailboxes, ring_shard, Collective, CollectiveError, CpuRing, Mailbox, Payload, Tag,
 };
-use crate::exec::{Batch, Segment};
+use crate::exec::{Batch, ExecError, Segment, Value};
 use crate::memory;
 use crate::optim::{clip_factor, step, State};
 use crate::placement::{Action, Piece, Placement};
@@ -452,11 +452,11 @@ struct StepContext<'a> {
 /// computes for others, the pieces whose tapes it keeps, and the gradients flowing back.
 #[derive(Default)]
 struct InFlight<'a> {
-    values: BTreeMap<NodeIndex, HostTensor>,
+    values: BTreeMap<NodeIndex, Value>,
     /// Values all-reduced or all-gathered over the tensor-parallel group for whole computation.
-    converted: BTreeMap<(NodeIndex, Conversion), HostTensor>,
+    converted: BTreeMap<(NodeIndex, Conversion), Value>,
     kept: Vec<Option<Segment<'a>>>,
-    upstream: BTreeMap<NodeIndex, HostTensor>,
+    upstream: BTreeMap<NodeIndex, Value>,
 }
 
 /// The gradient of a parameter on one device: whole, or (after a ZeRO reduce-scatter) the
@@ -497,7 +497,8 @@ impl<'c> StepContext<'c> {
                     let entry = flight.entry((mb, k)).or_default();
                     for &(n, from) in &self.placement.virtual_stages[k].needs {
                         let tag = tag(Payload::Activation, mb, n, from, k);
-                        entry.values.insert(n, links.mail.recv(tag)?);
+                        let value = Value::from_host(links.mail.recv(tag)?).map_err(own)?;
+                        entry.values.insert(n, value);
                     }
                 }
                 Action::Forward { mb, chunk } => {
@@ -515,6 +516,7 @@ impl<'c> StepContext<'c> {
                         let value = entry.values.get(n).ok_or_else(|| {
                             Failure::Own(format!("`{}` was not computed", g.dag[*n].name))
                         })?;
+                        let value = value.to_host().map_err(own)?;
                         for &r in readers {
                             let to = self.placement.virtual_stages[r].stage;
                             let tag = tag(Payload::Activation, mb, *n, k, r);
@@ -528,7 +530,8 @@ impl<'c> StepContext<'c> {
                     for (n, readers) in &self.placement.virtual_stages[k].feeds {
                         for &r in readers {
                             let grad = links.mail.recv(tag(Payload::Gradient, mb, *n, r, k))?;
-                            accumulate(&mut entry.upstream, *n, grad);
+                            let grad = Value::from_host(grad).map_err(own)?;
+                            accumulate(&mut entry.upstream, *n, grad)?;
                         }
                     }
                 }
@@ -552,10 +555,15 @@ impl<'c> StepContext<'c> {
                     for &(n, from) in &self.placement.virtual_stages[k].needs {
                         let grad = match entry.upstream.remove(&n) {
                             Some(grad) => grad,
-                            None => zeros_like(entry.values.get(&n).ok_or_else(|| {
-                                Failure::Own(format!("`{}` was not received", g.dag[n].name))
-                            })?),
+                            None => entry
+                                .values
+                                .get(&n)
+                                .ok_or_else(|| {
+                                    Failure::Own(format!("`{}` was not received", g.dag[n].name))
+                                })?
+                                .zeros_like(),
                         };
+                        let grad = grad.to_host().map_err(own)?;
                         let to = self.placement.virtual_stages[from].stage;
                         links
                             .mail
@@ -738,11 +746,11 @@ impl<'c> StepContext<'c> {
         let pieces = &self.placement.virtual_stages[k].pieces;
         if let Some(l) = self.g.loss {
             if pieces.iter().any(|p| p.nodes.contains(&l)) {
-                entry.upstream.insert(l, HostTensor::scalar(1.0));
+                entry.upstream.insert(l, Value::scalar(1.0));
             }
         }
         for (i, piece) in pieces.iter().enumerate().rev() {
-            let upstream: Vec<(NodeIndex, HostTensor)> = piece
+            let upstream: Vec<(NodeIndex, Value)> = piece
                 .nodes
                 .iter()
                 .filter_map(|n| entry.upstream.remove(n).map(|g| (*n, g)))
@@ -775,7 +783,7 @@ impl<'c> StepContext<'c> {
                 };
                 let grad = received.swap_remove(at).1;
                 let grad = convert_backward(&mut links.tensor, conversion, grad)?;
-                accumulate(&mut entry.upstream, *n, grad);
+                accumulate(&mut entry.upstream, *n, grad)?;
             }
         }
         // Only the values received from other stages are still needed (their shapes, for the
@@ -968,17 +976,22 @@ fn tag(payload: Payload, microbatch: usize, node: NodeIndex, from: usize, to: us
     }
 }
 
-fn accumulate(into: &mut BTreeMap<NodeIndex, HostTensor>, n: NodeIndex, grad: HostTensor) {
-    match into.get_mut(&n) {
-        Some(acc) => acc
-            .data
-            .iter_mut()
-            .zip(grad.data)
-            .for_each(|(a, g)| *a += g),
-        None => {
-            into.insert(n, grad);
-        }
-    }
+fn own(e: ExecError) -> Failure {
+    Failure::Own(e.0)
+}
+
+/// Adds a gradient to what the value's other readers contributed.
+fn accumulate(
+    into: &mut BTreeMap<NodeIndex, Value>,
+    n: NodeIndex,
+    grad: Value,
+) -> Result<(), Failure> {
+    let sum = match into.get(&n) {
+        Some(acc) => acc.add(&grad).map_err(own)?,
+        None => grad,
+    };
+    into.insert(n, sum);
+    Ok(())
 }
 
 /// A value on its way into a piece that computes differently from its producer (see
@@ -986,49 +999,55 @@ fn accumulate(into: &mut BTreeMap<NodeIndex, HostTensor>, n: NodeIndex, grad: Ho
 fn convert_forward(
     ring: &mut CpuRing,
     conversion: &Conversion,
-    value: &HostTensor,
-) -> Result<HostTensor, CollectiveError> {
+    value: &Value,
+) -> Result<Value, Failure> {
+    if matches!(conversion, Conversion::None | Conversion::ReduceGradient) {
+        return Ok(value.clone());
+    }
     let (rank, size) = (ring.rank(), ring.size());
-    Ok(match conversion {
-        Conversion::None | Conversion::ReduceGradient => value.clone(),
-        Conversion::AllReduce => summed(ring, value.clone())?,
-        Conversion::AllGather(sections) => {
-            gathered(ring, last_axis(&value.shape, sections), value)?
-        }
-        Conversion::GatherSequence { .. } => gathered(ring, sequence_of(value, size), value)?,
+    let host = value.to_host().map_err(own)?;
+    let converted = match conversion {
+        Conversion::AllGather(sections) => gathered(ring, last_axis(&host.shape, sections), &host)?,
+        Conversion::GatherSequence { .. } => gathered(ring, sequence_of(&host, size), &host)?,
         Conversion::ScatterSequence => {
-            let whole = summed(ring, value.clone())?;
+            let whole = summed(ring, host)?;
             sequence_axis(&whole.shape).shard(&whole, rank, size)
         }
-        Conversion::SliceSequence => sequence_axis(&value.shape).shard(value, rank, size),
-    })
+        Conversion::SliceSequence => sequence_axis(&host.shape).shard(&host, rank, size),
+        _ => summed(ring, host)?,
+    };
+    Value::from_host(converted).map_err(own)
 }
 
 /// The gradient of a converted value, back in its producer's form.
 fn convert_backward(
     ring: &mut CpuRing,
     conversion: &Conversion,
-    grad: HostTensor,
-) -> Result<HostTensor, CollectiveError> {
+    grad: Value,
+) -> Result<Value, Failure> {
+    if matches!(conversion, Conversion::None | Conversion::AllReduce) {
+        return Ok(grad);
+    }
     let (rank, size) = (ring.rank(), ring.size());
-    Ok(match conversion {
-        Conversion::None | Conversion::AllReduce => grad,
-        Conversion::ReduceGradient => summed(ring, grad)?,
+    let host = grad.to_host().map_err(own)?;
+    let converted = match conversion {
         Conversion::AllGather(sections) => {
-            last_axis(&grad.shape, sections).shard(&grad, rank, size)
+            last_axis(&host.shape, sections).shard(&host, rank, size)
         }
         Conversion::GatherSequence { partial_gradients } => {
-            let grad = if *partial_gradients {
-                summed(ring, grad)?
+            let host = if *partial_gradients {
+                summed(ring, host)?
             } else {
-                grad
+                host
             };
-            sequence_axis(&grad.shape).shard(&grad, rank, size)
+            sequence_axis(&host.shape).shard(&host, rank, size)
         }
         Conversion::ScatterSequence | Conversion::SliceSequence => {
-            gathered(ring, sequence_of(&grad, size), &grad)?
+            gathered(ring, sequence_of(&host, size), &host)?
         }
-    })
+        _ => summed(ring, host)?,
+    };
+    Value::from_host(converted).map_err(own)
 }
 
 fn summed(ring: &mut CpuRing, mut t: HostTensor) -> Result<HostTensor, CollectiveError> {
@@ -1055,13 +1074,6 @@ fn sequence_of(part: &HostTensor, size: usize) -> ParamLayout {
         *s *= size;
     }
     sequence_axis(&shape)
-}
-
-fn zeros_like(t: &HostTensor) -> HostTensor {
-    HostTensor {
-        shape: t.shape.clone(),
-        data: vec![0.0; t.data.len()],
-    }
 }
 
 /// Sums every device's gradients (and losses) in place, bucket by bucket, last parameters first
