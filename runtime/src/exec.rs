@@ -168,6 +168,45 @@ enum P {
     R2(T2),
 }
 
+/// The parameters a device holds, as tensors on it, shared by every segment it runs (one copy
+/// however many microbatches are in flight).
+pub struct Params(Vec<Option<P>>);
+
+impl Params {
+    /// From host values; absent ones (held by other devices) stay absent.
+    pub fn new(g: &Graph, values: &[HostTensor]) -> Result<Params, ExecError> {
+        let mut params = Params(vec![None; g.params.len()]);
+        for (id, v) in values.iter().enumerate() {
+            if !v.data.is_empty() {
+                params.set(g, id, v)?;
+            }
+        }
+        Ok(params)
+    }
+
+    /// Puts parameter `id` on the device (a ZeRO-3 gather).
+    pub fn set(&mut self, g: &Graph, id: usize, v: &HostTensor) -> Result<(), ExecError> {
+        let dev = Dev::default();
+        self.0[id] = Some(match v.shape.as_slice() {
+            [n] => P::R1(dev.tensor_from_vec(v.data.clone(), (*n,))),
+            [a, b] => P::R2(dev.tensor_from_vec(v.data.clone(), (*a, *b))),
+            other => {
+                return err(format!(
+                    "parameter `{}` has rank {}",
+                    g.params[id].name,
+                    other.len()
+                ))
+            }
+        });
+        Ok(())
+    }
+
+    /// Drops the device's tensor of parameter `id` (segments holding it keep theirs).
+    pub fn release(&mut self, id: usize) {
+        self.0[id] = None;
+    }
+}
+
 struct Interpreter<'g> {
     g: &'g Graph,
     /// The node being computed: dropout masks are drawn from a stream of their own per node,
@@ -193,7 +232,8 @@ pub fn forward_backward(
         return err("the graph has no loss");
     };
     let whole = RankOps::default();
-    let segment = Segment::forward(g, values, batch, &whole, &g.topo_order(), Vec::new())?;
+    let params = Params::new(g, values)?;
+    let segment = Segment::forward(g, &params, batch, &whole, &g.topo_order(), Vec::new())?;
     let loss = segment.loss()?;
     if !loss.is_finite() {
         return err(format!("the loss is {loss}"));
@@ -232,7 +272,7 @@ impl<'g> Segment<'g> {
     /// not read here may be left empty in `params`.
     pub fn forward(
         g: &'g Graph,
-        params: &[HostTensor],
+        params: &Params,
         batch: &'g Batch,
         ops: &'g RankOps,
         nodes: &[NodeIndex],
@@ -245,22 +285,13 @@ impl<'g> Segment<'g> {
                 used[id] = true;
             }
         }
+        // The segment shares the device's parameter tensors (no copy).
         let params = params
+            .0
             .iter()
-            .zip(&g.params)
             .zip(used)
-            .map(|((v, p), used)| {
-                if !used {
-                    return Ok(None);
-                }
-                match v.shape.as_slice() {
-                    [n] => Ok(Some(P::R1(dev.tensor_from_vec(v.data.clone(), (*n,))))),
-                    [a, b] => Ok(Some(P::R2(dev.tensor_from_vec(v.data.clone(), (*a, *b))))),
-                    [] => err(format!("parameter `{}` is not on this device", p.name)),
-                    other => err(format!("parameter `{}` has rank {}", p.name, other.len())),
-                }
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+            .map(|(p, used)| if used { p.clone() } else { None })
+            .collect();
         let mut it = Interpreter {
             g,
             current: NodeIndex::new(0),

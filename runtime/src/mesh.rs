@@ -12,7 +12,7 @@ use crate::checkpoint::HostTensor;
 use crate::collective::{
     cpu_ring, mailboxes, ring_shard, Collective, CollectiveError, CpuRing, Mailbox, Payload, Tag,
 };
-use crate::exec::{Batch, ExecError, Segment, Value};
+use crate::exec::{Batch, ExecError, Params, Segment, Value};
 use crate::memory;
 use crate::optim::{clip_factor, step, State};
 use crate::placement::{Action, Piece, Placement};
@@ -81,6 +81,8 @@ struct Device {
     shards: Vec<Option<Vec<f32>>>,
     /// Optimizer state of what it updates: its parameters, or its shares under ZeRO.
     states: Vec<Option<State>>,
+    /// During a step, its parameters as tensors on the device, shared by every piece it runs.
+    tensors: Option<Params>,
     /// Taken by the step's thread, which drops them if the device fails so that its peers'
     /// collectives fail instead of waiting.
     links: Option<Links>,
@@ -205,6 +207,7 @@ impl Mesh {
                         values,
                         shards,
                         states,
+                        tensors: None,
                         links: Some(links),
                         peak_bytes: 0,
                     });
@@ -487,6 +490,7 @@ impl<'c> StepContext<'c> {
                 (p.trainable && held).then(|| vec![0.0; local])
             })
             .collect();
+        device.tensors = Some(Params::new(g, &device.values).map_err(own)?);
         let mut loss = 0.0f32;
         let mut grad_norm = 0.0;
         let mut flight: BTreeMap<(usize, usize), InFlight> = BTreeMap::new();
@@ -574,6 +578,7 @@ impl<'c> StepContext<'c> {
                     loss = self.sync_gradients(links, &mut grads, loss)?;
                 }
                 Action::Optimizer => {
+                    device.tensors = None;
                     grad_norm = self.optimize(device, links, &mut grads, &mut loss)?;
                 }
                 Action::GatherWeights => {
@@ -644,9 +649,13 @@ impl<'c> StepContext<'c> {
         }
         let gathered = self.gather_parameters(device, links, &piece.nodes)?;
         let ops = &tensor.ranks[device.part];
-        let segment = Segment::forward(g, &device.values, batch, ops, &piece.nodes, received);
+        let params = device
+            .tensors
+            .as_mut()
+            .ok_or_else(|| Failure::Own("the parameters are not on the device".into()))?;
+        let segment = Segment::forward(g, params, batch, ops, &piece.nodes, received);
         for i in gathered {
-            device.values[i] = HostTensor::absent();
+            params.release(i);
         }
         segment.map_err(|e| Failure::Own(format!("step {}: {e}", self.step_no)))
     }
@@ -678,7 +687,13 @@ impl<'c> StepContext<'c> {
             let mine = links.data.shard(len);
             data[mine].copy_from_slice(device.shards[i].as_deref().unwrap_or_default());
             links.data.all_gather(&mut data)?;
-            device.values[i] = HostTensor { shape, data };
+            let params = device
+                .tensors
+                .as_mut()
+                .ok_or_else(|| Failure::Own("the parameters are not on the device".into()))?;
+            params
+                .set(self.g, i, &HostTensor { shape, data })
+                .map_err(own)?;
         }
         Ok(ids)
     }

@@ -487,6 +487,39 @@ fn each_device_reports_its_measured_peak_memory() {
     );
 }
 
+/// The plan's memory per device agrees with the measured peak within 15% for full training of
+/// GPT-2 shapes other than the ones the CPU profile was measured on (bench/
+/// gpt2_6l_384_scaling.kiln): one device, and data (ZeRO-2), tensor and pipeline parallel.
+#[test]
+fn measured_memory_agrees_with_the_plan() {
+    let model =
+        "model = gpt2 { vocab = 1024, positions = 128, hidden = 256, layers = 4, heads = 4 }";
+    for plan in [
+        "mesh = cpu(1)",
+        "mesh = cpu(2), data = 2, zero = 2",
+        "mesh = cpu(2), tensor = 2",
+        "mesh = cpu(2), pipeline = 2, schedule = gpipe",
+    ] {
+        let e = quickstart(&format!(
+            "{model}, parallel = {{ {plan} }}, train {{ batch = 8, micro_batch = 2, seq_len = 128, steps = 2 }}"
+        ));
+        let dir = scratch("memory-vs-plan");
+        let summary = run(&e, &dir, None, false, |_| Control::Continue).unwrap();
+        std::fs::remove_dir_all(&dir).ok();
+        assert!(!summary.memory.is_empty());
+        for d in &summary.memory {
+            let ratio = d.measured_bytes as f64 / d.predicted_bytes;
+            assert!(
+                (0.85..=1.15).contains(&ratio),
+                "{plan}: device {} measured {} bytes, the plan predicts {} ({ratio:.2})",
+                d.device,
+                d.measured_bytes,
+                d.predicted_bytes
+            );
+        }
+    }
+}
+
 #[test]
 fn a_diverging_data_parallel_run_stops_with_one_message() {
     let e = quickstart(

@@ -346,7 +346,7 @@ impl Model<'_> {
             (sum.kept + sum.saved) * in_flight + largest
         } else {
             sum.saved * in_flight
-        };
+        } * self.cluster.node.device.activation_overhead;
         let boundary = self.layers.first().map_or(0.0, |l| l.boundary_bytes) * s.micro_batch as f64
             / self.batch as f64;
         let memory = self.memory(s, sum.params, sum.trainable, activations, boundary);
@@ -371,6 +371,7 @@ impl Model<'_> {
     ) -> MemoryBreakdown {
         let (weights, gradients, optimizer) =
             model_states(params, trainable, s.zero, s.data, self.precision);
+        let weights = weights * self.cluster.node.device.weight_copies;
         let (weights, optimizer) = match self.offload {
             Offload::None => (weights, optimizer),
             Offload::Optimizer => (weights, 0.0),

@@ -72,6 +72,12 @@ pub fn device(cx: &Cx, v: &Spanned, path: &str) -> Option<Device> {
     let memory = r.req("memory", |cx, v| quantity(cx, v, Dim::Bytes));
     let memory_reserve = r.or("memory_reserve", 0.0, |cx, v| quantity(cx, v, Dim::Bytes));
     let hbm_bandwidth = r.req("hbm_bandwidth", |cx, v| quantity(cx, v, Dim::Bandwidth));
+    let activation_overhead = r.or("activation_overhead", 1.0, |cx, v| {
+        number_where(cx, v, "at least 1", |x| x >= 1.0)
+    });
+    let weight_copies = r.or("weight_copies", 1.0, |cx, v| {
+        number_where(cx, v, "at least 1", |x| x >= 1.0)
+    });
     let reserve_span = r.span_of("memory_reserve");
     r.finish();
     let (memory, memory_reserve) = (memory?, memory_reserve?);
@@ -89,6 +95,8 @@ pub fn device(cx: &Cx, v: &Spanned, path: &str) -> Option<Device> {
         memory,
         memory_reserve,
         hbm_bandwidth: hbm_bandwidth?,
+        activation_overhead: activation_overhead?,
+        weight_copies: weight_copies?,
     })
 }
 

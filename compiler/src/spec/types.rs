@@ -418,6 +418,13 @@ pub struct Device {
     /// Memory kept free for the framework, fragmentation and buffers.
     pub memory_reserve: f64,
     pub hbm_bandwidth: f64,
+    /// Bytes the runtime keeps per byte of the saved-activation model (Korthikanti et al.),
+    /// measured: 1 for fused GPU kernels as published, more for an executor that keeps every
+    /// op's intermediates.
+    pub activation_overhead: f64,
+    /// Copies of the weights the runtime keeps (2 for an executor that computes on its own
+    /// copy of a master copy).
+    pub weight_copies: f64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
