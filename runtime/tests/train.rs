@@ -300,6 +300,20 @@ fn tensor_parallel_training_matches_one_device_across_families() {
     ] {
         assert_parallel_matches_one_device(file, name, &format!("{model}, {small}"), plans);
     }
+    // The examples' own parallel blocks: LLaMA on data 2 x tensor 2; PET (LoRA on BERT, a
+    // masked copy of each row in the same microbatch) planned automatically on cpu(4).
+    assert_parallel_matches_one_device(
+        "llama_lora_tp",
+        "llama_lora_tp",
+        &format!("model {{ vocab = 1024, hidden = 64, layers = 2, heads = 4, kv_heads = 2, ffn = 128 }}, data {{ tokenizer = \"data/tokenizer.json\" }}, {small}"),
+        &["mesh = cpu(4), data = 2, tensor = 2"],
+    );
+    assert_parallel_matches_one_device(
+        "pet_sentiment",
+        "pet_sentiment",
+        "model { hidden = 64, layers = 2, heads = 4, ffn = 128 }, train { batch = 16, micro_batch = 2, steps = 2, seq_len = 64 }",
+        &["mesh = cpu(4), plan = auto, microbatches = 4, zero = 1, recompute = selective"],
+    );
 }
 
 /// `name` from `examples/<file>.kiln` with `overrides` and `parallel` as its parallel block, or

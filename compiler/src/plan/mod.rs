@@ -39,6 +39,11 @@ impl<'e> Planner<'e> {
             devices: e.parallel.mesh.devices(),
             node_devices: e.parallel.mesh.node.devices,
             batch: e.train.batch,
+            rows_per_record: match &e.objective {
+                crate::spec::Objective::Reward { .. } => 2,
+                crate::spec::Objective::Pvp(pvp) if pvp.mlm_weight > 0.0 => 2,
+                _ => 1,
+            },
             blocks,
             heads: e.model.heads,
             kv_heads: e.model.kv_heads,

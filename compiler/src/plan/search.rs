@@ -26,6 +26,9 @@ pub struct Shape {
     pub devices: u64,
     pub node_devices: u64,
     pub batch: u64,
+    /// Rows that must share a microbatch (a reward model's chosen/rejected pair, PET's row and
+    /// its masked copy).
+    pub rows_per_record: u64,
     pub blocks: u64,
     pub heads: u64,
     pub kv_heads: u64,
@@ -76,7 +79,7 @@ pub fn candidates(space: &Space, shape: &Shape) -> Vec<Strategy> {
                     .collect(),
             };
             for &b in &micro_batches {
-                if per_replica % b != 0 {
+                if per_replica % b != 0 || b % shape.rows_per_record != 0 {
                     continue;
                 }
                 let m = per_replica / b;
