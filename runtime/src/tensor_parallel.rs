@@ -345,12 +345,7 @@ impl TensorLayout {
                     }
                     _ => return Err(unsupported()),
                 },
-                Op::Lstm { .. }
-                | Op::DoraRescale { .. }
-                | Op::TokenLogProbs
-                | Op::PpoLoss { .. }
-                    if size > 1 =>
-                {
+                Op::DoraRescale { .. } | Op::TokenLogProbs | Op::PpoLoss { .. } if size > 1 => {
                     return Err(unsupported())
                 }
                 // Whole computation (norms, positions, prompts, pooling, losses).

@@ -13,7 +13,7 @@ use crate::plot::{read_losses, write_loss_curve};
 use crate::rng::Rng;
 use kiln_compiler::graph::{compile_graph, Graph, ParamRole};
 use kiln_compiler::plan::compile_plan;
-use kiln_compiler::spec::{Adapter, Experiment, Length, Objective, Optimizer, PromptEncoder};
+use kiln_compiler::spec::{Experiment, Length, Objective, Optimizer};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -392,20 +392,6 @@ pub fn run(
     ) {
         return Err(RunError(
             "`kiln run` trains every objective but PPO so far (its rollout loop is not built)"
-                .into(),
-        ));
-    }
-    if e.adapters.iter().any(|a| {
-        matches!(
-            a,
-            Adapter::Ptuning {
-                encoder: PromptEncoder::Lstm,
-                ..
-            }
-        )
-    }) {
-        return Err(RunError(
-            "P-tuning's LSTM encoder is not in the CPU executor yet; `encoder = mlp` (PEFT's default) is"
                 .into(),
         ));
     }

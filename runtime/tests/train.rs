@@ -534,6 +534,35 @@ fn measured_memory_agrees_with_the_plan() {
     }
 }
 
+/// P-tuning v1 with PEFT's LSTM prompt encoder trains (the base stays frozen), on one device
+/// and data-parallel with the same losses.
+#[test]
+fn ptuning_with_an_lstm_encoder_trains() {
+    let overrides = "model { vocab = 1024, hidden = 64, layers = 2, heads = 4 }, \
+         data { tokenizer = \"data/tokenizer.json\" }, \
+         train { batch = 8, micro_batch = 4, steps = 12, seq_len = 64, optimizer = adamw { lr = 1e-2 } }";
+    let e = example_with("ptuning_lstm", "ptuning_lstm", overrides, "mesh = cpu(1)").unwrap();
+    let dir = scratch("ptuning-lstm");
+    let summary = run(&e, &dir, None, false, |_| Control::Continue).unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+    assert!(
+        summary.last_loss < summary.first_loss,
+        "{} -> {}",
+        summary.first_loss,
+        summary.last_loss
+    );
+    // SGD for the comparison: many gate gradients nearly cancel, and Adam's g/√v would turn
+    // their last-bit differences (another summation order) into visible steps.
+    assert_parallel_matches_one_device(
+        "ptuning_lstm",
+        "ptuning_lstm",
+        &overrides
+            .replace("steps = 12", "steps = 3")
+            .replace("adamw { lr = 1e-2 }", "sgd { lr = 0.1, momentum = 0.9 }"),
+        &["mesh = cpu(2), data = 2", "mesh = cpu(2), tensor = 2"],
+    );
+}
+
 #[test]
 fn a_diverging_data_parallel_run_stops_with_one_message() {
     let e = quickstart(
