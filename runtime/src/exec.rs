@@ -1037,16 +1037,15 @@ impl Interpreter<'_> {
         let (b, s, width) = *x.shape();
         let h = width / d;
         let half = d / 2;
-        let mut cos = Vec::with_capacity(b * s * width);
-        let mut sin = Vec::with_capacity(b * s * width);
-        for _ in 0..b {
-            for pos in offset..offset + s {
-                for _ in 0..h {
-                    for j in 0..d {
-                        let angle = pos as f64 / theta.powf((2 * (j % half)) as f64 / d as f64);
-                        cos.push(angle.cos() as f32);
-                        sin.push(angle.sin() as f32);
-                    }
+        // One table for every row of the batch (broadcast, not copied).
+        let mut cos = Vec::with_capacity(s * width);
+        let mut sin = Vec::with_capacity(s * width);
+        for pos in offset..offset + s {
+            for _ in 0..h {
+                for j in 0..d {
+                    let angle = pos as f64 / theta.powf((2 * (j % half)) as f64 / d as f64);
+                    cos.push(angle.cos() as f32);
+                    sin.push(angle.sin() as f32);
                 }
             }
         }
@@ -1056,8 +1055,14 @@ impl Interpreter<'_> {
             turn[j * d + j + half] = 1.0;
         }
         let rows = (b, s * h, d);
-        let cos: T3 = self.dev.tensor_from_vec(cos, rows);
-        let sin: T3 = self.dev.tensor_from_vec(sin, rows);
+        let cos: T3 = self
+            .dev
+            .tensor_from_vec(cos, (s * h, d))
+            .broadcast_like::<_, Axis<0>>(&rows);
+        let sin: T3 = self
+            .dev
+            .tensor_from_vec(sin, (s * h, d))
+            .broadcast_like::<_, Axis<0>>(&rows);
         let turn: T2 = self.dev.tensor_from_vec(turn, (d, d));
         let (x, tape) = x
             .put_tape(self.take_tape())
