@@ -89,10 +89,12 @@ impl CpuRing {
     fn send(&mut self, data: &[f32]) -> Result<(), CollectiveError> {
         let start = Instant::now();
         let message = data.to_vec();
-        memory::hand_over(message.capacity() * std::mem::size_of::<f32>());
+        let bytes = message.capacity() * std::mem::size_of::<f32>();
         let sent = self.to_next.send(message);
         self.busy += start.elapsed();
-        sent.map_err(|_| self.peer_gone())
+        sent.map_err(|_| self.peer_gone())?;
+        memory::hand_over(bytes);
+        Ok(())
     }
 
     fn recv(&mut self, len: usize) -> Result<Vec<f32>, CollectiveError> {
@@ -216,7 +218,8 @@ pub struct Tag {
 
 /// One device's point-to-point endpoint within a group (a data-parallel rank's pipeline
 /// stages). Sends never block; a receive waits for its tag, keeping messages that arrive
-/// early, and gives up when any device of the mesh has failed.
+/// early, and gives up when any device of the mesh has raised the `failed` flag (every device
+/// does when it fails or panics).
 pub struct Mailbox {
     rank: usize,
     peers: Vec<Sender<(Tag, HostTensor)>>,
@@ -245,13 +248,15 @@ pub fn mailboxes(size: usize, failed: &Arc<AtomicBool>) -> Vec<Mailbox> {
 
 impl Mailbox {
     pub fn send(&self, to: usize, tag: Tag, value: HostTensor) -> Result<(), CollectiveError> {
-        memory::hand_over(value.heap_bytes());
+        let bytes = value.heap_bytes();
         self.peers[to].send((tag, value)).map_err(|_| {
             CollectiveError(format!(
                 "device {}: pipeline peer {to} stopped before receiving",
                 self.rank
             ))
-        })
+        })?;
+        memory::hand_over(bytes);
+        Ok(())
     }
 
     /// Time this device has spent waiting for messages.

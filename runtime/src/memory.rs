@@ -19,6 +19,13 @@ thread_local! {
     static PEAK: Cell<isize> = const { Cell::new(0) };
 }
 
+/// Read before written, so that threads do not contend for the flag's cache line.
+fn mark_installed() {
+    if !INSTALLED.load(Ordering::Relaxed) {
+        INSTALLED.store(true, Ordering::Relaxed);
+    }
+}
+
 fn count(delta: isize) {
     // During thread teardown the counters may be gone; nothing is measured then.
     let _ = LIVE.try_with(|live| {
@@ -36,7 +43,7 @@ fn count(delta: isize) {
 // thread-local cells, which never allocate.
 unsafe impl GlobalAlloc for CountingAllocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        INSTALLED.store(true, Ordering::Relaxed);
+        mark_installed();
         let p = System.alloc(layout);
         if !p.is_null() {
             count(layout.size() as isize);
@@ -45,7 +52,7 @@ unsafe impl GlobalAlloc for CountingAllocator {
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        INSTALLED.store(true, Ordering::Relaxed);
+        mark_installed();
         let p = System.alloc_zeroed(layout);
         if !p.is_null() {
             count(layout.size() as isize);

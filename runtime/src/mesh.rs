@@ -115,6 +115,17 @@ pub struct DeviceMemory {
     pub predicted_bytes: f64,
 }
 
+/// Raises the mesh's failure flag if dropped while its thread panics.
+struct RaiseOnPanic<'a>(&'a AtomicBool);
+
+impl Drop for RaiseOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
 /// The devices of a mesh and the placement they follow.
 pub struct Mesh {
     placement: Placement,
@@ -221,10 +232,6 @@ impl Mesh {
         }
     }
 
-    pub fn placement(&self) -> &Placement {
-        &self.placement
-    }
-
     /// Microbatches per step over the whole mesh.
     pub fn microbatches(&self) -> usize {
         self.placement.microbatches * self.placement.data
@@ -267,6 +274,9 @@ impl Mesh {
                     let links = device.links.take();
                     let ctx = &ctx;
                     scope.spawn(move || {
+                        // A panic anywhere in the step raises the flag too, so that peers
+                        // waiting on this device give up.
+                        let _raise = RaiseOnPanic(failed);
                         let Some(mut links) = links else {
                             return Err(Failure::Own("the device failed earlier".into()));
                         };
@@ -343,8 +353,9 @@ impl Mesh {
     pub fn values(&self, g: &Graph) -> Vec<HostTensor> {
         (0..g.params.len())
             .map(|i| {
-                let local = self.local_parts(g, i, |d, _| {
-                    if self.placement.zero >= 3 {
+                let zero3 = self.placement.zero >= 3;
+                let local = self.local_parts(g, i, zero3, |d| {
+                    if zero3 {
                         d.shards[i].clone().unwrap_or_default()
                     } else {
                         d.values[i].data.clone()
@@ -364,13 +375,14 @@ impl Mesh {
                 if group.iter().any(|d| d.states[i].is_none()) {
                     return None;
                 }
-                let m = self.local_parts(g, i, |d, _| {
+                let sharded = self.placement.zero >= 1;
+                let m = self.local_parts(g, i, sharded, |d| {
                     d.states[i]
                         .as_ref()
                         .map(|s| s.m.clone())
                         .unwrap_or_default()
                 });
-                let v = self.local_parts(g, i, |d, _| {
+                let v = self.local_parts(g, i, sharded, |d| {
                     d.states[i]
                         .as_ref()
                         .map(|s| s.v.clone())
@@ -386,31 +398,29 @@ impl Mesh {
 
     /// Each tensor-parallel rank's local copy of something about parameter `i` (read by
     /// `part_of` from the devices of the first stage holding it), reassembled from the
-    /// data-parallel group's shares under ZeRO when `part_of` reads a share.
+    /// data-parallel group's shares when `shared` (ZeRO), else read from data rank 0.
     fn local_parts(
         &self,
         g: &Graph,
         i: usize,
-        part_of: impl Fn(&Device, usize) -> Vec<f32>,
+        shared: bool,
+        part_of: impl Fn(&Device) -> Vec<f32>,
     ) -> Vec<HostTensor> {
         let (t, d) = (self.placement.tensor.size, self.placement.data);
         let layout = &self.placement.tensor.params[i];
-        let shape: Vec<usize> = g.params[i].shape.iter().map(|&x| x as usize).collect();
         let group = self.stage_devices(self.first_holder(i));
         (0..t)
             .map(|part| {
-                let local_shape = layout.local_shape(&shape, part, t);
+                let local_shape = layout.local_shape(&param_shape(g, i), part, t);
                 let len: usize = local_shape.iter().product();
                 let mut data = vec![0.0; len];
-                let pieces: Vec<Vec<f32>> = (0..d)
-                    .map(|rank| part_of(&group[rank * t + part], len))
-                    .collect();
-                if pieces[0].len() == len {
-                    data.copy_from_slice(&pieces[0]);
-                } else {
-                    for (rank, piece) in pieces.iter().enumerate() {
-                        data[ring_shard(len, d, rank)].copy_from_slice(piece);
+                if shared {
+                    for rank in 0..d {
+                        let piece = part_of(&group[rank * t + part]);
+                        data[ring_shard(len, d, rank)].copy_from_slice(&piece);
                     }
+                } else {
+                    data.copy_from_slice(&part_of(&group[part]));
                 }
                 HostTensor {
                     shape: local_shape,
@@ -423,14 +433,12 @@ impl Mesh {
     fn unshard(&self, g: &Graph, i: usize, parts: Vec<HostTensor>) -> HostTensor {
         let refs: Vec<&HostTensor> = parts.iter().collect();
         let mut whole = self.placement.tensor.params[i].unshard(&refs);
-        whole.shape = g.params[i].shape.iter().map(|&x| x as usize).collect();
+        whole.shape = param_shape(g, i);
         whole
     }
 
     fn first_holder(&self, param: usize) -> usize {
-        (0..self.placement.pipeline)
-            .find(|&s| self.placement.holds[s][param])
-            .unwrap_or(0)
+        self.placement.first_holder(param)
     }
 
     /// The devices of a stage, in order (data rank, then tensor rank).
@@ -456,7 +464,8 @@ struct StepContext<'a> {
 #[derive(Default)]
 struct InFlight<'a> {
     values: BTreeMap<NodeIndex, Value>,
-    /// Values all-reduced or all-gathered over the tensor-parallel group for whole computation.
+    /// Values as converted for pieces that compute differently (reduced, gathered, scattered or
+    /// sliced over the tensor-parallel group), kept for a recomputation.
     converted: BTreeMap<(NodeIndex, Conversion), Value>,
     kept: Vec<Option<Segment<'a>>>,
     upstream: BTreeMap<NodeIndex, Value>,
@@ -480,14 +489,9 @@ impl<'c> StepContext<'c> {
             .params
             .iter()
             .zip(holds)
-            .zip(&tensor.params)
-            .map(|((p, &held), layout)| {
-                let shape: Vec<usize> = p.shape.iter().map(|&x| x as usize).collect();
-                let local: usize = layout
-                    .local_shape(&shape, device.part, tensor.size)
-                    .iter()
-                    .product();
-                (p.trainable && held).then(|| vec![0.0; local])
+            .enumerate()
+            .map(|(i, (p, &held))| {
+                (p.trainable && held).then(|| vec![0.0; tensor.local_len(g, i, device.part)])
             })
             .collect();
         device.tensors = Some(Params::new(g, &device.values).map_err(own)?);
@@ -597,6 +601,16 @@ impl<'c> StepContext<'c> {
         })
     }
 
+    fn check_finite(&self, loss: f32) -> Result<(), Failure> {
+        if loss.is_finite() {
+            return Ok(());
+        }
+        Err(Failure::Own(format!(
+            "the loss became {loss} at step {}; the last checkpoint is unchanged",
+            self.step_no
+        )))
+    }
+
     fn virtual_stage(&self, stage: usize, chunk: usize) -> Result<usize, Failure> {
         self.placement
             .virtual_stage(stage, chunk)
@@ -649,10 +663,7 @@ impl<'c> StepContext<'c> {
         }
         let gathered = self.gather_parameters(device, links, &piece.nodes)?;
         let ops = &tensor.ranks[device.part];
-        let params = device
-            .tensors
-            .as_mut()
-            .ok_or_else(|| Failure::Own("the parameters are not on the device".into()))?;
+        let params = on_device(device)?;
         let segment = Segment::forward(g, params, batch, ops, &piece.nodes, received);
         for i in gathered {
             params.release(i);
@@ -678,20 +689,15 @@ impl<'c> StepContext<'c> {
         ids.sort_unstable();
         ids.dedup();
         for &i in &ids {
-            let p = &self.g.params[i];
             let tensor = &self.placement.tensor;
-            let shape: Vec<usize> = p.shape.iter().map(|&x| x as usize).collect();
-            let shape = tensor.params[i].local_shape(&shape, device.part, tensor.size);
+            let shape =
+                tensor.params[i].local_shape(&param_shape(self.g, i), device.part, tensor.size);
             let len = shape.iter().product();
             let mut data = vec![0.0; len];
             let mine = links.data.shard(len);
             data[mine].copy_from_slice(device.shards[i].as_deref().unwrap_or_default());
             links.data.all_gather(&mut data)?;
-            let params = device
-                .tensors
-                .as_mut()
-                .ok_or_else(|| Failure::Own("the parameters are not on the device".into()))?;
-            params
+            on_device(device)?
                 .set(self.g, i, &HostTensor { shape, data })
                 .map_err(own)?;
         }
@@ -716,20 +722,14 @@ impl<'c> StepContext<'c> {
                 entry.values.insert(n, v);
             }
             if self.g.loss.is_some_and(|l| piece.nodes.contains(&l)) {
-                let l = segment.loss().map_err(|e| Failure::Own(e.0))?;
-                if !l.is_finite() {
-                    return Err(Failure::Own(format!(
-                        "the loss became {l} at step {}; the last checkpoint is unchanged",
-                        self.step_no
-                    )));
-                }
+                let l = segment.loss().map_err(own)?;
+                self.check_finite(l)?;
                 loss = Some(l);
             }
             entry.kept.push((!piece.recompute).then_some(segment));
         }
-        // Kept pieces hold their own copies of their inputs: keep only what is sent on, what a
-        // recomputed piece reads again, and what was received (its shape, for the gradient
-        // sent back).
+        // Kept pieces hold their inputs themselves: keep only what is sent on, what a recomputed
+        // piece reads again, and what was received (its shape, for the gradient sent back).
         let stage = &self.placement.virtual_stages[k];
         let recomputed = |n: &NodeIndex| {
             stage
@@ -856,18 +856,14 @@ impl<'c> StepContext<'c> {
                 }
             }
         }
-        let shared: Vec<usize> = (0..g.params.len())
-            .filter(|&i| g.params[i].trainable && holds.iter().filter(|h| h[i]).count() > 1)
-            .collect();
         if p > 1 {
             // A parameter used by several stages (tied embeddings) gets the sum of their
             // gradients; stages without it add zeros.
+            let shared: Vec<usize> = (0..g.params.len())
+                .filter(|&i| g.params[i].trainable && holds.iter().filter(|h| h[i]).count() > 1)
+                .collect();
             let len = |i: usize| {
-                let shape: Vec<usize> = g.params[i].shape.iter().map(|&x| x as usize).collect();
-                let n: usize = tensor.params[i]
-                    .local_shape(&shape, device.part, tensor.size)
-                    .iter()
-                    .product();
+                let n = tensor.local_len(g, i, device.part);
                 if self.placement.zero >= 1 {
                     links.data.shard(n).len()
                 } else {
@@ -893,12 +889,7 @@ impl<'c> StepContext<'c> {
                 at += n;
             }
         }
-        if !loss.is_finite() {
-            return Err(Failure::Own(format!(
-                "the loss became {loss} at step {}; the last checkpoint is unchanged",
-                self.step_no
-            )));
-        }
+        self.check_finite(*loss)?;
         let grad_norm = match self.train.grad_clip {
             None => 0.0,
             Some(max) => {
@@ -907,13 +898,15 @@ impl<'c> StepContext<'c> {
                 let mut sq: f64 = grads
                     .iter()
                     .enumerate()
-                    .filter(|&(i, _)| (0..p).find(|&s| holds[s][i]) == Some(device.stage))
+                    .filter(|&(i, _)| self.placement.first_holder(i) == device.stage)
                     .filter(|&(i, _)| tensor.params[i].is_split() || device.part == 0)
                     .filter_map(|(_, gr)| gr.as_ref())
                     .flat_map(|gr| gr.iter())
                     .map(|&x| f64::from(x).powi(2))
                     .sum();
-                let mut total = [sq as f32];
+                // Summed as an f32 pair (value and rounding error) to keep f64 precision.
+                let high = sq as f32;
+                let mut total = [high, (sq - f64::from(high)) as f32];
                 if tensor.size > 1 {
                     links.tensor.all_reduce_sum(&mut total)?;
                 }
@@ -923,9 +916,7 @@ impl<'c> StepContext<'c> {
                 if p > 1 {
                     links.pipeline.all_reduce_sum(&mut total)?;
                 }
-                if tensor.size > 1 || self.placement.zero >= 1 || p > 1 {
-                    sq = f64::from(total[0]);
-                }
+                sq = f64::from(total[0]) + f64::from(total[1]);
                 let norm = sq.sqrt();
                 let factor = clip_factor(norm, max);
                 if factor != 1.0 {
@@ -993,6 +984,18 @@ fn tag(payload: Payload, microbatch: usize, node: NodeIndex, from: usize, to: us
 
 fn own(e: ExecError) -> Failure {
     Failure::Own(e.0)
+}
+
+fn param_shape(g: &Graph, i: usize) -> Vec<usize> {
+    g.params[i].shape.iter().map(|&x| x as usize).collect()
+}
+
+/// The device's parameter tensors, set up at the start of its step.
+fn on_device(device: &mut Device) -> Result<&mut Params, Failure> {
+    device
+        .tensors
+        .as_mut()
+        .ok_or_else(|| Failure::Own("the parameters are not on the device".into()))
 }
 
 /// Adds a gradient to what the value's other readers contributed.
@@ -1071,8 +1074,8 @@ fn summed(ring: &mut CpuRing, mut t: HostTensor) -> Result<HostTensor, Collectiv
 }
 
 /// Every rank's part of a value laid out by `layout`, whole on every rank: each rank places
-/// its part in a whole-sized buffer and the buffers are summed (parts may differ in size when a
-/// section does not divide evenly).
+/// its part in a whole-sized buffer and the buffers are summed (parts of a vocabulary that does
+/// not divide evenly differ in size).
 fn gathered(
     ring: &mut CpuRing,
     layout: ParamLayout,

@@ -100,7 +100,6 @@ pub struct Placement {
     pub zero: u8,
     pub micro_batch: usize,
     pub microbatches: usize,
-    pub recompute: RecomputeMode,
     /// In pipeline order: virtual stage k feeds k + 1.
     pub virtual_stages: Vec<VirtualStage>,
     /// `holds[stage][param]`: whether the stage's devices keep the parameter.
@@ -123,6 +122,9 @@ impl Placement {
             TensorLayout::whole(g)
         };
         let pipeline = st.pipeline as usize;
+        if plan.stages.len() != pipeline || plan.schedule.len() != pipeline {
+            return fail("the plan's stage table or schedule does not list every stage");
+        }
         let owner = layer_owners(g, plan)?;
         let recompute = match st.recompute.as_str() {
             "none" => RecomputeMode::None,
@@ -196,9 +198,6 @@ impl Placement {
                 }
             }
         }
-        if plan.schedule.len() != pipeline {
-            return fail("the plan's schedule does not list every stage");
-        }
         let schedules = plan
             .schedule
             .iter()
@@ -211,7 +210,6 @@ impl Placement {
             zero: st.zero,
             micro_batch: st.micro_batch as usize,
             microbatches: st.microbatches as usize,
-            recompute,
             virtual_stages,
             holds,
             schedules,
@@ -219,9 +217,11 @@ impl Placement {
         })
     }
 
-    /// Devices in the plan's rank order (tensor fastest, then data, then pipeline).
-    pub fn devices(&self) -> usize {
-        self.tensor.size * self.data * self.pipeline
+    /// The first stage holding parameter `param` (its gradient is counted there once).
+    pub fn first_holder(&self, param: usize) -> usize {
+        (0..self.pipeline)
+            .find(|&s| self.holds[s][param])
+            .unwrap_or(0)
     }
 
     /// The virtual stage that is chunk `chunk` of `stage`.

@@ -179,7 +179,9 @@ impl TensorLayout {
             let from_split = ins
                 .iter()
                 .any(|f| matches!(f, Form::Partial | Form::Sequence));
-            if sequence_parallel && from_split {
+            // A value split by features is gathered whole: the node cannot take a share.
+            let by_features = ins.iter().any(|f| matches!(f, Form::Split(_)));
+            if sequence_parallel && from_split && !by_features {
                 Form::Sequence
             } else {
                 Form::Whole
@@ -225,14 +227,10 @@ impl TensorLayout {
                             return Err(unsupported());
                         }
                         let sections = weight_sections(g, weight.id)?;
-                        let axis = match layout {
-                            Layout::InOut => 1,
-                            Layout::OutIn => 0,
-                        };
                         set_layout(
                             weight.id,
                             ParamLayout::Split {
-                                axis,
+                                axis: features_axis(*layout, true),
                                 sections: sections.clone(),
                             },
                         )?;
@@ -257,14 +255,10 @@ impl TensorLayout {
                         let Form::Split(sections) = &ins[0] else {
                             return Err(unsupported());
                         };
-                        let axis = match layout {
-                            Layout::InOut => 0,
-                            Layout::OutIn => 1,
-                        };
                         set_layout(
                             weight.id,
                             ParamLayout::Split {
-                                axis,
+                                axis: features_axis(*layout, false),
                                 sections: sections.clone(),
                             },
                         )?;
@@ -363,6 +357,13 @@ impl TensorLayout {
                 ));
             }
             if form == Form::Sequence {
+                let positions = node.out.shape.get(1).copied().unwrap_or(0) as usize;
+                if positions % size != 0 {
+                    return fail(format!(
+                        "sequence parallelism needs every sequence to divide by tensor = {size}; `{}` has {positions} positions (virtual tokens included); set `parallel {{ sequence_parallel = false }}`",
+                        node.name
+                    ));
+                }
                 // Each rank sees its share of the tokens: its gradient is a partial sum.
                 partial_grads.extend(node.op.params());
             }
@@ -432,6 +433,15 @@ impl TensorLayout {
         }
     }
 
+    /// The number of values of rank `part`'s shard of parameter `id`.
+    pub fn local_len(&self, g: &Graph, id: usize, part: usize) -> usize {
+        let shape: Vec<usize> = g.params[id].shape.iter().map(|&x| x as usize).collect();
+        self.params[id]
+            .local_shape(&shape, part, self.size)
+            .iter()
+            .product()
+    }
+
     /// Where `n` computes.
     pub fn compute(&self, n: NodeIndex) -> Compute {
         match self.forms[n.index()] {
@@ -465,6 +475,15 @@ impl TensorLayout {
     }
 }
 
+/// The axis of a linear weight that holds its output features (or its input features): Conv1D
+/// weights are `[in, out]`, `nn.Linear` weights `[out, in]`.
+fn features_axis(layout: Layout, outputs: bool) -> usize {
+    match (layout, outputs) {
+        (Layout::InOut, true) | (Layout::OutIn, false) => 1,
+        (Layout::InOut, false) | (Layout::OutIn, true) => 0,
+    }
+}
+
 /// The sections of a column-parallel weight's output: the ranges its readers take of it
 /// (GPT-2's fused c_attn read as q, k, v), or the ranges sliced from its output downstream
 /// of elementwise ops; one section when nothing slices it.
@@ -481,10 +500,7 @@ fn weight_sections(g: &Graph, weight: usize) -> Result<Vec<usize>, LayoutError> 
         if w.id != weight {
             continue;
         }
-        width = match layout {
-            Layout::InOut => g.params[weight].shape[1],
-            Layout::OutIn => g.params[weight].shape[0],
-        };
+        width = g.params[weight].shape[features_axis(*layout, true)];
         match w.outputs {
             Some(r) => {
                 ranges.insert(r);

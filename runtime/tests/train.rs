@@ -563,6 +563,35 @@ fn ptuning_with_an_lstm_encoder_trains() {
     );
 }
 
+/// Plans the executor cannot follow are refused before training, naming the setting to change.
+#[test]
+fn unexecutable_plans_are_clear_errors() {
+    let prompt = "adapter = prompt { tokens = 3 }, train { seq_len = 32, steps = 1 }";
+    for (parallel, expected) in [
+        (
+            "mesh = cpu(2), tensor = 2, sequence_parallel = true",
+            "sequence_parallel = false",
+        ),
+        ("mesh = cpu(2), tensor = 2", ""),
+    ] {
+        let e = quickstart(&format!("{prompt}, parallel = {{ {parallel} }}"));
+        let dir = scratch("unexecutable");
+        let result = run(&e, &dir, None, false, |_| Control::Continue);
+        std::fs::remove_dir_all(&dir).ok();
+        match (result, expected) {
+            (Err(err), expected) if !expected.is_empty() => {
+                let err = err.to_string();
+                assert!(
+                    err.contains(expected) && err.contains("35 positions"),
+                    "{err}"
+                );
+            }
+            (Ok(_), "") => {}
+            (other, _) => panic!("{parallel}: {:?}", other.map(|s| s.steps)),
+        }
+    }
+}
+
 #[test]
 fn a_diverging_data_parallel_run_stops_with_one_message() {
     let e = quickstart(
