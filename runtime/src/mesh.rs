@@ -1032,6 +1032,9 @@ fn convert_forward(
             sequence_axis(&whole.shape).shard(&whole, rank, size)
         }
         Conversion::SliceSequence => sequence_axis(&host.shape).shard(&host, rank, size),
+        Conversion::ShardLast(sections) => {
+            last_axis(&host.shape, sections).shard(&host, rank, size)
+        }
         _ => summed(ring, host)?,
     };
     Value::from_host(converted).map_err(own)
@@ -1063,6 +1066,7 @@ fn convert_backward(
         Conversion::ScatterSequence | Conversion::SliceSequence => {
             gathered(ring, sequence_of(&host, size), &host)?
         }
+        Conversion::ShardLast(sections) => gathered(ring, last_axis(&host.shape, sections), &host)?,
         _ => summed(ring, host)?,
     };
     Value::from_host(converted).map_err(own)

@@ -183,7 +183,7 @@ impl Placement {
             virtual_stages.push(VirtualStage {
                 stage: *stage,
                 chunk,
-                pieces: pieces(g, &nodes[k], recompute, &tensor),
+                pieces: pieces(g, &nodes[k], recompute, &tensor)?,
                 needs: std::mem::take(&mut needs[k]),
                 feeds: std::mem::take(&mut feeds[k]).into_iter().collect(),
             });
@@ -289,7 +289,12 @@ fn layer_owners(g: &Graph, plan: &ExecutionPlan) -> Result<Vec<usize>, Placement
 /// only its inputs; under selective recompute each attention core is a piece of its own,
 /// recomputed. Under tensor parallelism a piece also ends where computation moves between whole
 /// values, split ones and shares of the sequence.
-fn pieces(g: &Graph, nodes: &[NodeIndex], mode: RecomputeMode, tl: &TensorLayout) -> Vec<Piece> {
+fn pieces(
+    g: &Graph,
+    nodes: &[NodeIndex],
+    mode: RecomputeMode,
+    tl: &TensorLayout,
+) -> Result<Vec<Piece>, PlacementError> {
     let mut out: Vec<Piece> = Vec::new();
     let mut layer = None;
     for &n in nodes {
@@ -321,8 +326,19 @@ fn pieces(g: &Graph, nodes: &[NodeIndex], mode: RecomputeMode, tl: &TensorLayout
         for &n in &piece.nodes {
             for i in g.inputs(n) {
                 let outside = !inside.contains(&i) && !matches!(g.dag[i].op, Op::Input { .. });
-                if outside && !piece.inputs.iter().any(|(m, _)| *m == i) {
-                    piece.inputs.push((i, tl.conversion(g, i, piece.compute)));
+                if !outside {
+                    continue;
+                }
+                let conversion = tl.conversion(g, i, n, piece.compute);
+                match piece.inputs.iter().find(|(m, _)| *m == i) {
+                    None => piece.inputs.push((i, conversion)),
+                    Some((_, c)) if *c == conversion => {}
+                    Some(_) => {
+                        return fail(format!(
+                            "`{}` is read two ways within one piece of the graph",
+                            g.dag[i].name
+                        ))
+                    }
                 }
             }
             let read_outside = g
@@ -334,7 +350,7 @@ fn pieces(g: &Graph, nodes: &[NodeIndex], mode: RecomputeMode, tl: &TensorLayout
             }
         }
     }
-    out
+    Ok(out)
 }
 
 /// Reads a stage's steps as `kiln plan` prints them.

@@ -67,6 +67,10 @@ pub enum Conversion {
     ScatterSequence,
     /// Forward the rank's share of the sequence of a whole value; backward all-gather.
     SliceSequence,
+    /// Forward the rank's part (by sections) of a whole value's last axis, for split
+    /// computation that reads it as split (prefix tuning's key/value prefixes joining split
+    /// keys); backward all-gather.
+    ShardLast(Vec<usize>),
 }
 
 /// How a parameter is cut across the group.
@@ -105,6 +109,8 @@ pub struct TensorLayout {
     pub params: Vec<ParamLayout>,
     /// Replicated trainable parameters read by split computation: gradients all-reduced.
     pub partial_grads: Vec<usize>,
+    /// Split nodes that read whole inputs as this rank's part of them (by their sections).
+    pub sharded_inputs: BTreeMap<NodeIndex, Vec<usize>>,
     /// Per rank.
     pub ranks: Vec<RankOps>,
 }
@@ -162,6 +168,7 @@ impl TensorLayout {
         let mut slices: BTreeMap<NodeIndex, (usize, usize, Vec<usize>)> = BTreeMap::new();
         let mut bias_once = BTreeSet::new();
         let mut vocab: BTreeMap<NodeIndex, usize> = BTreeMap::new();
+        let mut sharded_inputs: BTreeMap<NodeIndex, Vec<usize>> = BTreeMap::new();
         let mut set_layout = |id: usize, layout: ParamLayout| -> Result<(), LayoutError> {
             match &params[id] {
                 ParamLayout::Whole => {
@@ -292,6 +299,24 @@ impl TensorLayout {
                     }
                     other => other.clone(),
                 },
+                // Keys and values after their prefixes: the prefixes (whole) enter as this rank's
+                // heads.
+                Op::Concat { .. } if !all_whole => {
+                    let sections = ins.iter().find_map(|f| match f {
+                        Form::Split(sections) => Some(sections.clone()),
+                        _ => None,
+                    });
+                    let fits = ins.iter().all(|f| {
+                        *f == Form::Whole || Some(f) == sections.clone().map(Form::Split).as_ref()
+                    });
+                    match sections {
+                        Some(sections) if fits => {
+                            sharded_inputs.insert(n, sections.clone());
+                            Form::Split(sections)
+                        }
+                        _ => Form::Whole,
+                    }
+                }
                 Op::Attention { .. } | Op::Rotary { .. } => {
                     if all_whole {
                         Form::Whole
@@ -414,6 +439,7 @@ impl TensorLayout {
             forms,
             params,
             partial_grads,
+            sharded_inputs,
             ranks,
         })
     }
@@ -425,6 +451,7 @@ impl TensorLayout {
             forms: vec![Form::Whole; g.dag.node_count()],
             params: vec![ParamLayout::Whole; g.params.len()],
             partial_grads: Vec::new(),
+            sharded_inputs: BTreeMap::new(),
             ranks: vec![RankOps {
                 rank: 0,
                 size: 1,
@@ -451,12 +478,23 @@ impl TensorLayout {
         }
     }
 
-    /// The collective on the edge from `producer` into a consumer computing as `consumer`.
-    pub fn conversion(&self, g: &Graph, producer: NodeIndex, consumer: Compute) -> Conversion {
+    /// The collective on the edge from `producer` into node `consumer`, which computes as
+    /// `compute`.
+    pub fn conversion(
+        &self,
+        g: &Graph,
+        producer: NodeIndex,
+        consumer: NodeIndex,
+        compute: Compute,
+    ) -> Conversion {
         if self.size == 1 || matches!(g.dag[producer].op, Op::Input { .. }) {
             return Conversion::None;
         }
-        match (&self.forms[producer.index()], consumer) {
+        let form = &self.forms[producer.index()];
+        if let (Form::Whole, Some(sections)) = (form, self.sharded_inputs.get(&consumer)) {
+            return Conversion::ShardLast(sections.clone());
+        }
+        match (form, compute) {
             (Form::Whole, Compute::Split) => Conversion::ReduceGradient,
             (Form::Whole, Compute::Sequence) => Conversion::SliceSequence,
             (Form::Partial, Compute::Whole) => Conversion::AllReduce,

@@ -276,6 +276,7 @@ fn parallel_training_matches_one_device() {
 fn tensor_parallel_training_matches_one_device_across_families() {
     let small = "train { batch = 4, micro_batch = 2, steps = 3, seq_len = 128 }";
     let gpt2 = "model { vocab = 1024, hidden = 64, layers = 2, heads = 4 }, data { tokenizer = \"data/tokenizer.json\" }";
+    let prefix_v2 = format!("{gpt2}, adapter = prefix {{ tokens = 4 }}");
     for (file, name, model, plans) in [
         (
             "quickstart_gpt2_lora",
@@ -297,6 +298,14 @@ fn tensor_parallel_training_matches_one_device_across_families() {
             &["mesh = cpu(2), plan = auto", "mesh = cpu(2), tensor = 2, plan = manual"][..],
         ),
         ("prompt_tuning", "prompt_tuning", gpt2, &["mesh = cpu(2), tensor = 2"][..]),
+        // Key/value prefixes (whole) join split keys: each rank takes its heads' part.
+        ("prefix_tuning", "prefix_tuning", gpt2, &["mesh = cpu(2), tensor = 2"][..]),
+        (
+            "prefix_tuning",
+            "prefix_tuning",
+            prefix_v2.as_str(),
+            &["mesh = cpu(2), tensor = 2, sequence_parallel = true"][..],
+        ),
     ] {
         assert_parallel_matches_one_device(file, name, &format!("{model}, {small}"), plans);
     }
