@@ -491,7 +491,14 @@ impl<'c> StepContext<'c> {
             .zip(holds)
             .enumerate()
             .map(|(i, (p, &held))| {
-                (p.trainable && held).then(|| vec![0.0; tensor.local_len(g, i, device.part)])
+                let len = tensor.local_len(g, i, device.part);
+                // ZeRO-2 and 3 accumulate only this device's share of each gradient.
+                let len = if self.partitioned_gradients() {
+                    links.data.shard(len).len()
+                } else {
+                    len
+                };
+                (p.trainable && held).then(|| vec![0.0; len])
             })
             .collect();
         device.tensors = Some(Params::new(g, &device.values).map_err(own)?);
@@ -599,6 +606,12 @@ impl<'c> StepContext<'c> {
             grad_norm,
             collective_seconds: 0.0,
         })
+    }
+
+    /// Whether gradients are reduce-scattered as backward produces them (ZeRO-2 and 3 over a
+    /// data-parallel group), not accumulated whole.
+    fn partitioned_gradients(&self) -> bool {
+        self.placement.zero >= 2 && self.placement.data > 1
     }
 
     fn check_finite(&self, loss: f32) -> Result<(), Failure> {
@@ -783,12 +796,21 @@ impl<'c> StepContext<'c> {
                 .backward(&upstream)
                 .map_err(|e| Failure::Own(format!("step {}: {e}", self.step_no)))?;
             let mut received = out.received;
-            for (id, grad) in out.params {
-                if let Some(acc) = grads[id].as_mut() {
-                    acc.iter_mut()
-                        .zip(grad)
-                        .for_each(|(a, g)| *a += g * self.scale);
-                }
+            for (id, mut grad) in out.params {
+                let Some(acc) = grads[id].as_mut() else {
+                    continue;
+                };
+                let share = if self.partitioned_gradients() {
+                    // Reduced as soon as backward produces it (DeepSpeed's ZeRO-2), so that no
+                    // device keeps a whole gradient across microbatches.
+                    links.data.reduce_scatter_sum(&mut grad)?;
+                    &grad[links.data.shard(grad.len())]
+                } else {
+                    &grad[..]
+                };
+                acc.iter_mut()
+                    .zip(share)
+                    .for_each(|(a, g)| *a += g * self.scale);
             }
             for (n, conversion) in &piece.inputs {
                 // Every input of a piece that ran backward has a gradient (zero if nothing
@@ -823,11 +845,13 @@ impl<'c> StepContext<'c> {
         if self.placement.zero == 0 {
             return Ok(all_reduce_gradients(&mut links.data, grads, loss)?);
         }
-        // Last parameters first, as backward finishes them.
-        for g in grads.iter_mut().rev().flatten() {
-            links.data.reduce_scatter_sum(g)?;
-            let mine = links.data.shard(g.len());
-            *g = g[mine].to_vec();
+        if !self.partitioned_gradients() {
+            // ZeRO-1: last parameters first, as backward finishes them.
+            for g in grads.iter_mut().rev().flatten() {
+                links.data.reduce_scatter_sum(g)?;
+                let mine = links.data.shard(g.len());
+                *g = g[mine].to_vec();
+            }
         }
         let mut total = [loss];
         links.data.all_reduce_sum(&mut total)?;
