@@ -205,6 +205,11 @@ impl Params {
     pub fn release(&mut self, id: usize) {
         self.0[id] = None;
     }
+
+    /// Drops every tensor (before the optimizer updates the host copies).
+    pub fn clear(&mut self) {
+        self.0.iter_mut().for_each(|p| *p = None);
+    }
 }
 
 struct Interpreter<'g> {

@@ -81,8 +81,6 @@ struct Device {
     shards: Vec<Option<Vec<f32>>>,
     /// Optimizer state of what it updates: its parameters, or its shares under ZeRO.
     states: Vec<Option<State>>,
-    /// During a step, its parameters as tensors on the device, shared by every piece it runs.
-    tensors: Option<Params>,
     /// Taken by the step's thread, which drops them if the device fails so that its peers'
     /// collectives fail instead of waiting.
     links: Option<Links>,
@@ -218,7 +216,6 @@ impl Mesh {
                         values,
                         shards,
                         states,
-                        tensors: None,
                         links: Some(links),
                         peak_bytes: 0,
                     });
@@ -501,7 +498,9 @@ impl<'c> StepContext<'c> {
                 (p.trainable && held).then(|| vec![0.0; len])
             })
             .collect();
-        device.tensors = Some(Params::new(g, &device.values).map_err(own)?);
+        // Its parameters as tensors on the device, shared by every piece it runs this step
+        // (kept in the thread: device tensors need not be `Send`).
+        let mut tensors = Params::new(g, &device.values).map_err(own)?;
         let mut loss = 0.0f32;
         let mut grad_norm = 0.0;
         let mut flight: BTreeMap<(usize, usize), InFlight> = BTreeMap::new();
@@ -520,7 +519,7 @@ impl<'c> StepContext<'c> {
                     let k = self.virtual_stage(device.stage, chunk)?;
                     let batch = microbatch(micros, mb)?;
                     let entry = flight.entry((mb, k)).or_default();
-                    if let Some(l) = self.forward(device, links, batch, k, entry)? {
+                    if let Some(l) = self.forward(device, &mut tensors, links, batch, k, entry)? {
                         loss += l * self.scale;
                     }
                 }
@@ -556,7 +555,15 @@ impl<'c> StepContext<'c> {
                     let mut entry = flight.remove(&(mb, k)).ok_or_else(|| {
                         Failure::Own(format!("backward of microbatch {mb} before its forward"))
                     })?;
-                    self.backward(device, links, batch, k, &mut entry, &mut grads)?;
+                    self.backward(
+                        device,
+                        &mut tensors,
+                        links,
+                        batch,
+                        k,
+                        &mut entry,
+                        &mut grads,
+                    )?;
                     if !self.placement.virtual_stages[k].needs.is_empty() {
                         // Kept for the send of the gradients of what it received.
                         flight.insert((mb, k), entry);
@@ -589,7 +596,7 @@ impl<'c> StepContext<'c> {
                     loss = self.sync_gradients(links, &mut grads, loss)?;
                 }
                 Action::Optimizer => {
-                    device.tensors = None;
+                    tensors.clear();
                     grad_norm = self.optimize(device, links, &mut grads, &mut loss)?;
                 }
                 Action::GatherWeights => {
@@ -647,6 +654,7 @@ impl<'c> StepContext<'c> {
     fn run_piece(
         &self,
         device: &mut Device,
+        tensors: &mut Params,
         links: &mut Links,
         batch: &'c Batch,
         piece: &Piece,
@@ -674,12 +682,11 @@ impl<'c> StepContext<'c> {
             };
             received.push((*n, value));
         }
-        let gathered = self.gather_parameters(device, links, &piece.nodes)?;
+        let gathered = self.gather_parameters(device, tensors, links, &piece.nodes)?;
         let ops = &tensor.ranks[device.part];
-        let params = on_device(device)?;
-        let segment = Segment::forward(g, params, batch, ops, &piece.nodes, received);
+        let segment = Segment::forward(g, tensors, batch, ops, &piece.nodes, received);
         for i in gathered {
-            params.release(i);
+            tensors.release(i);
         }
         segment.map_err(|e| Failure::Own(format!("step {}: {e}", self.step_no)))
     }
@@ -689,6 +696,7 @@ impl<'c> StepContext<'c> {
     fn gather_parameters(
         &self,
         device: &mut Device,
+        tensors: &mut Params,
         links: &mut Links,
         nodes: &[NodeIndex],
     ) -> Result<Vec<usize>, Failure> {
@@ -710,7 +718,7 @@ impl<'c> StepContext<'c> {
             let mine = links.data.shard(len);
             data[mine].copy_from_slice(device.shards[i].as_deref().unwrap_or_default());
             links.data.all_gather(&mut data)?;
-            on_device(device)?
+            tensors
                 .set(self.g, i, &HostTensor { shape, data })
                 .map_err(own)?;
         }
@@ -722,6 +730,7 @@ impl<'c> StepContext<'c> {
     fn forward(
         &self,
         device: &mut Device,
+        tensors: &mut Params,
         links: &mut Links,
         batch: &'c Batch,
         k: usize,
@@ -729,7 +738,7 @@ impl<'c> StepContext<'c> {
     ) -> Result<Option<f32>, Failure> {
         let mut loss = None;
         for piece in &self.placement.virtual_stages[k].pieces {
-            let segment = self.run_piece(device, links, batch, piece, entry)?;
+            let segment = self.run_piece(device, tensors, links, batch, piece, entry)?;
             for &n in &piece.outputs {
                 let v = segment.value(n).map_err(|e| Failure::Own(e.0))?;
                 entry.values.insert(n, v);
@@ -762,9 +771,11 @@ impl<'c> StepContext<'c> {
     /// Backward through virtual stage `k`, pieces in reverse (recomputed ones run forward
     /// again first); parameter gradients are added to `grads`, scaled by the microbatch's
     /// share; the gradients of each piece's inputs go back through their edges' collectives.
+    #[allow(clippy::too_many_arguments)]
     fn backward(
         &self,
         device: &mut Device,
+        tensors: &mut Params,
         links: &mut Links,
         batch: &'c Batch,
         k: usize,
@@ -790,7 +801,7 @@ impl<'c> StepContext<'c> {
             }
             let segment = match kept {
                 Some(s) => s,
-                None => self.run_piece(device, links, batch, piece, entry)?,
+                None => self.run_piece(device, tensors, links, batch, piece, entry)?,
             };
             let out = segment
                 .backward(&upstream)
@@ -1012,14 +1023,6 @@ fn own(e: ExecError) -> Failure {
 
 fn param_shape(g: &Graph, i: usize) -> Vec<usize> {
     g.params[i].shape.iter().map(|&x| x as usize).collect()
-}
-
-/// The device's parameter tensors, set up at the start of its step.
-fn on_device(device: &mut Device) -> Result<&mut Params, Failure> {
-    device
-        .tensors
-        .as_mut()
-        .ok_or_else(|| Failure::Own("the parameters are not on the device".into()))
 }
 
 /// Adds a gradient to what the value's other readers contributed.
