@@ -2,7 +2,7 @@
 //! adapter files (`adapter_model.safetensors`), read into host tensors and bound by name to the
 //! parameters of an operator graph.
 
-use kiln_compiler::graph::Graph;
+use kiln_compiler::graph::{Graph, Param};
 use safetensors::{Dtype, SafeTensors};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -13,6 +13,11 @@ use std::path::{Path, PathBuf};
 pub struct HostTensor {
     pub shape: Vec<usize>,
     pub data: Vec<f32>,
+}
+
+/// A parameter's shape as host tensors index it.
+pub fn param_shape(p: &Param) -> Vec<usize> {
+    p.shape.iter().map(|&d| d as usize).collect()
 }
 
 impl HostTensor {
@@ -116,7 +121,7 @@ pub fn bind(
             .find_map(|(path, tensors)| tensors.get(&p.name).map(|t| (path, t)));
         match found {
             Some((path, t)) => {
-                let expected: Vec<usize> = p.shape.iter().map(|&d| d as usize).collect();
+                let expected = param_shape(p);
                 // PEFT stores IA3 vectors as [out, 1] / [1, in]; the graph keeps the same shapes.
                 if t.shape != expected {
                     return Err(CheckpointError {

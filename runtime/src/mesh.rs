@@ -8,7 +8,7 @@
 //! Every device ends the step with the weights one device would have after the same
 //! microbatches (within float tolerance): the tests check exactly that.
 
-use crate::checkpoint::HostTensor;
+use crate::checkpoint::{param_shape, HostTensor};
 use crate::collective::{
     cpu_ring, mailboxes, ring_shard, Collective, CollectiveError, CpuRing, Mailbox, Payload, Tag,
 };
@@ -408,7 +408,7 @@ impl Mesh {
         let group = self.stage_devices(self.first_holder(i));
         (0..t)
             .map(|part| {
-                let local_shape = layout.local_shape(&param_shape(g, i), part, t);
+                let local_shape = layout.local_shape(&param_shape(&g.params[i]), part, t);
                 let len: usize = local_shape.iter().product();
                 let mut data = vec![0.0; len];
                 if shared {
@@ -430,7 +430,7 @@ impl Mesh {
     fn unshard(&self, g: &Graph, i: usize, parts: Vec<HostTensor>) -> HostTensor {
         let refs: Vec<&HostTensor> = parts.iter().collect();
         let mut whole = self.placement.tensor.params[i].unshard(&refs);
-        whole.shape = param_shape(g, i);
+        whole.shape = param_shape(&g.params[i]);
         whole
     }
 
@@ -711,8 +711,11 @@ impl<'c> StepContext<'c> {
         ids.dedup();
         for &i in &ids {
             let tensor = &self.placement.tensor;
-            let shape =
-                tensor.params[i].local_shape(&param_shape(self.g, i), device.part, tensor.size);
+            let shape = tensor.params[i].local_shape(
+                &param_shape(&self.g.params[i]),
+                device.part,
+                tensor.size,
+            );
             let len = shape.iter().product();
             let mut data = vec![0.0; len];
             let mine = links.data.shard(len);
@@ -1021,10 +1024,6 @@ fn own(e: ExecError) -> Failure {
     Failure::Own(e.0)
 }
 
-fn param_shape(g: &Graph, i: usize) -> Vec<usize> {
-    g.params[i].shape.iter().map(|&x| x as usize).collect()
-}
-
 /// Adds a gradient to what the value's other readers contributed.
 fn accumulate(
     into: &mut BTreeMap<NodeIndex, Value>,
@@ -1206,7 +1205,7 @@ mod tests {
                 .params
                 .iter()
                 .map(|p| {
-                    let shape: Vec<usize> = p.shape.iter().map(|&d| d as usize).collect();
+                    let shape = param_shape(p);
                     let n = shape.iter().product();
                     HostTensor {
                         shape,

@@ -19,7 +19,7 @@
 //! g becomes a reduce-scatter along the sequence and f an all-gather (whose backward
 //! reduce-scatters the partial gradients).
 
-use crate::checkpoint::HostTensor;
+use crate::checkpoint::{param_shape, HostTensor};
 use kiln_compiler::graph::LayerKind;
 use kiln_compiler::graph::{Graph, Layout, Op};
 use kiln_compiler::plan::{ExecutionPlan, TensorSplit};
@@ -462,9 +462,8 @@ impl TensorLayout {
 
     /// The number of values of rank `part`'s shard of parameter `id`.
     pub fn local_len(&self, g: &Graph, id: usize, part: usize) -> usize {
-        let shape: Vec<usize> = g.params[id].shape.iter().map(|&x| x as usize).collect();
         self.params[id]
-            .local_shape(&shape, part, self.size)
+            .local_shape(&param_shape(&g.params[id]), part, self.size)
             .iter()
             .product()
     }

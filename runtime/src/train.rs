@@ -2,7 +2,9 @@
 //! experiment's data, steps on the mesh the plan lays out (`mesh`), the learning-rate schedule,
 //! metrics, evaluation, and checkpoints written atomically.
 
-use crate::checkpoint::{bind, read_safetensors, safetensors_bytes, write_atomic, HostTensor};
+use crate::checkpoint::{
+    bind, param_shape, read_safetensors, safetensors_bytes, write_atomic, HostTensor,
+};
 use crate::data::{load_examples, load_tokenizer, pad_batch, DataError, Example, PaddedBatch};
 use crate::exec::{forward_backward, Batch};
 use crate::mesh::{DeviceMemory, Mesh, StepOutcome};
@@ -206,7 +208,7 @@ fn initialise(g: &Graph, seed: u64) -> Vec<HostTensor> {
     g.params
         .iter()
         .map(|p| {
-            let shape: Vec<usize> = p.shape.iter().map(|&d| d as usize).collect();
+            let shape = param_shape(p);
             let n: usize = shape.iter().product();
             let name = p.name.as_str();
             let data: Vec<f32> = if name.ends_with("lora_B.weight")
