@@ -23,6 +23,7 @@ type T0 = Tensor<(), f32, Dev>;
 type T1 = Tensor<(usize,), f32, Dev>;
 type T2 = Tensor<(usize, usize), f32, Dev>;
 type T3 = Tensor<(usize, usize, usize), f32, Dev>;
+#[cfg(feature = "cuda")]
 type T4 = Tensor<(usize, usize, usize, usize), f32, Dev>;
 type T3Taped = Tensor<(usize, usize, usize), f32, Dev, Tape>;
 
@@ -448,6 +449,9 @@ fn alloc_grad<S: Shape>(tape: &mut Tape, t: Tensor<S, f32, Dev>) {
 fn activate<S: Shape>(x: Tensor<S, f32, Dev, Tape>, act: Act) -> Tensor<S, f32, Dev, Tape> {
     match act {
         Act::Gelu => exact_gelu(x),
+        #[cfg(not(feature = "cuda"))]
+        Act::GeluTanh => crate::kernels::gelu_tanh(x),
+        #[cfg(feature = "cuda")]
         Act::GeluTanh => x.fast_gelu(),
         Act::Relu => x.relu(),
         Act::Tanh => x.tanh(),
@@ -498,6 +502,12 @@ impl Interpreter<'_> {
     /// An inverted-dropout mask (0 or 1/(1−p)) of the given shape, or `None` when dropout is
     /// off for this batch or `p` is zero.
     fn dropout_mask<S: Shape>(&self, shape: S, p: f64) -> Option<Tensor<S, f32, Dev>> {
+        let data = self.dropout_values(shape.num_elements(), p)?;
+        Some(self.dev.tensor_from_vec(data, shape))
+    }
+
+    /// The values of this node's dropout mask of `len` elements (see `dropout_mask`).
+    fn dropout_values(&self, len: usize, p: f64) -> Option<Vec<f32>> {
         let seed = self.batch.dropout_seed?;
         if p <= 0.0 {
             return None;
@@ -506,7 +516,7 @@ impl Interpreter<'_> {
         let mut state = seed ^ stream.wrapping_mul(0xD1B5_4A32_D192_ED03);
         let keep = 1.0 / (1.0 - p) as f32;
         let threshold = (p * u64::MAX as f64) as u64;
-        let data: Vec<f32> = (0..shape.num_elements())
+        let data: Vec<f32> = (0..len)
             .map(|_| {
                 if splitmix(&mut state) < threshold {
                     0.0
@@ -515,7 +525,7 @@ impl Interpreter<'_> {
                 }
             })
             .collect();
-        Some(self.dev.tensor_from_vec(data, shape))
+        Some(data)
     }
 
     fn input(&self, n: NodeIndex, slot: usize) -> Result<&V, ExecError> {
@@ -717,15 +727,34 @@ impl Interpreter<'_> {
             }
             Op::LayerNorm { weight, bias, eps } => {
                 let x = self.input(n, 0)?.r3("x")?;
-                let shape = *x.shape();
                 let w = self.p1(weight)?;
                 let tape = self.take_tape();
-                let mut y = x.put_tape(tape).normalize::<Axis<2>>(eps as f32)
-                    * w.broadcast_like::<_, Axes2<0, 1>>(&shape);
-                if let Some(b) = bias {
-                    y = y + self.p1(b)?.broadcast_like::<_, Axes2<0, 1>>(&shape);
+                #[cfg(not(feature = "cuda"))]
+                {
+                    let trainable = |id: usize| self.g.params[id].trainable;
+                    let bias = match bias {
+                        Some(b) => Some((self.p1(b)?, trainable(b))),
+                        None => None,
+                    };
+                    let y = crate::kernels::layer_norm(
+                        x.put_tape(tape),
+                        (w, trainable(weight)),
+                        bias,
+                        eps as f32,
+                    )
+                    .map_err(ExecError)?;
+                    Ok(self.keep3(y))
                 }
-                Ok(self.keep3(y))
+                #[cfg(feature = "cuda")]
+                {
+                    let shape = *x.shape();
+                    let mut y = x.put_tape(tape).normalize::<Axis<2>>(eps as f32)
+                        * w.broadcast_like::<_, Axes2<0, 1>>(&shape);
+                    if let Some(b) = bias {
+                        y = y + self.p1(b)?.broadcast_like::<_, Axes2<0, 1>>(&shape);
+                    }
+                    Ok(self.keep3(y))
+                }
             }
             Op::RmsNorm { weight, eps } => {
                 let x = self.input(n, 0)?.r3("x")?;
@@ -1006,23 +1035,41 @@ impl Interpreter<'_> {
             }
             other => other.r3("x")?,
         };
-        let (b, s, _) = *x.shape();
         let w = self.p2(weight)?;
         let tape = self.take_tape();
         let x = x.put_tape(tape);
-        let y = match layout {
-            Layout::InOut => x.matmul(w),
-            Layout::OutIn => x.matmul(w.permute::<_, Axes2<1, 0>>()),
+        #[cfg(not(feature = "cuda"))]
+        let y = {
+            let trainable = |id: usize| self.g.params[id].trainable;
+            let bias = match bias {
+                Some(b) => Some((self.p1(b.id)?, trainable(b.id))),
+                None => None,
+            };
+            let w = crate::kernels::Weight {
+                w,
+                out_in: matches!(layout, Layout::OutIn),
+                trainable: trainable(weight),
+            };
+            crate::kernels::linear(x, w, bias).map_err(ExecError)?
         };
-        let n = y.shape().2;
-        let y = match bias {
-            Some(bias) => {
-                y + self
-                    .p1(bias.id)?
-                    .broadcast_like::<_, Axes2<0, 1>>(&(b, s, n))
+        #[cfg(feature = "cuda")]
+        let y = {
+            let (b, s, _) = *x.shape();
+            let y = match layout {
+                Layout::InOut => x.matmul(w),
+                Layout::OutIn => x.matmul(w.permute::<_, Axes2<1, 0>>()),
+            };
+            let n = y.shape().2;
+            match bias {
+                Some(bias) => {
+                    y + self
+                        .p1(bias.id)?
+                        .broadcast_like::<_, Axes2<0, 1>>(&(b, s, n))
+                }
+                None => y,
             }
-            None => y,
         };
+        let b = y.shape().0;
         // A range of a fused weight (GPT-2's c_attn read as q, k, v): the full product, sliced.
         let y = match outputs {
             Some((a, e)) => y.slice((.., .., a..e)).realize(),
@@ -1218,7 +1265,6 @@ impl Interpreter<'_> {
         let skv = k.shape().1;
         // The heads this rank holds (all of them without tensor parallelism).
         let (heads, kv_heads) = (width / d, k.shape().2 / d);
-        let group = heads / kv_heads.max(1);
         // Keys without a query of their own (prefixes) come first: query i sees keys up to i + P.
         let past = skv - s;
         let mut mask = vec![0.0f32; b * s * skv];
@@ -1239,58 +1285,89 @@ impl Interpreter<'_> {
                 }
             }
         }
-        let mask: T4 = self
-            .dev
-            .tensor_from_vec(mask, (b, s, skv))
-            .broadcast_like::<_, Axis<1>>(&(b, heads, s, skv));
-        let tape = self.take_tape();
-        let q = q
-            .put_tape(tape)
-            .reshape_like(&(b, s, heads, d))
-            .permute::<_, Axes4<0, 2, 1, 3>>();
-        let (q, tape) = q.split_tape();
-        // Keys and values to [b, heads, s_kv, d], each key/value head serving `group` query
-        // heads (head h reads key/value head h / group): a gather over the head axis, on the tape.
-        let dev = self.dev.clone();
-        let expand = |t: T3, tape: Tape| -> (T4, Tape) {
-            let t = t.put_tape(tape).reshape_like(&(b, skv, kv_heads, d));
-            if group == 1 {
-                return t.permute::<_, Axes4<0, 2, 1, 3>>().split_tape();
-            }
-            let by_head = t
-                .permute::<_, Axes4<2, 0, 1, 3>>()
-                .reshape_like(&(kv_heads, b * skv * d));
-            let idx: Tensor<(usize,), usize, Dev> =
-                dev.tensor_from_vec((0..heads).map(|h| h / group).collect(), (heads,));
-            let repeated: Tensor<(usize, usize), f32, Dev, Tape> = by_head.gather(idx);
-            repeated
-                .reshape_like(&(heads, b, skv, d))
-                .permute::<_, Axes4<1, 0, 2, 3>>()
-                .split_tape()
-        };
-        let (k, tape) = expand(k, tape);
-        let (v, tape) = expand(v, tape);
-        let scores =
-            q.put_tape(tape).matmul(k.permute::<_, Axes4<0, 1, 3, 2>>()) / (d as f32).sqrt();
-        let probs = (scores + mask).softmax::<Axis<3>>();
         // Dropout masks are drawn for every head, so that a rank holding some of them drops
         // what one device would.
         let first = self.ops.rank * heads;
-        let mask = if heads == all_heads {
-            self.dropout_mask((b, heads, s, skv), dropout)
-        } else {
-            self.dropout_mask((b, all_heads, s, skv), dropout)
-                .map(|m| m.slice((.., first..first + heads, .., ..)).realize())
-        };
-        let probs = match mask {
-            Some(m) => probs * m,
-            None => probs,
-        };
-        let out = probs
-            .matmul(v)
-            .permute::<_, Axes4<0, 2, 1, 3>>()
-            .reshape_like(&(b, s, heads * d));
-        Ok(self.keep3(out))
+        #[cfg(not(feature = "cuda"))]
+        {
+            if kv_heads == 0 || heads % kv_heads != 0 {
+                return err(format!(
+                    "{heads} query heads over {kv_heads} key/value heads"
+                ));
+            }
+            let plane = s * skv;
+            let dropout = self
+                .dropout_values(b * all_heads * plane, dropout)
+                .map(|all| {
+                    (0..b)
+                        .flat_map(|r| {
+                            let rank = (r * all_heads + first) * plane;
+                            all[rank..rank + heads * plane].to_vec()
+                        })
+                        .collect()
+                });
+            let dims = crate::kernels::Heads {
+                heads,
+                kv_heads,
+                dim: d,
+            };
+            let q = q.put_tape(self.take_tape());
+            let out = crate::kernels::attention(q, k, v, dims, mask, dropout);
+            Ok(self.keep3(out))
+        }
+        #[cfg(feature = "cuda")]
+        {
+            let group = heads / kv_heads.max(1);
+            let mask: T4 = self
+                .dev
+                .tensor_from_vec(mask, (b, s, skv))
+                .broadcast_like::<_, Axis<1>>(&(b, heads, s, skv));
+            let tape = self.take_tape();
+            let q = q
+                .put_tape(tape)
+                .reshape_like(&(b, s, heads, d))
+                .permute::<_, Axes4<0, 2, 1, 3>>();
+            let (q, tape) = q.split_tape();
+            // Keys and values to [b, heads, s_kv, d], each key/value head serving `group` query
+            // heads (head h reads key/value head h / group): a gather over the head axis, on the tape.
+            let dev = self.dev.clone();
+            let expand = |t: T3, tape: Tape| -> (T4, Tape) {
+                let t = t.put_tape(tape).reshape_like(&(b, skv, kv_heads, d));
+                if group == 1 {
+                    return t.permute::<_, Axes4<0, 2, 1, 3>>().split_tape();
+                }
+                let by_head = t
+                    .permute::<_, Axes4<2, 0, 1, 3>>()
+                    .reshape_like(&(kv_heads, b * skv * d));
+                let idx: Tensor<(usize,), usize, Dev> =
+                    dev.tensor_from_vec((0..heads).map(|h| h / group).collect(), (heads,));
+                let repeated: Tensor<(usize, usize), f32, Dev, Tape> = by_head.gather(idx);
+                repeated
+                    .reshape_like(&(heads, b, skv, d))
+                    .permute::<_, Axes4<1, 0, 2, 3>>()
+                    .split_tape()
+            };
+            let (k, tape) = expand(k, tape);
+            let (v, tape) = expand(v, tape);
+            let scores =
+                q.put_tape(tape).matmul(k.permute::<_, Axes4<0, 1, 3, 2>>()) / (d as f32).sqrt();
+            let probs = (scores + mask).softmax::<Axis<3>>();
+            let mask = if heads == all_heads {
+                self.dropout_mask((b, heads, s, skv), dropout)
+            } else {
+                self.dropout_mask((b, all_heads, s, skv), dropout)
+                    .map(|m| m.slice((.., first..first + heads, .., ..)).realize())
+            };
+            let probs = match mask {
+                Some(m) => probs * m,
+                None => probs,
+            };
+            let out = probs
+                .matmul(v)
+                .permute::<_, Axes4<0, 2, 1, 3>>()
+                .reshape_like(&(b, s, heads * d));
+            Ok(self.keep3(out))
+        }
     }
 
     /// Mean cross-entropy over positions whose label is not −100.
@@ -1320,21 +1397,30 @@ impl Interpreter<'_> {
         if count == 0.0 {
             return err("no position has a label");
         }
-        let targets: Tensor<(usize, usize), usize, Dev> =
-            self.dev.tensor_from_vec(targets, (b, positions));
-        let weights: T2 = self.dev.tensor_from_vec(weights, (b, positions));
-        let tape = self.take_tape();
-        let logits = logits.put_tape(tape);
-        let logits = if shift {
-            logits
-                .slice((.., 0..positions, ..))
-                .realize::<(usize, usize, usize)>()
-        } else {
-            logits
-        };
-        let picked: Tensor<(usize, usize), f32, Dev, Tape> =
-            logits.log_softmax::<Axis<2>>().select(targets);
-        let loss = (picked * weights).sum::<(), _>().negate() / count;
-        Ok(self.keep0(loss))
+        #[cfg(not(feature = "cuda"))]
+        {
+            let logits = logits.put_tape(self.take_tape());
+            let loss = crate::kernels::cross_entropy(logits, positions, targets, weights, count);
+            Ok(self.keep0(loss))
+        }
+        #[cfg(feature = "cuda")]
+        {
+            let targets: Tensor<(usize, usize), usize, Dev> =
+                self.dev.tensor_from_vec(targets, (b, positions));
+            let weights: T2 = self.dev.tensor_from_vec(weights, (b, positions));
+            let tape = self.take_tape();
+            let logits = logits.put_tape(tape);
+            let logits = if shift {
+                logits
+                    .slice((.., 0..positions, ..))
+                    .realize::<(usize, usize, usize)>()
+            } else {
+                logits
+            };
+            let picked: Tensor<(usize, usize), f32, Dev, Tape> =
+                logits.log_softmax::<Axis<2>>().select(targets);
+            let loss = (picked * weights).sum::<(), _>().negate() / count;
+            Ok(self.keep0(loss))
+        }
     }
 }

@@ -8,6 +8,8 @@ pub mod collective;
 pub mod data;
 pub mod exec;
 pub mod export;
+#[cfg(not(feature = "cuda"))]
+mod kernels;
 pub mod memory;
 pub mod mesh;
 pub mod mlm;

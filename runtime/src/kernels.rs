@@ -1,0 +1,772 @@
+//! CPU kernels for the executor's hot operators, recorded on dfdx's tape like dfdx's own ops:
+//! dense products on gemm's AVX-512 path (dfdx 0.13's gemm stops at AVX2: 2.8x fewer FLOP/s on
+//! this machine's cores), and fused, multithreaded attention, layer norm, tanh-GELU and
+//! cross-entropy (dfdx runs each as a chain of single-threaded elementwise kernels that each
+//! allocate a result). Reductions are summed in a fixed order, so a step is bit-reproducible.
+//! The CUDA build uses dfdx's ops instead.
+
+use dfdx::prelude::*;
+use dfdx::tensor::{Cpu, CpuError, Gradients, Tape as _};
+use rayon::prelude::*;
+use std::borrow::Cow;
+
+type Tape = OwnedTape<f32, Cpu>;
+type Taped<S> = Tensor<S, f32, Cpu, Tape>;
+type R3 = (usize, usize, usize);
+
+/// Elements per parallel task in elementwise loops: large enough to amortise scheduling.
+const CHUNK: usize = 1 << 14;
+
+// ---------------------------------------------------------------------------------------------
+// Reading and writing dfdx's buffers.
+
+/// The elements of `t` in row-major order: borrowed when its layout already is, copied when it
+/// is a strided view. dfdx has no slice accessor; indexing gives element offsets, hence strides.
+fn elements<S: Shape>(t: &Tensor<S, f32, Cpu>) -> Cow<'_, [f32]> {
+    let n = t.shape().num_elements();
+    if n == 0 {
+        return Cow::Borrowed(&[]);
+    }
+    let dims = t.shape().concrete();
+    let zero = S::Concrete::default();
+    let base: *const f32 = &t[zero];
+    let mut expected = 1usize;
+    for axis in (0..S::NUM_DIMS).rev() {
+        if dims[axis] > 1 {
+            let mut unit = zero;
+            unit[axis] = 1;
+            // SAFETY: both elements lie in the tensor's one buffer.
+            let stride = unsafe { (&t[unit] as *const f32).offset_from(base) };
+            if stride != expected as isize {
+                return Cow::Owned(t.as_vec());
+            }
+        }
+        expected *= dims[axis];
+    }
+    // SAFETY: with row-major strides the elements are offsets 0..n from element zero, all inside
+    // the buffer (the last one's offset is n − 1); `t` keeps the buffer alive and unchanged for
+    // the borrow.
+    Cow::Borrowed(unsafe { std::slice::from_raw_parts(base, n) })
+}
+
+/// `t` in row-major layout: itself when it already is, else a copy recorded on the tape, so the
+/// gradient buffer of what the kernels read is row-major too.
+fn row_major<S: Shape>(t: Taped<S>) -> Taped<S> {
+    let shape = *t.shape();
+    t.reshape_like(&shape)
+}
+
+/// Moves `t`'s gradient out (zeros if nothing reached it), to read it while writing others.
+fn take_grad<S: Shape>(
+    grads: &mut Gradients<f32, Cpu>,
+    t: &Tensor<S, f32, Cpu>,
+) -> Result<Vec<f32>, CpuError> {
+    Ok(std::mem::take(&mut **grads.get_or_alloc_mut(t)?))
+}
+
+fn put_grad<S: Shape>(
+    grads: &mut Gradients<f32, Cpu>,
+    t: &Tensor<S, f32, Cpu>,
+    g: Vec<f32>,
+) -> Result<(), CpuError> {
+    **grads.get_or_alloc_mut(t)? = g;
+    Ok(())
+}
+
+/// Adds `g` into `t`'s gradient.
+fn add_grad<S: Shape>(
+    grads: &mut Gradients<f32, Cpu>,
+    t: &Tensor<S, f32, Cpu>,
+    g: &[f32],
+) -> Result<(), CpuError> {
+    let acc = grads.get_or_alloc_mut(t)?;
+    acc.par_chunks_mut(CHUNK)
+        .zip(g.par_chunks(CHUNK))
+        .for_each(|(a, g)| vectorized(|| a.iter_mut().zip(g).for_each(|(a, g)| *a += g)));
+    Ok(())
+}
+
+fn tensor<S: Shape>(data: Vec<f32>, shape: S) -> Tensor<S, f32, Cpu> {
+    Cpu::default().tensor_from_vec(data, shape)
+}
+
+/// Runs `f` compiled for the best instruction set this CPU has (AVX-512, AVX2 or baseline), so
+/// that plain loops inside it vectorize at that width.
+#[inline(always)]
+fn vectorized<R>(f: impl FnOnce() -> R) -> R {
+    pulp::Arch::new().dispatch(f)
+}
+
+/// A raw pointer that parallel tasks share to write disjoint parts of one buffer.
+#[derive(Clone, Copy)]
+struct Shared(*mut f32);
+// SAFETY: every user writes through it only to elements no other task touches.
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
+
+// ---------------------------------------------------------------------------------------------
+// Matrix products.
+
+/// A strided matrix: element (i, j) at `ptr + i·rs + j·cs`.
+#[derive(Clone, Copy)]
+struct Mat {
+    ptr: *const f32,
+    rows: usize,
+    cols: usize,
+    rs: isize,
+    cs: isize,
+}
+
+impl Mat {
+    /// Row-major `rows × cols` at the start of `data`, rows `stride` apart.
+    fn at(data: &[f32], rows: usize, cols: usize, stride: usize) -> Mat {
+        debug_assert!(rows == 0 || (rows - 1) * stride + cols <= data.len());
+        Mat {
+            ptr: data.as_ptr(),
+            rows,
+            cols,
+            rs: stride as isize,
+            cs: 1,
+        }
+    }
+    fn rows(data: &[f32], rows: usize, cols: usize) -> Mat {
+        Mat::at(data, rows, cols, cols)
+    }
+    fn t(self) -> Mat {
+        Mat {
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+            ..self
+        }
+    }
+}
+
+/// `dst = (accumulate ? dst : 0) + scale · a·b` for a row-major `dst` with rows `dst_stride`
+/// apart.
+///
+/// # Safety
+/// `a` and `b` must describe readable memory, `dst` writable memory for `a.rows × b.cols`
+/// elements at that stride that nothing else accesses during the call.
+#[allow(clippy::too_many_arguments)]
+unsafe fn product(
+    dst: *mut f32,
+    dst_stride: usize,
+    a: Mat,
+    b: Mat,
+    accumulate: bool,
+    scale: f32,
+    parallel: bool,
+) {
+    debug_assert_eq!(a.cols, b.rows);
+    let parallelism = if parallel {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    };
+    gemm::gemm(
+        a.rows,
+        b.cols,
+        a.cols,
+        dst,
+        1,
+        dst_stride as isize,
+        accumulate,
+        a.ptr,
+        a.cs,
+        a.rs,
+        b.ptr,
+        b.cs,
+        b.rs,
+        1.0,
+        scale,
+        false,
+        false,
+        false,
+        parallelism,
+    );
+}
+
+/// Sums of the columns of a row-major `rows × cols` matrix, in a fixed order.
+fn column_sums(data: &[f32], cols: usize) -> Vec<f32> {
+    let rows_per_task = (CHUNK / cols.max(1)).max(1);
+    let partial: Vec<Vec<f32>> = data
+        .par_chunks(rows_per_task * cols)
+        .map(|block| {
+            let mut sums = vec![0.0f32; cols];
+            vectorized(|| {
+                for row in block.chunks(cols) {
+                    sums.iter_mut().zip(row).for_each(|(s, x)| *s += x);
+                }
+            });
+            sums
+        })
+        .collect();
+    let mut sums = vec![0.0f32; cols];
+    for p in partial {
+        sums.iter_mut().zip(&p).for_each(|(s, x)| *s += x);
+    }
+    sums
+}
+
+/// The weight of a linear layer as stored: `[in, out]` (GPT-2's Conv1D) or `[out, in]`.
+pub struct Weight {
+    pub w: Tensor<(usize, usize), f32, Cpu>,
+    pub out_in: bool,
+    pub trainable: bool,
+}
+
+/// `x·W (+ bias)` over the last axis of `x` `[b, s, in]`.
+pub fn linear(
+    x: Taped<R3>,
+    weight: Weight,
+    bias: Option<(Tensor<(usize,), f32, Cpu>, bool)>,
+) -> Result<Taped<R3>, String> {
+    let (x, mut tape) = row_major(x).split_tape();
+    let (b, s, k) = *x.shape();
+    let (rows, cols) = *weight.w.shape();
+    let (w_in, n) = if weight.out_in {
+        (cols, rows)
+    } else {
+        (rows, cols)
+    };
+    if w_in != k {
+        return Err(format!(
+            "an input of width {k} meets a weight of [{rows}, {cols}]"
+        ));
+    }
+    let m = b * s;
+    // W as the [in, out] matrix of the product, whichever way it is stored.
+    let as_in_out = move |w: &[f32]| {
+        let stored = Mat::rows(w, rows, cols);
+        if weight.out_in {
+            stored.t()
+        } else {
+            stored
+        }
+    };
+    let mut y = match &bias {
+        Some((bias, _)) => {
+            let bias = elements(bias);
+            if bias.len() != n {
+                return Err(format!("a bias of {} for {n} outputs", bias.len()));
+            }
+            let mut y = vec![0.0f32; m * n];
+            y.par_chunks_mut(n)
+                .for_each(|row| row.copy_from_slice(&bias));
+            y
+        }
+        None => vec![0.0f32; m * n],
+    };
+    {
+        let xs = elements(&x);
+        let ws = elements(&weight.w);
+        // SAFETY: `y` is m × n; `xs` m × k; `ws` holds the k × n weight.
+        unsafe {
+            product(
+                y.as_mut_ptr(),
+                n,
+                Mat::rows(&xs, m, k),
+                as_in_out(&ws),
+                bias.is_some(),
+                1.0,
+                true,
+            )
+        };
+    }
+    let out = tensor(y, (b, s, n));
+    let result = out.clone();
+    tape.add_backward_op(move |grads| {
+        let dy = take_grad(grads, &out)?;
+        let xs = elements(&x);
+        let ws = elements(&weight.w);
+        let dy_mat = Mat::rows(&dy, m, n);
+        let gx = grads.get_or_alloc_mut(&x)?;
+        // SAFETY: shapes as in the forward product; gradients are row-major like their tensors.
+        unsafe {
+            product(
+                gx.as_mut_ptr(),
+                k,
+                dy_mat,
+                as_in_out(&ws).t(),
+                true,
+                1.0,
+                true,
+            )
+        };
+        if weight.trainable {
+            let gw = grads.get_or_alloc_mut(&weight.w)?;
+            let x_mat = Mat::rows(&xs, m, k);
+            // SAFETY: the weight's gradient is rows × cols like the weight.
+            unsafe {
+                if weight.out_in {
+                    product(gw.as_mut_ptr(), cols, dy_mat.t(), x_mat, true, 1.0, true)
+                } else {
+                    product(gw.as_mut_ptr(), cols, x_mat.t(), dy_mat, true, 1.0, true)
+                }
+            }
+        }
+        if let Some((bias, true)) = &bias {
+            add_grad(grads, bias, &column_sums(&dy, n))?;
+        }
+        put_grad(grads, &out, dy)
+    });
+    Ok(result.put_tape(tape))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Elementwise math, written so that loops over it vectorize.
+
+/// e^x to about one ulp: 2^n · e^r with r = x − n·ln 2 in [−ln2/2, ln2/2] and a degree-7
+/// Taylor polynomial for e^r; 0 below e^−87.3 (where f32 leaves normal numbers).
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    let clamped = x.clamp(-87.3, 88.3);
+    let n = (clamped * std::f32::consts::LOG2_E).round();
+    let r = clamped - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.0 / 5040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    let scale = f32::from_bits(((n as i32 + 127) << 23) as u32);
+    if x < -87.3 {
+        0.0
+    } else {
+        p * scale
+    }
+}
+
+/// tanh(u) = 1 − 2/(e^{2u} + 1): exact to a few 1e-8 in absolute terms, which is what GELU's
+/// (1 + tanh) and (1 − tanh²) need.
+#[inline(always)]
+fn tanh(u: f32) -> f32 {
+    1.0 - 2.0 / (exp(2.0 * u.clamp(-10.0, 10.0)) + 1.0)
+}
+
+const GELU_C: f32 = 0.797_884_6; // √(2/π)
+const GELU_K: f32 = 0.044_715;
+
+/// GPT-2's tanh GELU: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))).
+pub fn gelu_tanh<S: Shape>(x: Taped<S>) -> Taped<S> {
+    let (x, mut tape) = row_major(x).split_tape();
+    let shape = *x.shape();
+    let mut y = vec![0.0f32; shape.num_elements()];
+    {
+        let xs = elements(&x);
+        y.par_chunks_mut(CHUNK)
+            .zip(xs.par_chunks(CHUNK))
+            .for_each(|(y, x)| {
+                vectorized(|| {
+                    for (y, &x) in y.iter_mut().zip(x) {
+                        let t = tanh(GELU_C * (x + GELU_K * x * x * x));
+                        *y = 0.5 * x * (1.0 + t);
+                    }
+                })
+            });
+    }
+    let out = tensor(y, shape);
+    let result = out.clone();
+    tape.add_backward_op(move |grads| {
+        let dy = take_grad(grads, &out)?;
+        let xs = elements(&x);
+        let gx = grads.get_or_alloc_mut(&x)?;
+        gx.par_chunks_mut(CHUNK)
+            .zip(xs.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
+            .for_each(|(gx, (x, dy))| {
+                vectorized(|| {
+                    for ((g, &x), &dy) in gx.iter_mut().zip(x).zip(dy) {
+                        let t = tanh(GELU_C * (x + GELU_K * x * x * x));
+                        let du = GELU_C * (1.0 + 3.0 * GELU_K * x * x);
+                        *g += dy * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du);
+                    }
+                })
+            });
+        put_grad(grads, &out, dy)
+    });
+    result.put_tape(tape)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Layer norm.
+
+/// Layer norm over the last axis: (x − mean)/√(var + eps)·w (+ b), var biased as in PyTorch.
+pub fn layer_norm(
+    x: Taped<R3>,
+    weight: (Tensor<(usize,), f32, Cpu>, bool),
+    bias: Option<(Tensor<(usize,), f32, Cpu>, bool)>,
+    eps: f32,
+) -> Result<Taped<R3>, String> {
+    let (x, mut tape) = row_major(x).split_tape();
+    let shape = *x.shape();
+    let h = shape.2;
+    let rows = shape.0 * shape.1;
+    let w = elements(&weight.0).into_owned();
+    let b = match &bias {
+        Some((b, _)) => elements(b).into_owned(),
+        None => vec![0.0; h],
+    };
+    if w.len() != h || b.len() != h {
+        return Err(format!("norm parameters of {} for width {h}", w.len()));
+    }
+    let mut y = vec![0.0f32; rows * h];
+    // (mean, 1/σ) per row, kept for the backward.
+    let mut stats = vec![0.0f32; rows * 2];
+    {
+        let xs = elements(&x);
+        y.par_chunks_mut(h)
+            .zip(xs.par_chunks(h))
+            .zip(stats.par_chunks_mut(2))
+            .for_each(|((y, x), stat)| {
+                vectorized(|| {
+                    let mean = x.iter().sum::<f32>() / h as f32;
+                    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / h as f32;
+                    let inv = 1.0 / (var + eps).sqrt();
+                    for (((y, x), w), b) in y.iter_mut().zip(x).zip(&w).zip(&b) {
+                        *y = (x - mean) * inv * w + b;
+                    }
+                    stat[0] = mean;
+                    stat[1] = inv;
+                })
+            });
+    }
+    let out = tensor(y, shape);
+    let result = out.clone();
+    tape.add_backward_op(move |grads| {
+        let dy = take_grad(grads, &out)?;
+        let xs = elements(&x);
+        let rows_per_task = (CHUNK / h).max(1);
+        let mut gx_local = vec![0.0f32; rows * h];
+        // Per block of rows: the input gradient, and partial sums for w and b.
+        let partial: Vec<(Vec<f32>, Vec<f32>)> = gx_local
+            .par_chunks_mut(rows_per_task * h)
+            .zip(xs.par_chunks(rows_per_task * h))
+            .zip(dy.par_chunks(rows_per_task * h))
+            .zip(stats.par_chunks(rows_per_task * 2))
+            .map(|(((gx, x), dy), stats)| {
+                let mut gw = vec![0.0f32; h];
+                let mut gb = vec![0.0f32; h];
+                vectorized(|| {
+                    for (((gx, x), dy), stat) in gx
+                        .chunks_mut(h)
+                        .zip(x.chunks(h))
+                        .zip(dy.chunks(h))
+                        .zip(stats.chunks(2))
+                    {
+                        let (mean, inv) = (stat[0], stat[1]);
+                        let mut mean_g = 0.0f32;
+                        let mut mean_gx = 0.0f32;
+                        for (((x, dy), w), (gw, gb)) in x
+                            .iter()
+                            .zip(dy)
+                            .zip(&w)
+                            .zip(gw.iter_mut().zip(gb.iter_mut()))
+                        {
+                            let xhat = (x - mean) * inv;
+                            let g = dy * w;
+                            mean_g += g;
+                            mean_gx += g * xhat;
+                            *gw += dy * xhat;
+                            *gb += dy;
+                        }
+                        mean_g /= h as f32;
+                        mean_gx /= h as f32;
+                        for ((gx, x), (dy, w)) in gx.iter_mut().zip(x).zip(dy.iter().zip(&w)) {
+                            let xhat = (x - mean) * inv;
+                            *gx = inv * (dy * w - mean_g - xhat * mean_gx);
+                        }
+                    }
+                });
+                (gw, gb)
+            })
+            .collect();
+        add_grad(grads, &x, &gx_local)?;
+        let (mut gw, mut gb) = (vec![0.0f32; h], vec![0.0f32; h]);
+        for (pw, pb) in partial {
+            gw.iter_mut().zip(&pw).for_each(|(a, b)| *a += b);
+            gb.iter_mut().zip(&pb).for_each(|(a, b)| *a += b);
+        }
+        if weight.1 {
+            add_grad(grads, &weight.0, &gw)?;
+        }
+        if let Some((b, true)) = &bias {
+            add_grad(grads, b, &gb)?;
+        }
+        put_grad(grads, &out, dy)
+    });
+    Ok(result.put_tape(tape))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention.
+
+/// The attention core's geometry: query heads, key/value heads (grouped-query attention when
+/// fewer), head width.
+#[derive(Clone, Copy)]
+pub struct Heads {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub dim: usize,
+}
+
+/// softmax(q·kᵀ·scale + mask)·(dropout)·v for q `[b, s, heads·d]`, k and v
+/// `[b, s_kv, kv_heads·d]`, an additive mask `[b, s, s_kv]` and an optional inverted-dropout
+/// mask `[b, heads, s, s_kv]`; the result is `[b, s, heads·d]`. Heads are computed in parallel
+/// (one task per batch row and key/value head); the probabilities are kept for the backward.
+pub fn attention(
+    q: Taped<R3>,
+    k: Tensor<R3, f32, Cpu>,
+    v: Tensor<R3, f32, Cpu>,
+    heads: Heads,
+    mask: Vec<f32>,
+    dropout: Option<Vec<f32>>,
+) -> Taped<R3> {
+    let (q, tape) = row_major(q).split_tape();
+    let (k, tape) = row_major(k.put_tape(tape)).split_tape();
+    let (v, mut tape) = row_major(v.put_tape(tape)).split_tape();
+    let Heads {
+        heads: h,
+        kv_heads: kvh,
+        dim: d,
+    } = heads;
+    let (b, s, _) = *q.shape();
+    let skv = k.shape().1;
+    let group = h / kvh;
+    let scale = 1.0 / (d as f32).sqrt();
+    let plane = s * skv;
+    let mut probs = vec![0.0f32; b * h * plane];
+    let mut y = vec![0.0f32; b * s * h * d];
+    {
+        let (qs, ks, vs) = (elements(&q), elements(&k), elements(&v));
+        let out = Shared(y.as_mut_ptr());
+        probs
+            .par_chunks_mut(group * plane)
+            .enumerate()
+            .for_each(|(task, probs)| {
+                let (r, g) = (task / kvh, task % kvh);
+                let k_g = Mat::at(&ks[(r * skv * kvh + g) * d..], skv, d, kvh * d);
+                let v_g = Mat::at(&vs[(r * skv * kvh + g) * d..], skv, d, kvh * d);
+                let mut kept = vec![0.0f32; if dropout.is_some() { plane } else { 0 }];
+                for (i, p) in probs.chunks_mut(plane).enumerate() {
+                    let head = g * group + i;
+                    let q_h = Mat::at(&qs[(r * s * h + head) * d..], s, d, h * d);
+                    // SAFETY: `p` is this head's s × s_kv plane.
+                    unsafe { product(p.as_mut_ptr(), skv, q_h, k_g.t(), false, scale, false) };
+                    softmax_rows(p, &mask[r * plane..(r + 1) * plane], skv);
+                    let used: &[f32] = match &dropout {
+                        Some(drop) => {
+                            let drop = &drop[(r * h + head) * plane..][..plane];
+                            kept.iter_mut()
+                                .zip(p.iter().zip(drop))
+                                .for_each(|(k, (p, m))| *k = p * m);
+                            &kept
+                        }
+                        None => p,
+                    };
+                    let dst = out;
+                    // SAFETY: this head's columns of batch row r: no other task writes them.
+                    unsafe {
+                        product(
+                            dst.0.add((r * s * h + head) * d),
+                            h * d,
+                            Mat::rows(used, s, skv),
+                            v_g,
+                            false,
+                            1.0,
+                            false,
+                        )
+                    };
+                }
+            });
+    }
+    let out = tensor(y, (b, s, h * d));
+    let result = out.clone();
+    tape.add_backward_op(move |grads| {
+        let dy = take_grad(grads, &out)?;
+        let (qs, ks, vs) = (elements(&q), elements(&k), elements(&v));
+        let mut dq = vec![0.0f32; qs.len()];
+        let mut dk = vec![0.0f32; ks.len()];
+        let mut dv = vec![0.0f32; vs.len()];
+        let (dq_out, dk_out, dv_out) = (
+            Shared(dq.as_mut_ptr()),
+            Shared(dk.as_mut_ptr()),
+            Shared(dv.as_mut_ptr()),
+        );
+        (0..b * kvh).into_par_iter().for_each(|task| {
+            let (r, g) = (task / kvh, task % kvh);
+            let kv_at = (r * skv * kvh + g) * d;
+            let k_g = Mat::at(&ks[kv_at..], skv, d, kvh * d);
+            let v_g = Mat::at(&vs[kv_at..], skv, d, kvh * d);
+            let mut grad = vec![0.0f32; plane];
+            let mut kept = vec![0.0f32; if dropout.is_some() { plane } else { 0 }];
+            for head in g * group..(g + 1) * group {
+                let p = &probs[(r * h + head) * plane..][..plane];
+                let drop = dropout
+                    .as_ref()
+                    .map(|m| &m[(r * h + head) * plane..][..plane]);
+                let q_at = (r * s * h + head) * d;
+                let q_h = Mat::at(&qs[q_at..], s, d, h * d);
+                let dy_h = Mat::at(&dy[q_at..], s, d, h * d);
+                let used: &[f32] = match drop {
+                    Some(drop) => {
+                        kept.iter_mut()
+                            .zip(p.iter().zip(drop))
+                            .for_each(|(k, (p, m))| *k = p * m);
+                        &kept
+                    }
+                    None => p,
+                };
+                let (dk_g, dv_g) = (dk_out, dv_out);
+                let dq_h = dq_out;
+                // SAFETY: task (r, g) alone writes key/value head g of row r and the columns of
+                // its query heads in row r; every operand has the shapes described.
+                unsafe {
+                    // d(used) = dy_h·v_gᵀ; dv_g += usedᵀ·dy_h.
+                    product(grad.as_mut_ptr(), skv, dy_h, v_g.t(), false, 1.0, false);
+                    product(
+                        dv_g.0.add(kv_at),
+                        kvh * d,
+                        Mat::rows(used, s, skv).t(),
+                        dy_h,
+                        true,
+                        1.0,
+                        false,
+                    );
+                }
+                if let Some(drop) = drop {
+                    grad.iter_mut().zip(drop).for_each(|(g, m)| *g *= m);
+                }
+                softmax_backward_rows(&mut grad, p, skv);
+                unsafe {
+                    product(
+                        dq_h.0.add(q_at),
+                        h * d,
+                        Mat::rows(&grad, s, skv),
+                        k_g,
+                        false,
+                        scale,
+                        false,
+                    );
+                    product(
+                        dk_g.0.add(kv_at),
+                        kvh * d,
+                        Mat::rows(&grad, s, skv).t(),
+                        q_h,
+                        true,
+                        scale,
+                        false,
+                    );
+                }
+            }
+        });
+        add_grad(grads, &q, &dq)?;
+        add_grad(grads, &k, &dk)?;
+        add_grad(grads, &v, &dv)?;
+        put_grad(grads, &out, dy)
+    });
+    result.put_tape(tape)
+}
+
+/// Softmax of each row of `p` (rows of `width`) after adding `mask`, in place.
+fn softmax_rows(p: &mut [f32], mask: &[f32], width: usize) {
+    vectorized(|| {
+        for (row, mask) in p.chunks_mut(width).zip(mask.chunks(width)) {
+            row.iter_mut().zip(mask).for_each(|(x, m)| *x += m);
+            let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let mut sum = 0.0f32;
+            for x in row.iter_mut() {
+                *x = exp(*x - max);
+                sum += *x;
+            }
+            let inv = 1.0 / sum;
+            row.iter_mut().for_each(|x| *x *= inv);
+        }
+    })
+}
+
+/// Turns the gradient with respect to softmax outputs `p` into the gradient with respect to
+/// its inputs, row by row and in place: p ∘ (g − Σ g∘p).
+fn softmax_backward_rows(g: &mut [f32], p: &[f32], width: usize) {
+    vectorized(|| {
+        for (g, p) in g.chunks_mut(width).zip(p.chunks(width)) {
+            let dot: f32 = g.iter().zip(p).map(|(g, p)| g * p).sum();
+            g.iter_mut().zip(p).for_each(|(g, p)| *g = p * (*g - dot));
+        }
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cross-entropy.
+
+/// Σ weight·(−log softmax(logits)[target]) / count over rows of `logits` `[b, s, vocab]`,
+/// reading the first `positions` of each sequence; `targets` and `weights` are `[b·positions]`.
+pub fn cross_entropy(
+    logits: Taped<R3>,
+    positions: usize,
+    targets: Vec<usize>,
+    weights: Vec<f32>,
+    count: f32,
+) -> Taped<()> {
+    let (logits, mut tape) = row_major(logits).split_tape();
+    let (_, s, vocab) = *logits.shape();
+    let row = move |i: usize| (i / positions * s + i % positions) * vocab;
+    // log Σ exp per used row (0 for rows without weight).
+    let lse: Vec<f32> = {
+        let xs = elements(&logits);
+        (0..targets.len())
+            .into_par_iter()
+            .map(|i| {
+                if weights[i] == 0.0 {
+                    return 0.0;
+                }
+                let x = &xs[row(i)..row(i) + vocab];
+                vectorized(|| {
+                    let max = x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                    max + x.iter().map(|v| exp(v - max)).sum::<f32>().ln()
+                })
+            })
+            .collect()
+    };
+    let loss = {
+        let xs = elements(&logits);
+        let total: f64 = (0..targets.len())
+            .map(|i| f64::from(weights[i] * (lse[i] - xs[row(i) + targets[i]])))
+            .sum();
+        (total / f64::from(count)) as f32
+    };
+    let out = Cpu::default().tensor(loss);
+    let result = out.clone();
+    tape.add_backward_op(move |grads| {
+        let upstream = take_grad(grads, &out)?;
+        let g = upstream[0] / count;
+        let xs = elements(&logits);
+        let mut local = vec![0.0f32; xs.len()];
+        let shared = Shared(local.as_mut_ptr());
+        (0..targets.len()).into_par_iter().for_each(|i| {
+            if weights[i] == 0.0 {
+                return;
+            }
+            let at = row(i);
+            let x = &xs[at..at + vocab];
+            let scale = g * weights[i];
+            let dst = shared;
+            // SAFETY: each used row is written by its task alone.
+            let dst = unsafe { std::slice::from_raw_parts_mut(dst.0.add(at), vocab) };
+            vectorized(|| {
+                for (d, &x) in dst.iter_mut().zip(x) {
+                    *d = scale * exp(x - lse[i]);
+                }
+            });
+            dst[targets[i]] -= scale;
+        });
+        add_grad(grads, &logits, &local)?;
+        put_grad(grads, &out, upstream)
+    });
+    result.put_tape(tape)
+}
