@@ -17,6 +17,7 @@ pub mod optim;
 pub mod pet;
 pub mod placement;
 pub mod plot;
+pub mod prompt;
 mod rng;
 pub mod tensor_parallel;
 pub mod train;

@@ -203,7 +203,7 @@ fn batch_inputs(
 /// Initial values as the reference implementations initialise them: weights N(0, 0.02), biases
 /// zero, norm weights one; LoRA A kaiming-uniform U(±1/√in) and B zero (PEFT); IA3 vectors one;
 /// virtual-token tables N(0, 1).
-fn initialise(g: &Graph, seed: u64) -> Vec<HostTensor> {
+pub fn initialise(g: &Graph, seed: u64) -> Vec<HostTensor> {
     let mut rng = Rng(seed ^ 0x5EED);
     g.params
         .iter()
@@ -456,6 +456,9 @@ pub fn run(
         )
         .map(|path| {
             let tensors = read_safetensors(&path).map_err(|err| RunError(err.to_string()))?;
+            // A virtual-token adapter's file holds its prompt under PEFT's name.
+            let tensors = crate::prompt::from_peft(&graph, tensors)
+                .map_err(|err| RunError(format!("{}: {err}", path.display())))?;
             Ok((path, tensors))
         })
         .collect::<Result<Vec<_>, RunError>>()?;

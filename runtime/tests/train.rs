@@ -625,7 +625,8 @@ fn a_diverging_data_parallel_run_stops_with_one_message() {
 }
 
 /// `adapter = peft("dir")` continues from the adapter's trained weights: with a vanishing
-/// learning rate, the run's checkpoint holds the tensors PEFT saved.
+/// learning rate, the run's checkpoint holds the tensors PEFT saved (a virtual-token adapter's
+/// saved prompt as its table). A prompt PEFT saved from an encoder (its output) is refused.
 #[test]
 fn peft_adapter_weights_are_loaded_to_continue_training() {
     let fixtures = Path::new(concat!(
@@ -648,36 +649,66 @@ fn peft_adapter_weights_are_loaded_to_continue_training() {
         &[],
     )
     .unwrap();
-    let src = format!(
-        "experiment variant {{ model = hf(\"{}\"), adapter = peft(\"{}\"), \
-         data {{ train = \"{}\", tokenizer = \"{}\" }}, \
-         train {{ batch = 2, seq_len = 16, optimizer = sgd {{ lr = 1e-30 }}, schedule = constant }} }}",
-        fixtures.join("gpt2_tiny").display(),
-        fixtures.join("gpt2_tiny/clm_lora").display(),
-        data.display(),
-        tokenizer.display()
-    );
-    let e = variant(&src);
-    assert_eq!(e.adapter_weights.len(), 1);
+    let experiment = |case: &str| {
+        variant(&format!(
+            "experiment variant {{ model = hf(\"{}\"), adapter = peft(\"{}\"), \
+             data {{ train = \"{}\", tokenizer = \"{}\" }}, \
+             train {{ batch = 2, seq_len = 16, optimizer = sgd {{ lr = 1e-30 }}, schedule = constant }} }}",
+            fixtures.join("gpt2_tiny").display(),
+            fixtures.join("gpt2_tiny").join(case).display(),
+            data.display(),
+            tokenizer.display()
+        ))
+    };
     let runs = dir.join("runs");
-    run(&e, &runs, Some(1), false, |_| Control::Continue).unwrap();
-    let saved = read_safetensors(&runs.join("variant/checkpoint/trainable.safetensors")).unwrap();
-    let peft =
-        read_safetensors(&fixtures.join("gpt2_tiny/clm_lora/adapter_model.safetensors")).unwrap();
-    assert!(!peft.is_empty());
-    for (name, t) in &peft {
-        let ours = &saved[name];
-        let diff = ours
-            .data
-            .iter()
-            .zip(&t.data)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
-        let scale = t.data.iter().map(|x| x.abs()).fold(0.0f32, f32::max);
-        assert!(
-            scale > 0.0 && diff <= 1e-6 * scale,
-            "`{name}` continues from PEFT's value"
-        );
+    for case in ["clm_lora", "clm_prefix", "clm_prompt"] {
+        let e = experiment(case);
+        assert_eq!(e.adapter_weights.len(), 1);
+        run(&e, &runs, Some(1), false, |_| Control::Continue).unwrap();
+        let saved =
+            read_safetensors(&runs.join("variant/checkpoint/trainable.safetensors")).unwrap();
+        let peft = read_safetensors(
+            &fixtures
+                .join("gpt2_tiny")
+                .join(case)
+                .join("adapter_model.safetensors"),
+        )
+        .unwrap();
+        assert!(!peft.is_empty());
+        for (name, t) in &peft {
+            let ours = match name.as_str() {
+                "prompt_embeddings" => &saved["prompt_encoder.embedding.weight"],
+                _ => &saved[name],
+            };
+            let diff = ours
+                .data
+                .iter()
+                .zip(&t.data)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            let scale = t.data.iter().map(|x| x.abs()).fold(0.0f32, f32::max);
+            assert!(
+                scale > 0.0 && diff <= 1e-6 * scale,
+                "{case}: `{name}` continues from PEFT's value"
+            );
+        }
     }
+    let err = run(
+        &experiment("clm_ptuning_mlp"),
+        &runs,
+        Some(1),
+        false,
+        |_| Control::Continue,
+    )
+    .unwrap_err();
+    assert!(
+        err.0.contains("adapter_model.safetensors")
+            && err.0.contains("cannot be recovered")
+            && err
+                .0
+                .contains("`adapter = prompt { tokens = 5, checkpoint = \"DIR\" }`"),
+        "{}",
+        err.0
+    );
     std::fs::remove_dir_all(&dir).ok();
 }

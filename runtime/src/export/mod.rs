@@ -1,0 +1,61 @@
+//! Exporting a run: its adapter in PEFT's format (`peft`), or its model with LoRA merged in as
+//! a Hugging Face checkpoint (`merged`; `hf_config` describes a model defined in Kiln the way
+//! transformers' config classes do).
+
+mod hf_config;
+mod merged;
+mod peft;
+
+pub use merged::export_merged;
+pub use peft::{export_run, peft_config, write_peft};
+
+use crate::checkpoint::{read_safetensors, write_atomic, HostTensor};
+use kiln_compiler::graph::Graph;
+use kiln_compiler::spec::Experiment;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug)]
+pub struct ExportError(pub String);
+
+impl std::fmt::Display for ExportError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ExportError {}
+
+fn graph_of(e: &Experiment) -> Result<Graph, ExportError> {
+    kiln_compiler::graph::compile_graph(e).map_err(|d| ExportError(format!("{:?}", d.items)))
+}
+
+/// The trained parameters of `e`'s run (`<runs>/<name>/checkpoint/trainable.safetensors`), by
+/// name, with the file they came from.
+fn trained(
+    e: &Experiment,
+    runs: &Path,
+) -> Result<(PathBuf, BTreeMap<String, HostTensor>), ExportError> {
+    let path = runs
+        .join(&e.name)
+        .join("checkpoint")
+        .join("trainable.safetensors");
+    let tensors = read_safetensors(&path)
+        .map_err(|err| ExportError(format!("{err}; run `kiln run` first")))?;
+    Ok((path, tensors))
+}
+
+/// Writes `files` (name, bytes) into the directory `out`, each atomically.
+fn write_dir(out: &Path, files: Vec<(&str, Vec<u8>)>) -> Result<(), ExportError> {
+    std::fs::create_dir_all(out).map_err(|err| ExportError(format!("{}: {err}", out.display())))?;
+    for (file, content) in files {
+        write_atomic(&out.join(file), &content).map_err(ExportError)?;
+    }
+    Ok(())
+}
+
+/// JSON text with its object keys sorted, as Hugging Face libraries write their configs.
+fn sorted_json(mut value: serde_json::Value) -> Result<Vec<u8>, ExportError> {
+    value.sort_all_objects();
+    serde_json::to_vec_pretty(&value).map_err(|err| ExportError(err.to_string()))
+}
