@@ -569,6 +569,15 @@ impl Interpreter<'_> {
         }
     }
 
+    /// A vector parameter for the CPU kernels, with whether it is trained.
+    #[cfg(not(feature = "cuda"))]
+    fn vector(&self, id: usize) -> Result<crate::kernels::Vector, ExecError> {
+        Ok(crate::kernels::Vector {
+            v: self.p1(id)?,
+            trainable: self.g.params[id].trainable,
+        })
+    }
+
     fn p2(&self, id: usize) -> Result<T2, ExecError> {
         match self.param(id)? {
             P::R2(t) => Ok(t.clone()),
@@ -731,18 +740,16 @@ impl Interpreter<'_> {
                 let tape = self.take_tape();
                 #[cfg(not(feature = "cuda"))]
                 {
-                    let trainable = |id: usize| self.g.params[id].trainable;
                     let bias = match bias {
-                        Some(b) => Some((self.p1(b)?, trainable(b))),
+                        Some(b) => Some(self.vector(b)?),
                         None => None,
                     };
-                    let y = crate::kernels::layer_norm(
-                        x.put_tape(tape),
-                        (w, trainable(weight)),
-                        bias,
-                        eps as f32,
-                    )
-                    .map_err(ExecError)?;
+                    let w = crate::kernels::Vector {
+                        v: w,
+                        trainable: self.g.params[weight].trainable,
+                    };
+                    let y = crate::kernels::layer_norm(x.put_tape(tape), w, bias, eps as f32)
+                        .map_err(ExecError)?;
                     Ok(self.keep3(y))
                 }
                 #[cfg(feature = "cuda")]
@@ -1040,15 +1047,14 @@ impl Interpreter<'_> {
         let x = x.put_tape(tape);
         #[cfg(not(feature = "cuda"))]
         let y = {
-            let trainable = |id: usize| self.g.params[id].trainable;
             let bias = match bias {
-                Some(b) => Some((self.p1(b.id)?, trainable(b.id))),
+                Some(b) => Some(self.vector(b.id)?),
                 None => None,
             };
             let w = crate::kernels::Weight {
                 w,
                 out_in: matches!(layout, Layout::OutIn),
-                trainable: trainable(weight),
+                trainable: self.g.params[weight].trainable,
             };
             crate::kernels::linear(x, w, bias).map_err(ExecError)?
         };

@@ -86,8 +86,9 @@ fn add_grad<S: Shape>(
     Ok(())
 }
 
-fn tensor<S: Shape>(data: Vec<f32>, shape: S) -> Tensor<S, f32, Cpu> {
-    Cpu::default().tensor_from_vec(data, shape)
+/// A result on the device of the op's input.
+fn tensor<S: Shape>(dev: &Cpu, data: Vec<f32>, shape: S) -> Tensor<S, f32, Cpu> {
+    dev.tensor_from_vec(data, shape)
 }
 
 /// Runs `f` compiled for the best instruction set this CPU has (AVX-512, AVX2 or baseline), so
@@ -191,21 +192,28 @@ unsafe fn product(
 /// Sums of the columns of a row-major `rows × cols` matrix, in a fixed order.
 fn column_sums(data: &[f32], cols: usize) -> Vec<f32> {
     let rows_per_task = (CHUNK / cols.max(1)).max(1);
-    let partial: Vec<Vec<f32>> = data
-        .par_chunks(rows_per_task * cols)
-        .map(|block| {
-            let mut sums = vec![0.0f32; cols];
+    let blocks = data.len().div_ceil(rows_per_task * cols);
+    let mut partial = vec![0.0f32; blocks * cols];
+    partial
+        .par_chunks_mut(cols)
+        .zip(data.par_chunks(rows_per_task * cols))
+        .for_each(|(sums, block)| {
             vectorized(|| {
                 for row in block.chunks(cols) {
                     sums.iter_mut().zip(row).for_each(|(s, x)| *s += x);
                 }
-            });
-            sums
-        })
-        .collect();
-    let mut sums = vec![0.0f32; cols];
-    for p in partial {
-        sums.iter_mut().zip(&p).for_each(|(s, x)| *s += x);
+            })
+        });
+    sum_blocks(&partial, cols)
+}
+
+/// The sum of consecutive blocks of `width`, in order. Partial results live in one buffer the
+/// calling (device) thread allocates: memory is counted per thread (`memory`), and a buffer
+/// allocated by a worker but freed by the device would go uncounted, then subtracted.
+fn sum_blocks(partial: &[f32], width: usize) -> Vec<f32> {
+    let mut sums = vec![0.0f32; width];
+    for block in partial.chunks(width) {
+        sums.iter_mut().zip(block).for_each(|(s, x)| *s += x);
     }
     sums
 }
@@ -217,12 +225,14 @@ pub struct Weight {
     pub trainable: bool,
 }
 
+/// A parameter vector (bias, norm weight) and whether it is trained (gets a gradient).
+pub struct Vector {
+    pub v: Tensor<(usize,), f32, Cpu>,
+    pub trainable: bool,
+}
+
 /// `x·W (+ bias)` over the last axis of `x` `[b, s, in]`.
-pub fn linear(
-    x: Taped<R3>,
-    weight: Weight,
-    bias: Option<(Tensor<(usize,), f32, Cpu>, bool)>,
-) -> Result<Taped<R3>, String> {
+pub fn linear(x: Taped<R3>, weight: Weight, bias: Option<Vector>) -> Result<Taped<R3>, String> {
     let (x, mut tape) = row_major(x).split_tape();
     let (b, s, k) = *x.shape();
     let (rows, cols) = *weight.w.shape();
@@ -247,8 +257,8 @@ pub fn linear(
         }
     };
     let mut y = match &bias {
-        Some((bias, _)) => {
-            let bias = elements(bias);
+        Some(bias) => {
+            let bias = elements(&bias.v);
             if bias.len() != n {
                 return Err(format!("a bias of {} for {n} outputs", bias.len()));
             }
@@ -275,7 +285,7 @@ pub fn linear(
             )
         };
     }
-    let out = tensor(y, (b, s, n));
+    let out = tensor(x.device(), y, (b, s, n));
     let result = out.clone();
     tape.add_backward_op(move |grads| {
         let dy = take_grad(grads, &out)?;
@@ -307,8 +317,8 @@ pub fn linear(
                 }
             }
         }
-        if let Some((bias, true)) = &bias {
-            add_grad(grads, bias, &column_sums(&dy, n))?;
+        if let Some(bias) = bias.as_ref().filter(|b| b.trainable) {
+            add_grad(grads, &bias.v, &column_sums(&dy, n))?;
         }
         put_grad(grads, &out, dy)
     });
@@ -371,7 +381,7 @@ pub fn gelu_tanh<S: Shape>(x: Taped<S>) -> Taped<S> {
                 })
             });
     }
-    let out = tensor(y, shape);
+    let out = tensor(x.device(), y, shape);
     let result = out.clone();
     tape.add_backward_op(move |grads| {
         let dy = take_grad(grads, &out)?;
@@ -399,17 +409,17 @@ pub fn gelu_tanh<S: Shape>(x: Taped<S>) -> Taped<S> {
 /// Layer norm over the last axis: (x − mean)/√(var + eps)·w (+ b), var biased as in PyTorch.
 pub fn layer_norm(
     x: Taped<R3>,
-    weight: (Tensor<(usize,), f32, Cpu>, bool),
-    bias: Option<(Tensor<(usize,), f32, Cpu>, bool)>,
+    weight: Vector,
+    bias: Option<Vector>,
     eps: f32,
 ) -> Result<Taped<R3>, String> {
     let (x, mut tape) = row_major(x).split_tape();
     let shape = *x.shape();
     let h = shape.2;
     let rows = shape.0 * shape.1;
-    let w = elements(&weight.0).into_owned();
+    let w = elements(&weight.v).into_owned();
     let b = match &bias {
-        Some((b, _)) => elements(b).into_owned(),
+        Some(b) => elements(&b.v).into_owned(),
         None => vec![0.0; h],
     };
     if w.len() != h || b.len() != h {
@@ -436,22 +446,23 @@ pub fn layer_norm(
                 })
             });
     }
-    let out = tensor(y, shape);
+    let out = tensor(x.device(), y, shape);
     let result = out.clone();
     tape.add_backward_op(move |grads| {
         let dy = take_grad(grads, &out)?;
         let xs = elements(&x);
         let rows_per_task = (CHUNK / h).max(1);
         let mut gx_local = vec![0.0f32; rows * h];
-        // Per block of rows: the input gradient, and partial sums for w and b.
-        let partial: Vec<(Vec<f32>, Vec<f32>)> = gx_local
+        // Per block of rows: the input gradient, and partial sums for w (first half) and b.
+        let mut partial = vec![0.0f32; rows.div_ceil(rows_per_task) * 2 * h];
+        gx_local
             .par_chunks_mut(rows_per_task * h)
             .zip(xs.par_chunks(rows_per_task * h))
             .zip(dy.par_chunks(rows_per_task * h))
             .zip(stats.par_chunks(rows_per_task * 2))
-            .map(|(((gx, x), dy), stats)| {
-                let mut gw = vec![0.0f32; h];
-                let mut gb = vec![0.0f32; h];
+            .zip(partial.par_chunks_mut(2 * h))
+            .for_each(|((((gx, x), dy), stats), sums)| {
+                let (gw, gb) = sums.split_at_mut(h);
                 vectorized(|| {
                     for (((gx, x), dy), stat) in gx
                         .chunks_mut(h)
@@ -483,20 +494,15 @@ pub fn layer_norm(
                         }
                     }
                 });
-                (gw, gb)
-            })
-            .collect();
+            });
         add_grad(grads, &x, &gx_local)?;
-        let (mut gw, mut gb) = (vec![0.0f32; h], vec![0.0f32; h]);
-        for (pw, pb) in partial {
-            gw.iter_mut().zip(&pw).for_each(|(a, b)| *a += b);
-            gb.iter_mut().zip(&pb).for_each(|(a, b)| *a += b);
+        let sums = sum_blocks(&partial, 2 * h);
+        let (gw, gb) = sums.split_at(h);
+        if weight.trainable {
+            add_grad(grads, &weight.v, gw)?;
         }
-        if weight.1 {
-            add_grad(grads, &weight.0, &gw)?;
-        }
-        if let Some((b, true)) = &bias {
-            add_grad(grads, b, &gb)?;
+        if let Some(b) = bias.as_ref().filter(|b| b.trainable) {
+            add_grad(grads, &b.v, gb)?;
         }
         put_grad(grads, &out, dy)
     });
@@ -585,7 +591,7 @@ pub fn attention(
                 }
             });
     }
-    let out = tensor(y, (b, s, h * d));
+    let out = tensor(q.device(), y, (b, s, h * d));
     let result = out.clone();
     tape.add_backward_op(move |grads| {
         let dy = take_grad(grads, &out)?;
@@ -740,7 +746,7 @@ pub fn cross_entropy(
             .sum();
         (total / f64::from(count)) as f32
     };
-    let out = Cpu::default().tensor(loss);
+    let out = logits.device().tensor(loss);
     let result = out.clone();
     tape.add_backward_op(move |grads| {
         let upstream = take_grad(grads, &out)?;
@@ -769,4 +775,357 @@ pub fn cross_entropy(
         put_grad(grads, &out, upstream)
     });
     result.put_tape(tape)
+}
+
+/// Each kernel against the same computation written with dfdx's own ops: values and the
+/// gradients of every input, on shapes that exercise strided inputs, grouped-query attention,
+/// prefixes, masks and dropout.
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type T1 = Tensor<(usize,), f32, Cpu>;
+    type T2 = Tensor<(usize, usize), f32, Cpu>;
+    type T3 = Tensor<R3, f32, Cpu>;
+
+    /// Deterministic values in [-1, 1).
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    fn t1(n: usize, seed: u64) -> T1 {
+        Cpu::default().tensor_from_vec(values(n, seed), (n,))
+    }
+    fn t2(a: usize, b: usize, seed: u64) -> T2 {
+        Cpu::default().tensor_from_vec(values(a * b, seed), (a, b))
+    }
+    fn t3(shape: R3, seed: u64) -> T3 {
+        Cpu::default().tensor_from_vec(values(shape.0 * shape.1 * shape.2, seed), shape)
+    }
+
+    fn close(what: &str, got: &[f32], want: &[f32], tol: f32) {
+        assert_eq!(got.len(), want.len(), "{what}: lengths");
+        let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-3);
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (g - w).abs() <= tol * scale,
+                "{what}[{i}]: {g} vs {w} (scale {scale})"
+            );
+        }
+    }
+
+    /// Σ out ∘ r for a fixed random r, so every output element has its own upstream gradient.
+    fn probe<S: Shape>(out: Taped<S>, seed: u64) -> (Vec<f32>, Gradients<f32, Cpu>) {
+        let value = out.as_vec();
+        let shape = *out.shape();
+        let r = Cpu::default().tensor_from_vec(values(shape.num_elements(), seed), shape);
+        (value, (out * r).sum::<(), _>().backward())
+    }
+
+    #[test]
+    fn linear_matches_matmul_for_both_layouts_with_and_without_bias() {
+        for (out_in, with_bias, trainable) in [
+            (false, true, true),
+            (true, false, true),
+            (true, true, false),
+        ] {
+            let (b, s, k, n) = (2, 5, 7, 3);
+            let x = t3((b, s, k), 1);
+            let w = if out_in { t2(n, k, 2) } else { t2(k, n, 2) };
+            let bias = t1(n, 3);
+            let fast = linear(
+                x.clone().leaky_traced(),
+                Weight {
+                    w: w.clone(),
+                    out_in,
+                    trainable,
+                },
+                with_bias.then(|| Vector {
+                    v: bias.clone(),
+                    trainable: true,
+                }),
+            )
+            .unwrap();
+            let (fast_y, fast_g) = probe(fast, 9);
+            let xt = x.clone().leaky_traced();
+            let wt = w.clone().leaky_traced();
+            let y = if out_in {
+                xt.matmul(wt.permute::<_, Axes2<1, 0>>())
+            } else {
+                xt.matmul(wt)
+            };
+            let y = if with_bias {
+                y + bias
+                    .clone()
+                    .leaky_traced()
+                    .broadcast_like::<_, Axes2<0, 1>>(&(b, s, n))
+            } else {
+                y
+            };
+            let (ref_y, ref_g) = probe(y, 9);
+            close("y", &fast_y, &ref_y, 1e-5);
+            close(
+                "dx",
+                &fast_g.get(&x).as_vec(),
+                &ref_g.get(&x).as_vec(),
+                1e-5,
+            );
+            if trainable {
+                close(
+                    "dw",
+                    &fast_g.get(&w).as_vec(),
+                    &ref_g.get(&w).as_vec(),
+                    1e-5,
+                );
+            }
+            if with_bias {
+                close(
+                    "db",
+                    &fast_g.get(&bias).as_vec(),
+                    &ref_g.get(&bias).as_vec(),
+                    1e-5,
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_strided_input_is_read_in_its_logical_order() {
+        // A transposed view: the kernel must not read the buffer in storage order.
+        let x = t3((3, 4, 2), 4);
+        let w = t2(4, 5, 5);
+        let run = |fast: bool| {
+            let xt = x.clone().leaky_traced().permute::<_, Axes3<0, 2, 1>>();
+            let out = if fast {
+                linear(
+                    xt,
+                    Weight {
+                        w: w.clone(),
+                        out_in: false,
+                        trainable: true,
+                    },
+                    None,
+                )
+                .unwrap()
+            } else {
+                xt.matmul(w.clone().leaky_traced())
+            };
+            probe(out, 6)
+        };
+        let ((fy, fg), (ry, rg)) = (run(true), run(false));
+        close("y", &fy, &ry, 1e-5);
+        close("dx", &fg.get(&x).as_vec(), &rg.get(&x).as_vec(), 1e-5);
+    }
+
+    #[test]
+    fn tanh_gelu_matches_dfdx() {
+        // Wide inputs: the tails saturate, the middle is where the approximation works.
+        let x = Cpu::default().tensor_from_vec(
+            values(3 * 50 * 41, 7).iter().map(|v| v * 12.0).collect(),
+            (3, 50, 41),
+        );
+        let (fy, fg) = probe(gelu_tanh(x.clone().leaky_traced()), 8);
+        let (ry, rg) = probe(x.clone().leaky_traced().fast_gelu(), 8);
+        close("y", &fy, &ry, 2e-6);
+        close("dx", &fg.get(&x).as_vec(), &rg.get(&x).as_vec(), 2e-6);
+    }
+
+    #[test]
+    fn exp_is_accurate_over_the_range_softmax_uses() {
+        for i in 0..18_800 {
+            let x = -100.0 + i as f32 * 0.01;
+            let want = (x as f64).exp();
+            let got = exp(x) as f64;
+            if x < -87.3 {
+                assert_eq!(got, 0.0);
+            } else {
+                assert!(
+                    (got - want).abs() <= 3e-7 * want,
+                    "exp({x}) = {got}, want {want}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn layer_norm_matches_dfdx() {
+        let shape = (2, 33, 37);
+        let x = t3(shape, 10);
+        let (w, b) = (t1(37, 11), t1(37, 12));
+        let fast = layer_norm(
+            x.clone().leaky_traced(),
+            Vector {
+                v: w.clone(),
+                trainable: true,
+            },
+            Some(Vector {
+                v: b.clone(),
+                trainable: true,
+            }),
+            1e-5,
+        )
+        .unwrap();
+        let (fy, fg) = probe(fast, 13);
+        let reference = x.clone().leaky_traced().normalize::<Axis<2>>(1e-5)
+            * w.clone()
+                .leaky_traced()
+                .broadcast_like::<_, Axes2<0, 1>>(&shape)
+            + b.clone()
+                .leaky_traced()
+                .broadcast_like::<_, Axes2<0, 1>>(&shape);
+        let (ry, rg) = probe(reference, 13);
+        close("y", &fy, &ry, 1e-5);
+        close("dx", &fg.get(&x).as_vec(), &rg.get(&x).as_vec(), 1e-4);
+        close("dw", &fg.get(&w).as_vec(), &rg.get(&w).as_vec(), 1e-4);
+        close("db", &fg.get(&b).as_vec(), &rg.get(&b).as_vec(), 1e-4);
+    }
+
+    /// The attention core written with dfdx ops, heads repeated for grouped queries.
+    fn reference_attention(
+        q: Taped<R3>,
+        k: Taped<R3>,
+        v: Taped<R3>,
+        heads: Heads,
+        mask: &[f32],
+        dropout: Option<&[f32]>,
+    ) -> Taped<R3> {
+        let Heads {
+            heads: h,
+            kv_heads: kvh,
+            dim: d,
+        } = heads;
+        let (b, s, _) = *q.shape();
+        let skv = k.shape().1;
+        let dev = Cpu::default();
+        let expand = |t: Taped<R3>| {
+            let t = t
+                .reshape_like(&(b, skv, kvh, d))
+                .permute::<_, Axes4<2, 0, 1, 3>>();
+            let idx: Tensor<(usize,), usize, Cpu> =
+                dev.tensor_from_vec((0..h).map(|i| i / (h / kvh)).collect(), (h,));
+            let t: Taped<(usize, usize)> = t.reshape_like(&(kvh, b * skv * d)).gather(idx);
+            t.reshape_like(&(h, b, skv, d))
+                .permute::<_, Axes4<1, 0, 2, 3>>()
+        };
+        let q = q
+            .reshape_like(&(b, s, h, d))
+            .permute::<_, Axes4<0, 2, 1, 3>>();
+        let scores = q.matmul(expand(k).permute::<_, Axes4<0, 1, 3, 2>>()) / (d as f32).sqrt();
+        let mask = dev
+            .tensor_from_vec(mask.to_vec(), (b, s, skv))
+            .broadcast_like::<_, Axis<1>>(&(b, h, s, skv));
+        let mut probs = (scores + mask).softmax::<Axis<3>>();
+        if let Some(drop) = dropout {
+            probs = probs * dev.tensor_from_vec(drop.to_vec(), (b, h, s, skv));
+        }
+        probs
+            .matmul(expand(v))
+            .permute::<_, Axes4<0, 2, 1, 3>>()
+            .reshape_like(&(b, s, h * d))
+    }
+
+    #[test]
+    fn attention_matches_dfdx_with_groups_prefixes_masks_and_dropout() {
+        let heads = Heads {
+            heads: 4,
+            kv_heads: 2,
+            dim: 3,
+        };
+        let (b, s, skv) = (2, 5, 7); // two keys of prefix before the sequence
+        let q = t3((b, s, 12), 20);
+        let k = t3((b, skv, 6), 21);
+        let v = t3((b, skv, 6), 22);
+        // Causal over the sequence, the prefix always visible, row 1's first token padded.
+        let mut mask = vec![0.0f32; b * s * skv];
+        for r in 0..b {
+            for i in 0..s {
+                for j in 0..skv {
+                    if j > i + 2 || (r == 1 && j == 2) {
+                        mask[(r * s + i) * skv + j] = f32::MIN;
+                    }
+                }
+            }
+        }
+        let drop: Vec<f32> = values(b * 4 * s * skv, 23)
+            .iter()
+            .map(|v| if *v < -0.6 { 0.0 } else { 1.25 })
+            .collect();
+        for dropout in [None, Some(drop)] {
+            let fast = attention(
+                q.clone().leaky_traced(),
+                k.clone(),
+                v.clone(),
+                heads,
+                mask.clone(),
+                dropout.clone(),
+            );
+            let (fy, fg) = probe(fast, 24);
+            let reference = reference_attention(
+                q.clone().leaky_traced(),
+                k.clone().leaky_traced(),
+                v.clone().leaky_traced(),
+                heads,
+                &mask,
+                dropout.as_deref(),
+            );
+            let (ry, rg) = probe(reference, 24);
+            close("y", &fy, &ry, 1e-5);
+            close("dq", &fg.get(&q).as_vec(), &rg.get(&q).as_vec(), 1e-5);
+            close("dk", &fg.get(&k).as_vec(), &rg.get(&k).as_vec(), 1e-5);
+            close("dv", &fg.get(&v).as_vec(), &rg.get(&v).as_vec(), 1e-5);
+        }
+    }
+
+    #[test]
+    fn cross_entropy_matches_log_softmax_with_shift_and_ignored_positions() {
+        let (b, s, vocab) = (3, 6, 11);
+        let logits = Cpu::default().tensor_from_vec(
+            values(b * s * vocab, 30).iter().map(|v| v * 8.0).collect(),
+            (b, s, vocab),
+        );
+        let positions = s - 1;
+        let targets: Vec<usize> = (0..b * positions).map(|i| (i * 7) % vocab).collect();
+        let weights: Vec<f32> = (0..b * positions)
+            .map(|i| if i % 4 == 1 { 0.0 } else { 1.0 })
+            .collect();
+        let count: f32 = weights.iter().sum();
+        let fast = cross_entropy(
+            logits.clone().leaky_traced(),
+            positions,
+            targets.clone(),
+            weights.clone(),
+            count,
+        );
+        let fast_loss = fast.as_vec()[0];
+        let fast_grads = fast.backward();
+        let dev = Cpu::default();
+        let picked: Taped<(usize, usize)> = logits
+            .clone()
+            .leaky_traced()
+            .slice((.., 0..positions, ..))
+            .realize::<R3>()
+            .log_softmax::<Axis<2>>()
+            .select(dev.tensor_from_vec(targets, (b, positions)));
+        let reference = (picked * dev.tensor_from_vec(weights, (b, positions)))
+            .sum::<(), _>()
+            .negate()
+            / count;
+        let ref_loss = reference.as_vec()[0];
+        let ref_grads = reference.backward();
+        close("loss", &[fast_loss], &[ref_loss], 1e-6);
+        close(
+            "dlogits",
+            &fast_grads.get(&logits).as_vec(),
+            &ref_grads.get(&logits).as_vec(),
+            1e-5,
+        );
+    }
 }
