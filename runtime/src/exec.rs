@@ -1056,7 +1056,7 @@ impl Interpreter<'_> {
                 out_in: matches!(layout, Layout::OutIn),
                 trainable: self.g.params[weight].trainable,
             };
-            crate::kernels::linear(x, w, bias).map_err(ExecError)?
+            crate::kernels::linear(x, w, bias, outputs).map_err(ExecError)?
         };
         #[cfg(feature = "cuda")]
         let y = {
@@ -1066,21 +1066,22 @@ impl Interpreter<'_> {
                 Layout::OutIn => x.matmul(w.permute::<_, Axes2<1, 0>>()),
             };
             let n = y.shape().2;
-            match bias {
+            let y = match bias {
                 Some(bias) => {
                     y + self
                         .p1(bias.id)?
                         .broadcast_like::<_, Axes2<0, 1>>(&(b, s, n))
                 }
                 None => y,
+            };
+            // A range of a fused weight (GPT-2's c_attn read as q, k, v): the full product,
+            // sliced.
+            match outputs {
+                Some((a, e)) => y.slice((.., .., a..e)).realize(),
+                None => y,
             }
         };
         let b = y.shape().0;
-        // A range of a fused weight (GPT-2's c_attn read as q, k, v): the full product, sliced.
-        let y = match outputs {
-            Some((a, e)) => y.slice((.., .., a..e)).realize(),
-            None => y,
-        };
         if pooled {
             let n = y.shape().2;
             return Ok(self.keep2(y.reshape_like(&(b, n))));

@@ -231,12 +231,19 @@ pub struct Vector {
     pub trainable: bool,
 }
 
-/// `x·W (+ bias)` over the last axis of `x` `[b, s, in]`.
-pub fn linear(x: Taped<R3>, weight: Weight, bias: Option<Vector>) -> Result<Taped<R3>, String> {
+/// `x·W (+ bias)` over the last axis of `x` `[b, s, in]`, for the outputs `outputs` (all when
+/// `None`): a range of a fused weight (GPT-2's c_attn read as q, k, v) is computed alone, from
+/// that block of the weight, with no full product to slice.
+pub fn linear(
+    x: Taped<R3>,
+    weight: Weight,
+    bias: Option<Vector>,
+    outputs: Option<(usize, usize)>,
+) -> Result<Taped<R3>, String> {
     let (x, mut tape) = row_major(x).split_tape();
     let (b, s, k) = *x.shape();
     let (rows, cols) = *weight.w.shape();
-    let (w_in, n) = if weight.out_in {
+    let (w_in, all) = if weight.out_in {
         (cols, rows)
     } else {
         (rows, cols)
@@ -246,25 +253,31 @@ pub fn linear(x: Taped<R3>, weight: Weight, bias: Option<Vector>) -> Result<Tape
             "an input of width {k} meets a weight of [{rows}, {cols}]"
         ));
     }
-    let m = b * s;
-    // W as the [in, out] matrix of the product, whichever way it is stored.
+    let (first, end) = outputs.unwrap_or((0, all));
+    if first >= end || end > all {
+        return Err(format!("outputs {first}..{end} of a weight with {all}"));
+    }
+    let (m, n) = (b * s, end - first);
+    // Where output `first` starts in the weight (and its gradient), as stored.
+    let offset = if weight.out_in { first * cols } else { first };
+    // The used block of W as the [in, out] matrix of the product, whichever way it is stored.
     let as_in_out = move |w: &[f32]| {
-        let stored = Mat::rows(w, rows, cols);
         if weight.out_in {
-            stored.t()
+            Mat::at(&w[offset..], n, cols, cols).t()
         } else {
-            stored
+            Mat::at(&w[offset..], rows, n, cols)
         }
     };
     let mut y = match &bias {
         Some(bias) => {
             let bias = elements(&bias.v);
-            if bias.len() != n {
-                return Err(format!("a bias of {} for {n} outputs", bias.len()));
+            if bias.len() != all {
+                return Err(format!("a bias of {} for {all} outputs", bias.len()));
             }
+            let bias = &bias[first..end];
             let mut y = vec![0.0f32; m * n];
             y.par_chunks_mut(n)
-                .for_each(|row| row.copy_from_slice(&bias));
+                .for_each(|row| row.copy_from_slice(bias));
             y
         }
         None => vec![0.0f32; m * n],
@@ -308,17 +321,24 @@ pub fn linear(x: Taped<R3>, weight: Weight, bias: Option<Vector>) -> Result<Tape
         if weight.trainable {
             let gw = grads.get_or_alloc_mut(&weight.w)?;
             let x_mat = Mat::rows(&xs, m, k);
-            // SAFETY: the weight's gradient is rows × cols like the weight.
+            let dst = gw[offset..].as_mut_ptr();
+            // SAFETY: the weight's gradient is rows × cols like the weight; the used block
+            // starts at `offset` with rows `cols` apart.
             unsafe {
                 if weight.out_in {
-                    product(gw.as_mut_ptr(), cols, dy_mat.t(), x_mat, true, 1.0, true)
+                    product(dst, cols, dy_mat.t(), x_mat, true, 1.0, true)
                 } else {
-                    product(gw.as_mut_ptr(), cols, x_mat.t(), dy_mat, true, 1.0, true)
+                    product(dst, cols, x_mat.t(), dy_mat, true, 1.0, true)
                 }
             }
         }
         if let Some(bias) = bias.as_ref().filter(|b| b.trainable) {
-            add_grad(grads, &bias.v, &column_sums(&dy, n))?;
+            let gb = grads.get_or_alloc_mut(&bias.v)?;
+            let sums = column_sums(&dy, n);
+            gb[first..end]
+                .iter_mut()
+                .zip(&sums)
+                .for_each(|(g, s)| *g += s);
         }
         put_grad(grads, &out, dy)
     });
@@ -852,6 +872,7 @@ mod tests {
                     v: bias.clone(),
                     trainable: true,
                 }),
+                None,
             )
             .unwrap();
             let (fast_y, fast_g) = probe(fast, 9);
@@ -898,6 +919,45 @@ mod tests {
     }
 
     #[test]
+    fn a_range_of_outputs_is_the_slice_of_the_full_product() {
+        let (b, s, k, all) = (2, 3, 4, 9);
+        for out_in in [false, true] {
+            let x = t3((b, s, k), 40);
+            let w = if out_in {
+                t2(all, k, 41)
+            } else {
+                t2(k, all, 41)
+            };
+            let bias = t1(all, 42);
+            let run = |range: Option<(usize, usize)>| {
+                let y = linear(
+                    x.clone().leaky_traced(),
+                    Weight {
+                        w: w.clone(),
+                        out_in,
+                        trainable: true,
+                    },
+                    Some(Vector {
+                        v: bias.clone(),
+                        trainable: true,
+                    }),
+                    range,
+                )
+                .unwrap();
+                match range {
+                    Some(_) => probe(y, 43),
+                    None => probe(y.slice((.., .., 3..6)).realize::<R3>(), 43),
+                }
+            };
+            let ((fy, fg), (ry, rg)) = (run(Some((3, 6))), run(None));
+            close("y", &fy, &ry, 1e-6);
+            close("dx", &fg.get(&x).as_vec(), &rg.get(&x).as_vec(), 1e-6);
+            close("dw", &fg.get(&w).as_vec(), &rg.get(&w).as_vec(), 1e-6);
+            close("db", &fg.get(&bias).as_vec(), &rg.get(&bias).as_vec(), 1e-6);
+        }
+    }
+
+    #[test]
     fn a_strided_input_is_read_in_its_logical_order() {
         // A transposed view: the kernel must not read the buffer in storage order.
         let x = t3((3, 4, 2), 4);
@@ -912,6 +972,7 @@ mod tests {
                         out_in: false,
                         trainable: true,
                     },
+                    None,
                     None,
                 )
                 .unwrap()

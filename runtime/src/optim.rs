@@ -3,6 +3,11 @@
 //! are never given state nor updated.
 
 use kiln_compiler::spec::{LrSchedule, Optimizer, ScheduleKind};
+use rayon::prelude::*;
+
+/// Elements per parallel task of an update (each element's update is independent of the
+/// others, so splitting changes nothing in the result).
+const CHUNK: usize = 1 << 15;
 
 /// Learning rate at `step` (0-based) of `total`: linear warmup, then the schedule's decay down
 /// to `min_lr_ratio` of the peak.
@@ -68,15 +73,21 @@ pub fn step(
                 let c1 = 1.0 - beta1.powi(step as i32);
                 let c2 = 1.0 - beta2.powi(step as i32);
                 let (lr32, wd) = (lr as f32, (lr * weight_decay) as f32);
-                for i in 0..p.len() {
-                    st.m[i] = b1 * st.m[i] + (1.0 - b1) * g[i];
-                    st.v[i] = b2 * st.v[i] + (1.0 - b2) * g[i] * g[i];
-                    let m_hat = st.m[i] as f64 / c1;
-                    let v_hat = st.v[i] as f64 / c2;
-                    // Decoupled weight decay: applied to the weight, not mixed into the gradient.
-                    p[i] -= wd * p[i];
-                    p[i] -= lr32 * (m_hat / (v_hat.sqrt() + eps)) as f32;
-                }
+                p.par_chunks_mut(CHUNK)
+                    .zip(st.m.par_chunks_mut(CHUNK))
+                    .zip(st.v.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)))
+                    .for_each(|((p, m), (v, g))| {
+                        for (((p, m), v), g) in p.iter_mut().zip(m).zip(v).zip(g) {
+                            *m = b1 * *m + (1.0 - b1) * g;
+                            *v = b2 * *v + (1.0 - b2) * g * g;
+                            let m_hat = *m as f64 / c1;
+                            let v_hat = *v as f64 / c2;
+                            // Decoupled weight decay: applied to the weight, not mixed into the
+                            // gradient.
+                            *p -= wd * *p;
+                            *p -= lr32 * (m_hat / (v_hat.sqrt() + eps)) as f32;
+                        }
+                    });
             }
             Optimizer::Sgd {
                 momentum,
@@ -85,12 +96,16 @@ pub fn step(
                 ..
             } => {
                 let (mu, wd, lr32) = (momentum as f32, weight_decay as f32, lr as f32);
-                for i in 0..p.len() {
-                    let d = g[i] + wd * p[i];
-                    st.m[i] = mu * st.m[i] + d;
-                    let update = if nesterov { d + mu * st.m[i] } else { st.m[i] };
-                    p[i] -= lr32 * update;
-                }
+                p.par_chunks_mut(CHUNK)
+                    .zip(st.m.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)))
+                    .for_each(|(p, (m, g))| {
+                        for ((p, m), g) in p.iter_mut().zip(m).zip(g) {
+                            let d = g + wd * *p;
+                            *m = mu * *m + d;
+                            let update = if nesterov { d + mu * *m } else { *m };
+                            *p -= lr32 * update;
+                        }
+                    });
             }
         }
     }
