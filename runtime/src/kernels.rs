@@ -472,10 +472,10 @@ pub fn layer_norm(
         let dy = take_grad(grads, &out)?;
         let xs = elements(&x);
         let rows_per_task = (CHUNK / h).max(1);
-        let mut gx_local = vec![0.0f32; rows * h];
+        let gx_all = grads.get_or_alloc_mut(&x)?;
         // Per block of rows: the input gradient, and partial sums for w (first half) and b.
         let mut partial = vec![0.0f32; rows.div_ceil(rows_per_task) * 2 * h];
-        gx_local
+        gx_all
             .par_chunks_mut(rows_per_task * h)
             .zip(xs.par_chunks(rows_per_task * h))
             .zip(dy.par_chunks(rows_per_task * h))
@@ -510,12 +510,11 @@ pub fn layer_norm(
                         mean_gx /= h as f32;
                         for ((gx, x), (dy, w)) in gx.iter_mut().zip(x).zip(dy.iter().zip(&w)) {
                             let xhat = (x - mean) * inv;
-                            *gx = inv * (dy * w - mean_g - xhat * mean_gx);
+                            *gx += inv * (dy * w - mean_g - xhat * mean_gx);
                         }
                     }
                 });
             });
-        add_grad(grads, &x, &gx_local)?;
         let sums = sum_blocks(&partial, 2 * h);
         let (gw, gb) = sums.split_at(h);
         if weight.trainable {
@@ -769,11 +768,12 @@ pub fn cross_entropy(
     let out = logits.device().tensor(loss);
     let result = out.clone();
     tape.add_backward_op(move |grads| {
-        let upstream = take_grad(grads, &out)?;
-        let g = upstream[0] / count;
+        let g = grads.get_or_alloc_mut(&out)?[0] / count;
         let xs = elements(&logits);
-        let mut local = vec![0.0f32; xs.len()];
-        let shared = Shared(local.as_mut_ptr());
+        // Written straight into the logits' gradient: over a large vocabulary it is the
+        // biggest buffer of the step, and a second one would double the head's memory.
+        let acc = grads.get_or_alloc_mut(&logits)?;
+        let shared = Shared(acc.as_mut_ptr());
         (0..targets.len()).into_par_iter().for_each(|i| {
             if weights[i] == 0.0 {
                 return;
@@ -786,13 +786,12 @@ pub fn cross_entropy(
             let dst = unsafe { std::slice::from_raw_parts_mut(dst.0.add(at), vocab) };
             vectorized(|| {
                 for (d, &x) in dst.iter_mut().zip(x) {
-                    *d = scale * exp(x - lse[i]);
+                    *d += scale * exp(x - lse[i]);
                 }
             });
             dst[targets[i]] -= scale;
         });
-        add_grad(grads, &logits, &local)?;
-        put_grad(grads, &out, upstream)
+        Ok(())
     });
     result.put_tape(tape)
 }
