@@ -1,9 +1,9 @@
 //! `plan = auto` for GPT-3 175B on `dgx_a100 * 128` (1024 GPUs, batch 1536, seq 2048): the whole
-//! search (target under 1 s) and the uniform path alone (target under 10 ms), full training and
-//! with LoRA.
+//! search as `kiln plan` runs it, per-stage submesh DP included (target under 1 s), and the
+//! uniform path alone (target under 10 ms), full training and with LoRA.
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use kiln::compiler::plan::Planner;
+use kiln::compiler::plan::{Planner, Submeshes};
 
 fn source(adapter: &str) -> String {
     format!(
@@ -28,7 +28,7 @@ fn planning(c: &mut Criterion) {
         // Lowering and profiling once (lower/gpt3_175b_* in the graph benchmark), then the search.
         let planner = Planner::new(experiment).expect("lowers");
         group.bench_function(format!("auto/{name}"), |b| {
-            b.iter(|| planner.plan().expect("plans"))
+            b.iter(|| planner.plan(Submeshes::PerStage).expect("plans"))
         });
         group.bench_function(format!("uniform/{name}"), |b| b.iter(|| planner.uniform()));
     }

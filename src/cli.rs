@@ -43,6 +43,10 @@ enum Command {
         format: GraphFormat,
     },
     /// Plan an experiment on its mesh (or another cluster): stages, sharding, memory, time.
+    ///
+    /// With `plan = auto`, pipeline stages may run on submeshes of their own (a different data
+    /// and tensor degree per stage) when that is faster; `kiln run` executes the best plan whose
+    /// stages share one submesh, listed among the runners-up.
     Plan {
         file: PathBuf,
         /// Which experiment of the file (default: the first; a pipeline's stages count).
@@ -374,7 +378,11 @@ fn plan(
     let Some(experiment) = pick(file, &checked, wanted) else {
         return ExitCode::from(1);
     };
-    let plan = match kiln_compiler::plan::compile_plan(experiment) {
+    // Plans for hardware one may not have: stages may run on submeshes of their own.
+    let plan = match kiln_compiler::plan::compile_plan_with(
+        experiment,
+        kiln_compiler::plan::Submeshes::PerStage,
+    ) {
         Ok(p) => p,
         Err(diagnostics) => {
             let refs: Vec<&Diagnostic> = diagnostics.items.iter().collect();

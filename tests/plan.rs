@@ -1,6 +1,6 @@
 //! The planner against published numbers, its own invariants, and its diagnostics.
 
-use kiln::compiler::plan::{compile, model_states, ExecutionPlan};
+use kiln::compiler::plan::{compile, compile_plan_with, model_states, ExecutionPlan, Submeshes};
 use kiln::compiler::spec::Precision;
 use proptest::prelude::*;
 
@@ -102,12 +102,17 @@ fn lora_shrinks_model_state_to_the_adapter() {
 
 fn check_invariants(p: &ExecutionPlan, devices: u64, blocks: u64) {
     let s = &p.strategy;
-    assert_eq!(
-        s.data * s.tensor * s.pipeline,
-        devices,
-        "device counts add up"
-    );
     assert_eq!(p.stages.len() as u64, s.pipeline);
+    if s.data > 0 {
+        assert_eq!(
+            s.data * s.tensor * s.pipeline,
+            devices,
+            "device counts add up"
+        );
+        for st in &p.stages {
+            assert_eq!((st.submesh.data, st.submesh.tensor), (s.data, s.tensor));
+        }
+    }
     for st in &p.stages {
         assert!(
             st.memory.total <= st.memory.capacity,
@@ -139,17 +144,20 @@ fn check_invariants(p: &ExecutionPlan, devices: u64, blocks: u64) {
     expected.extend((0..blocks).map(|i| format!("block.{i}")));
     expected.push("head".into());
     assert_eq!(seen, expected);
-    // Stages hold disjoint, consecutive device ranges covering the mesh.
-    let per_stage = s.data * s.tensor;
+    // Stages hold disjoint, consecutive device ranges of their submesh's size covering the
+    // mesh.
+    let mut first = 0;
     for st in &p.stages {
-        let first = st.index * per_stage;
-        let expect = if per_stage == 1 {
+        let n = st.submesh.data * st.submesh.tensor;
+        let expect = if n == 1 {
             first.to_string()
         } else {
-            format!("{first}-{}", first + per_stage - 1)
+            format!("{first}-{}", first + n - 1)
         };
         assert_eq!(st.devices, expect);
+        first += n;
     }
+    assert_eq!(first, devices, "device counts add up");
 }
 
 proptest! {
@@ -173,6 +181,69 @@ proptest! {
         // Deterministic: the same input gives the same plan, byte for byte.
         prop_assert_eq!(serde_json::to_string(&p).unwrap(), serde_json::to_string(&plan(&src)).unwrap());
     }
+
+    /// Plans with a submesh per stage, where they can win: models too large for one device
+    /// without ZeRO, heavy vocabularies, head counts that rule tensor parallelism out or in.
+    #[test]
+    fn per_stage_plans_fit_cover_every_layer_and_use_every_device(
+        layers in 4u64..33, heads in prop::sample::select(vec![25u64, 32]), head_dim in prop::sample::select(vec![128u64, 256]), vocab in prop::sample::select(vec![50257u64, 256000]), nodes in prop::sample::select(vec![1u64, 2, 4]), lora in any::<bool>(),
+    ) {
+        let hidden = heads * head_dim;
+        let adapter = if lora { "adapter = lora," } else { "" };
+        let src = format!(
+            "import std.models.gpt2\nimport std.clusters\n\
+             experiment e {{ model = gpt2 {{ positions = 2048, vocab = {vocab}, layers = {layers}, hidden = {hidden}, heads = {heads}, tie_embeddings = false }}, {adapter} parallel {{ mesh = dgx_a100 * {nodes}, plan = auto, zero = 0 }}, train {{ batch = 512, seq_len = 2048, precision = bf16 }} }}"
+        );
+        let checked = kiln::compiler::check_source("e.kiln", &src, None);
+        prop_assert!(checked.is_ok(), "{}", checked.render_errors());
+        let e = &checked.module.experiments[0].value;
+        let (Ok(per_stage), Ok(uniform)) = (compile_plan_with(e, Submeshes::PerStage), compile_plan_with(e, Submeshes::Uniform)) else {
+            // Nothing fits: both agree.
+            prop_assert!(compile_plan_with(e, Submeshes::PerStage).is_err() && compile_plan_with(e, Submeshes::Uniform).is_err());
+            return Ok(());
+        };
+        check_invariants(&per_stage, nodes * 8, layers);
+        check_invariants(&uniform, nodes * 8, layers);
+        prop_assert!(uniform.strategy.data > 0, "what `kiln run` gets has one submesh");
+        prop_assert!(per_stage.time.total <= uniform.time.total);
+        let again = compile_plan_with(e, Submeshes::PerStage).unwrap();
+        prop_assert_eq!(serde_json::to_string(&per_stage).unwrap(), serde_json::to_string(&again).unwrap());
+    }
+}
+
+/// 25 heads rule tensor parallelism out, ZeRO is off and a 256k vocabulary makes the embedding
+/// and head heavy: uniform stages can only come in counts dividing 32 devices (eight stages of
+/// four), while stages of four and eight devices give five stages, the light first ones on
+/// half nodes. The plan `kiln run` would get is the uniform one.
+#[test]
+fn uneven_submeshes_beat_uniform_stages() {
+    let src = "import std.models.gpt2\nimport std.clusters\n\
+        experiment e { model = gpt2 { positions = 2048, vocab = 256000, hidden = 6400, layers = 24, heads = 25, tie_embeddings = false }, parallel { mesh = dgx_a100 * 4, plan = auto, zero = 0 }, train { batch = 512, seq_len = 2048, precision = bf16 } }";
+    let checked = kiln::compiler::check_source("e.kiln", src, None);
+    let e = &checked.module.experiments[0].value;
+    let per_stage = compile_plan_with(e, Submeshes::PerStage).unwrap();
+    let uniform = compile_plan_with(e, Submeshes::Uniform).unwrap();
+    check_invariants(&per_stage, 32, 24);
+    check_invariants(&uniform, 32, 24);
+    assert_eq!(per_stage.strategy.data, 0, "stages on different submeshes");
+    assert!(per_stage
+        .stages
+        .iter()
+        .any(|s| s.submesh != per_stage.stages[0].submesh));
+    let gain = 1.0 - per_stage.time.total / uniform.time.total;
+    assert!(
+        gain > 0.05,
+        "{} s against {} s",
+        per_stage.time.total,
+        uniform.time.total
+    );
+    // The runners-up name the uniform plan that `kiln run` executes.
+    let runner_up = per_stage
+        .alternatives
+        .iter()
+        .find(|a| a.step_time == uniform.time.total);
+    assert!(runner_up.is_some(), "{:?}", per_stage.alternatives);
+    insta::assert_snapshot!(kiln::compiler::plan::render_text(&per_stage));
 }
 
 #[test]

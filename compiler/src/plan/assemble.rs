@@ -1,7 +1,9 @@
 //! Building the [`ExecutionPlan`] from the chosen evaluation: stages and devices, sharding of
 //! every parameter, collectives, the per-stage schedule, throughput.
 
-use super::cost::{Evaluation, Model, RecomputeChoice, ScheduleChoice, Strategy};
+use super::cost::{
+    Evaluation, Model, RecomputeChoice, ScheduleChoice, StageCost, StagePlace, Strategy, Submesh,
+};
 use super::search::Candidate;
 use super::types::*;
 use crate::graph::{Graph, LayerKind, Op};
@@ -40,22 +42,32 @@ fn ranges(items: &[u64]) -> String {
     out.join(",")
 }
 
-pub fn summary(s: &Strategy, e: &Experiment, chosen_by: &str) -> StrategySummary {
+fn recompute_name(r: RecomputeChoice) -> &'static str {
+    match r {
+        RecomputeChoice::None => "none",
+        RecomputeChoice::Selective => "selective",
+        RecomputeChoice::Full => "full",
+    }
+}
+
+pub fn summary(ev: &Evaluation, e: &Experiment, chosen_by: &str) -> StrategySummary {
+    let s = &ev.strategy;
+    // Degrees shared by every stage, or 0 when stages differ.
+    let (data, tensor, micro_batch) = if ev.uniform() {
+        (s.data, s.tensor, s.micro_batch)
+    } else {
+        (0, 0, 0)
+    };
     StrategySummary {
         chosen_by: chosen_by.into(),
-        data: s.data,
-        tensor: s.tensor,
+        data,
+        tensor,
         pipeline: s.pipeline,
-        sequence_parallel: s.sequence_parallel,
+        sequence_parallel: ev.stages.iter().any(|st| st.submesh.sequence_parallel),
         zero: s.zero,
-        recompute: match s.recompute {
-            RecomputeChoice::None => "none",
-            RecomputeChoice::Selective => "selective",
-            RecomputeChoice::Full => "full",
-        }
-        .into(),
+        recompute: recompute_name(s.recompute).into(),
         schedule: s.schedule.name(),
-        micro_batch: s.micro_batch,
+        micro_batch,
         microbatches: s.microbatches,
         global_batch: e.train.batch,
         offload: match e.parallel.offload {
@@ -67,29 +79,48 @@ pub fn summary(s: &Strategy, e: &Experiment, chosen_by: &str) -> StrategySummary
     }
 }
 
-/// A one-line description of a strategy, for alternatives.
-pub fn describe(s: &Strategy) -> String {
-    let recompute = match s.recompute {
-        RecomputeChoice::None => "",
-        RecomputeChoice::Selective => " recompute=selective",
-        RecomputeChoice::Full => " recompute=full",
+/// A one-line description of a plan, for alternatives: its degrees, or each stage's
+/// data × tensor grid when they differ.
+pub fn describe(ev: &Evaluation) -> String {
+    let s = &ev.strategy;
+    let sp = |on: bool| if on { "+sp" } else { "" };
+    let layout = if ev.uniform() {
+        format!(
+            "d={} t={} p={}{} mb={}×{}",
+            s.data,
+            s.tensor,
+            s.pipeline,
+            sp(s.sequence_parallel),
+            s.micro_batch,
+            s.microbatches
+        )
+    } else {
+        let grids: Vec<String> = ev
+            .stages
+            .iter()
+            .map(|st| {
+                let g = st.submesh;
+                format!("{}x{}{}", g.data, g.tensor, sp(g.sequence_parallel))
+            })
+            .collect();
+        format!(
+            "p={} d×t per stage {} mb={} seq×{}",
+            s.pipeline,
+            grids.join("|"),
+            s.pipeline_microbatch(),
+            s.microbatches
+        )
     };
-    format!(
-        "d={} t={} p={}{} mb={}×{} {}{}{}",
-        s.data,
-        s.tensor,
-        s.pipeline,
-        if s.sequence_parallel { "+sp" } else { "" },
-        s.micro_batch,
-        s.microbatches,
-        s.schedule.name(),
-        if s.zero > 0 {
-            format!(" zero={}", s.zero)
-        } else {
-            String::new()
-        },
-        recompute
-    )
+    let recompute = match s.recompute {
+        RecomputeChoice::None => String::new(),
+        r => format!(" recompute={}", recompute_name(r)),
+    };
+    let zero = if s.zero > 0 {
+        format!(" zero={}", s.zero)
+    } else {
+        String::new()
+    };
+    format!("{layout} {}{zero}{recompute}", s.schedule.name())
 }
 
 /// Why `other` lost to `best`, from their breakdowns.
@@ -146,12 +177,12 @@ pub const GIB: f64 = 1073741824.0;
 
 /// Which pipeline rank holds each layer (with an interleaved schedule a rank holds several
 /// chunks).
-fn owners(model: &Model, layout: &[Vec<std::ops::Range<usize>>]) -> Vec<u64> {
+fn owners(model: &Model, layout: &[StagePlace]) -> Vec<u64> {
     (0..model.layers.len())
         .map(|l| {
             layout
                 .iter()
-                .position(|ranges| ranges.iter().any(|r| r.contains(&l)))
+                .position(|st| st.layers.iter().any(|r| r.contains(&l)))
                 .unwrap_or(0) as u64
         })
         .collect()
@@ -265,11 +296,19 @@ fn zero_label(zero: u8, trainable: bool) -> &'static str {
     }
 }
 
-fn sharding(g: &Graph, s: &Strategy, owners: &[u64]) -> Vec<Sharding> {
+/// Every parameter's layout, the same parameter of consecutive blocks grouped while it is
+/// laid out alike (stages on different submeshes split it differently).
+fn sharding(g: &Graph, ev: &Evaluation, owners: &[u64]) -> Vec<Sharding> {
     let splits = tensor_split(g);
-    let stage_of = |layer: usize| owners[layer];
-    // Group the same parameter of consecutive blocks.
-    let mut groups: Vec<(String, Vec<u64>, usize, Vec<u64>)> = Vec::new();
+    struct Group {
+        name: String,
+        blocks: Vec<u64>,
+        id: usize,
+        stages: Vec<u64>,
+        tensor: TensorSplit,
+        zero: &'static str,
+    }
+    let mut groups: Vec<Group> = Vec::new();
     for (id, p) in g.params.iter().enumerate() {
         let layer = &g.layers[p.layer];
         let (pattern, block) = match layer.kind {
@@ -282,110 +321,145 @@ fn sharding(g: &Graph, s: &Strategy, owners: &[u64]) -> Vec<Sharding> {
             }
             _ => (p.name.clone(), None),
         };
-        let stage = stage_of(p.layer);
-        match groups.iter_mut().find(|(name, ..)| *name == pattern) {
-            Some((_, blocks, _, stages)) => {
-                blocks.extend(block);
-                if !stages.contains(&stage) {
-                    stages.push(stage);
+        let stage = owners[p.layer];
+        let grid = ev.stages[stage as usize].submesh;
+        let tensor = if grid.tensor > 1 {
+            splits[id]
+        } else {
+            TensorSplit::Replicated
+        };
+        let zero = if grid.data > 1 {
+            zero_label(ev.strategy.zero, p.trainable)
+        } else {
+            "none"
+        };
+        match groups
+            .iter_mut()
+            .find(|gr| gr.name == pattern && gr.tensor == tensor && gr.zero == zero)
+        {
+            Some(gr) => {
+                gr.blocks.extend(block);
+                if !gr.stages.contains(&stage) {
+                    gr.stages.push(stage);
                 }
             }
-            None => groups.push((pattern, block.into_iter().collect(), id, vec![stage])),
+            None => groups.push(Group {
+                name: pattern,
+                blocks: block.into_iter().collect(),
+                id,
+                stages: vec![stage],
+                tensor,
+                zero,
+            }),
         }
-    }
-    for (_, _, _, stages) in &mut groups {
-        stages.sort();
     }
     groups
         .into_iter()
-        .map(|(name, blocks, id, stages)| {
-            let p = &g.params[id];
+        .map(|mut gr| {
+            gr.stages.sort();
+            let p = &g.params[gr.id];
             Sharding {
-                name,
-                blocks: ranges(&blocks),
+                name: gr.name,
+                blocks: ranges(&gr.blocks),
                 shape: p.shape.clone(),
                 trainable: p.trainable,
-                tensor: if s.tensor > 1 {
-                    splits[id]
-                } else {
-                    TensorSplit::Replicated
-                },
-                zero: if s.data > 1 {
-                    zero_label(s.zero, p.trainable).into()
-                } else {
-                    "none".into()
-                },
-                stages: ranges(&stages),
+                tensor: gr.tensor,
+                zero: gr.zero.into(),
+                stages: ranges(&gr.stages),
             }
         })
         .collect()
 }
 
+/// Collectives per iteration: tensor-parallel and data-parallel ones for each distinct stage
+/// submesh (the group named with its stages when stages differ), and the pipeline's transfers.
 fn collectives(model: &Model, g: &Graph, c: &Candidate) -> Vec<Collective> {
-    let s = &c.evaluation.strategy;
-    let t = &c.evaluation.time;
+    let ev = &c.evaluation;
+    let s = &ev.strategy;
+    let t = &ev.time;
+    let m = s.microbatches as f64;
+    let mut grids: Vec<Submesh> = ev.stages.iter().map(|st| st.submesh).collect();
+    grids.sort();
+    grids.dedup();
+    // Each grid's stages, and the slowest of them (by time per microbatch).
+    let groups: Vec<(Submesh, Vec<&StageCost>, String)> = grids
+        .into_iter()
+        .map(|grid| {
+            let stages: Vec<&StageCost> =
+                ev.stages.iter().filter(|st| st.submesh == grid).collect();
+            let indices: Vec<u64> = (0..ev.stages.len() as u64)
+                .filter(|&i| ev.stages[i as usize].submesh == grid)
+                .collect();
+            let label = if stages.len() == ev.stages.len() {
+                String::new()
+            } else {
+                format!(", stages {}", ranges(&indices))
+            };
+            (grid, stages, label)
+        })
+        .collect();
+    let boundary = model.layers.first().map_or(0.0, |l| l.boundary_bytes)
+        * s.pipeline_microbatch() as f64
+        / g.batch as f64;
+    let per_block = if s.recompute == RecomputeChoice::Full {
+        6
+    } else {
+        4
+    };
     let mut out = Vec::new();
-    let f = s.micro_batch as f64 / g.batch as f64;
-    let hidden = model.layers.first().map_or(0.0, |l| l.boundary_bytes) * f;
-    if s.tensor > 1 {
-        let slowest = c
-            .layout
+    for (grid, stages, label) in &groups {
+        if grid.tensor == 1 {
+            continue;
+        }
+        let blocks = stages
             .iter()
-            .map(|ranges| {
-                ranges
+            .map(|st| {
+                st.layers
                     .iter()
-                    .flat_map(|r| r.clone())
+                    .flat_map(|&(a, b)| a..b)
                     .filter(|&l| g.layers[l].kind == LayerKind::Block)
                     .count()
             })
             .max()
             .unwrap_or(0) as u64;
-        let per_block = if s.recompute == RecomputeChoice::Full {
-            6
-        } else {
-            4
-        };
+        let slowest = stages
+            .iter()
+            .max_by(|a, b| a.per_microbatch().total_cmp(&b.per_microbatch()));
         out.push(Collective {
-            kind: if s.sequence_parallel {
+            kind: if grid.sequence_parallel {
                 "reduce_scatter + all_gather".into()
             } else {
                 "all_reduce".into()
             },
-            group: "tensor".into(),
-            group_size: s.tensor,
-            bytes: hidden,
-            per_iteration: s.microbatches * (slowest * per_block + 1),
-            seconds: t.tensor_comm,
+            group: format!("tensor{label}"),
+            group_size: grid.tensor,
+            bytes: boundary / grid.data as f64,
+            per_iteration: s.microbatches * (blocks * per_block + 1),
+            seconds: slowest.map_or(0.0, |st| m * st.tensor_comm),
         });
     }
     if s.pipeline > 1 {
-        let bytes = if s.tensor > 1 {
-            hidden / s.tensor as f64
-        } else {
-            hidden
-        };
+        let fewest = ev
+            .stages
+            .windows(2)
+            .map(|w| w[0].submesh.devices().min(w[1].submesh.devices()))
+            .min()
+            .unwrap_or(1);
         out.push(Collective {
             kind: "send/recv".into(),
             group: "pipeline".into(),
             group_size: 2,
-            bytes,
+            bytes: boundary / fewest as f64,
             per_iteration: 2 * s.microbatches * s.schedule.chunks(),
             seconds: t.p2p,
         });
     }
-    if s.data > 1 {
-        let trainable: f64 = c
-            .layout
-            .iter()
-            .map(|ranges| {
-                ranges
-                    .iter()
-                    .flat_map(|r| &model.layers[r.clone()])
-                    .map(|l| l.trainable_split / s.tensor as f64 + l.trainable_repl)
-                    .sum::<f64>()
-            })
-            .fold(0.0, f64::max);
-        let bytes = trainable * model.element_bytes();
+    for (grid, stages, label) in &groups {
+        if grid.data == 1 {
+            continue;
+        }
+        let on = s.on(*grid);
+        let trainable = stages.iter().map(|st| st.trainable).fold(0.0, f64::max);
         let kind = match s.zero {
             0 => "all_reduce (gradients)",
             1 | 2 => "reduce_scatter (gradients) + all_gather (weights)",
@@ -393,11 +467,14 @@ fn collectives(model: &Model, g: &Graph, c: &Candidate) -> Vec<Collective> {
         };
         out.push(Collective {
             kind: kind.into(),
-            group: "data".into(),
-            group_size: s.data,
-            bytes,
+            group: format!("data{label}"),
+            group_size: grid.data,
+            bytes: trainable * model.element_bytes(),
             per_iteration: 1,
-            seconds: t.data_parallel,
+            seconds: stages
+                .iter()
+                .map(|st| model.sync(&on, st))
+                .fold(0.0, f64::max),
         });
     }
     for col in &mut out {
@@ -515,14 +592,13 @@ pub fn plan(
     let ev = &best.evaluation;
     let s = ev.strategy;
     let cluster = &e.parallel.mesh;
-    let per_stage = s.data * s.tensor;
     let owners = owners(model, &best.layout);
     let stages: Vec<Stage> = ev
         .stages
         .iter()
         .enumerate()
         .map(|(i, st)| {
-            let devices: Vec<u64> = (i as u64 * per_stage..(i as u64 + 1) * per_stage).collect();
+            let devices: Vec<u64> = (st.devices.0..st.devices.1).collect();
             let mut memory = st.memory.clone();
             for x in [
                 &mut memory.weights,
@@ -539,6 +615,8 @@ pub fn plan(
                 index: i as u64,
                 layers: layer_names(g, &owners, i as u64),
                 devices: ranges(&devices),
+                submesh: st.submesh,
+                micro_batch: s.on(st.submesh).micro_batch,
                 forward: round(st.forward),
                 backward: round(st.backward),
                 recompute: round(st.recompute),
@@ -580,14 +658,17 @@ pub fn plan(
             peak_flops: round(peak),
             memory_per_device: round(cluster.node.device.memory),
         },
-        strategy: summary(&s, e, chosen_by),
+        strategy: summary(ev, e, chosen_by),
         stages,
-        sharding: sharding(g, &s, &owners),
+        sharding: sharding(g, ev, &owners),
         collectives: collectives(model, g, best),
-        schedule: (0..s.pipeline)
-            .map(|i| StageSchedule {
-                stage: i,
-                steps: stage_steps(&s, i),
+        schedule: ev
+            .stages
+            .iter()
+            .enumerate()
+            .map(|(i, st)| StageSchedule {
+                stage: i as u64,
+                steps: stage_steps(&s.on(st.submesh), i as u64),
             })
             .collect(),
         time,

@@ -5,7 +5,9 @@
 use super::profile::LayerProfile;
 use crate::graph::LayerKind;
 use crate::spec::{Cluster, Offload, PipelineSchedule, Precision, Recompute};
+use rayon::prelude::*;
 use serde::Serialize;
+use std::collections::HashMap;
 use std::ops::Range;
 
 /// One way to run the experiment.
@@ -22,6 +24,64 @@ pub struct Strategy {
     pub zero: u8,
     pub recompute: RecomputeChoice,
     pub sequence_parallel: bool,
+}
+
+/// The devices of one pipeline stage, as a grid of data-parallel replicas of tensor-parallel
+/// groups (rank order inside the stage: tensor fastest).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct Submesh {
+    pub data: u64,
+    pub tensor: u64,
+    pub sequence_parallel: bool,
+}
+
+impl Submesh {
+    pub fn devices(&self) -> u64 {
+        self.data * self.tensor
+    }
+}
+
+impl Strategy {
+    /// The submesh every stage runs on when stages are uniform.
+    pub fn submesh(&self) -> Submesh {
+        Submesh {
+            data: self.data,
+            tensor: self.tensor,
+            sequence_parallel: self.sequence_parallel,
+        }
+    }
+
+    /// Sequences in one pipeline microbatch (every stage's replicas together).
+    pub fn pipeline_microbatch(&self) -> u64 {
+        self.data * self.micro_batch
+    }
+
+    /// What one stage runs: the same pipeline microbatch split over the stage's own submesh.
+    pub fn on(&self, submesh: Submesh) -> Strategy {
+        Strategy {
+            data: submesh.data,
+            tensor: submesh.tensor,
+            sequence_parallel: submesh.sequence_parallel,
+            micro_batch: self.pipeline_microbatch() / submesh.data,
+            ..*self
+        }
+    }
+}
+
+/// A pipeline stage before it is costed: its layer ranges (several chunks when interleaved)
+/// and the submesh it runs on.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StagePlace {
+    pub layers: Vec<Range<usize>>,
+    pub submesh: Submesh,
+}
+
+/// Where a stage sits in its pipeline: how many microbatches' activations it keeps, and
+/// whether it has send/receive buffers, depend on it.
+#[derive(Clone, Copy, Debug)]
+pub struct Position {
+    pub index: u64,
+    pub stages: u64,
 }
 
 /// Orderable mirrors of the spec enums (the search breaks ties by a stable order).
@@ -115,14 +175,19 @@ pub struct MemoryBreakdown {
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct StageCost {
-    /// Layer indices `[start, end)` into the profiles.
     /// Layer ranges `[start, end)` into the profiles (several with an interleaved schedule).
     pub layers: Vec<(usize, usize)>,
+    pub submesh: Submesh,
+    /// Device ids `[start, end)`: stages hold consecutive ranges, in pipeline order.
+    pub devices: (u64, u64),
     /// Seconds per microbatch: forward, backward, recompute, tensor-parallel communication.
     pub forward: f64,
     pub backward: f64,
     pub recompute: f64,
     pub tensor_comm: f64,
+    /// Parameters and trainable parameters one device holds (tensor-split, before ZeRO).
+    pub params: f64,
+    pub trainable: f64,
     pub memory: MemoryBreakdown,
 }
 
@@ -150,6 +215,20 @@ impl Evaluation {
             .iter()
             .map(|s| s.memory.total)
             .fold(0.0, f64::max)
+    }
+
+    /// Whether every stage runs on the strategy's submesh (what the executor can run).
+    pub fn uniform(&self) -> bool {
+        self.stages
+            .iter()
+            .all(|st| st.submesh == self.strategy.submesh())
+    }
+}
+
+impl TimeBreakdown {
+    /// The pipeline's part of the step: microbatches through the stages, bubble and transfers.
+    pub fn pipeline(&self) -> f64 {
+        self.compute + self.recompute + self.tensor_comm + self.pipeline_bubble + self.p2p
     }
 }
 
@@ -196,17 +275,35 @@ impl Model<'_> {
             .unwrap_or(1.0)
     }
 
-    /// Achievable bandwidth of a group of `n` ranks with stride `stride` in the rank order
-    /// (tensor fastest, then data, then pipeline): inside a node NVLink; across nodes the
-    /// node's network links, shared by the node's concurrent groups.
-    fn group_bandwidth(&self, n: u64, stride: u64) -> (f64, f64) {
+    /// Achievable bandwidth and latency of a link: NVLink inside a node; across nodes each
+    /// device's share of the node's network links.
+    fn link(&self, same_node: bool) -> (f64, f64) {
         let node = &self.cluster.node;
-        if n * stride <= node.devices {
-            return (node.intra_bandwidth, node.intra_latency);
+        if same_node {
+            (node.intra_bandwidth, node.intra_latency)
+        } else {
+            let bw = (node.inter_bandwidth / node.devices as f64).min(node.intra_bandwidth);
+            (bw, node.inter_latency)
         }
-        // Each device's traffic leaves the node through its own share of the node's links.
-        let bw = (node.inter_bandwidth / node.devices as f64).min(node.intra_bandwidth);
-        (bw, node.inter_latency)
+    }
+
+    /// A group of `n` ranks with stride `stride` in a stage's rank order (tensor fastest, then
+    /// data): inside one node when it spans no more than a node's devices.
+    fn group_bandwidth(&self, n: u64, stride: u64) -> (f64, f64) {
+        self.link(n * stride <= self.cluster.node.devices)
+    }
+
+    /// Seconds to move one microbatch's boundary activation (or its gradient) from a stage on
+    /// devices `start..start + from` to the next stage of `to` devices: the side with fewer
+    /// devices carries the largest share; inside a node when both stages are in one.
+    pub fn transfer(&self, s: &Strategy, start: u64, from: u64, to: u64) -> f64 {
+        let bytes = self.layers.first().map_or(0.0, |l| l.boundary_bytes)
+            * s.pipeline_microbatch() as f64
+            / self.batch as f64
+            / from.min(to) as f64;
+        let node = self.cluster.node.devices;
+        let (bw, lat) = self.link(start / node == (start + from + to - 1) / node);
+        bytes / bw + lat
     }
 
     /// Layers of each stage for `p` stages: blocks as even as possible, the embedding with the
@@ -230,7 +327,7 @@ impl Model<'_> {
     }
 
     /// Per-layer terms of a strategy, as prefix sums: any stage's cost is then O(1).
-    pub fn prefix(&self, s: &Strategy) -> Vec<Terms> {
+    fn prefix(&self, s: &Strategy) -> Vec<Terms> {
         let f = s.micro_batch as f64 / self.batch as f64;
         let t = s.tensor as f64;
         let rate = self.flop_rate();
@@ -293,74 +390,97 @@ impl Model<'_> {
         out
     }
 
+    /// Prefix sums for every distinct per-layer setting among `strategies`, computed in
+    /// parallel.
+    pub fn prefixes<'s>(&self, strategies: impl IntoIterator<Item = &'s Strategy>) -> Prefixes {
+        let mut keyed: Vec<(PrefixKey, &Strategy)> =
+            strategies.into_iter().map(|s| (prefix_key(s), s)).collect();
+        keyed.sort_by_key(|(k, _)| *k);
+        keyed.dedup_by_key(|(k, _)| *k);
+        keyed
+            .par_iter()
+            .map(|(k, s)| (*k, self.prefix(s)))
+            .collect()
+    }
+
     /// The stage layout of a strategy: blocks as even as possible; with an interleaved
     /// schedule the model is cut into p·v chunks and rank i holds chunks i, i+p, i+2p, ...
-    pub fn layout(&self, s: &Strategy) -> Vec<Vec<Range<usize>>> {
+    pub fn layout(&self, s: &Strategy) -> Vec<StagePlace> {
+        let place = |layers| StagePlace {
+            layers,
+            submesh: s.submesh(),
+        };
         match s.schedule {
             ScheduleChoice::Interleaved(v) if s.pipeline > 1 => {
                 let chunks = self.balanced_stages(s.pipeline * v);
                 let p = s.pipeline as usize;
                 (0..p)
-                    .map(|i| chunks.iter().skip(i).step_by(p).cloned().collect())
+                    .map(|i| place(chunks.iter().skip(i).step_by(p).cloned().collect()))
                     .collect()
             }
             _ => self
                 .balanced_stages(s.pipeline)
                 .into_iter()
-                .map(|r| vec![r])
+                .map(|r| place(vec![r]))
                 .collect(),
         }
     }
 
-    /// The cost of one stage (its layer ranges) from prefix sums.
+    /// The cost of one stage (its layer ranges) from prefix sums; `s` is the stage's own
+    /// strategy (see [`Strategy::on`]).
     pub fn stage(
         &self,
         s: &Strategy,
         prefix: &[Terms],
         ranges: &[Range<usize>],
-        stage_index: u64,
+        at: Position,
     ) -> StageCost {
         let sum = ranges.iter().fold(Terms::default(), |acc, r| {
             acc.plus(&prefix[r.end].minus(&prefix[r.start]))
         });
-        // The largest single layer's activations (live while full recompute rebuilds it).
-        let largest = ranges
-            .iter()
-            .flat_map(|r| r.start..r.end)
-            .map(|i| prefix[i + 1].largest - prefix[i].largest)
-            .fold(0.0, f64::max);
-        let p = s.pipeline;
-        // Microbatches whose activations are alive at once on this stage.
+        let (p, i) = (at.stages, at.index);
         // Microbatches whose activations are alive at once on this stage: all of them under
         // GPipe; p − i under 1F1B; interleaved, the warmup of 2(p−i−1) + (v−1)p chunks plus
         // one, each 1/v of a microbatch (stage 0: p·(1 + (p−1)/(p·v)), as in Korthikanti).
         let in_flight = match s.schedule {
             ScheduleChoice::Gpipe => s.microbatches as f64,
-            ScheduleChoice::OneFOneB => (p - stage_index).min(s.microbatches) as f64,
+            ScheduleChoice::OneFOneB => (p - i).min(s.microbatches) as f64,
             ScheduleChoice::Interleaved(v) => {
-                let chunks = (2 * (p - stage_index - 1) + (v - 1) * p + 1).min(s.microbatches * v);
+                let chunks = (2 * (p - i - 1) + (v - 1) * p + 1).min(s.microbatches * v);
                 chunks as f64 / v as f64
             }
         };
         let activations = if s.recompute == RecomputeChoice::Full {
+            // The largest single layer's activations are live while full recompute rebuilds it.
+            let largest = ranges
+                .iter()
+                .flat_map(|r| r.start..r.end)
+                .map(|l| prefix[l + 1].largest - prefix[l].largest)
+                .fold(0.0, f64::max);
             (sum.kept + sum.saved) * in_flight + largest
         } else {
             sum.saved * in_flight
         } * self.cluster.node.device.activation_overhead;
         let boundary = self.layers.first().map_or(0.0, |l| l.boundary_bytes) * s.micro_batch as f64
             / self.batch as f64;
-        let memory = self.memory(s, sum.params, sum.trainable, activations, boundary);
+        let memory = self.memory(s, sum.params, sum.trainable, activations, boundary, p > 1);
         StageCost {
             layers: ranges.iter().map(|r| (r.start, r.end)).collect(),
+            submesh: s.submesh(),
+            // From device 0 until [`Model::evaluate_with`] places the stage after the others.
+            devices: (0, s.submesh().devices()),
             forward: sum.forward,
             backward: sum.backward,
             recompute: sum.recompute,
             tensor_comm: sum.tensor_comm,
+            params: sum.params,
+            trainable: sum.trainable,
             memory,
         }
     }
 
-    /// Model states (ZeRO, Rajbhandari et al. 2020) plus activations and buffers.
+    /// Model states (ZeRO, Rajbhandari et al. 2020) plus activations and, between pipeline
+    /// stages, send/receive buffers.
     fn memory(
         &self,
         s: &Strategy,
@@ -368,6 +488,7 @@ impl Model<'_> {
         trainable: f64,
         activations: f64,
         boundary: f64,
+        pipelined: bool,
     ) -> MemoryBreakdown {
         let (weights, gradients, optimizer) =
             model_states(params, trainable, s.zero, s.data, self.precision);
@@ -378,7 +499,7 @@ impl Model<'_> {
             Offload::All => (0.0, 0.0),
         };
         // Send/receive buffers for the stage boundary, both directions.
-        let buffers = if s.pipeline > 1 { 2.0 * boundary } else { 0.0 };
+        let buffers = if pipelined { 2.0 * boundary } else { 0.0 };
         let device = &self.cluster.node.device;
         let total = weights + gradients + optimizer + activations + buffers;
         MemoryBreakdown {
@@ -392,98 +513,94 @@ impl Model<'_> {
         }
     }
 
-    /// Time and memory of a strategy with the given stage layout.
-    pub fn evaluate(&self, s: &Strategy, layout: &[Vec<Range<usize>>]) -> Evaluation {
-        self.evaluate_with(s, layout, &self.prefix(s))
+    /// Time and memory of a strategy with the given stages.
+    pub fn evaluate(&self, s: &Strategy, layout: &[StagePlace]) -> Evaluation {
+        let stage_strategies: Vec<Strategy> = layout.iter().map(|st| s.on(st.submesh)).collect();
+        self.evaluate_with(s, layout, &self.prefixes(&stage_strategies))
     }
 
-    /// [`Model::evaluate`] with the strategy's prefix sums already computed.
+    /// [`Model::evaluate`] with the stages' prefix sums already computed.
     pub fn evaluate_with(
         &self,
         s: &Strategy,
-        layout: &[Vec<Range<usize>>],
-        prefix: &[Terms],
+        layout: &[StagePlace],
+        prefixes: &Prefixes,
     ) -> Evaluation {
+        let p = layout.len() as u64;
+        let mut next_device = 0;
+        // Stages on one submesh share their prefix sums: looked up once.
+        let mut prefix: Option<(PrefixKey, &[Terms])> = None;
         let stages: Vec<StageCost> = layout
             .iter()
             .enumerate()
-            .map(|(i, r)| self.stage(s, prefix, r, i as u64))
+            .map(|(i, place)| {
+                let on = s.on(place.submesh);
+                let key = prefix_key(&on);
+                let terms = match prefix {
+                    Some((k, terms)) if k == key => terms,
+                    _ => &prefixes[&key],
+                };
+                prefix = Some((key, terms));
+                let at = Position {
+                    index: i as u64,
+                    stages: p,
+                };
+                let mut st = self.stage(&on, terms, &place.layers, at);
+                st.devices = (next_device, next_device + place.submesh.devices());
+                next_device = st.devices.1;
+                st
+            })
             .collect();
         let slowest = stages
             .iter()
-            .max_by(|a, b| a.per_microbatch().total_cmp(&b.per_microbatch()))
-            .cloned()
-            .unwrap_or(StageCost {
-                layers: Vec::new(),
-                forward: 0.0,
-                backward: 0.0,
-                recompute: 0.0,
-                tensor_comm: 0.0,
-                memory: MemoryBreakdown::default(),
-            });
+            .max_by(|a, b| a.per_microbatch().total_cmp(&b.per_microbatch()));
+        let of_slowest = |f: fn(&StageCost) -> f64| slowest.map_or(0.0, f);
+        let longest = of_slowest(StageCost::per_microbatch);
         let m = s.microbatches as f64;
         let v = s.schedule.chunks() as f64;
-        let p = s.pipeline as f64;
-        // (m + (p−1)/v) · t_stage (Narayanan et al. 2021, Eq. 1 generalised to interleaving).
-        let bubble = (p - 1.0) / v * slowest.per_microbatch();
+        // A synchronous pipeline takes Σ t_i + (m − 1)·max t_j (Alpa §5; Narayanan et al. 2021
+        // Eq. 1 for equal stages), each term 1/v of a stage per chunk when interleaved.
+        let all: f64 = stages.iter().map(StageCost::per_microbatch).sum();
+        let bubble = (all - longest) / v;
         // Stage boundaries: an activation forward and its gradient back per microbatch, on
-        // the critical path once per chunk.
-        let p2p = if s.pipeline > 1 {
-            let bytes = self.layers.first().map_or(0.0, |l| l.boundary_bytes)
-                * s.micro_batch as f64
-                / self.batch as f64;
-            let bytes = if s.tensor > 1 {
-                bytes / s.tensor as f64
-            } else {
-                bytes
-            };
-            let (bw, lat) = self.group_bandwidth(2, s.data * s.tensor);
-            2.0 * v * (m + p - 1.0) * (bytes / bw + lat)
-        } else {
-            0.0
-        };
-        // Gradient synchronisation of trainable parameters across data-parallel replicas
-        // (ZeRO-3 adds the parameter all-gather: 3Ψ instead of 2Ψ).
-        let grad_bytes = stages
+        // the critical path once per chunk; the slowest boundary sets the pace.
+        let p2p = stages
+            .windows(2)
+            .map(|w| {
+                let from = w[0].submesh.devices();
+                self.transfer(s, w[0].devices.0, from, w[1].submesh.devices())
+            })
+            .reduce(f64::max)
+            .map_or(0.0, |x| 2.0 * v * (m + p as f64 - 1.0) * x);
+        // Each stage synchronises its own gradients over its own data-parallel group.
+        let data_parallel = stages
             .iter()
-            .map(|st| self.stage_trainable(s, &st.layers))
-            .fold(0.0, f64::max)
-            * self.element_bytes();
-        let (bw, lat) = self.group_bandwidth(s.data, s.tensor);
-        // ZeRO-3 reduce-scatters gradients and all-gathers every weight (frozen ones too) for
-        // the forward and again for the backward: 3Ψ for full training.
-        let data_parallel = if s.zero == 3 {
-            let weight_bytes = stages
-                .iter()
-                .map(|st| self.stage_params(s, &st.layers))
-                .fold(0.0, f64::max)
-                * self.element_bytes();
-            all_gather(grad_bytes, s.data, bw, lat)
-                + 2.0 * all_gather(weight_bytes, s.data, bw, lat)
-        } else {
-            all_reduce(grad_bytes, s.data, bw, lat)
-        };
+            .map(|st| self.sync(&s.on(st.submesh), st))
+            .fold(0.0, f64::max);
         // Adam reads and writes fp32 master weights and both moments, reads the gradient and
-        // writes the working copy: about 28 bytes per trainable parameter it owns.
-        let owned = stages
-            .iter()
-            .map(|st| self.stage_trainable(s, &st.layers))
-            .fold(0.0, f64::max)
-            / if s.zero >= 1 { s.data as f64 } else { 1.0 };
+        // writes the working copy: about 28 bytes per trainable parameter a device owns.
         let optimizer = if self.offload == Offload::None {
-            28.0 * owned / self.cluster.node.device.hbm_bandwidth
+            stages
+                .iter()
+                .map(|st| {
+                    let on = s.on(st.submesh);
+                    let owners = if on.zero >= 1 { on.data as f64 } else { 1.0 };
+                    28.0 * st.trainable / owners
+                })
+                .fold(0.0, f64::max)
+                / self.cluster.node.device.hbm_bandwidth
         } else {
             0.0
         };
         let time = TimeBreakdown {
-            compute: m * (slowest.forward + slowest.backward),
-            recompute: m * slowest.recompute,
-            tensor_comm: m * slowest.tensor_comm,
+            compute: m * of_slowest(|st| st.forward + st.backward),
+            recompute: m * of_slowest(|st| st.recompute),
+            tensor_comm: m * of_slowest(|st| st.tensor_comm),
             pipeline_bubble: bubble,
             p2p,
             data_parallel,
             optimizer,
-            total: m * slowest.per_microbatch() + bubble + p2p + data_parallel + optimizer,
+            total: m * longest + bubble + p2p + data_parallel + optimizer,
         };
         let fits = stages
             .iter()
@@ -514,22 +631,33 @@ impl Model<'_> {
         }
     }
 
-    fn stage_trainable(&self, s: &Strategy, layers: &[(usize, usize)]) -> f64 {
-        layers
-            .iter()
-            .flat_map(|&(a, b)| &self.layers[a..b])
-            .map(|l| l.trainable_split / s.tensor as f64 + l.trainable_repl)
-            .sum()
-    }
-
-    fn stage_params(&self, s: &Strategy, layers: &[(usize, usize)]) -> f64 {
-        layers
-            .iter()
-            .flat_map(|&(a, b)| &self.layers[a..b])
-            .map(|l| l.params_split / s.tensor as f64 + l.params_repl)
-            .sum()
+    /// Seconds to synchronise one stage's gradients of trainable parameters over its
+    /// data-parallel group; `s` is the stage's own strategy. ZeRO-3 reduce-scatters gradients
+    /// and all-gathers every weight (frozen ones too) for the forward and again for the
+    /// backward: 3Ψ instead of 2Ψ for full training.
+    pub fn sync(&self, s: &Strategy, stage: &StageCost) -> f64 {
+        let grad_bytes = stage.trainable * self.element_bytes();
+        let (bw, lat) = self.group_bandwidth(s.data, s.tensor);
+        if s.zero == 3 {
+            let weight_bytes = stage.params * self.element_bytes();
+            all_gather(grad_bytes, s.data, bw, lat)
+                + 2.0 * all_gather(weight_bytes, s.data, bw, lat)
+        } else {
+            all_reduce(grad_bytes, s.data, bw, lat)
+        }
     }
 }
+
+/// Per-layer terms depend only on these choices of a (stage's) strategy: tensor degree,
+/// sequences per microbatch, recompute, sequence parallelism.
+pub type PrefixKey = (u64, u64, RecomputeChoice, bool);
+
+pub fn prefix_key(s: &Strategy) -> PrefixKey {
+    (s.tensor, s.micro_batch, s.recompute, s.sequence_parallel)
+}
+
+/// Prefix sums by the setting they were computed for.
+pub type Prefixes = HashMap<PrefixKey, Vec<Terms>>;
 
 /// Additive per-layer quantities of a strategy (per microbatch, per device).
 #[derive(Clone, Copy, Debug, Default)]

@@ -6,6 +6,7 @@ pub mod cost;
 mod profile;
 mod report;
 pub mod search;
+mod stages;
 mod types;
 
 pub use cost::{model_states, MemoryBreakdown, TimeBreakdown};
@@ -17,6 +18,15 @@ use crate::graph::{compile_graph, LayerKind};
 use crate::spec::{Experiment, Origin, Plan};
 use cost::{Model, RecomputeChoice, ScheduleChoice};
 use search::{Shape, Space};
+
+/// Which plans the planner may choose.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Submeshes {
+    /// Every pipeline stage on the same data × tensor grid: what `kiln run` executes.
+    Uniform,
+    /// A submesh per stage when that is faster: `kiln plan`, for clusters one plans for.
+    PerStage,
+}
 
 /// An experiment prepared for planning: its graph, per-layer profiles and shape facts.
 pub struct Planner<'e> {
@@ -76,8 +86,8 @@ impl<'e> Planner<'e> {
         )
     }
 
-    /// The whole search and the execution plan.
-    pub fn plan(&self) -> Result<ExecutionPlan, Diagnostics> {
+    /// The whole search and the execution plan, among the plans `submeshes` allows.
+    pub fn plan(&self, submeshes: Submeshes) -> Result<ExecutionPlan, Diagnostics> {
         let (e, graph, shape, model) = (self.experiment, &self.graph, &self.shape, self.model());
         let model = &model;
         let auto = e.parallel.plan == Plan::Auto;
@@ -99,39 +109,19 @@ impl<'e> Planner<'e> {
             }
             return Err(one(d));
         }
-        let ranked = search::search(model, &candidates);
+        let mut ranked = search::search(model, &space, shape, &candidates);
+        if submeshes == Submeshes::Uniform {
+            ranked.retain(|c| c.evaluation.uniform());
+        }
         let best = &ranked[0];
         if !best.evaluation.fits {
             return Err(one(does_not_fit(e, model, best, auto, span)));
         }
-        let alternatives: Vec<Alternative> = if auto {
-            ranked
-                .iter()
-                .skip(1)
-                .filter(|c| {
-                    c.evaluation.strategy.tensor != best.evaluation.strategy.tensor
-                        || c.evaluation.strategy.pipeline != best.evaluation.strategy.pipeline
-                        || c.evaluation.strategy.data != best.evaluation.strategy.data
-                })
-                .take(3)
-                .chain(ranked.iter().skip(1).take(2))
-                .map(|c| Alternative {
-                    strategy: assemble::describe(&c.evaluation.strategy),
-                    step_time: assemble::round(c.evaluation.time.total),
-                    peak_memory: c.evaluation.peak_memory().round(),
-                    why: assemble::why_lost(&best.evaluation, &c.evaluation),
-                })
-                .collect()
+        let alternatives = if auto {
+            alternatives(&ranked)
         } else {
             Vec::new()
         };
-        let mut alternatives = alternatives;
-        alternatives.sort_by(|a, b| {
-            a.step_time
-                .total_cmp(&b.step_time)
-                .then(a.strategy.cmp(&b.strategy))
-        });
-        alternatives.dedup_by(|a, b| a.strategy == b.strategy);
         let chosen_by = if auto { "auto" } else { "manual" };
         Ok(assemble::plan(
             model,
@@ -145,9 +135,58 @@ impl<'e> Planner<'e> {
     }
 }
 
-/// Plans a checked experiment on its mesh.
+/// Plans a checked experiment on its mesh, as `kiln run` executes it: every stage on the same
+/// submesh.
 pub fn compile_plan(e: &Experiment) -> Result<ExecutionPlan, Diagnostics> {
-    Planner::new(e)?.plan()
+    compile_plan_with(e, Submeshes::Uniform)
+}
+
+/// Plans a checked experiment on its mesh among the plans `submeshes` allows.
+pub fn compile_plan_with(
+    e: &Experiment,
+    submeshes: Submeshes,
+) -> Result<ExecutionPlan, Diagnostics> {
+    Planner::new(e)?.plan(submeshes)
+}
+
+/// The runners-up of `ranked[0]`: the best three with other degrees or stage submeshes, the
+/// next two overall, and, when the winner's stages run on different submeshes, the best plan
+/// whose stages do not (what `kiln run` would execute).
+fn alternatives(ranked: &[search::Candidate]) -> Vec<Alternative> {
+    let best = &ranked[0].evaluation;
+    let grids = |e: &cost::Evaluation| {
+        (
+            e.strategy.pipeline,
+            e.stages
+                .iter()
+                .map(|s| (s.submesh.data, s.submesh.tensor))
+                .collect::<Vec<_>>(),
+        )
+    };
+    let uniform = (!best.uniform())
+        .then(|| ranked.iter().find(|c| c.evaluation.uniform()))
+        .flatten();
+    let mut out: Vec<Alternative> = ranked
+        .iter()
+        .skip(1)
+        .filter(|c| grids(&c.evaluation) != grids(best))
+        .take(3)
+        .chain(ranked.iter().skip(1).take(2))
+        .chain(uniform)
+        .map(|c| Alternative {
+            strategy: assemble::describe(&c.evaluation),
+            step_time: assemble::round(c.evaluation.time.total),
+            peak_memory: c.evaluation.peak_memory().round(),
+            why: assemble::why_lost(best, &c.evaluation),
+        })
+        .collect();
+    out.sort_by(|a, b| {
+        a.step_time
+            .total_cmp(&b.step_time)
+            .then(a.strategy.cmp(&b.strategy))
+    });
+    out.dedup_by(|a, b| a.strategy == b.strategy);
+    out
 }
 
 fn one(d: Diagnostic) -> Diagnostics {

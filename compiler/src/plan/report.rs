@@ -44,21 +44,46 @@ pub fn render_text(p: &ExecutionPlan) -> String {
         flops(p.mesh.peak_flops),
         gib(p.mesh.memory_per_device)
     );
+    let uniform = s.data > 0;
+    let degrees = if uniform {
+        format!(
+            "data {} x tensor {}{} x pipeline {}",
+            s.data,
+            s.tensor,
+            if s.sequence_parallel {
+                " (+sequence parallel)"
+            } else {
+                ""
+            },
+            s.pipeline
+        )
+    } else {
+        format!("pipeline {} on a submesh per stage", s.pipeline)
+    };
+    let microbatch = if uniform {
+        format!("{}", s.micro_batch)
+    } else {
+        format!(
+            "{} split over each stage's replicas",
+            s.global_batch / s.microbatches
+        )
+    };
     let _ = writeln!(
         o,
-        "strategy: data {} x tensor {}{} x pipeline {} | {} microbatches of {} ({} sequences) | schedule {} | zero {} | recompute {} | offload {}",
-        s.data,
-        s.tensor,
-        if s.sequence_parallel { " (+sequence parallel)" } else { "" },
-        s.pipeline,
+        "strategy: {degrees} | {} microbatches of {microbatch} ({} sequences) | schedule {} | zero {} | recompute {} | offload {}",
         s.microbatches,
-        s.micro_batch,
         s.global_batch,
         s.schedule,
         s.zero,
         s.recompute,
         s.offload
     );
+    if !uniform {
+        let _ = writeln!(
+            o,
+            "note: `kiln run` runs every stage on one submesh; the best such plan is among the runners-up"
+        );
+    }
     let _ = writeln!(
         o,
         "parameters: {} total, {} trainable, {} frozen\n",
@@ -67,15 +92,33 @@ pub fn render_text(p: &ExecutionPlan) -> String {
 
     let _ = writeln!(
         o,
-        "{:<6} {:<12} {:>11} {:>11} {:>11} {:>11} {:>11} {:>11}  layers",
-        "stage", "devices", "fwd/mb", "bwd/mb", "recomp/mb", "tp comm/mb", "memory", "capacity"
+        "{:<6} {:<12} {:<10} {:>11} {:>11} {:>11} {:>11} {:>11} {:>11}  layers",
+        "stage",
+        "devices",
+        "d x t",
+        "fwd/mb",
+        "bwd/mb",
+        "recomp/mb",
+        "tp comm/mb",
+        "memory",
+        "capacity"
     );
     for st in &p.stages {
         let _ = writeln!(
             o,
-            "{:<6} {:<12} {:>11} {:>11} {:>11} {:>11} {:>11} {:>11}  {}",
+            "{:<6} {:<12} {:<10} {:>11} {:>11} {:>11} {:>11} {:>11} {:>11}  {}",
             st.index,
             st.devices,
+            format!(
+                "{} x {}{}",
+                st.submesh.data,
+                st.submesh.tensor,
+                if st.submesh.sequence_parallel {
+                    "+sp"
+                } else {
+                    ""
+                }
+            ),
             ms(st.forward),
             ms(st.backward),
             ms(st.recompute),
@@ -134,10 +177,16 @@ pub fn render_text(p: &ExecutionPlan) -> String {
     );
     if !p.collectives.is_empty() {
         let _ = writeln!(o, "\ncollectives per iteration:");
+        // Groups of stages on different submeshes have longer names.
+        let width = p
+            .collectives
+            .iter()
+            .map(|c| c.group.chars().count())
+            .fold(10, usize::max);
         for c in &p.collectives {
             let _ = writeln!(
                 o,
-                "  {:<10} x{:<3} {:<58} {:>8} calls of {:>12}  {}",
+                "  {:<width$} x{:<3} {:<58} {:>8} calls of {:>12}  {}",
                 c.group,
                 c.group_size,
                 c.kind,

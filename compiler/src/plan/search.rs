@@ -1,11 +1,11 @@
 //! Finding strategies: the candidates a parallel block allows (a manual plan fixes most
 //! knobs; `plan = auto` leaves them to the search), the uniform fast path over all of them, and
-//! an Alpa-style dynamic program that re-cuts the layers into stages for the best candidates.
+//! the stage dynamic program (stages.rs) for the best: re-cutting their layers on their own
+//! submesh and, for `plan = auto`, giving each stage a submesh of its own.
 
-use super::cost::{Evaluation, Model, RecomputeChoice, ScheduleChoice, Strategy, Terms};
+use super::cost::{Evaluation, Model, RecomputeChoice, ScheduleChoice, StagePlace, Strategy};
+use super::stages::{partition, Menu};
 use rayon::prelude::*;
-use std::collections::HashMap;
-use std::ops::Range;
 
 /// What the search may choose; `None` fields are free.
 #[derive(Clone, Debug, Default)]
@@ -39,18 +39,22 @@ fn divisors(n: u64) -> Vec<u64> {
     (1..=n).filter(|d| n % d == 0).collect()
 }
 
-/// Every strategy the space allows, in a stable order.
-pub fn candidates(space: &Space, shape: &Shape) -> Vec<Strategy> {
-    let mut out = Vec::new();
-    let tensors: Vec<u64> = match space.tensor {
+/// The tensor degrees the space allows: tensor parallelism stays inside a node and must divide
+/// heads, KV heads and the FFN.
+fn tensor_degrees(space: &Space, shape: &Shape) -> Vec<u64> {
+    match space.tensor {
         Some(t) => vec![t],
-        // Tensor parallelism stays inside a node and must divide heads, KV heads and the FFN.
         None => divisors(shape.node_devices)
             .into_iter()
             .filter(|t| shape.heads % t == 0 && shape.kv_heads % t == 0 && shape.ffn % t == 0)
             .collect(),
-    };
-    for &t in &tensors {
+    }
+}
+
+/// Every strategy the space allows, in a stable order.
+pub fn candidates(space: &Space, shape: &Shape) -> Vec<Strategy> {
+    let mut out = Vec::new();
+    for t in tensor_degrees(space, shape) {
         let pipelines: Vec<u64> = match space.pipeline {
             Some(p) => vec![p],
             None => divisors(shape.devices / t.max(1))
@@ -144,47 +148,44 @@ pub fn candidates(space: &Space, shape: &Shape) -> Vec<Strategy> {
     out
 }
 
-/// A candidate with its layout, costed.
+/// A candidate with its stages, costed.
 #[derive(Clone, Debug)]
 pub struct Candidate {
     pub evaluation: Evaluation,
-    /// Each stage's layer ranges.
-    pub layout: Vec<Vec<Range<usize>>>,
+    pub layout: Vec<StagePlace>,
 }
 
 /// Orders evaluations: feasible first, then faster, then (among plans that fit) larger
 /// microbatches — at equal modeled time fewer and larger GEMMs run faster in practice, the model
-/// having one efficiency for every size — then less memory, then the stable order of the
-/// strategy itself (deterministic ties).
+/// having one efficiency for every size — then less memory, then uniform stages before uneven
+/// ones, then the stable order of the strategy and of the stages' submeshes (deterministic ties).
 fn better(a: &Evaluation, b: &Evaluation) -> std::cmp::Ordering {
     let larger_microbatch = if a.fits && b.fits {
         b.strategy.micro_batch.cmp(&a.strategy.micro_batch)
     } else {
         std::cmp::Ordering::Equal
     };
+    let submeshes = |e: &Evaluation| e.stages.iter().map(|s| s.submesh).collect::<Vec<_>>();
     b.fits
         .cmp(&a.fits)
         .then(a.time.total.total_cmp(&b.time.total))
         .then(larger_microbatch)
-        .then(a.peak_memory().total_cmp(&b.peak_memory()))
+        .then_with(|| a.peak_memory().total_cmp(&b.peak_memory()))
+        .then_with(|| b.uniform().cmp(&a.uniform()))
         .then(a.strategy.cmp(&b.strategy))
+        .then_with(|| submeshes(a).cmp(&submeshes(b)))
 }
 
 /// Costs every candidate with balanced stages (in parallel) and returns them best first.
 pub fn uniform(model: &Model, candidates: &[Strategy]) -> Vec<Candidate> {
-    // Per-layer costs depend only on these four choices: compute each set of prefix sums once.
-    let key = |s: &Strategy| (s.tensor, s.micro_batch, s.recompute, s.sequence_parallel);
-    let mut keys: Vec<&Strategy> = candidates.iter().collect();
-    keys.sort_by_key(|s| key(s));
-    keys.dedup_by_key(|s| key(s));
-    let prefixes: HashMap<_, Vec<Terms>> =
-        keys.par_iter().map(|s| (key(s), model.prefix(s))).collect();
+    // Per-layer costs depend on a few of the knobs: each set of prefix sums is computed once.
+    let prefixes = model.prefixes(candidates);
     let mut out: Vec<Candidate> = candidates
         .par_iter()
         .map(|s| {
             let layout = model.layout(s);
             Candidate {
-                evaluation: model.evaluate_with(s, &layout, &prefixes[&key(s)]),
+                evaluation: model.evaluate_with(s, &layout, &prefixes),
                 layout,
             }
         })
@@ -193,76 +194,106 @@ pub fn uniform(model: &Model, candidates: &[Strategy]) -> Vec<Candidate> {
     out
 }
 
-/// Re-cuts the layers into `p` stages to minimise the slowest stage, with every stage fitting
-/// its memory (Alpa's inter-operator DP, here over uniform submeshes): `best[i][j]` is the
-/// smallest possible slowest-stage time when stages `i..p` hold layers `j..`.
-pub fn rebalance(model: &Model, s: &Strategy) -> Option<Vec<Vec<Range<usize>>>> {
-    let n = model.layers.len();
-    let p = s.pipeline as usize;
-    // Interleaved chunks stay equal: the schedule assumes it.
-    if matches!(s.schedule, ScheduleChoice::Interleaved(_)) {
-        return None;
-    }
-    if p <= 1 {
-        return Some(vec![std::iter::once(0..n).collect()]);
-    }
-    let prefix = model.prefix(s);
-    let inf = f64::INFINITY;
-    let mut best = vec![vec![inf; n + 1]; p + 1];
-    let mut cut = vec![vec![usize::MAX; n + 1]; p + 1];
-    best[p][n] = 0.0;
-    for i in (0..p).rev() {
-        // Stage i needs at least one layer, and leaves one for each later stage.
-        for j in i..=n.saturating_sub(p - i) {
-            for k in (j + 1)..=(n - (p - i - 1)) {
-                if best[i + 1][k] == inf {
-                    continue;
-                }
-                let stage = model.stage(s, &prefix, std::slice::from_ref(&(j..k)), i as u64);
-                if stage.memory.total > stage.memory.capacity {
-                    continue;
-                }
-                let slowest = stage.per_microbatch().max(best[i + 1][k]);
-                if slowest < best[i][j] {
-                    best[i][j] = slowest;
-                    cut[i][j] = k;
-                }
+/// How many of the best uniform candidates the stage DP starts from.
+const REFINE: usize = 16;
+
+/// The search: the uniform path over every candidate, then the stage DP from the best few —
+/// on their own submesh (better cut points) and, when the degrees are free (`plan = auto`),
+/// with a submesh per stage. Best first; plans with uneven submeshes among them.
+pub fn search(
+    model: &Model,
+    space: &Space,
+    shape: &Shape,
+    candidates: &[Strategy],
+) -> Vec<Candidate> {
+    let mut ranked = uniform(model, candidates);
+    let seeds: Vec<&Candidate> = ranked
+        .iter()
+        .filter(|c| {
+            !matches!(
+                c.evaluation.strategy.schedule,
+                ScheduleChoice::Interleaved(_)
+            )
+        })
+        .take(REFINE)
+        .collect();
+    // The pipeline time to beat: what a seed already achieves.
+    let bound = |c: &Candidate| {
+        if c.evaluation.fits {
+            c.evaluation.time.pipeline()
+        } else {
+            f64::INFINITY
+        }
+    };
+    let mut jobs: Vec<(&Candidate, Menu)> = seeds
+        .iter()
+        .map(|c| (*c, Menu::uniform(&c.evaluation.strategy)))
+        .collect();
+    if space.data.is_none() && space.tensor.is_none() && space.pipeline.is_none() {
+        // The per-stage DP depends on the pipeline microbatch and the knobs shared by every
+        // stage, not on the seed's own submesh: one run per such setting.
+        let key = |s: &Strategy| {
+            (
+                s.pipeline_microbatch(),
+                s.microbatches,
+                s.schedule,
+                s.zero,
+                s.recompute,
+            )
+        };
+        let tensors = tensor_degrees(space, shape);
+        let mut keys = Vec::new();
+        for c in &seeds {
+            let s = &c.evaluation.strategy;
+            if !keys.contains(&key(s)) {
+                keys.push(key(s));
+                let menu = Menu::per_stage(
+                    s,
+                    &tensors,
+                    shape.devices,
+                    shape.node_devices,
+                    shape.rows_per_record,
+                    // Sequence parallelism only saves memory and memory-bound time.
+                    space.sequence_parallel.unwrap_or(true),
+                );
+                jobs.push((*c, menu));
             }
         }
     }
-    if best[0][0] == inf {
-        return None;
-    }
-    let mut layout = Vec::with_capacity(p);
-    let mut j = 0;
-    for row in cut.iter().take(p) {
-        let k = row[j];
-        layout.push(std::iter::once(j..k).collect());
-        j = k;
-    }
-    Some(layout)
-}
-
-/// The search: the uniform path over every candidate, then the stage DP for the best few.
-pub fn search(model: &Model, candidates: &[Strategy]) -> Vec<Candidate> {
-    let mut ranked = uniform(model, candidates);
-    const REFINE: usize = 16;
-    let refined: Vec<Candidate> = ranked
+    let found: Vec<Candidate> = jobs
         .par_iter()
-        .take(REFINE)
-        .filter_map(|c| {
-            let layout = rebalance(model, &c.evaluation.strategy)?;
-            let evaluation = model.evaluate(&c.evaluation.strategy, &layout);
-            (better(&evaluation, &c.evaluation) == std::cmp::Ordering::Less)
+        .filter_map(|(seed, menu)| {
+            let layout = partition(model, &seed.evaluation.strategy, menu, bound(seed))?;
+            let s = &seed.evaluation.strategy;
+            let first = layout[0].submesh;
+            let strategy = if layout.iter().all(|st| st.submesh == first) {
+                Strategy {
+                    pipeline: layout.len() as u64,
+                    ..s.on(first)
+                }
+            } else {
+                // Uneven: the seed's degrees stay as the record of its pipeline microbatch.
+                Strategy {
+                    pipeline: layout.len() as u64,
+                    ..*s
+                }
+            };
+            let evaluation = model.evaluate(&strategy, &layout);
+            (better(&evaluation, &seed.evaluation) == std::cmp::Ordering::Less)
                 .then_some(Candidate { evaluation, layout })
         })
         .collect();
-    for r in refined {
-        if let Some(slot) = ranked
-            .iter_mut()
-            .find(|c| c.evaluation.strategy == r.evaluation.strategy)
-        {
-            *slot = r;
+    for f in found {
+        // A uniform plan replaces its strategy's balanced stages when better.
+        let slot = ranked.iter_mut().find(|c| {
+            f.evaluation.uniform()
+                && c.evaluation.uniform()
+                && c.evaluation.strategy == f.evaluation.strategy
+        });
+        match slot {
+            Some(c) if better(&f.evaluation, &c.evaluation) == std::cmp::Ordering::Less => *c = f,
+            Some(_) => {}
+            None => ranked.push(f),
         }
     }
     ranked.sort_by(|a, b| better(&a.evaluation, &b.evaluation));

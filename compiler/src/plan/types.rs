@@ -1,7 +1,7 @@
 //! The execution plan: data, not behaviour. Deterministic for the same input (ordered
 //! collections, rounded floats, no paths or timestamps), so that plans snapshot-test well.
 
-use super::cost::{MemoryBreakdown, TimeBreakdown};
+use super::cost::{MemoryBreakdown, Submesh, TimeBreakdown};
 use serde::Serialize;
 
 #[derive(Clone, Debug, Serialize)]
@@ -37,13 +37,17 @@ pub struct Mesh {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct StrategySummary {
     pub chosen_by: String,
+    /// Data and tensor degree (and `micro_batch`), the same on every stage; 0 when stages run
+    /// on different submeshes (the stage table has each stage's).
     pub data: u64,
     pub tensor: u64,
     pub pipeline: u64,
+    /// On some stage.
     pub sequence_parallel: bool,
     pub zero: u8,
     pub recompute: String,
     pub schedule: String,
+    /// Sequences per microbatch per data-parallel replica; 0 when stages differ.
     pub micro_batch: u64,
     pub microbatches: u64,
     pub global_batch: u64,
@@ -57,6 +61,10 @@ pub struct Stage {
     pub layers: Vec<String>,
     /// Device ids (rank order: tensor fastest, then data, then pipeline), as ranges.
     pub devices: String,
+    /// The stage's devices as data-parallel replicas of tensor-parallel groups.
+    pub submesh: Submesh,
+    /// Sequences per microbatch on each of the stage's replicas.
+    pub micro_batch: u64,
     /// Seconds per microbatch.
     pub forward: f64,
     pub backward: f64,
