@@ -114,6 +114,16 @@ impl Placement {
     /// What `plan` says, for the graph it was made from.
     pub fn from_plan(g: &Graph, plan: &ExecutionPlan) -> Result<Self, PlacementError> {
         let st = &plan.strategy;
+        // The executor runs every stage on one data x tensor grid; `kiln plan` may show plans
+        // whose stages have grids of their own, which `compile_plan` never hands to a run.
+        let uneven = plan.stages.iter().any(|stage| {
+            (stage.submesh.data, stage.submesh.tensor) != (st.data, st.tensor)
+        });
+        if st.data == 0 || st.tensor == 0 || uneven {
+            return fail(
+                "this plan gives its pipeline stages different data x tensor grids, which the executor does not run; plan the run with uniform stages (`kiln run` and `compile_plan` do)",
+            );
+        }
         let tensor = if st.tensor > 1 {
             let splits = plan_splits(g, plan).map_err(|e| PlacementError(e.0))?;
             TensorLayout::new(g, &splits, st.tensor as usize, st.sequence_parallel)

@@ -712,3 +712,19 @@ fn peft_adapter_weights_are_loaded_to_continue_training() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `kiln plan` may give pipeline stages grids of their own; the executor, which runs one grid
+/// for every stage, refuses such a plan instead of running it wrongly.
+#[test]
+fn plans_with_stages_on_different_grids_are_refused() {
+    let e = quickstart("parallel = { mesh = cpu(4), data = 2, pipeline = 2 }");
+    let g = kiln_compiler::graph::compile_graph(&e).unwrap();
+    let mut plan = kiln_compiler::plan::compile_plan(&e).unwrap();
+    assert!(kiln_runtime::placement::Placement::from_plan(&g, &plan).is_ok());
+    plan.stages[1].submesh.data = 1;
+    plan.stages[1].submesh.tensor = 2;
+    let err = kiln_runtime::placement::Placement::from_plan(&g, &plan)
+        .err()
+        .expect("refused");
+    assert!(err.0.contains("different data x tensor grids"), "{}", err.0);
+}
