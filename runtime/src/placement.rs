@@ -116,9 +116,10 @@ impl Placement {
         let st = &plan.strategy;
         // The executor runs every stage on one data x tensor grid; `kiln plan` may show plans
         // whose stages have grids of their own, which `compile_plan` never hands to a run.
-        let uneven = plan.stages.iter().any(|stage| {
-            (stage.submesh.data, stage.submesh.tensor) != (st.data, st.tensor)
-        });
+        let uneven = plan
+            .stages
+            .iter()
+            .any(|stage| (stage.submesh.data, stage.submesh.tensor) != (st.data, st.tensor));
         if st.data == 0 || st.tensor == 0 || uneven {
             return fail(
                 "this plan gives its pipeline stages different data x tensor grids, which the executor does not run; plan the run with uniform stages (`kiln run` and `compile_plan` do)",
