@@ -247,7 +247,7 @@ pub(crate) fn records(path: &Path) -> Result<Vec<(usize, Value)>, DataError> {
         .collect())
 }
 
-/// What each record becomes for the objective: one example (causal LM, SFT) or a
+/// What each record becomes for the objective: one example (causal LM, SFT, a PPO prompt) or a
 /// chosen/rejected pair (reward model). `fields` maps logical field names to record keys.
 pub fn load_examples(
     path: &Path,
@@ -292,59 +292,75 @@ pub fn load_examples(
             ids.extend(eot);
             ids
         };
-        let examples =
-            match objective {
-                Objective::CausalLm => {
-                    let ids = with_end(encode(&field("text")?, line)?);
-                    vec![Example {
-                        labels: ids.clone(),
-                        ids,
-                        ..Example::default()
-                    }]
-                }
-                Objective::Sft { prompt, response } => {
-                    // The loss is on the response only.
-                    let p = encode(&field(prompt)?, line)?;
-                    let r = with_end(encode(&field(response)?, line)?);
-                    let labels = std::iter::repeat_n(-100, p.len())
-                        .chain(r.iter().copied())
-                        .collect();
-                    vec![Example {
-                        ids: p.into_iter().chain(r).collect(),
-                        labels,
-                        ..Example::default()
-                    }]
-                }
-                Objective::Reward { chosen, rejected } => {
-                    let p = if record
-                        .get(fields.get("prompt").map_or("prompt", String::as_str))
-                        .is_some()
-                    {
-                        encode(&field("prompt")?, line)?
-                    } else {
-                        Vec::new()
-                    };
-                    [chosen, rejected]
-                        .into_iter()
-                        .map(|f| {
-                            let ids: Vec<i64> = p
-                                .iter()
-                                .copied()
-                                .chain(with_end(encode(&field(f)?, line)?))
-                                .collect();
-                            Ok(Example {
-                                labels: vec![-100; ids.len()],
-                                ids,
-                                ..Example::default()
-                            })
+        let examples = match objective {
+            Objective::CausalLm => {
+                let ids = with_end(encode(&field("text")?, line)?);
+                vec![Example {
+                    labels: ids.clone(),
+                    ids,
+                    ..Example::default()
+                }]
+            }
+            Objective::Sft { prompt, response } => {
+                // The loss is on the response only.
+                let p = encode(&field(prompt)?, line)?;
+                let r = with_end(encode(&field(response)?, line)?);
+                let labels = std::iter::repeat_n(-100, p.len())
+                    .chain(r.iter().copied())
+                    .collect();
+                vec![Example {
+                    ids: p.into_iter().chain(r).collect(),
+                    labels,
+                    ..Example::default()
+                }]
+            }
+            Objective::Reward { chosen, rejected } => {
+                let p = if record
+                    .get(fields.get("prompt").map_or("prompt", String::as_str))
+                    .is_some()
+                {
+                    encode(&field("prompt")?, line)?
+                } else {
+                    Vec::new()
+                };
+                [chosen, rejected]
+                    .into_iter()
+                    .map(|f| {
+                        let ids: Vec<i64> = p
+                            .iter()
+                            .copied()
+                            .chain(with_end(encode(&field(f)?, line)?))
+                            .collect();
+                        Ok(Example {
+                            labels: vec![-100; ids.len()],
+                            ids,
+                            ..Example::default()
                         })
-                        .collect::<Result<_, DataError>>()?
+                    })
+                    .collect::<Result<_, DataError>>()?
+            }
+            Objective::Ppo(_) => {
+                // A prompt: the rollouts sample its responses.
+                let ids = encode(&field("prompt")?, line)?;
+                if ids.is_empty() {
+                    return Err(DataError(format!(
+                        "{}:{line}: the prompt is empty; PPO samples a response after at least one token",
+                        path.display()
+                    )));
                 }
-                _ => return Err(DataError(
-                    "PPO's rollouts are not built yet (every other objective's data pipeline is)"
-                        .into(),
-                )),
-            };
+                vec![Example {
+                    labels: vec![-100; ids.len()],
+                    ids,
+                    ..Example::default()
+                }]
+            }
+            Objective::Mlm(_)
+            | Objective::Nsp { .. }
+            | Objective::MlmNsp { .. }
+            | Objective::Pvp(_) => {
+                unreachable!("masked-LM and PET examples are made above")
+            }
+        };
         out.push(examples);
     }
     Ok(out)

@@ -36,6 +36,8 @@ const MASKED: f32 = f32::MIN;
 pub struct Batch {
     /// `[rows][positions]` integers per input name; labels use −100 for "no loss".
     pub ints: BTreeMap<String, Vec<Vec<i64>>>,
+    /// Real-valued inputs by name (PPO's `rollout`).
+    pub floats: BTreeMap<String, HostTensor>,
     /// 1 for real tokens, 0 for padding; all ones when absent.
     pub attention_mask: Option<Vec<Vec<i64>>>,
     /// The [MASK] position of each row (PET).
@@ -61,12 +63,17 @@ fn err<T>(message: impl Into<String>) -> Result<T, ExecError> {
     Err(ExecError(message.into()))
 }
 
+/// Figures a loss reports beside its value, by name (PPO: its policy and value losses and how
+/// often each was clipped).
+pub type Stats = BTreeMap<&'static str, f32>;
+
 /// The loss and the gradient of every trainable parameter (`None` for frozen ones).
 pub struct Outcome {
     pub loss: f32,
     pub grads: Vec<Option<Vec<f32>>>,
     /// Per-row class scores, for objectives that classify (PET), to measure accuracy.
     pub class_logits: Option<Vec<Vec<f32>>>,
+    pub stats: Stats,
 }
 
 #[derive(Clone)]
@@ -226,6 +233,7 @@ struct Interpreter<'g> {
     batch: &'g Batch,
     /// What this tensor-parallel rank does differently (nothing on one device).
     ops: &'g RankOps,
+    stats: Stats,
 }
 
 /// Runs forward and backward for one batch over the whole graph on one device.
@@ -245,6 +253,7 @@ pub fn forward_backward(
         return err(format!("the loss is {loss}"));
     }
     let class_logits = segment.class_logits();
+    let stats = segment.stats();
     let grads = segment.backward(&[(loss_node, Value::scalar(1.0))])?;
     let mut out: Vec<Option<Vec<f32>>> = vec![None; g.params.len()];
     for (id, grad) in grads.params {
@@ -254,6 +263,7 @@ pub fn forward_backward(
         loss,
         grads: out,
         class_logits,
+        stats,
     })
 }
 
@@ -307,6 +317,7 @@ impl<'g> Segment<'g> {
             values: vec![None; g.dag.node_count()],
             batch,
             ops,
+            stats: Stats::new(),
         };
         let mut ids = Vec::with_capacity(received.len());
         for (n, v) in received {
@@ -362,6 +373,11 @@ impl<'g> Segment<'g> {
                 }
                 _ => None,
             })
+    }
+
+    /// What the loss computed here reported beside its value.
+    pub fn stats(&self) -> Stats {
+        self.it.stats.clone()
     }
 
     /// Backpropagates `upstream` (the gradient of the loss with respect to some of this
@@ -489,6 +505,13 @@ fn exact_gelu<S: Shape>(x: Tensor<S, f32, Dev, Tape>) -> Tensor<S, f32, Dev, Tap
     live + gelu - held
 }
 
+/// The clipping ranges of PPO's policy ratio and value, and the value loss's weight.
+struct PpoKnobs {
+    clip: f32,
+    value_clip: f32,
+    value_coef: f32,
+}
+
 /// SplitMix64: a small, well-mixed generator; masks depend only on the seed and the draw.
 fn splitmix(state: &mut u64) -> u64 {
     *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -613,6 +636,13 @@ impl Interpreter<'_> {
         let node = &self.g.dag[n];
         let op = node.op.clone();
         match op {
+            Op::Input {
+                kind: InputKind::Rollout,
+            } => match self.batch.floats.get(&node.name) {
+                Some(t) if t.shape.len() == 3 => Ok(Value::from_host(t.clone())?.0),
+                Some(t) => err(format!("a rollout of shape {:?}, not [b, s, 4]", t.shape)),
+                None => err(format!("the batch has no `{}`", node.name)),
+            },
             Op::Input { kind } => {
                 let name = node.name.clone();
                 let ints = match self.batch.ints.get(&name) {
@@ -622,18 +652,18 @@ impl Interpreter<'_> {
                     }
                     None => return err(format!("the batch has no `{name}`")),
                 };
-                // Inputs made longer by prompt tuning take P leading −100 labels.
-                let want = node.out.shape.get(1).copied().unwrap_or(1) as usize;
+                // Labels made longer by prompt tuning take P leading −100 labels (rows may be
+                // shorter than `seq`: PPO's batches are as wide as their longest sequence).
+                let virtual_tokens = match (kind, node.out.shape.get(1)) {
+                    (InputKind::Labels, Some(&len)) => len.saturating_sub(self.g.seq) as usize,
+                    _ => 0,
+                };
                 let padded = ints
                     .into_iter()
                     .map(|row| {
-                        if row.len() < want && kind == InputKind::Labels {
-                            std::iter::repeat_n(-100, want - row.len())
-                                .chain(row)
-                                .collect()
-                        } else {
-                            row
-                        }
+                        std::iter::repeat_n(-100, virtual_tokens)
+                            .chain(row)
+                            .collect()
                     })
                     .collect();
                 Ok(V::Ints(padded))
@@ -1011,6 +1041,40 @@ impl Interpreter<'_> {
                 let margin = chosen.put_tape(tape) - rejected;
                 let loss = (margin.negate().exp() + 1.0).ln().mean::<(), _>();
                 Ok(self.keep0(loss))
+            }
+            Op::TokenLogProbs => {
+                let logits = self.input(n, 0)?.r3("logits")?;
+                let taken = self.input(n, 1)?.ints("tokens")?.clone();
+                self.token_log_probs(logits, &taken)
+            }
+            Op::PpoLoss {
+                clip,
+                value_clip,
+                value_coef,
+                ..
+            } => {
+                let logp = self.input(n, 0)?.r2("log-probs")?;
+                let values = self.input(n, 2)?.r3("values")?;
+                let rollout = self.input(n, 3)?.r3("rollout")?;
+                // Response tokens are where the policy's log-probs have a taken token.
+                let taken = self.g.inputs(self.g.inputs(n)[0])[1];
+                if self.values[taken.index()].is_none() {
+                    self.compute(taken)?;
+                }
+                let response: Vec<bool> = self.values[taken.index()]
+                    .as_ref()
+                    .ok_or_else(|| ExecError("the taken tokens are not computed".into()))?
+                    .ints("tokens")?
+                    .iter()
+                    .flatten()
+                    .map(|&t| t >= 0)
+                    .collect();
+                let knobs = PpoKnobs {
+                    clip: clip as f32,
+                    value_clip: value_clip as f32,
+                    value_coef: value_coef as f32,
+                };
+                self.ppo_loss(logp, values, rollout, &response, knobs)
             }
             other => err(format!(
                 "the CPU executor does not run `{}` yet",
@@ -1429,5 +1493,126 @@ impl Interpreter<'_> {
             let loss = (picked * weights).sum::<(), _>().negate() / count;
             Ok(self.keep0(loss))
         }
+    }
+
+    /// `log softmax(logits)[token]` at each position, 0 where the token is −100.
+    fn token_log_probs(&mut self, logits: T3, taken: &[Vec<i64>]) -> Result<V, ExecError> {
+        let (b, s, vocab) = *logits.shape();
+        if taken.len() != b || taken.iter().any(|row| row.len() != s) {
+            return err("the taken tokens do not match the logits' positions");
+        }
+        let mut targets = Vec::with_capacity(b * s);
+        for &t in taken.iter().flatten() {
+            if t >= vocab as i64 {
+                return err(format!("token {t} is outside the vocabulary of {vocab}"));
+            }
+            targets.push(usize::try_from(t).ok());
+        }
+        let logits = logits.put_tape(self.take_tape());
+        #[cfg(not(feature = "cuda"))]
+        let out = crate::kernels::token_log_probs(logits, targets);
+        #[cfg(feature = "cuda")]
+        let out = {
+            let ids = targets.iter().map(|t| t.unwrap_or(0)).collect();
+            let used = targets
+                .iter()
+                .map(|t| if t.is_some() { 1.0 } else { 0.0 })
+                .collect();
+            let ids: Tensor<(usize, usize), usize, Dev> = self.dev.tensor_from_vec(ids, (b, s));
+            let used: T2 = self.dev.tensor_from_vec(used, (b, s));
+            let picked: Tensor<(usize, usize), f32, Dev, Tape> =
+                logits.log_softmax::<Axis<2>>().select(ids);
+            picked * used
+        };
+        Ok(self.keep2(out))
+    }
+
+    /// TRL's PPO loss over the response tokens (`response`, `[b·s]`), as means over them:
+    /// max(−A·r, −A·clip(r, 1 ± ε)) with r = exp(log π − log π_old), plus `value_coef` ·
+    /// ½·max((V − R)², (V_old + clip(V − V_old, ±ε_v) − R)²). The branch each max takes is
+    /// decided here from the forward values: the gradient of the max is the gradient of that
+    /// branch, and a clipped branch is constant in the parameters, so the taped loss is the
+    /// unclipped terms where they win plus constants (same value, same gradient, plain ops on
+    /// either device).
+    fn ppo_loss(
+        &mut self,
+        logp: T2,
+        values: T3,
+        rollout: T3,
+        response: &[bool],
+        knobs: PpoKnobs,
+    ) -> Result<V, ExecError> {
+        let (b, s) = *logp.shape();
+        if *values.shape() != (b, s, 1) || *rollout.shape() != (b, s, 4) || response.len() != b * s
+        {
+            return err(format!(
+                "log-probs {:?}, values {:?} and rollout {:?} do not match",
+                logp.shape(),
+                values.shape(),
+                rollout.shape()
+            ));
+        }
+        let tokens = response.iter().filter(|&&r| r).count();
+        if tokens == 0 {
+            return err("the batch has no response token");
+        }
+        let n = tokens as f32;
+        let (lp, v, roll) = (logp.as_vec(), values.as_vec(), rollout.as_vec());
+        let PpoKnobs {
+            clip,
+            value_clip,
+            value_coef,
+        } = knobs;
+        // Per token: the old log-prob, the return, and each unclipped term's weight where it
+        // is the max (0 elsewhere); the clipped terms that win add constants.
+        let (mut old, mut ret) = (vec![0.0f32; b * s], vec![0.0f32; b * s]);
+        let (mut policy_w, mut value_w) = (vec![0.0f32; b * s], vec![0.0f32; b * s]);
+        let (mut constant, mut policy, mut value, mut kl) = (0.0f64, 0.0f64, 0.0f64, 0.0f64);
+        let (mut clipped, mut value_clipped) = (0usize, 0usize);
+        for i in (0..b * s).filter(|&i| response[i]) {
+            let [adv, target, old_lp, old_v] = [0, 1, 2, 3].map(|c| roll[4 * i + c]);
+            (old[i], ret[i]) = (old_lp, target);
+            let ratio = (lp[i] - old_lp).exp();
+            let (free, held) = (-adv * ratio, -adv * ratio.clamp(1.0 - clip, 1.0 + clip));
+            if held > free {
+                clipped += 1;
+                constant += f64::from(held) / f64::from(n);
+            } else {
+                policy_w[i] = -adv / n;
+            }
+            policy += f64::from(free.max(held));
+            let v_held = old_v + (v[i] - old_v).clamp(-value_clip, value_clip);
+            let (free, held) = ((v[i] - target).powi(2), (v_held - target).powi(2));
+            if held > free {
+                value_clipped += 1;
+                constant += f64::from(value_coef * 0.5 * held / n);
+            } else {
+                value_w[i] = value_coef * 0.5 / n;
+            }
+            value += f64::from(free.max(held));
+            kl += f64::from((lp[i] - old_lp).powi(2));
+        }
+        let tokens = tokens as f64;
+        self.stats = Stats::from([
+            ("policy_loss", (policy / tokens) as f32),
+            ("value_loss", (0.5 * value / tokens) as f32),
+            ("clip_fraction", (clipped as f64 / tokens) as f32),
+            (
+                "value_clip_fraction",
+                (value_clipped as f64 / tokens) as f32,
+            ),
+            // TRL's `approxkl` between the sampling policy and this one.
+            ("approx_kl", (0.5 * kl / tokens) as f32),
+        ]);
+        let tensor = |data: Vec<f32>| -> T2 { self.dev.tensor_from_vec(data, (b, s)) };
+        let (old, ret, policy_w, value_w) =
+            (tensor(old), tensor(ret), tensor(policy_w), tensor(value_w));
+        let tape = self.take_tape();
+        let (policy, tape) = ((logp.put_tape(tape) - old).exp() * policy_w)
+            .sum::<(), _>()
+            .split_tape();
+        let values = values.put_tape(tape).reshape_like(&(b, s));
+        let value = ((values - ret).square() * value_w).sum::<(), _>();
+        Ok(self.keep0(value + policy + constant as f32))
     }
 }

@@ -1,8 +1,9 @@
 //! CPU kernels for the executor's hot operators, recorded on dfdx's tape like dfdx's own ops:
 //! dense products on gemm's AVX-512 path (dfdx 0.13's gemm stops at AVX2: 2.8x fewer FLOP/s on
-//! this machine's cores), and fused, multithreaded attention, layer norm, tanh-GELU and
-//! cross-entropy (dfdx runs each as a chain of single-threaded elementwise kernels that each
-//! allocate a result). Reductions are summed in a fixed order, so a step is bit-reproducible.
+//! this machine's cores), and fused, multithreaded attention, layer norm, tanh-GELU,
+//! cross-entropy and token log-probabilities (dfdx runs each as a chain of single-threaded
+//! elementwise kernels that each allocate a result). Reductions are summed in a fixed order, so
+//! a step is bit-reproducible.
 //! The CUDA build uses dfdx's ops instead.
 
 use dfdx::prelude::*;
@@ -751,10 +752,7 @@ pub fn cross_entropy(
                     return 0.0;
                 }
                 let x = &xs[row(i)..row(i) + vocab];
-                vectorized(|| {
-                    let max = x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-                    max + x.iter().map(|v| exp(v - max)).sum::<f32>().ln()
-                })
+                vectorized(|| log_sum_exp(x))
             })
             .collect()
     };
@@ -784,14 +782,76 @@ pub fn cross_entropy(
             let dst = shared;
             // SAFETY: each used row is written by its task alone.
             let dst = unsafe { std::slice::from_raw_parts_mut(dst.0.add(at), vocab) };
-            vectorized(|| {
-                for (d, &x) in dst.iter_mut().zip(x) {
-                    *d += scale * exp(x - lse[i]);
-                }
-            });
+            vectorized(|| add_softmax(dst, x, lse[i], scale));
             dst[targets[i]] -= scale;
         });
         Ok(())
+    });
+    result.put_tape(tape)
+}
+
+/// log Σ exp over a row of logits.
+#[inline(always)]
+fn log_sum_exp(x: &[f32]) -> f32 {
+    let max = x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    max + x.iter().map(|v| exp(v - max)).sum::<f32>().ln()
+}
+
+/// `dst += scale · softmax(x)`, from the row's log Σ exp: the part of a log-softmax's gradient
+/// every logit gets (the target's one-hot part is the caller's).
+#[inline(always)]
+fn add_softmax(dst: &mut [f32], x: &[f32], lse: f32, scale: f32) {
+    for (d, &x) in dst.iter_mut().zip(x) {
+        *d += scale * exp(x - lse);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Log-probabilities of taken tokens.
+
+/// `log softmax(logits)[target]` at every position of `logits` `[b, s, vocab]` (`targets` is
+/// `[b·s]`), 0 where there is no target. One pass per row, no `[b, s, vocab]` intermediate
+/// (dfdx's log-softmax allocates several).
+pub fn token_log_probs(logits: Taped<R3>, targets: Vec<Option<usize>>) -> Taped<(usize, usize)> {
+    let (logits, mut tape) = row_major(logits).split_tape();
+    let (b, s, vocab) = *logits.shape();
+    let lse: Vec<f32> = {
+        let xs = elements(&logits);
+        targets
+            .par_iter()
+            .enumerate()
+            .map(|(i, t)| match t {
+                Some(_) => vectorized(|| log_sum_exp(&xs[i * vocab..(i + 1) * vocab])),
+                None => 0.0,
+            })
+            .collect()
+    };
+    let picked: Vec<f32> = {
+        let xs = elements(&logits);
+        targets
+            .iter()
+            .enumerate()
+            .map(|(i, t)| t.map_or(0.0, |t| xs[i * vocab + t] - lse[i]))
+            .collect()
+    };
+    let out = tensor(logits.device(), picked, (b, s));
+    let result = out.clone();
+    tape.add_backward_op(move |grads| {
+        let dy = take_grad(grads, &out)?;
+        let xs = elements(&logits);
+        // d log p_t / d x = onehot(t) − softmax(x), written straight into the logits' gradient.
+        let acc = grads.get_or_alloc_mut(&logits)?;
+        let shared = Shared(acc.as_mut_ptr());
+        targets.par_iter().enumerate().for_each(|(i, t)| {
+            let Some(t) = *t else { return };
+            let at = i * vocab;
+            let dst = shared;
+            // SAFETY: each row is written by its task alone.
+            let dst = unsafe { std::slice::from_raw_parts_mut(dst.0.add(at), vocab) };
+            vectorized(|| add_softmax(dst, &xs[at..at + vocab], lse[i], -dy[i]));
+            dst[t] += dy[i];
+        });
+        put_grad(grads, &out, dy)
     });
     result.put_tape(tape)
 }
@@ -1185,6 +1245,43 @@ mod tests {
             "dlogits",
             &fast_grads.get(&logits).as_vec(),
             &ref_grads.get(&logits).as_vec(),
+            1e-5,
+        );
+    }
+
+    #[test]
+    fn token_log_probs_match_log_softmax_and_skip_positions_without_a_token() {
+        let (b, s, vocab) = (3, 5, 13);
+        let logits = t3((b, s, vocab), 31);
+        let logits = Cpu::default().tensor_from_vec(
+            logits.as_vec().iter().map(|v| v * 6.0).collect(),
+            (b, s, vocab),
+        );
+        let targets: Vec<Option<usize>> = (0..b * s)
+            .map(|i| (i % 3 != 0).then_some((i * 5) % vocab))
+            .collect();
+        let (fast, fast_g) = probe(
+            token_log_probs(logits.clone().leaky_traced(), targets.clone()),
+            32,
+        );
+        let dev = Cpu::default();
+        let ids = targets.iter().map(|t| t.unwrap_or(0)).collect();
+        let used = targets
+            .iter()
+            .map(|t| if t.is_some() { 1.0 } else { 0.0 })
+            .collect();
+        let picked: Taped<(usize, usize)> = logits
+            .clone()
+            .leaky_traced()
+            .log_softmax::<Axis<2>>()
+            .select(dev.tensor_from_vec(ids, (b, s)));
+        let (reference, ref_g) = probe(picked * dev.tensor_from_vec(used, (b, s)), 32);
+        close("log-probs", &fast, &reference, 1e-6);
+        assert!(fast.iter().step_by(3).all(|&v| v == 0.0));
+        close(
+            "dlogits",
+            &fast_g.get(&logits).as_vec(),
+            &ref_g.get(&logits).as_vec(),
             1e-5,
         );
     }

@@ -1,7 +1,8 @@
 //! Kiln's runtime: executes the compiler's execution plans with dfdx (CPU by default, CUDA
 //! behind a feature): the graph interpreter (`exec`), the plan's placement (`placement`,
 //! `tensor_parallel`) run on a mesh of device threads (`mesh`) over collectives
-//! (`collective`), data pipelines, optimizers, checkpoints and measured memory.
+//! (`collective`), data pipelines, PPO's rollouts (`ppo`), optimizers, checkpoints and
+//! measured memory.
 
 pub mod checkpoint;
 pub mod collective;
@@ -17,6 +18,7 @@ pub mod optim;
 pub mod pet;
 pub mod placement;
 pub mod plot;
+pub mod ppo;
 pub mod prompt;
 mod rng;
 pub mod tensor_parallel;

@@ -12,7 +12,7 @@ use crate::checkpoint::{param_shape, HostTensor};
 use crate::collective::{
     cpu_ring, mailboxes, ring_shard, Collective, CollectiveError, CpuRing, Mailbox, Payload, Tag,
 };
-use crate::exec::{Batch, ExecError, Params, Segment, Value};
+use crate::exec::{Batch, ExecError, Params, Segment, Stats, Value};
 use crate::memory;
 use crate::optim::{clip_factor, step, State};
 use crate::placement::{Action, Piece, Placement};
@@ -37,6 +37,8 @@ pub struct StepOutcome {
     /// Seconds a device spent in collectives and transfers this step (mean over devices),
     /// waiting for its peers included.
     pub collective_seconds: f64,
+    /// What the loss reported beside its value, averaged over the step's microbatches.
+    pub stats: Stats,
 }
 
 /// Why a device's step failed: its own error, or a collective broken by another device's.
@@ -307,10 +309,15 @@ impl Mesh {
         let mut outcome: Option<StepOutcome> = None;
         let mut peer = None;
         let mut collective_seconds = 0.0;
+        // Only the stage computing the loss has its figures.
+        let mut stats = Stats::new();
         for (i, result) in results.into_iter().enumerate() {
             match result {
-                Ok(r) => {
+                Ok(mut r) => {
                     collective_seconds += r.collective_seconds / devices as f64;
+                    if stats.is_empty() {
+                        stats = std::mem::take(&mut r.stats);
+                    }
                     outcome = outcome.or(Some(r));
                 }
                 Err(Failure::Own(e)) if devices > 1 => return Err(format!("device {i}: {e}")),
@@ -322,6 +329,7 @@ impl Mesh {
             (_, Some(e)) => Err(e.0),
             (Some(r), None) => Ok(StepOutcome {
                 collective_seconds,
+                stats,
                 ..r
             }),
             (None, None) => Err("the mesh has no device".into()),
@@ -502,6 +510,7 @@ impl<'c> StepContext<'c> {
         // (kept in the thread: device tensors need not be `Send`).
         let mut tensors = Params::new(g, &device.values).map_err(own)?;
         let mut loss = 0.0f32;
+        let mut stats = Stats::new();
         let mut grad_norm = 0.0;
         let mut flight: BTreeMap<(usize, usize), InFlight> = BTreeMap::new();
         for &action in &self.placement.schedules[device.stage] {
@@ -519,8 +528,13 @@ impl<'c> StepContext<'c> {
                     let k = self.virtual_stage(device.stage, chunk)?;
                     let batch = microbatch(micros, mb)?;
                     let entry = flight.entry((mb, k)).or_default();
-                    if let Some(l) = self.forward(device, &mut tensors, links, batch, k, entry)? {
+                    if let Some((l, s)) =
+                        self.forward(device, &mut tensors, links, batch, k, entry)?
+                    {
                         loss += l * self.scale;
+                        for (name, x) in s {
+                            *stats.entry(name).or_default() += x * self.scale;
+                        }
                     }
                 }
                 Action::Send { mb, chunk } => {
@@ -608,10 +622,17 @@ impl<'c> StepContext<'c> {
                 }
             }
         }
+        if self.placement.data > 1 && !stats.is_empty() {
+            // Every data rank of the loss's stage has the same figures to sum.
+            let mut sums: Vec<f32> = stats.values().copied().collect();
+            links.data.all_reduce_sum(&mut sums)?;
+            stats.values_mut().zip(sums).for_each(|(x, sum)| *x = sum);
+        }
         Ok(StepOutcome {
             loss,
             grad_norm,
             collective_seconds: 0.0,
+            stats,
         })
     }
 
@@ -729,7 +750,7 @@ impl<'c> StepContext<'c> {
     }
 
     /// Forward through virtual stage `k`: each piece in turn, keeping what later pieces and
-    /// stages read; returns the loss if this is where it is computed.
+    /// stages read; returns the loss and its figures if this is where it is computed.
     fn forward(
         &self,
         device: &mut Device,
@@ -738,7 +759,7 @@ impl<'c> StepContext<'c> {
         batch: &'c Batch,
         k: usize,
         entry: &mut InFlight<'c>,
-    ) -> Result<Option<f32>, Failure> {
+    ) -> Result<Option<(f32, Stats)>, Failure> {
         let mut loss = None;
         for piece in &self.placement.virtual_stages[k].pieces {
             let segment = self.run_piece(device, tensors, links, batch, piece, entry)?;
@@ -749,7 +770,7 @@ impl<'c> StepContext<'c> {
             if self.g.loss.is_some_and(|l| piece.nodes.contains(&l)) {
                 let l = segment.loss().map_err(own)?;
                 self.check_finite(l)?;
-                loss = Some(l);
+                loss = Some((l, segment.stats()));
             }
             entry.kept.push((!piece.recompute).then_some(segment));
         }

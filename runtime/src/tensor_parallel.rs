@@ -365,7 +365,11 @@ impl TensorLayout {
                     _ => return Err(unsupported()),
                 },
                 Op::DoraRescale { .. } | Op::TokenLogProbs | Op::PpoLoss { .. } if size > 1 => {
-                    return Err(unsupported())
+                    return Err(LayoutError(format!(
+                        "tensor parallelism does not run `{}` ({}) yet; plan it with `parallel {{ tensor = 1 }}`",
+                        node.name,
+                        node.op.kind()
+                    )))
                 }
                 // Whole computation (norms, positions, prompts, pooling, losses).
                 _ => Form::Whole,

@@ -1,21 +1,24 @@
-//! The training loop: parameter initialisation (or a Hugging Face checkpoint), batches from the
-//! experiment's data, steps on the mesh the plan lays out (`mesh`), the learning-rate schedule,
-//! metrics, evaluation, and checkpoints written atomically.
+//! The training loop: parameter initialisation (or a Hugging Face checkpoint, or the run of the
+//! pipeline stage it starts from), batches from the experiment's data (for PPO, rollouts:
+//! `ppo`), steps on the mesh the plan lays out (`mesh`), the learning-rate schedule, metrics,
+//! evaluation, and checkpoints written atomically.
 
 use crate::checkpoint::{
     bind, param_shape, read_safetensors, safetensors_bytes, write_atomic, HostTensor,
 };
 use crate::data::{load_examples, load_tokenizer, pad_batch, DataError, Example, PaddedBatch};
-use crate::exec::{forward_backward, Batch};
+use crate::exec::{forward_backward, Batch, Stats};
 use crate::mesh::{DeviceMemory, Mesh, StepOutcome};
 use crate::optim::{learning_rate, State};
 use crate::pet::verbalizer_ids;
 use crate::placement::Placement;
 use crate::plot::{read_losses, write_loss_curve};
+use crate::ppo::{reference_weights, Rollouts, Source};
 use crate::rng::Rng;
 use kiln_compiler::graph::{compile_graph, Graph, ParamRole};
 use kiln_compiler::plan::compile_plan;
-use kiln_compiler::spec::{Experiment, Length, Objective, Optimizer};
+use kiln_compiler::spec::{Experiment, Length, Objective, Optimizer, Ppo};
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -252,6 +255,22 @@ struct Progress {
     fingerprint: String,
 }
 
+impl Progress {
+    /// The next training record, in a fresh seeded shuffle each epoch.
+    fn next_record(&mut self) -> usize {
+        if self.cursor == self.order.len() {
+            let mut rng = Rng(self.rng);
+            for i in (1..self.order.len()).rev() {
+                self.order.swap(i, rng.below(i + 1));
+            }
+            self.rng = rng.0;
+            self.cursor = 0;
+        }
+        self.cursor += 1;
+        self.order[self.cursor - 1]
+    }
+}
+
 /// FNV-1a over the parts of the experiment a checkpoint depends on (not the step count, which a
 /// resumed run may extend).
 fn fingerprint(e: &Experiment) -> String {
@@ -366,12 +385,103 @@ fn load_checkpoint(
     Ok(progress)
 }
 
+/// The trained weights a stage's run left under `runs` (its checkpoint's trainable tensors);
+/// `user` says who needs them and how ("`rlhf_ppo` uses the reward model of"), for the error
+/// that names the stage to run first.
+pub(crate) fn stage_weights(
+    runs: &Path,
+    stage: &str,
+    user: &str,
+) -> Result<(PathBuf, BTreeMap<String, HostTensor>), RunError> {
+    let path = runs
+        .join(stage)
+        .join("checkpoint")
+        .join("trainable.safetensors");
+    if !path.exists() {
+        return Err(RunError(format!(
+            "{user} `{stage}`, which has no run yet ({} is missing): run that stage first (`kiln run FILE --experiment {stage}`)",
+            path.display()
+        )));
+    }
+    let tensors = read_safetensors(&path).map_err(|err| RunError(err.to_string()))?;
+    Ok((path, tensors))
+}
+
 /// What to do after a step.
 pub enum Control {
     Continue,
     /// Save a checkpoint and stop (as on an interrupt).
     Stop,
 }
+
+/// Where `e`'s weights start, first match winning: the run of the stage it starts from (`init`),
+/// pretrained weights (`hf("dir")`) and trained adapters (`peft("dir")`); each replaces the
+/// initial values it names.
+fn initial_weights(e: &Experiment, graph: &Graph, runs: &Path) -> Result<Vec<Source>, RunError> {
+    let mut files = Vec::new();
+    if let Some(stage) = &e.init {
+        files.push(stage_weights(
+            runs,
+            stage,
+            &format!("`{}` starts from", e.name),
+        )?);
+    }
+    for path in e
+        .model
+        .checkpoint
+        .iter()
+        .map(|dir| Path::new(dir).join("model.safetensors"))
+        .chain(
+            e.adapter_weights
+                .iter()
+                .map(|dir| Path::new(dir).join("adapter_model.safetensors")),
+        )
+    {
+        let tensors = read_safetensors(&path).map_err(|err| RunError(err.to_string()))?;
+        // A virtual-token adapter's file holds its prompt under PEFT's name.
+        let tensors = crate::prompt::from_peft(graph, tensors)
+            .map_err(|err| RunError(format!("{}: {err}", path.display())))?;
+        files.push((path, tensors));
+    }
+    Ok(files)
+}
+
+/// PPO's updates on one rollout (`micros`, the mesh's microbatches): `epochs` optimizer steps
+/// over the whole of it (TRL's PPO epochs with one mini-batch), counted from 1 across the run
+/// for Adam's bias correction. Loss, norm and figures are their means; collective time adds up.
+fn ppo_updates(
+    mesh: &mut Mesh,
+    graph: &Graph,
+    e: &Experiment,
+    ppo: &Ppo,
+    micros: &[Batch],
+    lr: f64,
+    step: u64,
+) -> Result<StepOutcome, RunError> {
+    let mut mean = StepOutcome {
+        loss: 0.0,
+        grad_norm: 0.0,
+        collective_seconds: 0.0,
+        stats: Stats::new(),
+    };
+    let share = 1.0 / ppo.epochs as f64;
+    for epoch in 0..ppo.epochs {
+        let update = step * ppo.epochs + epoch + 1;
+        let out = mesh
+            .step(graph, &e.train, micros, lr, update)
+            .map_err(|err| RunError(format!("PPO step {} (update {update}): {err}", step + 1)))?;
+        mean.loss += out.loss * share as f32;
+        mean.grad_norm += out.grad_norm * share;
+        mean.collective_seconds += out.collective_seconds;
+        for (name, x) in out.stats {
+            *mean.stats.entry(name).or_default() += x * share as f32;
+        }
+    }
+    Ok(mean)
+}
+
+/// The evaluation rollouts' draws: the same whatever the run's length, so that runs compare.
+const EVAL_SEED: u64 = 0x5EED_E7A1;
 
 /// Trains `e` and writes metrics and checkpoints under `runs`;
 /// with `resume`, continues the run from its checkpoint with identical results.
@@ -382,21 +492,6 @@ pub fn run(
     resume: bool,
     mut on_step: impl FnMut(&StepReport) -> Control,
 ) -> Result<RunSummary, RunError> {
-    if !matches!(
-        e.objective,
-        Objective::CausalLm
-            | Objective::Sft { .. }
-            | Objective::Reward { .. }
-            | Objective::Mlm(_)
-            | Objective::Nsp { .. }
-            | Objective::MlmNsp { .. }
-            | Objective::Pvp(_)
-    ) {
-        return Err(RunError(
-            "`kiln run` trains every objective but PPO so far (its rollout loop is not built)"
-                .into(),
-        ));
-    }
     let resolve = |p: &Option<String>, what: &str| -> Result<PathBuf, RunError> {
         p.as_ref()
             .map(PathBuf::from)
@@ -442,26 +537,7 @@ pub fn run(
 
     let graph = compile_graph(e).map_err(|d| RunError(format!("{:?}", d.items)))?;
     let mut values = initialise(&graph, e.train.seed);
-    // Pretrained weights (`hf("dir")`) and trained adapters (`peft("dir")`) replace the
-    // initial values they name.
-    let files = e
-        .model
-        .checkpoint
-        .iter()
-        .map(|dir| Path::new(dir).join("model.safetensors"))
-        .chain(
-            e.adapter_weights
-                .iter()
-                .map(|dir| Path::new(dir).join("adapter_model.safetensors")),
-        )
-        .map(|path| {
-            let tensors = read_safetensors(&path).map_err(|err| RunError(err.to_string()))?;
-            // A virtual-token adapter's file holds its prompt under PEFT's name.
-            let tensors = crate::prompt::from_peft(&graph, tensors)
-                .map_err(|err| RunError(format!("{}: {err}", path.display())))?;
-            Ok((path, tensors))
-        })
-        .collect::<Result<Vec<_>, RunError>>()?;
+    let files = initial_weights(e, &graph, runs)?;
     for (slot, bound) in values
         .iter_mut()
         .zip(bind(&graph, &files).map_err(|err| RunError(err.to_string()))?)
@@ -470,6 +546,16 @@ pub fn run(
             *slot = t;
         }
     }
+    let rollouts = match &e.objective {
+        Objective::Ppo(ppo) => {
+            reference_weights(e, ppo, &graph, &mut values, runs)?;
+            Some((
+                ppo,
+                Rollouts::new(e, ppo, &graph, runs, &files, &tokenizer)?,
+            ))
+        }
+        _ => None,
+    };
     let mut states: Vec<Option<State>> = vec![None; values.len()];
     let run_dir = runs.join(&e.name);
     let checkpoint_dir = run_dir.join("checkpoint");
@@ -518,43 +604,57 @@ pub fn run(
     let mut mesh = Mesh::new(&graph, placement, &values, &states);
     while progress.step < total {
         let s = progress.step;
-        let micro_steps = mesh.microbatches();
-        let mut micros = Vec::with_capacity(micro_steps);
-        for m in 0..micro_steps {
-            // A fresh seeded shuffle each epoch.
-            let mut rows: Vec<&Example> = Vec::new();
-            for _ in 0..micro.min(batch - m * micro) / per_record {
-                if progress.cursor == progress.order.len() {
-                    let mut rng = Rng(progress.rng);
-                    for i in (1..progress.order.len()).rev() {
-                        progress.order.swap(i, rng.below(i + 1));
-                    }
-                    progress.rng = rng.0;
-                    progress.cursor = 0;
-                }
-                rows.extend(&train_set[progress.order[progress.cursor]]);
-                progress.cursor += 1;
-            }
-            let mut b = batch_inputs(&rows, seq_len, &e.objective, verbalizer.as_deref());
-            progress.tokens += b
-                .attention_mask
-                .iter()
-                .flatten()
-                .flatten()
-                .filter(|&&v| v == 1)
-                .count();
-            // Seeded by the micro-batch's place in the step, not by the device that runs it.
-            b.dropout_seed = Some(e.train.seed ^ (s * 1_000_003 + m as u64));
-            micros.push(b);
-        }
         let lr = learning_rate(peak, &e.train.schedule, s, total);
+        let (outcome, extra) = match &rollouts {
+            Some((ppo, rollouts)) => {
+                let prompts: Vec<&Example> = (0..batch)
+                    .map(|_| &train_set[progress.next_record()][0])
+                    .collect();
+                // Draws seeded by the step: a resumed run samples what the whole run did.
+                let seed = e.train.seed ^ (s * 1_000_003);
+                let rollout = rollouts.collect(&mesh.values(&graph), &prompts, seed)?;
+                progress.tokens += rollout.tokens();
+                let micros = rollouts.batches(&rollout, micro);
+                let outcome = ppo_updates(&mut mesh, &graph, e, ppo, &micros, lr, s)?;
+                let figures = vec![
+                    ("reward", rollout.reward),
+                    ("kl", rollout.kl),
+                    ("response_length", rollout.response_length),
+                ];
+                (outcome, figures)
+            }
+            None => {
+                let micro_steps = mesh.microbatches();
+                let mut micros = Vec::with_capacity(micro_steps);
+                for m in 0..micro_steps {
+                    let mut rows: Vec<&Example> = Vec::new();
+                    for _ in 0..micro.min(batch - m * micro) / per_record {
+                        rows.extend(&train_set[progress.next_record()]);
+                    }
+                    let mut b = batch_inputs(&rows, seq_len, &e.objective, verbalizer.as_deref());
+                    progress.tokens += b
+                        .attention_mask
+                        .iter()
+                        .flatten()
+                        .flatten()
+                        .filter(|&&v| v == 1)
+                        .count();
+                    // Seeded by the micro-batch's place in the step, not by the device that runs it.
+                    b.dropout_seed = Some(e.train.seed ^ (s * 1_000_003 + m as u64));
+                    micros.push(b);
+                }
+                let outcome = mesh
+                    .step(&graph, &e.train, &micros, lr, s + 1)
+                    .map_err(RunError)?;
+                (outcome, Vec::new())
+            }
+        };
         let StepOutcome {
             loss: loss_sum,
             grad_norm,
             collective_seconds,
-        } = mesh
-            .step(&graph, &e.train, &micros, lr, s + 1)
-            .map_err(RunError)?;
+            stats,
+        } = outcome;
         progress.step += 1;
         if progress.first_loss.is_nan() {
             progress.first_loss = loss_sum;
@@ -562,7 +662,15 @@ pub fn run(
         progress.loss = loss_sum;
         let tps =
             (progress.tokens - tokens_before) as f64 / started.elapsed().as_secs_f64().max(1e-9);
-        let line = serde_json::json!({ "step": s + 1, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "tokens_per_second": tps });
+        let mut line = serde_json::json!({ "step": s + 1, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "tokens_per_second": tps });
+        // What the objective reports beside its loss (PPO: the rollout's reward and KL, the
+        // loss's parts and clip fractions).
+        for (key, value) in extra {
+            line[key] = serde_json::json!(value);
+        }
+        for (key, value) in stats {
+            line[key] = serde_json::json!(value);
+        }
         writeln!(metrics, "{line}").map_err(|err| RunError(format!("metrics: {err}")))?;
         let control = on_step(&StepReport {
             step: s + 1,
@@ -579,8 +687,16 @@ pub fn run(
             break;
         }
     }
-    let eval = match (&eval_set, progress.step == total) {
-        (Some(set), true) => {
+    let eval = match (&eval_set, progress.step == total, &rollouts) {
+        (Some(set), true, Some((_, rollouts))) => {
+            let prompts: Vec<&Example> = set.iter().map(|r| &r[0]).collect();
+            let reward =
+                rollouts.mean_reward(&mesh.values(&graph), &prompts, e.train.seed ^ EVAL_SEED)?;
+            let line = serde_json::json!({ "eval_reward": reward });
+            writeln!(metrics, "{line}").map_err(|err| RunError(format!("metrics: {err}")))?;
+            None
+        }
+        (Some(set), true, None) => {
             let eval = evaluate(
                 &graph,
                 &mesh.values(&graph),

@@ -147,6 +147,7 @@ fn run_case(dir: &Path) -> Result<String, String> {
         class_token_ids: case["verbalizer_token_ids"]
             .as_array()
             .map(|a| a.iter().map(|x| x.as_u64().unwrap() as usize).collect()),
+        ..Batch::default()
     };
     let outcome = forward_backward(&graph, &values, &batch).map_err(|e| e.to_string())?;
 

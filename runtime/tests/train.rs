@@ -23,13 +23,18 @@ fn quickstart(overrides: &str) -> kiln_compiler::spec::Experiment {
 
 /// The experiment named `variant` in `src`, checked as a file beside the examples.
 fn variant(src: &str) -> kiln_compiler::spec::Experiment {
+    named(src, "variant")
+}
+
+/// The experiment `name` of `src`, checked as a file beside the examples.
+fn named(src: &str, name: &str) -> kiln_compiler::spec::Experiment {
     let checked = kiln_compiler::check_source("variant.kiln", src, Some(&examples()));
     assert!(checked.is_ok(), "{}", checked.render_errors());
     checked
         .module
         .experiments
         .into_iter()
-        .find(|e| e.value.name == "variant")
+        .find(|e| e.value.name == name)
         .unwrap()
         .value
 }
@@ -148,36 +153,43 @@ fn an_interrupted_run_resumes_bit_exactly() {
     std::fs::remove_dir_all(&split).ok();
 }
 
-fn rlhf_stage(name: &str, overrides: &str) -> kiln_compiler::spec::Experiment {
+/// The RLHF example's stages on a tiny model under names of their own: `tiny_sft`,
+/// `tiny_reward` (starting from `tiny_sft`) and `tiny_ppo` (starting from `tiny_sft`, scored by
+/// `tiny_reward`, against `tiny_sft`); `train` adds to `tiny_ppo`'s train block.
+fn rlhf(stage: &str, train: &str) -> kiln_compiler::spec::Experiment {
     let src = format!(
         "import std.models.gpt2\nimport \"rlhf_pipeline.kiln\"\n\
-         experiment variant = {name} {{ model = gpt2 {{ vocab = 1024, hidden = 64, layers = 2, heads = 4, positions = 256, dropout = 0.0 {overrides} }}, \
-         data {{ tokenizer = \"data/tokenizer.json\" }}, train {{ seq_len = 96 }} }}"
+         model tiny = gpt2 {{ vocab = 1024, hidden = 64, layers = 2, heads = 4, positions = 256, dropout = 0.0 }}\n\
+         experiment tiny_sft = rlhf_sft {{ model = tiny, train {{ seq_len = 96, optimizer = adamw {{ lr = 3e-3, weight_decay = 0.0 }} }} }}\n\
+         experiment tiny_reward = rlhf_reward {{ init = tiny_sft, model = tiny {{ output_heads = [reward] }}, \
+           train {{ seq_len = 96, optimizer = adamw {{ lr = 1e-3, weight_decay = 0.0 }} }} }}\n\
+         experiment tiny_ppo = rlhf_ppo {{ init = tiny_sft, model = tiny {{ output_heads = [lm, value] }}, \
+           objective = ppo {{ kl = 0.05, reward_model = tiny_reward, reference = tiny_sft, response_length = 24 }}, \
+           data {{ eval = \"data/ppo_prompts.jsonl\" }}, \
+           train {{ seq_len = 96, optimizer = adamw {{ lr = 3e-4, weight_decay = 0.0 }} {train} }} }}\n"
     );
-    variant(&src)
+    named(&src, stage)
+}
+
+/// Runs stage `name` of [`rlhf`] for `steps` steps under `dir`.
+fn run_stage(dir: &Path, name: &str, steps: u64) -> kiln_runtime::train::RunSummary {
+    run(&rlhf(name, ""), dir, Some(steps), false, |_| {
+        Control::Continue
+    })
+    .unwrap()
 }
 
 #[test]
 fn sft_and_reward_models_train() {
     let dir = scratch("rlhf");
-    let sft = run(&rlhf_stage("rlhf_sft", ""), &dir, Some(15), false, |_| {
-        Control::Continue
-    })
-    .unwrap();
+    let sft = run_stage(&dir, "tiny_sft", 15);
     assert!(
         sft.last_loss < sft.first_loss,
         "SFT: {} -> {}",
         sft.first_loss,
         sft.last_loss
     );
-    let reward = run(
-        &rlhf_stage("rlhf_reward", ", output_heads = [reward]"),
-        &dir,
-        Some(12),
-        false,
-        |_| Control::Continue,
-    )
-    .unwrap();
+    let reward = run_stage(&dir, "tiny_reward", 12);
     assert!(
         reward.first_loss > 0.5 && reward.first_loss < 0.9,
         "an untrained reward model scores pairs near ln 2: {}",
@@ -188,6 +200,134 @@ fn sft_and_reward_models_train() {
         "reward: {} -> {}",
         reward.first_loss,
         reward.last_loss
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The PPO run's metrics lines, without the throughput (which differs between runs).
+fn ppo_metrics(dir: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(dir.join("tiny_ppo/metrics.jsonl")).unwrap();
+    text.lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v.as_object_mut().unwrap().remove("tokens_per_second");
+            v
+        })
+        .collect()
+}
+
+#[test]
+fn ppo_raises_the_reward_and_keeps_its_reference_frozen() {
+    let dir = scratch("ppo");
+    run_stage(&dir, "tiny_sft", 60);
+    run_stage(&dir, "tiny_reward", 40);
+    // No step: the evaluation scores the SFT policy's responses.
+    run_stage(&dir, "tiny_ppo", 0);
+    let before = ppo_metrics(&dir)[0]["eval_reward"].as_f64().unwrap();
+    run_stage(&dir, "tiny_ppo", 20);
+    let lines = ppo_metrics(&dir);
+    assert_eq!(lines.len(), 21, "20 steps and the evaluation");
+    let steps = &lines[..20];
+    for line in steps {
+        for key in [
+            "loss",
+            "reward",
+            "kl",
+            "policy_loss",
+            "value_loss",
+            "clip_fraction",
+            "response_length",
+        ] {
+            let x = line[key].as_f64().unwrap_or(f64::NAN);
+            assert!(x.is_finite(), "{key} is {x} in {line}");
+        }
+    }
+    // The policy starts as its reference: the same log-probabilities, no KL. Then the policy
+    // moves and the reference does not.
+    assert_eq!(steps[0]["kl"].as_f64(), Some(0.0));
+    assert!(steps[19]["kl"].as_f64().unwrap() > 0.5, "{}", steps[19]);
+    let after = lines[20]["eval_reward"].as_f64().unwrap();
+    assert!(
+        after > before + 0.5,
+        "the reward model's mean score of sampled responses: {before} -> {after}"
+    );
+    let weights = |stage: &str| {
+        read_safetensors(&dir.join(format!("{stage}/checkpoint/trainable.safetensors"))).unwrap()
+    };
+    let (sft, ppo) = (weights("tiny_sft"), weights("tiny_ppo"));
+    let name = "transformer.h.0.attn.c_attn.weight";
+    assert_ne!(sft[name], ppo[name], "the policy trained");
+    assert!(
+        ppo.contains_key("v_head.summary.weight"),
+        "with its value head"
+    );
+    assert!(
+        ppo.keys().all(|k| !k.starts_with("ref.")),
+        "the reference is not trained"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn ppo_rollouts_repeat_for_a_seed_and_resume_bit_exactly() {
+    let dir = scratch("ppo-seed");
+    run_stage(&dir, "tiny_sft", 20);
+    run_stage(&dir, "tiny_reward", 10);
+    run_stage(&dir, "tiny_ppo", 3);
+    let first = ppo_metrics(&dir);
+    run_stage(&dir, "tiny_ppo", 3);
+    assert_eq!(
+        first,
+        ppo_metrics(&dir),
+        "same seed, same rollouts and updates"
+    );
+    // Stopped after a step and resumed: the same rollouts and weights.
+    let ppo = rlhf("tiny_ppo", "");
+    let stop = |r: &kiln_runtime::train::StepReport| {
+        if r.step == 1 {
+            Control::Stop
+        } else {
+            Control::Continue
+        }
+    };
+    run(&ppo, &dir, Some(3), false, stop).unwrap();
+    run(&ppo, &dir, Some(3), true, |_| Control::Continue).unwrap();
+    assert_eq!(first, ppo_metrics(&dir), "resumed");
+    run(
+        &rlhf("tiny_ppo", ", seed = 8"),
+        &dir,
+        Some(3),
+        false,
+        |_| Control::Continue,
+    )
+    .unwrap();
+    assert_ne!(
+        first[0]["reward"],
+        ppo_metrics(&dir)[0]["reward"],
+        "another seed samples other responses"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn ppo_names_the_stage_to_run_first() {
+    let dir = scratch("ppo-missing");
+    let ppo = rlhf("tiny_ppo", "");
+    let err = run(&ppo, &dir, Some(1), false, |_| Control::Continue)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("`tiny_ppo` starts from `tiny_sft`") && err.contains("run that stage first"),
+        "{err}"
+    );
+    run_stage(&dir, "tiny_sft", 1);
+    let err = run(&ppo, &dir, Some(1), false, |_| Control::Continue)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("`tiny_ppo` uses the reward model of `tiny_reward`")
+            && err.contains("kiln run FILE --experiment tiny_reward"),
+        "{err}"
     );
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -123,7 +123,8 @@ pub enum InputKind {
     /// One class per sequence (NSP, PET).
     SequenceLabels,
     AttentionMask,
-    /// PPO: per-token advantages, returns, old log-probabilities and old values.
+    /// PPO: `[b, s, 4]` per position: advantage, return, log-probability and value at
+    /// sampling time (read where the policy's taken token is not −100).
     Rollout,
 }
 
@@ -248,8 +249,11 @@ pub enum Op {
         scaling: f64,
         layout: Layout,
     },
-    /// Clipped PPO objective with a KL penalty against the reference policy and a clipped
-    /// value loss; inputs: policy log-probs, reference log-probs, values, rollout.
+    /// Clipped PPO objective and clipped value loss (× `value_coef`) over response tokens;
+    /// inputs: policy log-probs, reference log-probs, values, rollout. The KL penalty against
+    /// the reference (coefficient `kl`) is in the rewards behind the rollout's advantages and
+    /// returns (InstructGPT); the reference's log-probs sit in the same graph so that one
+    /// forward pass scores a rollout.
     PpoLoss {
         kl: f64,
         clip: f64,

@@ -295,6 +295,7 @@ fn ppo(r: &mut Rec) -> Option<Ppo> {
     let value_coef = r.or("value_coef", 0.1, |cx, v| {
         number_where(cx, v, "at least 0", |x| x >= 0.0)
     });
+    let response_length = r.or("response_length", 48, positive);
     let reward_model = r.req("reward_model", experiment_name);
     let reference = r.opt("reference", experiment_name);
     Some(Ppo {
@@ -305,6 +306,7 @@ fn ppo(r: &mut Rec) -> Option<Ppo> {
         lambda: lambda?,
         epochs: epochs?,
         value_coef: value_coef?,
+        response_length: response_length?,
         reward_model: reward_model?,
         reference: reference?,
     })

@@ -182,6 +182,8 @@ pub struct Ppo {
     pub lambda: f64,
     pub epochs: u64,
     pub value_coef: f64,
+    /// The most tokens a rollout samples after each prompt (fewer where `seq_len` ends first).
+    pub response_length: u64,
     /// Name of the experiment (pipeline stage) whose output is the reward model.
     pub reward_model: String,
     /// Name of the experiment whose output is the frozen reference policy.
