@@ -555,6 +555,8 @@ mod tests {
             intra_latency: 0.0,
             inter_bandwidth: 1e18,
             inter_latency: 0.0,
+            host_bandwidth: None,
+            host_memory_bandwidth: None,
         };
         let cluster = Cluster {
             name: "unit * 4".into(),
