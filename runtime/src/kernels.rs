@@ -841,6 +841,17 @@ mod tests {
         }
     }
 
+    /// The gradients two runs gave `t`, compared.
+    fn close_grad<S: Shape>(
+        what: &str,
+        got: &Gradients<f32, Cpu>,
+        want: &Gradients<f32, Cpu>,
+        t: &Tensor<S, f32, Cpu>,
+        tol: f32,
+    ) {
+        close(what, &got.get(t).as_vec(), &want.get(t).as_vec(), tol);
+    }
+
     /// Σ out ∘ r for a fixed random r, so every output element has its own upstream gradient.
     fn probe<S: Shape>(out: Taped<S>, seed: u64) -> (Vec<f32>, Gradients<f32, Cpu>) {
         let value = out.as_vec();
@@ -892,27 +903,12 @@ mod tests {
             };
             let (ref_y, ref_g) = probe(y, 9);
             close("y", &fast_y, &ref_y, 1e-5);
-            close(
-                "dx",
-                &fast_g.get(&x).as_vec(),
-                &ref_g.get(&x).as_vec(),
-                1e-5,
-            );
+            close_grad("dx", &fast_g, &ref_g, &x, 1e-5);
             if trainable {
-                close(
-                    "dw",
-                    &fast_g.get(&w).as_vec(),
-                    &ref_g.get(&w).as_vec(),
-                    1e-5,
-                );
+                close_grad("dw", &fast_g, &ref_g, &w, 1e-5);
             }
             if with_bias {
-                close(
-                    "db",
-                    &fast_g.get(&bias).as_vec(),
-                    &ref_g.get(&bias).as_vec(),
-                    1e-5,
-                );
+                close_grad("db", &fast_g, &ref_g, &bias, 1e-5);
             }
         }
     }
@@ -950,9 +946,9 @@ mod tests {
             };
             let ((fy, fg), (ry, rg)) = (run(Some((3, 6))), run(None));
             close("y", &fy, &ry, 1e-6);
-            close("dx", &fg.get(&x).as_vec(), &rg.get(&x).as_vec(), 1e-6);
-            close("dw", &fg.get(&w).as_vec(), &rg.get(&w).as_vec(), 1e-6);
-            close("db", &fg.get(&bias).as_vec(), &rg.get(&bias).as_vec(), 1e-6);
+            close_grad("dx", &fg, &rg, &x, 1e-6);
+            close_grad("dw", &fg, &rg, &w, 1e-6);
+            close_grad("db", &fg, &rg, &bias, 1e-6);
         }
     }
 
@@ -982,7 +978,7 @@ mod tests {
         };
         let ((fy, fg), (ry, rg)) = (run(true), run(false));
         close("y", &fy, &ry, 1e-5);
-        close("dx", &fg.get(&x).as_vec(), &rg.get(&x).as_vec(), 1e-5);
+        close_grad("dx", &fg, &rg, &x, 1e-5);
     }
 
     #[test]
@@ -995,7 +991,7 @@ mod tests {
         let (fy, fg) = probe(gelu_tanh(x.clone().leaky_traced()), 8);
         let (ry, rg) = probe(x.clone().leaky_traced().fast_gelu(), 8);
         close("y", &fy, &ry, 2e-6);
-        close("dx", &fg.get(&x).as_vec(), &rg.get(&x).as_vec(), 2e-6);
+        close_grad("dx", &fg, &rg, &x, 2e-6);
     }
 
     #[test]
@@ -1043,9 +1039,9 @@ mod tests {
                 .broadcast_like::<_, Axes2<0, 1>>(&shape);
         let (ry, rg) = probe(reference, 13);
         close("y", &fy, &ry, 1e-5);
-        close("dx", &fg.get(&x).as_vec(), &rg.get(&x).as_vec(), 1e-4);
-        close("dw", &fg.get(&w).as_vec(), &rg.get(&w).as_vec(), 1e-4);
-        close("db", &fg.get(&b).as_vec(), &rg.get(&b).as_vec(), 1e-4);
+        close_grad("dx", &fg, &rg, &x, 1e-4);
+        close_grad("dw", &fg, &rg, &w, 1e-4);
+        close_grad("db", &fg, &rg, &b, 1e-4);
     }
 
     /// The attention core written with dfdx ops, heads repeated for grouped queries.
@@ -1138,9 +1134,9 @@ mod tests {
             );
             let (ry, rg) = probe(reference, 24);
             close("y", &fy, &ry, 1e-5);
-            close("dq", &fg.get(&q).as_vec(), &rg.get(&q).as_vec(), 1e-5);
-            close("dk", &fg.get(&k).as_vec(), &rg.get(&k).as_vec(), 1e-5);
-            close("dv", &fg.get(&v).as_vec(), &rg.get(&v).as_vec(), 1e-5);
+            close_grad("dq", &fg, &rg, &q, 1e-5);
+            close_grad("dk", &fg, &rg, &k, 1e-5);
+            close_grad("dv", &fg, &rg, &v, 1e-5);
         }
     }
 
@@ -1181,11 +1177,6 @@ mod tests {
         let ref_loss = reference.as_vec()[0];
         let ref_grads = reference.backward();
         close("loss", &[fast_loss], &[ref_loss], 1e-6);
-        close(
-            "dlogits",
-            &fast_grads.get(&logits).as_vec(),
-            &ref_grads.get(&logits).as_vec(),
-            1e-5,
-        );
+        close_grad("dlogits", &fast_grads, &ref_grads, &logits, 1e-5);
     }
 }
