@@ -348,3 +348,41 @@ fn offload_on_a_node_without_a_host_description_is_an_error() {
         "{err}"
     );
 }
+
+/// `overlap_grad_sync`: the gradient all-reduce runs during the last microbatch's backward,
+/// and only what outlasts that backward (with its recompute) stays on the critical path.
+#[test]
+fn overlapped_gradient_reduction_hides_behind_the_backward() {
+    // Hidden entirely (tensor 8: little traffic per device), and in part (one sequence per
+    // replica on 512 devices: a short backward for a whole model's gradients).
+    for (model, gpus, tensor) in [("megatron_7_5b", 128, 8), ("megatron_1_7b", 512, 1)] {
+        let source = |overlap: bool| {
+            megatron_source(
+                model,
+                gpus,
+                512,
+                &format!(
+                    "data = {}, tensor = {tensor}, recompute = full, overlap_grad_sync = {overlap}",
+                    gpus / tensor
+                ),
+            )
+        };
+        let (plain, overlapped) = (plan(&source(false)), plan(&source(true)));
+        let stage = &plain.stages[0];
+        let window = stage.backward + stage.recompute;
+        let expected = (plain.time.data_parallel - window).max(0.0);
+        assert!(
+            (overlapped.time.data_parallel - expected).abs() <= 1e-5 * plain.time.total,
+            "{model}: {} s visible, expected {expected} s (all-reduce {} s, backward {window} s)",
+            overlapped.time.data_parallel,
+            plain.time.data_parallel
+        );
+        assert!(overlapped.time.total < plain.time.total);
+        assert_eq!(
+            tensor == 1,
+            expected > 0.0,
+            "{model}: hidden only in part without tensor parallelism"
+        );
+        assert!(overlapped.strategy.overlap_grad_sync && !plain.strategy.overlap_grad_sync);
+    }
+}

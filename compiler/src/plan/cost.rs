@@ -145,6 +145,8 @@ pub struct Model<'a> {
     /// Global batch (sequences) the profiles were computed for.
     pub batch: u64,
     pub offload: Offload,
+    /// Whether gradient reduction overlaps the backward pass (`overlap_grad_sync`).
+    pub overlap: bool,
 }
 
 /// Seconds of one iteration, by cause.
@@ -652,16 +654,34 @@ impl Model<'_> {
     /// data-parallel group; `s` is the stage's own strategy. ZeRO-3 reduce-scatters gradients
     /// and all-gathers every weight (frozen ones too) for the forward and again for the
     /// backward: 3Ψ instead of 2Ψ for full training.
+    ///
+    /// With `overlap`, the gradient reduction (DDP's all-reduce, ZeRO's reduce-scatter) runs as
+    /// the last microbatch's backward produces the gradients and only what outlasts that
+    /// backward is on the critical path; weight all-gathers (ZeRO-1/2 after the update, ZeRO-3
+    /// before each use) stay on it.
     pub fn sync(&self, s: &Strategy, stage: &StageCost) -> f64 {
         let grad_bytes = stage.trainable * self.element_bytes();
         let (bw, lat) = self.group_bandwidth(s.data, s.tensor);
-        if s.zero == 3 {
-            let weight_bytes = stage.params * self.element_bytes();
-            all_gather(grad_bytes, s.data, bw, lat)
-                + 2.0 * all_gather(weight_bytes, s.data, bw, lat)
+        let (reduce, gather) = match s.zero {
+            0 => (all_reduce(grad_bytes, s.data, bw, lat), 0.0),
+            1 | 2 => {
+                let half = all_gather(grad_bytes, s.data, bw, lat);
+                (half, half)
+            }
+            _ => {
+                let weight_bytes = stage.params * self.element_bytes();
+                (
+                    all_gather(grad_bytes, s.data, bw, lat),
+                    2.0 * all_gather(weight_bytes, s.data, bw, lat),
+                )
+            }
+        };
+        let reduce = if self.overlap {
+            (reduce - stage.backward - stage.recompute).max(0.0)
         } else {
-            all_reduce(grad_bytes, s.data, bw, lat)
-        }
+            reduce
+        };
+        reduce + gather
     }
 }
 

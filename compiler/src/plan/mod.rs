@@ -75,6 +75,7 @@ impl<'e> Planner<'e> {
             precision: e.train.precision,
             batch: e.train.batch,
             offload: e.parallel.offload,
+            overlap: e.parallel.overlap_grad_sync,
         }
     }
 

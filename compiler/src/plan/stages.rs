@@ -575,6 +575,7 @@ mod tests {
             precision: Precision::Bf16,
             batch: 192,
             offload: Offload::None,
+            overlap: false,
         };
         // The best uniform plan: two stages of 16 devices, pipeline microbatches of 48.
         let uniform = Strategy {
@@ -691,6 +692,7 @@ mod tests {
                 precision: Precision::Bf16,
                 batch: microbatch * microbatches,
                 offload: Offload::None,
+            overlap: false,
             };
             let devices = nodes * node;
             let base = Strategy {

@@ -341,6 +341,9 @@ pub struct Parallel {
     /// `None`: the planner chooses.
     pub microbatches: Option<u64>,
     pub offload: Offload,
+    /// Gradient reduction runs during the backward pass (DDP's buckets, DeepSpeed's
+    /// `overlap_comm`) rather than after it.
+    pub overlap_grad_sync: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
