@@ -1048,7 +1048,8 @@ mod tests {
             let (xs, tape) = x.split_tape();
             xs.clone().put_tape(tape).sigmoid() * xs
         };
-        let cases: [(Activation, &dyn Fn(Taped<R3>) -> Taped<R3>); 2] = [
+        type Reference<'a> = &'a dyn Fn(Taped<R3>) -> Taped<R3>;
+        let cases: [(Activation, Reference); 2] = [
             (Activation::GeluTanh, &|x| x.fast_gelu()),
             (Activation::Silu, &silu),
         ];
