@@ -294,3 +294,95 @@ fn example_plans() {
         insta::assert_json_snapshot!(format!("plan_{name}_json"), p);
     }
 }
+
+/// Offloading the optimizer (ZeRO-Offload) costs the owned gradients' trip to the host and the
+/// updated weights' trip back over each GPU's PCIe link, and Adam's 28 bytes per owned
+/// parameter through host memory shared by the node's eight GPUs; it frees the optimizer
+/// state from GPU memory. Offloading the weights too streams them in twice per microbatch.
+#[test]
+fn offload_is_costed_by_the_host_link_and_host_memory() {
+    let source = |offload: &str| {
+        format!(
+            "import std.models.megatron\nimport std.clusters\n\
+             experiment e {{ model = megatron_7_5b, parallel {{ mesh = dgx_a100 * 8, data = 64, zero = 3, recompute = full, offload = {offload} }}, train {{ batch = 512, seq_len = 2048, precision = bf16 }} }}"
+        )
+    };
+    let (none, optimizer, all) = (
+        plan(&source("none")),
+        plan(&source("optimizer")),
+        plan(&source("all")),
+    );
+    let owned = none.params.trainable as f64 / 64.0;
+    let (pcie, host) = (0.8 * 31.5e9, 0.8 * 409.6e9);
+    let expected = 2.0 * 2.0 * owned / pcie + 28.0 * owned * 8.0 / host;
+    let got = optimizer.time.optimizer;
+    assert!(
+        // Plans round times to six significant digits.
+        (got / expected - 1.0).abs() < 1e-5,
+        "offloaded optimizer step {got} s, expected {expected} s"
+    );
+    assert!(got > none.time.optimizer, "the host is slower than HBM");
+    assert_eq!(optimizer.stages[0].memory.optimizer, 0.0);
+    assert!(none.stages[0].memory.optimizer > 0.0);
+    // ZeRO-3 holds 1/64 of the weights; they come in for the forward and the backward of each
+    // microbatch.
+    let microbatches = all.strategy.microbatches as f64;
+    let streamed = 2.0 * microbatches * 2.0 * none.params.total as f64 / 64.0 / pcie;
+    assert_eq!(all.stages[0].memory.weights, 0.0);
+    assert!(
+        (all.time.optimizer - got - streamed).abs() < 1e-5 * all.time.optimizer,
+        "weights streamed: {} s, expected {streamed} s",
+        all.time.optimizer - got
+    );
+}
+
+#[test]
+fn offload_on_a_node_without_a_host_description_is_an_error() {
+    let err = compile(
+        "import std.models.gpt2\nexperiment e { model = gpt2, parallel { mesh = cpu(2), data = 2, offload = optimizer }, train { batch = 2, seq_len = 16 } }",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("host_bandwidth") && err.contains("cpu_host"),
+        "{err}"
+    );
+}
+
+/// `overlap_grad_sync`: the gradient all-reduce runs during the last microbatch's backward,
+/// and only what outlasts that backward (with its recompute) stays on the critical path.
+#[test]
+fn overlapped_gradient_reduction_hides_behind_the_backward() {
+    // Hidden entirely (tensor 8: little traffic per device), and in part (one sequence per
+    // replica on 512 devices: a short backward for a whole model's gradients).
+    for (model, gpus, tensor) in [("megatron_7_5b", 128, 8), ("megatron_1_7b", 512, 1)] {
+        let source = |overlap: bool| {
+            megatron_source(
+                model,
+                gpus,
+                512,
+                &format!(
+                    "data = {}, tensor = {tensor}, recompute = full, overlap_grad_sync = {overlap}",
+                    gpus / tensor
+                ),
+            )
+        };
+        let (plain, overlapped) = (plan(&source(false)), plan(&source(true)));
+        let stage = &plain.stages[0];
+        let window = stage.backward + stage.recompute;
+        let expected = (plain.time.data_parallel - window).max(0.0);
+        assert!(
+            (overlapped.time.data_parallel - expected).abs() <= 1e-5 * plain.time.total,
+            "{model}: {} s visible, expected {expected} s (all-reduce {} s, backward {window} s)",
+            overlapped.time.data_parallel,
+            plain.time.data_parallel
+        );
+        assert!(overlapped.time.total < plain.time.total);
+        assert_eq!(
+            tensor == 1,
+            expected > 0.0,
+            "{model}: hidden only in part without tensor parallelism"
+        );
+        assert!(overlapped.strategy.overlap_grad_sync && !plain.strategy.overlap_grad_sync);
+    }
+}

@@ -463,11 +463,22 @@ fn alloc_grad<S: Shape>(tape: &mut Tape, t: Tensor<S, f32, Dev>) {
 }
 
 fn activate<S: Shape>(x: Tensor<S, f32, Dev, Tape>, act: Act) -> Tensor<S, f32, Dev, Tape> {
+    // On the CPU the GELUs and SiLU are one fused kernel each (value and derivative).
+    #[cfg(not(feature = "cuda"))]
+    {
+        use crate::kernels::{activation, Activation};
+        let fused = match act {
+            Act::Gelu => Some(Activation::GeluErf),
+            Act::GeluTanh => Some(Activation::GeluTanh),
+            Act::Silu => Some(Activation::Silu),
+            Act::Relu | Act::Tanh => None,
+        };
+        if let Some(fused) = fused {
+            return activation(x, fused);
+        }
+    }
     match act {
         Act::Gelu => exact_gelu(x),
-        #[cfg(not(feature = "cuda"))]
-        Act::GeluTanh => crate::kernels::gelu_tanh(x),
-        #[cfg(feature = "cuda")]
         Act::GeluTanh => x.fast_gelu(),
         Act::Relu => x.relu(),
         Act::Tanh => x.tanh(),

@@ -384,8 +384,67 @@ fn tanh(u: f32) -> f32 {
 const GELU_C: f32 = 0.797_884_6; // √(2/π)
 const GELU_K: f32 = 0.044_715;
 
-/// GPT-2's tanh GELU: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))).
-pub fn gelu_tanh<S: Shape>(x: Taped<S>) -> Taped<S> {
+/// erf(x) to 1.5e-7 (Abramowitz & Stegun 7.1.26), in absolute terms, which is what the erf
+/// GELU's 1 + erf needs.
+#[inline(always)]
+fn erf(x: f32) -> f32 {
+    let a = x.abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let poly = t
+        * (0.254_829_6
+            + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152_1 + t * 1.061_405_4))));
+    let y = 1.0 - poly * exp(-a * a);
+    if x < 0.0 {
+        -y
+    } else {
+        y
+    }
+}
+
+/// The activations computed by [`activation`]: value and derivative of each.
+#[derive(Clone, Copy)]
+pub enum Activation {
+    /// GPT-2's tanh GELU: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))).
+    GeluTanh,
+    /// BERT's GELU: 0.5·x·(1 + erf(x/√2)).
+    GeluErf,
+    /// LLaMA's SiLU: x·σ(x).
+    Silu,
+}
+
+impl Activation {
+    #[inline(always)]
+    fn value(self, x: f32) -> f32 {
+        match self {
+            Activation::GeluTanh => 0.5 * x * (1.0 + tanh(GELU_C * (x + GELU_K * x * x * x))),
+            Activation::GeluErf => 0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2)),
+            Activation::Silu => x / (1.0 + exp(-x)),
+        }
+    }
+
+    #[inline(always)]
+    fn derivative(self, x: f32) -> f32 {
+        match self {
+            Activation::GeluTanh => {
+                let t = tanh(GELU_C * (x + GELU_K * x * x * x));
+                let du = GELU_C * (1.0 + 3.0 * GELU_K * x * x);
+                0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
+            }
+            Activation::GeluErf => {
+                // 1/√(2π)
+                const PDF: f32 = 0.398_942_3;
+                0.5 * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2)) + x * PDF * exp(-0.5 * x * x)
+            }
+            Activation::Silu => {
+                let sigmoid = 1.0 / (1.0 + exp(-x));
+                sigmoid * (1.0 + x * (1.0 - sigmoid))
+            }
+        }
+    }
+}
+
+/// An activation, elementwise; the backward recomputes what it needs from the input.
+pub fn activation<S: Shape>(x: Taped<S>, act: Activation) -> Taped<S> {
     let (x, mut tape) = row_major(x).split_tape();
     let shape = *x.shape();
     let mut y = vec![0.0f32; shape.num_elements()];
@@ -396,8 +455,7 @@ pub fn gelu_tanh<S: Shape>(x: Taped<S>) -> Taped<S> {
             .for_each(|(y, x)| {
                 vectorized(|| {
                     for (y, &x) in y.iter_mut().zip(x) {
-                        let t = tanh(GELU_C * (x + GELU_K * x * x * x));
-                        *y = 0.5 * x * (1.0 + t);
+                        *y = act.value(x);
                     }
                 })
             });
@@ -413,9 +471,7 @@ pub fn gelu_tanh<S: Shape>(x: Taped<S>) -> Taped<S> {
             .for_each(|(gx, (x, dy))| {
                 vectorized(|| {
                     for ((g, &x), &dy) in gx.iter_mut().zip(x).zip(dy) {
-                        let t = tanh(GELU_C * (x + GELU_K * x * x * x));
-                        let du = GELU_C * (1.0 + 3.0 * GELU_K * x * x);
-                        *g += dy * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du);
+                        *g += dy * act.derivative(x);
                     }
                 })
             });
@@ -901,6 +957,17 @@ mod tests {
         }
     }
 
+    /// The gradients two runs gave `t`, compared.
+    fn close_grad<S: Shape>(
+        what: &str,
+        got: &Gradients<f32, Cpu>,
+        want: &Gradients<f32, Cpu>,
+        t: &Tensor<S, f32, Cpu>,
+        tol: f32,
+    ) {
+        close(what, &got.get(t).as_vec(), &want.get(t).as_vec(), tol);
+    }
+
     /// Σ out ∘ r for a fixed random r, so every output element has its own upstream gradient.
     fn probe<S: Shape>(out: Taped<S>, seed: u64) -> (Vec<f32>, Gradients<f32, Cpu>) {
         let value = out.as_vec();
@@ -952,27 +1019,12 @@ mod tests {
             };
             let (ref_y, ref_g) = probe(y, 9);
             close("y", &fast_y, &ref_y, 1e-5);
-            close(
-                "dx",
-                &fast_g.get(&x).as_vec(),
-                &ref_g.get(&x).as_vec(),
-                1e-5,
-            );
+            close_grad("dx", &fast_g, &ref_g, &x, 1e-5);
             if trainable {
-                close(
-                    "dw",
-                    &fast_g.get(&w).as_vec(),
-                    &ref_g.get(&w).as_vec(),
-                    1e-5,
-                );
+                close_grad("dw", &fast_g, &ref_g, &w, 1e-5);
             }
             if with_bias {
-                close(
-                    "db",
-                    &fast_g.get(&bias).as_vec(),
-                    &ref_g.get(&bias).as_vec(),
-                    1e-5,
-                );
+                close_grad("db", &fast_g, &ref_g, &bias, 1e-5);
             }
         }
     }
@@ -1010,9 +1062,9 @@ mod tests {
             };
             let ((fy, fg), (ry, rg)) = (run(Some((3, 6))), run(None));
             close("y", &fy, &ry, 1e-6);
-            close("dx", &fg.get(&x).as_vec(), &rg.get(&x).as_vec(), 1e-6);
-            close("dw", &fg.get(&w).as_vec(), &rg.get(&w).as_vec(), 1e-6);
-            close("db", &fg.get(&bias).as_vec(), &rg.get(&bias).as_vec(), 1e-6);
+            close_grad("dx", &fg, &rg, &x, 1e-6);
+            close_grad("dw", &fg, &rg, &w, 1e-6);
+            close_grad("db", &fg, &rg, &bias, 1e-6);
         }
     }
 
@@ -1042,20 +1094,60 @@ mod tests {
         };
         let ((fy, fg), (ry, rg)) = (run(true), run(false));
         close("y", &fy, &ry, 1e-5);
-        close("dx", &fg.get(&x).as_vec(), &rg.get(&x).as_vec(), 1e-5);
+        close_grad("dx", &fg, &rg, &x, 1e-5);
     }
 
     #[test]
-    fn tanh_gelu_matches_dfdx() {
-        // Wide inputs: the tails saturate, the middle is where the approximation works.
+    fn activations_match_their_definitions_in_dfdx_ops() {
+        // Wide inputs: the tails saturate, the middle is where the approximations work.
         let x = Cpu::default().tensor_from_vec(
             values(3 * 50 * 41, 7).iter().map(|v| v * 12.0).collect(),
             (3, 50, 41),
         );
-        let (fy, fg) = probe(gelu_tanh(x.clone().leaky_traced()), 8);
-        let (ry, rg) = probe(x.clone().leaky_traced().fast_gelu(), 8);
-        close("y", &fy, &ry, 2e-6);
-        close("dx", &fg.get(&x).as_vec(), &rg.get(&x).as_vec(), 2e-6);
+        let silu = |x: Taped<R3>| {
+            let (xs, tape) = x.split_tape();
+            xs.clone().put_tape(tape).sigmoid() * xs
+        };
+        type Reference<'a> = &'a dyn Fn(Taped<R3>) -> Taped<R3>;
+        let cases: [(Activation, Reference); 2] = [
+            (Activation::GeluTanh, &|x| x.fast_gelu()),
+            (Activation::Silu, &silu),
+        ];
+        for (act, reference) in cases {
+            let (fy, fg) = probe(activation(x.clone().leaky_traced(), act), 8);
+            let (ry, rg) = probe(reference(x.clone().leaky_traced()), 8);
+            close("y", &fy, &ry, 2e-6);
+            close_grad("dx", &fg, &rg, &x, 2e-6);
+        }
+    }
+
+    #[test]
+    fn erf_gelu_matches_dfdx_values_and_the_normal_density() {
+        let xs = values(4000, 9);
+        let x = Cpu::default().tensor_from_vec(xs.iter().map(|v| v * 8.0).collect(), (4000,));
+        let (fy, fg) = probe(
+            activation(x.clone().leaky_traced(), Activation::GeluErf),
+            10,
+        );
+        let want = x.clone().accurate_gelu().as_vec();
+        close("y", &fy, &want, 2e-6);
+        // GELU(x) = x·Φ(x), so GELU'(x) = Φ(x) + x·φ(x) = GELU(x)/x + x·φ(x).
+        let upstream = values(4000, 10);
+        let got = fg.get(&x).as_vec();
+        for (i, &v) in x.as_vec().iter().enumerate() {
+            if v.abs() < 1e-2 {
+                continue;
+            }
+            let (v64, gelu) = (f64::from(v), f64::from(want[i]));
+            let density = (-0.5 * v64 * v64).exp() / (2.0 * std::f64::consts::PI).sqrt();
+            let slope = gelu / v64 + v64 * density;
+            let expected = f64::from(upstream[i]) * slope;
+            assert!(
+                (f64::from(got[i]) - expected).abs() < 2e-6,
+                "GELU'({v}) x upstream = {}, expected {expected}",
+                got[i]
+            );
+        }
     }
 
     #[test]
@@ -1103,9 +1195,9 @@ mod tests {
                 .broadcast_like::<_, Axes2<0, 1>>(&shape);
         let (ry, rg) = probe(reference, 13);
         close("y", &fy, &ry, 1e-5);
-        close("dx", &fg.get(&x).as_vec(), &rg.get(&x).as_vec(), 1e-4);
-        close("dw", &fg.get(&w).as_vec(), &rg.get(&w).as_vec(), 1e-4);
-        close("db", &fg.get(&b).as_vec(), &rg.get(&b).as_vec(), 1e-4);
+        close_grad("dx", &fg, &rg, &x, 1e-4);
+        close_grad("dw", &fg, &rg, &w, 1e-4);
+        close_grad("db", &fg, &rg, &b, 1e-4);
     }
 
     /// The attention core written with dfdx ops, heads repeated for grouped queries.
@@ -1198,9 +1290,9 @@ mod tests {
             );
             let (ry, rg) = probe(reference, 24);
             close("y", &fy, &ry, 1e-5);
-            close("dq", &fg.get(&q).as_vec(), &rg.get(&q).as_vec(), 1e-5);
-            close("dk", &fg.get(&k).as_vec(), &rg.get(&k).as_vec(), 1e-5);
-            close("dv", &fg.get(&v).as_vec(), &rg.get(&v).as_vec(), 1e-5);
+            close_grad("dq", &fg, &rg, &q, 1e-5);
+            close_grad("dk", &fg, &rg, &k, 1e-5);
+            close_grad("dv", &fg, &rg, &v, 1e-5);
         }
     }
 
@@ -1241,12 +1333,7 @@ mod tests {
         let ref_loss = reference.as_vec()[0];
         let ref_grads = reference.backward();
         close("loss", &[fast_loss], &[ref_loss], 1e-6);
-        close(
-            "dlogits",
-            &fast_grads.get(&logits).as_vec(),
-            &ref_grads.get(&logits).as_vec(),
-            1e-5,
-        );
+        close_grad("dlogits", &fast_grads, &ref_grads, &logits, 1e-5);
     }
 
     #[test]

@@ -13,6 +13,9 @@ use kiln_runtime::prompt::from_peft;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+mod common;
+use common::relative_l2;
+
 fn fixtures() -> PathBuf {
     Path::new(concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -43,17 +46,6 @@ fn raw_keys(path: &Path) -> Vec<String> {
         .collect();
     keys.sort();
     keys
-}
-
-fn relative_l2(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    let (num, den) = got
-        .iter()
-        .zip(want)
-        .fold((0.0f64, 0.0f64), |(n, d), (g, w)| {
-            (n + f64::from(g - w).powi(2), d + f64::from(*w).powi(2))
-        });
-    num.sqrt() / den.sqrt().max(1e-30)
 }
 
 fn scratch(what: &str) -> PathBuf {

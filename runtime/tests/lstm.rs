@@ -7,16 +7,8 @@ use kiln_runtime::exec::{Batch, Params, Segment, Value};
 use kiln_runtime::tensor_parallel::RankOps;
 use std::path::Path;
 
-fn relative_l2(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    let (num, den) = got
-        .iter()
-        .zip(want)
-        .fold((0.0f64, 0.0f64), |(n, d), (g, w)| {
-            (n + f64::from(g - w).powi(2), d + f64::from(*w).powi(2))
-        });
-    num.sqrt() / den.sqrt().max(1e-30)
-}
+mod common;
+use common::relative_l2;
 
 #[test]
 fn lstm_matches_torch() {

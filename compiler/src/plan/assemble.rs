@@ -76,6 +76,7 @@ pub fn summary(ev: &Evaluation, e: &Experiment, chosen_by: &str) -> StrategySumm
             Offload::All => "all",
         }
         .into(),
+        overlap_grad_sync: e.parallel.overlap_grad_sync,
     }
 }
 

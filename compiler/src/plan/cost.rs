@@ -145,6 +145,8 @@ pub struct Model<'a> {
     /// Global batch (sequences) the profiles were computed for.
     pub batch: u64,
     pub offload: Offload,
+    /// Whether gradient reduction overlaps the backward pass (`overlap_grad_sync`).
+    pub overlap: bool,
 }
 
 /// Seconds of one iteration, by cause.
@@ -577,21 +579,10 @@ impl Model<'_> {
             .iter()
             .map(|st| self.sync(&s.on(st.submesh), st))
             .fold(0.0, f64::max);
-        // Adam reads and writes fp32 master weights and both moments, reads the gradient and
-        // writes the working copy: about 28 bytes per trainable parameter a device owns.
-        let optimizer = if self.offload == Offload::None {
-            stages
-                .iter()
-                .map(|st| {
-                    let on = s.on(st.submesh);
-                    let owners = if on.zero >= 1 { on.data as f64 } else { 1.0 };
-                    28.0 * st.trainable / owners
-                })
-                .fold(0.0, f64::max)
-                / self.cluster.node.device.hbm_bandwidth
-        } else {
-            0.0
-        };
+        let optimizer = stages
+            .iter()
+            .map(|st| self.optimizer_step(&s.on(st.submesh), st))
+            .fold(0.0, f64::max);
         let time = TimeBreakdown {
             compute: m * of_slowest(|st| st.forward + st.backward),
             recompute: m * of_slowest(|st| st.recompute),
@@ -631,20 +622,66 @@ impl Model<'_> {
         }
     }
 
+    /// Seconds of one stage's optimizer step (and, offloaded, of what moves to and from the
+    /// host); `s` is the stage's own strategy. Adam reads and writes fp32 master weights and
+    /// both moments, reads the gradient and writes the working copy: about 28 bytes per
+    /// trainable parameter a device owns, through its HBM. Offloaded (ZeRO-Offload, Ren et al.
+    /// 2021), each device sends its owned gradients to the host and takes the updated working
+    /// copy back over its host link, and the host's memory streams the 28 bytes for every
+    /// device of the node. Offloading the weights as well (ZeRO-Infinity) also streams the
+    /// weights a device holds in from the host for the forward and the backward of every
+    /// microbatch.
+    pub fn optimizer_step(&self, s: &Strategy, stage: &StageCost) -> f64 {
+        let node = &self.cluster.node;
+        let owners = if s.zero >= 1 { s.data as f64 } else { 1.0 };
+        let owned = stage.trainable / owners;
+        if self.offload == Offload::None {
+            return 28.0 * owned / node.device.hbm_bandwidth;
+        }
+        // Planning refuses offload on a node that does not describe its host (`plan::mod`).
+        let link = node.host_bandwidth.unwrap_or(f64::INFINITY);
+        let host = node.host_memory_bandwidth.unwrap_or(f64::INFINITY);
+        let bytes = self.element_bytes();
+        let mut seconds = 2.0 * bytes * owned / link + 28.0 * owned * node.devices as f64 / host;
+        if self.offload == Offload::All {
+            let held = stage.params / if s.zero >= 3 { s.data as f64 } else { 1.0 };
+            seconds += 2.0 * s.microbatches as f64 * bytes * held / link;
+        }
+        seconds
+    }
+
     /// Seconds to synchronise one stage's gradients of trainable parameters over its
     /// data-parallel group; `s` is the stage's own strategy. ZeRO-3 reduce-scatters gradients
     /// and all-gathers every weight (frozen ones too) for the forward and again for the
     /// backward: 3Ψ instead of 2Ψ for full training.
+    ///
+    /// With `overlap`, the gradient reduction (DDP's all-reduce, ZeRO's reduce-scatter) runs as
+    /// the last microbatch's backward produces the gradients and only what outlasts that
+    /// backward is on the critical path; weight all-gathers (ZeRO-1/2 after the update, ZeRO-3
+    /// before each use) stay on it.
     pub fn sync(&self, s: &Strategy, stage: &StageCost) -> f64 {
         let grad_bytes = stage.trainable * self.element_bytes();
         let (bw, lat) = self.group_bandwidth(s.data, s.tensor);
-        if s.zero == 3 {
-            let weight_bytes = stage.params * self.element_bytes();
-            all_gather(grad_bytes, s.data, bw, lat)
-                + 2.0 * all_gather(weight_bytes, s.data, bw, lat)
+        let (reduce, gather) = match s.zero {
+            0 => (all_reduce(grad_bytes, s.data, bw, lat), 0.0),
+            1 | 2 => {
+                let half = all_gather(grad_bytes, s.data, bw, lat);
+                (half, half)
+            }
+            _ => {
+                let weight_bytes = stage.params * self.element_bytes();
+                (
+                    all_gather(grad_bytes, s.data, bw, lat),
+                    2.0 * all_gather(weight_bytes, s.data, bw, lat),
+                )
+            }
+        };
+        let reduce = if self.overlap {
+            (reduce - stage.backward - stage.recompute).max(0.0)
         } else {
-            all_reduce(grad_bytes, s.data, bw, lat)
-        }
+            reduce
+        };
+        reduce + gather
     }
 }
 

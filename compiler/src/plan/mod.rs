@@ -75,6 +75,7 @@ impl<'e> Planner<'e> {
             precision: e.train.precision,
             batch: e.train.batch,
             offload: e.parallel.offload,
+            overlap: e.parallel.overlap_grad_sync,
         }
     }
 
@@ -93,6 +94,7 @@ impl<'e> Planner<'e> {
         let auto = e.parallel.plan == Plan::Auto;
         let space = space(e);
         check_placement(e, shape)?;
+        check_offload(e)?;
         let candidates = search::candidates(&space, shape);
         let span = span_of(e, &["parallel.mesh", "parallel"]);
         if candidates.is_empty() {
@@ -250,6 +252,28 @@ fn check_placement(e: &Experiment, shape: &Shape) -> Result<(), Diagnostics> {
         }
     }
     Ok(())
+}
+
+/// Offloading is costed by the node's host link and host memory: the node must describe them.
+fn check_offload(e: &Experiment) -> Result<(), Diagnostics> {
+    let node = &e.parallel.mesh.node;
+    if e.parallel.offload == crate::spec::Offload::None
+        || (node.host_bandwidth.is_some() && node.host_memory_bandwidth.is_some())
+    {
+        return Ok(());
+    }
+    let mut d = Diagnostic::new(
+        Code::Missing,
+        format!(
+            "offloading needs the host link and host memory of node `{}`, which it does not describe",
+            node.name
+        ),
+    )
+    .help("give the node `host_bandwidth` (each device's PCIe link to host memory) and `host_memory_bandwidth` (the node's CPU memory), or set `offload = none`");
+    if let Some(s) = span_of(e, &["parallel.offload"]) {
+        d = d.at(s, "offloads to the host");
+    }
+    Err(one(d))
 }
 
 /// The plan does not fit: which device, by how much, and which levers would make it fit.

@@ -78,6 +78,12 @@ pub fn render_text(p: &ExecutionPlan) -> String {
         s.recompute,
         s.offload
     );
+    if s.overlap_grad_sync {
+        let _ = writeln!(
+            o,
+            "gradient reduction overlaps the last microbatch's backward (only what outlasts it is counted)"
+        );
+    }
     if !uniform {
         let _ = writeln!(
             o,

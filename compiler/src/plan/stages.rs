@@ -555,6 +555,8 @@ mod tests {
             intra_latency: 0.0,
             inter_bandwidth: 1e18,
             inter_latency: 0.0,
+            host_bandwidth: None,
+            host_memory_bandwidth: None,
         };
         let cluster = Cluster {
             name: "unit * 4".into(),
@@ -573,6 +575,7 @@ mod tests {
             precision: Precision::Bf16,
             batch: 192,
             offload: Offload::None,
+            overlap: false,
         };
         // The best uniform plan: two stages of 16 devices, pipeline microbatches of 48.
         let uniform = Strategy {
@@ -689,6 +692,7 @@ mod tests {
                 precision: Precision::Bf16,
                 batch: microbatch * microbatches,
                 offload: Offload::None,
+            overlap: false,
             };
             let devices = nodes * node;
             let base = Strategy {

@@ -52,6 +52,9 @@ pub struct StrategySummary {
     pub microbatches: u64,
     pub global_batch: u64,
     pub offload: String,
+    /// Gradient reduction overlaps the backward pass; written only when it does.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub overlap_grad_sync: bool,
 }
 
 #[derive(Clone, Debug, Serialize)]

@@ -153,6 +153,10 @@ pub fn node(cx: &Cx, v: &Spanned, path: &str) -> Option<Node> {
     let intra_latency = r.req("intra_latency", |cx, v| quantity(cx, v, Dim::Time));
     let inter_bandwidth = r.req("inter_bandwidth", |cx, v| quantity(cx, v, Dim::Bandwidth));
     let inter_latency = r.req("inter_latency", |cx, v| quantity(cx, v, Dim::Time));
+    let host_bandwidth = r.opt("host_bandwidth", |cx, v| quantity(cx, v, Dim::Bandwidth));
+    let host_memory_bandwidth = r.opt("host_memory_bandwidth", |cx, v| {
+        quantity(cx, v, Dim::Bandwidth)
+    });
     r.finish();
     Some(Node {
         name,
@@ -162,6 +166,8 @@ pub fn node(cx: &Cx, v: &Spanned, path: &str) -> Option<Node> {
         intra_latency: intra_latency?,
         inter_bandwidth: inter_bandwidth?,
         inter_latency: inter_latency?,
+        host_bandwidth: host_bandwidth?,
+        host_memory_bandwidth: host_memory_bandwidth?,
     })
 }
 

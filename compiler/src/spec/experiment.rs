@@ -315,6 +315,7 @@ fn parallel(r: &mut Rec, model: Option<&Model>) -> Option<Parallel> {
     });
     let schedule = r.or("schedule", PipelineSchedule::OneFOneB, schedule);
     let microbatches = r.opt("microbatches", positive);
+    let overlap_grad_sync = r.or("overlap_grad_sync", false, boolean);
     let offload = r.or("offload", Offload::None, |cx, v| {
         choice(
             cx,
@@ -486,6 +487,7 @@ fn parallel(r: &mut Rec, model: Option<&Model>) -> Option<Parallel> {
         schedule: schedule?,
         microbatches: microbatches?,
         offload: offload?,
+        overlap_grad_sync: overlap_grad_sync?,
     })
 }
 

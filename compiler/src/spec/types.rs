@@ -343,6 +343,9 @@ pub struct Parallel {
     /// `None`: the planner chooses.
     pub microbatches: Option<u64>,
     pub offload: Offload,
+    /// Gradient reduction runs during the backward pass (DDP's buckets, DeepSpeed's
+    /// `overlap_comm`) rather than after it.
+    pub overlap_grad_sync: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -407,6 +410,13 @@ pub struct Node {
     /// Between nodes (InfiniBand): bytes/s per node.
     pub inter_bandwidth: f64,
     pub inter_latency: f64,
+    /// What offloading moves through and computes on: bytes/s between each device and host
+    /// memory (its PCIe link, one direction), and the node's host memory bandwidth, which the
+    /// CPU optimizer shares among the node's devices. `None`: not described (no offload).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_bandwidth: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_memory_bandwidth: Option<f64>,
 }
 
 #[derive(Clone, Debug, Serialize)]
