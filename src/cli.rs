@@ -64,6 +64,8 @@ enum Command {
     /// Train an experiment on this machine's CPU, with metrics and a checkpoint under --runs.
     Run {
         file: PathBuf,
+        /// Which experiment (default: every stage of the file's first pipeline, in order; a
+        /// file without a pipeline, its first experiment).
         #[arg(long)]
         experiment: Option<String>,
         /// Train for this many steps instead of the experiment's.
@@ -413,60 +415,92 @@ fn run(
     resume: bool,
     report: bool,
 ) -> ExitCode {
-    with_experiment(file, wanted, |_, experiment| {
-        let bar = indicatif::ProgressBar::new(0);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{spinner} step {pos}/{len} [{bar:30}] {msg} ETA {eta}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-            .progress_chars("=> "),
-        );
-        let result = kiln_runtime::train::run(experiment, runs, steps, resume, |r| {
-            bar.set_length(r.total);
-            bar.set_position(r.step);
-            bar.set_message(format!(
-                "loss {:.4} | {:.0} tokens/s",
-                r.loss, r.tokens_per_second
-            ));
-            kiln_runtime::train::Control::Continue
-        });
-        bar.finish_and_clear();
-        match result {
-            Ok(s) => {
-                println!(
-                    "trained `{}` for {} steps: loss {:.4} -> {:.4}{}{}",
-                    experiment.name,
-                    s.steps,
-                    s.first_loss,
-                    s.last_loss,
-                    s.eval_loss
-                        .map(|l| if s.token_loss {
-                            format!(", eval loss {l:.4} (perplexity {:.1})", (l as f64).exp())
-                        } else {
-                            format!(", eval loss {l:.4}")
-                        })
-                        .unwrap_or_default(),
-                    s.eval_accuracy
-                        .map(|a| format!(", eval accuracy {:.1}%", a * 100.0))
-                        .unwrap_or_default()
-                );
-                println!(
-                    "{:.0} tokens/s; metrics and checkpoint in {}",
-                    s.tokens_per_second,
-                    s.run_dir.display()
-                );
-                if report {
-                    print_memory_report(&s.memory);
-                }
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::from(1)
-            }
+    if wanted.is_none() {
+        let checked = kiln_compiler::check_file(file);
+        if report_errors(file, &checked) {
+            return ExitCode::from(1);
         }
+        // A pipeline's stages read each other's runs (`init`, reward model, reference): run
+        // them in order, stopping at the first that fails.
+        if let Some(pipeline) = checked.module.pipelines.first() {
+            for stage in &pipeline.value.stages {
+                println!(
+                    "stage `{}` of pipeline `{}`",
+                    stage.name, pipeline.value.name
+                );
+                let code = train(stage, steps, runs, resume, report);
+                if code != ExitCode::SUCCESS {
+                    return code;
+                }
+            }
+            return ExitCode::SUCCESS;
+        }
+    }
+    with_experiment(file, wanted, |_, experiment| {
+        train(experiment, steps, runs, resume, report)
     })
+}
+
+/// Trains one experiment with a progress bar, then prints its summary.
+fn train(
+    experiment: &kiln_compiler::spec::Experiment,
+    steps: Option<u64>,
+    runs: &std::path::Path,
+    resume: bool,
+    report: bool,
+) -> ExitCode {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} step {pos}/{len} [{bar:30}] {msg} ETA {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    let result = kiln_runtime::train::run(experiment, runs, steps, resume, |r| {
+        bar.set_length(r.total);
+        bar.set_position(r.step);
+        bar.set_message(format!(
+            "loss {:.4} | {:.0} tokens/s",
+            r.loss, r.tokens_per_second
+        ));
+        kiln_runtime::train::Control::Continue
+    });
+    bar.finish_and_clear();
+    match result {
+        Ok(s) => {
+            println!(
+                "trained `{}` for {} steps: loss {:.4} -> {:.4}{}{}",
+                experiment.name,
+                s.steps,
+                s.first_loss,
+                s.last_loss,
+                s.eval_loss
+                    .map(|l| if s.token_loss {
+                        format!(", eval loss {l:.4} (perplexity {:.1})", (l as f64).exp())
+                    } else {
+                        format!(", eval loss {l:.4}")
+                    })
+                    .unwrap_or_default(),
+                s.eval_accuracy
+                    .map(|a| format!(", eval accuracy {:.1}%", a * 100.0))
+                    .unwrap_or_default()
+            );
+            println!(
+                "{:.0} tokens/s; metrics and checkpoint in {}",
+                s.tokens_per_second,
+                s.run_dir.display()
+            );
+            if report {
+                print_memory_report(&s.memory);
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 /// Measured peak memory per device against the plan's prediction for its stage.

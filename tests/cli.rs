@@ -286,3 +286,59 @@ fn plan_formats_and_overrides() {
     assert_eq!(malformed.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&malformed.stderr).contains("K0023"));
 }
+
+/// `kiln run` on a file with a pipeline trains its stages in order (a later stage starts from
+/// an earlier one's run); `--experiment` picks one stage.
+#[test]
+fn run_trains_a_pipelines_stages_in_order() {
+    let dir = std::env::temp_dir().join(format!("kiln-cli-pipeline-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("two.kiln");
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    std::fs::write(
+        &file,
+        format!(
+            "import \"{}/quickstart.kiln\"\n\
+             experiment first = quickstart {{ train {{ steps = 2 }} }}\n\
+             experiment second = quickstart {{ init = first, train {{ steps = 2 }} }}\n\
+             pipeline both {{ stages = [first, second] }}\n",
+            examples.display()
+        ),
+    )
+    .unwrap();
+    let runs = dir.join("runs");
+    let out = kiln(&[
+        "run",
+        file.to_str().unwrap(),
+        "--runs",
+        runs.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let second_alone = kiln(&[
+        "run",
+        file.to_str().unwrap(),
+        "--experiment",
+        "second",
+        "--runs",
+        dir.join("alone").to_str().unwrap(),
+    ]);
+    std::fs::remove_dir_all(&dir).ok();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (a, b) = (
+        stdout.find("trained `first`").expect("first stage ran"),
+        stdout.find("trained `second`").expect("second stage ran"),
+    );
+    assert!(a < b, "in order: {stdout}");
+    // Alone, the second stage has no run of `first` to start from: a clear error.
+    assert_eq!(second_alone.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&second_alone.stderr).contains("first"),
+        "{}",
+        String::from_utf8_lossy(&second_alone.stderr)
+    );
+}
