@@ -7,6 +7,7 @@ use crate::graph::LayerKind;
 use crate::spec::{Cluster, Offload, PipelineSchedule, Precision, Recompute};
 use rayon::prelude::*;
 use serde::Serialize;
+use smallvec::SmallVec;
 use std::collections::HashMap;
 use std::ops::Range;
 
@@ -68,11 +69,15 @@ impl Strategy {
     }
 }
 
+/// A stage's layer ranges: one, or one per chunk when interleaved. Inline, because the search
+/// builds one per stage of every candidate (allocation dominated the uniform path).
+pub type LayerRanges = SmallVec<[Range<usize>; 4]>;
+
 /// A pipeline stage before it is costed: its layer ranges (several chunks when interleaved)
 /// and the submesh it runs on.
 #[derive(Clone, Debug, PartialEq)]
 pub struct StagePlace {
-    pub layers: Vec<Range<usize>>,
+    pub layers: LayerRanges,
     pub submesh: Submesh,
 }
 
@@ -178,7 +183,7 @@ pub struct MemoryBreakdown {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct StageCost {
     /// Layer ranges `[start, end)` into the profiles (several with an interleaved schedule).
-    pub layers: Vec<(usize, usize)>,
+    pub layers: SmallVec<[(usize, usize); 4]>,
     pub submesh: Submesh,
     /// Device ids `[start, end)`: stages hold consecutive ranges, in pipeline order.
     pub devices: (u64, u64),
@@ -423,7 +428,7 @@ impl Model<'_> {
             _ => self
                 .balanced_stages(s.pipeline)
                 .into_iter()
-                .map(|r| place(vec![r]))
+                .map(|r| place(std::iter::once(r).collect()))
                 .collect(),
         }
     }

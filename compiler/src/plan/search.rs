@@ -165,7 +165,6 @@ fn better(a: &Evaluation, b: &Evaluation) -> std::cmp::Ordering {
     } else {
         std::cmp::Ordering::Equal
     };
-    let submeshes = |e: &Evaluation| e.stages.iter().map(|s| s.submesh).collect::<Vec<_>>();
     b.fits
         .cmp(&a.fits)
         .then(a.time.total.total_cmp(&b.time.total))
@@ -173,7 +172,10 @@ fn better(a: &Evaluation, b: &Evaluation) -> std::cmp::Ordering {
         .then_with(|| a.peak_memory().total_cmp(&b.peak_memory()))
         .then_with(|| b.uniform().cmp(&a.uniform()))
         .then(a.strategy.cmp(&b.strategy))
-        .then_with(|| submeshes(a).cmp(&submeshes(b)))
+        .then_with(|| {
+            let (a, b) = (a.stages.iter(), b.stages.iter());
+            a.map(|s| s.submesh).cmp(b.map(|s| s.submesh))
+        })
 }
 
 /// Costs every candidate with balanced stages (in parallel) and returns them best first.
@@ -190,7 +192,9 @@ pub fn uniform(model: &Model, candidates: &[Strategy]) -> Vec<Candidate> {
             }
         })
         .collect();
-    out.sort_by(|a, b| better(&a.evaluation, &b.evaluation));
+    // Every candidate is a distinct strategy, so no two compare equal: an unstable sort (in
+    // place, fewer moves of these large records) gives the one order.
+    out.sort_unstable_by(|a, b| better(&a.evaluation, &b.evaluation));
     out
 }
 
