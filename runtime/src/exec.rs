@@ -852,8 +852,12 @@ impl Interpreter<'_> {
                     .unwrap_or((start as usize, (start + len) as usize));
                 match self.input(n, 0)?.clone() {
                     V::R3(x) => {
-                        let tape = self.take_tape();
-                        Ok(self.keep3(x.put_tape(tape).slice((.., .., start..end)).realize()))
+                        let x = x.put_tape(self.take_tape());
+                        #[cfg(not(feature = "cuda"))]
+                        let y = crate::kernels::columns(x, start, end).map_err(ExecError)?;
+                        #[cfg(feature = "cuda")]
+                        let y = x.slice((.., .., start..end)).realize();
+                        Ok(self.keep3(y))
                     }
                     _ => err("slice of a non-rank-3 tensor"),
                 }

@@ -346,6 +346,38 @@ pub fn linear(
     Ok(result.put_tape(tape))
 }
 
+/// Features `start..end` of `x` `[b, s, n]` (GPT-2's q, k and v from the fused c_attn output):
+/// a copy per row forward, an add into the range backward (dfdx's slice walks indices one
+/// element at a time).
+pub fn columns(x: Taped<R3>, start: usize, end: usize) -> Result<Taped<R3>, String> {
+    let (x, mut tape) = row_major(x).split_tape();
+    let (b, s, n) = *x.shape();
+    if start >= end || end > n {
+        return Err(format!("features {start}..{end} of a tensor with {n}"));
+    }
+    let width = end - start;
+    let mut y = vec![0.0f32; b * s * width];
+    {
+        let xs = elements(&x);
+        y.par_chunks_mut(width)
+            .zip(xs.par_chunks(n))
+            .for_each(|(y, x)| y.copy_from_slice(&x[start..end]));
+    }
+    let out = tensor(x.device(), y, (b, s, width));
+    let result = out.clone();
+    tape.add_backward_op(move |grads| {
+        let dy = take_grad(grads, &out)?;
+        let gx = grads.get_or_alloc_mut(&x)?;
+        gx.par_chunks_mut(n)
+            .zip(dy.par_chunks(width))
+            .for_each(|(g, dy)| {
+                g[start..end].iter_mut().zip(dy).for_each(|(g, d)| *g += d);
+            });
+        put_grad(grads, &out, dy)
+    });
+    Ok(result.put_tape(tape))
+}
+
 // ---------------------------------------------------------------------------------------------
 // Elementwise math, written so that loops over it vectorize.
 
@@ -1094,6 +1126,21 @@ mod tests {
             close_grad("dw", &fg, &rg, &w, 1e-6);
             close_grad("db", &fg, &rg, &bias, 1e-6);
         }
+    }
+
+    #[test]
+    fn columns_match_dfdx_slices() {
+        let x = t3((2, 3, 9), 50);
+        let (fy, fg) = probe(columns(x.clone().leaky_traced(), 3, 7).unwrap(), 51);
+        let reference = x
+            .clone()
+            .leaky_traced()
+            .slice((.., .., 3..7))
+            .realize::<R3>();
+        let (ry, rg) = probe(reference, 51);
+        close("y", &fy, &ry, 0.0);
+        close_grad("dx", &fg, &rg, &x, 0.0);
+        assert!(columns(x.leaky_traced(), 7, 10).is_err());
     }
 
     #[test]
