@@ -1398,7 +1398,7 @@ impl Interpreter<'_> {
                 dim: d,
             };
             let q = q.put_tape(self.take_tape());
-            let out = crate::kernels::attention(q, k, v, dims, mask, dropout);
+            let out = crate::kernels::attention(q, k, v, dims, mask, dropout).map_err(ExecError)?;
             Ok(self.keep3(out))
         }
         #[cfg(feature = "cuda")]
@@ -1486,7 +1486,8 @@ impl Interpreter<'_> {
         #[cfg(not(feature = "cuda"))]
         {
             let logits = logits.put_tape(self.take_tape());
-            let loss = crate::kernels::cross_entropy(logits, positions, targets, weights, count);
+            let loss = crate::kernels::cross_entropy(logits, positions, targets, weights, count)
+                .map_err(ExecError)?;
             Ok(self.keep0(loss))
         }
         #[cfg(feature = "cuda")]

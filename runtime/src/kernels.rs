@@ -122,7 +122,8 @@ struct Mat {
 impl Mat {
     /// Row-major `rows × cols` at the start of `data`, rows `stride` apart.
     fn at(data: &[f32], rows: usize, cols: usize, stride: usize) -> Mat {
-        debug_assert!(rows == 0 || (rows - 1) * stride + cols <= data.len());
+        // The products index through raw pointers: this is what keeps them inside `data`.
+        assert!(rows == 0 || (rows - 1) * stride + cols <= data.len());
         Mat {
             ptr: data.as_ptr(),
             rows,
@@ -554,6 +555,9 @@ pub fn layer_norm(
     let shape = *x.shape();
     let h = shape.2;
     let rows = shape.0 * shape.1;
+    if h == 0 || rows == 0 {
+        return Err(format!("layer norm of a tensor of shape {shape:?}"));
+    }
     let w = elements(&weight.v).into_owned();
     let b = match &bias {
         Some(b) => elements(&b.v).into_owned(),
@@ -668,20 +672,37 @@ pub fn attention(
     heads: Heads,
     mask: Vec<f32>,
     dropout: Option<Vec<f32>>,
-) -> Taped<R3> {
-    let (q, tape) = row_major(q).split_tape();
-    let (k, tape) = row_major(k.put_tape(tape)).split_tape();
-    let (v, mut tape) = row_major(v.put_tape(tape)).split_tape();
+) -> Result<Taped<R3>, String> {
     let Heads {
         heads: h,
         kv_heads: kvh,
         dim: d,
     } = heads;
-    let (b, s, _) = *q.shape();
+    let (b, s, width) = *q.shape();
     let skv = k.shape().1;
+    // The parallel products write through raw pointers: every extent is checked first.
+    if kvh == 0 || h % kvh != 0 || d == 0 || s == 0 || skv == 0 {
+        return Err(format!(
+            "attention over {h} heads, {kvh} key/value heads of width {d}, {s} queries and {skv} keys"
+        ));
+    }
+    if width != h * d || *k.shape() != (b, skv, kvh * d) || *v.shape() != *k.shape() {
+        return Err(format!(
+            "attention inputs q {:?}, k {:?}, v {:?} for {h} heads over {kvh} of width {d}",
+            q.shape(),
+            k.shape(),
+            v.shape()
+        ));
+    }
+    let plane = s * skv;
+    if mask.len() != b * plane || dropout.as_ref().is_some_and(|m| m.len() != b * h * plane) {
+        return Err("an attention mask of the wrong size".into());
+    }
+    let (q, tape) = row_major(q).split_tape();
+    let (k, tape) = row_major(k.put_tape(tape)).split_tape();
+    let (v, mut tape) = row_major(v.put_tape(tape)).split_tape();
     let group = h / kvh;
     let scale = 1.0 / (d as f32).sqrt();
-    let plane = s * skv;
     let mut probs = vec![0.0f32; b * h * plane];
     let mut y = vec![0.0f32; b * s * h * d];
     {
@@ -812,7 +833,7 @@ pub fn attention(
         add_grad(grads, &v, &dv)?;
         put_grad(grads, &out, dy)
     });
-    result.put_tape(tape)
+    Ok(result.put_tape(tape))
 }
 
 /// Softmax of each row of `p` (rows of `width`) after adding `mask`, in place.
@@ -854,9 +875,23 @@ pub fn cross_entropy(
     targets: Vec<usize>,
     weights: Vec<f32>,
     count: f32,
-) -> Taped<()> {
+) -> Result<Taped<()>, String> {
+    let (b, s, vocab) = *logits.shape();
+    // Rows are written by parallel tasks through a raw pointer: each target must name its own
+    // row and a word of the vocabulary.
+    if positions == 0
+        || positions > s
+        || targets.len() != weights.len()
+        || targets.len() > b * positions
+        || targets.len() % positions != 0
+        || targets.iter().any(|&t| t >= vocab)
+    {
+        return Err(format!(
+            "cross-entropy of {} targets over {positions} of {s} positions, vocabulary {vocab}",
+            targets.len()
+        ));
+    }
     let (logits, mut tape) = row_major(logits).split_tape();
-    let (_, s, vocab) = *logits.shape();
     let row = move |i: usize| (i / positions * s + i % positions) * vocab;
     // log Σ exp per used row (0 for rows without weight).
     let lse: Vec<f32> = {
@@ -903,7 +938,7 @@ pub fn cross_entropy(
         });
         Ok(())
     });
-    result.put_tape(tape)
+    Ok(result.put_tape(tape))
 }
 
 /// log Σ exp over a row of logits.
@@ -1353,7 +1388,8 @@ mod tests {
                 heads,
                 mask.clone(),
                 dropout.clone(),
-            );
+            )
+            .unwrap();
             let (fy, fg) = probe(fast, 24);
             let reference = reference_attention(
                 q.clone().leaky_traced(),
@@ -1368,6 +1404,44 @@ mod tests {
             close_grad("dq", &fg, &rg, &q, 1e-5);
             close_grad("dk", &fg, &rg, &k, 1e-5);
             close_grad("dv", &fg, &rg, &v, 1e-5);
+        }
+    }
+
+    #[test]
+    fn inconsistent_shapes_are_errors_not_out_of_bounds_accesses() {
+        let heads = Heads {
+            heads: 4,
+            kv_heads: 2,
+            dim: 3,
+        };
+        let q = t3((1, 5, 12), 60);
+        let mask = vec![0.0; 5 * 7];
+        for (k, v) in [
+            ((1, 7, 6), (1, 7, 4)),
+            ((1, 7, 6), (2, 7, 6)),
+            ((1, 7, 5), (1, 7, 5)),
+        ] {
+            let run = attention(
+                q.clone().leaky_traced(),
+                t3(k, 61),
+                t3(v, 62),
+                heads,
+                mask.clone(),
+                None,
+            );
+            assert!(run.is_err(), "k {k:?}, v {v:?}");
+        }
+        let logits = t3((2, 3, 4), 63);
+        for (positions, targets) in [(4, vec![0; 8]), (3, vec![0; 9]), (3, vec![4; 6])] {
+            let weights = vec![1.0; targets.len()];
+            let run = cross_entropy(
+                logits.clone().leaky_traced(),
+                positions,
+                targets,
+                weights,
+                1.0,
+            );
+            assert!(run.is_err(), "{positions} positions");
         }
     }
 
@@ -1390,7 +1464,8 @@ mod tests {
             targets.clone(),
             weights.clone(),
             count,
-        );
+        )
+        .unwrap();
         let fast_loss = fast.as_vec()[0];
         let fast_grads = fast.backward();
         let dev = Cpu::default();
