@@ -9,16 +9,8 @@ use kiln_runtime::exec::{forward_backward, Batch, Params, Segment};
 use kiln_runtime::tensor_parallel::RankOps;
 use std::path::Path;
 
-fn relative_l2(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    let (num, den) = got
-        .iter()
-        .zip(want)
-        .fold((0.0f64, 0.0f64), |(n, d), (g, w)| {
-            (n + f64::from(g - w).powi(2), d + f64::from(*w).powi(2))
-        });
-    num.sqrt() / den.sqrt().max(1e-30)
-}
+mod common;
+use common::relative_l2;
 
 fn ints(t: &HostTensor) -> Vec<Vec<i64>> {
     t.data
