@@ -57,19 +57,16 @@ fn quickstart_learns_and_is_reproducible() {
         first.last_loss
     );
     run(&e, &b, None, false, |_| Control::Continue).unwrap();
-    let metrics = |dir: &Path| {
-        let text = std::fs::read_to_string(dir.join("variant/metrics.jsonl")).unwrap();
-        // Throughput differs between runs; everything else must not.
-        text.lines()
-            .map(|l| {
-                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-                v.as_object_mut().unwrap().remove("tokens_per_second");
-                v
-            })
-            .collect::<Vec<_>>()
-    };
-    assert_eq!(metrics(&a), metrics(&b), "same seed, same losses");
-    assert_eq!(metrics(&a).len(), 13, "12 steps and the evaluation");
+    assert_eq!(
+        metrics(&a, "variant"),
+        metrics(&b, "variant"),
+        "same seed, same losses"
+    );
+    assert_eq!(
+        metrics(&a, "variant").len(),
+        13,
+        "12 steps and the evaluation"
+    );
     let svg = std::fs::read_to_string(a.join("variant/loss.svg")).unwrap();
     assert!(svg.contains("<polyline"), "the loss curve is plotted");
     let saved = read_safetensors(&a.join("variant/checkpoint/trainable.safetensors")).unwrap();
@@ -102,8 +99,10 @@ fn divergence_names_the_step_and_keeps_the_last_checkpoint() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-fn losses(dir: &Path) -> Vec<serde_json::Value> {
-    let text = std::fs::read_to_string(dir.join("variant/metrics.jsonl")).unwrap();
+/// The metrics lines of run `name` under `dir`, without the throughput (which differs between
+/// runs; everything else must not).
+fn metrics(dir: &Path, name: &str) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(dir.join(name).join("metrics.jsonl")).unwrap();
     text.lines()
         .map(|l| {
             let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
@@ -133,8 +132,8 @@ fn an_interrupted_run_resumes_bit_exactly() {
     assert_eq!(stopped.steps, 3);
     run(&e, &split, None, true, |_| Control::Continue).unwrap();
     assert_eq!(
-        losses(&whole),
-        losses(&split),
+        metrics(&whole, "variant"),
+        metrics(&split, "variant"),
         "the same losses as the uninterrupted run"
     );
     let a = read_safetensors(&whole.join("variant/checkpoint/trainable.safetensors")).unwrap();
@@ -204,16 +203,9 @@ fn sft_and_reward_models_train() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-/// The PPO run's metrics lines, without the throughput (which differs between runs).
+/// The PPO run's metrics lines.
 fn ppo_metrics(dir: &Path) -> Vec<serde_json::Value> {
-    let text = std::fs::read_to_string(dir.join("tiny_ppo/metrics.jsonl")).unwrap();
-    text.lines()
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            v.as_object_mut().unwrap().remove("tokens_per_second");
-            v
-        })
-        .collect()
+    metrics(dir, "tiny_ppo")
 }
 
 #[test]
@@ -507,7 +499,7 @@ fn assert_parallel_matches_one_device(file: &str, name: &str, overrides: &str, p
         let many = example(plan);
         let parallel = run(&many, &b, None, false, |_| Control::Continue)
             .unwrap_or_else(|err| panic!("{name}, {plan}: {err}"));
-        let (la, lb) = (losses(&a), losses(&b));
+        let (la, lb) = (metrics(&a, "variant"), metrics(&b, "variant"));
         assert_eq!(la.len(), lb.len());
         // Every number of every line: step losses, gradient norms, the evaluation.
         for (x, y) in la.iter().zip(&lb) {
