@@ -87,11 +87,6 @@ fn add_grad<S: Shape>(
     Ok(())
 }
 
-/// A result on the device of the op's input.
-fn tensor<S: Shape>(dev: &Cpu, data: Vec<f32>, shape: S) -> Tensor<S, f32, Cpu> {
-    dev.tensor_from_vec(data, shape)
-}
-
 /// Runs `f` compiled for the best instruction set this CPU has (AVX-512, AVX2 or baseline), so
 /// that plain loops inside it vectorize at that width.
 #[inline(always)]
@@ -300,7 +295,7 @@ pub fn linear(
             )
         };
     }
-    let out = tensor(x.device(), y, (b, s, n));
+    let out = x.device().tensor_from_vec(y, (b, s, n));
     let result = out.clone();
     tape.add_backward_op(move |grads| {
         let dy = take_grad(grads, &out)?;
@@ -364,7 +359,7 @@ pub fn columns(x: Taped<R3>, start: usize, end: usize) -> Result<Taped<R3>, Stri
             .zip(xs.par_chunks(n))
             .for_each(|(y, x)| y.copy_from_slice(&x[start..end]));
     }
-    let out = tensor(x.device(), y, (b, s, width));
+    let out = x.device().tensor_from_vec(y, (b, s, width));
     let result = out.clone();
     tape.add_backward_op(move |grads| {
         let dy = take_grad(grads, &out)?;
@@ -521,7 +516,7 @@ fn elementwise<S: Shape>(
                 })
             });
     }
-    let out = tensor(x.device(), y, shape);
+    let out = x.device().tensor_from_vec(y, shape);
     let result = out.clone();
     tape.add_backward_op(move |grads| {
         let dy = take_grad(grads, &out)?;
@@ -587,7 +582,7 @@ pub fn layer_norm(
                 })
             });
     }
-    let out = tensor(x.device(), y, shape);
+    let out = x.device().tensor_from_vec(y, shape);
     let result = out.clone();
     tape.add_backward_op(move |grads| {
         let dy = take_grad(grads, &out)?;
@@ -748,7 +743,7 @@ pub fn attention(
                 }
             });
     }
-    let out = tensor(q.device(), y, (b, s, h * d));
+    let out = q.device().tensor_from_vec(y, (b, s, h * d));
     let result = out.clone();
     tape.add_backward_op(move |grads| {
         let dy = take_grad(grads, &out)?;
@@ -985,7 +980,7 @@ pub fn token_log_probs(logits: Taped<R3>, targets: Vec<Option<usize>>) -> Taped<
             .map(|(i, t)| t.map_or(0.0, |t| xs[i * vocab + t] - lse[i]))
             .collect()
     };
-    let out = tensor(logits.device(), picked, (b, s));
+    let out = logits.device().tensor_from_vec(picked, (b, s));
     let result = out.clone();
     tape.add_backward_op(move |grads| {
         let dy = take_grad(grads, &out)?;
