@@ -75,6 +75,55 @@ fn auto_is_at_least_as_fast_as_the_published_plan_and_keeps_tensor_parallelism_i
     }
 }
 
+/// Megatron 2021 Table 2: GPT-3 175B, batch 1536, ZeRO-3 without model parallelism
+/// (DeepSpeed, which overlaps the gradient reduction with the backward under ZeRO-3 by
+/// default), one microbatch per GPU: (GPUs, microbatch, published TF/s per GPU).
+const ZERO3_ROWS: &[(u64, u64, f64)] = &[(384, 4, 144.0), (768, 2, 88.0), (1536, 1, 44.0)];
+
+fn zero3_source(gpus: u64, parallel: &str) -> String {
+    megatron_source("megatron_175b", gpus, 1536, parallel)
+}
+
+#[test]
+fn published_zero3_throughput_within_15_percent() {
+    for &(gpus, micro_batch, published) in ZERO3_ROWS {
+        let ours = plan(&zero3_source(
+            gpus,
+            &format!("data = {gpus}, zero = 3, recompute = full, microbatches = 1, overlap_grad_sync = true"),
+        ));
+        assert_eq!(ours.strategy.micro_batch, micro_batch);
+        let tflops = ours.throughput.tflops_per_device;
+        let error = tflops / published - 1.0;
+        assert!(
+            error.abs() <= 0.15,
+            "{gpus} GPUs: predicted {tflops:.1} TF/s per GPU, published {published} ({:+.1}%)",
+            error * 100.0
+        );
+    }
+}
+
+#[test]
+fn auto_beats_zero3_on_its_own_cluster_and_batch() {
+    for &(gpus, _, _) in ZERO3_ROWS {
+        let zero3 = plan(&zero3_source(
+            gpus,
+            &format!("data = {gpus}, zero = 3, recompute = full, microbatches = 1, overlap_grad_sync = true"),
+        ));
+        let auto = plan(&zero3_source(gpus, "plan = auto, overlap_grad_sync = true"));
+        assert!(
+            auto.time.total <= zero3.time.total,
+            "{gpus} GPUs: auto {} s vs ZeRO-3 {} s",
+            auto.time.total,
+            zero3.time.total
+        );
+        assert!(
+            auto.strategy.tensor <= 8,
+            "{gpus} GPUs: tensor {} crosses a node",
+            auto.strategy.tensor
+        );
+    }
+}
+
 /// Rajbhandari et al. 2020: Ψ = 7.5B on 64 GPUs, mixed-precision Adam (K = 12).
 #[test]
 fn zero_memory_matches_the_paper() {

@@ -460,22 +460,49 @@ fn collectives(model: &Model, g: &Graph, c: &Candidate) -> Vec<Collective> {
             continue;
         }
         let on = s.on(*grid);
-        let trainable = stages.iter().map(|st| st.trainable).fold(0.0, f64::max);
-        let kind = match s.zero {
-            0 => "all_reduce (gradients)",
-            1 | 2 => "reduce_scatter (gradients) + all_gather (weights)",
-            _ => "all_gather (weights, forward and backward) + reduce_scatter (gradients)",
+        // The grid's stage whose synchronisation takes longest sets the figures.
+        let Some((stage, sync)) = stages
+            .iter()
+            .map(|st| (st, model.sync_parts(&on, st)))
+            .max_by(|a, b| a.1.total().total_cmp(&b.1.total()))
+        else {
+            continue;
         };
-        out.push(Collective {
+        let bytes = model.element_bytes();
+        let gradients = stage.trainable * bytes;
+        let collective = |kind: &str, bytes: f64, per_iteration: u64, seconds: f64| Collective {
             kind: kind.into(),
             group: format!("data{label}"),
             group_size: grid.data,
-            bytes: trainable * model.element_bytes(),
-            per_iteration: 1,
-            seconds: stages
-                .iter()
-                .map(|st| model.sync(&on, st))
-                .fold(0.0, f64::max),
+            bytes,
+            per_iteration,
+            seconds,
+        };
+        if s.zero == 0 {
+            out.push(collective(
+                "all_reduce (gradients)",
+                gradients,
+                1,
+                sync.reduce,
+            ));
+            continue;
+        }
+        out.push(collective(
+            "reduce_scatter (gradients)",
+            gradients,
+            1,
+            sync.reduce,
+        ));
+        out.push(if s.zero >= 3 {
+            let modules = stage.modules.max(1.0);
+            collective(
+                "all_gather (weights, each module's, forward and backward)",
+                stage.params * bytes / modules,
+                2 * modules as u64,
+                sync.gather,
+            )
+        } else {
+            collective("all_gather (updated weights)", gradients, 1, sync.gather)
         });
     }
     for col in &mut out {

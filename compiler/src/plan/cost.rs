@@ -195,6 +195,8 @@ pub struct StageCost {
     /// Parameters and trainable parameters one device holds (tensor-split, before ZeRO).
     pub params: f64,
     pub trainable: f64,
+    /// Modules owning parameters (what ZeRO-3 gathers one collective each).
+    pub modules: f64,
     pub memory: MemoryBreakdown,
 }
 
@@ -387,6 +389,7 @@ impl Model<'_> {
                 tensor_comm: collectives * all_reduce(l.boundary_bytes * f, s.tensor, bw, lat),
                 params: l.params_split / t + l.params_repl,
                 trainable: l.trainable_split / t + l.trainable_repl,
+                modules: l.modules,
                 saved,
                 kept,
                 largest: layer_saved,
@@ -482,6 +485,7 @@ impl Model<'_> {
             tensor_comm: sum.tensor_comm,
             params: sum.params,
             trainable: sum.trainable,
+            modules: sum.modules,
             memory,
         }
     }
@@ -656,15 +660,22 @@ impl Model<'_> {
     }
 
     /// Seconds to synchronise one stage's gradients of trainable parameters over its
-    /// data-parallel group; `s` is the stage's own strategy. ZeRO-3 reduce-scatters gradients
-    /// and all-gathers every weight (frozen ones too) for the forward and again for the
-    /// backward: 3Ψ instead of 2Ψ for full training.
-    ///
-    /// With `overlap`, the gradient reduction (DDP's all-reduce, ZeRO's reduce-scatter) runs as
-    /// the last microbatch's backward produces the gradients and only what outlasts that
-    /// backward is on the critical path; weight all-gathers (ZeRO-1/2 after the update, ZeRO-3
-    /// before each use) stay on it.
+    /// data-parallel group (see [`Sync`]); `s` is the stage's own strategy.
     pub fn sync(&self, s: &Strategy, stage: &StageCost) -> f64 {
+        self.sync_parts(s, stage).total()
+    }
+
+    /// [`Model::sync`] by collective. ZeRO-3 reduce-scatters gradients and all-gathers every
+    /// weight (frozen ones too) for the forward and again for the backward: 3Ψ instead of
+    /// 2Ψ for full training. The gathers are one collective per module, each paying the
+    /// ring's n − 1 latency steps: at a thousand ranks that latency, not the bytes, is what
+    /// grows with the group (Megatron 2021 Table 2's ZeRO-3 rows).
+    ///
+    /// With `overlap` (DeepSpeed's `overlap_comm`, its default under ZeRO-3), the gradient
+    /// reduction runs as the last microbatch's backward produces the gradients and only what
+    /// outlasts that backward is on the critical path; weight all-gathers (ZeRO-1/2 after the
+    /// update, ZeRO-3 before each use) stay on it.
+    pub fn sync_parts(&self, s: &Strategy, stage: &StageCost) -> Sync {
         let grad_bytes = stage.trainable * self.element_bytes();
         let (bw, lat) = self.group_bandwidth(s.data, s.tensor);
         let (reduce, gather) = match s.zero {
@@ -674,10 +685,11 @@ impl Model<'_> {
                 (half, half)
             }
             _ => {
-                let weight_bytes = stage.params * self.element_bytes();
+                let modules = stage.modules.max(1.0);
+                let per_module = stage.params * self.element_bytes() / modules;
                 (
                     all_gather(grad_bytes, s.data, bw, lat),
-                    2.0 * all_gather(weight_bytes, s.data, bw, lat),
+                    2.0 * modules * all_gather(per_module, s.data, bw, lat),
                 )
             }
         };
@@ -686,7 +698,22 @@ impl Model<'_> {
         } else {
             reduce
         };
-        reduce + gather
+        Sync { reduce, gather }
+    }
+}
+
+/// A stage's data-parallel synchronisation, seconds on the critical path.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Sync {
+    /// Gradient reduction: DDP's all-reduce, ZeRO's reduce-scatter (what overlap can hide).
+    pub reduce: f64,
+    /// Weight all-gathers: ZeRO-1/2's after the update, ZeRO-3's before each module's use.
+    pub gather: f64,
+}
+
+impl Sync {
+    pub fn total(&self) -> f64 {
+        self.reduce + self.gather
     }
 }
 
@@ -710,6 +737,7 @@ pub struct Terms {
     pub tensor_comm: f64,
     pub params: f64,
     pub trainable: f64,
+    pub modules: f64,
     /// Activations kept per microbatch (without full recompute's block inputs).
     pub saved: f64,
     /// Block inputs kept under full recompute.
@@ -727,6 +755,7 @@ impl Terms {
             tensor_comm: self.tensor_comm + o.tensor_comm,
             params: self.params + o.params,
             trainable: self.trainable + o.trainable,
+            modules: self.modules + o.modules,
             saved: self.saved + o.saved,
             kept: self.kept + o.kept,
             largest: self.largest + o.largest,
@@ -741,6 +770,7 @@ impl Terms {
             tensor_comm: self.tensor_comm - o.tensor_comm,
             params: self.params - o.params,
             trainable: self.trainable - o.trainable,
+            modules: self.modules - o.modules,
             saved: self.saved - o.saved,
             kept: self.kept - o.kept,
             largest: self.largest - o.largest,

@@ -13,6 +13,10 @@ pub struct LayerProfile {
     pub params_repl: f64,
     pub trainable_split: f64,
     pub trainable_repl: f64,
+    /// Modules owning parameters (a linear with its bias, a norm, an embedding table, an
+    /// adapter's matrix): ZeRO-3 gathers each one's weights as its own collective before it
+    /// runs, as DeepSpeed's `fetch_sub_module` does.
+    pub modules: f64,
     /// Compute-bound FLOPs (GEMMs, attention) for the whole batch.
     pub flops_fwd: f64,
     pub flops_bwd: f64,
@@ -49,6 +53,10 @@ pub fn profile(g: &Graph) -> Vec<LayerProfile> {
         let split = !matches!(p.role, ParamRole::Norm | ParamRole::NormBias);
         let l = &mut out[p.layer];
         let n = p.numel() as f64;
+        // A bias travels with its linear's or norm's weight.
+        if !matches!(p.role, ParamRole::Bias | ParamRole::NormBias) {
+            l.modules += 1.0;
+        }
         if split {
             l.params_split += n;
         } else {
