@@ -155,47 +155,103 @@ pub struct Candidate {
     pub layout: Vec<StagePlace>,
 }
 
-/// Orders evaluations: feasible first, then faster, then (among plans that fit) larger
-/// microbatches — at equal modeled time fewer and larger GEMMs run faster in practice, the model
-/// having one efficiency for every size — then less memory, then uniform stages before uneven
-/// ones, then the stable order of the strategy and of the stages' submeshes (deterministic ties).
-fn better(a: &Evaluation, b: &Evaluation) -> std::cmp::Ordering {
-    let larger_microbatch = if a.fits && b.fits {
-        b.strategy.micro_batch.cmp(&a.strategy.micro_batch)
-    } else {
-        std::cmp::Ordering::Equal
-    };
-    b.fits
-        .cmp(&a.fits)
-        .then(a.time.total.total_cmp(&b.time.total))
-        .then(larger_microbatch)
-        .then_with(|| a.peak_memory().total_cmp(&b.peak_memory()))
-        .then_with(|| b.uniform().cmp(&a.uniform()))
-        .then(a.strategy.cmp(&b.strategy))
-        .then_with(|| {
-            let (a, b) = (a.stages.iter(), b.stages.iter());
-            a.map(|s| s.submesh).cmp(b.map(|s| s.submesh))
-        })
+/// What orders evaluations, without their stages: feasible first, then faster, then (among
+/// plans that fit) larger microbatches — at equal modeled time fewer and larger GEMMs run faster
+/// in practice, the model having one efficiency for every size — then less memory, then uniform
+/// stages before uneven ones, then the stable order of the strategy.
+#[derive(Clone, Copy, Debug)]
+struct Rank {
+    fits: bool,
+    time: f64,
+    micro_batch: u64,
+    peak_memory: f64,
+    uniform: bool,
+    strategy: Strategy,
 }
 
-/// Costs every candidate with balanced stages (in parallel) and returns them best first.
+impl Rank {
+    fn of(e: &Evaluation) -> Rank {
+        Rank {
+            fits: e.fits,
+            time: e.time.total,
+            micro_batch: e.strategy.micro_batch,
+            peak_memory: e.peak_memory(),
+            uniform: e.uniform(),
+            strategy: e.strategy,
+        }
+    }
+
+    fn order(&self, o: &Rank) -> std::cmp::Ordering {
+        let larger_microbatch = if self.fits && o.fits {
+            o.micro_batch.cmp(&self.micro_batch)
+        } else {
+            std::cmp::Ordering::Equal
+        };
+        o.fits
+            .cmp(&self.fits)
+            .then(self.time.total_cmp(&o.time))
+            .then(larger_microbatch)
+            .then_with(|| self.peak_memory.total_cmp(&o.peak_memory))
+            .then_with(|| o.uniform.cmp(&self.uniform))
+            .then(self.strategy.cmp(&o.strategy))
+    }
+}
+
+/// Orders evaluations by [`Rank`], then by the stages' submeshes (deterministic ties between
+/// plans of one strategy).
+fn better(a: &Evaluation, b: &Evaluation) -> std::cmp::Ordering {
+    Rank::of(a).order(&Rank::of(b)).then_with(|| {
+        let (a, b) = (a.stages.iter(), b.stages.iter());
+        a.map(|s| s.submesh).cmp(b.map(|s| s.submesh))
+    })
+}
+
+/// Costs every candidate with balanced stages (in parallel) and returns the best first: as many
+/// as the search and the report read (see [`kept`]). Candidates are ranked on their [`Rank`]
+/// and only the kept ones are costed again in full: the full records are large (a cost per
+/// stage), and moving and freeing thousands of them dominated this path.
 pub fn uniform(model: &Model, candidates: &[Strategy]) -> Vec<Candidate> {
     // Per-layer costs depend on a few of the knobs: each set of prefix sums is computed once.
     let prefixes = model.prefixes(candidates);
-    let mut out: Vec<Candidate> = candidates
+    let cost = |s: &Strategy| {
+        let layout = model.layout(s);
+        Candidate {
+            evaluation: model.evaluate_with(s, &layout, &prefixes),
+            layout,
+        }
+    };
+    let mut ranks: Vec<Rank> = candidates
         .par_iter()
-        .map(|s| {
-            let layout = model.layout(s);
-            Candidate {
-                evaluation: model.evaluate_with(s, &layout, &prefixes),
-                layout,
-            }
-        })
+        .map(|s| Rank::of(&cost(s).evaluation))
         .collect();
-    // Every candidate is a distinct strategy, so no two compare equal: an unstable sort (in
-    // place, fewer moves of these large records) gives the one order.
-    out.sort_unstable_by(|a, b| better(&a.evaluation, &b.evaluation));
-    out
+    // Every candidate is a distinct strategy, so no two compare equal: an unstable sort gives
+    // the one order.
+    ranks.sort_unstable_by(Rank::order);
+    ranks.truncate(kept(ranks.iter().map(|r| &r.strategy)));
+    ranks.par_iter().map(|r| cost(&r.strategy)).collect()
+}
+
+/// How many of the ranked uniform strategies to keep: through the [`REFINE`]th without
+/// interleaving (the stage DP's seeds) and through the fourth distinct grid of degrees (the
+/// report's runners-up with other degrees than the winner, even when the DP replaces it).
+fn kept<'a>(ranked: impl Iterator<Item = &'a Strategy>) -> usize {
+    let mut seeds = 0;
+    let mut grids: Vec<(u64, u64, u64)> = Vec::new();
+    let mut count = 0;
+    for s in ranked {
+        count += 1;
+        if !matches!(s.schedule, ScheduleChoice::Interleaved(_)) {
+            seeds += 1;
+        }
+        let grid = (s.pipeline, s.data, s.tensor);
+        if !grids.contains(&grid) {
+            grids.push(grid);
+        }
+        if seeds >= REFINE && grids.len() >= 4 {
+            break;
+        }
+    }
+    count
 }
 
 /// How many of the best uniform candidates the stage DP starts from.
