@@ -124,6 +124,40 @@ fn auto_beats_zero3_on_its_own_cluster_and_batch() {
     }
 }
 
+/// Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models"),
+/// Table 5: seconds per iteration with full recompute, and with selective recompute plus
+/// sequence parallelism, for its Table 3 configurations (s = 2048, V = 51200, t = 8, DGX A100):
+/// (hidden, layers, heads, pipeline, GPUs, batch, microbatch, full, selective + SP).
+const KORTHIKANTI_ROWS: &[(u64, u64, u64, u64, u64, u64, u64, f64, f64)] = &[
+    (6144, 48, 64, 1, 8, 4, 4, 1.42, 1.10),
+    (12288, 96, 96, 8, 64, 64, 1, 18.13, 13.75),
+    (20480, 105, 128, 35, 280, 280, 1, 49.05, 37.83),
+    (25600, 128, 160, 64, 512, 512, 1, 94.42, 71.49),
+];
+
+#[test]
+fn published_iteration_times_with_and_without_selective_recompute_within_15_percent() {
+    for &(hidden, layers, heads, p, gpus, batch, micro, full, selective) in KORTHIKANTI_ROWS {
+        for (recompute, sp, published) in [("full", false, full), ("selective", true, selective)] {
+            let src = format!(
+                "import std.models.megatron\nimport std.clusters\n\
+                 model m = megatron_1_7b {{ hidden = {hidden}, layers = {layers}, heads = {heads} }}\n\
+                 experiment e {{ model = m, parallel {{ mesh = dgx_a100 * {nodes}, data = {d}, tensor = 8, pipeline = {p}, recompute = {recompute}, sequence_parallel = {sp}, microbatches = {m} }}, train {{ batch = {batch}, seq_len = 2048, precision = bf16 }} }}",
+                nodes = gpus / 8,
+                d = gpus / (8 * p),
+                m = batch / micro,
+            );
+            let ours = plan(&src).time.total;
+            let error = ours / published - 1.0;
+            assert!(
+                error.abs() <= 0.15,
+                "h={hidden} {recompute}: predicted {ours:.2} s per iteration, published {published} ({:+.1}%)",
+                error * 100.0
+            );
+        }
+    }
+}
+
 /// Rajbhandari et al. 2020: Ψ = 7.5B on 64 GPUs, mixed-precision Adam (K = 12).
 #[test]
 fn zero_memory_matches_the_paper() {
