@@ -4,7 +4,8 @@
 //! loss yields gradients for every parameter the ops touched.
 
 use crate::checkpoint::HostTensor;
-use crate::tensor_parallel::RankOps;
+use crate::collective::Collective;
+use crate::tensor_parallel::{RankOps, VocabColumns, VocabShard};
 use dfdx::prelude::*;
 use kiln_compiler::graph::{Act, Graph, InputKind, Layout, Op, ParamRef, Pick};
 use petgraph::graph::NodeIndex;
@@ -247,7 +248,7 @@ pub fn forward_backward(
     };
     let whole = RankOps::default();
     let params = Params::new(g, values)?;
-    let segment = Segment::forward(g, &params, batch, &whole, &g.topo_order(), Vec::new())?;
+    let segment = Segment::forward(g, &params, batch, &whole, &g.topo_order(), Vec::new(), None)?;
     let loss = segment.loss()?;
     if !loss.is_finite() {
         return err(format!("the loss is {loss}"));
@@ -285,7 +286,8 @@ pub struct SegmentGrads {
 impl<'g> Segment<'g> {
     /// Runs `nodes` (in topological order) forward. Values of other nodes they read come from
     /// `received`, except integer inputs, which every device reads from its batch. Parameters
-    /// not read here may be left empty in `params`.
+    /// not read here may be left empty in `params`. `group` is the tensor-parallel group, for
+    /// the losses this rank computes from its columns of the vocabulary (`ops.vocab_losses`).
     pub fn forward(
         g: &'g Graph,
         params: &Params,
@@ -293,6 +295,7 @@ impl<'g> Segment<'g> {
         ops: &'g RankOps,
         nodes: &[NodeIndex],
         received: Vec<(NodeIndex, Value)>,
+        mut group: Option<&mut dyn Collective>,
     ) -> Result<Self, ExecError> {
         let dev = Dev::default();
         let mut used = vec![false; g.params.len()];
@@ -330,7 +333,18 @@ impl<'g> Segment<'g> {
                     it.compute(i)?;
                 }
             }
-            it.compute(n)?;
+            match ops.vocab_losses.get(&n) {
+                Some(shard) => {
+                    let group = group.as_deref_mut().ok_or_else(|| {
+                        ExecError(format!(
+                            "{}: a vocabulary-parallel loss needs its tensor-parallel group",
+                            g.dag[n].name
+                        ))
+                    })?;
+                    it.compute_with(n, |it| it.cross_entropy(n, Some((shard, group))))?;
+                }
+                None => it.compute(n)?,
+            }
         }
         Ok(Segment { it, received: ids })
     }
@@ -575,10 +589,17 @@ impl Interpreter<'_> {
 
     /// Computes node `n` and keeps its value.
     fn compute(&mut self, n: NodeIndex) -> Result<(), ExecError> {
+        self.compute_with(n, |it| it.node(n))
+    }
+
+    /// Computes node `n` with `run` and keeps its value.
+    fn compute_with(
+        &mut self,
+        n: NodeIndex,
+        run: impl FnOnce(&mut Self) -> Result<V, ExecError>,
+    ) -> Result<(), ExecError> {
         self.current = n;
-        let v = self
-            .node(n)
-            .map_err(|e| ExecError(format!("{}: {}", self.g.dag[n].name, e.0)))?;
+        let v = run(self).map_err(|e| ExecError(format!("{}: {}", self.g.dag[n].name, e.0)))?;
         self.values[n.index()] = Some(v);
         Ok(())
     }
@@ -988,31 +1009,7 @@ impl Interpreter<'_> {
                     x.put_tape(tape).permute::<_, Axes2<1, 0>>().gather(idx);
                 Ok(self.keep2(picked.permute::<_, Axes2<1, 0>>()))
             }
-            Op::CrossEntropy { shift } => {
-                let labels = self.input(n, 1)?.ints("labels")?.clone();
-                match self.input(n, 0)?.clone() {
-                    V::R3(logits) => self.token_cross_entropy(logits, &labels, shift),
-                    V::R2(logits) => {
-                        let targets: Vec<i64> = labels
-                            .iter()
-                            .map(|r| r.first().copied().unwrap_or(-100))
-                            .collect();
-                        let (b, c) = *logits.shape();
-                        // Reshaping may copy: do it on the tape so the gradient reaches `logits`.
-                        let (logits, tape) = logits
-                            .put_tape(self.take_tape())
-                            .reshape_like(&(b, 1, c))
-                            .split_tape();
-                        self.tape = tape;
-                        self.token_cross_entropy(
-                            logits,
-                            &targets.iter().map(|&t| vec![t]).collect::<Vec<_>>(),
-                            false,
-                        )
-                    }
-                    _ => err("cross-entropy of an unsupported rank"),
-                }
-            }
+            Op::CrossEntropy { .. } => self.cross_entropy(n, None),
             Op::WeightedSum { weights } => {
                 let mut parts = Vec::new();
                 for (i, w) in weights.iter().enumerate() {
@@ -1456,14 +1453,54 @@ impl Interpreter<'_> {
         }
     }
 
+    /// Cross-entropy node `n`: over every position of `[b, s, vocab]` logits (shifted for
+    /// causal LM), or over `[b, classes]` logits; with a shard, of this rank's columns of the
+    /// vocabulary (see [`VocabShard`]).
+    fn cross_entropy(
+        &mut self,
+        n: NodeIndex,
+        shard: Option<(&VocabColumns, &mut dyn Collective)>,
+    ) -> Result<V, ExecError> {
+        let Op::CrossEntropy { shift } = self.g.dag[n].op else {
+            return err("not a cross-entropy");
+        };
+        let labels = self.input(n, 1)?.ints("labels")?.clone();
+        let shard = shard.map(|(at, group)| VocabShard { at, group });
+        match self.input(n, 0)?.clone() {
+            V::R3(logits) => self.token_cross_entropy(logits, &labels, shift, shard),
+            V::R2(logits) => {
+                let targets: Vec<i64> = labels
+                    .iter()
+                    .map(|r| r.first().copied().unwrap_or(-100))
+                    .collect();
+                let (b, c) = *logits.shape();
+                // Reshaping may copy: do it on the tape so the gradient reaches `logits`.
+                let (logits, tape) = logits
+                    .put_tape(self.take_tape())
+                    .reshape_like(&(b, 1, c))
+                    .split_tape();
+                self.tape = tape;
+                self.token_cross_entropy(
+                    logits,
+                    &targets.iter().map(|&t| vec![t]).collect::<Vec<_>>(),
+                    false,
+                    shard,
+                )
+            }
+            _ => err("cross-entropy of an unsupported rank"),
+        }
+    }
+
     /// Mean cross-entropy over positions whose label is not −100.
     fn token_cross_entropy(
         &mut self,
         logits: T3,
         labels: &[Vec<i64>],
         shift: bool,
+        shard: Option<VocabShard>,
     ) -> Result<V, ExecError> {
-        let (b, s, vocab) = *logits.shape();
+        let (b, s, width) = *logits.shape();
+        let vocab = shard.as_ref().map_or(width, |sh| sh.at.vocab);
         let (positions, offset) = if shift { (s - 1, 1) } else { (s, 0) };
         let mut targets = Vec::with_capacity(b * positions);
         let mut weights = Vec::with_capacity(b * positions);
@@ -1486,12 +1523,17 @@ impl Interpreter<'_> {
         #[cfg(not(feature = "cuda"))]
         {
             let logits = logits.put_tape(self.take_tape());
-            let loss = crate::kernels::cross_entropy(logits, positions, targets, weights, count)
-                .map_err(ExecError)?;
+            let loss =
+                crate::kernels::cross_entropy(logits, positions, targets, weights, count, shard)
+                    .map_err(ExecError)?;
             Ok(self.keep0(loss))
         }
         #[cfg(feature = "cuda")]
         {
+            // The tensor-parallel layout splits no loss by vocabulary in this build.
+            if shard.is_some() {
+                return err("vocabulary-parallel cross-entropy runs on the CPU kernels only");
+            }
             let targets: Tensor<(usize, usize), usize, Dev> =
                 self.dev.tensor_from_vec(targets, (b, positions));
             let weights: T2 = self.dev.tensor_from_vec(weights, (b, positions));

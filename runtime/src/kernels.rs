@@ -6,6 +6,8 @@
 //! a step is bit-reproducible.
 //! The CUDA build uses dfdx's ops instead.
 
+use crate::collective::{ring_shard, Collective};
+use crate::tensor_parallel::VocabShard;
 use dfdx::prelude::*;
 use dfdx::tensor::{Cpu, CpuError, Gradients, Tape as _};
 use rayon::prelude::*;
@@ -864,48 +866,63 @@ fn softmax_backward_rows(g: &mut [f32], p: &[f32], width: usize) {
 
 /// Σ weight·(−log softmax(logits)[target]) / count over rows of `logits` `[b, s, vocab]`,
 /// reading the first `positions` of each sequence; `targets` and `weights` are `[b·positions]`.
+///
+/// With a `shard`, `logits` holds the shard's columns of the vocabulary: each rank's log Σ exp
+/// and target logit per row are all-gathered (two values a row) and combined in rank order, so
+/// every rank computes the same loss, and the backward needs no communication.
 pub fn cross_entropy(
     logits: Taped<R3>,
     positions: usize,
     targets: Vec<usize>,
     weights: Vec<f32>,
     count: f32,
+    shard: Option<VocabShard>,
 ) -> Result<Taped<()>, String> {
-    let (b, s, vocab) = *logits.shape();
+    let (b, s, width) = *logits.shape();
+    let columns = shard.as_ref().map_or(0..width, |sh| sh.at.columns.clone());
+    let vocab = shard.as_ref().map_or(width, |sh| sh.at.vocab);
     // Rows are written by parallel tasks through a raw pointer: each target must name its own
     // row and a word of the vocabulary.
     if positions == 0
         || positions > s
+        || columns.len() != width
+        || columns.end > vocab
         || targets.len() != weights.len()
         || targets.len() > b * positions
         || targets.len() % positions != 0
         || targets.iter().any(|&t| t >= vocab)
     {
         return Err(format!(
-            "cross-entropy of {} targets over {positions} of {s} positions, vocabulary {vocab}",
+            "cross-entropy of {} targets over {positions} of {s} positions, vocabulary {vocab} ({width} columns here)",
             targets.len()
         ));
     }
     let (logits, mut tape) = row_major(logits).split_tape();
-    let row = move |i: usize| (i / positions * s + i % positions) * vocab;
-    // log Σ exp per used row (0 for rows without weight).
-    let lse: Vec<f32> = {
+    let row = move |i: usize| (i / positions * s + i % positions) * width;
+    // The target's column here, if this rank holds it.
+    let local = move |t: usize| (columns.contains(&t)).then(|| t - columns.start);
+    let rows = targets.len();
+    // log Σ exp per used row (0 for rows without weight), and the target's logit.
+    let (mut lse, mut picked): (Vec<f32>, Vec<f32>) = {
         let xs = elements(&logits);
-        (0..targets.len())
+        (0..rows)
             .into_par_iter()
             .map(|i| {
                 if weights[i] == 0.0 {
-                    return 0.0;
+                    return (0.0, 0.0);
                 }
-                let x = &xs[row(i)..row(i) + vocab];
-                vectorized(|| log_sum_exp(x))
+                let x = &xs[row(i)..row(i) + width];
+                let target = local(targets[i]).map_or(0.0, |t| x[t]);
+                (vectorized(|| log_sum_exp(x)), target)
             })
-            .collect()
+            .unzip()
     };
+    if let Some(shard) = shard {
+        (lse, picked) = combine_shards(shard.group, &lse, &picked)?;
+    }
     let loss = {
-        let xs = elements(&logits);
-        let total: f64 = (0..targets.len())
-            .map(|i| f64::from(weights[i] * (lse[i] - xs[row(i) + targets[i]])))
+        let total: f64 = (0..rows)
+            .map(|i| f64::from(weights[i] * (lse[i] - picked[i])))
             .sum();
         (total / f64::from(count)) as f32
     };
@@ -918,22 +935,60 @@ pub fn cross_entropy(
         // biggest buffer of the step, and a second one would double the head's memory.
         let acc = grads.get_or_alloc_mut(&logits)?;
         let shared = Shared(acc.as_mut_ptr());
-        (0..targets.len()).into_par_iter().for_each(|i| {
+        (0..rows).into_par_iter().for_each(|i| {
             if weights[i] == 0.0 {
                 return;
             }
             let at = row(i);
-            let x = &xs[at..at + vocab];
+            let x = &xs[at..at + width];
             let scale = g * weights[i];
             let dst = shared;
             // SAFETY: each used row is written by its task alone.
-            let dst = unsafe { std::slice::from_raw_parts_mut(dst.0.add(at), vocab) };
+            let dst = unsafe { std::slice::from_raw_parts_mut(dst.0.add(at), width) };
             vectorized(|| add_softmax(dst, x, lse[i], scale));
-            dst[targets[i]] -= scale;
+            if let Some(t) = local(targets[i]) {
+                dst[t] -= scale;
+            }
         });
         Ok(())
     });
     Ok(result.put_tape(tape))
+}
+
+/// Every rank's per-row log Σ exp and target logit, all-gathered and combined in rank order
+/// (the same arithmetic on every rank): the log Σ exp over the whole vocabulary, and the
+/// target's logit from the rank holding it (the others hold 0).
+fn combine_shards(
+    group: &mut dyn Collective,
+    lse: &[f32],
+    picked: &[f32],
+) -> Result<(Vec<f32>, Vec<f32>), String> {
+    let (rows, size) = (lse.len(), group.size());
+    let mut buf = vec![0.0; 2 * rows * size];
+    let mine = group.shard(buf.len());
+    if mine.len() != 2 * rows {
+        return Err(format!(
+            "a vocabulary shard of {} values, not {}",
+            mine.len(),
+            2 * rows
+        ));
+    }
+    buf[mine.clone()][..rows].copy_from_slice(lse);
+    buf[mine][rows..].copy_from_slice(picked);
+    group.all_gather(&mut buf).map_err(|e| e.0)?;
+    let shards: Vec<&[f32]> = (0..size)
+        .map(|r| &buf[ring_shard(buf.len(), size, r)])
+        .collect();
+    let lse = (0..rows)
+        .map(|i| {
+            let max = shards.iter().fold(f32::NEG_INFINITY, |m, sh| m.max(sh[i]));
+            max + shards.iter().map(|sh| exp(sh[i] - max)).sum::<f32>().ln()
+        })
+        .collect();
+    let picked = (0..rows)
+        .map(|i| shards.iter().map(|sh| sh[rows + i]).sum())
+        .collect();
+    Ok((lse, picked))
 }
 
 /// log Σ exp over a row of logits.
@@ -1435,8 +1490,82 @@ mod tests {
                 targets,
                 weights,
                 1.0,
+                None,
             );
             assert!(run.is_err(), "{positions} positions");
+        }
+    }
+
+    /// Three ranks holding uneven column ranges of the vocabulary (as the tensor-parallel
+    /// layout cuts 11 words) compute the loss of the whole logits, each the same, and together
+    /// its gradient, with nothing but two numbers a row exchanged.
+    #[test]
+    fn vocabulary_parallel_cross_entropy_equals_the_whole_one() {
+        use crate::collective::cpu_ring;
+        use crate::tensor_parallel::{VocabColumns, VocabShard};
+        let (b, s, vocab, size) = (2, 5, 11, 3);
+        let whole: Vec<f32> = values(b * s * vocab, 31).iter().map(|v| v * 6.0).collect();
+        let positions = s - 1;
+        let targets: Vec<usize> = (0..b * positions).map(|i| (i * 5 + 2) % vocab).collect();
+        let weights: Vec<f32> = (0..b * positions)
+            .map(|i| if i % 3 == 2 { 0.0 } else { 1.0 })
+            .collect();
+        let count: f32 = weights.iter().sum();
+        let logits = Cpu::default().tensor_from_vec(whole.clone(), (b, s, vocab));
+        let reference = cross_entropy(
+            logits.clone().leaky_traced(),
+            positions,
+            targets.clone(),
+            weights.clone(),
+            count,
+            None,
+        )
+        .unwrap();
+        let ref_loss = reference.as_vec()[0];
+        let ref_grad = reference.backward().get(&logits).as_vec();
+        let ranks: Vec<(f32, Vec<f32>, std::ops::Range<usize>)> = std::thread::scope(|scope| {
+            let handles: Vec<_> = cpu_ring(size)
+                .into_iter()
+                .enumerate()
+                .map(|(rank, mut ring)| {
+                    let (whole, targets, weights) = (&whole, targets.clone(), weights.clone());
+                    scope.spawn(move || {
+                        let columns = rank * vocab / size..(rank + 1) * vocab / size;
+                        let local: Vec<f32> = whole
+                            .chunks(vocab)
+                            .flat_map(|row| row[columns.clone()].to_vec())
+                            .collect();
+                        let logits = Cpu::default().tensor_from_vec(local, (b, s, columns.len()));
+                        let at = VocabColumns {
+                            columns: columns.clone(),
+                            vocab,
+                        };
+                        let loss = cross_entropy(
+                            logits.clone().leaky_traced(),
+                            positions,
+                            targets,
+                            weights,
+                            count,
+                            Some(VocabShard {
+                                at: &at,
+                                group: &mut ring,
+                            }),
+                        )
+                        .unwrap();
+                        let value = loss.as_vec()[0];
+                        (value, loss.backward().get(&logits).as_vec(), columns)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (loss, grad, columns) in &ranks {
+            close("loss", &[*loss], &[ref_loss], 1e-6);
+            let want: Vec<f32> = ref_grad
+                .chunks(vocab)
+                .flat_map(|row| row[columns.clone()].to_vec())
+                .collect();
+            close("gradient", grad, &want, 1e-6);
         }
     }
 
@@ -1459,6 +1588,7 @@ mod tests {
             targets.clone(),
             weights.clone(),
             count,
+            None,
         )
         .unwrap();
         let fast_loss = fast.as_vec()[0];

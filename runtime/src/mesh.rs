@@ -705,7 +705,15 @@ impl<'c> StepContext<'c> {
         }
         let gathered = self.gather_parameters(device, tensors, links, &piece.nodes)?;
         let ops = &tensor.ranks[device.part];
-        let segment = Segment::forward(g, tensors, batch, ops, &piece.nodes, received);
+        let segment = Segment::forward(
+            g,
+            tensors,
+            batch,
+            ops,
+            &piece.nodes,
+            received,
+            Some(&mut links.tensor),
+        );
         for i in gathered {
             tensors.release(i);
         }

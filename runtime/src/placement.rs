@@ -308,7 +308,7 @@ fn pieces(
 ) -> Result<Vec<Piece>, PlacementError> {
     let mut out: Vec<Piece> = Vec::new();
     let mut layer = None;
-    for &n in nodes {
+    for n in grouped_by_compute(g, nodes, tl) {
         let node = &g.dag[n];
         let compute = tl.compute(n);
         let core = matches!(node.op, Op::Attention { .. });
@@ -362,6 +362,43 @@ fn pieces(
         }
     }
     Ok(out)
+}
+
+/// `nodes` (in topological order) reordered, still topologically, so that the nodes of a layer
+/// that compute alike run one after another: a change between whole, split and per-token
+/// computation ends a piece, and values crossing pieces are copied (a language model's logits
+/// into its vocabulary-parallel loss, for one). Ties keep the original order.
+fn grouped_by_compute(g: &Graph, nodes: &[NodeIndex], tl: &TensorLayout) -> Vec<NodeIndex> {
+    let position: BTreeMap<NodeIndex, usize> =
+        nodes.iter().enumerate().map(|(i, &n)| (n, i)).collect();
+    let mut waiting = vec![0usize; nodes.len()];
+    let mut readers: Vec<Vec<usize>> = vec![Vec::new(); nodes.len()];
+    for (i, &n) in nodes.iter().enumerate() {
+        for input in g.inputs(n) {
+            if let Some(&j) = position.get(&input) {
+                waiting[i] += 1;
+                readers[j].push(i);
+            }
+        }
+    }
+    let kind = |i: usize| (g.dag[nodes[i]].layer, tl.compute(nodes[i]));
+    let mut ready: BTreeSet<usize> = (0..nodes.len()).filter(|&i| waiting[i] == 0).collect();
+    let mut out = Vec::with_capacity(nodes.len());
+    while let Some(&first) = ready.first() {
+        let next = out
+            .last()
+            .and_then(|&last: &usize| ready.iter().copied().find(|&i| kind(i) == kind(last)))
+            .unwrap_or(first);
+        ready.remove(&next);
+        for &r in &readers[next] {
+            waiting[r] -= 1;
+            if waiting[r] == 0 {
+                ready.insert(r);
+            }
+        }
+        out.push(next);
+    }
+    out.into_iter().map(|i| nodes[i]).collect()
 }
 
 /// Reads a stage's steps as `kiln plan` prints them.

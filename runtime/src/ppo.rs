@@ -161,6 +161,7 @@ impl RewardModel {
             &ops,
             &self.nodes,
             Vec::new(),
+            None,
         )
         .map_err(exec)?;
         let scores = out
@@ -402,8 +403,16 @@ impl<'g> Rollouts<'g> {
         let mut active: Vec<usize> = (0..seqs.len()).collect();
         while !active.is_empty() {
             let batch = inputs(active.iter().map(|&r| &seqs[r]));
-            let trunk = Segment::forward(self.graph, params, &batch, &ops, &self.trunk, Vec::new())
-                .map_err(exec)?;
+            let trunk = Segment::forward(
+                self.graph,
+                params,
+                &batch,
+                &ops,
+                &self.trunk,
+                Vec::new(),
+                None,
+            )
+            .map_err(exec)?;
             let hidden = trunk
                 .value(self.nodes.hidden)
                 .map_err(exec)?
@@ -425,8 +434,9 @@ impl<'g> Rollouts<'g> {
                 data: last,
             };
             let received = vec![(self.nodes.hidden, Value::from_host(last).map_err(exec)?)];
-            let head = Segment::forward(self.graph, params, &batch, &ops, &self.head, received)
-                .map_err(exec)?;
+            let head =
+                Segment::forward(self.graph, params, &batch, &ops, &self.head, received, None)
+                    .map_err(exec)?;
             let logits = head
                 .value(self.nodes.logits)
                 .map_err(exec)?
@@ -462,8 +472,16 @@ impl<'g> Rollouts<'g> {
             .ints
             .insert(self.nodes.taken.clone(), taken_tokens(&sequences, width));
         let ops = RankOps::default();
-        let out = Segment::forward(self.graph, &params, &batch, &ops, &self.scoring, Vec::new())
-            .map_err(exec)?;
+        let out = Segment::forward(
+            self.graph,
+            &params,
+            &batch,
+            &ops,
+            &self.scoring,
+            Vec::new(),
+            None,
+        )
+        .map_err(exec)?;
         let read = |n: NodeIndex| -> Result<Vec<f64>, RunError> {
             let t = out.value(n).map_err(exec)?.to_host().map_err(exec)?;
             Ok(t.data.iter().map(|&x| f64::from(x)).collect())

@@ -72,8 +72,8 @@ pub fn prompt_embeddings(g: &Graph, values: &[HostTensor]) -> Result<HostTensor,
     let fail = |e: crate::exec::ExecError| format!("computing the prompt: {e}");
     let params = Params::new(g, values).map_err(fail)?;
     let whole = RankOps::default();
-    let segment =
-        Segment::forward(g, &params, &batch, &whole, &encoder.nodes, Vec::new()).map_err(fail)?;
+    let segment = Segment::forward(g, &params, &batch, &whole, &encoder.nodes, Vec::new(), None)
+        .map_err(fail)?;
     let out = segment
         .value(encoder.output())
         .and_then(|v| v.to_host())

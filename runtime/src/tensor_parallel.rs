@@ -20,12 +20,14 @@
 //! reduce-scatters the partial gradients).
 
 use crate::checkpoint::{param_shape, HostTensor};
+use crate::collective::Collective;
 use kiln_compiler::graph::LayerKind;
 use kiln_compiler::graph::{Graph, Layout, Op};
 use kiln_compiler::plan::{ExecutionPlan, TensorSplit};
 use petgraph::graph::NodeIndex;
 use petgraph::Direction;
 use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Range;
 
 /// How a value lies on a rank of the tensor-parallel group.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -37,6 +39,10 @@ pub enum Form {
     Partial,
     /// The sequence axis split evenly: rank r holds the r-th `1/t` of the positions.
     Sequence,
+    /// The same whole value on every rank, computed from split values (a loss taken from
+    /// vocabulary-split logits): it joins its inputs' split computation, and whole computation
+    /// reads it as it is.
+    Replicated,
 }
 
 /// Where a node computes: on whole values, on tensor-split values (or partial sums), or on a
@@ -98,6 +104,25 @@ pub struct RankOps {
     /// Nodes computing on this rank's share of the sequence (dropout draws the whole mask and
     /// keeps that share).
     pub sequence: BTreeSet<NodeIndex>,
+    /// Cross-entropy losses computed from this rank's columns of vocabulary-split logits.
+    pub vocab_losses: BTreeMap<NodeIndex, VocabColumns>,
+}
+
+/// The columns of vocabulary-split logits a rank holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VocabColumns {
+    /// Global vocabulary ids `[start, end)`.
+    pub columns: Range<usize>,
+    /// The whole vocabulary.
+    pub vocab: usize,
+}
+
+/// A rank's columns of the vocabulary and the group holding the rest: Megatron's
+/// vocabulary-parallel cross-entropy, which never gathers the `[b, s, vocab]` logits (a
+/// language model's largest activation) onto one rank.
+pub struct VocabShard<'a> {
+    pub at: &'a VocabColumns,
+    pub group: &'a mut dyn Collective,
 }
 
 /// The tensor-parallel layout of a graph for a group of `size` ranks.
@@ -169,6 +194,8 @@ impl TensorLayout {
         let mut bias_once = BTreeSet::new();
         let mut vocab: BTreeMap<NodeIndex, usize> = BTreeMap::new();
         let mut sharded_inputs: BTreeMap<NodeIndex, Vec<usize>> = BTreeMap::new();
+        // Cross-entropy nodes reading vocabulary-split logits, with the vocabulary.
+        let mut vocab_losses: BTreeMap<NodeIndex, usize> = BTreeMap::new();
         let mut set_layout = |id: usize, layout: ParamLayout| -> Result<(), LayoutError> {
             match &params[id] {
                 ParamLayout::Whole => {
@@ -276,7 +303,7 @@ impl TensorLayout {
                         Form::Partial
                     }
                     TensorSplit::Replicated => match &ins[0] {
-                        Form::Whole => Form::Whole,
+                        Form::Whole | Form::Replicated => Form::Whole,
                         Form::Sequence => Form::Sequence,
                         Form::Partial => {
                             partial_grads.insert(weight.id);
@@ -364,6 +391,17 @@ impl TensorLayout {
                     }
                     _ => return Err(unsupported()),
                 },
+                // Picking positions leaves the features' split as it is (PET's mask logits).
+                Op::SelectToken { .. } if matches!(ins[0], Form::Split(_)) => ins[0].clone(),
+                // Logits split by vocabulary (one section): each rank takes the loss over its
+                // columns and the group combines two numbers a row (the CPU kernels do).
+                Op::CrossEntropy { .. } if !cfg!(feature = "cuda") => match &ins[0] {
+                    Form::Split(sections) if sections.len() == 1 => {
+                        vocab_losses.insert(n, sections[0]);
+                        Form::Replicated
+                    }
+                    _ => Form::Whole,
+                },
                 Op::DoraRescale { .. } | Op::TokenLogProbs | Op::PpoLoss { .. } if size > 1 => {
                     return Err(LayoutError(format!(
                         "tensor parallelism does not run `{}` ({}) yet; plan it with `parallel {{ tensor = 1 }}`",
@@ -435,6 +473,13 @@ impl TensorLayout {
                         .node_indices()
                         .filter(|n| forms[n.index()] == Form::Sequence)
                         .collect(),
+                    vocab_losses: vocab_losses
+                        .iter()
+                        .map(|(&n, &vocab)| {
+                            let columns = section_ranges(&[vocab], rank, size).remove(0);
+                            (n, VocabColumns { columns, vocab })
+                        })
+                        .collect(),
                 })
             })
             .collect::<Result<Vec<_>, LayoutError>>()?;
@@ -476,7 +521,7 @@ impl TensorLayout {
     pub fn compute(&self, n: NodeIndex) -> Compute {
         match self.forms[n.index()] {
             Form::Whole => Compute::Whole,
-            Form::Split(_) | Form::Partial => Compute::Split,
+            Form::Split(_) | Form::Partial | Form::Replicated => Compute::Split,
             Form::Sequence => Compute::Sequence,
         }
     }
@@ -493,7 +538,11 @@ impl TensorLayout {
         if self.size == 1 || matches!(g.dag[producer].op, Op::Input { .. }) {
             return Conversion::None;
         }
-        let form = &self.forms[producer.index()];
+        // A replicated value is read as a whole one.
+        let form = match &self.forms[producer.index()] {
+            Form::Replicated => &Form::Whole,
+            form => form,
+        };
         if let (Form::Whole, Some(sections)) = (form, self.sharded_inputs.get(&consumer)) {
             return Conversion::ShardLast(sections.clone());
         }

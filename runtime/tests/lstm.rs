@@ -72,8 +72,16 @@ fn lstm_matches_torch() {
     b.ints.insert("input_ids".into(), vec![vec![0]; batch]);
     let ops = RankOps::default();
     let params_on_device = Params::new(&g, &values).unwrap();
-    let segment =
-        Segment::forward(&g, &params_on_device, &b, &ops, &g.topo_order(), Vec::new()).unwrap();
+    let segment = Segment::forward(
+        &g,
+        &params_on_device,
+        &b,
+        &ops,
+        &g.topo_order(),
+        Vec::new(),
+        None,
+    )
+    .unwrap();
     let out = segment.value(lstm).unwrap().to_host().unwrap();
     assert_eq!(out.shape, fixture["output"].shape);
     let err = relative_l2(&out.data, &fixture["output"].data);

@@ -82,7 +82,8 @@ fn ppo_loss_matches_trl() {
     // The log-probabilities of both heads, 0 where no token is taken.
     let ops = RankOps::default();
     let params = Params::new(&g, &weights).unwrap();
-    let forward = Segment::forward(&g, &params, &b, &ops, &g.topo_order(), Vec::new()).unwrap();
+    let forward =
+        Segment::forward(&g, &params, &b, &ops, &g.topo_order(), Vec::new(), None).unwrap();
     for (node, name) in [(logp, "log_probs"), (ref_logp, "ref_log_probs")] {
         let got = forward.value(node).unwrap().to_host().unwrap();
         let err = relative_l2(&got.data, &fx[name].data);

@@ -453,7 +453,11 @@ fn tensor_parallel_training_matches_one_device_across_families() {
         "pet_sentiment",
         "pet_sentiment",
         "model { hidden = 64, layers = 2, heads = 4, ffn = 128 }, train { batch = 16, micro_batch = 2, steps = 2, seq_len = 64 }",
-        &["mesh = cpu(4), plan = auto, microbatches = 4, zero = 1, recompute = selective"],
+        &[
+            "mesh = cpu(4), plan = auto, microbatches = 4, zero = 1, recompute = selective",
+            // The mask's logits split by vocabulary, the MLM loss taken from them split.
+            "mesh = cpu(2), tensor = 2",
+        ],
     );
 }
 
@@ -843,6 +847,56 @@ fn peft_adapter_weights_are_loaded_to_continue_training() {
         err.0
     );
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Under tensor parallelism a language model's loss reads its logits split by vocabulary where
+/// they lie (no `[b, s, vocab]` gather onto every rank), and PET's logits at the mask stay split
+/// until its verbalizer's columns are picked (a `[b, vocab]` gather).
+#[test]
+fn losses_read_vocabulary_split_logits_without_gathering_them() {
+    use kiln_runtime::tensor_parallel::{Conversion, Form};
+    let pet = example_with(
+        "pet_sentiment",
+        "pet_sentiment",
+        "model { hidden = 64, layers = 2, heads = 4, ffn = 128 }, train { batch = 16, micro_batch = 2, steps = 2, seq_len = 64 }",
+        "mesh = cpu(2), tensor = 2",
+    )
+    .unwrap();
+    let gpt2 = quickstart("parallel = { mesh = cpu(2), tensor = 2 }");
+    for (e, loss, gathered) in [
+        (gpt2, "loss", None),
+        (
+            pet,
+            "mlm.loss",
+            Some(("pvp.mask_logits", "pvp.class_logits")),
+        ),
+    ] {
+        let g = kiln_compiler::graph::compile_graph(&e).unwrap();
+        let plan = kiln_compiler::plan::compile_plan(&e).unwrap();
+        let placement = kiln_runtime::placement::Placement::from_plan(&g, &plan).unwrap();
+        let layout = &placement.tensor;
+        let conversion = |from: &str, to: &str| {
+            let (from, to) = (g.find(from).unwrap(), g.find(to).unwrap());
+            layout.conversion(&g, from, to, layout.compute(to))
+        };
+        let loss = g.find(loss).unwrap();
+        let logits = g.inputs(loss)[0];
+        assert_eq!(layout.forms[loss.index()], Form::Replicated);
+        let vocab = *g.dag[logits].out.shape.last().unwrap() as usize;
+        assert_eq!(layout.forms[logits.index()], Form::Split(vec![vocab]));
+        assert_eq!(
+            conversion(&g.dag[logits].name, &g.dag[loss].name),
+            Conversion::None
+        );
+        if let Some((at_mask, classes)) = gathered {
+            assert!(matches!(
+                conversion(at_mask, classes),
+                Conversion::AllGather(_)
+            ));
+            let at_mask = g.find(at_mask).unwrap();
+            assert_eq!(g.dag[at_mask].out.shape.len(), 2, "[b, vocab]");
+        }
+    }
 }
 
 /// `kiln plan` may give pipeline stages grids of their own; the executor, which runs one grid
