@@ -156,7 +156,12 @@ fn an_interrupted_run_resumes_bit_exactly() {
 /// `tiny_reward` (starting from `tiny_sft`) and `tiny_ppo` (starting from `tiny_sft`, scored by
 /// `tiny_reward`, against `tiny_sft`); `train` adds to `tiny_ppo`'s train block.
 fn rlhf(stage: &str, train: &str) -> kiln_compiler::spec::Experiment {
-    let src = format!(
+    named(&rlhf_source(train), stage)
+}
+
+/// The source [`rlhf`] reads its stages from.
+fn rlhf_source(train: &str) -> String {
+    format!(
         "import std.models.gpt2\nimport \"rlhf_pipeline.kiln\"\n\
          model tiny = gpt2 {{ vocab = 1024, hidden = 64, layers = 2, heads = 4, positions = 256, dropout = 0.0 }}\n\
          experiment tiny_sft = rlhf_sft {{ model = tiny, train {{ seq_len = 96, optimizer = adamw {{ lr = 3e-3, weight_decay = 0.0 }} }} }}\n\
@@ -166,8 +171,7 @@ fn rlhf(stage: &str, train: &str) -> kiln_compiler::spec::Experiment {
            objective = ppo {{ kl = 0.05, reward_model = tiny_reward, reference = tiny_sft, response_length = 24 }}, \
            data {{ eval = \"data/ppo_prompts.jsonl\" }}, \
            train {{ seq_len = 96, optimizer = adamw {{ lr = 3e-4, weight_decay = 0.0 }} {train} }} }}\n"
-    );
-    named(&src, stage)
+    )
 }
 
 /// Runs stage `name` of [`rlhf`] for `steps` steps under `dir`.
@@ -913,4 +917,52 @@ fn plans_with_stages_on_different_grids_are_refused() {
         panic!("a plan with uneven stages was accepted");
     };
     assert!(err.0.contains("different data x tensor grids"), "{}", err.0);
+}
+
+/// PPO spread over a mesh trains as on one device (the same microbatches): the same rollouts
+/// (rewards), losses and policy (KL to the reference) step by step. Only a few steps: Adam
+/// turns last-bit differences in near-zero gradients into differences of the order of the
+/// learning rate, and once a sampled token differs the runs part ways.
+#[test]
+fn ppo_on_a_mesh_matches_one_device() {
+    let dir = scratch("ppo_mesh");
+    run_stage(&dir, "tiny_sft", 10);
+    run_stage(&dir, "tiny_reward", 5);
+    let mut runs = Vec::new();
+    for (i, parallel) in [
+        "mesh = cpu(1)",
+        "mesh = cpu(2), data = 2",
+        "mesh = cpu(2), pipeline = 2",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let name = format!("ppo_mesh_{i}");
+        let src = format!(
+            "{}experiment {name} = tiny_ppo {{ parallel = {{ {parallel} }}, train {{ micro_batch = 4 }} }}\n",
+            rlhf_source("")
+        );
+        run(&named(&src, &name), &dir, Some(2), false, |_| {
+            Control::Continue
+        })
+        .unwrap();
+        runs.push((parallel, metrics(&dir, &name)));
+    }
+    let (_, one) = &runs[0];
+    for (parallel, lines) in &runs[1..] {
+        for (step, (a, b)) in one.iter().zip(lines).take(2).enumerate() {
+            let close = |key: &str, tol: f64| {
+                let (x, y) = (a[key].as_f64().unwrap(), b[key].as_f64().unwrap());
+                assert!(
+                    (x - y).abs() <= tol * x.abs().max(1e-3),
+                    "{parallel}, step {}: {key} {x} vs {y}",
+                    step + 1
+                );
+            };
+            close("reward", 1e-12);
+            close("loss", 1e-4);
+            close("kl", 1e-2);
+        }
+    }
+    std::fs::remove_dir_all(&dir).ok();
 }
