@@ -374,6 +374,19 @@ impl<'g> Segment<'g> {
         }
     }
 
+    /// Drops the values of nodes other than `keep` and the received ones: what the backward
+    /// needs, the tape holds; a value held here as well would live until the backward for
+    /// nothing.
+    pub fn retain_values(&mut self, keep: impl Fn(NodeIndex) -> bool) {
+        let received = &self.received;
+        for (i, v) in self.it.values.iter_mut().enumerate() {
+            let n = NodeIndex::new(i);
+            if !keep(n) && !received.contains(&n) {
+                *v = None;
+            }
+        }
+    }
+
     /// Per-row class scores, when this segment computed them (PET's verbalizer logits).
     pub fn class_logits(&self) -> Option<Vec<Vec<f32>>> {
         let g = self.it.g;

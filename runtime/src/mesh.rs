@@ -780,6 +780,8 @@ impl<'c> StepContext<'c> {
                 self.check_finite(l)?;
                 loss = Some((l, segment.stats()));
             }
+            let mut segment = segment;
+            segment.retain_values(|n| piece.outputs.contains(&n) || self.g.loss == Some(n));
             entry.kept.push((!piece.recompute).then_some(segment));
         }
         // Kept pieces hold their inputs themselves: keep only what is sent on, what a recomputed
