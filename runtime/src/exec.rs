@@ -559,9 +559,15 @@ fn splitmix(state: &mut u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// What inverted dropout multiplies kept values by.
+fn dropout_scale(p: f64) -> f32 {
+    1.0 / (1.0 - p) as f32
+}
+
 impl Interpreter<'_> {
     /// An inverted-dropout mask (0 or 1/(1−p)) of the given shape, or `None` when dropout is
     /// off for this batch or `p` is zero.
+    #[cfg(feature = "cuda")]
     fn dropout_mask<S: Shape>(&self, shape: S, p: f64) -> Option<Tensor<S, f32, Dev>> {
         let data = self.dropout_values(shape.num_elements(), p)?;
         Some(self.dev.tensor_from_vec(data, shape))
@@ -569,24 +575,30 @@ impl Interpreter<'_> {
 
     /// The values of this node's dropout mask of `len` elements (see `dropout_mask`).
     fn dropout_values(&self, len: usize, p: f64) -> Option<Vec<f32>> {
+        let scale = dropout_scale(p);
+        let keep = self.dropout_keep(len, p)?;
+        Some(
+            keep.into_iter()
+                .map(|k| if k { scale } else { 0.0 })
+                .collect(),
+        )
+    }
+
+    /// Which of this node's `len` elements dropout keeps, drawn from the batch's seed and the
+    /// node; `None` when dropout is off for this batch or `p` is zero.
+    fn dropout_keep(&self, len: usize, p: f64) -> Option<Vec<bool>> {
         let seed = self.batch.dropout_seed?;
         if p <= 0.0 {
             return None;
         }
         let stream = self.current.index() as u64 + 1;
         let mut state = seed ^ stream.wrapping_mul(0xD1B5_4A32_D192_ED03);
-        let keep = 1.0 / (1.0 - p) as f32;
         let threshold = (p * u64::MAX as f64) as u64;
-        let data: Vec<f32> = (0..len)
-            .map(|_| {
-                if splitmix(&mut state) < threshold {
-                    0.0
-                } else {
-                    keep
-                }
-            })
-            .collect();
-        Some(data)
+        Some(
+            (0..len)
+                .map(|_| splitmix(&mut state) >= threshold)
+                .collect(),
+        )
     }
 
     fn input(&self, n: NodeIndex, slot: usize) -> Result<&V, ExecError> {
@@ -959,20 +971,34 @@ impl Interpreter<'_> {
                 let x = self.input(n, 0)?.r3("x")?;
                 let (b, s, d) = *x.shape();
                 // On a share of the sequence: the whole sequence's mask, this rank's positions.
-                let mask = if self.ops.sequence.contains(&n) {
+                let share = self.ops.sequence.contains(&n).then(|| {
                     let first = self.ops.rank * s;
-                    self.dropout_mask((b, s * self.ops.size, d), p)
-                        .map(|m| m.slice((.., first..first + s, ..)).realize())
-                } else {
-                    self.dropout_mask((b, s, d), p)
+                    (first * d, s * self.ops.size * d)
+                });
+                let whole = share.map_or(s * d, |(_, row)| row);
+                let Some(keep) = self.dropout_keep(b * whole, p) else {
+                    return Ok(V::R3(x));
                 };
-                match mask {
-                    Some(mask) => {
-                        let tape = self.take_tape();
-                        Ok(self.keep3(x.put_tape(tape) * mask))
-                    }
-                    None => Ok(V::R3(x)),
-                }
+                let keep: Vec<bool> = match share {
+                    Some((start, row)) => keep
+                        .chunks(row)
+                        .flat_map(|r| r[start..start + s * d].iter().copied())
+                        .collect(),
+                    None => keep,
+                };
+                let x = x.put_tape(self.take_tape());
+                #[cfg(not(feature = "cuda"))]
+                let out = crate::kernels::dropout(x, keep, dropout_scale(p)).map_err(ExecError)?;
+                #[cfg(feature = "cuda")]
+                let out = {
+                    let scale = dropout_scale(p);
+                    let mask = keep
+                        .into_iter()
+                        .map(|k| if k { scale } else { 0.0 })
+                        .collect();
+                    x * self.dev.tensor_from_vec(mask, (b, s, d))
+                };
+                Ok(self.keep3(out))
             }
             Op::SelectToken { pick } => {
                 let x = self.input(n, 0)?.r3("x")?;

@@ -59,23 +59,6 @@ fn row_major<S: Shape>(t: Taped<S>) -> Taped<S> {
     t.reshape_like(&shape)
 }
 
-/// Moves `t`'s gradient out (zeros if nothing reached it), to read it while writing others.
-fn take_grad<S: Shape>(
-    grads: &mut Gradients<f32, Cpu>,
-    t: &Tensor<S, f32, Cpu>,
-) -> Result<Vec<f32>, CpuError> {
-    Ok(std::mem::take(&mut **grads.get_or_alloc_mut(t)?))
-}
-
-fn put_grad<S: Shape>(
-    grads: &mut Gradients<f32, Cpu>,
-    t: &Tensor<S, f32, Cpu>,
-    g: Vec<f32>,
-) -> Result<(), CpuError> {
-    **grads.get_or_alloc_mut(t)? = g;
-    Ok(())
-}
-
 /// Adds `g` into `t`'s gradient.
 fn add_grad<S: Shape>(
     grads: &mut Gradients<f32, Cpu>,
@@ -299,12 +282,16 @@ pub fn linear(
     }
     let out = x.device().tensor_from_vec(y, (b, s, n));
     let result = out.clone();
+    // Its gradient's place, not its values: nothing keeps an output alive for its gradient.
+    let out = out.ghost();
+    // The input's values only for the weight's gradient: a frozen weight's input is not kept.
+    let x_grad = x.ghost();
+    let x = weight.trainable.then_some(x);
     tape.add_backward_op(move |grads| {
-        let dy = take_grad(grads, &out)?;
-        let xs = elements(&x);
+        let dy = std::mem::take(&mut **grads.get_or_alloc_mut(&out)?);
         let ws = elements(&weight.w);
         let dy_mat = Mat::rows(&dy, m, n);
-        let gx = grads.get_or_alloc_mut(&x)?;
+        let gx = grads.get_or_alloc_mut(&x_grad)?;
         // SAFETY: shapes as in the forward product; gradients are row-major like their tensors.
         unsafe {
             product(
@@ -317,7 +304,8 @@ pub fn linear(
                 true,
             )
         };
-        if weight.trainable {
+        if let Some(x) = &x {
+            let xs = elements(x);
             let gw = grads.get_or_alloc_mut(&weight.w)?;
             let x_mat = Mat::rows(&xs, m, k);
             let dst = gw[offset..].as_mut_ptr();
@@ -339,7 +327,8 @@ pub fn linear(
                 .zip(&sums)
                 .for_each(|(g, s)| *g += s);
         }
-        put_grad(grads, &out, dy)
+        **grads.get_or_alloc_mut(&out)? = dy;
+        Ok(())
     });
     Ok(result.put_tape(tape))
 }
@@ -363,15 +352,19 @@ pub fn columns(x: Taped<R3>, start: usize, end: usize) -> Result<Taped<R3>, Stri
     }
     let out = x.device().tensor_from_vec(y, (b, s, width));
     let result = out.clone();
+    // Its gradient's place, not its values: nothing keeps an output alive for its gradient.
+    let out = out.ghost();
+    let x = x.ghost();
     tape.add_backward_op(move |grads| {
-        let dy = take_grad(grads, &out)?;
+        let dy = std::mem::take(&mut **grads.get_or_alloc_mut(&out)?);
         let gx = grads.get_or_alloc_mut(&x)?;
         gx.par_chunks_mut(n)
             .zip(dy.par_chunks(width))
             .for_each(|(g, dy)| {
                 g[start..end].iter_mut().zip(dy).for_each(|(g, d)| *g += d);
             });
-        put_grad(grads, &out, dy)
+        **grads.get_or_alloc_mut(&out)? = dy;
+        Ok(())
     });
     Ok(result.put_tape(tape))
 }
@@ -474,6 +467,49 @@ impl Activation {
     }
 }
 
+/// Inverted dropout: `x · scale` where `keep`, else 0. The backward needs only the mask, one
+/// byte an element (a product with a mask tensor keeps its input and a float mask).
+pub fn dropout<S: Shape>(x: Taped<S>, keep: Vec<bool>, scale: f32) -> Result<Taped<S>, String> {
+    let (x, mut tape) = row_major(x).split_tape();
+    let shape = *x.shape();
+    if keep.len() != shape.num_elements() {
+        return Err(format!(
+            "a dropout mask of {} for {} values",
+            keep.len(),
+            shape.num_elements()
+        ));
+    }
+    let factor = move |k: bool| if k { scale } else { 0.0 };
+    let mut y = vec![0.0f32; keep.len()];
+    {
+        let xs = elements(&x);
+        y.par_chunks_mut(CHUNK)
+            .zip(xs.par_chunks(CHUNK).zip(keep.par_chunks(CHUNK)))
+            .for_each(|(y, (x, keep))| {
+                for ((y, &x), &k) in y.iter_mut().zip(x).zip(keep) {
+                    *y = x * factor(k);
+                }
+            });
+    }
+    let out = x.device().tensor_from_vec(y, shape);
+    let result = out.clone();
+    let (out, x) = (out.ghost(), x.ghost());
+    tape.add_backward_op(move |grads| {
+        let dy = std::mem::take(&mut **grads.get_or_alloc_mut(&out)?);
+        let gx = grads.get_or_alloc_mut(&x)?;
+        gx.par_chunks_mut(CHUNK)
+            .zip(dy.par_chunks(CHUNK).zip(keep.par_chunks(CHUNK)))
+            .for_each(|(g, (dy, keep))| {
+                for ((g, &dy), &k) in g.iter_mut().zip(dy).zip(keep) {
+                    *g += dy * factor(k);
+                }
+            });
+        **grads.get_or_alloc_mut(&out)? = dy;
+        Ok(())
+    });
+    Ok(result.put_tape(tape))
+}
+
 /// An activation, elementwise; the backward recomputes what it needs from the input.
 pub fn activation<S: Shape>(x: Taped<S>, act: Activation) -> Taped<S> {
     // One instance per activation: a loop over a fixed function vectorizes, one that matches
@@ -520,8 +556,10 @@ fn elementwise<S: Shape>(
     }
     let out = x.device().tensor_from_vec(y, shape);
     let result = out.clone();
+    // Its gradient's place, not its values: nothing keeps an output alive for its gradient.
+    let out = out.ghost();
     tape.add_backward_op(move |grads| {
-        let dy = take_grad(grads, &out)?;
+        let dy = std::mem::take(&mut **grads.get_or_alloc_mut(&out)?);
         let xs = elements(&x);
         let gx = grads.get_or_alloc_mut(&x)?;
         gx.par_chunks_mut(CHUNK)
@@ -533,7 +571,8 @@ fn elementwise<S: Shape>(
                     }
                 })
             });
-        put_grad(grads, &out, dy)
+        **grads.get_or_alloc_mut(&out)? = dy;
+        Ok(())
     });
     result.put_tape(tape)
 }
@@ -586,8 +625,10 @@ pub fn layer_norm(
     }
     let out = x.device().tensor_from_vec(y, shape);
     let result = out.clone();
+    // Its gradient's place, not its values: nothing keeps an output alive for its gradient.
+    let out = out.ghost();
     tape.add_backward_op(move |grads| {
-        let dy = take_grad(grads, &out)?;
+        let dy = std::mem::take(&mut **grads.get_or_alloc_mut(&out)?);
         let xs = elements(&x);
         let rows_per_task = (CHUNK / h).max(1);
         let gx_all = grads.get_or_alloc_mut(&x)?;
@@ -641,7 +682,8 @@ pub fn layer_norm(
         if let Some(b) = bias.as_ref().filter(|b| b.trainable) {
             add_grad(grads, &b.v, gb)?;
         }
-        put_grad(grads, &out, dy)
+        **grads.get_or_alloc_mut(&out)? = dy;
+        Ok(())
     });
     Ok(result.put_tape(tape))
 }
@@ -747,8 +789,10 @@ pub fn attention(
     }
     let out = q.device().tensor_from_vec(y, (b, s, h * d));
     let result = out.clone();
+    // Its gradient's place, not its values: nothing keeps an output alive for its gradient.
+    let out = out.ghost();
     tape.add_backward_op(move |grads| {
-        let dy = take_grad(grads, &out)?;
+        let dy = std::mem::take(&mut **grads.get_or_alloc_mut(&out)?);
         let (qs, ks, vs) = (elements(&q), elements(&k), elements(&v));
         let mut dq = vec![0.0f32; qs.len()];
         let mut dk = vec![0.0f32; ks.len()];
@@ -828,7 +872,8 @@ pub fn attention(
         add_grad(grads, &q, &dq)?;
         add_grad(grads, &k, &dk)?;
         add_grad(grads, &v, &dv)?;
-        put_grad(grads, &out, dy)
+        **grads.get_or_alloc_mut(&out)? = dy;
+        Ok(())
     });
     Ok(result.put_tape(tape))
 }
@@ -928,6 +973,8 @@ pub fn cross_entropy(
     };
     let out = logits.device().tensor(loss);
     let result = out.clone();
+    // Its gradient's place, not its values: nothing keeps an output alive for its gradient.
+    let out = out.ghost();
     tape.add_backward_op(move |grads| {
         let g = grads.get_or_alloc_mut(&out)?[0] / count;
         let xs = elements(&logits);
@@ -1037,8 +1084,10 @@ pub fn token_log_probs(logits: Taped<R3>, targets: Vec<Option<usize>>) -> Taped<
     };
     let out = logits.device().tensor_from_vec(picked, (b, s));
     let result = out.clone();
+    // Its gradient's place, not its values: nothing keeps an output alive for its gradient.
+    let out = out.ghost();
     tape.add_backward_op(move |grads| {
-        let dy = take_grad(grads, &out)?;
+        let dy = std::mem::take(&mut **grads.get_or_alloc_mut(&out)?);
         let xs = elements(&logits);
         // d log p_t / d x = onehot(t) − softmax(x), written straight into the logits' gradient.
         let acc = grads.get_or_alloc_mut(&logits)?;
@@ -1052,7 +1101,8 @@ pub fn token_log_probs(logits: Taped<R3>, targets: Vec<Option<usize>>) -> Taped<
             vectorized(|| add_softmax(dst, &xs[at..at + vocab], lse[i], -dy[i]));
             dst[t] += dy[i];
         });
-        put_grad(grads, &out, dy)
+        **grads.get_or_alloc_mut(&out)? = dy;
+        Ok(())
     });
     result.put_tape(tape)
 }
@@ -1494,6 +1544,24 @@ mod tests {
             );
             assert!(run.is_err(), "{positions} positions");
         }
+    }
+
+    #[test]
+    fn dropout_equals_a_product_with_its_mask() {
+        let shape = (2, 3, 5);
+        let x = t3(shape, 40);
+        let keep: Vec<bool> = (0..30).map(|i| i % 3 != 1).collect();
+        let scale = 1.0 / 0.9f32;
+        let mask: Vec<f32> = keep.iter().map(|&k| if k { scale } else { 0.0 }).collect();
+        let fast = dropout(x.clone().leaky_traced(), keep, scale).unwrap();
+        let fast_values = fast.as_vec();
+        let fast_grads = (fast * t3(shape, 41)).sum::<(), _>().backward();
+        let reference = x.clone().leaky_traced() * Cpu::default().tensor_from_vec(mask, shape);
+        let ref_values = reference.as_vec();
+        let ref_grads = (reference * t3(shape, 41)).sum::<(), _>().backward();
+        assert_eq!(fast_values, ref_values);
+        assert_eq!(fast_grads.get(&x).as_vec(), ref_grads.get(&x).as_vec());
+        assert!(dropout(x.leaky_traced(), vec![true; 29], scale).is_err());
     }
 
     /// Three ranks holding uneven column ranges of the vocabulary (as the tensor-parallel
