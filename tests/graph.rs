@@ -306,3 +306,35 @@ fn example_graph_tables() {
         insta::assert_snapshot!(format!("graph_{name}"), text);
     }
 }
+
+/// PPO's `temperature` divides the policy's and the reference's logits before their
+/// log-probabilities (TRL's PPOTrainer does both); at 1 the graph has no extra node.
+#[test]
+fn ppo_temperature_scales_both_policies_logits() {
+    let src = |temperature: &str| {
+        let src = format!(
+            "{}\nexperiment tempered = rlhf_ppo {{ objective = ppo {{ reward_model = rlhf_reward{temperature} }} }}\n",
+            std::fs::read_to_string("examples/rlhf_pipeline.kiln").unwrap()
+        );
+        let e = experiments(&src, Some(Path::new("examples")))
+            .into_iter()
+            .find(|e| e.name == "tempered")
+            .unwrap();
+        compile_graph(&e).unwrap_or_else(|d| panic!("{:?}", d.items))
+    };
+    let scale_before = |g: &Graph, name: &str| {
+        let n = g.find(name).unwrap();
+        match &g.dag[g.inputs(n)[0]].op {
+            kiln::compiler::graph::Op::Scale { factor } => Some(*factor),
+            _ => None,
+        }
+    };
+    let g = src(", temperature = 0.7");
+    for name in ["ppo.log_probs", "ppo.ref_log_probs"] {
+        assert_eq!(scale_before(&g, name), Some(1.0 / 0.7), "{name}");
+    }
+    let g = src("");
+    for name in ["ppo.log_probs", "ppo.ref_log_probs"] {
+        assert_eq!(scale_before(&g, name), None, "{name}");
+    }
+}

@@ -919,6 +919,31 @@ fn plans_with_stages_on_different_grids_are_refused() {
     assert!(err.0.contains("different data x tensor grids"), "{}", err.0);
 }
 
+/// `temperature` divides the logits PPO samples from: near 0 the policy's most likely token is
+/// drawn (two small temperatures sample the same responses), at 1 and 2 the draws differ. The
+/// rollouts' rewards tell.
+#[test]
+fn ppo_temperature_sharpens_sampling() {
+    let dir = scratch("ppo_temperature");
+    run_stage(&dir, "tiny_sft", 10);
+    run_stage(&dir, "tiny_reward", 5);
+    let reward = |temperature: f64| {
+        let name = "tempered";
+        let src = format!(
+            "{}experiment {name} = tiny_ppo {{ objective = ppo {{ kl = 0.05, reward_model = tiny_reward, reference = tiny_sft, response_length = 24, temperature = {temperature} }} }}\n",
+            rlhf_source("")
+        );
+        run(&named(&src, name), &dir, Some(1), false, |_| {
+            Control::Continue
+        })
+        .unwrap();
+        metrics(&dir, name)[0]["reward"].as_f64().unwrap()
+    };
+    assert_eq!(reward(0.001), reward(0.002), "near-greedy sampling");
+    assert_ne!(reward(1.0), reward(2.0));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// PPO spread over a mesh trains as on one device (the same microbatches): the same rollouts
 /// (rewards), losses and policy (KL to the reference) step by step. Only a few steps: Adam
 /// turns last-bit differences in near-zero gradients into differences of the order of the

@@ -109,6 +109,7 @@ pub fn lower_objective(
         }
         Objective::Ppo(ppo) => {
             let logits = lm_head(low, base);
+            let logits = tempered(low, logits, ppo.temperature, "ppo.");
             let taken = low
                 .g
                 .add_input("response_tokens", InputKind::Labels, vec![b, s], layer);
@@ -121,6 +122,7 @@ pub fn lower_objective(
             mark_new_head(low.g, &name);
             let reference = reference.expect("PPO lowers a reference model");
             let ref_logits = lm_head_of(low, reference, "ref.");
+            let ref_logits = tempered(low, ref_logits, ppo.temperature, "ppo.ref_");
             let ref_logp = low.g.add(
                 "ppo.ref_log_probs",
                 Op::TokenLogProbs,
@@ -141,6 +143,22 @@ pub fn lower_objective(
                 .add("loss", op, &[logp, ref_logp, values, rollout], layer)
         }
     }
+}
+
+/// `logits` divided by `temperature` (the logits themselves at 1).
+fn tempered(low: &mut Lowering, logits: NodeIndex, temperature: f64, prefix: &str) -> NodeIndex {
+    if temperature == 1.0 {
+        return logits;
+    }
+    let layer = low.g.dag[logits].layer;
+    low.g.add(
+        &format!("{prefix}tempered_logits"),
+        Op::Scale {
+            factor: 1.0 / temperature,
+        },
+        &[logits],
+        layer,
+    )
 }
 
 fn mark_new_head(g: &mut Graph, module: &str) {

@@ -296,6 +296,7 @@ fn ppo(r: &mut Rec) -> Option<Ppo> {
         number_where(cx, v, "at least 0", |x| x >= 0.0)
     });
     let response_length = r.or("response_length", 48, positive);
+    let temperature = r.or("temperature", 1.0, positive_number);
     let reward_model = r.req("reward_model", experiment_name);
     let reference = r.opt("reference", experiment_name);
     Some(Ppo {
@@ -307,6 +308,7 @@ fn ppo(r: &mut Rec) -> Option<Ppo> {
         epochs: epochs?,
         value_coef: value_coef?,
         response_length: response_length?,
+        temperature: temperature?,
         reward_model: reward_model?,
         reference: reference?,
     })

@@ -184,6 +184,9 @@ pub struct Ppo {
     pub value_coef: f64,
     /// The most tokens a rollout samples after each prompt (fewer where `seq_len` ends first).
     pub response_length: u64,
+    /// The policy's and the reference's logits are divided by it, for sampling and for the
+    /// log-probabilities PPO trains on (TRL's `temperature`).
+    pub temperature: f64,
     /// Name of the experiment (pipeline stage) whose output is the reward model.
     pub reward_model: String,
     /// Name of the experiment whose output is the frozen reference policy.
