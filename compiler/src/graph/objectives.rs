@@ -152,7 +152,7 @@ fn tempered(low: &mut Lowering, logits: NodeIndex, temperature: f64, prefix: &st
     }
     let layer = low.g.dag[logits].layer;
     low.g.add(
-        &format!("{prefix}tempered_logits"),
+        format!("{prefix}tempered_logits"),
         Op::Scale {
             factor: 1.0 / temperature,
         },
