@@ -301,6 +301,14 @@ fn gae(rewards: &[f64], values: &[f64], gamma: f64, lambda: f64) -> (Vec<f64>, V
     (advantages, returns)
 }
 
+/// The KL coefficient after a rollout of `sequences` whose KL was `kl` (Ziegler et al. 2019;
+/// TRL's `AdaptiveKLController.update`): raised when the KL is above `target`, lowered when
+/// below, by at most 20% of `sequences / horizon` per rollout.
+pub fn adapt_kl_coef(coef: f64, kl: f64, target: f64, horizon: u64, sequences: usize) -> f64 {
+    let error = (kl / target - 1.0).clamp(-0.2, 0.2);
+    coef * (1.0 + error * sequences as f64 / horizon as f64)
+}
+
 /// (x − mean)/√(var + 1e-8) with the unbiased variance: TRL's `masked_whiten`.
 fn whiten(xs: &mut [f64]) {
     let n = xs.len() as f64;
@@ -456,12 +464,13 @@ impl<'g> Rollouts<'g> {
     }
 
     /// Samples responses to `prompts` with the policy's current `values` and scores them: the
-    /// rollout PPO's next updates train on.
+    /// rollout PPO's next updates train on, its KL penalty weighted by `kl_coef`.
     pub fn collect(
         &self,
         values: &[HostTensor],
         prompts: &[&Example],
         seed: u64,
+        kl_coef: f64,
     ) -> Result<Rollout, RunError> {
         let params = Params::new(self.graph, values).map_err(exec)?;
         let sequences = self.sample(&params, prompts, seed)?;
@@ -497,7 +506,7 @@ impl<'g> Rollouts<'g> {
                 .map(|&i| log_probs[i] - ref_log_probs[i])
                 .collect();
             kl += penalty.iter().sum::<f64>();
-            let mut rewards: Vec<f64> = penalty.iter().map(|k| -self.ppo.kl * k).collect();
+            let mut rewards: Vec<f64> = penalty.iter().map(|k| -kl_coef * k).collect();
             if let Some(last) = rewards.last_mut() {
                 *last += score;
             }
@@ -599,6 +608,18 @@ mod tests {
         let (adv, _) = gae(&rewards, &values, 0.9, 0.0);
         assert!((adv[0] - (0.5 + 0.9 * 0.2 - 0.1)).abs() < 1e-12);
         assert!((adv[2] - (2.0 - 0.3)).abs() < 1e-12);
+    }
+
+    #[test]
+    fn the_adaptive_kl_coefficient_moves_as_trl_moves_it() {
+        // 256 sequences over a horizon of 10,000, the error clipped to ±0.2 either way.
+        let up = adapt_kl_coef(0.2, 8.0, 6.0, 10_000, 256);
+        assert!((up - 0.2 * (1.0 + 0.2 * 0.0256)).abs() < 1e-15, "{up}");
+        let down = adapt_kl_coef(0.2, 3.0, 6.0, 10_000, 256);
+        assert!((down - 0.2 * (1.0 - 0.2 * 0.0256)).abs() < 1e-15, "{down}");
+        // Inside the band the error is proportional: 6.6 is 10% over.
+        let near = adapt_kl_coef(0.2, 6.6, 6.0, 10_000, 256);
+        assert!((near - 0.2 * (1.0 + 0.1 * 0.0256)).abs() < 1e-12, "{near}");
     }
 
     #[test]

@@ -13,7 +13,7 @@ use crate::optim::{learning_rate, State};
 use crate::pet::verbalizer_ids;
 use crate::placement::Placement;
 use crate::plot::{read_losses, write_loss_curve};
-use crate::ppo::{reference_weights, Rollouts, Source};
+use crate::ppo::{adapt_kl_coef, reference_weights, Rollouts, Source};
 use crate::rng::Rng;
 use kiln_compiler::graph::{compile_graph, Graph, ParamRole};
 use kiln_compiler::plan::compile_plan;
@@ -251,6 +251,9 @@ struct Progress {
     order: Vec<usize>,
     cursor: usize,
     tokens: usize,
+    /// PPO's KL coefficient under an adaptive controller (`kl_target`), as it has moved.
+    #[serde(default)]
+    kl_coef: Option<f64>,
     /// Fingerprint of everything that must not change between a run and its resumption.
     fingerprint: String,
 }
@@ -570,6 +573,7 @@ pub fn run(
             order: (0..train_set.len()).collect(),
             cursor: train_set.len(),
             tokens: 0,
+            kl_coef: None,
             fingerprint: fingerprint(e),
         }
     };
@@ -612,13 +616,19 @@ pub fn run(
                     .collect();
                 // Draws seeded by the step: a resumed run samples what the whole run did.
                 let seed = e.train.seed ^ (s * 1_000_003);
-                let rollout = rollouts.collect(&mesh.values(&graph), &prompts, seed)?;
+                let kl_coef = progress.kl_coef.unwrap_or(ppo.kl);
+                let rollout = rollouts.collect(&mesh.values(&graph), &prompts, seed, kl_coef)?;
                 progress.tokens += rollout.tokens();
+                if let Some(target) = ppo.kl_target {
+                    let next = adapt_kl_coef(kl_coef, rollout.kl, target, ppo.kl_horizon, batch);
+                    progress.kl_coef = Some(next);
+                }
                 let micros = rollouts.batches(&rollout, micro);
                 let outcome = ppo_updates(&mut mesh, &graph, e, ppo, &micros, lr, s)?;
                 let figures = vec![
                     ("reward", rollout.reward),
                     ("kl", rollout.kl),
+                    ("kl_coef", kl_coef),
                     ("response_length", rollout.response_length),
                 ];
                 (outcome, figures)

@@ -944,6 +944,48 @@ fn ppo_temperature_sharpens_sampling() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// With `kl_target`, each rollout's KL moves the KL coefficient as TRL's adaptive controller
+/// does (reported as `kl_coef`), and a resumed run carries the coefficient on.
+#[test]
+fn ppo_adapts_its_kl_coefficient_and_resumes_it() {
+    let dir = scratch("ppo_adaptive_kl");
+    run_stage(&dir, "tiny_sft", 10);
+    run_stage(&dir, "tiny_reward", 5);
+    let name = "adaptive";
+    let src = format!(
+        "{}experiment {name} = tiny_ppo {{ objective = ppo {{ kl = 0.05, kl_target = 0.01, kl_horizon = 16, reward_model = tiny_reward, reference = tiny_sft, response_length = 24 }} }}\n",
+        rlhf_source("")
+    );
+    let e = named(&src, name);
+    run(&e, &dir, Some(4), false, |_| Control::Continue).unwrap();
+    let straight = metrics(&dir, name);
+    let batch = e.train.batch as usize;
+    let figure = |i: usize, key: &str| straight[i][key].as_f64().unwrap();
+    assert_eq!(figure(0, "kl_coef"), 0.05);
+    for i in 1..4 {
+        let want = kiln_runtime::ppo::adapt_kl_coef(
+            figure(i - 1, "kl_coef"),
+            figure(i - 1, "kl"),
+            0.01,
+            16,
+            batch,
+        );
+        assert_eq!(figure(i, "kl_coef"), want, "step {}", i + 1);
+    }
+    assert_ne!(figure(3, "kl_coef"), 0.05);
+    let stop = |r: &kiln_runtime::train::StepReport| {
+        if r.step == 2 {
+            Control::Stop
+        } else {
+            Control::Continue
+        }
+    };
+    run(&e, &dir, Some(4), false, stop).unwrap();
+    run(&e, &dir, Some(4), true, |_| Control::Continue).unwrap();
+    assert_eq!(straight, metrics(&dir, name), "resumed");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// PPO spread over a mesh trains as on one device (the same microbatches): the same rollouts
 /// (rewards), losses and policy (KL to the reference) step by step. Only a few steps: Adam
 /// turns last-bit differences in near-zero gradients into differences of the order of the

@@ -287,6 +287,8 @@ fn ppo(r: &mut Rec) -> Option<Ppo> {
     let kl = r.or("kl", 0.1, |cx, v| {
         number_where(cx, v, "at least 0", |x| x >= 0.0)
     });
+    let kl_target = r.opt("kl_target", positive_number);
+    let kl_horizon = r.or("kl_horizon", 10_000, positive);
     let clip = r.or("clip", 0.2, positive_number);
     let value_clip = r.or("value_clip", 0.2, positive_number);
     let gamma = r.or("gamma", 1.0, probability);
@@ -301,6 +303,8 @@ fn ppo(r: &mut Rec) -> Option<Ppo> {
     let reference = r.opt("reference", experiment_name);
     Some(Ppo {
         kl: kl?,
+        kl_target: kl_target?,
+        kl_horizon: kl_horizon?,
         clip: clip?,
         value_clip: value_clip?,
         gamma: gamma?,

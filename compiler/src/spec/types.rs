@@ -175,7 +175,12 @@ pub struct Pvp {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Ppo {
+    /// The KL penalty's coefficient (the first one, with an adaptive controller).
     pub kl: f64,
+    /// Ziegler et al.'s adaptive controller (TRL's `AdaptiveKLController`): the KL the
+    /// coefficient steers towards, and the horizon (in sequences) of its steering.
+    pub kl_target: Option<f64>,
+    pub kl_horizon: u64,
     pub clip: f64,
     pub value_clip: f64,
     pub gamma: f64,
