@@ -5,7 +5,7 @@
 
 use crate::checkpoint::HostTensor;
 use crate::collective::Collective;
-use crate::tensor_parallel::{RankOps, VocabColumns, VocabShard};
+use crate::tensor_parallel::{RankOps, VocabShard};
 use dfdx::prelude::*;
 use kiln_compiler::graph::{Act, Graph, InputKind, Layout, Op, ParamRef, Pick};
 use petgraph::graph::NodeIndex;
@@ -287,7 +287,7 @@ impl<'g> Segment<'g> {
     /// Runs `nodes` (in topological order) forward. Values of other nodes they read come from
     /// `received`, except integer inputs, which every device reads from its batch. Parameters
     /// not read here may be left empty in `params`. `group` is the tensor-parallel group, for
-    /// the losses this rank computes from its columns of the vocabulary (`ops.vocab_losses`).
+    /// what this rank computes from its columns of the vocabulary (`ops.vocab_parallel`).
     pub fn forward(
         g: &'g Graph,
         params: &Params,
@@ -333,15 +333,19 @@ impl<'g> Segment<'g> {
                     it.compute(i)?;
                 }
             }
-            match ops.vocab_losses.get(&n) {
-                Some(shard) => {
+            match ops.vocab_parallel.get(&n) {
+                Some(at) => {
                     let group = group.as_deref_mut().ok_or_else(|| {
                         ExecError(format!(
-                            "{}: a vocabulary-parallel loss needs its tensor-parallel group",
+                            "{}: vocabulary-parallel computation needs its tensor-parallel group",
                             g.dag[n].name
                         ))
                     })?;
-                    it.compute_with(n, |it| it.cross_entropy(n, Some((shard, group))))?;
+                    let shard = VocabShard { at, group };
+                    it.compute_with(n, |it| match g.dag[n].op {
+                        Op::TokenLogProbs => it.token_log_probs(n, Some(shard)),
+                        _ => it.cross_entropy(n, Some(shard)),
+                    })?;
                 }
                 None => it.compute(n)?,
             }
@@ -1093,11 +1097,7 @@ impl Interpreter<'_> {
                 let loss = (margin.negate().exp() + 1.0).ln().mean::<(), _>();
                 Ok(self.keep0(loss))
             }
-            Op::TokenLogProbs => {
-                let logits = self.input(n, 0)?.r3("logits")?;
-                let taken = self.input(n, 1)?.ints("tokens")?.clone();
-                self.token_log_probs(logits, &taken)
-            }
+            Op::TokenLogProbs => self.token_log_probs(n, None),
             Op::PpoLoss {
                 clip,
                 value_clip,
@@ -1495,16 +1495,11 @@ impl Interpreter<'_> {
     /// Cross-entropy node `n`: over every position of `[b, s, vocab]` logits (shifted for
     /// causal LM), or over `[b, classes]` logits; with a shard, of this rank's columns of the
     /// vocabulary (see [`VocabShard`]).
-    fn cross_entropy(
-        &mut self,
-        n: NodeIndex,
-        shard: Option<(&VocabColumns, &mut dyn Collective)>,
-    ) -> Result<V, ExecError> {
+    fn cross_entropy(&mut self, n: NodeIndex, shard: Option<VocabShard>) -> Result<V, ExecError> {
         let Op::CrossEntropy { shift } = self.g.dag[n].op else {
             return err("not a cross-entropy");
         };
         let labels = self.input(n, 1)?.ints("labels")?.clone();
-        let shard = shard.map(|(at, group)| VocabShard { at, group });
         match self.input(n, 0)?.clone() {
             V::R3(logits) => self.token_cross_entropy(logits, &labels, shift, shard),
             V::R2(logits) => {
@@ -1593,8 +1588,11 @@ impl Interpreter<'_> {
     }
 
     /// `log softmax(logits)[token]` at each position, 0 where the token is −100.
-    fn token_log_probs(&mut self, logits: T3, taken: &[Vec<i64>]) -> Result<V, ExecError> {
-        let (b, s, vocab) = *logits.shape();
+    fn token_log_probs(&mut self, n: NodeIndex, shard: Option<VocabShard>) -> Result<V, ExecError> {
+        let logits = self.input(n, 0)?.r3("logits")?;
+        let taken = self.input(n, 1)?.ints("tokens")?.clone();
+        let (b, s, width) = *logits.shape();
+        let vocab = shard.as_ref().map_or(width, |sh| sh.at.vocab);
         if taken.len() != b || taken.iter().any(|row| row.len() != s) {
             return err("the taken tokens do not match the logits' positions");
         }
@@ -1607,9 +1605,13 @@ impl Interpreter<'_> {
         }
         let logits = logits.put_tape(self.take_tape());
         #[cfg(not(feature = "cuda"))]
-        let out = crate::kernels::token_log_probs(logits, targets);
+        let out = crate::kernels::token_log_probs(logits, targets, shard).map_err(ExecError)?;
         #[cfg(feature = "cuda")]
         let out = {
+            // The tensor-parallel layout splits no log-probabilities by vocabulary here.
+            if shard.is_some() {
+                return err("vocabulary-parallel log-probabilities run on the CPU kernels only");
+            }
             let ids = targets.iter().map(|t| t.unwrap_or(0)).collect();
             let used = targets
                 .iter()

@@ -1059,30 +1059,52 @@ fn add_softmax(dst: &mut [f32], x: &[f32], lse: f32, scale: f32) {
 
 /// `log softmax(logits)[target]` at every position of `logits` `[b, s, vocab]` (`targets` is
 /// `[b·s]`), 0 where there is no target. One pass per row, no `[b, s, vocab]` intermediate
-/// (dfdx's log-softmax allocates several).
-pub fn token_log_probs(logits: Taped<R3>, targets: Vec<Option<usize>>) -> Taped<(usize, usize)> {
+/// (dfdx's log-softmax allocates several). With a `shard`, `logits` holds the shard's columns
+/// of the vocabulary, as in [`cross_entropy`].
+pub fn token_log_probs(
+    logits: Taped<R3>,
+    targets: Vec<Option<usize>>,
+    shard: Option<VocabShard>,
+) -> Result<Taped<(usize, usize)>, String> {
     let (logits, mut tape) = row_major(logits).split_tape();
-    let (b, s, vocab) = *logits.shape();
-    let lse: Vec<f32> = {
+    let (b, s, width) = *logits.shape();
+    let columns = shard.as_ref().map_or(0..width, |sh| sh.at.columns.clone());
+    let vocab = shard.as_ref().map_or(width, |sh| sh.at.vocab);
+    if targets.len() != b * s
+        || columns.len() != width
+        || columns.end > vocab
+        || targets.iter().flatten().any(|&t| t >= vocab)
+    {
+        return Err(format!(
+            "log-probabilities of {} tokens at {b}×{s} positions, vocabulary {vocab} ({width} columns here)",
+            targets.len()
+        ));
+    }
+    let local = move |t: usize| (columns.contains(&t)).then(|| t - columns.start);
+    let (mut lse, mut picked): (Vec<f32>, Vec<f32>) = {
         let xs = elements(&logits);
         targets
             .par_iter()
             .enumerate()
             .map(|(i, t)| match t {
-                Some(_) => vectorized(|| log_sum_exp(&xs[i * vocab..(i + 1) * vocab])),
-                None => 0.0,
+                Some(t) => {
+                    let x = &xs[i * width..(i + 1) * width];
+                    let target = local(*t).map_or(0.0, |t| x[t]);
+                    (vectorized(|| log_sum_exp(x)), target)
+                }
+                None => (0.0, 0.0),
             })
-            .collect()
+            .unzip()
     };
-    let picked: Vec<f32> = {
-        let xs = elements(&logits);
-        targets
-            .iter()
-            .enumerate()
-            .map(|(i, t)| t.map_or(0.0, |t| xs[i * vocab + t] - lse[i]))
-            .collect()
-    };
-    let out = logits.device().tensor_from_vec(picked, (b, s));
+    if let Some(shard) = shard {
+        (lse, picked) = combine_shards(shard.group, &lse, &picked)?;
+    }
+    let log_probs: Vec<f32> = targets
+        .iter()
+        .enumerate()
+        .map(|(i, t)| t.map_or(0.0, |_| picked[i] - lse[i]))
+        .collect();
+    let out = logits.device().tensor_from_vec(log_probs, (b, s));
     let result = out.clone();
     // Its gradient's place, not its values: nothing keeps an output alive for its gradient.
     let out = out.ghost();
@@ -1094,17 +1116,19 @@ pub fn token_log_probs(logits: Taped<R3>, targets: Vec<Option<usize>>) -> Taped<
         let shared = Shared(acc.as_mut_ptr());
         targets.par_iter().enumerate().for_each(|(i, t)| {
             let Some(t) = *t else { return };
-            let at = i * vocab;
+            let at = i * width;
             let dst = shared;
             // SAFETY: each row is written by its task alone.
-            let dst = unsafe { std::slice::from_raw_parts_mut(dst.0.add(at), vocab) };
-            vectorized(|| add_softmax(dst, &xs[at..at + vocab], lse[i], -dy[i]));
-            dst[t] += dy[i];
+            let dst = unsafe { std::slice::from_raw_parts_mut(dst.0.add(at), width) };
+            vectorized(|| add_softmax(dst, &xs[at..at + width], lse[i], -dy[i]));
+            if let Some(t) = local(t) {
+                dst[t] += dy[i];
+            }
         });
         **grads.get_or_alloc_mut(&out)? = dy;
         Ok(())
     });
-    result.put_tape(tape)
+    Ok(result.put_tape(tape))
 }
 
 /// Each kernel against the same computation written with dfdx's own ops: values and the
@@ -1697,7 +1721,7 @@ mod tests {
             .map(|i| (i % 3 != 0).then_some((i * 5) % vocab))
             .collect();
         let (fast, fast_g) = probe(
-            token_log_probs(logits.clone().leaky_traced(), targets.clone()),
+            token_log_probs(logits.clone().leaky_traced(), targets.clone(), None).unwrap(),
             32,
         );
         let dev = Cpu::default();

@@ -104,8 +104,9 @@ pub struct RankOps {
     /// Nodes computing on this rank's share of the sequence (dropout draws the whole mask and
     /// keeps that share).
     pub sequence: BTreeSet<NodeIndex>,
-    /// Cross-entropy losses computed from this rank's columns of vocabulary-split logits.
-    pub vocab_losses: BTreeMap<NodeIndex, VocabColumns>,
+    /// Cross-entropy losses and token log-probabilities computed from this rank's columns of
+    /// vocabulary-split logits.
+    pub vocab_parallel: BTreeMap<NodeIndex, VocabColumns>,
 }
 
 /// The columns of vocabulary-split logits a rank holds.
@@ -194,8 +195,8 @@ impl TensorLayout {
         let mut bias_once = BTreeSet::new();
         let mut vocab: BTreeMap<NodeIndex, usize> = BTreeMap::new();
         let mut sharded_inputs: BTreeMap<NodeIndex, Vec<usize>> = BTreeMap::new();
-        // Cross-entropy nodes reading vocabulary-split logits, with the vocabulary.
-        let mut vocab_losses: BTreeMap<NodeIndex, usize> = BTreeMap::new();
+        // Losses and log-probabilities reading vocabulary-split logits, with the vocabulary.
+        let mut vocab_parallel: BTreeMap<NodeIndex, usize> = BTreeMap::new();
         let mut set_layout = |id: usize, layout: ParamLayout| -> Result<(), LayoutError> {
             match &params[id] {
                 ParamLayout::Whole => {
@@ -393,16 +394,18 @@ impl TensorLayout {
                 },
                 // Picking positions leaves the features' split as it is (PET's mask logits).
                 Op::SelectToken { .. } if matches!(ins[0], Form::Split(_)) => ins[0].clone(),
-                // Logits split by vocabulary (one section): each rank takes the loss over its
-                // columns and the group combines two numbers a row (the CPU kernels do).
-                Op::CrossEntropy { .. } if !cfg!(feature = "cuda") => match &ins[0] {
-                    Form::Split(sections) if sections.len() == 1 => {
-                        vocab_losses.insert(n, sections[0]);
-                        Form::Replicated
+                // Logits split by vocabulary (one section): each rank works over its columns
+                // and the group combines two numbers a row (the CPU kernels do).
+                Op::CrossEntropy { .. } | Op::TokenLogProbs if !cfg!(feature = "cuda") => {
+                    match &ins[0] {
+                        Form::Split(sections) if sections.len() == 1 => {
+                            vocab_parallel.insert(n, sections[0]);
+                            Form::Replicated
+                        }
+                        _ => Form::Whole,
                     }
-                    _ => Form::Whole,
-                },
-                Op::DoraRescale { .. } | Op::TokenLogProbs | Op::PpoLoss { .. } if size > 1 => {
+                }
+                Op::DoraRescale { .. } | Op::TokenLogProbs if size > 1 => {
                     return Err(LayoutError(format!(
                         "tensor parallelism does not run `{}` ({}) yet; plan it with `parallel {{ tensor = 1 }}`",
                         node.name,
@@ -473,7 +476,7 @@ impl TensorLayout {
                         .node_indices()
                         .filter(|n| forms[n.index()] == Form::Sequence)
                         .collect(),
-                    vocab_losses: vocab_losses
+                    vocab_parallel: vocab_parallel
                         .iter()
                         .map(|(&n, &vocab)| {
                             let columns = section_ranges(&[vocab], rank, size).remove(0);

@@ -853,9 +853,10 @@ fn peft_adapter_weights_are_loaded_to_continue_training() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-/// Under tensor parallelism a language model's loss reads its logits split by vocabulary where
-/// they lie (no `[b, s, vocab]` gather onto every rank), and PET's logits at the mask stay split
-/// until its verbalizer's columns are picked (a `[b, vocab]` gather).
+/// Under tensor parallelism a language model's loss (and PPO's log-probabilities) read the
+/// logits split by vocabulary where they lie (no `[b, s, vocab]` gather onto every rank), and
+/// PET's logits at the mask stay split until its verbalizer's columns are picked (a `[b, vocab]`
+/// gather).
 #[test]
 fn losses_read_vocabulary_split_logits_without_gathering_them() {
     use kiln_runtime::tensor_parallel::{Conversion, Form};
@@ -867,6 +868,13 @@ fn losses_read_vocabulary_split_logits_without_gathering_them() {
     )
     .unwrap();
     let gpt2 = quickstart("parallel = { mesh = cpu(2), tensor = 2 }");
+    let ppo = || {
+        let src = format!(
+            "{}experiment split = tiny_ppo {{ parallel = {{ mesh = cpu(2), tensor = 2 }} }}\n",
+            rlhf_source("")
+        );
+        named(&src, "split")
+    };
     for (e, loss, gathered) in [
         (gpt2, "loss", None),
         (
@@ -874,6 +882,8 @@ fn losses_read_vocabulary_split_logits_without_gathering_them() {
             "mlm.loss",
             Some(("pvp.mask_logits", "pvp.class_logits")),
         ),
+        (ppo(), "ppo.log_probs", None),
+        (ppo(), "ppo.ref_log_probs", None),
     ] {
         let g = kiln_compiler::graph::compile_graph(&e).unwrap();
         let plan = kiln_compiler::plan::compile_plan(&e).unwrap();
@@ -1000,6 +1010,8 @@ fn ppo_on_a_mesh_matches_one_device() {
         "mesh = cpu(1)",
         "mesh = cpu(2), data = 2",
         "mesh = cpu(2), pipeline = 2",
+        // The policy's and the reference's log-probabilities from vocabulary-split logits.
+        "mesh = cpu(2), tensor = 2",
     ]
     .into_iter()
     .enumerate()
