@@ -88,3 +88,21 @@ fn units_and_arithmetic_reach_the_spec_in_si() {
     assert!((mesh.node.intra_latency - 3e-6).abs() < 1e-18);
     assert_eq!(mesh.node.device.memory, 80e9);
 }
+
+/// PPO's knobs added after its first release serialise only when set: a spec (and so a
+/// checkpoint's fingerprint) written before them reads the same.
+#[test]
+fn later_ppo_knobs_serialise_only_when_set() {
+    let src = "import std.models.gpt2\n\
+        experiment reward { model = gpt2 { layers = 2, output_heads = [reward] }, objective = reward, train { batch = 4, steps = 1, seq_len = 32 } }\n\
+        experiment plain { model = gpt2 { layers = 2, output_heads = [lm, value] }, objective = ppo { reward_model = reward }, train { batch = 4, steps = 1, seq_len = 32 } }\n\
+        experiment tuned = plain { objective = ppo { reward_model = reward, temperature = 0.7, kl_target = 6, kl_horizon = 500 } }\n";
+    let c = check(src);
+    let objective =
+        |i: usize| serde_json::to_value(&c.module.experiments[i].value.objective).unwrap();
+    let (plain, tuned) = (objective(1), objective(2));
+    for key in ["temperature", "kl_target", "kl_horizon"] {
+        assert!(plain.get(key).is_none(), "{key} in {plain}");
+        assert!(tuned.get(key).is_some(), "{key} missing from {tuned}");
+    }
+}

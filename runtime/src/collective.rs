@@ -40,7 +40,11 @@ pub trait Collective: Send {
         self.all_gather(buf)
     }
     /// The part of a buffer of `len` values this device owns after a reduce-scatter.
-    fn shard(&self, len: usize) -> Range<usize>;
+    fn shard(&self, len: usize) -> Range<usize> {
+        self.shard_of(len, self.rank())
+    }
+    /// The part of a buffer of `len` values device `rank` of the group owns.
+    fn shard_of(&self, len: usize, rank: usize) -> Range<usize>;
     /// This device's shard of `buf` becomes the sum of every device's shard; the rest of `buf`
     /// is left partially reduced.
     fn reduce_scatter_sum(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError>;
@@ -150,8 +154,8 @@ impl Collective for CpuRing {
     }
 
     /// After the ring reduce-scatter device r holds the full sum of chunk r + 1.
-    fn shard(&self, len: usize) -> Range<usize> {
-        ring_shard(len, self.size, self.rank)
+    fn shard_of(&self, len: usize, rank: usize) -> Range<usize> {
+        ring_shard(len, self.size, rank)
     }
 
     /// `size − 1` steps, each sending one chunk to the next device and adding the one received

@@ -6,7 +6,7 @@
 //! a step is bit-reproducible.
 //! The CUDA build uses dfdx's ops instead.
 
-use crate::collective::{ring_shard, Collective};
+use crate::collective::Collective;
 use crate::tensor_parallel::VocabShard;
 use dfdx::prelude::*;
 use dfdx::tensor::{Cpu, CpuError, Gradients, Tape as _};
@@ -1024,7 +1024,7 @@ fn combine_shards(
     buf[mine][rows..].copy_from_slice(picked);
     group.all_gather(&mut buf).map_err(|e| e.0)?;
     let shards: Vec<&[f32]> = (0..size)
-        .map(|r| &buf[ring_shard(buf.len(), size, r)])
+        .map(|r| &buf[group.shard_of(buf.len(), r)])
         .collect();
     let lse = (0..rows)
         .map(|i| {

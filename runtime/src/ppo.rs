@@ -272,8 +272,9 @@ fn row_rng(seed: u64, row: usize) -> Rng {
     Rng(seed ^ (row as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03))
 }
 
-/// A token drawn from softmax(logits): the policy's own distribution, which PPO's probability
-/// ratio assumes the samples come from (no temperature, top-k or top-p, as TRL's PPO samples).
+/// A token drawn from softmax(logits): the policy's own distribution (its logits already
+/// divided by the temperature), which PPO's probability ratio assumes the samples come from
+/// (no top-k or top-p, as TRL's PPO samples).
 fn draw(logits: &[f32], rng: &mut Rng) -> usize {
     let max = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
     let weights: Vec<f64> = logits.iter().map(|&l| f64::from(l - max).exp()).collect();

@@ -224,10 +224,14 @@ impl TensorLayout {
         };
         for n in g.topo_order() {
             let node = &g.dag[n];
+            // A replicated value is read as a whole one (see `conversion`).
             let ins: Vec<Form> = g
                 .inputs(n)
                 .iter()
-                .map(|i| forms[i.index()].clone())
+                .map(|i| match &forms[i.index()] {
+                    Form::Replicated => Form::Whole,
+                    form => form.clone(),
+                })
                 .collect();
             let unsupported = || {
                 LayoutError(format!(

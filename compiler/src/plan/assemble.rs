@@ -2,7 +2,8 @@
 //! every parameter, collectives, the per-stage schedule, throughput.
 
 use super::cost::{
-    Evaluation, Model, RecomputeChoice, ScheduleChoice, StageCost, StagePlace, Strategy, Submesh,
+    zero3_gathers, Evaluation, Model, RecomputeChoice, ScheduleChoice, StageCost, StagePlace,
+    Strategy, Submesh,
 };
 use super::search::Candidate;
 use super::types::*;
@@ -498,7 +499,7 @@ fn collectives(model: &Model, g: &Graph, c: &Candidate) -> Vec<Collective> {
             collective(
                 "all_gather (weights, each module's, forward and backward)",
                 stage.params * bytes / modules,
-                2 * modules as u64,
+                zero3_gathers(&on, stage) as u64,
                 sync.gather,
             )
         } else {

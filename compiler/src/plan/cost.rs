@@ -660,22 +660,23 @@ impl Model<'_> {
     }
 
     /// Seconds to synchronise one stage's gradients of trainable parameters over its
-    /// data-parallel group (see [`Sync`]); `s` is the stage's own strategy.
+    /// data-parallel group (see [`SyncTime`]); `s` is the stage's own strategy.
     pub fn sync(&self, s: &Strategy, stage: &StageCost) -> f64 {
         self.sync_parts(s, stage).total()
     }
 
     /// [`Model::sync`] by collective. ZeRO-3 reduce-scatters gradients and all-gathers every
-    /// weight (frozen ones too) for the forward and again for the backward: 3Ψ instead of
-    /// 2Ψ for full training. The gathers are one collective per module, each paying the
-    /// ring's n − 1 latency steps: at a thousand ranks that latency, not the bytes, is what
-    /// grows with the group (Megatron 2021 Table 2's ZeRO-3 rows).
+    /// weight (frozen ones too) for the forward and again for the backward of each microbatch
+    /// (DeepSpeed and FSDP free a module's gathered weights after use): 3Ψ instead of 2Ψ for
+    /// full training in one microbatch, (2m + 1)Ψ in m. The gathers are one collective per
+    /// module, each paying the ring's n − 1 latency steps: at a thousand ranks that latency,
+    /// not the bytes, is what grows with the group (Megatron 2021 Table 2's ZeRO-3 rows).
     ///
     /// With `overlap` (DeepSpeed's `overlap_comm`, its default under ZeRO-3), the gradient
     /// reduction runs as the last microbatch's backward produces the gradients and only what
     /// outlasts that backward is on the critical path; weight all-gathers (ZeRO-1/2 after the
     /// update, ZeRO-3 before each use) stay on it.
-    pub fn sync_parts(&self, s: &Strategy, stage: &StageCost) -> Sync {
+    pub fn sync_parts(&self, s: &Strategy, stage: &StageCost) -> SyncTime {
         let grad_bytes = stage.trainable * self.element_bytes();
         let (bw, lat) = self.group_bandwidth(s.data, s.tensor);
         let (reduce, gather) = match s.zero {
@@ -689,7 +690,7 @@ impl Model<'_> {
                 let per_module = stage.params * self.element_bytes() / modules;
                 (
                     all_gather(grad_bytes, s.data, bw, lat),
-                    2.0 * modules * all_gather(per_module, s.data, bw, lat),
+                    zero3_gathers(s, stage) * all_gather(per_module, s.data, bw, lat),
                 )
             }
         };
@@ -698,20 +699,26 @@ impl Model<'_> {
         } else {
             reduce
         };
-        Sync { reduce, gather }
+        SyncTime { reduce, gather }
     }
+}
+
+/// ZeRO-3's weight all-gathers in one iteration of a stage: each module's, for the forward and
+/// the backward of every microbatch.
+pub fn zero3_gathers(s: &Strategy, stage: &StageCost) -> f64 {
+    2.0 * s.microbatches as f64 * stage.modules.max(1.0)
 }
 
 /// A stage's data-parallel synchronisation, seconds on the critical path.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Sync {
+pub struct SyncTime {
     /// Gradient reduction: DDP's all-reduce, ZeRO's reduce-scatter (what overlap can hide).
     pub reduce: f64,
     /// Weight all-gathers: ZeRO-1/2's after the update, ZeRO-3's before each module's use.
     pub gather: f64,
 }
 
-impl Sync {
+impl SyncTime {
     pub fn total(&self) -> f64 {
         self.reduce + self.gather
     }

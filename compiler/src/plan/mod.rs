@@ -79,7 +79,8 @@ impl<'e> Planner<'e> {
         }
     }
 
-    /// The uniform fast path alone: every candidate with balanced stages, best first.
+    /// The uniform fast path alone: every candidate costed with balanced stages, best first
+    /// (the prefix the search and the report read, see `search::uniform`).
     pub fn uniform(&self) -> Vec<search::Candidate> {
         search::uniform(
             &self.model(),

@@ -288,7 +288,7 @@ fn ppo(r: &mut Rec) -> Option<Ppo> {
         number_where(cx, v, "at least 0", |x| x >= 0.0)
     });
     let kl_target = r.opt("kl_target", positive_number);
-    let kl_horizon = r.or("kl_horizon", 10_000, positive);
+    let kl_horizon = r.or("kl_horizon", DEFAULT_KL_HORIZON, positive);
     let clip = r.or("clip", 0.2, positive_number);
     let value_clip = r.or("value_clip", 0.2, positive_number);
     let gamma = r.or("gamma", 1.0, probability);

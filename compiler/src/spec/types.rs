@@ -173,13 +173,28 @@ pub struct Pvp {
     pub mlm_weight: f64,
 }
 
+/// TRL's default horizon of the adaptive KL controller.
+pub const DEFAULT_KL_HORIZON: u64 = 10_000;
+
+fn is_default_kl_horizon(h: &u64) -> bool {
+    *h == DEFAULT_KL_HORIZON
+}
+
+fn is_one(x: &f64) -> bool {
+    *x == 1.0
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct Ppo {
     /// The KL penalty's coefficient (the first one, with an adaptive controller).
     pub kl: f64,
     /// Ziegler et al.'s adaptive controller (TRL's `AdaptiveKLController`): the KL the
-    /// coefficient steers towards, and the horizon (in sequences) of its steering.
+    /// coefficient steers towards, and the horizon (in sequences) of its steering. Fields
+    /// added after the first PPO runs are left out of the serialised spec at their defaults,
+    /// so those runs' checkpoints keep their fingerprint and resume.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub kl_target: Option<f64>,
+    #[serde(skip_serializing_if = "is_default_kl_horizon")]
     pub kl_horizon: u64,
     pub clip: f64,
     pub value_clip: f64,
@@ -191,6 +206,7 @@ pub struct Ppo {
     pub response_length: u64,
     /// The policy's and the reference's logits are divided by it, for sampling and for the
     /// log-probabilities PPO trains on (TRL's `temperature`).
+    #[serde(skip_serializing_if = "is_one")]
     pub temperature: f64,
     /// Name of the experiment (pipeline stage) whose output is the reward model.
     pub reward_model: String,
