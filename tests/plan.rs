@@ -120,6 +120,13 @@ fn published_zero3_throughput_within_15_percent() {
     }
 }
 
+/// The 384-GPU ZeRO-3 run as `kiln plan` reports it: the per-module weight gathers and the
+/// gradient reduce-scatter hidden under the backward (reviewed snapshot).
+#[test]
+fn zero3_plan_report() {
+    insta::assert_snapshot!(kiln::compiler::plan::render_text(&plan(&zero3_published(384))));
+}
+
 #[test]
 fn auto_beats_zero3_on_its_own_cluster_and_batch() {
     for &(gpus, _, _) in ZERO3_ROWS {
