@@ -124,7 +124,9 @@ fn published_zero3_throughput_within_15_percent() {
 /// gradient reduce-scatter hidden under the backward (reviewed snapshot).
 #[test]
 fn zero3_plan_report() {
-    insta::assert_snapshot!(kiln::compiler::plan::render_text(&plan(&zero3_published(384))));
+    insta::assert_snapshot!(kiln::compiler::plan::render_text(&plan(&zero3_published(
+        384
+    ))));
 }
 
 #[test]

@@ -112,6 +112,17 @@ fn metrics(dir: &Path, name: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// A step callback that stops the run after step `at` (to resume it later).
+fn stop_at(at: u64) -> impl FnMut(&kiln_runtime::train::StepReport) -> Control {
+    move |r| {
+        if r.step == at {
+            Control::Stop
+        } else {
+            Control::Continue
+        }
+    }
+}
+
 #[test]
 fn an_interrupted_run_resumes_bit_exactly() {
     // Dropout on, so that the resumed run must also reproduce the random masks.
@@ -121,14 +132,7 @@ fn an_interrupted_run_resumes_bit_exactly() {
     ));
     let (whole, split) = (scratch("whole"), scratch("split"));
     run(&e, &whole, None, false, |_| Control::Continue).unwrap();
-    let stopped = run(&e, &split, None, false, |r| {
-        if r.step == 3 {
-            Control::Stop
-        } else {
-            Control::Continue
-        }
-    })
-    .unwrap();
+    let stopped = run(&e, &split, None, false, stop_at(3)).unwrap();
     assert_eq!(stopped.steps, 3);
     run(&e, &split, None, true, |_| Control::Continue).unwrap();
     assert_eq!(
@@ -279,14 +283,7 @@ fn ppo_rollouts_repeat_for_a_seed_and_resume_bit_exactly() {
     );
     // Stopped after a step and resumed: the same rollouts and weights.
     let ppo = rlhf("tiny_ppo", "");
-    let stop = |r: &kiln_runtime::train::StepReport| {
-        if r.step == 1 {
-            Control::Stop
-        } else {
-            Control::Continue
-        }
-    };
-    run(&ppo, &dir, Some(3), false, stop).unwrap();
+    run(&ppo, &dir, Some(3), false, stop_at(1)).unwrap();
     run(&ppo, &dir, Some(3), true, |_| Control::Continue).unwrap();
     assert_eq!(first, ppo_metrics(&dir), "resumed");
     run(
@@ -929,14 +926,21 @@ fn plans_with_stages_on_different_grids_are_refused() {
     assert!(err.0.contains("different data x tensor grids"), "{}", err.0);
 }
 
+/// A scratch directory `name` with short `tiny_sft` and `tiny_reward` runs in it: what a PPO
+/// stage starts from and is scored by.
+fn trained_sft_and_reward(name: &str) -> PathBuf {
+    let dir = scratch(name);
+    run_stage(&dir, "tiny_sft", 10);
+    run_stage(&dir, "tiny_reward", 5);
+    dir
+}
+
 /// `temperature` divides the logits PPO samples from: near 0 the policy's most likely token is
 /// drawn (two small temperatures sample the same responses), at 1 and 2 the draws differ. The
 /// rollouts' rewards tell.
 #[test]
 fn ppo_temperature_sharpens_sampling() {
-    let dir = scratch("ppo_temperature");
-    run_stage(&dir, "tiny_sft", 10);
-    run_stage(&dir, "tiny_reward", 5);
+    let dir = trained_sft_and_reward("ppo_temperature");
     let reward = |temperature: f64| {
         let name = "tempered";
         let src = format!(
@@ -958,9 +962,7 @@ fn ppo_temperature_sharpens_sampling() {
 /// does (reported as `kl_coef`), and a resumed run carries the coefficient on.
 #[test]
 fn ppo_adapts_its_kl_coefficient_and_resumes_it() {
-    let dir = scratch("ppo_adaptive_kl");
-    run_stage(&dir, "tiny_sft", 10);
-    run_stage(&dir, "tiny_reward", 5);
+    let dir = trained_sft_and_reward("ppo_adaptive_kl");
     let name = "adaptive";
     let src = format!(
         "{}experiment {name} = tiny_ppo {{ objective = ppo {{ kl = 0.05, kl_target = 0.01, kl_horizon = 16, reward_model = tiny_reward, reference = tiny_sft, response_length = 24 }} }}\n",
@@ -983,14 +985,7 @@ fn ppo_adapts_its_kl_coefficient_and_resumes_it() {
         assert_eq!(figure(i, "kl_coef"), want, "step {}", i + 1);
     }
     assert_ne!(figure(3, "kl_coef"), 0.05);
-    let stop = |r: &kiln_runtime::train::StepReport| {
-        if r.step == 2 {
-            Control::Stop
-        } else {
-            Control::Continue
-        }
-    };
-    run(&e, &dir, Some(4), false, stop).unwrap();
+    run(&e, &dir, Some(4), false, stop_at(2)).unwrap();
     run(&e, &dir, Some(4), true, |_| Control::Continue).unwrap();
     assert_eq!(straight, metrics(&dir, name), "resumed");
     std::fs::remove_dir_all(&dir).ok();
@@ -1002,9 +997,7 @@ fn ppo_adapts_its_kl_coefficient_and_resumes_it() {
 /// learning rate, and once a sampled token differs the runs part ways.
 #[test]
 fn ppo_on_a_mesh_matches_one_device() {
-    let dir = scratch("ppo_mesh");
-    run_stage(&dir, "tiny_sft", 10);
-    run_stage(&dir, "tiny_reward", 5);
+    let dir = trained_sft_and_reward("ppo_mesh");
     let mut runs = Vec::new();
     for (i, parallel) in [
         "mesh = cpu(1)",
