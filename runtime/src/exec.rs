@@ -568,6 +568,14 @@ fn dropout_scale(p: f64) -> f32 {
     1.0 / (1.0 - p) as f32
 }
 
+/// An inverted-dropout mask's values (0 or 1/(1−p)) from which elements are kept.
+fn dropout_factors(keep: Vec<bool>, p: f64) -> Vec<f32> {
+    let scale = dropout_scale(p);
+    keep.into_iter()
+        .map(|k| if k { scale } else { 0.0 })
+        .collect()
+}
+
 impl Interpreter<'_> {
     /// An inverted-dropout mask (0 or 1/(1−p)) of the given shape, or `None` when dropout is
     /// off for this batch or `p` is zero.
@@ -579,13 +587,7 @@ impl Interpreter<'_> {
 
     /// The values of this node's dropout mask of `len` elements (see `dropout_mask`).
     fn dropout_values(&self, len: usize, p: f64) -> Option<Vec<f32>> {
-        let scale = dropout_scale(p);
-        let keep = self.dropout_keep(len, p)?;
-        Some(
-            keep.into_iter()
-                .map(|k| if k { scale } else { 0.0 })
-                .collect(),
-        )
+        Some(dropout_factors(self.dropout_keep(len, p)?, p))
     }
 
     /// Which of this node's `len` elements dropout keeps, drawn from the batch's seed and the
@@ -995,12 +997,9 @@ impl Interpreter<'_> {
                 let out = crate::kernels::dropout(x, keep, dropout_scale(p)).map_err(ExecError)?;
                 #[cfg(feature = "cuda")]
                 let out = {
-                    let scale = dropout_scale(p);
-                    let mask = keep
-                        .into_iter()
-                        .map(|k| if k { scale } else { 0.0 })
-                        .collect();
-                    x * self.dev.tensor_from_vec(mask, (b, s, d))
+                    x * self
+                        .dev
+                        .tensor_from_vec(dropout_factors(keep, p), (b, s, d))
                 };
                 Ok(self.keep3(out))
             }

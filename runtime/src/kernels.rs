@@ -924,49 +924,37 @@ pub fn cross_entropy(
     shard: Option<VocabShard>,
 ) -> Result<Taped<()>, String> {
     let (b, s, width) = *logits.shape();
-    let columns = shard.as_ref().map_or(0..width, |sh| sh.at.columns.clone());
-    let vocab = shard.as_ref().map_or(width, |sh| sh.at.vocab);
+    let read = TargetRows {
+        starts: (0..targets.len())
+            .map(|i| (i / positions.max(1) * s + i % positions.max(1)) * width)
+            .collect(),
+        // Rows without weight are not read.
+        targets: targets
+            .iter()
+            .zip(&weights)
+            .map(|(&t, &w)| (w != 0.0).then_some(t))
+            .collect(),
+        ..TargetRows::over(width, shard.as_ref())
+    };
     // Rows are written by parallel tasks through a raw pointer: each target must name its own
     // row and a word of the vocabulary.
     if positions == 0
         || positions > s
-        || columns.len() != width
-        || columns.end > vocab
         || targets.len() != weights.len()
         || targets.len() > b * positions
         || targets.len() % positions != 0
-        || targets.iter().any(|&t| t >= vocab)
+        || !read.fits(&targets)
     {
         return Err(format!(
-            "cross-entropy of {} targets over {positions} of {s} positions, vocabulary {vocab} ({width} columns here)",
-            targets.len()
+            "cross-entropy of {} targets over {positions} of {s} positions, vocabulary {} ({width} columns here)",
+            targets.len(),
+            read.vocab
         ));
     }
     let (logits, mut tape) = row_major(logits).split_tape();
-    let row = move |i: usize| (i / positions * s + i % positions) * width;
-    // The target's column here, if this rank holds it.
-    let local = move |t: usize| (columns.contains(&t)).then(|| t - columns.start);
-    let rows = targets.len();
-    // log Σ exp per used row (0 for rows without weight), and the target's logit.
-    let (mut lse, mut picked): (Vec<f32>, Vec<f32>) = {
-        let xs = elements(&logits);
-        (0..rows)
-            .into_par_iter()
-            .map(|i| {
-                if weights[i] == 0.0 {
-                    return (0.0, 0.0);
-                }
-                let x = &xs[row(i)..row(i) + width];
-                let target = local(targets[i]).map_or(0.0, |t| x[t]);
-                (vectorized(|| log_sum_exp(x)), target)
-            })
-            .unzip()
-    };
-    if let Some(shard) = shard {
-        (lse, picked) = combine_shards(shard.group, &lse, &picked)?;
-    }
+    let (lse, picked) = read.statistics(&elements(&logits), shard)?;
     let loss = {
-        let total: f64 = (0..rows)
+        let total: f64 = (0..targets.len())
             .map(|i| f64::from(weights[i] * (lse[i] - picked[i])))
             .sum();
         (total / f64::from(count)) as f32
@@ -981,25 +969,96 @@ pub fn cross_entropy(
         // Written straight into the logits' gradient: over a large vocabulary it is the
         // biggest buffer of the step, and a second one would double the head's memory.
         let acc = grads.get_or_alloc_mut(&logits)?;
-        let shared = Shared(acc.as_mut_ptr());
-        (0..rows).into_par_iter().for_each(|i| {
-            if weights[i] == 0.0 {
-                return;
-            }
-            let at = row(i);
-            let x = &xs[at..at + width];
-            let scale = g * weights[i];
-            let dst = shared;
-            // SAFETY: each used row is written by its task alone.
-            let dst = unsafe { std::slice::from_raw_parts_mut(dst.0.add(at), width) };
-            vectorized(|| add_softmax(dst, x, lse[i], scale));
-            if let Some(t) = local(targets[i]) {
-                dst[t] -= scale;
-            }
-        });
+        read.add_gradient(acc, &xs, &lse, |i| g * weights[i]);
         Ok(())
     });
     Ok(result.put_tape(tape))
+}
+
+/// The rows of `[.., width]` logits a log-softmax reads at a target: where each row starts and
+/// its target (`None`: the row is not read), over this rank's columns of the vocabulary.
+struct TargetRows {
+    starts: Vec<usize>,
+    targets: Vec<Option<usize>>,
+    width: usize,
+    /// The global vocabulary ids of the logits' columns, and the whole vocabulary.
+    columns: std::ops::Range<usize>,
+    vocab: usize,
+}
+
+impl TargetRows {
+    /// No rows yet, over all `width` columns or a shard's.
+    fn over(width: usize, shard: Option<&VocabShard>) -> TargetRows {
+        TargetRows {
+            starts: Vec::new(),
+            targets: Vec::new(),
+            width,
+            columns: shard.map_or(0..width, |sh| sh.at.columns.clone()),
+            vocab: shard.map_or(width, |sh| sh.at.vocab),
+        }
+    }
+
+    /// Whether the columns match the logits and every target names a word of the vocabulary.
+    fn fits(&self, targets: &[usize]) -> bool {
+        self.columns.len() == self.width
+            && self.columns.end <= self.vocab
+            && targets.iter().all(|&t| t < self.vocab)
+    }
+
+    /// The target's column here, if this rank holds it.
+    fn local(&self, t: usize) -> Option<usize> {
+        self.columns.contains(&t).then(|| t - self.columns.start)
+    }
+
+    /// Per row, log Σ exp over the whole vocabulary and the target's logit (0 for rows not
+    /// read); over a shard, combined across its group (see [`combine_shards`]).
+    fn statistics(
+        &self,
+        xs: &[f32],
+        shard: Option<VocabShard>,
+    ) -> Result<(Vec<f32>, Vec<f32>), String> {
+        let (lse, picked): (Vec<f32>, Vec<f32>) = self
+            .targets
+            .par_iter()
+            .zip(&self.starts)
+            .map(|(t, &at)| match t {
+                Some(t) => {
+                    let x = &xs[at..at + self.width];
+                    let target = self.local(*t).map_or(0.0, |t| x[t]);
+                    (vectorized(|| log_sum_exp(x)), target)
+                }
+                None => (0.0, 0.0),
+            })
+            .unzip();
+        match shard {
+            Some(shard) => combine_shards(shard.group, &lse, &picked),
+            None => Ok((lse, picked)),
+        }
+    }
+
+    /// `acc += coef(i) · (softmax(x) − onehot(target))` on each row read: the gradient of
+    /// −coef · log softmax(x)[target], over this rank's columns.
+    fn add_gradient(
+        &self,
+        acc: &mut [f32],
+        xs: &[f32],
+        lse: &[f32],
+        coef: impl Fn(usize) -> f32 + Sync,
+    ) {
+        let shared = Shared(acc.as_mut_ptr());
+        self.targets.par_iter().enumerate().for_each(|(i, t)| {
+            let Some(t) = *t else { return };
+            let at = self.starts[i];
+            let scale = coef(i);
+            let dst = shared;
+            // SAFETY: each row read is written by its task alone.
+            let dst = unsafe { std::slice::from_raw_parts_mut(dst.0.add(at), self.width) };
+            vectorized(|| add_softmax(dst, &xs[at..at + self.width], lse[i], scale));
+            if let Some(t) = self.local(t) {
+                dst[t] -= scale;
+            }
+        });
+    }
 }
 
 /// Every rank's per-row log Σ exp and target logit, all-gathered and combined in rank order
@@ -1068,38 +1127,22 @@ pub fn token_log_probs(
 ) -> Result<Taped<(usize, usize)>, String> {
     let (logits, mut tape) = row_major(logits).split_tape();
     let (b, s, width) = *logits.shape();
-    let columns = shard.as_ref().map_or(0..width, |sh| sh.at.columns.clone());
-    let vocab = shard.as_ref().map_or(width, |sh| sh.at.vocab);
-    if targets.len() != b * s
-        || columns.len() != width
-        || columns.end > vocab
-        || targets.iter().flatten().any(|&t| t >= vocab)
-    {
+    let named: Vec<usize> = targets.iter().flatten().copied().collect();
+    let read = TargetRows {
+        starts: (0..targets.len()).map(|i| i * width).collect(),
+        targets,
+        ..TargetRows::over(width, shard.as_ref())
+    };
+    if read.targets.len() != b * s || !read.fits(&named) {
         return Err(format!(
-            "log-probabilities of {} tokens at {b}×{s} positions, vocabulary {vocab} ({width} columns here)",
-            targets.len()
+            "log-probabilities of {} tokens at {b}×{s} positions, vocabulary {} ({width} columns here)",
+            read.targets.len(),
+            read.vocab
         ));
     }
-    let local = move |t: usize| (columns.contains(&t)).then(|| t - columns.start);
-    let (mut lse, mut picked): (Vec<f32>, Vec<f32>) = {
-        let xs = elements(&logits);
-        targets
-            .par_iter()
-            .enumerate()
-            .map(|(i, t)| match t {
-                Some(t) => {
-                    let x = &xs[i * width..(i + 1) * width];
-                    let target = local(*t).map_or(0.0, |t| x[t]);
-                    (vectorized(|| log_sum_exp(x)), target)
-                }
-                None => (0.0, 0.0),
-            })
-            .unzip()
-    };
-    if let Some(shard) = shard {
-        (lse, picked) = combine_shards(shard.group, &lse, &picked)?;
-    }
-    let log_probs: Vec<f32> = targets
+    let (lse, picked) = read.statistics(&elements(&logits), shard)?;
+    let log_probs: Vec<f32> = read
+        .targets
         .iter()
         .enumerate()
         .map(|(i, t)| t.map_or(0.0, |_| picked[i] - lse[i]))
@@ -1113,18 +1156,7 @@ pub fn token_log_probs(
         let xs = elements(&logits);
         // d log p_t / d x = onehot(t) − softmax(x), written straight into the logits' gradient.
         let acc = grads.get_or_alloc_mut(&logits)?;
-        let shared = Shared(acc.as_mut_ptr());
-        targets.par_iter().enumerate().for_each(|(i, t)| {
-            let Some(t) = *t else { return };
-            let at = i * width;
-            let dst = shared;
-            // SAFETY: each row is written by its task alone.
-            let dst = unsafe { std::slice::from_raw_parts_mut(dst.0.add(at), width) };
-            vectorized(|| add_softmax(dst, &xs[at..at + width], lse[i], -dy[i]));
-            if let Some(t) = local(t) {
-                dst[t] += dy[i];
-            }
-        });
+        read.add_gradient(acc, &xs, &lse, |i| -dy[i]);
         **grads.get_or_alloc_mut(&out)? = dy;
         Ok(())
     });
