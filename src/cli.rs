@@ -7,6 +7,9 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod interrupt;
+mod progress;
+
 #[derive(Parser)]
 #[command(
     name = "kiln",
@@ -61,7 +64,11 @@ enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
     },
-    /// Train an experiment on this machine's CPU, with metrics and a checkpoint under --runs.
+    /// Train an experiment on this machine's CPU, with metrics and checkpoints under --runs.
+    ///
+    /// Checkpoints are saved every `train.checkpoint_minutes` (default 10), every
+    /// `train.checkpoint_every` steps if set, at the end, and on Ctrl-C or SIGTERM (a second
+    /// signal exits at once).
     Run {
         file: PathBuf,
         /// Which experiment (default: every stage of the file's first pipeline, in order; a
@@ -74,9 +81,16 @@ enum Command {
         /// Where run directories go.
         #[arg(long, default_value = "runs")]
         runs: PathBuf,
-        /// Continue the run from its last checkpoint (bit-exactly, as if never interrupted).
-        #[arg(long)]
+        /// Continue the run from its newest checkpoint (bit-exactly, as if never interrupted);
+        /// from the start when it has none.
+        #[arg(long, conflicts_with = "restart")]
         resume: bool,
+        /// Discard the run already in the run directory (checkpoints, metrics) and start over.
+        #[arg(long)]
+        restart: bool,
+        /// Override a field: `--set train.steps=50` (repeatable), as `kiln plan` does.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
         /// Print each device's measured peak memory next to the plan's prediction.
         #[arg(long)]
         report: bool,
@@ -213,8 +227,23 @@ pub fn main() -> ExitCode {
             steps,
             runs,
             resume,
+            restart,
+            overrides,
             report,
-        } => run(&file, experiment.as_deref(), steps, &runs, resume, report),
+        } => {
+            let start = match (resume, restart) {
+                (true, _) => kiln_runtime::train::Start::Resume,
+                (_, true) => kiln_runtime::train::Start::Restart,
+                _ => kiln_runtime::train::Start::Fresh,
+            };
+            let options = RunOptions {
+                steps,
+                runs: &runs,
+                start,
+                report,
+            };
+            run(&file, experiment.as_deref(), &overrides, &options)
+        }
         Command::Bench {
             file,
             experiment,
@@ -407,67 +436,127 @@ fn plan(
     ExitCode::SUCCESS
 }
 
+/// How `kiln run` trains each experiment it is given.
+struct RunOptions<'a> {
+    steps: Option<u64>,
+    runs: &'a std::path::Path,
+    start: kiln_runtime::train::Start,
+    report: bool,
+}
+
 fn run(
     file: &std::path::Path,
     wanted: Option<&str>,
-    steps: Option<u64>,
-    runs: &std::path::Path,
-    resume: bool,
-    report: bool,
+    sets: &[String],
+    options: &RunOptions,
 ) -> ExitCode {
-    if wanted.is_none() {
-        let checked = kiln_compiler::check_file(file);
-        if report_errors(file, &checked) {
+    let checked = kiln_compiler::check_file(file);
+    if report_errors(file, &checked) {
+        return ExitCode::from(1);
+    }
+    let stop = match interrupt::install() {
+        Ok(flag) => flag,
+        Err(err) => {
+            eprintln!("error: cannot handle interrupts: {err}");
             return ExitCode::from(1);
         }
-        // A pipeline's stages read each other's runs (`init`, reward model, reference): run
-        // them in order, stopping at the first that fails.
-        if let Some(pipeline) = checked.module.pipelines.first() {
-            for stage in &pipeline.value.stages {
+    };
+    // A pipeline's stages read each other's runs (`init`, reward model, reference): run them
+    // in order, stopping at the first that fails.
+    let names: Vec<String> = match (wanted, checked.module.pipelines.first()) {
+        (None, Some(pipeline)) => {
+            let stages = &pipeline.value.stages;
+            for stage in stages {
                 println!(
                     "stage `{}` of pipeline `{}`",
                     stage.name, pipeline.value.name
                 );
-                let code = train(stage, steps, runs, resume, report);
+                let code = with_overrides(file, &checked, &stage.name, sets, |e| {
+                    train(e, options, &stop)
+                });
                 if code != ExitCode::SUCCESS {
                     return code;
                 }
             }
             return ExitCode::SUCCESS;
         }
+        _ => match pick(file, &checked, wanted) {
+            Some(e) => vec![e.name.clone()],
+            None => return ExitCode::from(1),
+        },
+    };
+    let mut code = ExitCode::SUCCESS;
+    for name in &names {
+        code = with_overrides(file, &checked, name, sets, |e| train(e, options, &stop));
     }
-    with_experiment(file, wanted, |_, experiment| {
-        train(experiment, steps, runs, resume, report)
-    })
+    code
 }
 
-/// Trains one experiment with a progress bar, then prints its summary.
+/// Runs `then` on experiment `name` of a checked file, with `--set` overrides applied.
+fn with_overrides(
+    file: &std::path::Path,
+    checked: &kiln_compiler::CheckedFile,
+    name: &str,
+    sets: &[String],
+    then: impl FnOnce(&kiln_compiler::spec::Experiment) -> ExitCode,
+) -> ExitCode {
+    if sets.is_empty() {
+        return match pick(file, checked, Some(name)) {
+            Some(e) => then(e),
+            None => ExitCode::from(1),
+        };
+    }
+    let overridden = match kiln_compiler::overrides::check_with_overrides(file, name, None, sets) {
+        Ok(c) => c,
+        Err(message) => {
+            eprintln!("{message}");
+            return ExitCode::from(2);
+        }
+    };
+    if report_errors(file, &overridden) {
+        return ExitCode::from(1);
+    }
+    match pick(file, &overridden, Some(name)) {
+        Some(e) => then(e),
+        None => ExitCode::from(1),
+    }
+}
+
+/// Trains one experiment with progress (a bar on a terminal, else a line every few seconds),
+/// then prints its summary. An interrupt stops it with a checkpoint (exit 130).
 fn train(
     experiment: &kiln_compiler::spec::Experiment,
-    steps: Option<u64>,
-    runs: &std::path::Path,
-    resume: bool,
-    report: bool,
+    options: &RunOptions,
+    stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> ExitCode {
-    let bar = indicatif::ProgressBar::new(0);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{spinner} step {pos}/{len} [{bar:30}] {msg} ETA {eta}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-        .progress_chars("=> "),
+    use kiln_runtime::train::{Control, Event};
+    let mut progress = progress::Progress::new(&experiment.name);
+    let result = kiln_runtime::train::run(
+        experiment,
+        options.runs,
+        options.steps,
+        options.start,
+        |event| {
+            progress.show(event);
+            if stop.load(std::sync::atomic::Ordering::SeqCst) && matches!(event, Event::Step(_)) {
+                Control::Stop
+            } else {
+                Control::Continue
+            }
+        },
     );
-    let result = kiln_runtime::train::run(experiment, runs, steps, resume, |r| {
-        bar.set_length(r.total);
-        bar.set_position(r.step);
-        bar.set_message(format!(
-            "loss {:.4} | {:.0} tokens/s",
-            r.loss, r.tokens_per_second
-        ));
-        kiln_runtime::train::Control::Continue
-    });
-    bar.finish_and_clear();
+    progress.finish();
     match result {
+        Ok(s) if s.steps < s.total => {
+            println!(
+                "stopped `{}` at step {} of {}; its checkpoint is in {}: `kiln run ... --resume` continues it",
+                experiment.name,
+                s.steps,
+                s.total,
+                s.run_dir.display()
+            );
+            ExitCode::from(130)
+        }
         Ok(s) => {
             println!(
                 "trained `{}` for {} steps: loss {:.4} -> {:.4}{}{}",
@@ -487,11 +576,11 @@ fn train(
                     .unwrap_or_default()
             );
             println!(
-                "{:.0} tokens/s; metrics and checkpoint in {}",
+                "{:.0} tokens/s; metrics and checkpoints in {}",
                 s.tokens_per_second,
                 s.run_dir.display()
             );
-            if report {
+            if options.report {
                 print_memory_report(&s.memory);
             }
             ExitCode::SUCCESS
@@ -534,12 +623,19 @@ fn bench(file: &std::path::Path, wanted: Option<&str>, steps: u64, warmup: u64) 
         // The end of each step; a step's time is the gap to the previous one's end.
         let mut ends = vec![std::time::Instant::now()];
         let mut collectives = Vec::new();
-        let result =
-            kiln_runtime::train::run(experiment, &scratch, Some(warmup + steps), false, |r| {
-                ends.push(std::time::Instant::now());
-                collectives.push(r.collective_seconds);
+        let result = kiln_runtime::train::run(
+            experiment,
+            &scratch,
+            Some(warmup + steps),
+            kiln_runtime::train::Start::Fresh,
+            |event| {
+                if let kiln_runtime::train::Event::Step(r) = event {
+                    ends.push(std::time::Instant::now());
+                    collectives.push(r.collective_seconds);
+                }
                 kiln_runtime::train::Control::Continue
-            });
+            },
+        );
         std::fs::remove_dir_all(&scratch).ok();
         if let Err(e) = result {
             eprintln!("error: {e}");

@@ -14,9 +14,12 @@ fn main() -> ExitCode {
 /// rather than panic on the write error Rust's ignored SIGPIPE turns into.
 #[cfg(unix)]
 fn exit_quietly_on_closed_pipe() {
-    // SAFETY: restores the default disposition of one signal before any thread exists.
+    // SAFETY: sets the disposition of two signals before any thread exists.
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        // A write past a file-size limit (`ulimit -f`) then fails with an error Kiln reports,
+        // its checkpoints intact, instead of killing the process.
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
 }
 

@@ -137,6 +137,103 @@ fn nesting_within_and_across_definitions_multiplies_without_overflow() {
     assert!(checked.is_ok(), "{}", checked.render_errors());
 }
 
+/// Sizes from the smallest to the largest that Kiln's limits allow
+/// (`kiln_compiler::spec::limits`), by field; past them is an error (tests/semantics.rs).
+const LAYERS: &[&str] = &["1", "2", "1024"];
+const HIDDEN: &[&str] = &["64", "262144"];
+const HEADS: &[&str] = &["1", "4", "64"];
+const VOCAB: &[&str] = &["2", "16777216"];
+const POSITIONS: &[&str] = &["64", "16777216"];
+const FFN: &[&str] = &["1", "1048576"];
+const BATCH: &[&str] = &["1", "8", "1048576"];
+const SEQ_LEN: &[&str] = &["1", "64", "4096"];
+const MODELS: &[&str] = &["gpt2", "bert_base", "llama_7b"];
+const ADAPTERS: &[&str] = &[
+    "lora { rank = 262144 }",
+    "prefix { tokens = 65536 }",
+    "prefix { tokens = 65536, projection = 262144 }",
+    "prompt { tokens = 65536 }",
+    "ptuning { tokens = 65536, encoder = lstm, hidden = 262144 }",
+    "ptuning_v2 { tokens = 1 }",
+    "bottleneck { reduction = 1 }",
+    "ia3 {}",
+];
+const MESHES: &[&str] = &["cpu(1)", "cpu(2)", "dgx_h100 * 65536", "cpu(1024)"];
+
+/// An experiment of the given sizes; the objective fits the model's family.
+fn sized_experiment(
+    model: &str,
+    [layers, hidden, heads, vocab, positions, ffn]: [&str; 6],
+    adapter: &str,
+    mesh: &str,
+    [batch, seq_len]: [&str; 2],
+    micro_batch: bool,
+) -> String {
+    let objective = if model == "bert_base" {
+        "mlm"
+    } else {
+        "causal_lm"
+    };
+    let micro_batch = if micro_batch { ", micro_batch = 1" } else { "" };
+    format!(
+        "import std.models.gpt2\nimport std.models.bert\nimport std.models.llama\nimport std.clusters\n\
+         experiment sized {{\n\
+           model = {model} {{ layers = {layers}, hidden = {hidden}, heads = {heads}, kv_heads = {heads}, \
+             vocab = {vocab}, positions = {positions}, ffn = {ffn} }}\n\
+           objective = {objective}\n\
+           adapter = {adapter}\n\
+           parallel {{ mesh = {mesh} }}\n\
+           train {{ batch = {batch}, seq_len = {seq_len}, steps = 10, precision = bf16{micro_batch} }}\n\
+         }}\n"
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// What checks clean at extreme sizes also lowers to a graph and plans (overflow checks
+    /// are on in tests); what does not (heads that do not divide hidden, a sequence beyond the
+    /// positions, a plan that does not fit) is a diagnostic, never a panic.
+    #[test]
+    fn extreme_sizes_check_lower_and_plan_without_panicking(
+        model in proptest::sample::select(MODELS),
+        shape in (
+            proptest::sample::select(LAYERS),
+            proptest::sample::select(HIDDEN),
+            proptest::sample::select(HEADS),
+            proptest::sample::select(VOCAB),
+            proptest::sample::select(POSITIONS),
+            proptest::sample::select(FFN),
+        ),
+        adapter in proptest::sample::select(ADAPTERS),
+        mesh in proptest::sample::select(MESHES),
+        batch in proptest::sample::select(BATCH),
+        seq_len in proptest::sample::select(SEQ_LEN),
+        micro_batch in any::<bool>(),
+    ) {
+        let (layers, hidden, heads, vocab, positions, ffn) = shape;
+        // The stage search over the deepest models on the largest meshes takes minutes: deep
+        // models are planned on one or two devices here, the largest meshes for shallow ones.
+        let deepest = layers == LAYERS[LAYERS.len() - 1];
+        prop_assume!(!deepest || matches!(mesh, "cpu(1)" | "cpu(2)"));
+        let text = sized_experiment(
+            model,
+            [layers, hidden, heads, vocab, positions, ffn],
+            adapter,
+            mesh,
+            [batch, seq_len],
+            micro_batch,
+        );
+        let checked = kiln::compiler::check_source("sized.kiln", &text, None);
+        for e in checked.module.all_experiments() {
+            // A graph or plan error is fine (a plan that does not fit); a panic is not.
+            if kiln::compiler::graph::compile_graph(e).is_ok() {
+                let _ = kiln::compiler::plan::compile_plan(e);
+            }
+        }
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 

@@ -106,3 +106,63 @@ fn later_ppo_knobs_serialise_only_when_set() {
         assert!(tuned.get(key).is_some(), "{key} missing from {tuned}");
     }
 }
+
+/// A UTF-8 byte order mark, which some editors write, is skipped in a file and in the files
+/// it imports (`tests/ui/bom/common.kiln` starts with one).
+#[test]
+fn a_byte_order_mark_starts_a_file_like_nothing() {
+    let c = check(&format!("\u{feff}{BASE}"));
+    assert_eq!(c.module.experiments[0].value.model.layers, 2);
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/ui/bom");
+    let imported = kiln::compiler::check_source(
+        "bom.kiln",
+        "\u{feff}import \"common.kiln\"\nmodel fixed = gpt2 { layers = 2 }\n",
+        Some(&dir),
+    );
+    let errors = imported.render_errors();
+    assert!(
+        !errors.contains("K0001") && errors.contains("common.kiln:2:15"),
+        "only the imported file's misspelt model, at its column:\n{errors}"
+    );
+}
+
+/// Without a written seq_len, a sequence fills the learned positions that the virtual tokens
+/// of a prefix or prompt leave (lowering places the real tokens after them).
+#[test]
+fn the_default_sequence_leaves_room_for_virtual_tokens() {
+    let c = check(
+        "import std.models.gpt2\n\
+         experiment e { model = gpt2, adapter = prefix { tokens = 24 } }",
+    );
+    assert_eq!(c.module.experiments[0].value.train.seq_len, 1024 - 24);
+}
+
+/// Every size limit's largest value is accepted; one more is an error at the field.
+#[test]
+fn sizes_are_accepted_up_to_their_limit() {
+    use kiln::compiler::spec::limits::{HIDDEN, LAYERS, VIRTUAL_TOKENS};
+    let at = |layers: u64, hidden: u64, tokens: u64| {
+        kiln::compiler::check_source(
+            "limits.kiln",
+            &format!(
+                "import std.models.llama\n\
+                 experiment e {{ model = llama_7b {{ layers = {layers}, hidden = {hidden}, heads = 1, kv_heads = 1 }}, \
+                 adapter = prompt {{ tokens = {tokens} }}, train {{ seq_len = 16 }} }}"
+            ),
+            None,
+        )
+    };
+    let c = at(LAYERS.max, HIDDEN.max, VIRTUAL_TOKENS.max);
+    assert!(c.is_ok(), "{}", c.render_errors());
+    for (layers, hidden, tokens, field) in [
+        (LAYERS.max + 1, HIDDEN.max, VIRTUAL_TOKENS.max, "layers"),
+        (LAYERS.max, HIDDEN.max + 1, VIRTUAL_TOKENS.max, "hidden"),
+        (LAYERS.max, HIDDEN.max, VIRTUAL_TOKENS.max + 1, "tokens"),
+    ] {
+        let errors = at(layers, hidden, tokens).render_errors();
+        assert!(
+            errors.contains(&format!("{field} = ")) && errors.contains("above Kiln's limit"),
+            "{errors}"
+        );
+    }
+}

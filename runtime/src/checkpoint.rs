@@ -64,12 +64,23 @@ const PEFT_PREFIX: &str = "base_model.model.";
 
 /// Reads every tensor of a safetensors file, converting 16-bit floats to f32.
 pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, HostTensor>, CheckpointError> {
+    let bytes = std::fs::read(path).map_err(|e| CheckpointError {
+        path: path.to_path_buf(),
+        message: format!("cannot read: {e}"),
+    })?;
+    parse_safetensors(&bytes, path)
+}
+
+/// The tensors of safetensors bytes that came from `path` (named in errors).
+pub fn parse_safetensors(
+    bytes: &[u8],
+    path: &Path,
+) -> Result<BTreeMap<String, HostTensor>, CheckpointError> {
     let fail = |message: String| CheckpointError {
         path: path.to_path_buf(),
         message,
     };
-    let bytes = std::fs::read(path).map_err(|e| fail(format!("cannot read: {e}")))?;
-    let file = SafeTensors::deserialize(&bytes)
+    let file = SafeTensors::deserialize(bytes)
         .map_err(|e| fail(format!("not a valid safetensors file: {e}")))?;
     let mut out = BTreeMap::new();
     for (name, view) in file.tensors() {
@@ -108,6 +119,88 @@ pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, HostTensor>, Che
     Ok(out)
 }
 
+/// The weights of a Hugging Face model directory: `model.safetensors`, or the shards that
+/// `model.safetensors.index.json` lists (as `save_pretrained` splits a large model). A bare
+/// model's checkpoint (`GPT2Model`, not `GPT2LMHeadModel`) names its tensors without the
+/// family's `base_prefix`; they get it, as transformers does on loading. Returns the file to
+/// name in errors (the single file or the index) with the tensors.
+pub fn read_hf_weights(
+    dir: &Path,
+    base_prefix: &str,
+) -> Result<(PathBuf, BTreeMap<String, HostTensor>), CheckpointError> {
+    let single = dir.join("model.safetensors");
+    let index = dir.join("model.safetensors.index.json");
+    let (path, tensors) = if single.exists() {
+        let tensors = read_safetensors(&single)?;
+        (single, tensors)
+    } else if index.exists() {
+        let tensors = read_shards(dir, &index)?;
+        (index, tensors)
+    } else {
+        let pickled = ["pytorch_model.bin", "pytorch_model.bin.index.json"]
+            .iter()
+            .any(|f| dir.join(f).exists());
+        let message = if pickled {
+            "has PyTorch pickle weights (pytorch_model.bin) but no model.safetensors; Kiln reads safetensors only (pickles can run code on loading): convert with transformers, `AutoModel.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)`"
+        } else {
+            "has neither model.safetensors nor model.safetensors.index.json"
+        };
+        return Err(CheckpointError {
+            path: dir.to_path_buf(),
+            message: message.into(),
+        });
+    };
+    let prefixed = format!("{base_prefix}.");
+    let bare = !tensors.keys().any(|k| k.starts_with(&prefixed));
+    let tensors = if bare {
+        tensors
+            .into_iter()
+            .map(|(k, v)| (format!("{prefixed}{k}"), v))
+            .collect()
+    } else {
+        tensors
+    };
+    Ok((path, tensors))
+}
+
+/// Every tensor of a sharded checkpoint; each tensor must be in the shard the index names.
+fn read_shards(
+    dir: &Path,
+    index_path: &Path,
+) -> Result<BTreeMap<String, HostTensor>, CheckpointError> {
+    let fail = |message: String| CheckpointError {
+        path: index_path.to_path_buf(),
+        message,
+    };
+    let text = std::fs::read_to_string(index_path).map_err(|e| fail(format!("cannot read: {e}")))?;
+    let index: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| fail(format!("not valid JSON: {e}")))?;
+    let map = index["weight_map"]
+        .as_object()
+        .ok_or_else(|| fail("has no `weight_map` object".into()))?;
+    let mut by_shard: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (tensor, shard) in map {
+        let shard = shard
+            .as_str()
+            .filter(|s| !s.contains('/') && !s.contains('\\') && !s.starts_with('.'))
+            .ok_or_else(|| fail(format!("`{tensor}` maps to {shard}, not a file name beside the index")))?;
+        by_shard.entry(shard).or_default().push(tensor);
+    }
+    let mut out = BTreeMap::new();
+    for (shard, names) in by_shard {
+        let path = dir.join(shard);
+        let mut tensors = read_safetensors(&path)?;
+        for name in names {
+            let tensor = tensors.remove(name).ok_or_else(|| CheckpointError {
+                path: path.clone(),
+                message: format!("has no `{name}`, which the index places there"),
+            })?;
+            out.insert(name.to_string(), tensor);
+        }
+    }
+    Ok(out)
+}
+
 /// Values for the graph's parameters, in parameter order; `None` where no file provided one
 /// (new adapter parameters, fresh heads), for the caller to initialise.
 pub fn bind(
@@ -140,12 +233,37 @@ pub fn bind(
     Ok(out)
 }
 
+/// Checks that a run's saved tensors are all parameters of `graph`, with their shapes (a
+/// checkpoint of another experiment would otherwise be written out as a broken model).
+pub fn check_all_bind(
+    graph: &Graph,
+    path: &Path,
+    tensors: &BTreeMap<String, HostTensor>,
+) -> Result<(), CheckpointError> {
+    if let Some(name) = tensors
+        .keys()
+        .find(|k| !graph.params.iter().any(|p| &p.name == *k))
+    {
+        return Err(CheckpointError {
+            path: path.to_path_buf(),
+            message: format!("holds `{name}`, which is not a parameter of the experiment; was it saved by another experiment?"),
+        });
+    }
+    bind(graph, &[(path.to_path_buf(), tensors.clone())]).map(|_| ())
+}
+
 /// Writes `bytes` to a temporary file beside `path` and renames it over `path`: a reader finds
-/// the old file or the new one, never half of one.
+/// the old file or the new one, never half of one. The temporary file is named by the process,
+/// so that two writers never share it, and removed when the write fails.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).map_err(|e| format!("{}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    let written = std::fs::write(&tmp, bytes)
+        .map_err(|e| format!("{}: {e}", tmp.display()))
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display())));
+    if written.is_err() {
+        std::fs::remove_file(&tmp).ok();
+    }
+    written
 }
 
 /// f32 tensors as a safetensors file, with PyTorch's `format: pt` metadata.

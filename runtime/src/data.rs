@@ -5,7 +5,9 @@
 use kiln_compiler::spec::Objective;
 use serde_json::Value;
 use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use tokenizers::decoders::wordpiece::WordPiece as WordPieceDecoder;
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::models::wordpiece::{WordPiece, WordPieceTrainerBuilder};
@@ -31,7 +33,53 @@ impl std::error::Error for DataError {}
 /// The end-of-text token a trained tokenizer reserves (GPT-2's name for it).
 pub const END_OF_TEXT: &str = "<|endoftext|>";
 
+/// The longest record Kiln reads: one line of a JSONL or text file, 4 MiB. A training sequence
+/// is at most a few thousand tokens (tens of KiB of text), and even a whole book chapter as one
+/// masked-LM document is well under 1 MiB; a longer line is almost always a file that is not
+/// line-delimited (a JSON array on one line, a binary file). Lines are read through a reader
+/// bounded to this size, so such a file costs 4 MiB of memory and an error that names its line,
+/// not gigabytes (parsing and tokenizing a 50 MB line took 8 GB).
+pub const MAX_RECORD_BYTES: usize = 4 << 20;
+
+/// The largest `tokenizer.json` Kiln loads, 256 MiB: the biggest published tokenizers (250k
+/// tokens and their merges) are under 40 MB, and the file is parsed whole.
+pub const MAX_TOKENIZER_BYTES: u64 = 256 << 20;
+
+/// The largest vocabulary `kiln tokenizer train` makes, 2^20 = 1,048,576 tokens: four times the
+/// largest vocabularies in use (Gemma's 262,144), and the trainers reserve memory for every
+/// token up front, so an absurd size (`--vocab 4000000000`) would abort on allocation.
+pub const MAX_VOCAB: usize = 1 << 20;
+
+/// A human size: "4 MiB", "256 MiB", "1536 bytes".
+fn size(bytes: u64) -> String {
+    if bytes >= 1 << 20 && bytes % (1 << 20) == 0 {
+        format!("{} MiB", bytes >> 20)
+    } else {
+        format!("{bytes} bytes")
+    }
+}
+
 pub fn load_tokenizer(path: &Path) -> Result<Tokenizer, DataError> {
+    let meta = std::fs::metadata(path).map_err(|e| {
+        DataError(format!(
+            "{}: cannot read the tokenizer: {e}",
+            path.display()
+        ))
+    })?;
+    if meta.is_dir() {
+        return Err(DataError(format!(
+            "{}: is a directory; data.tokenizer names a tokenizer.json file",
+            path.display()
+        )));
+    }
+    if meta.len() > MAX_TOKENIZER_BYTES {
+        return Err(DataError(format!(
+            "{}: {} bytes is larger than any tokenizer.json ({} at most); is this the right file?",
+            path.display(),
+            meta.len(),
+            size(MAX_TOKENIZER_BYTES)
+        )));
+    }
     Tokenizer::from_file(path).map_err(|e| {
         DataError(format!(
             "{}: not a usable tokenizer.json: {e}",
@@ -53,8 +101,47 @@ pub enum TokenizerKind {
     WordPiece,
 }
 
+/// A scratch directory removed when dropped (on every return path, errors included); unique
+/// per call, so that calls in parallel (tests, threads) never share one.
+struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    fn new(what: &str) -> Result<Self, DataError> {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "kiln-{what}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::remove_dir_all(&dir).ok();
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| DataError(format!("{}: cannot create: {e}", dir.display())))?;
+        Ok(ScratchDir(dir))
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        std::fs::remove_dir_all(&self.0).ok();
+    }
+}
+
+/// The smallest vocabulary a trainer can honour: byte-level BPE starts from its 256 byte
+/// symbols and `<|endoftext|>`; WordPiece from BERT's five special tokens and at least one more.
+fn min_vocab(kind: TokenizerKind) -> usize {
+    match kind {
+        TokenizerKind::Bpe => 257,
+        TokenizerKind::WordPiece => BERT_SPECIAL.len() + 1,
+    }
+}
+
 /// Trains a tokenizer of `vocab` tokens on text or JSONL files, adds `whole_words` as tokens of
-/// their own, and writes it as `tokenizer.json`.
+/// their own, and writes it as `tokenizer.json`. Returns the size of the vocabulary written.
+///
+/// Files are read line by line (a line over [`MAX_RECORD_BYTES`] is an error naming it); a
+/// JSONL file contributes the string values of its records, a text file its lines. A missing,
+/// unreadable or empty file, a vocabulary outside `min..=`[`MAX_VOCAB`] and an empty word are
+/// errors.
 pub fn train_tokenizer(
     files: &[PathBuf],
     vocab: usize,
@@ -62,33 +149,77 @@ pub fn train_tokenizer(
     kind: TokenizerKind,
     whole_words: &[String],
 ) -> Result<usize, DataError> {
+    if files.is_empty() {
+        return Err(DataError(
+            "no files to train the tokenizer on: name text (.txt) or JSONL (.jsonl) files".into(),
+        ));
+    }
+    let least = min_vocab(kind);
+    if vocab < least || vocab > MAX_VOCAB {
+        let name = match kind {
+            TokenizerKind::Bpe => "byte-level BPE (256 byte symbols and <|endoftext|>)",
+            TokenizerKind::WordPiece => "WordPiece (5 special tokens and at least one more)",
+        };
+        return Err(DataError(format!(
+            "--vocab {vocab} is out of range: a {name} vocabulary is {least} to {MAX_VOCAB} tokens (2^20, four times the largest vocabularies in use; the trainer reserves memory for every token)"
+        )));
+    }
+    if let Some(w) = whole_words.iter().find(|w| w.trim().is_empty()) {
+        return Err(DataError(format!(
+            "the word list has an empty word ({w:?}); --words takes words separated by commas"
+        )));
+    }
     let (mut tokenizer, mut trainer) = match kind {
         TokenizerKind::Bpe => bpe_tokenizer(vocab),
         TokenizerKind::WordPiece => wordpiece_tokenizer(vocab),
     };
-    // JSONL inputs are trained on their text, not their JSON syntax.
-    let dir = std::env::temp_dir().join(format!("kiln-tokenizer-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| DataError(format!("{}: {e}", dir.display())))?;
+    // Every input is copied, through the bounded line reader, into a plain text file for the
+    // trainer: JSONL inputs as the text of their records, not their JSON syntax.
+    let scratch = ScratchDir::new("tokenizer")?;
     let mut plain = Vec::new();
     for (i, f) in files.iter().enumerate() {
-        let text = if f.extension().is_some_and(|e| e == "jsonl") {
-            read_jsonl(f)?
-                .into_iter()
-                .flat_map(|(_, r)| string_values(&r))
-                .collect::<Vec<_>>()
-                .join("\n")
+        let p = scratch.0.join(format!("{i}.txt"));
+        let written = |e: std::io::Error| DataError(format!("{}: cannot write: {e}", p.display()));
+        let mut w = std::io::BufWriter::new(std::fs::File::create(&p).map_err(written)?);
+        let mut text_bytes = 0usize;
+        if is_jsonl(f) {
+            for_each_line(f, |line, text| {
+                if text.trim().is_empty() {
+                    return Ok(());
+                }
+                let record = parse_record(f, line, text)?;
+                for s in string_values(&record) {
+                    text_bytes += s.trim().len();
+                    w.write_all(s.as_bytes()).map_err(written)?;
+                    w.write_all(b"\n").map_err(written)?;
+                }
+                Ok(())
+            })?;
         } else {
-            std::fs::read_to_string(f).map_err(|e| DataError(format!("{}: {e}", f.display())))?
-        };
-        let p = dir.join(format!("{i}.txt"));
-        std::fs::write(&p, text).map_err(|e| DataError(format!("{}: {e}", p.display())))?;
+            for_each_line(f, |_, text| {
+                text_bytes += text.trim().len();
+                w.write_all(text.as_bytes()).map_err(written)?;
+                w.write_all(b"\n").map_err(written)
+            })?;
+        }
+        w.flush().map_err(written)?;
+        if text_bytes == 0 {
+            return Err(DataError(format!(
+                "{}: no text to train a tokenizer on ({})",
+                f.display(),
+                if is_jsonl(f) {
+                    "a JSONL file's text is the string values of its records"
+                } else {
+                    "the file is empty"
+                }
+            )));
+        }
         plain.push(p.display().to_string());
     }
     let trained = tokenizer
         .train_from_files(&mut trainer, plain)
-        .map_err(|e| DataError(format!("training the tokenizer failed: {e}")));
-    std::fs::remove_dir_all(&dir).ok();
-    let trained = trained?;
+        .map_err(|e| DataError(format!("training the tokenizer failed: {e}")))?;
+    drop(scratch);
     // Words that must stay one token whatever the corpus says (PET's verbalizer words).
     let words: Vec<AddedToken> = whole_words
         .iter()
@@ -103,11 +234,22 @@ pub fn train_tokenizer(
         trained.with_post_processor(Some(bert));
     }
     let size = trained.get_vocab_size(true);
-    let tmp = out.with_extension("json.tmp");
-    trained
-        .save(&tmp, true)
-        .map_err(|e| DataError(format!("{}: {e}", tmp.display())))?;
-    std::fs::rename(&tmp, out).map_err(|e| DataError(format!("{}: {e}", out.display())))?;
+    let mut tmp = out.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    trained.save(&tmp, true).map_err(|e| {
+        DataError(format!(
+            "{}: cannot write the tokenizer: {e}",
+            out.display()
+        ))
+    })?;
+    std::fs::rename(&tmp, out).map_err(|e| {
+        std::fs::remove_file(&tmp).ok();
+        DataError(format!(
+            "{}: cannot write the tokenizer: {e}",
+            out.display()
+        ))
+    })?;
     Ok(size)
 }
 
@@ -156,26 +298,125 @@ fn string_values(v: &Value) -> Vec<String> {
     }
 }
 
-/// Records of a JSONL file with their line numbers; a malformed line is an error naming it.
-pub fn read_jsonl(path: &Path) -> Result<Vec<(usize, Value)>, DataError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| DataError(format!("{}: cannot read: {e}", path.display())))?;
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
+/// Whether `path` is read as JSONL (by its extension) rather than as plain text lines.
+fn is_jsonl(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e == "jsonl")
+}
+
+/// Reads `path` line by line, calling `each` with the 1-based line number and the line without
+/// its end (`\n` or `\r\n`, and a UTF-8 byte-order mark on the first line). Each line is read
+/// through a reader bounded to [`MAX_RECORD_BYTES`]: a longer line is an error naming it, found
+/// without reading the rest of it; a line that is not UTF-8 is an error naming it too.
+pub(crate) fn for_each_line(
+    path: &Path,
+    mut each: impl FnMut(usize, &str) -> Result<(), DataError>,
+) -> Result<(), DataError> {
+    let file = std::fs::File::open(path)
+        .map_err(|e| DataError(format!("{}: cannot open: {e}", path.display())))?;
+    let mut reader = BufReader::with_capacity(64 << 10, file);
+    let mut buf = Vec::new();
+    let mut line = 0usize;
+    loop {
+        line += 1;
+        buf.clear();
+        let n = (&mut reader)
+            .take(MAX_RECORD_BYTES as u64 + 1)
+            .read_until(b'\n', &mut buf)
+            .map_err(|e| DataError(format!("{}:{line}: cannot read: {e}", path.display())))?;
+        if n == 0 {
+            return Ok(());
         }
-        let record: Value = serde_json::from_str(line).map_err(|e| {
-            DataError(format!(
-                "{}:{}: not a JSON record: {e}",
+        if buf.last() == Some(&b'\n') {
+            buf.pop();
+            if buf.last() == Some(&b'\r') {
+                buf.pop();
+            }
+        } else if buf.len() > MAX_RECORD_BYTES {
+            return Err(DataError(format!(
+                "{}:{line}: the line is longer than {}, the most Kiln reads as one record; data files hold one record per line (JSONL: one JSON object per line), so split it into several records",
                 path.display(),
-                i + 1
+                size(MAX_RECORD_BYTES as u64)
+            )));
+        }
+        let bytes = if line == 1 {
+            buf.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&buf)
+        } else {
+            &buf
+        };
+        let text = std::str::from_utf8(bytes).map_err(|e| {
+            DataError(format!(
+                "{}:{line}: not UTF-8 text (an invalid byte at column {}); data files must be UTF-8",
+                path.display(),
+                e.valid_up_to() + 1
             ))
         })?;
-        out.push((i + 1, record));
+        each(line, text)?;
     }
+}
+
+/// One JSON value from line `line` of `path`.
+fn parse_record(path: &Path, line: usize, text: &str) -> Result<Value, DataError> {
+    serde_json::from_str(text)
+        .map_err(|e| DataError(format!("{}:{line}: not a JSON record: {e}", path.display())))
+}
+
+/// What kind of JSON value `v` is, for messages.
+pub(crate) fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// The string field `key` of a record; a missing field (with the fields the record has) or one
+/// of another type is an error naming the file and line.
+pub(crate) fn text_field<'r>(
+    record: &'r Value,
+    key: &str,
+    path: &Path,
+    line: usize,
+) -> Result<&'r str, DataError> {
+    match record.get(key) {
+        Some(Value::String(s)) => Ok(s),
+        Some(other) => Err(DataError(format!(
+            "{}:{line}: the field `{key}` is {}, not a string",
+            path.display(),
+            json_kind(other)
+        ))),
+        None => {
+            let known: Vec<String> = record
+                .as_object()
+                .map(|m| m.keys().map(|k| format!("`{k}`")).collect())
+                .unwrap_or_default();
+            Err(DataError(format!(
+                "{}:{line}: the record has no text field `{key}` (it has {}); name the field the data uses in `data {{ fields = {{ ... }} }}`",
+                path.display(),
+                if known.is_empty() { "none".to_string() } else { known.join(", ") }
+            )))
+        }
+    }
+}
+
+/// Records of a JSONL file with their line numbers, read line by line (see [`for_each_line`]);
+/// blank lines are skipped. A line that is not JSON, and a file without records, are errors
+/// naming the file (and line).
+pub fn read_jsonl(path: &Path) -> Result<Vec<(usize, Value)>, DataError> {
+    let mut out = Vec::new();
+    for_each_line(path, |line, text| {
+        if !text.trim().is_empty() {
+            out.push((line, parse_record(path, line, text)?));
+        }
+        Ok(())
+    })?;
     if out.is_empty() {
-        return Err(DataError(format!("{}: no records", path.display())));
+        return Err(DataError(format!(
+            "{}: no records (the file is empty or has only blank lines)",
+            path.display()
+        )));
     }
     Ok(out)
 }
@@ -231,20 +472,50 @@ pub struct Example {
     pub mask_position: Option<usize>,
 }
 
-/// The texts of a file: JSONL records (with their line numbers), or a `.txt` file's non-empty
-/// lines as records with a `text` field.
+/// The texts of a file: JSONL records (with their line numbers), each a JSON object, or a text
+/// file's non-empty lines as records with a `text` field. A file without records is an error.
 pub(crate) fn records(path: &Path) -> Result<Vec<(usize, Value)>, DataError> {
-    if path.extension().is_some_and(|e| e == "jsonl") {
-        return read_jsonl(path);
+    let mut out = Vec::new();
+    for_each_record(path, |line, record| {
+        out.push((line, record));
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// Calls `each` with every record of a file (see [`records`]) as it is read, so that a caller
+/// that needs one record at a time never holds the file.
+pub(crate) fn for_each_record(
+    path: &Path,
+    mut each: impl FnMut(usize, Value) -> Result<(), DataError>,
+) -> Result<(), DataError> {
+    let jsonl = is_jsonl(path);
+    let mut any = false;
+    for_each_line(path, |line, text| {
+        if text.trim().is_empty() {
+            return Ok(());
+        }
+        any = true;
+        if !jsonl {
+            return each(line, serde_json::json!({ "text": text }));
+        }
+        let record = parse_record(path, line, text)?;
+        if !record.is_object() {
+            return Err(DataError(format!(
+                "{}:{line}: the record is {}; each line must be a JSON object such as {{\"text\": \"...\"}}",
+                path.display(),
+                json_kind(&record)
+            )));
+        }
+        each(line, record)
+    })?;
+    if !any {
+        return Err(DataError(format!(
+            "{}: no records (the file is empty or has only blank lines)",
+            path.display()
+        )));
     }
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| DataError(format!("{}: cannot read: {e}", path.display())))?;
-    Ok(text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| (i + 1, serde_json::json!({ "text": l })))
-        .collect())
+    Ok(())
 }
 
 /// What each record becomes for the objective: one example (causal LM, SFT, a PPO prompt) or a
@@ -277,16 +548,10 @@ pub fn load_examples(
     let eot = tokenizer.token_to_id(END_OF_TEXT).map(i64::from);
     let encode = |text: &str, line: usize| token_ids(tokenizer, text, path, line);
     let mut out = Vec::new();
-    for (line, record) in records(path)? {
-        let field = |logical: &str| -> Result<String, DataError> {
+    for_each_record(path, |line, record| {
+        let field = |logical: &str| -> Result<&str, DataError> {
             let key = fields.get(logical).map_or(logical, String::as_str);
-            match record.get(key) {
-                Some(Value::String(s)) => Ok(s.clone()),
-                _ => Err(DataError(format!(
-                    "{}:{line}: the record has no text field `{key}`",
-                    path.display()
-                ))),
-            }
+            text_field(&record, key, path, line)
         };
         let with_end = |mut ids: Vec<i64>| {
             ids.extend(eot);
@@ -294,7 +559,7 @@ pub fn load_examples(
         };
         let examples = match objective {
             Objective::CausalLm => {
-                let ids = with_end(encode(&field("text")?, line)?);
+                let ids = with_end(encode(field("text")?, line)?);
                 vec![Example {
                     labels: ids.clone(),
                     ids,
@@ -303,8 +568,23 @@ pub fn load_examples(
             }
             Objective::Sft { prompt, response } => {
                 // The loss is on the response only.
-                let p = encode(&field(prompt)?, line)?;
-                let r = with_end(encode(&field(response)?, line)?);
+                let p = encode(field(prompt)?, line)?;
+                let r = with_end(encode(field(response)?, line)?);
+                if p.len() >= seq_len {
+                    return Err(DataError(format!(
+                        "{}:{line}: the prompt is {} tokens and seq_len is {seq_len}, so no token of the response fits in the sequence and the record has nothing to learn; raise train.seq_len above {} or shorten the prompt",
+                        path.display(),
+                        p.len(),
+                        p.len()
+                    )));
+                }
+                if p.is_empty() && r.len() < 2 {
+                    // The first token is never predicted (nothing comes before it).
+                    return Err(DataError(format!(
+                        "{}:{line}: the prompt and the response are both empty; the record has nothing to learn",
+                        path.display()
+                    )));
+                }
                 let labels = std::iter::repeat_n(-100, p.len())
                     .chain(r.iter().copied())
                     .collect();
@@ -315,21 +595,27 @@ pub fn load_examples(
                 }]
             }
             Objective::Reward { chosen, rejected } => {
-                let p = if record
-                    .get(fields.get("prompt").map_or("prompt", String::as_str))
-                    .is_some()
-                {
-                    encode(&field("prompt")?, line)?
+                let prompt_key = fields.get("prompt").map_or("prompt", String::as_str);
+                let p = if record.get(prompt_key).is_some() {
+                    encode(field("prompt")?, line)?
                 } else {
                     Vec::new()
                 };
+                if p.len() >= seq_len {
+                    return Err(DataError(format!(
+                        "{}:{line}: the prompt is {} tokens and seq_len is {seq_len}, so the chosen and rejected responses are cut off and the model cannot tell them apart; raise train.seq_len above {} or shorten the prompt",
+                        path.display(),
+                        p.len(),
+                        p.len()
+                    )));
+                }
                 [chosen, rejected]
                     .into_iter()
                     .map(|f| {
                         let ids: Vec<i64> = p
                             .iter()
                             .copied()
-                            .chain(with_end(encode(&field(f)?, line)?))
+                            .chain(with_end(encode(field(f)?, line)?))
                             .collect();
                         Ok(Example {
                             labels: vec![-100; ids.len()],
@@ -341,7 +627,7 @@ pub fn load_examples(
             }
             Objective::Ppo(_) => {
                 // A prompt: the rollouts sample its responses.
-                let ids = encode(&field("prompt")?, line)?;
+                let ids = encode(field("prompt")?, line)?;
                 if ids.is_empty() {
                     return Err(DataError(format!(
                         "{}:{line}: the prompt is empty; PPO samples a response after at least one token",
@@ -362,7 +648,8 @@ pub fn load_examples(
             }
         };
         out.push(examples);
-    }
+        Ok(())
+    })?;
     Ok(out)
 }
 
@@ -386,7 +673,7 @@ pub fn pad_batch(examples: &[&Example], seq_len: usize, pad: i64) -> PaddedBatch
     for ex in examples {
         let real = ex.ids.len().min(seq_len);
         let mut ids = ex.ids[..real].to_vec();
-        let mut labels = ex.labels[..real].to_vec();
+        let mut labels: Vec<i64> = ex.labels.iter().take(real).copied().collect();
         let mut mask = vec![1; real];
         ids.resize(seq_len, pad);
         labels.resize(seq_len, -100);
@@ -456,5 +743,233 @@ mod tests {
         let e = read_jsonl(&f).unwrap_err().to_string();
         std::fs::remove_dir_all(&dir).ok();
         assert!(e.contains("bad.jsonl:3: not a JSON record"), "{e}");
+    }
+
+    /// A scratch directory of its own for each test (tests run in parallel).
+    fn scratch(name: &str) -> ScratchDir {
+        ScratchDir::new(&format!("data-test-{name}")).unwrap()
+    }
+
+    fn bpe() -> Tokenizer {
+        load_tokenizer(Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../examples/data/tokenizer.json"
+        )))
+        .unwrap()
+    }
+
+    /// The error `load_examples` gives for a file of `contents` (named `name`).
+    fn load_error(name: &str, contents: &[u8], objective: &Objective, seq_len: usize) -> String {
+        let dir = scratch(name);
+        let f = dir.0.join(name);
+        std::fs::write(&f, contents).unwrap();
+        load_examples(&f, objective, &BTreeMap::new(), &bpe(), seq_len, 0)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn a_line_over_the_limit_is_an_error_naming_it_without_reading_it_whole() {
+        let dir = scratch("long");
+        let f = dir.0.join("long.jsonl");
+        let mut text = String::from("{\"text\": \"fine\"}\n");
+        text.push_str(&format!(
+            "{{\"text\": \"{}\"}}\n",
+            "a".repeat(MAX_RECORD_BYTES)
+        ));
+        text.push_str("{\"text\": \"after\"}\n");
+        std::fs::write(&f, text).unwrap();
+        let e = read_jsonl(&f).unwrap_err().to_string();
+        assert!(
+            e.contains("long.jsonl:2: the line is longer than 4 MiB"),
+            "{e}"
+        );
+        // A line of exactly the limit (its newline not counted) is read.
+        std::fs::write(&f, format!("{}\n", " ".repeat(MAX_RECORD_BYTES - 2) + "{}")).unwrap();
+        assert_eq!(read_jsonl(&f).unwrap().len(), 1);
+        // Text files are read the same way.
+        let t = dir.0.join("long.txt");
+        std::fs::write(&t, "x".repeat(MAX_RECORD_BYTES + 1)).unwrap();
+        let e = records(&t).unwrap_err().to_string();
+        assert!(
+            e.contains("long.txt:1: the line is longer than 4 MiB"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn encodings_and_line_ends_are_checked() {
+        let dir = scratch("utf8");
+        let f = dir.0.join("bad.txt");
+        std::fs::write(&f, b"good line\nbad \xff byte\n").unwrap();
+        let e = records(&f).unwrap_err().to_string();
+        assert!(
+            e.contains("bad.txt:2: not UTF-8 text (an invalid byte at column 5)"),
+            "{e}"
+        );
+        // A byte-order mark and Windows line ends are not part of the records.
+        let f = dir.0.join("crlf.jsonl");
+        std::fs::write(
+            &f,
+            b"\xEF\xBB\xBF{\"text\": \"a\"}\r\n\r\n{\"text\": \"b\"}\r\n",
+        )
+        .unwrap();
+        let r = read_jsonl(&f).unwrap();
+        assert_eq!(r.len(), 2);
+        assert_eq!((r[0].0, r[1].0), (1, 3), "line numbers count blank lines");
+    }
+
+    #[test]
+    fn malformed_records_are_errors_naming_file_and_line() {
+        let causal = Objective::CausalLm;
+        let e = load_error(
+            "missing.jsonl",
+            b"{\"text\": \"a\"}\n{\"body\": \"b\"}\n",
+            &causal,
+            64,
+        );
+        assert!(
+            e.contains("missing.jsonl:2: the record has no text field `text` (it has `body`)"),
+            "{e}"
+        );
+        let e = load_error("type.jsonl", b"{\"text\": [\"a\"]}\n", &causal, 64);
+        assert!(
+            e.contains("type.jsonl:1: the field `text` is a list, not a string"),
+            "{e}"
+        );
+        let e = load_error("array.jsonl", b"\n[1, 2]\n", &causal, 64);
+        assert!(e.contains("array.jsonl:2: the record is a list"), "{e}");
+        let e = load_error("empty.jsonl", b"", &causal, 64);
+        assert!(e.contains("empty.jsonl: no records"), "{e}");
+        let e = load_error("blank.txt", b"\n  \n", &causal, 64);
+        assert!(e.contains("blank.txt: no records"), "{e}");
+        let dir = scratch("absent");
+        let e = load_examples(
+            &dir.0.join("absent.jsonl"),
+            &causal,
+            &BTreeMap::new(),
+            &bpe(),
+            64,
+            0,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("absent.jsonl: cannot open"), "{e}");
+    }
+
+    #[test]
+    fn an_sft_prompt_longer_than_the_sequence_is_an_error_with_the_fix() {
+        let sft = Objective::Sft {
+            prompt: "prompt".into(),
+            response: "response".into(),
+        };
+        let long = serde_json::json!({ "prompt": "word ".repeat(50), "response": "ok" });
+        let text = format!("{{\"prompt\": \"hi\", \"response\": \"ok\"}}\n{long}\n");
+        let e = load_error("sft.jsonl", text.as_bytes(), &sft, 16);
+        let n = bpe()
+            .encode("word ".repeat(50), false)
+            .unwrap()
+            .get_ids()
+            .len();
+        assert!(
+            e.contains(&format!(
+                "sft.jsonl:2: the prompt is {n} tokens and seq_len is 16"
+            )),
+            "{e}"
+        );
+        assert!(
+            e.contains(&format!(
+                "raise train.seq_len above {n} or shorten the prompt"
+            )),
+            "{e}"
+        );
+        // The same record fits a longer sequence.
+        let dir = scratch("sft-fits");
+        let f = dir.0.join("sft.jsonl");
+        std::fs::write(&f, text).unwrap();
+        assert!(load_examples(&f, &sft, &BTreeMap::new(), &bpe(), n + 1, 0).is_ok());
+        let reward = Objective::Reward {
+            chosen: "chosen".into(),
+            rejected: "rejected".into(),
+        };
+        let pair =
+            serde_json::json!({ "prompt": "word ".repeat(50), "chosen": "a", "rejected": "b" });
+        let e = load_error("pairs.jsonl", format!("{pair}\n").as_bytes(), &reward, 16);
+        assert!(e.contains("pairs.jsonl:1: the prompt is"), "{e}");
+    }
+
+    #[test]
+    fn tokenizer_training_refuses_unusable_inputs() {
+        let dir = scratch("tok");
+        let out = dir.0.join("tokenizer.json");
+        let text = dir.0.join("a.txt");
+        std::fs::write(&text, "the river flows north\nthe basin is large\n").unwrap();
+        let train = |files: &[PathBuf], vocab: usize, kind: TokenizerKind| {
+            train_tokenizer(files, vocab, &out, kind, &[]).map_err(|e| e.0)
+        };
+        let e = train(&[text.clone()], 4_000_000_000, TokenizerKind::Bpe).unwrap_err();
+        assert!(
+            e.contains("--vocab 4000000000 is out of range") && e.contains("1048576"),
+            "{e}"
+        );
+        let e = train(&[text.clone()], 100, TokenizerKind::Bpe).unwrap_err();
+        assert!(e.contains("is 257 to 1048576 tokens"), "{e}");
+        let e = train(&[text.clone()], 3, TokenizerKind::WordPiece).unwrap_err();
+        assert!(e.contains("is 6 to 1048576 tokens"), "{e}");
+        let e = train(&[], 300, TokenizerKind::Bpe).unwrap_err();
+        assert!(e.contains("no files"), "{e}");
+        let e = train(&[dir.0.join("absent.txt")], 300, TokenizerKind::Bpe).unwrap_err();
+        assert!(e.contains("absent.txt: cannot open"), "{e}");
+        let empty = dir.0.join("empty.txt");
+        std::fs::write(&empty, "").unwrap();
+        let e = train(&[text.clone(), empty], 300, TokenizerKind::Bpe).unwrap_err();
+        assert!(
+            e.contains("empty.txt: no text to train a tokenizer on"),
+            "{e}"
+        );
+        let numbers = dir.0.join("numbers.jsonl");
+        std::fs::write(&numbers, "{\"n\": 1}\n").unwrap();
+        let e = train(&[numbers], 300, TokenizerKind::Bpe).unwrap_err();
+        assert!(e.contains("numbers.jsonl: no text"), "{e}");
+        let bad = dir.0.join("bad.jsonl");
+        std::fs::write(&bad, "{\"text\": \"a\"}\n{oops\n").unwrap();
+        let e = train(&[bad], 300, TokenizerKind::Bpe).unwrap_err();
+        assert!(e.contains("bad.jsonl:2: not a JSON record"), "{e}");
+        let e = train_tokenizer(
+            &[text.clone()],
+            300,
+            &out,
+            TokenizerKind::WordPiece,
+            &["".into()],
+        )
+        .unwrap_err();
+        assert!(e.0.contains("empty word"), "{e}");
+        assert!(!out.exists(), "nothing is written on an error");
+        // The smallest and a large vocabulary both train.
+        assert!(train(&[text.clone()], 257, TokenizerKind::Bpe).unwrap() >= 257);
+        assert!(train(&[text], MAX_VOCAB, TokenizerKind::WordPiece).is_ok());
+        assert!(load_tokenizer(&out).is_ok());
+        let e = load_tokenizer(&dir.0).unwrap_err().0;
+        assert!(e.contains("is a directory"), "{e}");
+    }
+
+    #[test]
+    fn tokenizers_trained_at_the_same_time_do_not_share_scratch_files() {
+        let dir = scratch("parallel");
+        let handles: Vec<_> = (0..4)
+            .map(|i| {
+                let text = dir.0.join(format!("{i}.txt"));
+                std::fs::write(&text, format!("text number {i} of four\n").repeat(20)).unwrap();
+                let out = dir.0.join(format!("{i}.json"));
+                std::thread::spawn(move || {
+                    train_tokenizer(&[text], 300, &out, TokenizerKind::Bpe, &[]).map(|_| out)
+                })
+            })
+            .collect();
+        for h in handles {
+            let out = h.join().unwrap().unwrap();
+            assert!(load_tokenizer(&out).is_ok());
+        }
     }
 }

@@ -9,6 +9,7 @@ pub mod collective;
 pub mod data;
 pub mod exec;
 pub mod export;
+mod host;
 #[cfg(not(feature = "cuda"))]
 mod kernels;
 pub mod memory;
@@ -21,5 +22,6 @@ pub mod plot;
 pub mod ppo;
 pub mod prompt;
 mod rng;
+pub mod run_dir;
 pub mod tensor_parallel;
 pub mod train;

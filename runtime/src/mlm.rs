@@ -6,7 +6,7 @@
 //! Masks are drawn once, when the data is loaded, from the experiment's seed (BERT's static
 //! masking): the same seed gives the same examples, which is what makes `--resume` exact.
 
-use crate::data::{encoding, special_id, DataError, Example};
+use crate::data::{encoding, special_id, text_field, DataError, Example};
 use crate::rng::Rng;
 use kiln_compiler::spec::{MaskStrategy, Mlm, Objective};
 use serde_json::Value;
@@ -44,18 +44,19 @@ pub fn examples(
         Objective::MlmNsp { mlm, random_next } => (Some(mlm), Some(*random_next)),
         _ => unreachable!("only called for MLM and NSP objectives"),
     };
+    if seq_len < 4 {
+        return Err(DataError(format!(
+            "{}: seq_len {seq_len} leaves no room for text between [CLS] and [SEP] (masked-LM sequences need at least 4 positions)",
+            path.display()
+        )));
+    }
     let specials = specials(tokenizer, path, mlm.is_some())?;
     let key = fields.get("text").map_or("text", String::as_str);
     let entity_masking = mlm.is_some_and(|m| m.strategy == MaskStrategy::Entity);
     let docs = records
         .iter()
         .map(|(line, record)| {
-            let text = record.get(key).and_then(Value::as_str).ok_or_else(|| {
-                DataError(format!(
-                    "{}:{line}: the record has no string field `{key}`",
-                    path.display()
-                ))
-            })?;
+            let text = text_field(record, key, path, *line)?;
             let entities = if entity_masking {
                 entity_spans(record, text, fields, path, *line)?
             } else {
@@ -71,11 +72,6 @@ pub fn examples(
                 .collect::<Result<Vec<_>, _>>()
         })
         .collect::<Result<Vec<_>, _>>()?;
-    if seq_len < 4 {
-        return Err(DataError(format!(
-            "seq_len {seq_len} leaves no room for text between [CLS] and [SEP]"
-        )));
-    }
     if random_next.is_some() && docs.iter().filter(|d| !d.is_empty()).count() < 2 {
         return Err(DataError(format!(
             "{}: next-sentence prediction needs at least two documents with text (random next segments come from another document)",

@@ -8,7 +8,7 @@
 //! own words) and no class, so that one batch carries both losses and the classification always
 //! reads unmasked text.
 
-use crate::data::{special_id, token_ids, DataError, Example};
+use crate::data::{json_kind, special_id, text_field, token_ids, DataError, Example};
 use crate::mlm::{mask, Unmasked};
 use crate::rng::Rng;
 use kiln_compiler::spec::{MaskStrategy, Mlm, Pvp};
@@ -102,6 +102,12 @@ pub fn examples(
             segments.len()
         )));
     }
+    if !segments.iter().flatten().any(|p| *p == Part::Mask) {
+        return Err(DataError(format!(
+            "the PET pattern {:?} has no [MASK] outside its {{fields}}; the class is read at the [MASK]",
+            pvp.pattern
+        )));
+    }
     let label_key = fields.get("label").map_or("label", String::as_str);
     let encode = |text: &str, line: usize| token_ids(tokenizer, text, path, line);
     // The auxiliary MLM loss masks text tokens, BERT-style.
@@ -119,7 +125,14 @@ pub fn examples(
         let label = match record.get(label_key) {
             Some(Value::String(s)) => s.clone(),
             Some(v @ (Value::Number(_) | Value::Bool(_))) => v.to_string(),
-            _ => {
+            Some(other) => {
+                return Err(DataError(format!(
+                    "{}:{line}: the label `{label_key}` is {}; a label is a string, number or boolean naming a class of the verbalizer",
+                    path.display(),
+                    json_kind(other)
+                )))
+            }
+            None => {
                 return Err(DataError(format!(
                     "{}:{line}: the record has no `{label_key}` field",
                     path.display()
@@ -148,11 +161,8 @@ pub fn examples(
                     Part::Mask => (vec![mask_id], part),
                     Part::Field(name) => {
                         let key = fields.get(*name).map_or(*name, String::as_str);
-                        let text = record.get(key).and_then(Value::as_str).ok_or_else(|| {
-                            DataError(format!(
-                                "{}:{line}: the record has no string field `{key}` (the pattern's {{{name}}})",
-                                path.display()
-                            ))
+                        let text = text_field(record, key, path, line).map_err(|e| {
+                            DataError(format!("{} (the pattern's {{{name}}})", e.0))
                         })?;
                         (encode(text, line)?, part)
                     }
@@ -395,7 +405,33 @@ mod tests {
         );
         let e = build(&pvp("{text} || a || [MASK]", 0.0), "x", "positive", 16).unwrap_err();
         assert!(e.0.contains("3 segments"), "{}", e.0);
+        let e = build(&pvp("{text [MASK]", 0.0), "x", "positive", 16).unwrap_err();
+        assert!(
+            e.0.contains("has no [MASK] outside its {fields}"),
+            "{}",
+            e.0
+        );
+        let records = [(4, serde_json::json!({ "text": "x", "label": ["positive"] }))];
+        let e = examples(
+            &records,
+            Path::new("r.jsonl"),
+            &pvp("{text} [MASK]", 0.0),
+            &BTreeMap::new(),
+            &tokenizer(),
+            16,
+            0,
+        )
+        .unwrap_err();
+        assert!(
+            e.0.contains("r.jsonl:4: the label `label` is a list"),
+            "{}",
+            e.0
+        );
         let e = build(&pvp("{review} [MASK]", 0.0), "x", "positive", 16).unwrap_err();
-        assert!(e.0.contains("no string field `review`"), "{}", e.0);
+        assert!(
+            e.0.contains("r.jsonl:1: the record has no text field `review`"),
+            "{}",
+            e.0
+        );
     }
 }

@@ -1,10 +1,11 @@
 //! The training loop: parameter initialisation (or a Hugging Face checkpoint, or the run of the
 //! pipeline stage it starts from), batches from the experiment's data (for PPO, rollouts:
 //! `ppo`), steps on the mesh the plan lays out (`mesh`), the learning-rate schedule, metrics,
-//! evaluation, and checkpoints written atomically.
+//! evaluation, and checkpoints (`run_dir`: complete or absent, verified on resume).
 
 use crate::checkpoint::{
-    bind, param_shape, read_safetensors, safetensors_bytes, write_atomic, HostTensor,
+    bind, param_shape, parse_safetensors, read_hf_weights, read_safetensors, safetensors_bytes,
+    write_atomic, HostTensor,
 };
 use crate::data::{load_examples, load_tokenizer, pad_batch, DataError, Example, PaddedBatch};
 use crate::exec::{forward_backward, Batch, Stats};
@@ -15,11 +16,12 @@ use crate::placement::Placement;
 use crate::plot::{read_losses, write_loss_curve};
 use crate::ppo::{adapt_kl_coef, reference_weights, Rollouts, Source};
 use crate::rng::Rng;
-use kiln_compiler::graph::{compile_graph, Graph, ParamRole};
+use crate::run_dir::{latest_checkpoint, Checkpoint, MetricsLog, RunDir, StoreError};
+use kiln_compiler::graph::names::Names;
+use kiln_compiler::graph::{compile_graph, Graph, Param, ParamRole};
 use kiln_compiler::plan::compile_plan;
 use kiln_compiler::spec::{Experiment, Length, Objective, Optimizer, Ppo};
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -40,6 +42,43 @@ impl From<DataError> for RunError {
     }
 }
 
+impl From<StoreError> for RunError {
+    fn from(e: StoreError) -> Self {
+        RunError(e.0)
+    }
+}
+
+/// How a run begins when its directory may already hold a run of the experiment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// A new run; refused when the directory holds a checkpoint (nothing is overwritten).
+    Fresh,
+    /// Continue from the newest checkpoint, bit-exactly; from the beginning when there is none.
+    Resume,
+    /// Discard the directory's run (checkpoints and metrics) and start over.
+    Restart,
+}
+
+/// What the loop tells its caller, which answers whether to go on.
+pub enum Event<'a> {
+    /// Training is about to begin: at `resumed_from` (a checkpoint's step), with the
+    /// parameters `init_missing` started from fresh values though a checkpoint was named.
+    Started {
+        resumed_from: Option<u64>,
+        total: u64,
+        initialised: &'a [String],
+    },
+    Step(&'a StepReport),
+    Evaluated {
+        step: u64,
+        loss: f32,
+    },
+    Saved {
+        step: u64,
+        dir: &'a Path,
+    },
+}
+
 /// What a caller sees of each step (for a progress bar).
 pub struct StepReport {
     pub step: u64,
@@ -54,7 +93,9 @@ pub struct StepReport {
 pub struct RunSummary {
     /// Whether the loss is a per-token cross-entropy (so that perplexity means something).
     pub token_loss: bool,
+    /// Steps done, of `total` (fewer when the run was stopped).
     pub steps: u64,
+    pub total: u64,
     pub first_loss: f32,
     pub last_loss: f32,
     pub eval_loss: Option<f32>,
@@ -75,13 +116,24 @@ fn plot_run(name: &str, run_dir: &Path) -> Result<(), RunError> {
     if steps.is_empty() {
         return Ok(());
     }
-    write_loss_curve(name, &steps, eval, &run_dir.join("loss.svg"))
+    write_loss_curve(name, &steps, &eval, &run_dir.join("loss.svg"))
         .map_err(|err| RunError(format!("loss curve: {err}")))
 }
 
 /// How `kiln run` spreads a step: as the plan places it (one device running every microbatch
-/// in turn, on `cpu(1)`).
+/// in turn, on `cpu(1)`). Refused before anything is allocated when the plan is for other
+/// hardware or does not fit this machine's memory.
 fn placement(e: &Experiment, g: &Graph) -> Result<Placement, RunError> {
+    let device = &e.parallel.mesh.node.device.name;
+    // The executor runs on this machine's CPU threads: a mesh of other devices is a plan to
+    // study with `kiln plan`, not one to run here.
+    if device != "cpu" {
+        return Err(RunError(format!(
+            "`{}` is planned for {} {device} devices; `kiln run` trains on this machine's CPU (`parallel {{ mesh = cpu(N) }}`): use `kiln plan` for this experiment, or give it a CPU mesh",
+            e.name,
+            e.parallel.mesh.devices()
+        )));
+    }
     let batch = e.train.batch as usize;
     let plan = compile_plan(e).map_err(|d| {
         let problems: Vec<String> = d
@@ -101,6 +153,7 @@ fn placement(e: &Experiment, g: &Graph) -> Result<Placement, RunError> {
     })?;
     let placement =
         Placement::from_plan(g, &plan).map_err(|err| RunError(format!("the plan: {}", err.0)))?;
+    check_host_memory(&placement)?;
     let (micro, per_step) = (
         placement.micro_batch,
         placement.microbatches * placement.data,
@@ -112,6 +165,31 @@ fn placement(e: &Experiment, g: &Graph) -> Result<Placement, RunError> {
         )));
     }
     Ok(placement)
+}
+
+/// The plan's memory over all of its devices (they share this machine's memory) against what
+/// the machine has available, so that a run too large fails with numbers instead of an abort
+/// in the allocator.
+fn check_host_memory(placement: &Placement) -> Result<(), RunError> {
+    let devices_per_stage = placement.data * placement.tensor.size;
+    let needed: f64 = placement
+        .memory
+        .iter()
+        .map(|m| m.total * devices_per_stage as f64)
+        .sum();
+    let Some(available) = crate::host::available_memory() else {
+        return Ok(());
+    };
+    if needed > available as f64 {
+        const GIB: f64 = (1u64 << 30) as f64;
+        return Err(RunError(format!(
+            "the plan needs {:.1} GiB over its {} devices and this machine has {:.1} GiB available; `kiln plan` shows where the memory goes (shrink the model, batch, micro_batch or seq_len, or add recompute)",
+            needed / GIB,
+            devices_per_stage * placement.memory.len(),
+            available as f64 / GIB
+        )));
+    }
+    Ok(())
 }
 
 /// Loss and accuracy over an evaluation set.
@@ -289,17 +367,20 @@ fn fingerprint(e: &Experiment) -> String {
     format!("{h:016x}")
 }
 
-/// Trainable weights, optimizer moments and progress, each file replaced atomically (the
-/// state file last, so a complete state always describes complete weights).
+const TRAINABLE_FILE: &str = "trainable.safetensors";
+const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+const STATE_FILE: &str = "state.json";
+
+/// Saves trainable weights, optimizer moments and progress as one checkpoint of the run.
 fn save_checkpoint(
     g: &Graph,
     mesh: &Mesh,
     progress: &Progress,
-    dir: &Path,
-) -> Result<(), RunError> {
+    dir: &RunDir,
+    keep: u64,
+) -> Result<PathBuf, RunError> {
     let values = mesh.values(g);
     let states = mesh.states(g);
-    std::fs::create_dir_all(dir).map_err(|e| RunError(format!("{}: {e}", dir.display())))?;
     let trainable: Vec<usize> = (0..g.params.len())
         .filter(|&i| g.params[i].trainable)
         .collect();
@@ -313,11 +394,7 @@ fn save_checkpoint(
             )
         })
         .collect();
-    write_atomic(
-        &dir.join("trainable.safetensors"),
-        &safetensors_bytes(weights).map_err(RunError)?,
-    )
-    .map_err(RunError)?;
+    let weights = safetensors_bytes(weights).map_err(RunError)?;
     let mut moments = Vec::new();
     for &i in &trainable {
         if let Some(st) = &states[i] {
@@ -333,80 +410,141 @@ fn save_checkpoint(
             ));
         }
     }
-    write_atomic(
-        &dir.join("optimizer.safetensors"),
-        &safetensors_bytes(moments).map_err(RunError)?,
-    )
-    .map_err(RunError)?;
-    let state = serde_json::to_string_pretty(progress)
+    let moments = safetensors_bytes(moments).map_err(RunError)?;
+    let state = serde_json::to_vec_pretty(progress)
         .map_err(|e| RunError(format!("cannot write the state: {e}")))?;
-    write_atomic(&dir.join("state.json"), state.as_bytes()).map_err(RunError)
+    let files = [
+        (TRAINABLE_FILE, weights.as_slice()),
+        (OPTIMIZER_FILE, moments.as_slice()),
+        (STATE_FILE, state.as_slice()),
+    ];
+    Ok(dir.save(progress.step, &files, keep as usize)?)
 }
 
-/// Restores weights, moments and progress from a checkpoint directory.
+/// Restores weights, moments and progress from a verified checkpoint, refusing one that does
+/// not belong to this experiment and data: every trainable tensor with its shape, moments of
+/// the same shapes, and a data position inside the training set.
 fn load_checkpoint(
     g: &Graph,
     values: &mut [HostTensor],
     states: &mut [Option<State>],
-    dir: &Path,
+    checkpoint: &Checkpoint,
     e: &Experiment,
+    train_records: usize,
 ) -> Result<Progress, RunError> {
-    let state_path = dir.join("state.json");
-    let text = std::fs::read_to_string(&state_path)
-        .map_err(|err| RunError(format!("cannot resume: {}: {err}", state_path.display())))?;
-    let progress: Progress = serde_json::from_str(&text).map_err(|err| {
-        RunError(format!(
-            "cannot resume: {} is damaged: {err}",
-            state_path.display()
-        ))
-    })?;
+    let dir = &checkpoint.dir;
+    let refuse = |what: String| {
+        RunError(format!("cannot resume from {}: {what}", dir.display()))
+    };
+    let progress: Progress = serde_json::from_slice(checkpoint.file(STATE_FILE)?)
+        .map_err(|err| refuse(format!("{STATE_FILE} is damaged: {err}")))?;
     if progress.fingerprint != fingerprint(e) {
-        return Err(RunError(format!(
-            "cannot resume from {}: the experiment changed since that checkpoint (model, adapters, objective, data, optimizer, schedule, batch, sequence length or seed); start a new run, or restore the experiment",
-            dir.display()
+        return Err(refuse(
+            "the experiment changed since that checkpoint (model, adapters, objective, data, optimizer, schedule, batch, sequence length or seed); start a new run (--restart), or restore the experiment".into(),
+        ));
+    }
+    if progress.step != checkpoint.step {
+        return Err(refuse(format!(
+            "its state is of step {}, its manifest of step {}",
+            progress.step, checkpoint.step
         )));
     }
-    let weights = read_safetensors(&dir.join("trainable.safetensors"))
-        .map_err(|err| RunError(err.to_string()))?;
-    let moments = read_safetensors(&dir.join("optimizer.safetensors"))
-        .map_err(|err| RunError(err.to_string()))?;
+    check_data_position(&progress, train_records).map_err(refuse)?;
+    let file = |name: &str| {
+        parse_safetensors(checkpoint.file(name)?, &dir.join(name))
+            .map_err(|err| RunError(format!("cannot resume: {err}")))
+    };
+    let weights = file(TRAINABLE_FILE)?;
+    let moments = file(OPTIMIZER_FILE)?;
     for (i, p) in g.params.iter().enumerate().filter(|(_, p)| p.trainable) {
-        let w = weights.get(&p.name).ok_or_else(|| {
-            RunError(format!("cannot resume: the checkpoint has no `{}`", p.name))
-        })?;
-        values[i] = w.clone();
-        if let (Some(m), Some(v)) = (
-            moments.get(&format!("{}.exp_avg", p.name)),
-            moments.get(&format!("{}.exp_avg_sq", p.name)),
-        ) {
-            states[i] = Some(State {
+        values[i] = shaped(&weights, &p.name, TRAINABLE_FILE, p)
+            .map_err(refuse)?
+            .ok_or_else(|| refuse(format!("{TRAINABLE_FILE} has no `{}`", p.name)))?
+            .clone();
+        let m = shaped(&moments, &format!("{}.exp_avg", p.name), OPTIMIZER_FILE, p);
+        let v = shaped(&moments, &format!("{}.exp_avg_sq", p.name), OPTIMIZER_FILE, p);
+        let (m, v) = (m.map_err(refuse)?, v.map_err(refuse)?);
+        states[i] = match (m, v) {
+            (Some(m), Some(v)) => Some(State {
                 m: m.data.clone(),
                 v: v.data.clone(),
-            });
-        }
+            }),
+            // No step has updated it yet (moments appear with the first update).
+            (None, None) => None,
+            _ => {
+                return Err(refuse(format!(
+                    "{OPTIMIZER_FILE} has one of `{0}`'s two moments (exp_avg, exp_avg_sq)",
+                    p.name
+                )))
+            }
+        };
     }
     Ok(progress)
 }
 
-/// The trained weights a stage's run left under `runs` (its checkpoint's trainable tensors);
-/// `user` says who needs them and how ("`rlhf_ppo` uses the reward model of"), for the error
-/// that names the stage to run first.
+/// `file`'s tensor `key`, which must have parameter `p`'s shape; `None` when absent.
+fn shaped<'t>(
+    tensors: &'t BTreeMap<String, HostTensor>,
+    key: &str,
+    file: &str,
+    p: &Param,
+) -> Result<Option<&'t HostTensor>, String> {
+    let expected = param_shape(p);
+    match tensors.get(key) {
+        Some(t) if t.shape == expected => Ok(Some(t)),
+        Some(t) => Err(format!(
+            "{file}'s `{key}` has shape {:?}; the experiment's `{}` is {expected:?}",
+            t.shape, p.name
+        )),
+        None => Ok(None),
+    }
+}
+
+/// A saved data position must index the training set as loaded now.
+fn check_data_position(progress: &Progress, records: usize) -> Result<(), String> {
+    let order = &progress.order;
+    if order.len() != records {
+        return Err(format!(
+            "its data order covers {} records and the training set has {records}; did the data file change?",
+            order.len()
+        ));
+    }
+    if progress.cursor > order.len() {
+        return Err(format!(
+            "its data position {} is past the {} records",
+            progress.cursor,
+            order.len()
+        ));
+    }
+    let mut seen = vec![false; records];
+    for &i in order {
+        if i >= records || std::mem::replace(&mut seen[i], true) {
+            return Err(format!(
+                "its data order is not an order of the {records} records (entry {i})"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The trained weights a stage's run left under `runs` (its newest checkpoint's trainable
+/// tensors); `user` says who needs them and how ("`rlhf_ppo` uses the reward model of"), for
+/// the error that names the stage to run first.
 pub(crate) fn stage_weights(
     runs: &Path,
     stage: &str,
     user: &str,
 ) -> Result<(PathBuf, BTreeMap<String, HostTensor>), RunError> {
-    let path = runs
-        .join(stage)
-        .join("checkpoint")
-        .join("trainable.safetensors");
-    if !path.exists() {
-        return Err(RunError(format!(
-            "{user} `{stage}`, which has no run yet ({} is missing): run that stage first (`kiln run FILE --experiment {stage}`)",
-            path.display()
-        )));
-    }
-    let tensors = read_safetensors(&path).map_err(|err| RunError(err.to_string()))?;
+    let run_dir = runs.join(stage);
+    let checkpoint = latest_checkpoint(&run_dir)?.ok_or_else(|| {
+        RunError(format!(
+            "{user} `{stage}`, which has no checkpoint yet ({} has none): run that stage first (`kiln run FILE --experiment {stage}`)",
+            run_dir.display()
+        ))
+    })?;
+    let path = checkpoint.dir.join(TRAINABLE_FILE);
+    let tensors = parse_safetensors(checkpoint.file(TRAINABLE_FILE)?, &path)
+        .map_err(|err| RunError(err.to_string()))?;
     Ok((path, tensors))
 }
 
@@ -429,16 +567,17 @@ fn initial_weights(e: &Experiment, graph: &Graph, runs: &Path) -> Result<Vec<Sou
             &format!("`{}` starts from", e.name),
         )?);
     }
+    if let Some(dir) = &e.model.checkpoint {
+        let prefix = Names {
+            family: e.model.family,
+        }
+        .base_model_prefix();
+        files.push(read_hf_weights(Path::new(dir), prefix).map_err(|err| RunError(err.to_string()))?);
+    }
     for path in e
-        .model
-        .checkpoint
+        .adapter_weights
         .iter()
-        .map(|dir| Path::new(dir).join("model.safetensors"))
-        .chain(
-            e.adapter_weights
-                .iter()
-                .map(|dir| Path::new(dir).join("adapter_model.safetensors")),
-        )
+        .map(|dir| Path::new(dir).join("adapter_model.safetensors"))
     {
         let tensors = read_safetensors(&path).map_err(|err| RunError(err.to_string()))?;
         // A virtual-token adapter's file holds its prompt under PEFT's name.
@@ -447,6 +586,57 @@ fn initial_weights(e: &Experiment, graph: &Graph, runs: &Path) -> Result<Vec<Sou
         files.push((path, tensors));
     }
     Ok(files)
+}
+
+/// Whether a named checkpoint must provide `p`: the model's own parameters when it comes from
+/// `hf("dir")`, the adapter's when it comes from `peft("dir")`. A new head (reward score,
+/// value head, classifier) starts fresh, as `modules_to_save` does.
+fn expected_from_checkpoint(e: &Experiment, p: &Param) -> bool {
+    // PPO's frozen reference copy is filled from the policy (or its stage) afterwards.
+    if p.name.starts_with("ref.") {
+        return false;
+    }
+    match p.role {
+        ParamRole::NewHead => false,
+        ParamRole::Adapter => !e.adapter_weights.is_empty(),
+        _ => e.model.checkpoint.is_some(),
+    }
+}
+
+/// Every parameter's starting value: the named checkpoints' tensors over fresh initial values.
+/// A parameter a named checkpoint should hold and does not stops the run, naming them, unless
+/// `init_missing` allows starting it fresh (then it is listed in the returned names).
+fn starting_values(
+    e: &Experiment,
+    graph: &Graph,
+    files: &[Source],
+) -> Result<(Vec<HostTensor>, Vec<String>), RunError> {
+    let mut values = initialise(graph, e.train.seed);
+    let bound = bind(graph, files).map_err(|err| RunError(err.to_string()))?;
+    let mut missing = Vec::new();
+    for ((slot, p), value) in values.iter_mut().zip(&graph.params).zip(bound) {
+        match value {
+            Some(t) => *slot = t,
+            None if expected_from_checkpoint(e, p) => missing.push(p.name.clone()),
+            None => {}
+        }
+    }
+    if !missing.is_empty() && !e.train.init_missing {
+        let sources: Vec<String> = files.iter().map(|(p, _)| p.display().to_string()).collect();
+        const SHOWN: usize = 8;
+        let mut names = missing[..missing.len().min(SHOWN)].join(", ");
+        if missing.len() > SHOWN {
+            names.push_str(&format!(", and {} more", missing.len() - SHOWN));
+        }
+        return Err(RunError(format!(
+            "{} of the {} parameters `{}` expects from its checkpoint are not in {}: {names}. Is it the checkpoint of the model the experiment describes? To start the missing ones from fresh initial values, set `train {{ init_missing = true }}`",
+            missing.len(),
+            graph.params.iter().filter(|p| expected_from_checkpoint(e, p)).count(),
+            e.name,
+            sources.join(" or ")
+        )));
+    }
+    Ok((values, missing))
 }
 
 /// PPO's updates on one rollout (`micros`, the mesh's microbatches): `epochs` optimizer steps
@@ -486,19 +676,65 @@ fn ppo_updates(
 /// The evaluation rollouts' draws: the same whatever the run's length, so that runs compare.
 const EVAL_SEED: u64 = 0x5EED_E7A1;
 
-/// Trains `e` and writes metrics and checkpoints under `runs`;
-/// with `resume`, continues the run from its checkpoint with identical results.
+/// When the loop saves a checkpoint besides the end and interrupts: every `checkpoint_every`
+/// steps, and once `checkpoint_minutes` have passed since the last save.
+struct SavePolicy {
+    every: Option<u64>,
+    interval: std::time::Duration,
+    last: Instant,
+}
+
+impl SavePolicy {
+    fn new(e: &Experiment) -> Self {
+        SavePolicy {
+            every: e.train.checkpoint_every,
+            interval: std::time::Duration::from_secs_f64(e.train.checkpoint_minutes * 60.0),
+            last: Instant::now(),
+        }
+    }
+
+    fn due(&self, step: u64) -> bool {
+        self.every.is_some_and(|k| step.is_multiple_of(k)) || self.last.elapsed() >= self.interval
+    }
+}
+
+/// Trains `e` and writes metrics and checkpoints under `runs/<name>`, which it holds alone
+/// while it runs; `start` says what to do with a run already there (`Resume` continues it with
+/// identical results). `on_event` hears of each step, evaluation and save, and may stop the
+/// run: it then saves a checkpoint and returns with the steps done.
 pub fn run(
     e: &Experiment,
     runs: &Path,
     steps_override: Option<u64>,
-    resume: bool,
-    mut on_step: impl FnMut(&StepReport) -> Control,
+    start: Start,
+    mut on_event: impl FnMut(&Event) -> Control,
 ) -> Result<RunSummary, RunError> {
     let resolve = |p: &Option<String>, what: &str| -> Result<PathBuf, RunError> {
         p.as_ref()
             .map(PathBuf::from)
             .ok_or_else(|| RunError(format!("data.{what} is required to run this experiment")))
+    };
+    // Before anything is read or allocated: the plan must be runnable here and fit.
+    let graph = compile_graph(e).map_err(|d| RunError(format!("{:?}", d.items)))?;
+    let placement = placement(e, &graph)?;
+    let run_dir = RunDir::lock(runs, &e.name)?;
+    let resumable = match start {
+        Start::Fresh => match run_dir.latest()? {
+            Some(c) => {
+                return Err(RunError(format!(
+                    "{} already holds a run of `{}` (its checkpoint of step {}): `--resume` continues it, `--restart` discards it and starts over",
+                    run_dir.path().display(),
+                    e.name,
+                    c.step
+                )))
+            }
+            None => None,
+        },
+        Start::Resume => run_dir.latest()?,
+        Start::Restart => {
+            run_dir.clear()?;
+            None
+        }
     };
     let tokenizer =
         load_tokenizer(&resolve(&e.data.tokenizer, "tokenizer").map_err(|err| {
@@ -538,17 +774,8 @@ pub fn run(
     // Sequences per record: reward pairs take two rows, which must stay in one batch.
     let per_record = train_set.first().map_or(1, Vec::len);
 
-    let graph = compile_graph(e).map_err(|d| RunError(format!("{:?}", d.items)))?;
-    let mut values = initialise(&graph, e.train.seed);
     let files = initial_weights(e, &graph, runs)?;
-    for (slot, bound) in values
-        .iter_mut()
-        .zip(bind(&graph, &files).map_err(|err| RunError(err.to_string()))?)
-    {
-        if let Some(t) = bound {
-            *slot = t;
-        }
-    }
+    let (mut values, initialised) = starting_values(e, &graph, &files)?;
     let rollouts = match &e.objective {
         Objective::Ppo(ppo) => {
             reference_weights(e, ppo, &graph, &mut values, runs)?;
@@ -560,12 +787,16 @@ pub fn run(
         _ => None,
     };
     let mut states: Vec<Option<State>> = vec![None; values.len()];
-    let run_dir = runs.join(&e.name);
-    let checkpoint_dir = run_dir.join("checkpoint");
-    let mut progress = if resume {
-        load_checkpoint(&graph, &mut values, &mut states, &checkpoint_dir, e)?
-    } else {
-        Progress {
+    let mut progress = match &resumable {
+        Some(checkpoint) => load_checkpoint(
+            &graph,
+            &mut values,
+            &mut states,
+            checkpoint,
+            e,
+            train_set.len(),
+        )?,
+        None => Progress {
             step: 0,
             loss: f32::NAN,
             first_loss: f32::NAN,
@@ -575,11 +806,12 @@ pub fn run(
             tokens: 0,
             kl_coef: None,
             fingerprint: fingerprint(e),
-        }
+        },
     };
+    let resumed_from = resumable.as_ref().map(|c| c.step);
+    drop(resumable);
 
     let batch = e.train.batch as usize;
-    let placement = placement(e, &graph)?;
     let micro = placement.micro_batch;
     if micro % per_record != 0 || batch % per_record != 0 {
         return Err(RunError(format!(
@@ -593,20 +825,30 @@ pub fn run(
     let peak = match e.train.optimizer {
         Optimizer::Adamw { lr, .. } | Optimizer::Sgd { lr, .. } => lr,
     };
-    std::fs::create_dir_all(&run_dir)
-        .map_err(|err| RunError(format!("{}: {err}", run_dir.display())))?;
-    let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(resume)
-        .write(true)
-        .truncate(!resume)
-        .open(run_dir.join("metrics.jsonl"))
-        .map_err(|err| RunError(format!("{}: {err}", run_dir.display())))?;
+    let mut metrics = run_dir.metrics(resumed_from)?;
+    let mut evaluator = Evaluator {
+        graph: &graph,
+        e,
+        set: eval_set.as_deref(),
+        rollouts: rollouts.as_ref().map(|(_, r)| r),
+        chunk: (micro / per_record).max(1),
+        verbalizer: verbalizer.as_deref(),
+    };
 
     let started = Instant::now();
     let tokens_before = progress.tokens;
     let mut mesh = Mesh::new(&graph, placement, &values, &states);
-    while progress.step < total {
+    drop(values);
+    let mut saves = SavePolicy::new(e);
+    let mut saved_step = resumed_from;
+    let mut last_eval = None;
+    let keep = e.train.keep_checkpoints;
+    let mut control = on_event(&Event::Started {
+        resumed_from,
+        total,
+        initialised: &initialised,
+    });
+    while progress.step < total && matches!(control, Control::Continue) {
         let s = progress.step;
         let lr = learning_rate(peak, &e.train.schedule, s, total);
         let (outcome, extra) = match &rollouts {
@@ -666,13 +908,14 @@ pub fn run(
             stats,
         } = outcome;
         progress.step += 1;
+        let step = progress.step;
         if progress.first_loss.is_nan() {
             progress.first_loss = loss_sum;
         }
         progress.loss = loss_sum;
         let tps =
             (progress.tokens - tokens_before) as f64 / started.elapsed().as_secs_f64().max(1e-9);
-        let mut line = serde_json::json!({ "step": s + 1, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "tokens_per_second": tps });
+        let mut line = serde_json::json!({ "step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "tokens_per_second": tps });
         // What the objective reports beside its loss (PPO: the rollout's reward and KL, the
         // loss's parts and clip fractions).
         for (key, value) in extra {
@@ -681,73 +924,140 @@ pub fn run(
         for (key, value) in stats {
             line[key] = serde_json::json!(value);
         }
-        writeln!(metrics, "{line}").map_err(|err| RunError(format!("metrics: {err}")))?;
-        let control = on_step(&StepReport {
-            step: s + 1,
+        metrics.append(&line)?;
+        control = on_event(&Event::Step(&StepReport {
+            step,
             total,
             loss: loss_sum,
             tokens_per_second: tps,
             collective_seconds,
-        });
-        let stop = matches!(control, Control::Stop);
-        if stop || e.train.checkpoint_every.is_some_and(|k| (s + 1) % k == 0) {
-            save_checkpoint(&graph, &mesh, &progress, &checkpoint_dir)?;
+        }));
+        if e.train.eval_every.is_some_and(|k| step.is_multiple_of(k)) && step < total {
+            last_eval = evaluator.run(&mesh, step, &mut metrics, &mut on_event)?;
         }
-        if stop {
-            break;
+        if matches!(control, Control::Stop) || (step < total && saves.due(step)) {
+            let dir = save_checkpoint(&graph, &mesh, &progress, &run_dir, keep)?;
+            saved_step = Some(step);
+            saves.last = Instant::now();
+            if matches!(on_event(&Event::Saved { step, dir: &dir }), Control::Stop) {
+                control = Control::Stop;
+            }
         }
     }
-    let eval = match (&eval_set, progress.step == total, &rollouts) {
-        (Some(set), true, Some((_, rollouts))) => {
-            let prompts: Vec<&Example> = set.iter().map(|r| &r[0]).collect();
-            let reward =
-                rollouts.mean_reward(&mesh.values(&graph), &prompts, e.train.seed ^ EVAL_SEED)?;
-            let line = serde_json::json!({ "eval_reward": reward });
-            writeln!(metrics, "{line}").map_err(|err| RunError(format!("metrics: {err}")))?;
-            None
-        }
-        (Some(set), true, None) => {
-            let eval = evaluate(
-                &graph,
-                &mesh.values(&graph),
-                set,
-                (micro / per_record).max(1),
-                seq_len,
-                &e.objective,
-                verbalizer.as_deref(),
-            )?;
-            let mut line = serde_json::json!({ "eval_loss": eval.loss });
-            if token_loss(&e.objective) {
-                line["perplexity"] = serde_json::json!((eval.loss as f64).exp());
-            }
-            if let Some(accuracy) = eval.accuracy {
-                line["accuracy"] = serde_json::json!(accuracy);
-            }
-            writeln!(metrics, "{line}").map_err(|err| RunError(format!("metrics: {err}")))?;
-            Some(eval)
-        }
-        _ => None,
-    };
-    save_checkpoint(&graph, &mesh, &progress, &checkpoint_dir)?;
+    let finished = progress.step == total;
+    if finished {
+        last_eval = evaluator.run(&mesh, progress.step, &mut metrics, &mut on_event)?;
+    }
+    if saved_step != Some(progress.step) {
+        let dir = save_checkpoint(&graph, &mesh, &progress, &run_dir, keep)?;
+        on_event(&Event::Saved {
+            step: progress.step,
+            dir: &dir,
+        });
+    }
     drop(metrics);
-    plot_run(&e.name, &run_dir)?;
+    plot_run(&e.name, run_dir.path())?;
     let memory = mesh.memory();
     if !memory.is_empty() {
         let json = serde_json::to_string_pretty(&memory)
             .map_err(|err| RunError(format!("memory report: {err}")))?;
-        write_atomic(&run_dir.join("memory.json"), json.as_bytes()).map_err(RunError)?;
+        write_atomic(&run_dir.path().join("memory.json"), json.as_bytes()).map_err(RunError)?;
     }
     let tokens_per_second =
         (progress.tokens - tokens_before) as f64 / started.elapsed().as_secs_f64().max(1e-9);
     Ok(RunSummary {
         token_loss: token_loss(&e.objective),
         steps: progress.step,
+        total,
         first_loss: progress.first_loss,
         last_loss: progress.loss,
-        eval_loss: eval.as_ref().map(|e| e.loss),
-        eval_accuracy: eval.and_then(|e| e.accuracy),
+        eval_loss: last_eval.as_ref().map(|e| e.loss),
+        eval_accuracy: last_eval.and_then(|e| e.accuracy),
         tokens_per_second,
-        run_dir,
+        run_dir: run_dir.path().to_path_buf(),
         memory,
     })
+}
+
+/// Evaluation during and after training: the loss (and accuracy) over `data.eval`, or for PPO
+/// the mean reward of responses to its prompts; written to the metrics with the step.
+struct Evaluator<'a> {
+    graph: &'a Graph,
+    e: &'a Experiment,
+    set: Option<&'a [Vec<Example>]>,
+    rollouts: Option<&'a Rollouts<'a>>,
+    chunk: usize,
+    verbalizer: Option<&'a [usize]>,
+}
+
+impl Evaluator<'_> {
+    fn run(
+        &mut self,
+        mesh: &Mesh,
+        step: u64,
+        metrics: &mut MetricsLog,
+        on_event: &mut impl FnMut(&Event) -> Control,
+    ) -> Result<Option<Evaluation>, RunError> {
+        let Some(set) = self.set else {
+            return Ok(None);
+        };
+        let values = mesh.values(self.graph);
+        if let Some(rollouts) = self.rollouts {
+            let prompts: Vec<&Example> = set.iter().map(|r| &r[0]).collect();
+            let reward = rollouts.mean_reward(&values, &prompts, self.e.train.seed ^ EVAL_SEED)?;
+            metrics.append(&serde_json::json!({ "step": step, "eval_reward": reward }))?;
+            return Ok(None);
+        }
+        let eval = evaluate(
+            self.graph,
+            &values,
+            set,
+            self.chunk,
+            self.e.train.seq_len as usize,
+            &self.e.objective,
+            self.verbalizer,
+        )?;
+        let mut line = serde_json::json!({ "step": step, "eval_loss": eval.loss });
+        if token_loss(&self.e.objective) {
+            line["perplexity"] = serde_json::json!((eval.loss as f64).exp());
+        }
+        if let Some(accuracy) = eval.accuracy {
+            line["accuracy"] = serde_json::json!(accuracy);
+        }
+        metrics.append(&line)?;
+        on_event(&Event::Evaluated {
+            step,
+            loss: eval.loss,
+        });
+        Ok(Some(eval))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn progress(order: Vec<usize>, cursor: usize) -> Progress {
+        Progress {
+            step: 1,
+            loss: 0.0,
+            first_loss: 0.0,
+            rng: 0,
+            order,
+            cursor,
+            tokens: 0,
+            kl_coef: None,
+            fingerprint: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_saved_data_position_must_index_the_training_set() {
+        assert!(check_data_position(&progress(vec![2, 0, 1], 3), 3).is_ok());
+        let refused = |p: Progress, records| check_data_position(&p, records).unwrap_err();
+        assert!(refused(progress(vec![0, 1], 1), 3).contains("covers 2 records"));
+        assert!(refused(progress(vec![0, 1, 2], 4), 3).contains("past the 3 records"));
+        assert!(refused(progress(vec![0, 3, 1], 0), 3).contains("entry 3"));
+        assert!(refused(progress(vec![0, 1, 1], 0), 3).contains("entry 1"));
+    }
 }

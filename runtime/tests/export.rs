@@ -296,11 +296,9 @@ fn prefix_configs_count_key_value_heads() {
     std::fs::remove_dir_all(&out).ok();
 }
 
-/// A run's checkpoint directory holding `tensors` as its trained parameters.
+/// A run's directory whose checkpoint holds `tensors` as its trained parameters.
 fn fake_run(what: &str, tensors: &BTreeMap<String, HostTensor>) -> PathBuf {
     let runs = scratch(what);
-    let checkpoint = runs.join("e/checkpoint");
-    std::fs::create_dir_all(&checkpoint).unwrap();
     let bytes = safetensors_bytes(
         tensors
             .iter()
@@ -308,7 +306,10 @@ fn fake_run(what: &str, tensors: &BTreeMap<String, HostTensor>) -> PathBuf {
             .collect(),
     )
     .unwrap();
-    std::fs::write(checkpoint.join("trainable.safetensors"), bytes).unwrap();
+    kiln_runtime::run_dir::RunDir::lock(&runs, "e")
+        .unwrap()
+        .save(1, &[("trainable.safetensors", &bytes)], 1)
+        .unwrap();
     runs
 }
 

@@ -4,7 +4,7 @@
 
 use kiln_runtime::checkpoint::read_safetensors;
 use kiln_runtime::memory::CountingAllocator;
-use kiln_runtime::train::{run, Control};
+use kiln_runtime::train::{run, Control, Event, Start};
 use std::path::{Path, PathBuf};
 
 /// Allocations are counted, for the measured memory per device.
@@ -49,14 +49,14 @@ fn scratch(name: &str) -> PathBuf {
 fn quickstart_learns_and_is_reproducible() {
     let e = quickstart("train { steps = 12 }");
     let (a, b) = (scratch("a"), scratch("b"));
-    let first = run(&e, &a, None, false, |_| Control::Continue).unwrap();
+    let first = run(&e, &a, None, Start::Fresh, |_| Control::Continue).unwrap();
     assert!(
         first.last_loss < first.first_loss - 1.0,
         "loss {} -> {}",
         first.first_loss,
         first.last_loss
     );
-    run(&e, &b, None, false, |_| Control::Continue).unwrap();
+    run(&e, &b, None, Start::Fresh, |_| Control::Continue).unwrap();
     assert_eq!(
         metrics(&a, "variant"),
         metrics(&b, "variant"),
@@ -69,7 +69,7 @@ fn quickstart_learns_and_is_reproducible() {
     );
     let svg = std::fs::read_to_string(a.join("variant/loss.svg")).unwrap();
     assert!(svg.contains("<polyline"), "the loss curve is plotted");
-    let saved = read_safetensors(&a.join("variant/checkpoint/trainable.safetensors")).unwrap();
+    let saved = read_safetensors(&saved(&a.join("variant"), "trainable.safetensors")).unwrap();
     assert!(
         saved.contains_key("transformer.wte.weight")
             && saved.contains_key("transformer.h.1.mlp.c_proj.weight")
@@ -82,19 +82,19 @@ fn quickstart_learns_and_is_reproducible() {
 fn divergence_names_the_step_and_keeps_the_last_checkpoint() {
     let e = quickstart("train { steps = 40, checkpoint_every = 1, grad_clip = false, optimizer = sgd { lr = 1e4 } }");
     let dir = scratch("nan");
-    let err = run(&e, &dir, None, false, |_| Control::Continue)
+    let err = run(&e, &dir, None, Start::Fresh, |_| Control::Continue)
         .unwrap_err()
         .to_string();
     assert!(err.contains("at step") || err.contains("step "), "{err}");
     let state: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.join("variant/checkpoint/state.json")).unwrap(),
+        &std::fs::read_to_string(saved(&dir.join("variant"), "state.json")).unwrap(),
     )
     .unwrap();
     assert!(
         state["loss"].as_f64().unwrap().is_finite(),
         "the saved checkpoint is from a finite step"
     );
-    read_safetensors(&dir.join("variant/checkpoint/trainable.safetensors"))
+    read_safetensors(&saved(&dir.join("variant"), "trainable.safetensors"))
         .expect("still a valid file");
     std::fs::remove_dir_all(&dir).ok();
 }
@@ -112,15 +112,21 @@ fn metrics(dir: &Path, name: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// A step callback that stops the run after step `at` (to resume it later).
-fn stop_at(at: u64) -> impl FnMut(&kiln_runtime::train::StepReport) -> Control {
-    move |r| {
-        if r.step == at {
-            Control::Stop
-        } else {
-            Control::Continue
-        }
+/// A callback that stops the run after step `at` (to resume it later).
+fn stop_at(at: u64) -> impl FnMut(&Event) -> Control {
+    move |event| match event {
+        Event::Step(r) if r.step == at => Control::Stop,
+        _ => Control::Continue,
     }
+}
+
+/// `file` of the newest checkpoint of the run in `run_dir`.
+fn saved(run_dir: &Path, file: &str) -> PathBuf {
+    kiln_runtime::run_dir::latest_checkpoint(run_dir)
+        .unwrap()
+        .expect("the run has a checkpoint")
+        .dir
+        .join(file)
 }
 
 #[test]
@@ -131,24 +137,24 @@ fn an_interrupted_run_resumes_bit_exactly() {
         "{model}, train {{ steps = 8, batch = 4, micro_batch = 2 }}"
     ));
     let (whole, split) = (scratch("whole"), scratch("split"));
-    run(&e, &whole, None, false, |_| Control::Continue).unwrap();
-    let stopped = run(&e, &split, None, false, stop_at(3)).unwrap();
+    run(&e, &whole, None, Start::Fresh, |_| Control::Continue).unwrap();
+    let stopped = run(&e, &split, None, Start::Fresh, stop_at(3)).unwrap();
     assert_eq!(stopped.steps, 3);
-    run(&e, &split, None, true, |_| Control::Continue).unwrap();
+    run(&e, &split, None, Start::Resume, |_| Control::Continue).unwrap();
     assert_eq!(
         metrics(&whole, "variant"),
         metrics(&split, "variant"),
         "the same losses as the uninterrupted run"
     );
-    let a = read_safetensors(&whole.join("variant/checkpoint/trainable.safetensors")).unwrap();
-    let b = read_safetensors(&split.join("variant/checkpoint/trainable.safetensors")).unwrap();
+    let a = read_safetensors(&saved(&whole.join("variant"), "trainable.safetensors")).unwrap();
+    let b = read_safetensors(&saved(&split.join("variant"), "trainable.safetensors")).unwrap();
     assert_eq!(a, b, "and the same weights, bit for bit");
 
     // A changed experiment is refused.
     let changed = quickstart(&format!(
         "{model}, train {{ steps = 8, batch = 4, micro_batch = 2, seed = 8 }}"
     ));
-    let err = run(&changed, &split, None, true, |_| Control::Continue)
+    let err = run(&changed, &split, None, Start::Resume, |_| Control::Continue)
         .unwrap_err()
         .to_string();
     assert!(err.contains("the experiment changed"), "{err}");
@@ -180,7 +186,7 @@ fn rlhf_source(train: &str) -> String {
 
 /// Runs stage `name` of [`rlhf`] for `steps` steps under `dir`.
 fn run_stage(dir: &Path, name: &str, steps: u64) -> kiln_runtime::train::RunSummary {
-    run(&rlhf(name, ""), dir, Some(steps), false, |_| {
+    run(&rlhf(name, ""), dir, Some(steps), Start::Restart, |_| {
         Control::Continue
     })
     .unwrap()
@@ -252,7 +258,7 @@ fn ppo_raises_the_reward_and_keeps_its_reference_frozen() {
         "the reward model's mean score of sampled responses: {before} -> {after}"
     );
     let weights = |stage: &str| {
-        read_safetensors(&dir.join(format!("{stage}/checkpoint/trainable.safetensors"))).unwrap()
+        read_safetensors(&saved(&dir.join(stage), "trainable.safetensors")).unwrap()
     };
     let (sft, ppo) = (weights("tiny_sft"), weights("tiny_ppo"));
     let name = "transformer.h.0.attn.c_attn.weight";
@@ -283,14 +289,14 @@ fn ppo_rollouts_repeat_for_a_seed_and_resume_bit_exactly() {
     );
     // Stopped after a step and resumed: the same rollouts and weights.
     let ppo = rlhf("tiny_ppo", "");
-    run(&ppo, &dir, Some(3), false, stop_at(1)).unwrap();
-    run(&ppo, &dir, Some(3), true, |_| Control::Continue).unwrap();
+    run(&ppo, &dir, Some(3), Start::Restart, stop_at(1)).unwrap();
+    run(&ppo, &dir, Some(3), Start::Resume, |_| Control::Continue).unwrap();
     assert_eq!(first, ppo_metrics(&dir), "resumed");
     run(
         &rlhf("tiny_ppo", ", seed = 8"),
         &dir,
         Some(3),
-        false,
+        Start::Restart,
         |_| Control::Continue,
     )
     .unwrap();
@@ -306,7 +312,7 @@ fn ppo_rollouts_repeat_for_a_seed_and_resume_bit_exactly() {
 fn ppo_names_the_stage_to_run_first() {
     let dir = scratch("ppo-missing");
     let ppo = rlhf("tiny_ppo", "");
-    let err = run(&ppo, &dir, Some(1), false, |_| Control::Continue)
+    let err = run(&ppo, &dir, Some(1), Start::Fresh, |_| Control::Continue)
         .unwrap_err()
         .to_string();
     assert!(
@@ -314,7 +320,7 @@ fn ppo_names_the_stage_to_run_first() {
         "{err}"
     );
     run_stage(&dir, "tiny_sft", 1);
-    let err = run(&ppo, &dir, Some(1), false, |_| Control::Continue)
+    let err = run(&ppo, &dir, Some(1), Start::Fresh, |_| Control::Continue)
         .unwrap_err()
         .to_string();
     assert!(
@@ -332,7 +338,7 @@ fn bert_pretraining_with_whole_word_masking_and_nsp_learns() {
          parallel { mesh = cpu(1), plan = auto }, train { batch = 8, seq_len = 64, schedule = constant { warmup = 0 }, optimizer = adamw { lr = 2e-3 } } }";
     let e = variant(src);
     let dir = scratch("bert");
-    let out = run(&e, &dir, Some(30), false, |_| Control::Continue).unwrap();
+    let out = run(&e, &dir, Some(30), Start::Fresh, |_| Control::Continue).unwrap();
     // MLM over ~1000 tokens starts near ln 1000 ≈ 6.9 plus NSP's ln 2 ≈ 0.69.
     assert!(
         (6.5..8.5).contains(&out.first_loss),
@@ -357,7 +363,7 @@ fn pet_cloze_fits_its_training_set_and_reports_accuracy() {
          train { batch = 8, seq_len = 64, optimizer = adamw { lr = 1e-3 }, schedule = constant } }";
     let e = variant(src);
     let dir = scratch("pet");
-    let out = run(&e, &dir, Some(60), false, |_| Control::Continue).unwrap();
+    let out = run(&e, &dir, Some(60), Start::Fresh, |_| Control::Continue).unwrap();
     assert!(
         (0.6..0.8).contains(&out.first_loss),
         "two classes start near ln 2: {}",
@@ -499,10 +505,10 @@ fn assert_parallel_matches_one_device(file: &str, name: &str, overrides: &str, p
         scratch(&format!("{tag}-one")),
         scratch(&format!("{tag}-many")),
     );
-    let single = run(&one, &a, None, false, |_| Control::Continue).unwrap();
+    let single = run(&one, &a, None, Start::Fresh, |_| Control::Continue).unwrap();
     for plan in plans {
         let many = example(plan);
-        let parallel = run(&many, &b, None, false, |_| Control::Continue)
+        let parallel = run(&many, &b, None, Start::Fresh, |_| Control::Continue)
             .unwrap_or_else(|err| panic!("{name}, {plan}: {err}"));
         let (la, lb) = (metrics(&a, "variant"), metrics(&b, "variant"));
         assert_eq!(la.len(), lb.len());
@@ -520,8 +526,8 @@ fn assert_parallel_matches_one_device(file: &str, name: &str, overrides: &str, p
             }
         }
         assert!((single.last_loss - parallel.last_loss).abs() <= 1e-5 * single.last_loss.abs());
-        let wa = read_safetensors(&a.join("variant/checkpoint/trainable.safetensors")).unwrap();
-        let wb = read_safetensors(&b.join("variant/checkpoint/trainable.safetensors")).unwrap();
+        let wa = read_safetensors(&saved(&a.join("variant"), "trainable.safetensors")).unwrap();
+        let wb = read_safetensors(&saved(&b.join("variant"), "trainable.safetensors")).unwrap();
         assert_eq!(wa.len(), wb.len());
         for (param, ta) in &wa {
             let tb = &wb[param];
@@ -549,8 +555,8 @@ fn assert_parallel_matches_one_device(file: &str, name: &str, overrides: &str, p
             );
         }
         // The checkpoint gathers every moment, whichever device owned it.
-        let oa = read_safetensors(&a.join("variant/checkpoint/optimizer.safetensors")).unwrap();
-        let ob = read_safetensors(&b.join("variant/checkpoint/optimizer.safetensors")).unwrap();
+        let oa = read_safetensors(&saved(&a.join("variant"), "optimizer.safetensors")).unwrap();
+        let ob = read_safetensors(&saved(&b.join("variant"), "optimizer.safetensors")).unwrap();
         let mut names: Vec<_> = oa.keys().collect();
         names.sort();
         let mut other: Vec<_> = ob.keys().collect();
@@ -613,7 +619,7 @@ fn each_device_reports_its_measured_peak_memory() {
             "parallel = {{ {plan} }}, train {{ batch = {batch}, steps = 2 }}"
         ));
         let dir = scratch(&format!("memory-{batch}-{}", plan.len()));
-        let summary = run(&e, &dir, None, false, |_| Control::Continue).unwrap();
+        let summary = run(&e, &dir, None, Start::Fresh, |_| Control::Continue).unwrap();
         let written: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(dir.join("variant/memory.json")).unwrap(),
         )
@@ -664,7 +670,7 @@ fn measured_memory_agrees_with_the_plan() {
             "{model}, parallel = {{ {plan} }}, train {{ batch = 8, micro_batch = 2, seq_len = 128, steps = 2 }}"
         ));
         let dir = scratch("memory-vs-plan");
-        let summary = run(&e, &dir, None, false, |_| Control::Continue).unwrap();
+        let summary = run(&e, &dir, None, Start::Fresh, |_| Control::Continue).unwrap();
         std::fs::remove_dir_all(&dir).ok();
         assert!(!summary.memory.is_empty());
         for d in &summary.memory {
@@ -689,7 +695,7 @@ fn ptuning_with_an_lstm_encoder_trains() {
          train { batch = 8, micro_batch = 4, steps = 12, seq_len = 64, optimizer = adamw { lr = 1e-2 } }";
     let e = example_with("ptuning_lstm", "ptuning_lstm", overrides, "mesh = cpu(1)").unwrap();
     let dir = scratch("ptuning-lstm");
-    let summary = run(&e, &dir, None, false, |_| Control::Continue).unwrap();
+    let summary = run(&e, &dir, None, Start::Fresh, |_| Control::Continue).unwrap();
     std::fs::remove_dir_all(&dir).ok();
     assert!(
         summary.last_loss < summary.first_loss,
@@ -722,7 +728,7 @@ fn unexecutable_plans_are_clear_errors() {
     ] {
         let e = quickstart(&format!("{prompt}, parallel = {{ {parallel} }}"));
         let dir = scratch("unexecutable");
-        let result = run(&e, &dir, None, false, |_| Control::Continue);
+        let result = run(&e, &dir, None, Start::Fresh, |_| Control::Continue);
         std::fs::remove_dir_all(&dir).ok();
         match (result, expected) {
             (Err(err), expected) if !expected.is_empty() => {
@@ -745,7 +751,7 @@ fn a_diverging_data_parallel_run_stops_with_one_message() {
          train { steps = 40, micro_batch = 4, checkpoint_every = 1, grad_clip = false, optimizer = sgd { lr = 1e4 } }",
     );
     let dir = scratch("nan-dp");
-    let err = run(&e, &dir, None, false, |_| Control::Continue)
+    let err = run(&e, &dir, None, Start::Fresh, |_| Control::Continue)
         .unwrap_err()
         .to_string();
     assert!(err.contains("step "), "{err}");
@@ -754,7 +760,7 @@ fn a_diverging_data_parallel_run_stops_with_one_message() {
         "the cause, not its echo: {err}"
     );
     let state: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.join("variant/checkpoint/state.json")).unwrap(),
+        &std::fs::read_to_string(saved(&dir.join("variant"), "state.json")).unwrap(),
     )
     .unwrap();
     assert!(state["loss"].as_f64().unwrap().is_finite());
@@ -801,9 +807,9 @@ fn peft_adapter_weights_are_loaded_to_continue_training() {
     for case in ["clm_lora", "clm_prefix", "clm_prompt"] {
         let e = experiment(case);
         assert_eq!(e.adapter_weights.len(), 1);
-        run(&e, &runs, Some(1), false, |_| Control::Continue).unwrap();
+        run(&e, &runs, Some(1), Start::Restart, |_| Control::Continue).unwrap();
         let saved =
-            read_safetensors(&runs.join("variant/checkpoint/trainable.safetensors")).unwrap();
+            read_safetensors(&saved(&runs.join("variant"), "trainable.safetensors")).unwrap();
         let peft = read_safetensors(
             &fixtures
                 .join("gpt2_tiny")
@@ -834,7 +840,7 @@ fn peft_adapter_weights_are_loaded_to_continue_training() {
         &experiment("clm_ptuning_mlp"),
         &runs,
         Some(1),
-        false,
+        Start::Fresh,
         |_| Control::Continue,
     )
     .unwrap_err();
@@ -947,7 +953,7 @@ fn ppo_temperature_sharpens_sampling() {
             "{}experiment {name} = tiny_ppo {{ objective = ppo {{ kl = 0.05, reward_model = tiny_reward, reference = tiny_sft, response_length = 24, temperature = {temperature} }} }}\n",
             rlhf_source("")
         );
-        run(&named(&src, name), &dir, Some(1), false, |_| {
+        run(&named(&src, name), &dir, Some(1), Start::Restart, |_| {
             Control::Continue
         })
         .unwrap();
@@ -969,7 +975,7 @@ fn ppo_adapts_its_kl_coefficient_and_resumes_it() {
         rlhf_source("")
     );
     let e = named(&src, name);
-    run(&e, &dir, Some(4), false, |_| Control::Continue).unwrap();
+    run(&e, &dir, Some(4), Start::Fresh, |_| Control::Continue).unwrap();
     let straight = metrics(&dir, name);
     let batch = e.train.batch as usize;
     let figure = |i: usize, key: &str| straight[i][key].as_f64().unwrap();
@@ -985,8 +991,8 @@ fn ppo_adapts_its_kl_coefficient_and_resumes_it() {
         assert_eq!(figure(i, "kl_coef"), want, "step {}", i + 1);
     }
     assert_ne!(figure(3, "kl_coef"), 0.05);
-    run(&e, &dir, Some(4), false, stop_at(2)).unwrap();
-    run(&e, &dir, Some(4), true, |_| Control::Continue).unwrap();
+    run(&e, &dir, Some(4), Start::Restart, stop_at(2)).unwrap();
+    run(&e, &dir, Some(4), Start::Resume, |_| Control::Continue).unwrap();
     assert_eq!(straight, metrics(&dir, name), "resumed");
     std::fs::remove_dir_all(&dir).ok();
 }
@@ -1014,7 +1020,7 @@ fn ppo_on_a_mesh_matches_one_device() {
             "{}experiment {name} = tiny_ppo {{ parallel = {{ {parallel} }}, train {{ micro_batch = 4 }} }}\n",
             rlhf_source("")
         );
-        run(&named(&src, &name), &dir, Some(2), false, |_| {
+        run(&named(&src, &name), &dir, Some(2), Start::Fresh, |_| {
             Control::Continue
         })
         .unwrap();

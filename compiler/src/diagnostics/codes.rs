@@ -1,5 +1,6 @@
 //! Stable diagnostic codes. A code never changes meaning once released; new checks get new
-//! codes. `kiln explain CODE` prints the description.
+//! codes. `kiln explain CODE` prints the description. The table is in code order (the last
+//! entry is the highest code, which `kiln explain` names as the end of the range).
 
 macro_rules! codes {
     ($($variant:ident = $code:literal : $text:literal,)*) => {
@@ -29,7 +30,7 @@ codes! {
     UnknownName = "K0004": "A name is not a definition in this file, an imported definition, or a field of an enclosing record.",
     UnknownField = "K0005": "A record has a field that its kind does not define. Misspelt fields are errors rather than silently ignored settings.",
     Type = "K0006": "A value has the wrong type for where it is used (a string where a number is expected, a model where a cluster is expected, ...).",
-    Range = "K0007": "A number is outside the range its field allows (rank 0, dropout 1.5, a negative learning rate, ...).",
+    Range = "K0007": "A number is outside the range its field allows (rank 0, dropout 1.5, a negative learning rate, a size above Kiln's limit for it, a sequence longer than the model's positions, ...).",
     Unit = "K0008": "A quantity has an unknown unit, or a unit of the wrong dimension (bytes where a bandwidth is expected).",
     Missing = "K0009": "A required field has no value and no default.",
     Cycle = "K0010": "A value refers to itself, directly or through other fields or definitions.",
@@ -46,8 +47,34 @@ codes! {
     Target = "K0021": "An adapter targets a module name that the model family does not have.",
     Head = "K0022": "The objective needs an output head that the model does not declare.",
     Override = "K0023": "A `--set key=value` override names no field or does not parse.",
+    Internal = "K0024": "The compiler broke one of its own invariants (a bug in Kiln, not in the experiment). Please report it with the experiment file.",
     Memory = "K0025": "The plan does not fit in device memory. The message names the stage, the predicted bytes and the capacity, and lists settings that would make it fit.",
     Placement = "K0026": "A parallel degree does not fit the hardware's topology, such as tensor parallelism spanning nodes.",
     NoPlan = "K0027": "The planner found no strategy at all for this experiment on this mesh (for example, a batch that no data-parallel degree divides).",
-    Internal = "K0024": "The compiler broke one of its own invariants (a bug in Kiln, not in the experiment). Please report it with the experiment file.",
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Code;
+
+    #[test]
+    fn the_table_runs_from_k0001_without_gaps_or_repeats() {
+        for (i, code) in Code::ALL.iter().enumerate() {
+            assert_eq!(
+                code.as_str(),
+                format!("K{:04}", i + 1),
+                "{code:?} is out of order"
+            );
+        }
+    }
+
+    #[test]
+    fn every_code_is_explained() {
+        for code in Code::ALL {
+            assert!(
+                code.explanation().ends_with('.') && code.explanation().len() > 40,
+                "{code:?} needs a one-paragraph explanation"
+            );
+        }
+    }
 }

@@ -40,12 +40,18 @@ pub struct TensorMeta {
 
 impl TensorMeta {
     pub fn numel(&self) -> u64 {
-        self.shape.iter().product()
+        element_count(&self.shape)
     }
 
     pub fn bytes(&self) -> u64 {
-        self.numel() * self.dtype.bytes()
+        self.numel().saturating_mul(self.dtype.bytes())
     }
+}
+
+/// The elements of a shape. The spec's size limits keep every count exact; saturating is the
+/// guard that keeps a count beyond them from overflowing.
+fn element_count(shape: &[u64]) -> u64 {
+    shape.iter().fold(1, |n, &d| n.saturating_mul(d))
 }
 
 /// What a parameter is, for freezing rules (BitFit trains biases, LayerNorm tuning norms).
@@ -76,7 +82,7 @@ pub struct Param {
 
 impl Param {
     pub fn numel(&self) -> u64 {
-        self.shape.iter().product()
+        element_count(&self.shape)
     }
 }
 

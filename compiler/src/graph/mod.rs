@@ -6,7 +6,7 @@ mod cost;
 mod edit;
 pub mod ir;
 mod lower;
-mod names;
+pub mod names;
 mod objectives;
 mod report;
 mod shape;

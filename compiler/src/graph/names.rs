@@ -104,6 +104,17 @@ impl Names {
         path.to_string()
     }
 
+    /// What the family's task models put before the base model's names (transformers'
+    /// `base_model_prefix`): a checkpoint of the bare model (`GPT2Model`, `BertModel`,
+    /// `LlamaModel`) stores its tensors without it.
+    pub fn base_model_prefix(&self) -> &'static str {
+        match self.family {
+            Family::Gpt2 => "transformer",
+            Family::Bert => "bert",
+            Family::Llama => "model",
+        }
+    }
+
     /// Whether linear weights are stored `[in, out]` (GPT-2's Conv1D) rather than `[out, in]`.
     pub fn conv1d(&self) -> bool {
         self.family == Family::Gpt2

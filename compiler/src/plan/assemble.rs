@@ -668,7 +668,7 @@ pub fn plan(
         *x = round(*x);
     }
     let devices = cluster.devices() as f64;
-    let tokens = (e.train.batch * e.train.seq_len) as f64;
+    let tokens = e.train.batch as f64 * e.train.seq_len as f64;
     let peak = model.peak_flops();
     let throughput = Throughput {
         tokens_per_second: round(tokens / ev.time.total),

@@ -70,7 +70,7 @@ pub fn profile(g: &Graph) -> Vec<LayerProfile> {
             }
         }
     }
-    let hidden_bytes = (g.batch * g.seq) as f64 * g.dtype.bytes() as f64;
+    let hidden_bytes = g.batch as f64 * g.seq as f64 * g.dtype.bytes() as f64;
     for n in g.dag.node_indices() {
         let node = &g.dag[n];
         let c = &node.cost;

@@ -5,6 +5,7 @@
 
 use super::cost::{Evaluation, Model, RecomputeChoice, ScheduleChoice, StagePlace, Strategy};
 use super::stages::{partition, Menu};
+use crate::spec::limits::SCHEDULE;
 use rayon::prelude::*;
 
 /// What the search may choose; `None` fields are free.
@@ -35,8 +36,22 @@ pub struct Shape {
     pub ffn: u64,
 }
 
+/// The divisors of `n`, ascending: found in pairs (d, n / d) with d ≤ √n, so a cluster of
+/// millions of devices costs thousands of steps rather than millions.
 fn divisors(n: u64) -> Vec<u64> {
-    (1..=n).filter(|d| n % d == 0).collect()
+    let (mut small, mut large) = (Vec::new(), Vec::new());
+    let mut d = 1;
+    while d <= n / d {
+        if n % d == 0 {
+            small.push(d);
+            if d != n / d {
+                large.push(n / d);
+            }
+        }
+        d += 1;
+    }
+    small.extend(large.into_iter().rev());
+    small
 }
 
 /// The tensor degrees the space allows: tensor parallelism stays inside a node and must divide
@@ -49,6 +64,14 @@ fn tensor_degrees(space: &Space, shape: &Shape) -> Vec<u64> {
             .filter(|t| shape.heads % t == 0 && shape.kv_heads % t == 0 && shape.ffn % t == 0)
             .collect(),
     }
+}
+
+/// Whether the plan can list the schedule: every microbatch on every stage and chunk.
+fn schedule_listable(microbatches: u64, pipeline: u64, schedule: ScheduleChoice) -> bool {
+    let listed = microbatches
+        .saturating_mul(pipeline)
+        .saturating_mul(schedule.chunks());
+    listed <= SCHEDULE.max
 }
 
 /// Every strategy the space allows, in a stable order.
@@ -104,6 +127,9 @@ pub fn candidates(space: &Space, shape: &Shape) -> Vec<Strategy> {
                 for &schedule in &schedules {
                     // Interleaving fills the pipeline in groups of p microbatches.
                     if matches!(schedule, ScheduleChoice::Interleaved(_)) && m % p != 0 {
+                        continue;
+                    }
+                    if !schedule_listable(m, p, schedule) {
                         continue;
                     }
                     let zeros: Vec<u8> = match space.zero {
@@ -325,6 +351,9 @@ pub fn search(
         .filter_map(|(seed, menu)| {
             let layout = partition(model, &seed.evaluation.strategy, menu, bound(seed))?;
             let s = &seed.evaluation.strategy;
+            if !schedule_listable(s.microbatches, layout.len() as u64, s.schedule) {
+                return None;
+            }
             let first = layout[0].submesh;
             let strategy = if layout.iter().all(|st| st.submesh == first) {
                 Strategy {
@@ -358,4 +387,17 @@ pub fn search(
     }
     ranked.sort_by(|a, b| better(&a.evaluation, &b.evaluation));
     ranked
+}
+
+#[cfg(test)]
+mod tests {
+    use super::divisors;
+
+    #[test]
+    fn divisors_come_in_ascending_order() {
+        assert_eq!(divisors(1), [1]);
+        assert_eq!(divisors(12), [1, 2, 3, 4, 6, 12]);
+        assert_eq!(divisors(16), [1, 2, 4, 8, 16]);
+        assert_eq!(divisors(1 << 26).len(), 27);
+    }
 }

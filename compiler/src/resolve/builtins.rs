@@ -175,9 +175,7 @@ fn read_json(
     };
     let id = ev
         .program
-        .sources
-        .borrow_mut()
-        .add(path.display().to_string(), text.clone());
+        .add_read_file(path.display().to_string(), text.clone(), span);
     match serde_json::from_str::<Json>(&text) {
         Ok(Json::Object(map)) => Some((id, map, path.display().to_string())),
         Ok(_) => {
@@ -197,8 +195,7 @@ fn read_json(
                     Code::External,
                     format!("`{}` is not valid JSON: {e}", path.display()),
                 )
-                .at(Span::new(id, offset..offset), "here")
-                .also(span, "read because of this"),
+                .at(Span::new(id, offset..offset), "here"),
             );
             None
         }
@@ -267,14 +264,16 @@ impl JsonFields<'_> {
         }
     }
 
-    fn report_unsupported(&self, ev: &Evaluator, key: &str, what: &str, call: Span) {
+    fn report_unsupported(&self, ev: &Evaluator, key: &str, what: &str) {
         ev.report(
             Diagnostic::new(Code::External, format!("unsupported {key} {what}"))
-                .at(self.span_of(key), "not supported by Kiln")
-                .also(call, "read because of this"),
+                .at(self.span_of(key), "not supported by Kiln"),
         );
     }
 }
+
+/// The model fields that a config.json must give (the others have defaults).
+const SHAPE_FIELDS: &[&str] = &["vocab", "positions", "hidden", "layers", "heads"];
 
 /// How a Hugging Face family's `config.json` maps onto a Kiln model.
 struct HfFamily {
@@ -403,7 +402,7 @@ pub(super) fn hf(ev: &Evaluator, args: &[Spanned], env: &Env, span: Span) -> Opt
             "relu" => "relu",
             "silu" | "swish" => "silu",
             _ => {
-                j.report_unsupported(ev, key, &format!("activation `{name}`"), span);
+                j.report_unsupported(ev, key, &format!("activation `{name}`"));
                 return None;
             }
         };
@@ -461,10 +460,32 @@ pub(super) fn hf(ev: &Evaluator, args: &[Spanned], env: &Env, span: Span) -> Opt
             ev,
             "model_type",
             &format!("`{model_type}` (Kiln reads gpt2, bert and llama)"),
-            span,
         );
         return None;
     };
+    // Kiln has no defaults for a model's shape: a config without it is not this model.
+    let missing: Vec<&str> = family
+        .keys
+        .iter()
+        .filter(|(field, keys)| {
+            SHAPE_FIELDS.contains(field) && keys.iter().all(|k| j.get(k).is_none())
+        })
+        .map(|(_, keys)| keys[0])
+        .collect();
+    if !missing.is_empty() {
+        ev.report(
+            Diagnostic::new(
+                Code::External,
+                format!("`{path}` gives no `{}`", missing.join("`, `")),
+            )
+            .at(span, "reads this config.json")
+            .help(format!(
+                "a {} config.json names the model's shape; add the missing keys or export the config again with transformers",
+                family.model_type
+            )),
+        );
+        return None;
+    }
     put("family", Some(sym("model_type", family.model_type)));
     // Where the weights are: `kiln run` loads `model.safetensors` from this directory.
     put("checkpoint", Some(directory_of(&path, span)));
@@ -655,7 +676,6 @@ pub(super) fn peft(ev: &Evaluator, args: &[Spanned], env: &Env, span: Span) -> O
                 &format!(
                     "`{other}` (Kiln reads LORA, IA3, PREFIX_TUNING, PROMPT_TUNING, P_TUNING)"
                 ),
-                span,
             );
             return None;
         }

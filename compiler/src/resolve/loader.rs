@@ -71,6 +71,12 @@ impl<'p> Loader<'p> {
         if let Some(&id) = self.program.module_keys.get(&key) {
             return Some(id);
         }
+        // Some editors start UTF-8 files with a byte order mark; it is not part of the text
+        // (and kept out of it, so that columns in messages count from the first character).
+        let text = match text.strip_prefix('\u{feff}') {
+            Some(rest) => rest.to_string(),
+            None => text,
+        };
         let file = self
             .program
             .sources

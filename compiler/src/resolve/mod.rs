@@ -14,6 +14,7 @@ use crate::diagnostics::{Diagnostics, FileId, SourceMap, Span};
 use crate::syntax::{Definition, SourceFile};
 use indexmap::IndexMap;
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -41,6 +42,8 @@ pub struct Program {
     pub modules: Vec<Module>,
     pub diagnostics: RefCell<Diagnostics>,
     module_keys: IndexMap<loader::ModuleKey, ModuleId>,
+    /// The `hf(...)` / `peft(...)` call that read each imported JSON file.
+    read_by: RefCell<HashMap<FileId, Span>>,
 }
 
 impl Program {
@@ -71,8 +74,21 @@ impl Program {
             .map(ModuleId)
     }
 
-    pub fn report(&self, diagnostic: crate::diagnostics::Diagnostic) {
+    pub fn report(&self, mut diagnostic: crate::diagnostics::Diagnostic) {
+        // An error inside a file that `hf(...)` or `peft(...)` read also points at the call.
+        let file = diagnostic.primary.as_ref().map(|l| l.span.file);
+        let call = file.and_then(|f| self.read_by.borrow().get(&f).copied());
+        if let Some(call) = call.filter(|c| diagnostic.secondary.iter().all(|l| l.span != *c)) {
+            diagnostic = diagnostic.also(call, "read because of this");
+        }
         self.diagnostics.borrow_mut().push(diagnostic);
+    }
+
+    /// Registers a JSON file that a builtin call read, so that errors in it name the call.
+    pub(crate) fn add_read_file(&self, name: String, text: String, call: Span) -> FileId {
+        let file = self.sources.borrow_mut().add(name, text);
+        self.read_by.borrow_mut().insert(file, call);
+        file
     }
 
     pub fn has_errors(&self) -> bool {

@@ -1,6 +1,7 @@
 //! Parameter-efficient adapters, and module names: Kiln's own and each family's Hugging Face
 //! names, resolved to Kiln's family-independent [`Target`]s.
 
+use super::limits;
 use super::read::*;
 use super::types::*;
 use crate::diagnostics::{did_you_mean, Code, Diagnostic};
@@ -265,7 +266,7 @@ fn adapter(
     let mut ok = true;
     let out = match var.name.as_str() {
         "lora" => {
-            let rank = r.or("rank", 8, positive);
+            let rank = r.or("rank", 8, size(limits::LORA_RANK));
             let alpha = r.or_derived("alpha", rank.map(|x| x as f64), positive_number);
             let dropout_rate = r.or("dropout", 0.0, dropout);
             let default_targets = model.map(default_lora_targets).unwrap_or_default();
@@ -295,15 +296,15 @@ fn adapter(
             }))
         }
         "prefix" => {
-            let tokens = r.or("tokens", 20, positive);
-            let projection = r.opt("projection", positive);
+            let tokens = r.or("tokens", 20, size(limits::VIRTUAL_TOKENS));
+            let projection = r.opt("projection", size(limits::PREFIX_PROJECTION));
             Some(Adapter::Prefix {
                 tokens: tokens?,
                 projection: projection?,
             })
         }
         "prompt" => {
-            let tokens = r.or("tokens", 20, positive);
+            let tokens = r.or("tokens", 20, size(limits::VIRTUAL_TOKENS));
             let init = r.or("init", PromptInit::Random, prompt_init);
             Some(Adapter::Prompt {
                 tokens: tokens?,
@@ -311,7 +312,7 @@ fn adapter(
             })
         }
         "ptuning" => {
-            let tokens = r.or("tokens", 20, positive);
+            let tokens = r.or("tokens", 20, size(limits::VIRTUAL_TOKENS));
             let encoder = r.or("encoder", PromptEncoder::Mlp, |cx, v| {
                 choice(
                     cx,
@@ -320,7 +321,11 @@ fn adapter(
                     &[("mlp", PromptEncoder::Mlp), ("lstm", PromptEncoder::Lstm)],
                 )
             });
-            let hidden = r.or_derived("hidden", model.map(|m| m.hidden).or(Some(128)), positive);
+            let hidden = r.or_derived(
+                "hidden",
+                model.map(|m| m.hidden).or(Some(128)),
+                size(limits::PROMPT_ENCODER_HIDDEN),
+            );
             Some(Adapter::Ptuning {
                 tokens: tokens?,
                 encoder: encoder?,
@@ -328,7 +333,7 @@ fn adapter(
             })
         }
         "ptuning_v2" => r
-            .or("tokens", 20, positive)
+            .or("tokens", 20, size(limits::VIRTUAL_TOKENS))
             .map(|tokens| Adapter::PtuningV2 { tokens }),
         "bottleneck" => {
             let placement = r.or("placement", Placement::Pfeiffer, |cx, v| {

@@ -1,5 +1,6 @@
 //! Devices, nodes and clusters.
 
+use super::limits;
 use super::read::*;
 use super::types::*;
 use crate::diagnostics::{did_you_mean, Code, Diagnostic};
@@ -148,7 +149,7 @@ pub fn node(cx: &Cx, v: &Spanned, path: &str) -> Option<Node> {
     let device = r
         .required("device")
         .and_then(|v| device(cx, &v, &device_path));
-    let devices = r.req("devices", positive);
+    let devices = r.req("devices", size(limits::NODE_DEVICES));
     let intra_bandwidth = r.req("intra_bandwidth", |cx, v| quantity(cx, v, Dim::Bandwidth));
     let intra_latency = r.req("intra_latency", |cx, v| quantity(cx, v, Dim::Time));
     let inter_bandwidth = r.req("inter_bandwidth", |cx, v| quantity(cx, v, Dim::Bandwidth));
@@ -192,7 +193,7 @@ pub fn cluster(cx: &Cx, v: &Spanned, path: &str) -> Option<Cluster> {
     let name = r.record.kind.name().unwrap_or("cluster").to_string();
     let node_path = r.child_path("node");
     let node = r.required("node").and_then(|v| node(cx, &v, &node_path));
-    let nodes = r.req("nodes", positive);
+    let nodes = r.req("nodes", size(limits::NODES));
     r.finish();
     Some(Cluster {
         name,

@@ -3,6 +3,7 @@
 
 use super::adapter::adapters;
 use super::cluster::{cluster, expect_def, precision};
+use super::limits;
 use super::model::model;
 use super::objective::{default_fields, objective, placeholders, required_heads};
 use super::read::*;
@@ -59,11 +60,20 @@ pub fn experiment(cx: &Cx, v: &Spanned) -> Option<Experiment> {
             model.as_ref(),
         ),
     };
+    // By default a sequence fills the learned positions the virtual tokens leave.
+    let virtual_tokens = adapters
+        .iter()
+        .flatten()
+        .find_map(Adapter::virtual_tokens)
+        .unwrap_or(0);
+    let positions = model
+        .as_ref()
+        .map(|m| m.positions.saturating_sub(virtual_tokens).max(1));
     let train = match r.get("train") {
         Some(v) => record(cx, &v, "train", "training settings").and_then(|mut t| {
             let out = train(
                 &mut t,
-                model.as_ref(),
+                positions,
                 parallel.as_ref().map(|p| (p, r_parallel_spans(cx))),
             );
             t.finish();
@@ -72,7 +82,7 @@ pub fn experiment(cx: &Cx, v: &Spanned) -> Option<Experiment> {
         None if r.has("train") => None,
         None => train(
             &mut Rec::new(cx, empty(r.span()), "train", "train"),
-            model.as_ref(),
+            positions,
             None,
         ),
     };
@@ -109,30 +119,8 @@ pub fn experiment(cx: &Cx, v: &Spanned) -> Option<Experiment> {
         }
     }
     if let (Some(m), Some(t)) = (&model, &train) {
-        if m.position == Position::Learned && t.seq_len > m.positions {
-            let span = cx
-                .origins
-                .borrow()
-                .span("train.seq_len")
-                .unwrap_or(experiment_span);
-            let positions_span = cx
-                .origins
-                .borrow()
-                .span("model.positions")
-                .unwrap_or(model_span);
-            cx.report(
-                Diagnostic::new(
-                    Code::Range,
-                    format!(
-                        "seq_len = {} is longer than the model's {} learned positions",
-                        t.seq_len, m.positions
-                    ),
-                )
-                .at(span, "too long")
-                .also(positions_span, "positions")
-                .help(format!("use seq_len <= {}", m.positions)),
-            );
-        }
+        let adapters = adapters.as_deref().unwrap_or_default();
+        check_positions(cx, m, t, adapters, experiment_span, model_span);
     }
     Some(Experiment {
         name,
@@ -146,6 +134,84 @@ pub fn experiment(cx: &Cx, v: &Spanned) -> Option<Experiment> {
         train: train?,
         origins: cx.origins.borrow().clone(),
     })
+}
+
+/// Learned positions must cover the sequence, and the virtual tokens of a prefix, prompt or
+/// P-tuning adapter before it: lowering starts the real tokens' positions after them, as
+/// Hugging Face does (a prefix is a past of that length; a prompt is part of the input).
+fn check_positions(
+    cx: &Cx,
+    m: &Model,
+    t: &Train,
+    adapters: &[Adapter],
+    experiment_span: Span,
+    model_span: Span,
+) {
+    let virtual_tokens = adapters
+        .iter()
+        .enumerate()
+        .find_map(|(i, a)| Some((i, a.name(), a.virtual_tokens()?)));
+    let needed = t
+        .seq_len
+        .saturating_add(virtual_tokens.map_or(0, |(_, _, n)| n));
+    if m.position != Position::Learned || needed <= m.positions {
+        return;
+    }
+    let origins = cx.origins.borrow();
+    // A default seq_len leaves room for the virtual tokens; only they can be too many then.
+    let seq_len_span = origins.span("train.seq_len");
+    let positions_span = origins.span("model.positions").unwrap_or(model_span);
+    let d = match virtual_tokens {
+        None => Diagnostic::new(
+            Code::Range,
+            format!(
+                "seq_len = {} is longer than the model's {} learned positions",
+                t.seq_len, m.positions
+            ),
+        )
+        .at(seq_len_span.unwrap_or(experiment_span), "too long")
+        .help(format!("use seq_len <= {}", m.positions)),
+        Some((i, name, tokens)) => {
+            let tokens_span = origins
+                .span(&format!("adapters.{i}.tokens"))
+                .or_else(|| origins.span(&format!("adapters.{i}")))
+                .unwrap_or(experiment_span);
+            let tokens_label =
+                format!("`{name}` places {tokens} virtual tokens before the sequence");
+            let d = match seq_len_span {
+                Some(span) => Diagnostic::new(
+                    Code::Range,
+                    format!(
+                        "seq_len = {} and {tokens} virtual tokens need {needed} positions, more than the model's {} learned positions",
+                        t.seq_len, m.positions
+                    ),
+                )
+                .at(span, format!("{needed} positions with the virtual tokens"))
+                .also(tokens_span, tokens_label),
+                None => Diagnostic::new(
+                    Code::Range,
+                    format!(
+                        "{tokens} virtual tokens leave no room for a sequence in the model's {} learned positions",
+                        m.positions
+                    ),
+                )
+                .at(tokens_span, tokens_label),
+            };
+            let mut fixes = Vec::new();
+            if tokens < m.positions {
+                fixes.push(format!("seq_len <= {}", m.positions - tokens));
+            }
+            if t.seq_len < m.positions {
+                fixes.push(format!("tokens <= {}", m.positions - t.seq_len));
+            }
+            fixes.push(format!("a model with positions >= {needed}"));
+            d.help(format!(
+                "the real tokens' positions start after the virtual tokens; use {}",
+                fixes.join(", or ")
+            ))
+        }
+    };
+    cx.report(d.also(positions_span, "positions"));
 }
 
 fn with_head(have: &[&str], head: &str) -> String {
@@ -314,7 +380,7 @@ fn parallel(r: &mut Rec, model: Option<&Model>) -> Option<Parallel> {
         )
     });
     let schedule = r.or("schedule", PipelineSchedule::OneFOneB, schedule);
-    let microbatches = r.opt("microbatches", positive);
+    let microbatches = r.opt("microbatches", size(limits::MICROBATCHES));
     let overlap_grad_sync = r.or("overlap_grad_sync", false, boolean);
     let offload = r.or("offload", Offload::None, |cx, v| {
         choice(
@@ -502,9 +568,9 @@ fn schedule(cx: &Cx, v: &Spanned) -> Option<PipelineSchedule> {
         "gpipe" => Some(PipelineSchedule::Gpipe),
         "1f1b" => Some(PipelineSchedule::OneFOneB),
         _ => match var.args.as_slice() {
-            [n] => {
-                int_in(cx, n, 2, u64::MAX).map(|chunks| PipelineSchedule::Interleaved { chunks })
-            }
+            [n] => int_in(cx, n, 2, u64::MAX)
+                .filter(|&chunks| within(cx, limits::CHUNKS, chunks, n.span))
+                .map(|chunks| PipelineSchedule::Interleaved { chunks }),
             _ => {
                 cx.report(
                     Diagnostic::new(
@@ -519,9 +585,11 @@ fn schedule(cx: &Cx, v: &Spanned) -> Option<PipelineSchedule> {
     }
 }
 
+/// The training settings; `positions` (those the model leaves the real tokens) sets the
+/// default sequence length.
 fn train(
     r: &mut Rec,
-    model: Option<&Model>,
+    positions: Option<u64>,
     parallel: Option<(&Parallel, Option<Span>)>,
 ) -> Option<Train> {
     let cx = r.cx;
@@ -545,14 +613,14 @@ fn train(
         },
         lr_schedule,
     );
-    let batch = r.or("batch", 8, positive);
-    let micro_batch = r.opt("micro_batch", positive);
-    let steps = r.opt("steps", positive);
-    let epochs = r.opt("epochs", positive);
+    let batch = r.or("batch", 8, size(limits::BATCH));
+    let micro_batch = r.opt("micro_batch", size(limits::MICRO_BATCH));
+    let steps = r.opt("steps", size(limits::STEPS));
+    let epochs = r.opt("epochs", size(limits::EPOCHS));
     let seq_len = r.or_derived(
         "seq_len",
-        model.map(|m| m.positions.min(2048)).or(Some(512)),
-        positive,
+        Some(positions.map_or(512, |p| p.min(2048))),
+        size(limits::SEQ_LEN),
     );
     let precision_v = r.or("precision", Precision::F32, precision);
     let grad_clip = r.or("grad_clip", Some(1.0), |cx, v| match v.value {
@@ -562,6 +630,9 @@ fn train(
     let seed = r.or("seed", 0, non_negative);
     let eval_every = r.opt("eval_every", positive);
     let checkpoint_every = r.opt("checkpoint_every", positive);
+    let checkpoint_minutes = r.or("checkpoint_minutes", 10.0, positive_number);
+    let keep_checkpoints = r.or("keep_checkpoints", 2, positive);
+    let init_missing = r.or("init_missing", false, boolean);
     let length = match (steps?, epochs?) {
         (Some(_), Some(_)) => {
             cx.report(
@@ -579,8 +650,17 @@ fn train(
         }
     };
     let (batch, micro_batch) = (batch?, micro_batch?);
+    if let Some(seq_len) = seq_len {
+        if let Some(d) = limits::TOKENS_PER_STEP.exceeded_by(batch.saturating_mul(seq_len)) {
+            cx.report(
+                d.at(r.span_of("batch"), format!("{batch} sequences"))
+                    .also(r.span_of("seq_len"), format!("of {seq_len} tokens")),
+            );
+            return None;
+        }
+    }
     if let Some((
-        Parallel {
+        parallel @ Parallel {
             plan: Plan::Manual { data, .. },
             ..
         },
@@ -606,6 +686,21 @@ fn train(
             );
             return None;
         }
+        // As the planner reads them: micro_batch fixes the microbatches, else `microbatches`.
+        let microbatches = match (micro_batch, parallel.microbatches) {
+            (Some(_), _) => Some((batch / per_replica, r.span_of("micro_batch"))),
+            (None, Some(m)) => cx
+                .origins
+                .borrow()
+                .span("parallel.microbatches")
+                .map(|s| (m, s)),
+            (None, None) => None,
+        };
+        if let Some((m, span)) = microbatches {
+            if !schedule_fits(cx, parallel, m, span) {
+                return None;
+            }
+        }
     }
     Some(Train {
         optimizer: optimizer?,
@@ -619,7 +714,36 @@ fn train(
         seed: seed?,
         eval_every: eval_every?,
         checkpoint_every: checkpoint_every?,
+        checkpoint_minutes: checkpoint_minutes?,
+        keep_checkpoints: keep_checkpoints?,
+        init_missing: init_missing?,
     })
+}
+
+/// A manual plan's schedule lists each of its `microbatches` on every pipeline stage (and
+/// chunk), so their product is bounded; reports it when not.
+fn schedule_fits(cx: &Cx, parallel: &Parallel, microbatches: u64, span: Span) -> bool {
+    let Plan::Manual { pipeline, .. } = parallel.plan else {
+        return true;
+    };
+    let chunks = match parallel.schedule {
+        PipelineSchedule::Interleaved { chunks } => chunks,
+        PipelineSchedule::Gpipe | PipelineSchedule::OneFOneB => 1,
+    };
+    let stages = pipeline.saturating_mul(chunks);
+    let Some(d) = limits::SCHEDULE.exceeded_by(microbatches.saturating_mul(stages)) else {
+        return true;
+    };
+    let mut d = d.at(span, format!("{microbatches} microbatches per replica"));
+    if let Some(s) = cx.origins.borrow().span("parallel.plan.pipeline") {
+        let label = match chunks {
+            1 => format!("{pipeline} stages"),
+            _ => format!("{pipeline} stages of {chunks} chunks"),
+        };
+        d = d.also(s, label);
+    }
+    cx.report(d.help("use fewer, larger microbatches"));
+    false
 }
 
 fn optimizer(cx: &Cx, v: &Spanned) -> Option<Optimizer> {

@@ -5,6 +5,7 @@ mod adapter;
 mod cluster;
 mod emit;
 mod experiment;
+pub mod limits;
 mod model;
 mod objective;
 mod origins;

@@ -1,6 +1,7 @@
 //! Models: the transformer's knobs, and the shape checks between them.
 
 use super::cluster::expect_def;
+use super::limits;
 use super::read::*;
 use super::types::*;
 use crate::diagnostics::{Code, Diagnostic};
@@ -23,13 +24,13 @@ pub fn model(cx: &Cx, v: &Spanned, path: &str) -> Option<Model> {
     let mut r = expect_def(cx, v, DefKind::Model, path)?;
     let name = r.record.kind.name().unwrap_or("model").to_string();
     let family = r.req("family", |cx, v| choice(cx, v, "model family", FAMILIES));
-    let vocab = r.req("vocab", positive);
-    let positions = r.req("positions", positive);
-    let hidden = r.req("hidden", positive);
-    let layers = r.req("layers", positive);
-    let heads = r.req("heads", positive);
-    let kv_heads = r.or_derived("kv_heads", heads, positive);
-    let ffn = r.or_derived("ffn", hidden.map(|h| h.saturating_mul(4)), positive);
+    let vocab = r.req("vocab", size(limits::VOCAB));
+    let positions = r.req("positions", size(limits::POSITIONS));
+    let hidden = r.req("hidden", size(limits::HIDDEN));
+    let layers = r.req("layers", size(limits::LAYERS));
+    let heads = r.req("heads", size(limits::HEADS));
+    let kv_heads = r.or_derived("kv_heads", heads, size(limits::KV_HEADS));
+    let ffn = r.or_derived("ffn", hidden.map(|h| 4 * h), size(limits::FFN));
     let norm = r.or("norm", Norm::Layernorm { eps: 1e-5 }, norm);
     let activation = r.or("activation", Activation::Gelu, |cx, v| {
         choice(cx, v, "activation", ACTIVATIONS)
@@ -53,7 +54,7 @@ pub fn model(cx: &Cx, v: &Spanned, path: &str) -> Option<Model> {
     });
     let bias = r.or("bias", true, boolean);
     let tie_embeddings = r.or("tie_embeddings", true, boolean);
-    let type_vocab = r.or("type_vocab", 0, non_negative);
+    let type_vocab = r.or("type_vocab", 0, count(limits::TYPE_VOCAB));
     let output_heads = r.or("output_heads", vec![OutputHead::Lm], output_heads);
     let dropout_rate = r.or("dropout", 0.0, dropout);
     let checkpoint = r.opt("checkpoint", string);
@@ -201,7 +202,9 @@ fn output_heads(cx: &Cx, v: &Spanned) -> Option<Vec<OutputHead>> {
             "reward" => OutputHead::Reward,
             "value" => OutputHead::Value,
             _ => match var.args.as_slice() {
-                [n] => match int_in(cx, n, 2, u64::MAX) {
+                [n] => match int_in(cx, n, 2, u64::MAX)
+                    .filter(|&labels| within(cx, limits::LABELS, labels, n.span))
+                {
                     Some(labels) => OutputHead::Classifier { labels },
                     None => {
                         ok = false;

@@ -1,5 +1,6 @@
 //! Objectives, and the checks a compiler can make of a PET pattern-verbalizer pair.
 
+use super::limits;
 use super::read::*;
 use super::types::*;
 use crate::diagnostics::{Code, Diagnostic, Span};
@@ -112,7 +113,7 @@ fn mlm(r: &mut Rec) -> Option<Mlm> {
         )
     });
     let replace = r.or("replace", [0.8, 0.1, 0.1], replace_split);
-    let max_predictions = r.or("max_predictions", 20, positive);
+    let max_predictions = r.or("max_predictions", 20, size(limits::MAX_PREDICTIONS));
     Some(Mlm {
         prob: prob?,
         strategy: strategy?,
@@ -297,7 +298,7 @@ fn ppo(r: &mut Rec) -> Option<Ppo> {
     let value_coef = r.or("value_coef", 0.1, |cx, v| {
         number_where(cx, v, "at least 0", |x| x >= 0.0)
     });
-    let response_length = r.or("response_length", 48, positive);
+    let response_length = r.or("response_length", 48, size(limits::RESPONSE_LENGTH));
     let temperature = r.or("temperature", 1.0, positive_number);
     let reward_model = r.req("reward_model", experiment_name);
     let reference = r.opt("reference", experiment_name);

@@ -2,6 +2,7 @@
 //! choices, quantities. Each reader reports its own errors and returns `None` on failure, so
 //! a checker can read every field and report every mistake in one run.
 
+use super::limits::Limit;
 use super::origins::Origins;
 use crate::diagnostics::{did_you_mean, Code, Diagnostic, Span};
 use crate::resolve::units::Dim;
@@ -242,6 +243,27 @@ pub fn int_in(cx: &Cx, v: &Spanned, min: u64, max: u64) -> Option<u64> {
 
 pub fn positive(cx: &Cx, v: &Spanned) -> Option<u64> {
     int_in(cx, v, 1, u64::MAX)
+}
+
+/// A size: a positive integer within its field's [`Limit`].
+pub fn size(limit: Limit) -> impl Fn(&Cx, &Spanned) -> Option<u64> {
+    move |cx, v| positive(cx, v).filter(|&n| within(cx, limit, n, v.span))
+}
+
+/// A count that may be zero, within its field's [`Limit`].
+pub fn count(limit: Limit) -> impl Fn(&Cx, &Spanned) -> Option<u64> {
+    move |cx, v| non_negative(cx, v).filter(|&n| within(cx, limit, n, v.span))
+}
+
+/// Whether `value` (written at `span`) is within `limit`; reports it when not.
+pub fn within(cx: &Cx, limit: Limit, value: u64, span: Span) -> bool {
+    match limit.exceeded_by(value) {
+        Some(d) => {
+            cx.report(d.at(span, format!("at most {}", limit.max)));
+            false
+        }
+        None => true,
+    }
 }
 
 pub fn non_negative(cx: &Cx, v: &Spanned) -> Option<u64> {

@@ -262,13 +262,20 @@ impl Adapter {
 
     /// Adapters that prepend virtual tokens; at most one per experiment.
     pub fn prepends_tokens(&self) -> bool {
-        matches!(
-            self,
-            Adapter::Prefix { .. }
-                | Adapter::Prompt { .. }
-                | Adapter::Ptuning { .. }
-                | Adapter::PtuningV2 { .. }
-        )
+        self.virtual_tokens().is_some()
+    }
+
+    /// How many virtual tokens the adapter places before the sequence: as learned keys and
+    /// values (prefix, P-tuning v2) or as input embeddings (prompt, P-tuning). Either way the
+    /// real tokens' positions start after them.
+    pub fn virtual_tokens(&self) -> Option<u64> {
+        match self {
+            Adapter::Prefix { tokens, .. }
+            | Adapter::Prompt { tokens, .. }
+            | Adapter::Ptuning { tokens, .. }
+            | Adapter::PtuningV2 { tokens } => Some(*tokens),
+            _ => None,
+        }
     }
 }
 
@@ -485,8 +492,18 @@ pub struct Train {
     pub precision: Precision,
     pub grad_clip: Option<f64>,
     pub seed: u64,
+    /// Evaluate on `data.eval` every this many steps (and at the end).
     pub eval_every: Option<u64>,
+    /// Save a checkpoint every this many steps, besides the time-based ones.
     pub checkpoint_every: Option<u64>,
+    /// Save a checkpoint when this many minutes have passed since the last one (so that a
+    /// killed run loses at most that much), and always at the end or on an interrupt.
+    pub checkpoint_minutes: f64,
+    /// Complete checkpoints kept on disk, newest first.
+    pub keep_checkpoints: u64,
+    /// Start parameters a named checkpoint (`hf`, `peft`) lacks from fresh initial values,
+    /// listing them, instead of refusing to run.
+    pub init_missing: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]

@@ -2,7 +2,8 @@
 //! (`config.json` + `model.safetensors`, f32) that transformers loads without PEFT.
 
 use super::{graph_of, hf_config, sorted_json, trained, write_dir, ExportError};
-use crate::checkpoint::{read_safetensors, safetensors_bytes, HostTensor};
+use crate::checkpoint::{bind, check_all_bind, read_hf_weights, safetensors_bytes, HostTensor};
+use kiln_compiler::graph::names::Names;
 use kiln_compiler::graph::{Graph, Layout, Op, ParamRole};
 use kiln_compiler::spec::{Adapter, Experiment, Lora};
 use std::collections::BTreeMap;
@@ -36,8 +37,13 @@ fn base_model(
 ) -> Result<(BTreeMap<String, HostTensor>, Vec<u8>), ExportError> {
     if let Some(dir) = &e.model.checkpoint {
         let dir = Path::new(dir);
-        let tensors = read_safetensors(&dir.join("model.safetensors"))
-            .map_err(|err| ExportError(err.to_string()))?;
+        let prefix = Names {
+            family: e.model.family,
+        }
+        .base_model_prefix();
+        let (path, tensors) =
+            read_hf_weights(dir, prefix).map_err(|err| ExportError(err.to_string()))?;
+        bind(g, &[(path, tensors.clone())]).map_err(|err| ExportError(err.to_string()))?;
         let config = std::fs::read(dir.join("config.json"))
             .map_err(|err| ExportError(format!("{}: {err}", dir.join("config.json").display())))?;
         return Ok((tensors, config));
@@ -129,6 +135,7 @@ pub fn export_merged(e: &Experiment, runs: &Path, out: &Path) -> Result<(), Expo
     let lora = mergeable_lora(e)?;
     let g = graph_of(e)?;
     let (run, trained) = trained(e, runs)?;
+    check_all_bind(&g, &run, &trained).map_err(|err| ExportError(err.to_string()))?;
     let (mut tensors, config) = base_model(e, &g)?;
     for (name, t) in &trained {
         if let Some(slot) = tensors.get_mut(name) {

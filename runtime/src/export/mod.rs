@@ -9,7 +9,7 @@ mod peft;
 pub use merged::export_merged;
 pub use peft::{export_run, peft_config, write_peft};
 
-use crate::checkpoint::{read_safetensors, write_atomic, HostTensor};
+use crate::checkpoint::{write_atomic, HostTensor};
 use kiln_compiler::graph::Graph;
 use kiln_compiler::spec::Experiment;
 use std::collections::BTreeMap;
@@ -30,19 +30,14 @@ fn graph_of(e: &Experiment) -> Result<Graph, ExportError> {
     kiln_compiler::graph::compile_graph(e).map_err(|d| ExportError(format!("{:?}", d.items)))
 }
 
-/// The trained parameters of `e`'s run (`<runs>/<name>/checkpoint/trainable.safetensors`), by
-/// name, with the file they came from.
+/// The trained parameters of `e`'s run (its newest checkpoint's), by name, with the file they
+/// came from.
 fn trained(
     e: &Experiment,
     runs: &Path,
 ) -> Result<(PathBuf, BTreeMap<String, HostTensor>), ExportError> {
-    let path = runs
-        .join(&e.name)
-        .join("checkpoint")
-        .join("trainable.safetensors");
-    let tensors = read_safetensors(&path)
-        .map_err(|err| ExportError(format!("{err}; run `kiln run` first")))?;
-    Ok((path, tensors))
+    crate::train::stage_weights(runs, &e.name, "exporting")
+        .map_err(|err| ExportError(err.0))
 }
 
 /// Writes `files` (name, bytes) into the directory `out`, each atomically.

@@ -173,6 +173,8 @@ pub fn write_peft(
 pub fn export_run(e: &Experiment, runs: &Path, out: &Path) -> Result<(), ExportError> {
     let g = graph_of(e)?;
     let (path, tensors) = trained(e, runs)?;
+    crate::checkpoint::check_all_bind(&g, &path, &tensors)
+        .map_err(|err| ExportError(err.to_string()))?;
     let bound = crate::checkpoint::bind(&g, &[(path.clone(), tensors)])
         .map_err(|err| ExportError(err.to_string()))?;
     let values: Vec<HostTensor> = bound

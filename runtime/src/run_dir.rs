@@ -1,0 +1,484 @@
+//! A run's directory, `<runs>/<experiment>/`, and what keeps it whole: one process at a time
+//! (`run.lock`, holding the owner's pid), a metrics log written a line at a time and cut back to
+//! the checkpoint a run resumes from, and checkpoints that are complete or absent.
+//!
+//! A checkpoint is a directory `checkpoints/step-<N>/` holding its files and `manifest.json`
+//! (the step, each file's size and SHA-256). It is written as `checkpoints/.partial-step-<N>/`,
+//! each file and the directory flushed to disk, then renamed into place in one step: readers
+//! only look at `step-*` directories and check the manifest before using one. The previous
+//! checkpoints stay until the new one is in place; then all but the newest `keep` are removed.
+
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+/// A run directory that cannot be used as asked, with what to do about it.
+#[derive(Debug)]
+pub struct StoreError(pub String);
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+fn io_error(path: &Path, err: std::io::Error) -> StoreError {
+    StoreError(format!("{}: {err}", path.display()))
+}
+
+const LOCK_FILE: &str = "run.lock";
+const METRICS_FILE: &str = "metrics.jsonl";
+const CHECKPOINTS: &str = "checkpoints";
+const MANIFEST: &str = "manifest.json";
+const PARTIAL_PREFIX: &str = ".partial-";
+/// Bumped when the layout of a checkpoint changes in a way older readers cannot follow.
+const FORMAT: u64 = 1;
+
+/// A run directory this process owns until it is dropped (the lock is the kernel's `flock`,
+/// released even when the process is killed).
+pub struct RunDir {
+    root: PathBuf,
+    _lock: File,
+}
+
+impl RunDir {
+    /// Creates (if needed) and takes `<runs>/<name>`; another live `kiln run` of the same
+    /// experiment into the same directory is an error naming its pid.
+    pub fn lock(runs: &Path, name: &str) -> Result<Self, StoreError> {
+        let root = runs.join(name);
+        std::fs::create_dir_all(&root).map_err(|err| io_error(&root, err))?;
+        let path = root.join(LOCK_FILE);
+        let mut lock = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|err| io_error(&path, err))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                lock.read_to_string(&mut holder).ok();
+                let holder = holder.trim();
+                let who = if holder.is_empty() {
+                    String::from("another process")
+                } else {
+                    format!("another process (pid {holder})")
+                };
+                return Err(StoreError(format!(
+                    "{} is in use by {who}: two runs of `{name}` into one directory would overwrite each other's checkpoints and metrics; wait for it to finish, stop it, or pass another --runs directory",
+                    root.display()
+                )));
+            }
+            Err(std::fs::TryLockError::Error(err)) => return Err(io_error(&path, err)),
+        }
+        lock.set_len(0).map_err(|err| io_error(&path, err))?;
+        writeln!(lock, "{}", std::process::id()).map_err(|err| io_error(&path, err))?;
+        let dir = RunDir { root, _lock: lock };
+        dir.remove_partial_checkpoints()?;
+        Ok(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.root
+    }
+
+    fn checkpoints(&self) -> PathBuf {
+        self.root.join(CHECKPOINTS)
+    }
+
+    /// The newest checkpoint, verified against its manifest; `None` when there is none.
+    pub fn latest(&self) -> Result<Option<Checkpoint>, StoreError> {
+        latest_checkpoint(&self.root)
+    }
+
+    /// Forgets the run: its checkpoints and metrics (for a run started over).
+    pub fn clear(&self) -> Result<(), StoreError> {
+        let checkpoints = self.checkpoints();
+        if checkpoints.exists() {
+            std::fs::remove_dir_all(&checkpoints).map_err(|err| io_error(&checkpoints, err))?;
+        }
+        let metrics = self.root.join(METRICS_FILE);
+        if metrics.exists() {
+            std::fs::remove_file(&metrics).map_err(|err| io_error(&metrics, err))?;
+        }
+        Ok(())
+    }
+
+    /// Writes a checkpoint of `step` from `files` (name, bytes) and keeps the newest `keep`.
+    /// On failure nothing of it is left behind and the earlier checkpoints are untouched.
+    pub fn save(
+        &self,
+        step: u64,
+        files: &[(&str, &[u8])],
+        keep: usize,
+    ) -> Result<PathBuf, StoreError> {
+        let checkpoints = self.checkpoints();
+        std::fs::create_dir_all(&checkpoints).map_err(|err| io_error(&checkpoints, err))?;
+        let name = step_dir_name(step);
+        let done = checkpoints.join(&name);
+        if done.exists() {
+            // The same run at the same step (a deterministic run saved it already).
+            return Ok(done);
+        }
+        let partial = checkpoints.join(format!("{PARTIAL_PREFIX}{name}"));
+        let written = write_complete(&partial, step, files).and_then(|()| {
+            std::fs::rename(&partial, &done).map_err(|err| io_error(&done, err))?;
+            sync_dir(&checkpoints)
+        });
+        if let Err(err) = written {
+            std::fs::remove_dir_all(&partial).ok();
+            return Err(StoreError(format!(
+                "cannot save the checkpoint of step {step}: {err}; the previous checkpoint is intact"
+            )));
+        }
+        self.prune(keep.max(1))?;
+        Ok(done)
+    }
+
+    /// Removes all but the newest `keep` checkpoints.
+    fn prune(&self, keep: usize) -> Result<(), StoreError> {
+        let steps = complete_steps(&self.checkpoints())?;
+        for (_, dir) in steps.iter().rev().skip(keep) {
+            std::fs::remove_dir_all(dir).map_err(|err| io_error(dir, err))?;
+        }
+        Ok(())
+    }
+
+    /// What a killed save left behind: never read, so safe to remove under the lock.
+    fn remove_partial_checkpoints(&self) -> Result<(), StoreError> {
+        let checkpoints = self.checkpoints();
+        let Ok(entries) = std::fs::read_dir(&checkpoints) else {
+            return Ok(());
+        };
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(PARTIAL_PREFIX) {
+                let path = entry.path();
+                std::fs::remove_dir_all(&path).map_err(|err| io_error(&path, err))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The metrics log, opened for appending; with `upto`, first cut back to the lines of steps
+    /// up to it (a resumed run writes the later steps again). Lines without a step, or torn by a
+    /// kill, are dropped then too.
+    pub fn metrics(&self, upto: Option<u64>) -> Result<MetricsLog, StoreError> {
+        let path = self.root.join(METRICS_FILE);
+        match upto {
+            Some(step) if path.exists() => {
+                let text = std::fs::read_to_string(&path).map_err(|err| io_error(&path, err))?;
+                let kept: String = text
+                    .lines()
+                    .filter(|line| {
+                        serde_json::from_str::<serde_json::Value>(line)
+                            .ok()
+                            .and_then(|v| v["step"].as_u64())
+                            .is_some_and(|s| s <= step)
+                    })
+                    .flat_map(|line| [line, "\n"])
+                    .collect();
+                write_file_atomically(&path, kept.as_bytes())?;
+            }
+            Some(_) => {}
+            None => write_file_atomically(&path, b"")?,
+        }
+        let file = OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(|err| io_error(&path, err))?;
+        Ok(MetricsLog { path, file })
+    }
+}
+
+/// `metrics.jsonl`: one JSON object a line, each written whole by one `write` (O_APPEND), so a
+/// kill leaves at most one torn last line, which a resume drops.
+pub struct MetricsLog {
+    path: PathBuf,
+    file: File,
+}
+
+impl MetricsLog {
+    pub fn append(&mut self, line: &serde_json::Value) -> Result<(), StoreError> {
+        let mut text = line.to_string();
+        text.push('\n');
+        self.file
+            .write_all(text.as_bytes())
+            .map_err(|err| io_error(&self.path, err))
+    }
+}
+
+/// A checkpoint read whole and checked against its manifest.
+pub struct Checkpoint {
+    pub dir: PathBuf,
+    pub step: u64,
+    files: BTreeMap<String, Vec<u8>>,
+}
+
+impl Checkpoint {
+    /// A file of the checkpoint, by name.
+    pub fn file(&self, name: &str) -> Result<&[u8], StoreError> {
+        self.files.get(name).map(Vec::as_slice).ok_or_else(|| {
+            StoreError(format!(
+                "{}: the checkpoint has no {name} (its manifest does not list it)",
+                self.dir.display()
+            ))
+        })
+    }
+}
+
+/// The newest checkpoint of the run in `run_dir`, verified; `None` when it has none. Readers
+/// that do not own the run (exports, later pipeline stages) use this too: checkpoints are
+/// never changed once in place.
+pub fn latest_checkpoint(run_dir: &Path) -> Result<Option<Checkpoint>, StoreError> {
+    let steps = complete_steps(&run_dir.join(CHECKPOINTS))?;
+    let Some((step, dir)) = steps.last() else {
+        return Ok(None);
+    };
+    let checkpoint = read_verified(dir, *step).map_err(|err| {
+        let earlier = match steps.len() {
+            1 => String::from("it is the run's only checkpoint: start the run over (--restart)"),
+            _ => format!(
+                "move it away to continue from the checkpoint of step {}",
+                steps[steps.len() - 2].0
+            ),
+        };
+        StoreError(format!(
+            "the checkpoint {} is damaged: {}; {earlier}",
+            dir.display(),
+            err.0
+        ))
+    })?;
+    Ok(Some(checkpoint))
+}
+
+fn step_dir_name(step: u64) -> String {
+    format!("step-{step:010}")
+}
+
+/// The complete checkpoints under `checkpoints`, oldest first.
+fn complete_steps(checkpoints: &Path) -> Result<Vec<(u64, PathBuf)>, StoreError> {
+    let entries = match std::fs::read_dir(checkpoints) {
+        Ok(entries) => entries,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(err) => return Err(io_error(checkpoints, err)),
+    };
+    let mut steps: Vec<(u64, PathBuf)> = entries
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry.file_name();
+            let step = name.to_str()?.strip_prefix("step-")?.parse().ok()?;
+            Some((step, entry.path()))
+        })
+        .collect();
+    steps.sort();
+    Ok(steps)
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Manifest {
+    format: u64,
+    step: u64,
+    files: BTreeMap<String, FileEntry>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct FileEntry {
+    bytes: u64,
+    sha256: String,
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Writes `files` and their manifest into a fresh directory `dir`, everything flushed to disk.
+fn write_complete(dir: &Path, step: u64, files: &[(&str, &[u8])]) -> Result<(), StoreError> {
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).map_err(|err| io_error(dir, err))?;
+    }
+    std::fs::create_dir(dir).map_err(|err| io_error(dir, err))?;
+    let mut manifest = Manifest {
+        format: FORMAT,
+        step,
+        files: BTreeMap::new(),
+    };
+    for (name, bytes) in files {
+        write_synced(&dir.join(name), bytes)?;
+        manifest.files.insert(
+            name.to_string(),
+            FileEntry {
+                bytes: bytes.len() as u64,
+                sha256: sha256_hex(bytes),
+            },
+        );
+    }
+    let text = serde_json::to_vec_pretty(&manifest)
+        .map_err(|err| StoreError(format!("cannot write the manifest: {err}")))?;
+    write_synced(&dir.join(MANIFEST), &text)?;
+    sync_dir(dir)
+}
+
+/// Reads the checkpoint in `dir` and checks every file against its manifest.
+fn read_verified(dir: &Path, step: u64) -> Result<Checkpoint, StoreError> {
+    let manifest_path = dir.join(MANIFEST);
+    let text = std::fs::read(&manifest_path).map_err(|err| io_error(&manifest_path, err))?;
+    let manifest: Manifest = serde_json::from_slice(&text).map_err(|err| {
+        StoreError(format!(
+            "{} is not a checkpoint manifest: {err}",
+            manifest_path.display()
+        ))
+    })?;
+    if manifest.format != FORMAT {
+        return Err(StoreError(format!(
+            "{} is of checkpoint format {}; this Kiln reads format {FORMAT}",
+            manifest_path.display(),
+            manifest.format
+        )));
+    }
+    if manifest.step != step {
+        return Err(StoreError(format!(
+            "{} says step {}, its directory step {step}",
+            manifest_path.display(),
+            manifest.step
+        )));
+    }
+    let mut files = BTreeMap::new();
+    for (name, entry) in &manifest.files {
+        let path = dir.join(name);
+        let bytes = std::fs::read(&path).map_err(|err| io_error(&path, err))?;
+        if bytes.len() as u64 != entry.bytes {
+            return Err(StoreError(format!(
+                "{} has {} bytes, its manifest says {}",
+                path.display(),
+                bytes.len(),
+                entry.bytes
+            )));
+        }
+        if sha256_hex(&bytes) != entry.sha256 {
+            return Err(StoreError(format!(
+                "{}'s contents differ from what was saved (SHA-256 mismatch)",
+                path.display()
+            )));
+        }
+        files.insert(name.clone(), bytes);
+    }
+    Ok(Checkpoint {
+        dir: dir.to_path_buf(),
+        step,
+        files,
+    })
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    let mut file = File::create(path).map_err(|err| io_error(path, err))?;
+    file.write_all(bytes).map_err(|err| io_error(path, err))?;
+    file.sync_all().map_err(|err| io_error(path, err))
+}
+
+/// Makes a directory's entries (a created or renamed file) durable.
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|err| io_error(dir, err))
+}
+
+/// Replaces `path` with `bytes` through a flushed temporary file beside it.
+fn write_file_atomically(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    let written = write_synced(&tmp, bytes)
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(|err| io_error(path, err)));
+    if written.is_err() {
+        std::fs::remove_file(&tmp).ok();
+    }
+    written
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("kiln-run-dir-{name}-{}", std::process::id()));
+        std::fs::remove_dir_all(&dir).ok();
+        dir
+    }
+
+    #[test]
+    fn keeps_the_newest_checkpoints_and_reads_them_back_verified() {
+        let runs = scratch("keep");
+        let dir = RunDir::lock(&runs, "e").unwrap();
+        for step in 1..=4u64 {
+            let bytes = step.to_le_bytes();
+            dir.save(step, &[("a.bin", &bytes)], 2).unwrap();
+        }
+        let steps: Vec<u64> = complete_steps(&runs.join("e/checkpoints"))
+            .unwrap()
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect();
+        assert_eq!(steps, [3, 4]);
+        let latest = dir.latest().unwrap().unwrap();
+        assert_eq!(latest.step, 4);
+        assert_eq!(latest.file("a.bin").unwrap(), 4u64.to_le_bytes());
+        std::fs::remove_dir_all(&runs).ok();
+    }
+
+    #[test]
+    fn a_damaged_checkpoint_is_refused_with_the_earlier_one_named() {
+        let runs = scratch("damaged");
+        let dir = RunDir::lock(&runs, "e").unwrap();
+        dir.save(1, &[("a.bin", b"one")], 3).unwrap();
+        let newest = dir.save(2, &[("a.bin", b"two")], 3).unwrap();
+        std::fs::write(newest.join("a.bin"), b"tw0").unwrap();
+        let err = dir.latest().err().unwrap().0;
+        assert!(err.contains("SHA-256") && err.contains("step 1"), "{err}");
+        std::fs::remove_file(newest.join("a.bin")).unwrap();
+        let err = dir.latest().err().unwrap().0;
+        assert!(err.contains("a.bin"), "{err}");
+        std::fs::remove_dir_all(&runs).ok();
+    }
+
+    #[test]
+    fn a_second_owner_is_refused_and_partial_saves_are_never_read() {
+        let runs = scratch("owner");
+        let first = RunDir::lock(&runs, "e").unwrap();
+        let err = RunDir::lock(&runs, "e").err().unwrap().0;
+        assert!(err.contains(&format!("pid {}", std::process::id())), "{err}");
+        // A save killed half way: a partial directory, which the next owner removes.
+        let partial = runs.join("e/checkpoints/.partial-step-0000000007");
+        std::fs::create_dir_all(&partial).unwrap();
+        assert!(first.latest().unwrap().is_none());
+        drop(first);
+        let _second = RunDir::lock(&runs, "e").unwrap();
+        assert!(!partial.exists());
+        std::fs::remove_dir_all(&runs).ok();
+    }
+
+    #[test]
+    fn resumed_metrics_are_cut_back_to_the_checkpoint() {
+        let runs = scratch("metrics");
+        let dir = RunDir::lock(&runs, "e").unwrap();
+        let mut log = dir.metrics(None).unwrap();
+        for step in 1..=5 {
+            log.append(&serde_json::json!({ "step": step })).unwrap();
+        }
+        drop(log);
+        let path = runs.join("e/metrics.jsonl");
+        let mut torn = std::fs::read_to_string(&path).unwrap();
+        torn.push_str("{\"step\": 6, \"lo");
+        std::fs::write(&path, torn).unwrap();
+        drop(dir.metrics(Some(3)).unwrap());
+        let kept = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(kept, "{\"step\":1}\n{\"step\":2}\n{\"step\":3}\n");
+        std::fs::remove_dir_all(&runs).ok();
+    }
+}
