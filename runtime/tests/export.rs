@@ -6,7 +6,7 @@
 
 use kiln_compiler::graph::{compile_graph, Graph};
 use kiln_compiler::spec::Experiment;
-use kiln_runtime::checkpoint::{bind, read_safetensors, safetensors_bytes, HostTensor};
+use kiln_runtime::checkpoint::{bind, read_safetensors, HostTensor};
 use kiln_runtime::exec::{forward_backward, Batch};
 use kiln_runtime::export::{export_merged, write_peft};
 use kiln_runtime::prompt::from_peft;
@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 mod common;
-use common::relative_l2;
+use common::{relative_l2, tensor_bytes};
 
 fn fixtures() -> PathBuf {
     Path::new(concat!(
@@ -299,13 +299,7 @@ fn prefix_configs_count_key_value_heads() {
 /// A run's directory whose checkpoint holds `tensors` as its trained parameters.
 fn fake_run(what: &str, tensors: &BTreeMap<String, HostTensor>) -> PathBuf {
     let runs = scratch(what);
-    let bytes = safetensors_bytes(
-        tensors
-            .iter()
-            .map(|(n, t)| (n.clone(), t.shape.clone(), t.data.as_slice()))
-            .collect(),
-    )
-    .unwrap();
+    let bytes = tensor_bytes(tensors);
     kiln_runtime::run_dir::RunDir::lock(&runs, "e")
         .unwrap()
         .save(1, &[("trainable.safetensors", &bytes)], 1)

@@ -4,10 +4,13 @@
 //! loads them; pickles are refused with the way to convert them; a run's checkpoint exported
 //! against another experiment is refused.
 
-use kiln_runtime::checkpoint::{read_safetensors, safetensors_bytes, HostTensor};
+use kiln_runtime::checkpoint::{read_safetensors, HostTensor};
 use kiln_runtime::train::{run, Control, Event, Start};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+
+mod common;
+use common::{tensor_bytes, tiny_corpus};
 
 fn fixtures() -> PathBuf {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures")).to_path_buf()
@@ -33,40 +36,11 @@ fn model_dir(dir: &Path) -> PathBuf {
 }
 
 fn write_tensors(path: &Path, tensors: &BTreeMap<String, HostTensor>) {
-    let bytes = safetensors_bytes(
-        tensors
-            .iter()
-            .map(|(n, t)| (n.clone(), t.shape.clone(), t.data.as_slice()))
-            .collect(),
-    )
-    .unwrap();
-    std::fs::write(path, bytes).unwrap();
+    std::fs::write(path, tensor_bytes(tensors)).unwrap();
 }
 
 fn fixture_weights() -> BTreeMap<String, HostTensor> {
     read_safetensors(&fixtures().join("gpt2_tiny/model.safetensors")).unwrap()
-}
-
-/// Data and a tokenizer small enough for the fixture's vocabulary, made once per directory
-/// (so that the runs of one test see the same token ids).
-fn data(dir: &Path) -> (PathBuf, PathBuf) {
-    let (data, tokenizer) = (dir.join("d.jsonl"), dir.join("tokenizer.json"));
-    if tokenizer.exists() {
-        return (data, tokenizer);
-    }
-    let lines: Vec<String> = (0..8)
-        .map(|i| format!("{{\"text\": \"the river {i} flows north and the basin is large\"}}"))
-        .collect();
-    std::fs::write(&data, lines.join("\n")).unwrap();
-    kiln_runtime::data::train_tokenizer(
-        std::slice::from_ref(&data),
-        100,
-        &tokenizer,
-        kiln_runtime::data::TokenizerKind::WordPiece,
-        &[],
-    )
-    .unwrap();
-    (data, tokenizer)
 }
 
 /// Experiment `e` on the model in `model`, with `extra` fields (an adapter) and `train` fields.
@@ -76,7 +50,7 @@ fn experiment(
     extra: &str,
     train: &str,
 ) -> kiln_compiler::spec::Experiment {
-    let (data, tokenizer) = data(dir);
+    let (data, tokenizer) = tiny_corpus(dir);
     let src = format!(
         "experiment e {{ model = hf(\"{}\"), {extra} \
          data {{ train = \"{}\", tokenizer = \"{}\" }}, \

@@ -7,6 +7,8 @@ use kiln_runtime::memory::CountingAllocator;
 use kiln_runtime::train::{run, Control, Event, Start};
 use std::path::{Path, PathBuf};
 
+mod common;
+
 /// Allocations are counted, for the measured memory per device.
 #[global_allocator]
 static ALLOCATOR: CountingAllocator = CountingAllocator;
@@ -778,20 +780,7 @@ fn peft_adapter_weights_are_loaded_to_continue_training() {
     ));
     let dir = scratch("peft-continue");
     std::fs::create_dir_all(&dir).unwrap();
-    let data = dir.join("d.jsonl");
-    let lines: Vec<String> = (0..8)
-        .map(|i| format!("{{\"text\": \"the river {i} flows north and the basin is large\"}}"))
-        .collect();
-    std::fs::write(&data, lines.join("\n")).unwrap();
-    let tokenizer = dir.join("tokenizer.json");
-    kiln_runtime::data::train_tokenizer(
-        std::slice::from_ref(&data),
-        100,
-        &tokenizer,
-        kiln_runtime::data::TokenizerKind::WordPiece,
-        &[],
-    )
-    .unwrap();
+    let (data, tokenizer) = common::tiny_corpus(&dir);
     let experiment = |case: &str| {
         variant(&format!(
             "experiment variant {{ model = hf(\"{}\"), adapter = peft(\"{}\"), \

@@ -278,7 +278,9 @@ const SHAPE_FIELDS: &[&str] = &["vocab", "positions", "hidden", "layers", "heads
 /// How a Hugging Face family's `config.json` maps onto a Kiln model.
 struct HfFamily {
     model_type: &'static str,
-    /// Kiln field ← the first of these config keys present.
+    /// Kiln field ← the first of these config keys present. Without its own key `kv_heads`
+    /// takes the model's default, `heads` (as transformers reads a missing
+    /// `num_key_value_heads`), so that one bad `n_head` is one error.
     keys: &'static [(&'static str, &'static [&'static str])],
     /// Norm kind, its epsilon's key, and the default epsilon.
     norm: (&'static str, &'static str, f64),
@@ -302,7 +304,6 @@ const FAMILIES: &[HfFamily] = &[
             ("hidden", &["n_embd"]),
             ("layers", &["n_layer"]),
             ("heads", &["n_head"]),
-            ("kv_heads", &["n_head"]),
             ("dropout", &["resid_pdrop"]),
         ],
         norm: ("layernorm", "layer_norm_epsilon", 1e-5),
@@ -322,7 +323,6 @@ const FAMILIES: &[HfFamily] = &[
             ("hidden", &["hidden_size"]),
             ("layers", &["num_hidden_layers"]),
             ("heads", &["num_attention_heads"]),
-            ("kv_heads", &["num_attention_heads"]),
             ("ffn", &["intermediate_size"]),
             ("type_vocab", &["type_vocab_size"]),
             ("dropout", &["hidden_dropout_prob"]),
@@ -344,7 +344,7 @@ const FAMILIES: &[HfFamily] = &[
             ("hidden", &["hidden_size"]),
             ("layers", &["num_hidden_layers"]),
             ("heads", &["num_attention_heads"]),
-            ("kv_heads", &["num_key_value_heads", "num_attention_heads"]),
+            ("kv_heads", &["num_key_value_heads"]),
             ("ffn", &["intermediate_size"]),
             ("dropout", &["attention_dropout"]),
         ],

@@ -1,4 +1,9 @@
-//! Helpers shared by the runtime's integration tests.
+//! Helpers shared by the runtime's integration tests (each test crate uses some of them).
+#![allow(dead_code)]
+
+use kiln_runtime::checkpoint::{safetensors_bytes, HostTensor};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 /// ‖got − want‖ / ‖want‖, the measure the Hugging Face comparisons use for tensors.
 pub fn relative_l2(got: &[f32], want: &[f32]) -> f64 {
@@ -10,4 +15,37 @@ pub fn relative_l2(got: &[f32], want: &[f32]) -> f64 {
             (n + f64::from(g - w).powi(2), d + f64::from(*w).powi(2))
         });
     num.sqrt() / den.sqrt().max(1e-30)
+}
+
+/// `tensors` as safetensors bytes (f32).
+pub fn tensor_bytes(tensors: &BTreeMap<String, HostTensor>) -> Vec<u8> {
+    safetensors_bytes(
+        tensors
+            .iter()
+            .map(|(n, t)| (n.clone(), t.shape.clone(), t.data.as_slice()))
+            .collect(),
+    )
+    .unwrap()
+}
+
+/// Eight short causal-LM records and a 100-token WordPiece tokenizer trained on them, in `dir`,
+/// made once (so that the runs of one test see the same token ids): (data, tokenizer).
+pub fn tiny_corpus(dir: &Path) -> (PathBuf, PathBuf) {
+    let (data, tokenizer) = (dir.join("d.jsonl"), dir.join("tokenizer.json"));
+    if tokenizer.exists() {
+        return (data, tokenizer);
+    }
+    let lines: Vec<String> = (0..8)
+        .map(|i| format!("{{\"text\": \"the river {i} flows north and the basin is large\"}}"))
+        .collect();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    kiln_runtime::data::train_tokenizer(
+        std::slice::from_ref(&data),
+        100,
+        &tokenizer,
+        kiln_runtime::data::TokenizerKind::WordPiece,
+        &[],
+    )
+    .unwrap();
+    (data, tokenizer)
 }
