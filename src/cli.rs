@@ -463,33 +463,24 @@ fn run(
     };
     // A pipeline's stages read each other's runs (`init`, reward model, reference): run them
     // in order, stopping at the first that fails.
-    let names: Vec<String> = match (wanted, checked.module.pipelines.first()) {
-        (None, Some(pipeline)) => {
-            let stages = &pipeline.value.stages;
-            for stage in stages {
-                println!(
-                    "stage `{}` of pipeline `{}`",
-                    stage.name, pipeline.value.name
-                );
-                let code = with_overrides(file, &checked, &stage.name, sets, |e| {
-                    train(e, options, &stop)
-                });
-                if code != ExitCode::SUCCESS {
-                    return code;
-                }
+    if let (None, Some(pipeline)) = (wanted, checked.module.pipelines.first()) {
+        for stage in &pipeline.value.stages {
+            println!(
+                "stage `{}` of pipeline `{}`",
+                stage.name, pipeline.value.name
+            );
+            let code =
+                with_overrides(file, &checked, &stage.name, sets, |e| train(e, options, &stop));
+            if code != ExitCode::SUCCESS {
+                return code;
             }
-            return ExitCode::SUCCESS;
         }
-        _ => match pick(file, &checked, wanted) {
-            Some(e) => vec![e.name.clone()],
-            None => return ExitCode::from(1),
-        },
-    };
-    let mut code = ExitCode::SUCCESS;
-    for name in &names {
-        code = with_overrides(file, &checked, name, sets, |e| train(e, options, &stop));
+        return ExitCode::SUCCESS;
     }
-    code
+    let Some(name) = pick(file, &checked, wanted).map(|e| e.name.clone()) else {
+        return ExitCode::from(1);
+    };
+    with_overrides(file, &checked, &name, sets, |e| train(e, options, &stop))
 }
 
 /// Runs `then` on experiment `name` of a checked file, with `--set` overrides applied.

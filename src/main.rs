@@ -5,15 +5,16 @@ use std::process::ExitCode;
 static ALLOCATOR: kiln_runtime::memory::CountingAllocator = kiln_runtime::memory::CountingAllocator;
 
 fn main() -> ExitCode {
-    exit_quietly_on_closed_pipe();
+    set_signal_dispositions();
     keep_freed_memory();
     kiln::cli::main()
 }
 
 /// `kiln plan FILE | head` should stop printing when `head` exits, as other Unix tools do,
-/// rather than panic on the write error Rust's ignored SIGPIPE turns into.
+/// rather than panic on the write error Rust's ignored SIGPIPE turns into; and a write past a
+/// file-size limit should fail with an error rather than kill the process (SIGXFSZ).
 #[cfg(unix)]
-fn exit_quietly_on_closed_pipe() {
+fn set_signal_dispositions() {
     // SAFETY: sets the disposition of two signals before any thread exists.
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
@@ -24,7 +25,7 @@ fn exit_quietly_on_closed_pipe() {
 }
 
 #[cfg(not(unix))]
-fn exit_quietly_on_closed_pipe() {}
+fn set_signal_dispositions() {}
 
 /// The executor allocates and frees tensors of megabytes at every op. glibc's malloc serves
 /// those with mmap and returns them on free, so each op faults its pages back in (a third of a

@@ -237,3 +237,55 @@ fn a_full_disk_keeps_the_last_checkpoint_and_the_run_resumes() {
     assert!(final_weights(&whole.join("crash")) == final_weights(&moved.join("crash")));
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Polls until the run has written `steps` metrics lines (it is training).
+fn wait_for_steps(run: &Path, steps: usize) {
+    let deadline = Instant::now() + std::time::Duration::from_secs(120);
+    while Instant::now() < deadline {
+        let lines = std::fs::read_to_string(run.join("metrics.jsonl"))
+            .map(|t| t.lines().count())
+            .unwrap_or(0);
+        if lines >= steps {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    panic!("the run did not reach step {steps}");
+}
+
+#[cfg(unix)]
+fn signal(child: &std::process::Child, signal: i32) {
+    // SAFETY: sends a signal to a child this test spawned and has not yet waited for.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
+}
+
+#[cfg(unix)]
+#[test]
+fn an_interrupt_saves_where_the_run_stopped_and_a_second_exits_at_once() {
+    let dir = scratch("interrupt");
+    let file = experiment_file(&dir, 100_000, 100_000);
+    let runs = dir.join("runs");
+    let run = runs.join("crash");
+
+    let child = kiln_run(&file, &runs, &[]).spawn().unwrap();
+    wait_for_steps(&run, 3);
+    signal(&child, libc::SIGINT);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("--resume"));
+    let saved = kiln_runtime::run_dir::latest_checkpoint(&run).unwrap().unwrap();
+    let logged = losses(&run).iter().filter(|l| l.contains("\"loss\"")).count() as u64;
+    assert_eq!(saved.step, logged, "the checkpoint is of the last step logged");
+
+    // Two signals: the second ends the process at once, whatever the first had started.
+    let child = kiln_run(&file, &runs, &["--resume"]).spawn().unwrap();
+    wait_for_steps(&run, logged as usize + 2);
+    signal(&child, libc::SIGTERM);
+    signal(&child, libc::SIGINT);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", String::from_utf8_lossy(&out.stderr));
+    kiln_runtime::run_dir::latest_checkpoint(&run)
+        .unwrap()
+        .expect("a checkpoint, complete");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -235,7 +235,7 @@ pub fn bind(
 
 /// Checks that a run's saved tensors are all parameters of `graph`, with their shapes (a
 /// checkpoint of another experiment would otherwise be written out as a broken model).
-pub fn check_all_bind(
+pub fn check_is_experiment_run(
     graph: &Graph,
     path: &Path,
     tensors: &BTreeMap<String, HostTensor>,
@@ -252,12 +252,14 @@ pub fn check_all_bind(
     bind(graph, &[(path.to_path_buf(), tensors.clone())]).map(|_| ())
 }
 
-/// Writes `bytes` to a temporary file beside `path` and renames it over `path`: a reader finds
-/// the old file or the new one, never half of one. The temporary file is named by the process,
-/// so that two writers never share it, and removed when the write fails.
+/// Writes `bytes` to a temporary file beside `path`, flushed to disk, and renames it over
+/// `path`: a reader finds the old file or the new one, never half of one. The temporary file is
+/// named by the process, so that two writers never share it, and removed when the write fails.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    use std::io::Write;
     let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    let written = std::fs::write(&tmp, bytes)
+    let written = std::fs::File::create(&tmp)
+        .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()))
         .map_err(|e| format!("{}: {e}", tmp.display()))
         .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display())));
     if written.is_err() {

@@ -52,7 +52,7 @@ pub const MAX_VOCAB: usize = 1 << 20;
 
 /// A human size: "4 MiB", "256 MiB", "1536 bytes".
 fn size(bytes: u64) -> String {
-    if bytes >= 1 << 20 && bytes % (1 << 20) == 0 {
+    if bytes >= 1 << 20 && bytes & ((1 << 20) - 1) == 0 {
         format!("{} MiB", bytes >> 20)
     } else {
         format!("{bytes} bytes")
@@ -80,12 +80,29 @@ pub fn load_tokenizer(path: &Path) -> Result<Tokenizer, DataError> {
             size(MAX_TOKENIZER_BYTES)
         )));
     }
-    Tokenizer::from_file(path).map_err(|e| {
+    let tokenizer = Tokenizer::from_file(path).map_err(|e| {
         DataError(format!(
             "{}: not a usable tokenizer.json: {e}",
             path.display()
         ))
-    })
+    })?;
+    // A token's id is its row of the model's embedding and output layer, and the model's vocab
+    // is checked against the tokenizer's size: ids must be 0..size, with no gaps, or a token
+    // would index past the rows the check allowed for.
+    let size = tokenizer.get_vocab_size(true);
+    if let Some((token, id)) = tokenizer
+        .get_vocab(true)
+        .into_iter()
+        .filter(|&(_, id)| id as usize >= size)
+        .max_by_key(|&(_, id)| id)
+    {
+        return Err(DataError(format!(
+            "{}: the token {token:?} has id {id}, but the tokenizer has {size} tokens; Kiln needs the ids 0 to {} (one row of the model's vocab each), without gaps",
+            path.display(),
+            size.saturating_sub(1)
+        )));
+    }
+    Ok(tokenizer)
 }
 
 /// The special tokens of a BERT-style tokenizer, in id order (0 pad, 1 unknown, 2 [CLS], 3 [SEP],
@@ -578,10 +595,15 @@ pub fn load_examples(
                         p.len()
                     )));
                 }
-                if p.is_empty() && r.len() < 2 {
-                    // The first token is never predicted (nothing comes before it).
+                // The first token is never predicted (nothing comes before it).
+                if r.is_empty() || (p.is_empty() && r.len() < 2) {
+                    let why = if r.is_empty() {
+                        "the response is empty"
+                    } else {
+                        "the prompt is empty and the response one token, which nothing before it predicts"
+                    };
                     return Err(DataError(format!(
-                        "{}:{line}: the prompt and the response are both empty; the record has nothing to learn",
+                        "{}:{line}: {why}, so the record has nothing to learn",
                         path.display()
                     )));
                 }
@@ -889,6 +911,16 @@ mod tests {
         let f = dir.0.join("sft.jsonl");
         std::fs::write(&f, text).unwrap();
         assert!(load_examples(&f, &sft, &BTreeMap::new(), &bpe(), n + 1, 0).is_ok());
+        let e = load_error(
+            "blank.jsonl",
+            b"{\"prompt\": \"\", \"response\": \"\"}\n",
+            &sft,
+            16,
+        );
+        assert!(
+            e.contains("blank.jsonl:1: the prompt is empty and the response one token"),
+            "{e}"
+        );
         let reward = Objective::Reward {
             chosen: "chosen".into(),
             rejected: "rejected".into(),
@@ -908,14 +940,19 @@ mod tests {
         let train = |files: &[PathBuf], vocab: usize, kind: TokenizerKind| {
             train_tokenizer(files, vocab, &out, kind, &[]).map_err(|e| e.0)
         };
-        let e = train(&[text.clone()], 4_000_000_000, TokenizerKind::Bpe).unwrap_err();
+        let e = train(
+            std::slice::from_ref(&text),
+            4_000_000_000,
+            TokenizerKind::Bpe,
+        )
+        .unwrap_err();
         assert!(
             e.contains("--vocab 4000000000 is out of range") && e.contains("1048576"),
             "{e}"
         );
-        let e = train(&[text.clone()], 100, TokenizerKind::Bpe).unwrap_err();
+        let e = train(std::slice::from_ref(&text), 100, TokenizerKind::Bpe).unwrap_err();
         assert!(e.contains("is 257 to 1048576 tokens"), "{e}");
-        let e = train(&[text.clone()], 3, TokenizerKind::WordPiece).unwrap_err();
+        let e = train(std::slice::from_ref(&text), 3, TokenizerKind::WordPiece).unwrap_err();
         assert!(e.contains("is 6 to 1048576 tokens"), "{e}");
         let e = train(&[], 300, TokenizerKind::Bpe).unwrap_err();
         assert!(e.contains("no files"), "{e}");
@@ -937,7 +974,7 @@ mod tests {
         let e = train(&[bad], 300, TokenizerKind::Bpe).unwrap_err();
         assert!(e.contains("bad.jsonl:2: not a JSON record"), "{e}");
         let e = train_tokenizer(
-            &[text.clone()],
+            std::slice::from_ref(&text),
             300,
             &out,
             TokenizerKind::WordPiece,
@@ -947,11 +984,22 @@ mod tests {
         assert!(e.0.contains("empty word"), "{e}");
         assert!(!out.exists(), "nothing is written on an error");
         // The smallest and a large vocabulary both train.
-        assert!(train(&[text.clone()], 257, TokenizerKind::Bpe).unwrap() >= 257);
+        assert!(train(std::slice::from_ref(&text), 257, TokenizerKind::Bpe).unwrap() >= 257);
         assert!(train(&[text], MAX_VOCAB, TokenizerKind::WordPiece).is_ok());
         assert!(load_tokenizer(&out).is_ok());
         let e = load_tokenizer(&dir.0).unwrap_err().0;
         assert!(e.contains("is a directory"), "{e}");
+        // Ids with a gap would index past the model's vocab rows.
+        let mut json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+        json["model"]["vocab"]["[UNK]"] = serde_json::json!(50_000);
+        let sparse = dir.0.join("sparse.json");
+        std::fs::write(&sparse, json.to_string()).unwrap();
+        let e = load_tokenizer(&sparse).unwrap_err().0;
+        assert!(
+            e.contains("\"[UNK]\" has id 50000, but the tokenizer has"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -23,5 +23,6 @@ pub mod ppo;
 pub mod prompt;
 mod rng;
 pub mod run_dir;
+mod starting_weights;
 pub mod tensor_parallel;
 pub mod train;

@@ -63,23 +63,39 @@ fn parse(pattern: &str) -> Vec<Vec<Part<'_>>> {
 
 /// The token id of each verbalizer word, in the verbalizer's order; a word the tokenizer splits
 /// into several tokens is an error (PET scores one token per class).
+/// A word the tokenizer does not know (its unknown token) or two labels sharing a token would
+/// make classes that cannot be told apart: both are errors too.
 pub fn verbalizer_ids(pvp: &Pvp, tokenizer: &Tokenizer) -> Result<Vec<usize>, DataError> {
-    pvp.verbalizer
-        .iter()
-        .map(|(label, word)| {
-            let enc = tokenizer
-                .encode(word.as_str(), false)
-                .map_err(|e| DataError(format!("verbalizer word `{word}`: {e}")))?;
-            match enc.get_ids() {
-                [id] => Ok(*id as usize),
-                ids => Err(DataError(format!(
-                    "the verbalizer word `{word}` (label `{label}`) is {} tokens for this tokenizer ({}); PET needs one token per word",
-                    ids.len(),
-                    enc.get_tokens().join(" ")
-                ))),
+    let unknown = tokenizer.token_to_id("[UNK]");
+    let mut ids: Vec<usize> = Vec::with_capacity(pvp.verbalizer.len());
+    for (label, word) in &pvp.verbalizer {
+        let enc = tokenizer
+            .encode(word.as_str(), false)
+            .map_err(|e| DataError(format!("verbalizer word `{word}`: {e}")))?;
+        let id = match enc.get_ids() {
+            [id] if Some(*id) == unknown => {
+                return Err(DataError(format!(
+                    "the verbalizer word `{word}` (label `{label}`) is not in the tokenizer's vocabulary (it reads as [UNK]); choose a word it knows, or train the tokenizer with `--words {word}`"
+                )))
             }
-        })
-        .collect()
+            [id] => *id as usize,
+            pieces => {
+                return Err(DataError(format!(
+                    "the verbalizer word `{word}` (label `{label}`) is {} tokens for this tokenizer ({}); PET needs one token per word",
+                    pieces.len(),
+                    enc.get_tokens().join(" ")
+                )))
+            }
+        };
+        if let Some(j) = ids.iter().position(|&other| other == id) {
+            return Err(DataError(format!(
+                "the labels `{}` and `{label}` are verbalized by the same token ({:?} and {word:?}); each class needs a word of its own",
+                pvp.verbalizer[j].0, pvp.verbalizer[j].1
+            )));
+        }
+        ids.push(id);
+    }
+    Ok(ids)
 }
 
 /// One example per record: the rendered pattern, the class index of the record's label and the
@@ -400,6 +416,22 @@ mod tests {
         let e = verbalizer_ids(&multi, &tokenizer()).unwrap_err();
         assert!(
             e.0.contains("`unbelievably` (label `positive`) is"),
+            "{}",
+            e.0
+        );
+        let mut unknown = pvp("{text} [MASK]", 0.0);
+        unknown.verbalizer[0].1 = "\u{2603}".into();
+        let e = verbalizer_ids(&unknown, &tokenizer()).unwrap_err();
+        assert!(
+            e.0.contains("is not in the tokenizer's vocabulary"),
+            "{}",
+            e.0
+        );
+        let mut same = pvp("{text} [MASK]", 0.0);
+        same.verbalizer[1].1 = "GREAT".into();
+        let e = verbalizer_ids(&same, &tokenizer()).unwrap_err();
+        assert!(
+            e.0.contains("the labels `positive` and `negative` are verbalized by the same token"),
             "{}",
             e.0
         );

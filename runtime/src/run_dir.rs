@@ -35,6 +35,8 @@ const METRICS_FILE: &str = "metrics.jsonl";
 const CHECKPOINTS: &str = "checkpoints";
 const MANIFEST: &str = "manifest.json";
 const PARTIAL_PREFIX: &str = ".partial-";
+/// Where Kiln before manifests kept its one checkpoint.
+const LEGACY_CHECKPOINT: &str = "checkpoint";
 /// Bumped when the layout of a checkpoint changes in a way older readers cannot follow.
 const FORMAT: u64 = 1;
 
@@ -94,14 +96,22 @@ impl RunDir {
 
     /// The newest checkpoint, verified against its manifest; `None` when there is none.
     pub fn latest(&self) -> Result<Option<Checkpoint>, StoreError> {
+        let legacy = self.root.join(LEGACY_CHECKPOINT);
+        if legacy.exists() {
+            return Err(StoreError(format!(
+                "{} holds a checkpoint in the layout of an older Kiln, without a manifest to verify it: move it away to keep it, or start over with --restart (which removes it)",
+                legacy.display()
+            )));
+        }
         latest_checkpoint(&self.root)
     }
 
     /// Forgets the run: its checkpoints and metrics (for a run started over).
     pub fn clear(&self) -> Result<(), StoreError> {
-        let checkpoints = self.checkpoints();
-        if checkpoints.exists() {
-            std::fs::remove_dir_all(&checkpoints).map_err(|err| io_error(&checkpoints, err))?;
+        for dir in [self.checkpoints(), self.root.join(LEGACY_CHECKPOINT)] {
+            if dir.exists() {
+                std::fs::remove_dir_all(&dir).map_err(|err| io_error(&dir, err))?;
+            }
         }
         let metrics = self.root.join(METRICS_FILE);
         if metrics.exists() {
@@ -123,7 +133,7 @@ impl RunDir {
         let name = step_dir_name(step);
         let done = checkpoints.join(&name);
         if done.exists() {
-            // The same run at the same step (a deterministic run saved it already).
+            // Only a run resumed from this very checkpoint gets here; it stays as it is.
             return Ok(done);
         }
         let partial = checkpoints.join(format!("{PARTIAL_PREFIX}{name}"));
@@ -137,17 +147,19 @@ impl RunDir {
                 "cannot save the checkpoint of step {step}: {err}; the previous checkpoint is intact"
             )));
         }
-        self.prune(keep.max(1))?;
+        self.prune(keep.max(1));
         Ok(done)
     }
 
-    /// Removes all but the newest `keep` checkpoints.
-    fn prune(&self, keep: usize) -> Result<(), StoreError> {
-        let steps = complete_steps(&self.checkpoints())?;
+    /// Removes all but the newest `keep` checkpoints, as far as it can: one left behind costs
+    /// disk space, never correctness, so it does not fail the save that came before.
+    fn prune(&self, keep: usize) {
+        let Ok(steps) = complete_steps(&self.checkpoints()) else {
+            return;
+        };
         for (_, dir) in steps.iter().rev().skip(keep) {
-            std::fs::remove_dir_all(dir).map_err(|err| io_error(dir, err))?;
+            std::fs::remove_dir_all(dir).ok();
         }
-        Ok(())
     }
 
     /// What a killed save left behind: never read, so safe to remove under the lock.
@@ -183,12 +195,13 @@ impl RunDir {
                     })
                     .flat_map(|line| [line, "\n"])
                     .collect();
-                write_file_atomically(&path, kept.as_bytes())?;
+                crate::checkpoint::write_atomic(&path, kept.as_bytes()).map_err(StoreError)?;
             }
             Some(_) => {}
-            None => write_file_atomically(&path, b"")?,
+            None => crate::checkpoint::write_atomic(&path, b"").map_err(StoreError)?,
         }
         let file = OpenOptions::new()
+            .create(true)
             .append(true)
             .open(&path)
             .map_err(|err| io_error(&path, err))?;
@@ -353,6 +366,12 @@ fn read_verified(dir: &Path, step: u64) -> Result<Checkpoint, StoreError> {
     }
     let mut files = BTreeMap::new();
     for (name, entry) in &manifest.files {
+        if name.contains(['/', '\\']) || name.starts_with('.') {
+            return Err(StoreError(format!(
+                "{} lists `{name}`, not a file of the checkpoint's directory",
+                manifest_path.display()
+            )));
+        }
         let path = dir.join(name);
         let bytes = std::fs::read(&path).map_err(|err| io_error(&path, err))?;
         if bytes.len() as u64 != entry.bytes {
@@ -389,17 +408,6 @@ fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|err| io_error(dir, err))
-}
-
-/// Replaces `path` with `bytes` through a flushed temporary file beside it.
-fn write_file_atomically(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    let written = write_synced(&tmp, bytes)
-        .and_then(|()| std::fs::rename(&tmp, path).map_err(|err| io_error(path, err)));
-    if written.is_err() {
-        std::fs::remove_file(&tmp).ok();
-    }
-    written
 }
 
 #[cfg(test)]

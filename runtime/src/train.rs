@@ -3,10 +3,7 @@
 //! `ppo`), steps on the mesh the plan lays out (`mesh`), the learning-rate schedule, metrics,
 //! evaluation, and checkpoints (`run_dir`: complete or absent, verified on resume).
 
-use crate::checkpoint::{
-    bind, param_shape, parse_safetensors, read_hf_weights, read_safetensors, safetensors_bytes,
-    write_atomic, HostTensor,
-};
+use crate::checkpoint::{param_shape, parse_safetensors, safetensors_bytes, write_atomic, HostTensor};
 use crate::data::{load_examples, load_tokenizer, pad_batch, DataError, Example, PaddedBatch};
 use crate::exec::{forward_backward, Batch, Stats};
 use crate::mesh::{DeviceMemory, Mesh, StepOutcome};
@@ -14,10 +11,10 @@ use crate::optim::{learning_rate, State};
 use crate::pet::verbalizer_ids;
 use crate::placement::Placement;
 use crate::plot::{read_losses, write_loss_curve};
-use crate::ppo::{adapt_kl_coef, reference_weights, Rollouts, Source};
+use crate::ppo::{adapt_kl_coef, reference_weights, Rollouts};
 use crate::rng::Rng;
-use crate::run_dir::{latest_checkpoint, Checkpoint, MetricsLog, RunDir, StoreError};
-use kiln_compiler::graph::names::Names;
+use crate::run_dir::{Checkpoint, MetricsLog, RunDir, StoreError};
+use crate::starting_weights::{named_checkpoints, starting_values};
 use kiln_compiler::graph::{compile_graph, Graph, Param, ParamRole};
 use kiln_compiler::plan::compile_plan;
 use kiln_compiler::spec::{Experiment, Length, Objective, Optimizer, Ppo};
@@ -319,9 +316,13 @@ pub fn initialise(g: &Graph, seed: u64) -> Vec<HostTensor> {
 
 /// Where a run is: enough to continue it bit-exactly.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-struct Progress {
+pub(crate) struct Progress {
     /// Steps completed.
-    step: u64,
+    pub(crate) step: u64,
+    /// The steps the run was to take when this was saved (a later stage starts only from a
+    /// finished run).
+    #[serde(default)]
+    pub(crate) total: Option<u64>,
     loss: f32,
     first_loss: f32,
     /// The data order's generator, the current epoch's order and the position in it.
@@ -355,10 +356,13 @@ impl Progress {
 /// FNV-1a over the parts of the experiment a checkpoint depends on (not the step count, which a
 /// resumed run may extend).
 fn fingerprint(e: &Experiment) -> String {
+    // The mesh is left out: a run may move to another mesh (its numbers then differ in the
+    // last bits, and dropout follows the microbatching; issue 13's counter-based draws).
     let relevant = serde_json::json!({
         "model": e.model, "adapters": e.adapters, "objective": e.objective, "data": e.data,
         "optimizer": e.train.optimizer, "schedule": e.train.schedule, "batch": e.train.batch,
         "micro_batch": e.train.micro_batch, "seq_len": e.train.seq_len, "seed": e.train.seed,
+        "grad_clip": e.train.grad_clip, "precision": e.train.precision, "init": e.init,
     });
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in relevant.to_string().bytes() {
@@ -367,9 +371,9 @@ fn fingerprint(e: &Experiment) -> String {
     format!("{h:016x}")
 }
 
-const TRAINABLE_FILE: &str = "trainable.safetensors";
+pub(crate) const TRAINABLE_FILE: &str = "trainable.safetensors";
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
-const STATE_FILE: &str = "state.json";
+pub(crate) const STATE_FILE: &str = "state.json";
 
 /// Saves trainable weights, optimizer moments and progress as one checkpoint of the run.
 fn save_checkpoint(
@@ -527,116 +531,11 @@ fn check_data_position(progress: &Progress, records: usize) -> Result<(), String
     Ok(())
 }
 
-/// The trained weights a stage's run left under `runs` (its newest checkpoint's trainable
-/// tensors); `user` says who needs them and how ("`rlhf_ppo` uses the reward model of"), for
-/// the error that names the stage to run first.
-pub(crate) fn stage_weights(
-    runs: &Path,
-    stage: &str,
-    user: &str,
-) -> Result<(PathBuf, BTreeMap<String, HostTensor>), RunError> {
-    let run_dir = runs.join(stage);
-    let checkpoint = latest_checkpoint(&run_dir)?.ok_or_else(|| {
-        RunError(format!(
-            "{user} `{stage}`, which has no checkpoint yet ({} has none): run that stage first (`kiln run FILE --experiment {stage}`)",
-            run_dir.display()
-        ))
-    })?;
-    let path = checkpoint.dir.join(TRAINABLE_FILE);
-    let tensors = parse_safetensors(checkpoint.file(TRAINABLE_FILE)?, &path)
-        .map_err(|err| RunError(err.to_string()))?;
-    Ok((path, tensors))
-}
-
 /// What to do after a step.
 pub enum Control {
     Continue,
     /// Save a checkpoint and stop (as on an interrupt).
     Stop,
-}
-
-/// Where `e`'s weights start, first match winning: the run of the stage it starts from (`init`),
-/// pretrained weights (`hf("dir")`) and trained adapters (`peft("dir")`); each replaces the
-/// initial values it names.
-fn initial_weights(e: &Experiment, graph: &Graph, runs: &Path) -> Result<Vec<Source>, RunError> {
-    let mut files = Vec::new();
-    if let Some(stage) = &e.init {
-        files.push(stage_weights(
-            runs,
-            stage,
-            &format!("`{}` starts from", e.name),
-        )?);
-    }
-    if let Some(dir) = &e.model.checkpoint {
-        let prefix = Names {
-            family: e.model.family,
-        }
-        .base_model_prefix();
-        files.push(read_hf_weights(Path::new(dir), prefix).map_err(|err| RunError(err.to_string()))?);
-    }
-    for path in e
-        .adapter_weights
-        .iter()
-        .map(|dir| Path::new(dir).join("adapter_model.safetensors"))
-    {
-        let tensors = read_safetensors(&path).map_err(|err| RunError(err.to_string()))?;
-        // A virtual-token adapter's file holds its prompt under PEFT's name.
-        let tensors = crate::prompt::from_peft(graph, tensors)
-            .map_err(|err| RunError(format!("{}: {err}", path.display())))?;
-        files.push((path, tensors));
-    }
-    Ok(files)
-}
-
-/// Whether a named checkpoint must provide `p`: the model's own parameters when it comes from
-/// `hf("dir")`, the adapter's when it comes from `peft("dir")`. A new head (reward score,
-/// value head, classifier) starts fresh, as `modules_to_save` does.
-fn expected_from_checkpoint(e: &Experiment, p: &Param) -> bool {
-    // PPO's frozen reference copy is filled from the policy (or its stage) afterwards.
-    if p.name.starts_with("ref.") {
-        return false;
-    }
-    match p.role {
-        ParamRole::NewHead => false,
-        ParamRole::Adapter => !e.adapter_weights.is_empty(),
-        _ => e.model.checkpoint.is_some(),
-    }
-}
-
-/// Every parameter's starting value: the named checkpoints' tensors over fresh initial values.
-/// A parameter a named checkpoint should hold and does not stops the run, naming them, unless
-/// `init_missing` allows starting it fresh (then it is listed in the returned names).
-fn starting_values(
-    e: &Experiment,
-    graph: &Graph,
-    files: &[Source],
-) -> Result<(Vec<HostTensor>, Vec<String>), RunError> {
-    let mut values = initialise(graph, e.train.seed);
-    let bound = bind(graph, files).map_err(|err| RunError(err.to_string()))?;
-    let mut missing = Vec::new();
-    for ((slot, p), value) in values.iter_mut().zip(&graph.params).zip(bound) {
-        match value {
-            Some(t) => *slot = t,
-            None if expected_from_checkpoint(e, p) => missing.push(p.name.clone()),
-            None => {}
-        }
-    }
-    if !missing.is_empty() && !e.train.init_missing {
-        let sources: Vec<String> = files.iter().map(|(p, _)| p.display().to_string()).collect();
-        const SHOWN: usize = 8;
-        let mut names = missing[..missing.len().min(SHOWN)].join(", ");
-        if missing.len() > SHOWN {
-            names.push_str(&format!(", and {} more", missing.len() - SHOWN));
-        }
-        return Err(RunError(format!(
-            "{} of the {} parameters `{}` expects from its checkpoint are not in {}: {names}. Is it the checkpoint of the model the experiment describes? To start the missing ones from fresh initial values, set `train {{ init_missing = true }}`",
-            missing.len(),
-            graph.params.iter().filter(|p| expected_from_checkpoint(e, p)).count(),
-            e.name,
-            sources.join(" or ")
-        )));
-    }
-    Ok((values, missing))
 }
 
 /// PPO's updates on one rollout (`micros`, the mesh's microbatches): `epochs` optimizer steps
@@ -688,7 +587,9 @@ impl SavePolicy {
     fn new(e: &Experiment) -> Self {
         SavePolicy {
             every: e.train.checkpoint_every,
-            interval: std::time::Duration::from_secs_f64(e.train.checkpoint_minutes * 60.0),
+            // Longer than a Duration holds: never.
+            interval: std::time::Duration::try_from_secs_f64(e.train.checkpoint_minutes * 60.0)
+                .unwrap_or(std::time::Duration::MAX),
             last: Instant::now(),
         }
     }
@@ -774,7 +675,7 @@ pub fn run(
     // Sequences per record: reward pairs take two rows, which must stay in one batch.
     let per_record = train_set.first().map_or(1, Vec::len);
 
-    let files = initial_weights(e, &graph, runs)?;
+    let files = named_checkpoints(e, &graph, runs)?;
     let (mut values, initialised) = starting_values(e, &graph, &files)?;
     let rollouts = match &e.objective {
         Objective::Ppo(ppo) => {
@@ -798,6 +699,7 @@ pub fn run(
         )?,
         None => Progress {
             step: 0,
+            total: None,
             loss: f32::NAN,
             first_loss: f32::NAN,
             rng: e.train.seed,
@@ -822,11 +724,12 @@ pub fn run(
         Length::Steps(n) => n,
         Length::Epochs(k) => k * (train_set.len().div_ceil(batch)) as u64,
     });
+    progress.total = Some(total);
     let peak = match e.train.optimizer {
         Optimizer::Adamw { lr, .. } | Optimizer::Sgd { lr, .. } => lr,
     };
     let mut metrics = run_dir.metrics(resumed_from)?;
-    let mut evaluator = Evaluator {
+    let evaluator = Evaluator {
         graph: &graph,
         e,
         set: eval_set.as_deref(),
@@ -935,7 +838,8 @@ pub fn run(
         if e.train.eval_every.is_some_and(|k| step.is_multiple_of(k)) && step < total {
             last_eval = evaluator.run(&mesh, step, &mut metrics, &mut on_event)?;
         }
-        if matches!(control, Control::Stop) || (step < total && saves.due(step)) {
+        // A checkpoint at `total` is saved after the final evaluation, below.
+        if step < total && (matches!(control, Control::Stop) || saves.due(step)) {
             let dir = save_checkpoint(&graph, &mesh, &progress, &run_dir, keep)?;
             saved_step = Some(step);
             saves.last = Instant::now();
@@ -944,11 +848,12 @@ pub fn run(
             }
         }
     }
-    let finished = progress.step == total;
-    if finished {
+    // A run resumed from its final checkpoint has its final evaluation already.
+    if progress.step == total && resumed_from != Some(total) {
         last_eval = evaluator.run(&mesh, progress.step, &mut metrics, &mut on_event)?;
     }
-    if saved_step != Some(progress.step) {
+    // Nothing to save before a first step (its loss is not a number yet).
+    if progress.step > 0 && saved_step != Some(progress.step) {
         let dir = save_checkpoint(&graph, &mesh, &progress, &run_dir, keep)?;
         on_event(&Event::Saved {
             step: progress.step,
@@ -992,7 +897,7 @@ struct Evaluator<'a> {
 
 impl Evaluator<'_> {
     fn run(
-        &mut self,
+        &self,
         mesh: &Mesh,
         step: u64,
         metrics: &mut MetricsLog,
@@ -1040,6 +945,7 @@ mod tests {
     fn progress(order: Vec<usize>, cursor: usize) -> Progress {
         Progress {
             step: 1,
+            total: None,
             loss: 0.0,
             first_loss: 0.0,
             rng: 0,

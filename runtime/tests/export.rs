@@ -296,13 +296,23 @@ fn prefix_configs_count_key_value_heads() {
     std::fs::remove_dir_all(&out).ok();
 }
 
-/// A run's directory whose checkpoint holds `tensors` as its trained parameters.
+/// A run's directory whose final checkpoint (step 1 of 1) holds `tensors` as its trained
+/// parameters.
 fn fake_run(what: &str, tensors: &BTreeMap<String, HostTensor>) -> PathBuf {
     let runs = scratch(what);
     let bytes = tensor_bytes(tensors);
+    let state = serde_json::json!({
+        "step": 1, "total": 1, "loss": 0.0, "first_loss": 0.0, "rng": 0, "order": [],
+        "cursor": 0, "tokens": 0, "fingerprint": "",
+    })
+    .to_string();
+    let files = [
+        ("trainable.safetensors", bytes.as_slice()),
+        ("state.json", state.as_bytes()),
+    ];
     kiln_runtime::run_dir::RunDir::lock(&runs, "e")
         .unwrap()
-        .save(1, &[("trainable.safetensors", &bytes)], 1)
+        .save(1, &files, 1)
         .unwrap();
     runs
 }

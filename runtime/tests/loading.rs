@@ -111,13 +111,20 @@ fn an_empty_peft_adapter_is_refused() {
         adapter.join("adapter_config.json"),
     )
     .unwrap();
-    write_tensors(&adapter.join("adapter_model.safetensors"), &BTreeMap::new());
     let e = experiment(
         &dir,
         &fixtures().join("gpt2_tiny"),
         &format!("adapter = peft(\"{}\"),", adapter.display()),
         "",
     );
+    write_tensors(&adapter.join("adapter_model.safetensors"), &BTreeMap::new());
+    let err = one_step(&dir, &e).unwrap_err();
+    assert!(err.contains("holds none of `e`'s adapter tensors"), "{err}");
+    // Half an adapter: the missing half is named.
+    let mut tensors =
+        read_safetensors(&fixtures().join("gpt2_tiny/clm_lora/adapter_model.safetensors")).unwrap();
+    tensors.retain(|name, _| !name.contains("lora_A"));
+    write_tensors(&adapter.join("adapter_model.safetensors"), &tensors);
     let err = one_step(&dir, &e).unwrap_err();
     assert!(err.contains("lora_A") && err.contains("adapter_model.safetensors"), "{err}");
     std::fs::remove_dir_all(&dir).ok();

@@ -2,7 +2,7 @@
 //! (`config.json` + `model.safetensors`, f32) that transformers loads without PEFT.
 
 use super::{graph_of, hf_config, sorted_json, trained, write_dir, ExportError};
-use crate::checkpoint::{bind, check_all_bind, read_hf_weights, safetensors_bytes, HostTensor};
+use crate::checkpoint::{bind, check_is_experiment_run, read_hf_weights, safetensors_bytes, HostTensor};
 use kiln_compiler::graph::names::Names;
 use kiln_compiler::graph::{Graph, Layout, Op, ParamRole};
 use kiln_compiler::spec::{Adapter, Experiment, Lora};
@@ -135,7 +135,7 @@ pub fn export_merged(e: &Experiment, runs: &Path, out: &Path) -> Result<(), Expo
     let lora = mergeable_lora(e)?;
     let g = graph_of(e)?;
     let (run, trained) = trained(e, runs)?;
-    check_all_bind(&g, &run, &trained).map_err(|err| ExportError(err.to_string()))?;
+    check_is_experiment_run(&g, &run, &trained).map_err(|err| ExportError(err.to_string()))?;
     let (mut tensors, config) = base_model(e, &g)?;
     for (name, t) in &trained {
         if let Some(slot) = tensors.get_mut(name) {

@@ -36,7 +36,7 @@ fn trained(
     e: &Experiment,
     runs: &Path,
 ) -> Result<(PathBuf, BTreeMap<String, HostTensor>), ExportError> {
-    crate::train::stage_weights(runs, &e.name, "exporting")
+    crate::starting_weights::stage_weights(runs, &e.name, "exporting")
         .map_err(|err| ExportError(err.0))
 }
 

@@ -169,11 +169,11 @@ pub fn write_peft(
     )
 }
 
-/// Exports the adapter of a finished (or checkpointed) run of `e` from `runs/<name>/checkpoint`.
+/// Exports the adapter of the finished run of `e` (its final checkpoint).
 pub fn export_run(e: &Experiment, runs: &Path, out: &Path) -> Result<(), ExportError> {
     let g = graph_of(e)?;
     let (path, tensors) = trained(e, runs)?;
-    crate::checkpoint::check_all_bind(&g, &path, &tensors)
+    crate::checkpoint::check_is_experiment_run(&g, &path, &tensors)
         .map_err(|err| ExportError(err.to_string()))?;
     let bound = crate::checkpoint::bind(&g, &[(path.clone(), tensors)])
         .map_err(|err| ExportError(err.to_string()))?;
