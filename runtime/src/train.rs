@@ -58,8 +58,9 @@ pub enum Start {
 
 /// What the loop tells its caller, which answers whether to go on.
 pub enum Event<'a> {
-    /// Training is about to begin: at `resumed_from` (a checkpoint's step), with the
-    /// parameters `init_missing` started from fresh values though a checkpoint was named.
+    /// Training is about to begin: at `resumed_from` (a checkpoint's step), with `initialised`
+    /// the parameters that started from fresh values though a checkpoint was named (task heads
+    /// a bare model's checkpoint lacks; with `init_missing`, whatever it lacks).
     Started {
         resumed_from: Option<u64>,
         total: u64,

@@ -68,7 +68,7 @@ impl Progress {
                     let shown = &initialised[..initialised.len().min(NAMES_SHOWN)];
                     let more = initialised.len() - shown.len();
                     self.say(format!(
-                        "init_missing: {} parameters the checkpoint lacks start from fresh values: {}{}",
+                        "{} parameters the named checkpoints do not hold start from fresh values: {}{}",
                         initialised.len(),
                         shown.join(", "),
                         if more > 0 { format!(", and {more} more") } else { String::new() }
