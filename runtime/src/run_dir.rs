@@ -94,8 +94,19 @@ impl RunDir {
         self.root.join(CHECKPOINTS)
     }
 
+    /// The step of the newest checkpoint, without reading it; `None` when there is none.
+    pub fn newest_step(&self) -> Result<Option<u64>, StoreError> {
+        self.refuse_legacy()?;
+        Ok(complete_steps(&self.checkpoints())?.last().map(|(step, _)| *step))
+    }
+
     /// The newest checkpoint, verified against its manifest; `None` when there is none.
     pub fn latest(&self) -> Result<Option<Checkpoint>, StoreError> {
+        self.refuse_legacy()?;
+        latest_checkpoint(&self.root)
+    }
+
+    fn refuse_legacy(&self) -> Result<(), StoreError> {
         let legacy = self.root.join(LEGACY_CHECKPOINT);
         if legacy.exists() {
             return Err(StoreError(format!(
@@ -103,7 +114,7 @@ impl RunDir {
                 legacy.display()
             )));
         }
-        latest_checkpoint(&self.root)
+        Ok(())
     }
 
     /// Forgets the run: its checkpoints and metrics (for a run started over).

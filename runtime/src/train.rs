@@ -621,13 +621,12 @@ pub fn run(
     let placement = placement(e, &graph)?;
     let run_dir = RunDir::lock(runs, &e.name)?;
     let resumable = match start {
-        Start::Fresh => match run_dir.latest()? {
-            Some(c) => {
+        Start::Fresh => match run_dir.newest_step()? {
+            Some(step) => {
                 return Err(RunError(format!(
-                    "{} already holds a run of `{}` (its checkpoint of step {}): `--resume` continues it, `--restart` discards it and starts over",
+                    "{} already holds a run of `{}` (its checkpoint of step {step}): `--resume` continues it, `--restart` discards it and starts over",
                     run_dir.path().display(),
                     e.name,
-                    c.step
                 )))
             }
             None => None,
