@@ -245,6 +245,11 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
+    /// Whether the checkpoint has a file of this name.
+    pub fn has(&self, name: &str) -> bool {
+        self.files.contains_key(name)
+    }
+
     /// A file of the checkpoint, by name.
     pub fn file(&self, name: &str) -> Result<&[u8], StoreError> {
         self.files.get(name).map(Vec::as_slice).ok_or_else(|| {

@@ -7,15 +7,15 @@
 use crate::checkpoint::{bind, parse_safetensors, read_hf_weights, read_safetensors, HostTensor};
 use crate::ppo::Source;
 use crate::run_dir::latest_checkpoint;
-use crate::train::{initialise, RunError, Progress, STATE_FILE, TRAINABLE_FILE};
+use crate::train::{initialise, Progress, RunError, FROZEN_FILE, STATE_FILE, TRAINABLE_FILE};
 use kiln_compiler::graph::names::Names;
 use kiln_compiler::graph::{Graph, LayerKind, Param, ParamRole};
 use kiln_compiler::spec::Experiment;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-/// The trained weights of a stage's finished run under `runs` (its final checkpoint's
-/// trainable tensors); `user` says who needs them and how ("`rlhf_ppo` uses the reward model
+/// The weights of a stage's finished run under `runs` (its final checkpoint's trainable
+/// tensors, and the frozen ones of a model defined in Kiln); `user` says who needs them and how ("`rlhf_ppo` uses the reward model
 /// of"), for the errors that name the stage to run or finish first.
 pub(crate) fn stage_weights(
     runs: &Path,
@@ -38,10 +38,15 @@ pub(crate) fn stage_weights(
             progress.total.unwrap_or_default()
         )));
     }
-    let path = checkpoint.dir.join(TRAINABLE_FILE);
-    let tensors = parse_safetensors(checkpoint.file(TRAINABLE_FILE)?, &path)
-        .map_err(|err| RunError(err.to_string()))?;
-    Ok((path, tensors))
+    let read = |name: &str| {
+        parse_safetensors(checkpoint.file(name)?, &checkpoint.dir.join(name))
+            .map_err(|err| RunError(err.to_string()))
+    };
+    let mut tensors = read(TRAINABLE_FILE)?;
+    if checkpoint.has(FROZEN_FILE) {
+        tensors.extend(read(FROZEN_FILE)?);
+    }
+    Ok((checkpoint.dir.join(TRAINABLE_FILE), tensors))
 }
 
 /// The checkpoints `e` names, first match winning when two hold a tensor: the stage it starts

@@ -373,23 +373,26 @@ fn fingerprint(e: &Experiment) -> String {
 }
 
 pub(crate) const TRAINABLE_FILE: &str = "trainable.safetensors";
+pub(crate) const FROZEN_FILE: &str = "frozen.safetensors";
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub(crate) const STATE_FILE: &str = "state.json";
 
-/// Saves trainable weights, optimizer moments and progress as one checkpoint of the run.
-fn save_checkpoint(
-    g: &Graph,
-    mesh: &Mesh,
-    progress: &Progress,
-    dir: &RunDir,
-    keep: u64,
-) -> Result<PathBuf, RunError> {
-    let values = mesh.values(g);
-    let states = mesh.states(g);
-    let trainable: Vec<usize> = (0..g.params.len())
-        .filter(|&i| g.params[i].trainable)
-        .collect();
-    let weights = trainable
+/// The frozen parameters a checkpoint must hold itself: those of a model defined in Kiln, which
+/// no file names (their values came from a seed, or from the stage the run started from), so
+/// that a later stage, an export or a reader of the checkpoint gets the model the run trained
+/// rather than a re-initialisation. PPO's reference copy is derived, not stored.
+fn unsourced_frozen(e: &Experiment, g: &Graph) -> Vec<usize> {
+    if e.model.checkpoint.is_some() {
+        return Vec::new();
+    }
+    (0..g.params.len())
+        .filter(|&i| !g.params[i].trainable && !g.params[i].name.starts_with("ref."))
+        .collect()
+}
+
+/// `params`' values as safetensors bytes, by name.
+fn weights_bytes(g: &Graph, values: &[HostTensor], params: &[usize]) -> Result<Vec<u8>, RunError> {
+    let weights = params
         .iter()
         .map(|&i| {
             (
@@ -399,7 +402,26 @@ fn save_checkpoint(
             )
         })
         .collect();
-    let weights = safetensors_bytes(weights).map_err(RunError)?;
+    safetensors_bytes(weights).map_err(RunError)
+}
+
+/// Saves trainable weights (and the `frozen` ones no file names), optimizer moments and
+/// progress as one checkpoint of the run.
+fn save_checkpoint(
+    g: &Graph,
+    mesh: &Mesh,
+    progress: &Progress,
+    dir: &RunDir,
+    keep: u64,
+    frozen: &[usize],
+) -> Result<PathBuf, RunError> {
+    let values = mesh.values(g);
+    let states = mesh.states(g);
+    let trainable: Vec<usize> = (0..g.params.len())
+        .filter(|&i| g.params[i].trainable)
+        .collect();
+    let weights = weights_bytes(g, &values, &trainable)?;
+    let frozen_weights = weights_bytes(g, &values, frozen)?;
     let mut moments = Vec::new();
     for &i in &trainable {
         if let Some(st) = &states[i] {
@@ -418,11 +440,14 @@ fn save_checkpoint(
     let moments = safetensors_bytes(moments).map_err(RunError)?;
     let state = serde_json::to_vec_pretty(progress)
         .map_err(|e| RunError(format!("cannot write the state: {e}")))?;
-    let files = [
+    let mut files = vec![
         (TRAINABLE_FILE, weights.as_slice()),
         (OPTIMIZER_FILE, moments.as_slice()),
         (STATE_FILE, state.as_slice()),
     ];
+    if !frozen.is_empty() {
+        files.push((FROZEN_FILE, frozen_weights.as_slice()));
+    }
     Ok(dir.save(progress.step, &files, keep as usize)?)
 }
 
@@ -746,6 +771,7 @@ pub fn run(
     let mut saved_step = resumed_from;
     let mut last_eval = None;
     let keep = e.train.keep_checkpoints;
+    let frozen = unsourced_frozen(e, &graph);
     let mut control = on_event(&Event::Started {
         resumed_from,
         total,
@@ -840,7 +866,7 @@ pub fn run(
         }
         // A checkpoint at `total` is saved after the final evaluation, below.
         if step < total && (matches!(control, Control::Stop) || saves.due(step)) {
-            let dir = save_checkpoint(&graph, &mesh, &progress, &run_dir, keep)?;
+            let dir = save_checkpoint(&graph, &mesh, &progress, &run_dir, keep, &frozen)?;
             saved_step = Some(step);
             saves.last = Instant::now();
             if matches!(on_event(&Event::Saved { step, dir: &dir }), Control::Stop) {
@@ -854,7 +880,7 @@ pub fn run(
     }
     // Nothing to save before a first step (its loss is not a number yet).
     if progress.step > 0 && saved_step != Some(progress.step) {
-        let dir = save_checkpoint(&graph, &mesh, &progress, &run_dir, keep)?;
+        let dir = save_checkpoint(&graph, &mesh, &progress, &run_dir, keep, &frozen)?;
         on_event(&Event::Saved {
             step: progress.step,
             dir: &dir,

@@ -1037,3 +1037,25 @@ fn ppo_on_a_mesh_matches_one_device() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A stage that starts from another trains on that stage's model: the frozen weights of a model
+/// defined in Kiln (no file names them) are kept in the checkpoint, not drawn again from the
+/// next stage's seed.
+#[test]
+fn a_stage_starts_from_the_frozen_weights_of_the_stage_before() {
+    let src = std::fs::read_to_string(examples().join("quickstart.kiln")).unwrap();
+    let src = format!(
+        "{src}\nexperiment first = quickstart {{ {STORIES}, model {{ hidden = 32, layers = 1, heads = 2 }}, \
+         adapter = lora {{ rank = 2, targets = [c_attn] }}, train {{ steps = 1, seq_len = 32, seed = 1 }} }}\n\
+         experiment second = first {{ init = first, train {{ seed = 2, optimizer = sgd {{ lr = 1e-30 }} }} }}\n"
+    );
+    let dir = scratch("frozen-stage");
+    for stage in ["first", "second"] {
+        run(&named(&src, stage), &dir, None, Start::Fresh, |_| Control::Continue).unwrap();
+    }
+    let frozen = |stage: &str| read_safetensors(&saved(&dir.join(stage), "frozen.safetensors")).unwrap();
+    let (first, second) = (frozen("first"), frozen("second"));
+    assert!(first.contains_key("transformer.h.0.attn.c_attn.weight"));
+    assert_eq!(first, second, "the second stage's base is the first's, not seed 2's");
+    std::fs::remove_dir_all(&dir).ok();
+}
