@@ -469,8 +469,9 @@ fn run(
                 "stage `{}` of pipeline `{}`",
                 stage.name, pipeline.value.name
             );
-            let code =
-                with_overrides(file, &checked, &stage.name, sets, |e| train(e, options, &stop));
+            let code = with_overrides(file, &checked, &stage.name, sets, |e| {
+                train(e, options, &stop)
+            });
             if code != ExitCode::SUCCESS {
                 return code;
             }

@@ -1,4 +1,4 @@
-//! Nothing lost: a training process killed at any moment (mid-step, mid-save) resumes to
+//! Nothing lost: a training process killed at any moment (start-up, mid-step, mid-save) resumes to
 //! exactly the weights and losses of a run never interrupted, and a save that fails for want of
 //! space leaves the previous checkpoint intact and the run resumable.
 
@@ -84,8 +84,29 @@ struct Lcg(u64);
 
 impl Lcg {
     fn next(&mut self) -> f64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (self.0 >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Lines of the run's metrics log (0 before it exists).
+fn logged_lines(run: &Path) -> usize {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
+}
+
+/// Waits until the run has logged `lines` lines or `child` has exited (or a minute passed).
+fn wait_for_lines(run: &Path, lines: usize, child: &mut std::process::Child) {
+    let deadline = Instant::now() + std::time::Duration::from_secs(60);
+    while logged_lines(run) < lines
+        && child.try_wait().unwrap().is_none()
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(1));
     }
 }
 
@@ -94,37 +115,69 @@ fn random_kills_resume_to_the_uninterrupted_run() {
     let dir = scratch("kills");
     let file = experiment_file(&dir, 120, 1);
     let (whole, killed) = (dir.join("whole"), dir.join("killed"));
-    let started = Instant::now();
     finished(&kiln_run(&file, &whole, &[]).output().unwrap());
-    let duration = started.elapsed();
 
+    let run = killed.join("crash");
     let mut rng = Lcg(12);
-    let mut kills = 0;
-    // Short lives, so that most attempts die: at start-up, mid-step or mid-save.
-    for _ in 0..20 {
+    let (mut kills, mut mid_save) = (0, 0);
+    for attempt in 0..20 {
         let mut child = kiln_run(&file, &killed, &["--resume"]).spawn().unwrap();
-        let delay = duration.mul_f64(0.02 + 0.08 * rng.next());
-        std::thread::sleep(delay);
+        if attempt % 5 == 0 {
+            // During start-up: reading the checkpoint, the data, the tokenizer.
+            std::thread::sleep(std::time::Duration::from_millis(
+                (300.0 * rng.next()) as u64,
+            ));
+        } else {
+            // A few steps in, then at a random moment of a step or of its save (every step
+            // saves): the log is cut back to the checkpoint on resume, so count from there.
+            let from = logged_lines(&run);
+            wait_for_lines(&run, from + 1 + (5.0 * rng.next()) as usize, &mut child);
+            std::thread::sleep(std::time::Duration::from_micros(
+                (20_000.0 * rng.next()) as u64,
+            ));
+        }
         if child.try_wait().unwrap().is_none() {
             child.kill().unwrap();
             kills += 1;
         }
         let out = child.wait_with_output().unwrap();
-        // Killed, or it finished (an earlier attempt came close to the end): never an error.
+        let partial = std::fs::read_dir(run.join("checkpoints")).is_ok_and(|entries| {
+            entries
+                .flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with(".partial"))
+        });
+        mid_save += usize::from(partial);
+        // Killed, or it finished: never an error.
         assert!(
             out.status.code().is_none_or(|c| c == 0),
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
         // Whatever the kill interrupted, what is on disk is complete and verifies.
-        kiln_runtime::run_dir::latest_checkpoint(&killed.join("crash")).unwrap();
+        kiln_runtime::run_dir::latest_checkpoint(&run).unwrap();
     }
-    assert!(kills >= 12, "only {kills} of the attempts were killed");
+    assert!(kills >= 15, "only {kills} of the attempts were killed");
+    let reached = kiln_runtime::run_dir::latest_checkpoint(&run)
+        .unwrap()
+        .map_or(0, |c| c.step);
+    assert!(
+        reached >= 20,
+        "the kills landed in training: step {reached} reached"
+    );
+    // How many landed inside a save depends on how long this disk takes to flush.
+    eprintln!("{kills} kills, {mid_save} inside a save; step {reached} reached");
     finished(&kiln_run(&file, &killed, &["--resume"]).output().unwrap());
 
     let (a, b) = (whole.join("crash"), killed.join("crash"));
-    assert_eq!(losses(&a), losses(&b), "the same steps, losses and evaluation");
-    assert!(final_weights(&a) == final_weights(&b), "bit-identical weights");
+    assert_eq!(
+        losses(&a),
+        losses(&b),
+        "the same steps, losses and evaluation"
+    );
+    assert!(
+        final_weights(&a) == final_weights(&b),
+        "bit-identical weights"
+    );
     std::fs::remove_dir_all(&dir).ok();
 }
 
@@ -226,7 +279,11 @@ fn a_full_disk_keeps_the_last_checkpoint_and_the_run_resumes() {
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(leftovers, ["step-0000000002"], "the failed save left nothing");
+    assert_eq!(
+        leftovers,
+        ["step-0000000002"],
+        "the failed save left nothing"
+    );
 
     // Space freed (here: the run moved to a roomy disk), it resumes to the uninterrupted run.
     let moved = dir.join("moved");
@@ -242,10 +299,7 @@ fn a_full_disk_keeps_the_last_checkpoint_and_the_run_resumes() {
 fn wait_for_steps(run: &Path, steps: usize) {
     let deadline = Instant::now() + std::time::Duration::from_secs(120);
     while Instant::now() < deadline {
-        let lines = std::fs::read_to_string(run.join("metrics.jsonl"))
-            .map(|t| t.lines().count())
-            .unwrap_or(0);
-        if lines >= steps {
+        if logged_lines(run) >= steps {
             return;
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
@@ -271,11 +325,24 @@ fn an_interrupt_saves_where_the_run_stopped_and_a_second_exits_at_once() {
     wait_for_steps(&run, 3);
     signal(&child, libc::SIGINT);
     let out = child.wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(130), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("--resume"));
-    let saved = kiln_runtime::run_dir::latest_checkpoint(&run).unwrap().unwrap();
-    let logged = losses(&run).iter().filter(|l| l.contains("\"loss\"")).count() as u64;
-    assert_eq!(saved.step, logged, "the checkpoint is of the last step logged");
+    let saved = kiln_runtime::run_dir::latest_checkpoint(&run)
+        .unwrap()
+        .unwrap();
+    let logged = losses(&run)
+        .iter()
+        .filter(|l| l.contains("\"loss\""))
+        .count() as u64;
+    assert_eq!(
+        saved.step, logged,
+        "the checkpoint is of the last step logged"
+    );
 
     // Two signals: the second ends the process at once, whatever the first had started.
     let child = kiln_run(&file, &runs, &["--resume"]).spawn().unwrap();
@@ -283,7 +350,12 @@ fn an_interrupt_saves_where_the_run_stopped_and_a_second_exits_at_once() {
     signal(&child, libc::SIGTERM);
     signal(&child, libc::SIGINT);
     let out = child.wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(130), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     kiln_runtime::run_dir::latest_checkpoint(&run)
         .unwrap()
         .expect("a checkpoint, complete");

@@ -87,11 +87,13 @@ fn run_file(file: &Path) -> Result<Vec<Outcome>, String> {
             out.push(Outcome::Ran(e.name.clone()));
         } else {
             let err = match result {
-                Ok(_) => return Err(format!(
+                Ok(_) => {
+                    return Err(format!(
                     "{what} is planned for {} `{}` devices, yet `run` trained it on this machine",
                     e.parallel.mesh.devices(),
                     e.parallel.mesh.node.device.name
-                )),
+                ))
+                }
                 Err(err) => err.to_string(),
             };
             if !(err.contains("kiln plan") && err.contains("this machine")) {

@@ -172,7 +172,8 @@ fn read_shards(
         path: index_path.to_path_buf(),
         message,
     };
-    let text = std::fs::read_to_string(index_path).map_err(|e| fail(format!("cannot read: {e}")))?;
+    let text =
+        std::fs::read_to_string(index_path).map_err(|e| fail(format!("cannot read: {e}")))?;
     let index: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| fail(format!("not valid JSON: {e}")))?;
     let map = index["weight_map"]
@@ -183,7 +184,11 @@ fn read_shards(
         let shard = shard
             .as_str()
             .filter(|s| !s.contains('/') && !s.contains('\\') && !s.starts_with('.'))
-            .ok_or_else(|| fail(format!("`{tensor}` maps to {shard}, not a file name beside the index")))?;
+            .ok_or_else(|| {
+                fail(format!(
+                    "`{tensor}` maps to {shard}, not a file name beside the index"
+                ))
+            })?;
         by_shard.entry(shard).or_default().push(tensor);
     }
     let mut out = BTreeMap::new();

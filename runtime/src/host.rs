@@ -17,7 +17,8 @@ fn parse_mem_available(meminfo: &str) -> Option<u64> {
 mod tests {
     #[test]
     fn reads_mem_available_in_bytes() {
-        let meminfo = "MemTotal:       24576000 kB\nMemFree:  1000 kB\nMemAvailable:   20000000 kB\n";
+        let meminfo =
+            "MemTotal:       24576000 kB\nMemFree:  1000 kB\nMemAvailable:   20000000 kB\n";
         assert_eq!(super::parse_mem_available(meminfo), Some(20_000_000 * 1024));
         assert_eq!(super::parse_mem_available("MemTotal: 1 kB\n"), None);
     }

@@ -48,7 +48,11 @@ pub fn write_loss_curve(
     let Some(&(last, _)) = finite.last() else {
         return Err("no finite losses to plot".into());
     };
-    let eval: Vec<(u64, f32)> = eval.iter().copied().filter(|(_, l)| l.is_finite()).collect();
+    let eval: Vec<(u64, f32)> = eval
+        .iter()
+        .copied()
+        .filter(|(_, l)| l.is_finite())
+        .collect();
     let losses = finite.iter().chain(&eval).map(|&(_, l)| l);
     let (lo, hi) = losses.fold((f32::MAX, f32::MIN), |(lo, hi), l| (lo.min(l), hi.max(l)));
     let pad = ((hi - lo) * 0.05).max(1e-3);
@@ -116,7 +120,13 @@ mod tests {
     #[test]
     fn the_svg_has_the_curve_and_the_eval_point() {
         let out = std::env::temp_dir().join(format!("kiln-plot-{}.svg", std::process::id()));
-        write_loss_curve("run", &[(1, 3.0), (2, 2.0), (3, f32::NAN)], &[(2, 2.5)], &out).unwrap();
+        write_loss_curve(
+            "run",
+            &[(1, 3.0), (2, 2.0), (3, f32::NAN)],
+            &[(2, 2.5)],
+            &out,
+        )
+        .unwrap();
         let svg = std::fs::read_to_string(&out).unwrap();
         std::fs::remove_file(&out).ok();
         assert!(svg.starts_with("<svg"));

@@ -97,7 +97,9 @@ impl RunDir {
     /// The step of the newest checkpoint, without reading it; `None` when there is none.
     pub fn newest_step(&self) -> Result<Option<u64>, StoreError> {
         self.refuse_legacy()?;
-        Ok(complete_steps(&self.checkpoints())?.last().map(|(step, _)| *step))
+        Ok(complete_steps(&self.checkpoints())?
+            .last()
+            .map(|(step, _)| *step))
     }
 
     /// The newest checkpoint, verified against its manifest; `None` when there is none.
@@ -180,7 +182,11 @@ impl RunDir {
             return Ok(());
         };
         for entry in entries.flatten() {
-            if entry.file_name().to_string_lossy().starts_with(PARTIAL_PREFIX) {
+            if entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with(PARTIAL_PREFIX)
+            {
                 let path = entry.path();
                 std::fs::remove_dir_all(&path).map_err(|err| io_error(&path, err))?;
             }
@@ -476,7 +482,10 @@ mod tests {
         let runs = scratch("owner");
         let first = RunDir::lock(&runs, "e").unwrap();
         let err = RunDir::lock(&runs, "e").err().unwrap().0;
-        assert!(err.contains(&format!("pid {}", std::process::id())), "{err}");
+        assert!(
+            err.contains(&format!("pid {}", std::process::id())),
+            "{err}"
+        );
         // A save killed half way: a partial directory, which the next owner removes.
         let partial = runs.join("e/checkpoints/.partial-step-0000000007");
         std::fs::create_dir_all(&partial).unwrap();

@@ -29,8 +29,13 @@ pub(crate) fn stage_weights(
             run_dir.display()
         ))
     })?;
-    let progress: Progress = serde_json::from_slice(checkpoint.file(STATE_FILE)?)
-        .map_err(|err| RunError(format!("{}: {err}", checkpoint.dir.join(STATE_FILE).display())))?;
+    let progress: Progress =
+        serde_json::from_slice(checkpoint.file(STATE_FILE)?).map_err(|err| {
+            RunError(format!(
+                "{}: {err}",
+                checkpoint.dir.join(STATE_FILE).display()
+            ))
+        })?;
     if progress.total.is_some_and(|total| progress.step < total) {
         return Err(RunError(format!(
             "{user} `{stage}`, whose run stopped at step {} of {}: finish it first (`kiln run FILE --experiment {stage} --resume`)",
@@ -66,7 +71,9 @@ pub(crate) fn named_checkpoints(
     }
     if let Some(dir) = &e.model.checkpoint {
         let prefix = base_prefix(e);
-        files.push(read_hf_weights(Path::new(dir), prefix).map_err(|err| RunError(err.to_string()))?);
+        files.push(
+            read_hf_weights(Path::new(dir), prefix).map_err(|err| RunError(err.to_string()))?,
+        );
     }
     for path in e
         .adapter_weights

@@ -3,7 +3,9 @@
 //! `ppo`), steps on the mesh the plan lays out (`mesh`), the learning-rate schedule, metrics,
 //! evaluation, and checkpoints (`run_dir`: complete or absent, verified on resume).
 
-use crate::checkpoint::{param_shape, parse_safetensors, safetensors_bytes, write_atomic, HostTensor};
+use crate::checkpoint::{
+    param_shape, parse_safetensors, safetensors_bytes, write_atomic, HostTensor,
+};
 use crate::data::{load_examples, load_tokenizer, pad_batch, DataError, Example, PaddedBatch};
 use crate::exec::{forward_backward, Batch, Stats};
 use crate::mesh::{DeviceMemory, Mesh, StepOutcome};
@@ -463,9 +465,7 @@ fn load_checkpoint(
     train_records: usize,
 ) -> Result<Progress, RunError> {
     let dir = &checkpoint.dir;
-    let refuse = |what: String| {
-        RunError(format!("cannot resume from {}: {what}", dir.display()))
-    };
+    let refuse = |what: String| RunError(format!("cannot resume from {}: {what}", dir.display()));
     let progress: Progress = serde_json::from_slice(checkpoint.file(STATE_FILE)?)
         .map_err(|err| refuse(format!("{STATE_FILE} is damaged: {err}")))?;
     if progress.fingerprint != fingerprint(e) {
@@ -492,7 +492,12 @@ fn load_checkpoint(
             .ok_or_else(|| refuse(format!("{TRAINABLE_FILE} has no `{}`", p.name)))?
             .clone();
         let m = shaped(&moments, &format!("{}.exp_avg", p.name), OPTIMIZER_FILE, p);
-        let v = shaped(&moments, &format!("{}.exp_avg_sq", p.name), OPTIMIZER_FILE, p);
+        let v = shaped(
+            &moments,
+            &format!("{}.exp_avg_sq", p.name),
+            OPTIMIZER_FILE,
+            p,
+        );
         let (m, v) = (m.map_err(refuse)?, v.map_err(refuse)?);
         states[i] = match (m, v) {
             (Some(m), Some(v)) => Some(State {

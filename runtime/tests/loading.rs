@@ -13,7 +13,11 @@ mod common;
 use common::{tensor_bytes, tiny_corpus};
 
 fn fixtures() -> PathBuf {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures")).to_path_buf()
+    Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../shared/fixtures"
+    ))
+    .to_path_buf()
 }
 
 fn scratch(name: &str) -> PathBuf {
@@ -68,7 +72,10 @@ fn experiment(
 fn one_step(dir: &Path, e: &kiln_compiler::spec::Experiment) -> Result<Vec<String>, String> {
     let mut initialised = Vec::new();
     run(e, &dir.join("runs"), Some(1), Start::Restart, |event| {
-        if let Event::Started { initialised: names, .. } = event {
+        if let Event::Started {
+            initialised: names, ..
+        } = event
+        {
             initialised = names.to_vec();
         }
         Control::Continue
@@ -97,7 +104,9 @@ fn a_checkpoint_missing_tensors_stops_the_run_naming_them() {
     let e = experiment(&dir, &model, "", ", init_missing = true");
     let initialised = one_step(&dir, &e).unwrap();
     assert!(!initialised.is_empty());
-    assert!(initialised.iter().all(|n| n.starts_with("transformer.h.1.")));
+    assert!(initialised
+        .iter()
+        .all(|n| n.starts_with("transformer.h.1.")));
     std::fs::remove_dir_all(&dir).ok();
 }
 
@@ -126,7 +135,10 @@ fn an_empty_peft_adapter_is_refused() {
     tensors.retain(|name, _| !name.contains("lora_A"));
     write_tensors(&adapter.join("adapter_model.safetensors"), &tensors);
     let err = one_step(&dir, &e).unwrap_err();
-    assert!(err.contains("lora_A") && err.contains("adapter_model.safetensors"), "{err}");
+    assert!(
+        err.contains("lora_A") && err.contains("adapter_model.safetensors"),
+        "{err}"
+    );
     std::fs::remove_dir_all(&dir).ok();
 }
 
@@ -188,7 +200,12 @@ fn sharded_and_bare_model_checkpoints_load_like_the_single_file() {
     let bare = model_dir(&dir.join("bare"));
     let renamed = weights
         .iter()
-        .map(|(k, v)| (k.strip_prefix("transformer.").unwrap_or(k).to_string(), v.clone()))
+        .map(|(k, v)| {
+            (
+                k.strip_prefix("transformer.").unwrap_or(k).to_string(),
+                v.clone(),
+            )
+        })
         .collect();
     write_tensors(&bare.join("model.safetensors"), &renamed);
     same(&started_from(&dir, &bare), &want, "bare model names");

@@ -263,9 +263,8 @@ fn ppo_raises_the_reward_and_keeps_its_reference_frozen() {
         after > before + 0.5,
         "the reward model's mean score of sampled responses: {before} -> {after}"
     );
-    let weights = |stage: &str| {
-        read_safetensors(&saved(&dir.join(stage), "trainable.safetensors")).unwrap()
-    };
+    let weights =
+        |stage: &str| read_safetensors(&saved(&dir.join(stage), "trainable.safetensors")).unwrap();
     let (sft, ppo) = (weights("tiny_sft"), weights("tiny_ppo"));
     let name = "transformer.h.0.attn.c_attn.weight";
     assert_ne!(sft[name], ppo[name], "the policy trained");
@@ -1051,11 +1050,18 @@ fn a_stage_starts_from_the_frozen_weights_of_the_stage_before() {
     );
     let dir = scratch("frozen-stage");
     for stage in ["first", "second"] {
-        run(&named(&src, stage), &dir, None, Start::Fresh, |_| Control::Continue).unwrap();
+        run(&named(&src, stage), &dir, None, Start::Fresh, |_| {
+            Control::Continue
+        })
+        .unwrap();
     }
-    let frozen = |stage: &str| read_safetensors(&saved(&dir.join(stage), "frozen.safetensors")).unwrap();
+    let frozen =
+        |stage: &str| read_safetensors(&saved(&dir.join(stage), "frozen.safetensors")).unwrap();
     let (first, second) = (frozen("first"), frozen("second"));
     assert!(first.contains_key("transformer.h.0.attn.c_attn.weight"));
-    assert_eq!(first, second, "the second stage's base is the first's, not seed 2's");
+    assert_eq!(
+        first, second,
+        "the second stage's base is the first's, not seed 2's"
+    );
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -62,7 +62,10 @@ impl Progress {
                 self.first_step = resumed_from.unwrap_or(0);
                 self.started = Instant::now();
                 if let Some(step) = resumed_from {
-                    self.say(format!("resuming `{}` from its checkpoint of step {step}", self.name));
+                    self.say(format!(
+                        "resuming `{}` from its checkpoint of step {step}",
+                        self.name
+                    ));
                 }
                 if !initialised.is_empty() {
                     let shown = &initialised[..initialised.len().min(NAMES_SHOWN)];

@@ -2,7 +2,9 @@
 //! (`config.json` + `model.safetensors`, f32) that transformers loads without PEFT.
 
 use super::{graph_of, hf_config, sorted_json, trained, write_dir, ExportError};
-use crate::checkpoint::{bind, check_is_experiment_run, read_hf_weights, safetensors_bytes, HostTensor};
+use crate::checkpoint::{
+    bind, check_is_experiment_run, read_hf_weights, safetensors_bytes, HostTensor,
+};
 use kiln_compiler::graph::names::Names;
 use kiln_compiler::graph::{Graph, Layout, Op, ParamRole};
 use kiln_compiler::spec::{Adapter, Experiment, Lora};
