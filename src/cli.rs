@@ -549,6 +549,15 @@ fn train(
             );
             ExitCode::from(130)
         }
+        Ok(s) if s.resumed_from.is_some_and(|step| step >= s.total) => {
+            println!(
+                "`{}` had finished its {} steps already; its checkpoint is in {} (`--restart` trains it again)",
+                experiment.name,
+                s.steps,
+                s.run_dir.display()
+            );
+            ExitCode::SUCCESS
+        }
         Ok(s) => {
             println!(
                 "trained `{}` for {} steps: loss {:.4} -> {:.4}{}{}",

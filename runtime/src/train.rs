@@ -96,6 +96,8 @@ pub struct RunSummary {
     /// Steps done, of `total` (fewer when the run was stopped).
     pub steps: u64,
     pub total: u64,
+    /// The checkpoint's step a resumed run started from.
+    pub resumed_from: Option<u64>,
     pub first_loss: f32,
     pub last_loss: f32,
     pub eval_loss: Option<f32>,
@@ -905,6 +907,7 @@ pub fn run(
         token_loss: token_loss(&e.objective),
         steps: progress.step,
         total,
+        resumed_from,
         first_loss: progress.first_loss,
         last_loss: progress.loss,
         eval_loss: last_eval.as_ref().map(|e| e.loss),
