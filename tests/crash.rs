@@ -295,16 +295,12 @@ fn a_full_disk_keeps_the_last_checkpoint_and_the_run_resumes() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-/// Polls until the run has written `steps` metrics lines (it is training).
-fn wait_for_steps(run: &Path, steps: usize) {
-    let deadline = Instant::now() + std::time::Duration::from_secs(120);
-    while Instant::now() < deadline {
-        if logged_lines(run) >= steps {
-            return;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    panic!("the run did not reach step {steps}");
+/// Waits for `child`, which an interrupt should have ended (status 130); its output.
+fn interrupted(child: std::process::Child) -> Output {
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    out
 }
 
 #[cfg(unix)]
@@ -321,16 +317,10 @@ fn an_interrupt_saves_where_the_run_stopped_and_a_second_exits_at_once() {
     let runs = dir.join("runs");
     let run = runs.join("crash");
 
-    let child = kiln_run(&file, &runs, &[]).spawn().unwrap();
-    wait_for_steps(&run, 3);
+    let mut child = kiln_run(&file, &runs, &[]).spawn().unwrap();
+    wait_for_lines(&run, 3, &mut child);
     signal(&child, libc::SIGINT);
-    let out = child.wait_with_output().unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(130),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = interrupted(child);
     assert!(String::from_utf8_lossy(&out.stdout).contains("--resume"));
     let saved = kiln_runtime::run_dir::latest_checkpoint(&run)
         .unwrap()
@@ -345,17 +335,11 @@ fn an_interrupt_saves_where_the_run_stopped_and_a_second_exits_at_once() {
     );
 
     // Two signals: the second ends the process at once, whatever the first had started.
-    let child = kiln_run(&file, &runs, &["--resume"]).spawn().unwrap();
-    wait_for_steps(&run, logged as usize + 2);
+    let mut child = kiln_run(&file, &runs, &["--resume"]).spawn().unwrap();
+    wait_for_lines(&run, logged as usize + 2, &mut child);
     signal(&child, libc::SIGTERM);
     signal(&child, libc::SIGINT);
-    let out = child.wait_with_output().unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(130),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    interrupted(child);
     kiln_runtime::run_dir::latest_checkpoint(&run)
         .unwrap()
         .expect("a checkpoint, complete");
