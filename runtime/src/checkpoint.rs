@@ -219,17 +219,7 @@ pub fn bind(
             .find_map(|(path, tensors)| tensors.get(&p.name).map(|t| (path, t)));
         match found {
             Some((path, t)) => {
-                let expected = param_shape(p);
-                // PEFT stores IA3 vectors as [out, 1] / [1, in]; the graph keeps the same shapes.
-                if t.shape != expected {
-                    return Err(CheckpointError {
-                        path: path.clone(),
-                        message: format!(
-                            "`{}` has shape {:?}, the model needs {:?}",
-                            p.name, t.shape, expected
-                        ),
-                    });
-                }
+                check_shape(p, t, path)?;
                 out.push(Some(t.clone()));
             }
             None => out.push(None),
@@ -238,23 +228,46 @@ pub fn bind(
     Ok(out)
 }
 
-/// Checks that a run's saved tensors are all parameters of `graph`, with their shapes (a
-/// checkpoint of another experiment would otherwise be written out as a broken model).
-pub fn check_is_experiment_run(
+/// `t`, read from `path` for parameter `p`, must have its shape.
+fn check_shape(p: &Param, t: &HostTensor, path: &Path) -> Result<(), CheckpointError> {
+    let expected = param_shape(p);
+    // PEFT stores IA3 vectors as [out, 1] / [1, in]; the graph keeps the same shapes.
+    if t.shape == expected {
+        return Ok(());
+    }
+    Err(CheckpointError {
+        path: path.to_path_buf(),
+        message: format!(
+            "`{}` has shape {:?}, the model needs {:?}",
+            p.name, t.shape, expected
+        ),
+    })
+}
+
+/// Every tensor of `tensors` (from `path`) that names a parameter of `graph` has its shape;
+/// with `only_params`, every tensor must name one (a run's checkpoint of another experiment
+/// would otherwise be written out, or scored with, as a broken model).
+pub fn check_tensors(
     graph: &Graph,
     path: &Path,
     tensors: &BTreeMap<String, HostTensor>,
+    only_params: bool,
 ) -> Result<(), CheckpointError> {
-    if let Some(name) = tensors
-        .keys()
-        .find(|k| !graph.params.iter().any(|p| &p.name == *k))
-    {
-        return Err(CheckpointError {
-            path: path.to_path_buf(),
-            message: format!("holds `{name}`, which is not a parameter of the experiment; was it saved by another experiment?"),
-        });
+    let params: BTreeMap<&str, &Param> =
+        graph.params.iter().map(|p| (p.name.as_str(), p)).collect();
+    for (name, t) in tensors {
+        match params.get(name.as_str()) {
+            Some(p) => check_shape(p, t, path)?,
+            None if only_params => {
+                return Err(CheckpointError {
+                    path: path.to_path_buf(),
+                    message: format!("holds `{name}`, which is not a parameter of the experiment; was it saved by another experiment?"),
+                })
+            }
+            None => {}
+        }
     }
-    bind(graph, &[(path.to_path_buf(), tensors.clone())]).map(|_| ())
+    Ok(())
 }
 
 /// Writes `bytes` to a temporary file beside `path`, flushed to disk, and renames it over

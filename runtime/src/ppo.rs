@@ -4,14 +4,14 @@
 //! token, GAE(γ, λ) advantages (whitened over the batch) and returns, and the batches the PPO
 //! loss trains on. Sampling, scoring and the reward model run on the executor, forward only.
 
-use crate::checkpoint::{bind, HostTensor};
+use crate::checkpoint::{bind, check_tensors, HostTensor};
 use crate::data::{Example, END_OF_TEXT};
 use crate::exec::{Batch, ExecError, Params, Segment, Value};
 use crate::rng::Rng;
 use crate::starting_weights::stage_weights;
 use crate::tensor_parallel::RankOps;
 use crate::train::RunError;
-use kiln_compiler::graph::{compile_graph, Graph, Op};
+use kiln_compiler::graph::{compile_graph, Graph, Op, REFERENCE_PREFIX};
 use kiln_compiler::spec::{Experiment, Objective, OutputHead, Ppo};
 use petgraph::graph::NodeIndex;
 use std::collections::BTreeMap;
@@ -109,16 +109,12 @@ impl RewardModel {
         let (path, tensors) = stage_weights(runs, &ppo.reward_model, &user)?;
         // A tensor without a place would be dropped silently: a reward model of another shape,
         // or one trained with adapters.
-        if let Some(name) = tensors
-            .keys()
-            .find(|&k| !graph.params.iter().any(|p| p.name == *k))
-        {
-            return Err(RunError(format!(
-                "{}: `{name}` has no place in a reward model shaped like `{}`'s policy (PPO scores with a reward model of the policy's architecture, trained without adapters)",
-                path.display(),
+        check_tensors(&graph, &path, &tensors, true).map_err(|err| {
+            RunError(format!(
+                "{err} (PPO scores with a reward model of `{}`'s policy architecture, trained without adapters)",
                 e.name
-            )));
-        }
+            ))
+        })?;
         let sources: Vec<Source> = std::iter::once((path.clone(), tensors))
             .chain(base.iter().cloned())
             .collect();
@@ -197,7 +193,7 @@ pub fn reference_weights(
         .map(|(i, p)| (p.name.as_str(), i))
         .collect();
     for (i, p) in g.params.iter().enumerate() {
-        let Some(name) = p.name.strip_prefix("ref.") else {
+        let Some(name) = p.name.strip_prefix(REFERENCE_PREFIX) else {
             continue;
         };
         let from_stage = stage.as_ref().and_then(|(_, t)| t.get(name));

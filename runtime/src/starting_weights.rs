@@ -123,7 +123,7 @@ fn adapter_kind(name: &str) -> &'static str {
 
 fn owed(e: &Experiment, graph: &Graph, p: &Param, peft_kinds: &BTreeSet<&str>) -> Owed {
     // PPO's frozen reference copy is filled from the policy (or its stage) afterwards.
-    if p.name.starts_with("ref.") {
+    if p.is_reference_copy() {
         return Owed::Nothing;
     }
     match p.role {

@@ -73,10 +73,6 @@ pub enum Event<'a> {
         step: u64,
         loss: f32,
     },
-    Saved {
-        step: u64,
-        dir: &'a Path,
-    },
 }
 
 /// What a caller sees of each step (for a progress bar).
@@ -390,7 +386,7 @@ fn unsourced_frozen(e: &Experiment, g: &Graph) -> Vec<usize> {
         return Vec::new();
     }
     (0..g.params.len())
-        .filter(|&i| !g.params[i].trainable && !g.params[i].name.starts_with("ref."))
+        .filter(|&i| !g.params[i].trainable && !g.params[i].is_reference_copy())
         .collect()
 }
 
@@ -418,7 +414,7 @@ fn save_checkpoint(
     dir: &RunDir,
     keep: u64,
     frozen: &[usize],
-) -> Result<PathBuf, RunError> {
+) -> Result<(), RunError> {
     let values = mesh.values(g);
     let states = mesh.states(g);
     let trainable: Vec<usize> = (0..g.params.len())
@@ -452,7 +448,8 @@ fn save_checkpoint(
     if !frozen.is_empty() {
         files.push((FROZEN_FILE, frozen_weights.as_slice()));
     }
-    Ok(dir.save(progress.step, &files, keep as usize)?)
+    dir.save(progress.step, &files, keep as usize)?;
+    Ok(())
 }
 
 /// Restores weights, moments and progress from a verified checkpoint, refusing one that does
@@ -472,7 +469,7 @@ fn load_checkpoint(
         .map_err(|err| refuse(format!("{STATE_FILE} is damaged: {err}")))?;
     if progress.fingerprint != fingerprint(e) {
         return Err(refuse(
-            "the experiment changed since that checkpoint (model, adapters, objective, data, optimizer, schedule, batch, sequence length or seed); start a new run (--restart), or restore the experiment".into(),
+            "the experiment changed since that checkpoint (model, adapters, objective, data, optimizer, schedule, batch, sequence length, seed, gradient clipping, precision or the stage it starts from); start a new run (--restart), or restore the experiment".into(),
         ));
     }
     if progress.step != checkpoint.step {
@@ -634,8 +631,8 @@ impl SavePolicy {
 
 /// Trains `e` and writes metrics and checkpoints under `runs/<name>`, which it holds alone
 /// while it runs; `start` says what to do with a run already there (`Resume` continues it with
-/// identical results). `on_event` hears of each step, evaluation and save, and may stop the
-/// run: it then saves a checkpoint and returns with the steps done.
+/// identical results). `on_event` hears of the start, each step and each evaluation, and may
+/// stop the run: it then saves a checkpoint and returns with the steps done.
 pub fn run(
     e: &Experiment,
     runs: &Path,
@@ -873,12 +870,9 @@ pub fn run(
         }
         // A checkpoint at `total` is saved after the final evaluation, below.
         if step < total && (matches!(control, Control::Stop) || saves.due(step)) {
-            let dir = save_checkpoint(&graph, &mesh, &progress, &run_dir, keep, &frozen)?;
+            save_checkpoint(&graph, &mesh, &progress, &run_dir, keep, &frozen)?;
             saved_step = Some(step);
             saves.last = Instant::now();
-            if matches!(on_event(&Event::Saved { step, dir: &dir }), Control::Stop) {
-                control = Control::Stop;
-            }
         }
     }
     // A run resumed from its final checkpoint has its final evaluation already.
@@ -887,11 +881,7 @@ pub fn run(
     }
     // Nothing to save before a first step (its loss is not a number yet).
     if progress.step > 0 && saved_step != Some(progress.step) {
-        let dir = save_checkpoint(&graph, &mesh, &progress, &run_dir, keep, &frozen)?;
-        on_event(&Event::Saved {
-            step: progress.step,
-            dir: &dir,
-        });
+        save_checkpoint(&graph, &mesh, &progress, &run_dir, keep, &frozen)?;
     }
     drop(metrics);
     plot_run(&e.name, run_dir.path())?;

@@ -108,7 +108,6 @@ impl Progress {
             Event::Evaluated { step, loss } => {
                 self.say(format!("{}: step {step} | eval loss {loss:.4}", self.name));
             }
-            Event::Saved { .. } => {}
         }
     }
 

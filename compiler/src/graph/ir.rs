@@ -80,9 +80,18 @@ pub struct Param {
     pub layer: LayerId,
 }
 
+/// The name prefix of PPO's frozen reference copy of the policy (`ref.transformer.h.0...`).
+pub const REFERENCE_PREFIX: &str = "ref.";
+
 impl Param {
     pub fn numel(&self) -> u64 {
         element_count(&self.shape)
+    }
+
+    /// Whether this is a parameter of PPO's frozen reference copy: filled from the policy (or
+    /// a stage's run), never stored, trained or exported as a parameter of its own.
+    pub fn is_reference_copy(&self) -> bool {
+        self.name.starts_with(REFERENCE_PREFIX)
     }
 }
 

@@ -44,8 +44,9 @@ pub fn compile_graph(e: &Experiment) -> Result<Graph, Diagnostics> {
 
     let base = Lowering::new(&mut g, &e.model, "", qkv).model(tokens, types, emb_layer);
     // PPO compares against a frozen copy of the initial model, lowered beside it.
-    let reference = objectives::needs_reference(&e.objective)
-        .then(|| Lowering::new(&mut g, &e.model, "ref.", qkv).model(tokens, types, emb_layer));
+    let reference = objectives::needs_reference(&e.objective).then(|| {
+        Lowering::new(&mut g, &e.model, REFERENCE_PREFIX, qkv).model(tokens, types, emb_layer)
+    });
     let mut low = Lowering::new(&mut g, &e.model, "", qkv);
     let loss = objectives::lower_objective(&mut low, &base, &e.objective, reference.as_ref());
     g.loss = Some(loss);

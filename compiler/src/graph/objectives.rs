@@ -121,7 +121,7 @@ pub fn lower_objective(
             let values = add_linear(low.g, &name, base.hidden, h, 1, true, Layout::OutIn, layer);
             mark_new_head(low.g, &name);
             let reference = reference.expect("PPO lowers a reference model");
-            let ref_logits = lm_head_of(low, reference, "ref.");
+            let ref_logits = lm_head_of(low, reference, REFERENCE_PREFIX);
             let ref_logits = tempered(low, ref_logits, ppo.temperature, "ppo.ref_");
             let ref_logp = low.g.add(
                 "ppo.ref_log_probs",

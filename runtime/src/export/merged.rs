@@ -2,9 +2,7 @@
 //! (`config.json` + `model.safetensors`, f32) that transformers loads without PEFT.
 
 use super::{graph_of, hf_config, sorted_json, trained, write_dir, ExportError};
-use crate::checkpoint::{
-    bind, check_is_experiment_run, read_hf_weights, safetensors_bytes, HostTensor,
-};
+use crate::checkpoint::{check_tensors, read_hf_weights, safetensors_bytes, HostTensor};
 use kiln_compiler::graph::names::Names;
 use kiln_compiler::graph::{Graph, Layout, Op, ParamRole};
 use kiln_compiler::spec::{Adapter, Experiment, Lora};
@@ -45,7 +43,7 @@ fn base_model(
         .base_model_prefix();
         let (path, tensors) =
             read_hf_weights(dir, prefix).map_err(|err| ExportError(err.to_string()))?;
-        bind(g, &[(path, tensors.clone())]).map_err(|err| ExportError(err.to_string()))?;
+        check_tensors(g, &path, &tensors, false).map_err(|err| ExportError(err.to_string()))?;
         let config = std::fs::read(dir.join("config.json"))
             .map_err(|err| ExportError(format!("{}: {err}", dir.join("config.json").display())))?;
         return Ok((tensors, config));
@@ -56,7 +54,7 @@ fn base_model(
         .iter()
         .zip(crate::train::initialise(g, e.train.seed))
         // Neither adapters nor PPO's frozen reference copy are part of the model.
-        .filter(|(p, _)| p.role != ParamRole::Adapter && !p.name.starts_with("ref."))
+        .filter(|(p, _)| p.role != ParamRole::Adapter && !p.is_reference_copy())
         .map(|(p, v)| (p.name.clone(), v))
         .collect();
     Ok((tensors, sorted_json(config)?))
@@ -137,7 +135,7 @@ pub fn export_merged(e: &Experiment, runs: &Path, out: &Path) -> Result<(), Expo
     let lora = mergeable_lora(e)?;
     let g = graph_of(e)?;
     let (run, trained) = trained(e, runs)?;
-    check_is_experiment_run(&g, &run, &trained).map_err(|err| ExportError(err.to_string()))?;
+    check_tensors(&g, &run, &trained, true).map_err(|err| ExportError(err.to_string()))?;
     let (mut tensors, config) = base_model(e, &g)?;
     for (name, t) in &trained {
         if let Some(slot) = tensors.get_mut(name) {

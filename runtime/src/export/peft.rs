@@ -173,7 +173,7 @@ pub fn write_peft(
 pub fn export_run(e: &Experiment, runs: &Path, out: &Path) -> Result<(), ExportError> {
     let g = graph_of(e)?;
     let (path, tensors) = trained(e, runs)?;
-    crate::checkpoint::check_is_experiment_run(&g, &path, &tensors)
+    crate::checkpoint::check_tensors(&g, &path, &tensors, true)
         .map_err(|err| ExportError(err.to_string()))?;
     let bound = crate::checkpoint::bind(&g, &[(path.clone(), tensors)])
         .map_err(|err| ExportError(err.to_string()))?;

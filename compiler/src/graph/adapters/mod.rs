@@ -108,7 +108,7 @@ pub fn apply(g: &mut Graph, cx: &Context, adapters: &[Adapter]) {
         }
     }
     // PPO's reference policy is never trained.
-    for p in g.params.iter_mut().filter(|p| p.name.starts_with("ref.")) {
+    for p in g.params.iter_mut().filter(|p| p.is_reference_copy()) {
         p.trainable = false;
     }
 }

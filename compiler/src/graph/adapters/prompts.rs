@@ -108,7 +108,7 @@ fn shift_positions(g: &mut Graph, by: u64) {
     let nodes: Vec<NodeIndex> = g
         .dag
         .node_indices()
-        .filter(|&n| !g.dag[n].name.starts_with("ref."))
+        .filter(|&n| !g.dag[n].name.starts_with(REFERENCE_PREFIX))
         .collect();
     for n in nodes {
         match &mut g.dag[n].op {
