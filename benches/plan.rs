@@ -26,7 +26,8 @@ fn planning(c: &mut Criterion) {
         assert!(checked.is_ok(), "{}", checked.render_errors());
         let experiment = &checked.module.experiments[0].value;
         // Lowering and profiling once (lower/gpt3_175b_* in the graph benchmark), then the search.
-        let planner = Planner::new(experiment).expect("lowers");
+        let graph = kiln::compiler::graph::compile_graph(experiment).expect("lowers");
+        let planner = Planner::new(experiment, graph);
         group.bench_function(format!("auto/{name}"), |b| {
             b.iter(|| planner.plan(Submeshes::PerStage).expect("plans"))
         });

@@ -301,6 +301,20 @@ fn check(files: &[PathBuf], emit_what: Option<Emit>, format: OutputFormat) -> Ex
     }
 }
 
+/// Compiles a checked experiment for a back end (`kiln run`, `export`, `bench`, the plan's
+/// reports); what stops it is rendered against the source, with exit code 1.
+fn compile(
+    checked: &kiln_compiler::CheckedFile,
+    experiment: &kiln_compiler::spec::Experiment,
+    submeshes: kiln_compiler::plan::Submeshes,
+) -> Result<kiln_compiler::Program, ExitCode> {
+    kiln_compiler::compile_with(experiment, submeshes).map_err(|diagnostics| {
+        let refs: Vec<&Diagnostic> = diagnostics.items.iter().collect();
+        render_to_stderr(&checked.program.sources.borrow(), &refs);
+        ExitCode::from(1)
+    })
+}
+
 /// Reports a file's errors; `true` when there were any.
 fn report_errors(file: &std::path::Path, checked: &kiln_compiler::CheckedFile) -> bool {
     if checked.is_ok() {
@@ -410,21 +424,19 @@ fn plan(
         return ExitCode::from(1);
     };
     // Plans for hardware one may not have: stages may run on submeshes of their own.
-    let plan = match kiln_compiler::plan::compile_plan_with(
+    let program = match compile(
+        &checked,
         experiment,
         kiln_compiler::plan::Submeshes::PerStage,
     ) {
         Ok(p) => p,
-        Err(diagnostics) => {
-            let refs: Vec<&Diagnostic> = diagnostics.items.iter().collect();
-            render_to_stderr(&checked.program.sources.borrow(), &refs);
-            return ExitCode::from(1);
-        }
+        Err(code) => return code,
     };
+    let plan = &program.plan;
     let text = match format {
-        PlanFormat::Text => kiln_compiler::plan::render_text(&plan),
-        PlanFormat::Json => serde_json::to_string_pretty(&plan).unwrap_or_default() + "\n",
-        PlanFormat::Toml => match toml::to_string(&plan) {
+        PlanFormat::Text => kiln_compiler::plan::render_text(plan),
+        PlanFormat::Json => serde_json::to_string_pretty(plan).unwrap_or_default() + "\n",
+        PlanFormat::Toml => match toml::to_string(plan) {
             Ok(t) => t,
             Err(e) => {
                 eprintln!("error: cannot write the plan as TOML: {e}");
@@ -469,8 +481,8 @@ fn run(
                 "stage `{}` of pipeline `{}`",
                 stage.name, pipeline.value.name
             );
-            let code = with_overrides(file, &checked, &stage.name, sets, |e| {
-                train(e, options, &stop)
+            let code = with_overrides(file, &checked, &stage.name, sets, |c, e| {
+                train(c, e, options, &stop)
             });
             if code != ExitCode::SUCCESS {
                 return code;
@@ -481,7 +493,9 @@ fn run(
     let Some(name) = pick(file, &checked, wanted).map(|e| e.name.clone()) else {
         return ExitCode::from(1);
     };
-    with_overrides(file, &checked, &name, sets, |e| train(e, options, &stop))
+    with_overrides(file, &checked, &name, sets, |c, e| {
+        train(c, e, options, &stop)
+    })
 }
 
 /// Runs `then` on experiment `name` of a checked file, with `--set` overrides applied.
@@ -490,11 +504,11 @@ fn with_overrides(
     checked: &kiln_compiler::CheckedFile,
     name: &str,
     sets: &[String],
-    then: impl FnOnce(&kiln_compiler::spec::Experiment) -> ExitCode,
+    then: impl FnOnce(&kiln_compiler::CheckedFile, &kiln_compiler::spec::Experiment) -> ExitCode,
 ) -> ExitCode {
     if sets.is_empty() {
         return match pick(file, checked, Some(name)) {
-            Some(e) => then(e),
+            Some(e) => then(checked, e),
             None => ExitCode::from(1),
         };
     }
@@ -509,7 +523,7 @@ fn with_overrides(
         return ExitCode::from(1);
     }
     match pick(file, &overridden, Some(name)) {
-        Some(e) => then(e),
+        Some(e) => then(&overridden, e),
         None => ExitCode::from(1),
     }
 }
@@ -517,14 +531,19 @@ fn with_overrides(
 /// Trains one experiment with progress (a bar on a terminal, else a line every few seconds),
 /// then prints its summary. An interrupt stops it with a checkpoint (exit 130).
 fn train(
+    checked: &kiln_compiler::CheckedFile,
     experiment: &kiln_compiler::spec::Experiment,
     options: &RunOptions,
     stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> ExitCode {
     use kiln_runtime::train::{Control, Event};
+    let program = match compile(checked, experiment, kiln_compiler::plan::Submeshes::Uniform) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
     let mut progress = progress::Progress::new(&experiment.name);
     let result = kiln_runtime::train::run(
-        experiment,
+        &program,
         options.runs,
         options.steps,
         options.start,
@@ -615,17 +634,21 @@ fn print_memory_report(memory: &[kiln_runtime::mesh::DeviceMemory]) {
 }
 
 fn bench(file: &std::path::Path, wanted: Option<&str>, steps: u64, warmup: u64) -> ExitCode {
-    with_experiment(file, wanted, |_, experiment| {
+    with_experiment(file, wanted, |checked, experiment| {
         if steps == 0 {
             eprintln!("error: --steps must be at least 1");
             return ExitCode::from(2);
         }
+        let program = match compile(checked, experiment, kiln_compiler::plan::Submeshes::Uniform) {
+            Ok(p) => p,
+            Err(code) => return code,
+        };
         let scratch = std::env::temp_dir().join(format!("kiln-bench-{}", std::process::id()));
         // The end of each step; a step's time is the gap to the previous one's end.
         let mut ends = vec![std::time::Instant::now()];
         let mut collectives = Vec::new();
         let result = kiln_runtime::train::run(
-            experiment,
+            &program,
             &scratch,
             Some(warmup + steps),
             kiln_runtime::train::Start::Fresh,
@@ -669,13 +692,11 @@ fn bench(file: &std::path::Path, wanted: Option<&str>, steps: u64, warmup: u64) 
                 100.0 * in_collectives / median
             );
         }
-        if let Ok(plan) = kiln_compiler::plan::compile_plan(experiment) {
-            println!(
-                "planner's prediction for this mesh: {:.3} s/step, {:.0} tokens/s",
-                positions / plan.throughput.tokens_per_second,
-                plan.throughput.tokens_per_second
-            );
-        }
+        let predicted = program.plan.throughput.tokens_per_second;
+        println!(
+            "planner's prediction for this mesh: {:.3} s/step, {predicted:.0} tokens/s",
+            positions / predicted,
+        );
         ExitCode::SUCCESS
     })
 }
@@ -687,15 +708,19 @@ fn export(
     merged: Option<PathBuf>,
     runs: &std::path::Path,
 ) -> ExitCode {
-    with_experiment(file, wanted, |_, experiment| {
+    with_experiment(file, wanted, |checked, experiment| {
+        let program = match compile(checked, experiment, kiln_compiler::plan::Submeshes::Uniform) {
+            Ok(p) => p,
+            Err(code) => return code,
+        };
         let (result, what, out) = match (peft, merged) {
             (_, Some(out)) => (
-                kiln_runtime::export::export_merged(experiment, runs, &out),
+                kiln_runtime::export::export_merged(&program, runs, &out),
                 "the merged Hugging Face model",
                 out,
             ),
             (Some(out), None) => (
-                kiln_runtime::export::export_run(experiment, runs, &out),
+                kiln_runtime::export::export_run(&program, runs, &out),
                 "PEFT adapter files",
                 out,
             ),

@@ -71,7 +71,13 @@ fn run_file(file: &Path) -> Result<Vec<Outcome>, String> {
     for e in experiments {
         let what = format!("{} (`{}`)", file.display(), e.name);
         let started = std::time::Instant::now();
-        let result = run(e, &runs, Some(STEPS), Start::Fresh, |_| Control::Continue);
+        let program = kiln::compiler::compile(e).map_err(|d| {
+            let messages: Vec<&str> = d.items.iter().map(|i| i.message.as_str()).collect();
+            format!("{what} does not compile: {}", messages.join("; "))
+        })?;
+        let result = run(&program, &runs, Some(STEPS), Start::Fresh, |_| {
+            Control::Continue
+        });
         if runs_on_this_machine(e) {
             let summary = result.map_err(|err| format!("{what} does not run: {err}"))?;
             if summary.steps != STEPS || !summary.last_loss.is_finite() {

@@ -5,9 +5,10 @@
 
 use crate::checkpoint::HostTensor;
 use crate::collective::Collective;
-use crate::tensor_parallel::{RankOps, VocabShard};
+use crate::tensor_parallel::VocabShard;
 use dfdx::prelude::*;
 use kiln_compiler::graph::{Act, Graph, InputKind, Layout, Op, ParamRef, Pick};
+use kiln_compiler::plan::sharding::RankOps;
 use petgraph::graph::NodeIndex;
 use std::collections::BTreeMap;
 use std::fmt;

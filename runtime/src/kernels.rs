@@ -1626,7 +1626,8 @@ mod tests {
     #[test]
     fn vocabulary_parallel_cross_entropy_equals_the_whole_one() {
         use crate::collective::cpu_ring;
-        use crate::tensor_parallel::{VocabColumns, VocabShard};
+        use crate::tensor_parallel::VocabShard;
+        use kiln_compiler::plan::sharding::VocabColumns;
         let (b, s, vocab, size) = (2, 5, 11, 3);
         let whole: Vec<f32> = values(b * s * vocab, 31).iter().map(|v| v * 6.0).collect();
         let positions = s - 1;

@@ -15,9 +15,11 @@ use crate::collective::{
 use crate::exec::{Batch, ExecError, Params, Segment, Stats, Value};
 use crate::memory;
 use crate::optim::{clip_factor, step, State};
-use crate::placement::{Action, Piece, Placement};
-use crate::tensor_parallel::{last_axis, sequence_axis, Conversion, ParamLayout};
+use crate::placement::{Piece, Placement};
+use crate::tensor_parallel::Shards;
 use kiln_compiler::graph::Graph;
+use kiln_compiler::plan::sharding::{last_axis, sequence_axis, Conversion, ParamLayout};
+use kiln_compiler::plan::Action;
 use kiln_compiler::spec::Train;
 use petgraph::graph::NodeIndex;
 use std::collections::BTreeMap;
@@ -606,7 +608,7 @@ impl<'c> StepContext<'c> {
                             .send(to, tag(Payload::Gradient, mb, n, k, from), grad)?;
                     }
                 }
-                Action::SyncGrads => {
+                Action::AllReduceGrads | Action::ReduceScatterGrads => {
                     loss = self.sync_gradients(links, &mut grads, loss)?;
                 }
                 Action::Optimizer => {
@@ -1201,8 +1203,6 @@ fn all_reduce_gradients(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kiln_compiler::graph::compile_graph;
-    use kiln_compiler::plan::compile_plan;
 
     /// A device failing alone must stop the step on every device with its own error, not
     /// leave the others waiting: in a data-parallel all-reduce (device 1's batch has no token
@@ -1228,9 +1228,12 @@ mod tests {
             );
             let checked = kiln_compiler::check_source("t.kiln", &src, None);
             assert!(checked.is_ok(), "{}", checked.render_errors());
-            let e = checked.module.experiments[0].value.clone();
-            let graph = compile_graph(&e).unwrap();
-            let plan = compile_plan(&e).unwrap();
+            let kiln_compiler::Program {
+                experiment: e,
+                graph,
+                plan,
+                ..
+            } = kiln_compiler::compile(&checked.module.experiments[0].value).unwrap();
             let placement = Placement::from_plan(&graph, &plan).unwrap();
             let values: Vec<HostTensor> = graph
                 .params

@@ -1,11 +1,13 @@
 //! Where the plan puts things, in the executor's terms: which graph nodes each pipeline stage
 //! (and each chunk of an interleaved stage) runs, which values cross between stages, which
 //! parameters each stage holds, the pieces recomputed in the backward pass, and each stage's
-//! sequence of actions for one iteration — read from the `ExecutionPlan`, never re-decided.
+//! sequence of actions for one iteration — read from the typed `ExecutionPlan`, never
+//! re-decided.
 
-use crate::tensor_parallel::{plan_splits, Compute, Conversion, TensorLayout};
 use kiln_compiler::graph::{Graph, Op};
-use kiln_compiler::plan::{ExecutionPlan, MemoryBreakdown};
+use kiln_compiler::plan::cost::RecomputeChoice;
+use kiln_compiler::plan::sharding::{Compute, Conversion, TensorLayout};
+use kiln_compiler::plan::{Action, ExecutionPlan, MemoryBreakdown};
 use petgraph::graph::NodeIndex;
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -47,51 +49,6 @@ pub struct Piece {
     pub outputs: Vec<NodeIndex>,
 }
 
-/// One entry of a stage's schedule (`R3 F3 S3 … R'3 B3 S'3 … AllReduce(grads) Optimizer`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Action {
-    /// Receive the activations of microbatch `mb` for chunk `chunk`.
-    Recv {
-        mb: usize,
-        chunk: usize,
-    },
-    Forward {
-        mb: usize,
-        chunk: usize,
-    },
-    Send {
-        mb: usize,
-        chunk: usize,
-    },
-    /// Receive the gradients of the chunk's outputs.
-    RecvGrad {
-        mb: usize,
-        chunk: usize,
-    },
-    Backward {
-        mb: usize,
-        chunk: usize,
-    },
-    SendGrad {
-        mb: usize,
-        chunk: usize,
-    },
-    /// Sum gradients over the data-parallel group (all-reduce, or reduce-scatter under ZeRO).
-    SyncGrads,
-    Optimizer,
-    /// ZeRO: every device gathers the parameters the others updated.
-    GatherWeights,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RecomputeMode {
-    None,
-    /// Attention cores (their score and probability matrices) are recomputed.
-    Selective,
-    /// Each layer keeps only its input and runs forward again in the backward pass.
-    Full,
-}
-
 #[derive(Clone, Debug)]
 pub struct Placement {
     pub data: usize,
@@ -115,34 +72,24 @@ impl Placement {
     pub fn from_plan(g: &Graph, plan: &ExecutionPlan) -> Result<Self, PlacementError> {
         let st = &plan.strategy;
         // The executor runs every stage on one data x tensor grid; `kiln plan` may show plans
-        // whose stages have grids of their own, which `compile_plan` never hands to a run.
+        // whose stages have grids of their own, which `kiln_compiler::compile` never hands to
+        // a run.
         let uneven = plan
             .stages
             .iter()
             .any(|stage| (stage.submesh.data, stage.submesh.tensor) != (st.data, st.tensor));
         if st.data == 0 || st.tensor == 0 || uneven {
             return fail(
-                "this plan gives its pipeline stages different data x tensor grids, which the executor does not run; plan the run with uniform stages (`kiln run` and `compile_plan` do)",
+                "this plan gives its pipeline stages different data x tensor grids, which the executor does not run; compile the run with uniform stages (`kiln_compiler::compile` does)",
             );
         }
-        let tensor = if st.tensor > 1 {
-            let splits = plan_splits(g, plan).map_err(|e| PlacementError(e.0))?;
-            TensorLayout::new(g, &splits, st.tensor as usize, st.sequence_parallel)
-                .map_err(|e| PlacementError(e.0))?
-        } else {
-            TensorLayout::whole(g)
-        };
+        let tensor = plan.stages[0].layout.clone();
         let pipeline = st.pipeline as usize;
         if plan.stages.len() != pipeline || plan.schedule.len() != pipeline {
             return fail("the plan's stage table or schedule does not list every stage");
         }
         let owner = layer_owners(g, plan)?;
-        let recompute = match st.recompute.as_str() {
-            "none" => RecomputeMode::None,
-            "selective" => RecomputeMode::Selective,
-            "full" => RecomputeMode::Full,
-            other => return fail(format!("unknown recompute setting `{other}` in the plan")),
-        };
+        let recompute = st.recompute;
         // Virtual stages: maximal runs of consecutive layers on one stage, in layer order.
         let mut runs: Vec<(usize, Vec<usize>)> = Vec::new();
         for (layer, &stage) in owner.iter().enumerate() {
@@ -209,11 +156,7 @@ impl Placement {
                 }
             }
         }
-        let schedules = plan
-            .schedule
-            .iter()
-            .map(|s| parse_schedule(&s.steps))
-            .collect::<Result<Vec<_>, _>>()?;
+        let schedules = plan.schedule.iter().map(|s| s.actions.clone()).collect();
         Ok(Placement {
             data: st.data as usize,
             tensor,
@@ -243,45 +186,14 @@ impl Placement {
     }
 }
 
-/// The pipeline stage of every layer, from the plan's stage table (`embedding`, `block.0-11`,
-/// `head`).
+/// The pipeline stage of every layer, from the plan's stage table.
 fn layer_owners(g: &Graph, plan: &ExecutionPlan) -> Result<Vec<usize>, PlacementError> {
     let mut owner: Vec<Option<usize>> = vec![None; g.layers.len()];
-    let index: BTreeMap<&str, usize> = g
-        .layers
-        .iter()
-        .enumerate()
-        .map(|(i, l)| (l.name.as_str(), i))
-        .collect();
     for (s, stage) in plan.stages.iter().enumerate() {
-        for name in &stage.layers {
-            let layers: Vec<usize> = match name
-                .strip_prefix("block.")
-                .and_then(|r| r.split_once('-'))
-            {
-                Some((a, b)) => {
-                    let (Ok(a), Ok(b)) = (a.parse::<usize>(), b.parse::<usize>()) else {
-                        return fail(format!("cannot read the plan's layer range `{name}`"));
-                    };
-                    (a..=b)
-                        .map(|i| {
-                            index
-                                .get(format!("block.{i}").as_str())
-                                .copied()
-                                .ok_or_else(|| {
-                                    PlacementError(format!("the graph has no layer `block.{i}`"))
-                                })
-                        })
-                        .collect::<Result<_, _>>()?
-                }
-                None => vec![*index
-                    .get(name.as_str())
-                    .ok_or_else(|| PlacementError(format!("the graph has no layer `{name}`")))?],
-            };
-            for l in layers {
-                if owner[l].replace(s).is_some() {
-                    return fail(format!("layer `{}` is on two stages", g.layers[l].name));
-                }
+        for l in stage.layers.iter().flat_map(|run| run.layers.clone()) {
+            match owner.get_mut(l) {
+                Some(slot) => *slot = Some(s),
+                None => return fail(format!("the plan places layer {l}, which the graph lacks")),
             }
         }
     }
@@ -303,7 +215,7 @@ fn layer_owners(g: &Graph, plan: &ExecutionPlan) -> Result<Vec<usize>, Placement
 fn pieces(
     g: &Graph,
     nodes: &[NodeIndex],
-    mode: RecomputeMode,
+    mode: RecomputeChoice,
     tl: &TensorLayout,
 ) -> Result<Vec<Piece>, PlacementError> {
     let mut out: Vec<Piece> = Vec::new();
@@ -313,11 +225,11 @@ fn pieces(
         let compute = tl.compute(n);
         let core = matches!(node.op, Op::Attention { .. });
         let recompute = match mode {
-            RecomputeMode::None => false,
-            RecomputeMode::Full => true,
-            RecomputeMode::Selective => core,
+            RecomputeChoice::None => false,
+            RecomputeChoice::Full => true,
+            RecomputeChoice::Selective => core,
         };
-        let fresh = layer != Some(node.layer) || (mode == RecomputeMode::Selective && core);
+        let fresh = layer != Some(node.layer) || (mode == RecomputeChoice::Selective && core);
         layer = Some(node.layer);
         match out.last_mut() {
             Some(p) if !fresh && p.recompute == recompute && p.compute == compute => {
@@ -399,66 +311,4 @@ fn grouped_by_compute(g: &Graph, nodes: &[NodeIndex], tl: &TensorLayout) -> Vec<
         out.push(next);
     }
     out.into_iter().map(|i| nodes[i]).collect()
-}
-
-/// Reads a stage's steps as `kiln plan` prints them.
-fn parse_schedule(steps: &str) -> Result<Vec<Action>, PlacementError> {
-    steps
-        .split_whitespace()
-        .map(|token| {
-            let action = match token {
-                "AllReduce(grads)" | "ReduceScatter(grads)" => return Ok(Action::SyncGrads),
-                "Optimizer" => return Ok(Action::Optimizer),
-                "AllGather(weights)" => return Ok(Action::GatherWeights),
-                _ => token,
-            };
-            let (kind, id) = match action.char_indices().find(|(_, c)| c.is_ascii_digit()) {
-                Some((at, _)) => action.split_at(at),
-                None => return fail(format!("unknown schedule step `{token}`")),
-            };
-            let (mb, chunk) = match id.split_once('.') {
-                Some((mb, c)) => (mb.parse(), c.parse()),
-                None => (id.parse(), Ok(0)),
-            };
-            let (Ok(mb), Ok(chunk)) = (mb, chunk) else {
-                return fail(format!("unknown schedule step `{token}`"));
-            };
-            Ok(match kind {
-                "R" => Action::Recv { mb, chunk },
-                "F" => Action::Forward { mb, chunk },
-                "S" => Action::Send { mb, chunk },
-                "R'" => Action::RecvGrad { mb, chunk },
-                "B" => Action::Backward { mb, chunk },
-                "S'" => Action::SendGrad { mb, chunk },
-                _ => return fail(format!("unknown schedule step `{token}`")),
-            })
-        })
-        .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn schedules_read_as_the_planner_writes_them() {
-        let steps = parse_schedule("R0 F0 S0 F1.2 R'0 B0 S'0 AllReduce(grads) Optimizer")
-            .expect("a valid schedule");
-        assert_eq!(
-            steps,
-            vec![
-                Action::Recv { mb: 0, chunk: 0 },
-                Action::Forward { mb: 0, chunk: 0 },
-                Action::Send { mb: 0, chunk: 0 },
-                Action::Forward { mb: 1, chunk: 2 },
-                Action::RecvGrad { mb: 0, chunk: 0 },
-                Action::Backward { mb: 0, chunk: 0 },
-                Action::SendGrad { mb: 0, chunk: 0 },
-                Action::SyncGrads,
-                Action::Optimizer,
-            ]
-        );
-        assert!(parse_schedule("Q0").is_err());
-        assert!(parse_schedule("F").is_err());
-    }
 }

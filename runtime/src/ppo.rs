@@ -9,10 +9,11 @@ use crate::data::{Example, END_OF_TEXT};
 use crate::exec::{Batch, ExecError, Params, Segment, Value};
 use crate::rng::Rng;
 use crate::starting_weights::stage_weights;
-use crate::tensor_parallel::RankOps;
 use crate::train::RunError;
-use kiln_compiler::graph::{compile_graph, Graph, Op, REFERENCE_PREFIX};
-use kiln_compiler::spec::{Experiment, Objective, OutputHead, Ppo};
+use kiln_compiler::graph::{Graph, Op, REFERENCE_PREFIX};
+use kiln_compiler::plan::sharding::RankOps;
+use kiln_compiler::spec::{Experiment, Ppo};
+use kiln_compiler::Program;
 use petgraph::graph::NodeIndex;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -84,27 +85,24 @@ fn ancestors(g: &Graph, targets: &[NodeIndex]) -> Vec<NodeIndex> {
 
 /// The reward model: the policy's architecture with a scalar head (the graph Kiln's reward
 /// objective lowers, as the reference copy is the policy's), weights from its stage's run.
-struct RewardModel {
-    graph: Graph,
+struct RewardModel<'g> {
+    graph: &'g Graph,
     params: Params,
     /// The score at each row's last token, and the nodes computing it.
     score: NodeIndex,
     nodes: Vec<NodeIndex>,
 }
 
-impl RewardModel {
-    /// `base` holds the weights the policy starts from, for what the reward stage froze.
-    fn load(e: &Experiment, ppo: &Ppo, runs: &Path, base: &[Source]) -> Result<Self, RunError> {
-        let mut spec = e.clone();
-        spec.objective = Objective::Reward {
-            chosen: "chosen".into(),
-            rejected: "rejected".into(),
-        };
-        spec.model.output_heads = vec![OutputHead::Reward];
-        spec.adapters.clear();
-        spec.adapter_weights.clear();
-        let graph = compile_graph(&spec)
-            .map_err(|d| RunError(format!("the reward model: {:?}", d.items)))?;
+impl<'g> RewardModel<'g> {
+    /// `graph` is the reward model's, `base` holds the weights the policy starts from, for
+    /// what the reward stage froze.
+    fn load(
+        e: &Experiment,
+        graph: &'g Graph,
+        ppo: &Ppo,
+        runs: &Path,
+        base: &[Source],
+    ) -> Result<Self, RunError> {
         let user = format!("`{}` uses the reward model of", e.name);
         let (path, tensors) = stage_weights(runs, &ppo.reward_model, &user)?;
         // A tensor without a place would be dropped silently: a reward model of another shape,
@@ -347,23 +345,29 @@ pub struct Rollouts<'g> {
     head: Vec<NodeIndex>,
     /// Nodes computing both policies' log-probabilities and the values.
     scoring: Vec<NodeIndex>,
-    reward: RewardModel,
+    reward: RewardModel<'g>,
     ppo: Ppo,
     eos: Option<i64>,
     seq_len: usize,
 }
 
 impl<'g> Rollouts<'g> {
-    /// For experiment `e` training with `ppo` on graph `g`; the reward model comes from its
-    /// stage's run under `runs`, falling back on `base` (the policy's initial weights).
+    /// For `program` training with `ppo`; the reward model's weights come from its stage's
+    /// run under `runs`, falling back on `base` (the policy's initial weights).
     pub fn new(
-        e: &Experiment,
+        program: &'g Program,
         ppo: &Ppo,
-        g: &'g Graph,
         runs: &Path,
         base: &[Source],
         tokenizer: &Tokenizer,
     ) -> Result<Self, RunError> {
+        let (e, g) = (&program.experiment, &program.graph);
+        let reward_graph = program.reward_model.as_ref().ok_or_else(|| {
+            RunError(format!(
+                "`{}` was compiled without its reward model",
+                e.name
+            ))
+        })?;
         let nodes = Nodes::of(g)?;
         let trunk = ancestors(g, &[nodes.hidden]);
         let head = ancestors(g, &[nodes.logits])
@@ -377,7 +381,7 @@ impl<'g> Rollouts<'g> {
             trunk,
             head,
             scoring,
-            reward: RewardModel::load(e, ppo, runs, base)?,
+            reward: RewardModel::load(e, reward_graph, ppo, runs, base)?,
             ppo: ppo.clone(),
             eos: tokenizer.token_to_id(END_OF_TEXT).map(i64::from),
             seq_len: e.train.seq_len as usize,

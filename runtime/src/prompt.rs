@@ -6,8 +6,8 @@
 
 use crate::checkpoint::HostTensor;
 use crate::exec::{Batch, Params, Segment};
-use crate::tensor_parallel::RankOps;
 use kiln_compiler::graph::{Graph, Op};
+use kiln_compiler::plan::sharding::RankOps;
 use petgraph::graph::NodeIndex;
 use petgraph::Direction;
 use std::collections::BTreeMap;

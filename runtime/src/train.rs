@@ -17,9 +17,9 @@ use crate::ppo::{adapt_kl_coef, reference_weights, Rollouts};
 use crate::rng::Rng;
 use crate::run_dir::{Checkpoint, MetricsLog, RunDir, StoreError};
 use crate::starting_weights::{named_checkpoints, starting_values};
-use kiln_compiler::graph::{compile_graph, Graph, Param, ParamRole};
-use kiln_compiler::plan::compile_plan;
+use kiln_compiler::graph::{Graph, Param, ParamRole};
 use kiln_compiler::spec::{Experiment, Length, Objective, Optimizer, Ppo};
+use kiln_compiler::Program;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -118,10 +118,11 @@ fn plot_run(name: &str, run_dir: &Path) -> Result<(), RunError> {
         .map_err(|err| RunError(format!("loss curve: {err}")))
 }
 
-/// How `kiln run` spreads a step: as the plan places it (one device running every microbatch
-/// in turn, on `cpu(1)`). Refused before anything is allocated when the plan is for other
-/// hardware or does not fit this machine's memory.
-fn placement(e: &Experiment, g: &Graph) -> Result<Placement, RunError> {
+/// How `kiln run` spreads a step: as the program's plan places it (one device running every
+/// microbatch in turn, on `cpu(1)`). Refused before anything is allocated when the plan is for
+/// other hardware or does not fit this machine's memory.
+fn placement(program: &Program) -> Result<Placement, RunError> {
+    let e = &program.experiment;
     let device = &e.parallel.mesh.node.device.name;
     // The executor runs on this machine's CPU threads: a mesh of other devices is a plan to
     // study with `kiln plan`, not one to run here.
@@ -133,24 +134,8 @@ fn placement(e: &Experiment, g: &Graph) -> Result<Placement, RunError> {
         )));
     }
     let batch = e.train.batch as usize;
-    let plan = compile_plan(e).map_err(|d| {
-        let problems: Vec<String> = d
-            .items
-            .iter()
-            .map(|item| {
-                let mut line = item.message.clone();
-                line.extend(item.notes.iter().map(|n| format!("; {n}")));
-                line.extend(item.help.iter().map(|h| format!(" ({h})")));
-                line
-            })
-            .collect();
-        RunError(format!(
-            "the experiment cannot be planned on its mesh: {} (`kiln plan` shows where)",
-            problems.join("; ")
-        ))
-    })?;
-    let placement =
-        Placement::from_plan(g, &plan).map_err(|err| RunError(format!("the plan: {}", err.0)))?;
+    let placement = Placement::from_plan(&program.graph, &program.plan)
+        .map_err(|err| RunError(format!("the plan: {}", err.0)))?;
     check_host_memory(&placement)?;
     let (micro, per_step) = (
         placement.micro_batch,
@@ -629,12 +614,12 @@ impl SavePolicy {
     }
 }
 
-/// Trains `e` and writes metrics and checkpoints under `runs/<name>`, which it holds alone
-/// while it runs; `start` says what to do with a run already there (`Resume` continues it with
+/// Trains the program's experiment and writes metrics and checkpoints under `runs/<name>`,
+/// which it holds alone while it runs; `start` says what to do with a run already there (`Resume` continues it with
 /// identical results). `on_event` hears of the start, each step and each evaluation, and may
 /// stop the run: it then saves a checkpoint and returns with the steps done.
 pub fn run(
-    e: &Experiment,
+    program: &Program,
     runs: &Path,
     steps_override: Option<u64>,
     start: Start,
@@ -645,9 +630,9 @@ pub fn run(
             .map(PathBuf::from)
             .ok_or_else(|| RunError(format!("data.{what} is required to run this experiment")))
     };
+    let (e, graph) = (&program.experiment, &program.graph);
     // Before anything is read or allocated: the plan must be runnable here and fit.
-    let graph = compile_graph(e).map_err(|d| RunError(format!("{:?}", d.items)))?;
-    let placement = placement(e, &graph)?;
+    let placement = placement(program)?;
     let run_dir = RunDir::lock(runs, &e.name)?;
     let resumable = match start {
         Start::Fresh => match run_dir.newest_step()? {
@@ -709,10 +694,7 @@ pub fn run(
     let rollouts = match &e.objective {
         Objective::Ppo(ppo) => {
             reference_weights(e, ppo, &graph, &mut values, runs)?;
-            Some((
-                ppo,
-                Rollouts::new(e, ppo, &graph, runs, &files, &tokenizer)?,
-            ))
+            Some((ppo, Rollouts::new(program, ppo, runs, &files, &tokenizer)?))
         }
         _ => None,
     };

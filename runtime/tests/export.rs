@@ -363,7 +363,7 @@ fn merged_lora_computes_what_base_and_adapter_compute() {
         };
         let runs = fake_run(&format!("merged-{name}"), &adapter_tensors);
         let out = runs.join("merged");
-        export_merged(&e, &runs, &out).unwrap();
+        export_merged(&common::program(&e).unwrap(), &runs, &out).unwrap();
 
         let mut files = vec![(runs.clone(), adapter_tensors)];
         files.extend(base_files());
@@ -412,7 +412,7 @@ fn models_defined_in_kiln_merge_into_hugging_face_checkpoints() {
             .collect();
         let runs = fake_run(&format!("kiln-{name}"), &trained);
         let out = runs.join("merged");
-        export_merged(&e, &runs, &out).unwrap();
+        export_merged(&common::program(&e).unwrap(), &runs, &out).unwrap();
 
         let (back, merged_graph, merged_values) = merged_model(&out, objective);
         let described = |m: &kiln_compiler::spec::Model| {
@@ -443,7 +443,12 @@ fn models_defined_in_kiln_merge_into_hugging_face_checkpoints() {
 #[test]
 fn merging_refuses_what_it_cannot_write() {
     let (e, _) = graph_of("experiment e { model = hf(\"gpt2_tiny\"), adapter = ia3 { targets = [\"c_attn\", \"mlp.c_proj\"], feedforward = [\"mlp.c_proj\"] }, train { batch = 2, seq_len = 12 } }");
-    let err = export_merged(&e, Path::new("runs"), Path::new("out")).unwrap_err();
+    let err = export_merged(
+        &common::program(&e).unwrap(),
+        Path::new("runs"),
+        Path::new("out"),
+    )
+    .unwrap_err();
     assert!(
         err.0.contains("only one plain LoRA adapter merges"),
         "{}",
@@ -486,7 +491,8 @@ fn merging_refuses_what_it_cannot_write() {
             .map(|p| (p.name.clone(), filler(p, 0)))
             .collect();
         let runs = fake_run("refused", &lora);
-        let err = export_merged(&e, &runs, &runs.join("out")).unwrap_err();
+        let err =
+            export_merged(&common::program(&e).unwrap(), &runs, &runs.join("out")).unwrap_err();
         assert!(err.0.contains(says), "{model}: {}", err.0);
         assert!(!runs.join("out").exists(), "{model}: nothing written");
         std::fs::remove_dir_all(&runs).ok();

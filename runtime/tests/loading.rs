@@ -5,12 +5,12 @@
 //! against another experiment is refused.
 
 use kiln_runtime::checkpoint::{read_safetensors, HostTensor};
-use kiln_runtime::train::{run, Control, Event, Start};
+use kiln_runtime::train::{Control, Event, Start};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 mod common;
-use common::{tensor_bytes, tiny_corpus};
+use common::{run, tensor_bytes, tiny_corpus};
 
 fn fixtures() -> PathBuf {
     Path::new(concat!(
@@ -230,7 +230,12 @@ fn exporting_a_run_of_another_shape_is_refused() {
     let mut other = e.clone();
     other.model.hidden *= 2;
     let out = dir.join("merged");
-    let err = kiln_runtime::export::export_merged(&other, &dir.join("runs"), &out).unwrap_err();
+    let err = kiln_runtime::export::export_merged(
+        &common::program(&other).unwrap(),
+        &dir.join("runs"),
+        &out,
+    )
+    .unwrap_err();
     assert!(err.0.contains("shape"), "{}", err.0);
     assert!(!out.join("model.safetensors").exists());
     std::fs::remove_dir_all(&dir).ok();

@@ -2,9 +2,9 @@
 //! gradients of the input table and of every LSTM parameter, from `fixtures/lstm/make.py`.
 
 use kiln_compiler::graph::{DType, Graph, InputKind, LayerKind, Op, ParamRole};
+use kiln_compiler::plan::sharding::RankOps;
 use kiln_runtime::checkpoint::{read_safetensors, HostTensor};
 use kiln_runtime::exec::{Batch, Params, Segment, Value};
-use kiln_runtime::tensor_parallel::RankOps;
 use std::path::Path;
 
 mod common;

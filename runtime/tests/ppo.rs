@@ -4,9 +4,9 @@
 //! gradients of every trained weight.
 
 use kiln_compiler::graph::{DType, Graph, InputKind, LayerKind, Layout, Op, ParamRef, ParamRole};
+use kiln_compiler::plan::sharding::RankOps;
 use kiln_runtime::checkpoint::{read_safetensors, HostTensor};
 use kiln_runtime::exec::{forward_backward, Batch, Params, Segment};
-use kiln_runtime::tensor_parallel::RankOps;
 use std::path::Path;
 
 mod common;

@@ -4,10 +4,11 @@
 
 use kiln_runtime::checkpoint::read_safetensors;
 use kiln_runtime::memory::CountingAllocator;
-use kiln_runtime::train::{run, Control, Event, Start};
+use kiln_runtime::train::{Control, Event, Start};
 use std::path::{Path, PathBuf};
 
 mod common;
+use common::run;
 
 /// Allocations are counted, for the measured memory per device.
 #[global_allocator]
@@ -854,7 +855,7 @@ fn peft_adapter_weights_are_loaded_to_continue_training() {
 /// gather).
 #[test]
 fn losses_read_vocabulary_split_logits_without_gathering_them() {
-    use kiln_runtime::tensor_parallel::{Conversion, Form};
+    use kiln_compiler::plan::sharding::{Conversion, Form};
     let pet = example_with(
         "pet_sentiment",
         "pet_sentiment",

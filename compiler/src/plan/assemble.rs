@@ -6,8 +6,9 @@ use super::cost::{
     Strategy, Submesh,
 };
 use super::search::Candidate;
+use super::sharding::TensorLayout;
 use super::types::*;
-use crate::graph::{Graph, LayerKind, Op};
+use crate::graph::{Graph, LayerKind};
 use crate::spec::{Experiment, Offload};
 
 /// Rounds to six significant digits so plans print the same everywhere.
@@ -22,32 +23,6 @@ pub fn round(x: f64) -> f64 {
         (x * scale).round() / scale
     } else {
         (x / scale).round() * scale
-    }
-}
-
-fn ranges(items: &[u64]) -> String {
-    let mut out: Vec<String> = Vec::new();
-    let mut i = 0;
-    while i < items.len() {
-        let mut j = i;
-        while j + 1 < items.len() && items[j + 1] == items[j] + 1 {
-            j += 1;
-        }
-        out.push(if i == j {
-            items[i].to_string()
-        } else {
-            format!("{}-{}", items[i], items[j])
-        });
-        i = j + 1;
-    }
-    out.join(",")
-}
-
-fn recompute_name(r: RecomputeChoice) -> &'static str {
-    match r {
-        RecomputeChoice::None => "none",
-        RecomputeChoice::Selective => "selective",
-        RecomputeChoice::Full => "full",
     }
 }
 
@@ -66,8 +41,8 @@ pub fn summary(ev: &Evaluation, e: &Experiment, chosen_by: &str) -> StrategySumm
         pipeline: s.pipeline,
         sequence_parallel: ev.stages.iter().any(|st| st.submesh.sequence_parallel),
         zero: s.zero,
-        recompute: recompute_name(s.recompute).into(),
-        schedule: s.schedule.name(),
+        recompute: s.recompute,
+        schedule: s.schedule,
         micro_batch,
         microbatches: s.microbatches,
         global_batch: e.train.batch,
@@ -115,14 +90,14 @@ pub fn describe(ev: &Evaluation) -> String {
     };
     let recompute = match s.recompute {
         RecomputeChoice::None => String::new(),
-        r => format!(" recompute={}", recompute_name(r)),
+        r => format!(" recompute={r}"),
     };
     let zero = if s.zero > 0 {
         format!(" zero={}", s.zero)
     } else {
         String::new()
     };
-    format!("{layout} {}{zero}{recompute}", s.schedule.name())
+    format!("{layout} {}{zero}{recompute}", s.schedule)
 }
 
 /// Why `other` lost to `best`, from their breakdowns.
@@ -190,100 +165,35 @@ fn owners(model: &Model, layout: &[StagePlace]) -> Vec<u64> {
         .collect()
 }
 
-/// The names of the layers a rank holds, runs of consecutive blocks folded (`block.0-11`).
-fn layer_names(g: &Graph, owners: &[u64], rank: u64) -> Vec<String> {
-    let mut out: Vec<String> = Vec::new();
-    let mut run: Option<(String, String)> = None;
-    let flush = |run: &mut Option<(String, String)>, out: &mut Vec<String>| {
-        if let Some((a, b)) = run.take() {
-            out.push(if a == b {
-                format!("block.{a}")
-            } else {
-                format!("block.{a}-{b}")
-            });
-        }
+/// The layers a rank holds, in graph order, runs of consecutive blocks together
+/// (`block.0-11`).
+fn layer_runs(g: &Graph, owners: &[u64], rank: u64) -> Vec<LayerRun> {
+    let block = |l: usize| {
+        (g.layers[l].kind == LayerKind::Block)
+            .then(|| g.layers[l].name.trim_start_matches("block."))
     };
-    for (l, layer) in g.layers.iter().enumerate() {
+    let mut out: Vec<LayerRun> = Vec::new();
+    let mut l = 0;
+    while l < g.layers.len() {
         if owners[l] != rank {
-            flush(&mut run, &mut out);
+            l += 1;
             continue;
         }
-        match layer.kind {
-            LayerKind::Block => {
-                let i = layer.name.trim_start_matches("block.").to_string();
-                match &mut run {
-                    Some((_, end)) => *end = i,
-                    None => run = Some((i.clone(), i)),
-                }
-            }
-            _ => {
-                flush(&mut run, &mut out);
-                out.push(layer.name.clone());
+        let mut end = l + 1;
+        if block(l).is_some() {
+            while end < g.layers.len() && owners[end] == rank && block(end).is_some() {
+                end += 1;
             }
         }
-    }
-    flush(&mut run, &mut out);
-    out
-}
-
-/// Tensor-parallel layout of every parameter (Megatron column/row splits, vocabulary-parallel
-/// embeddings; LoRA A and B split so that no extra collective is needed).
-fn tensor_split(g: &Graph) -> Vec<TensorSplit> {
-    let mut out = vec![TensorSplit::Replicated; g.params.len()];
-    let base_of = |name: &str| -> Option<TensorSplit> {
-        let node = g.find(name)?;
-        let input = g.inputs(node).first().copied()?;
-        Some(if g.dag[input].cost.tensor_parallel {
-            TensorSplit::Row
-        } else {
-            TensorSplit::Column
-        })
-    };
-    for n in g.dag.node_indices() {
-        let node = &g.dag[n];
-        let kind = g.layers[node.layer].kind;
-        match &node.op {
-            Op::Embedding { table } if node.cost.tensor_parallel => {
-                out[*table] = TensorSplit::Vocab
-            }
-            Op::Linear { weight, bias, .. } if node.cost.tensor_parallel => {
-                let split = if kind == LayerKind::Head {
-                    TensorSplit::Vocab
-                } else if let Some(base) = node.name.strip_suffix(".lora_A") {
-                    // Column W: A replicated; row W: A split on its input.
-                    match base_of(base) {
-                        Some(TensorSplit::Row) => TensorSplit::Row,
-                        _ => TensorSplit::Replicated,
-                    }
-                } else if let Some(base) = node.name.strip_suffix(".lora_B") {
-                    // Column W: B split on its output; row W: B replicated.
-                    match base_of(base) {
-                        Some(TensorSplit::Row) => TensorSplit::Replicated,
-                        _ => TensorSplit::Column,
-                    }
-                } else {
-                    let input = g.inputs(n).first().copied();
-                    if input.is_some_and(|i| g.dag[i].cost.tensor_parallel) {
-                        TensorSplit::Row
-                    } else {
-                        TensorSplit::Column
-                    }
-                };
-                if out[weight.id] == TensorSplit::Replicated {
-                    out[weight.id] = split;
-                }
-                if let Some(b) = bias {
-                    // A row-parallel bias is added once, after the reduction.
-                    out[b.id] = if split == TensorSplit::Row {
-                        TensorSplit::Replicated
-                    } else {
-                        split
-                    };
-                }
-            }
-            Op::ScaleBy { param } if node.cost.tensor_parallel => out[*param] = TensorSplit::Column,
-            _ => {}
-        }
+        let name = match (block(l), block(end - 1)) {
+            (Some(a), Some(b)) if end - l > 1 => format!("block.{a}-{b}"),
+            _ => g.layers[l].name.clone(),
+        };
+        out.push(LayerRun {
+            layers: l..end,
+            name,
+        });
+        l = end;
     }
     out
 }
@@ -300,8 +210,7 @@ fn zero_label(zero: u8, trainable: bool) -> &'static str {
 
 /// Every parameter's layout, the same parameter of consecutive blocks grouped while it is
 /// laid out alike (stages on different submeshes split it differently).
-fn sharding(g: &Graph, ev: &Evaluation, owners: &[u64]) -> Vec<Sharding> {
-    let splits = tensor_split(g);
+fn sharding(g: &Graph, ev: &Evaluation, stages: &[Stage], owners: &[u64]) -> Vec<Sharding> {
     struct Group {
         name: String,
         blocks: Vec<u64>,
@@ -325,11 +234,7 @@ fn sharding(g: &Graph, ev: &Evaluation, owners: &[u64]) -> Vec<Sharding> {
         };
         let stage = owners[p.layer];
         let grid = ev.stages[stage as usize].submesh;
-        let tensor = if grid.tensor > 1 {
-            splits[id]
-        } else {
-            TensorSplit::Replicated
-        };
+        let tensor = stages[stage as usize].layout.splits[id];
         let zero = if grid.data > 1 {
             zero_label(ev.strategy.zero, p.trainable)
         } else {
@@ -362,12 +267,12 @@ fn sharding(g: &Graph, ev: &Evaluation, owners: &[u64]) -> Vec<Sharding> {
             let p = &g.params[gr.id];
             Sharding {
                 name: gr.name,
-                blocks: ranges(&gr.blocks),
+                blocks: render_ranges(&gr.blocks),
                 shape: p.shape.clone(),
                 trainable: p.trainable,
                 tensor: gr.tensor,
                 zero: gr.zero.into(),
-                stages: ranges(&gr.stages),
+                stages: render_ranges(&gr.stages),
             }
         })
         .collect()
@@ -384,7 +289,7 @@ fn collectives(model: &Model, g: &Graph, c: &Candidate) -> Vec<Collective> {
     grids.sort();
     grids.dedup();
     // Each grid's stages, and the slowest of them (by time per microbatch).
-    let groups: Vec<(Submesh, Vec<&StageCost>, String)> = grids
+    let groups: Vec<(Submesh, Vec<&StageCost>, Option<Vec<u64>>)> = grids
         .into_iter()
         .map(|grid| {
             let stages: Vec<&StageCost> =
@@ -392,12 +297,8 @@ fn collectives(model: &Model, g: &Graph, c: &Candidate) -> Vec<Collective> {
             let indices: Vec<u64> = (0..ev.stages.len() as u64)
                 .filter(|&i| ev.stages[i as usize].submesh == grid)
                 .collect();
-            let label = if stages.len() == ev.stages.len() {
-                String::new()
-            } else {
-                format!(", stages {}", ranges(&indices))
-            };
-            (grid, stages, label)
+            let which = (stages.len() < ev.stages.len()).then_some(indices);
+            (grid, stages, which)
         })
         .collect();
     let boundary = model.layers.first().map_or(0.0, |l| l.boundary_bytes)
@@ -433,7 +334,10 @@ fn collectives(model: &Model, g: &Graph, c: &Candidate) -> Vec<Collective> {
             } else {
                 "all_reduce".into()
             },
-            group: format!("tensor{label}"),
+            group: Group {
+                axis: GroupAxis::Tensor,
+                stages: label.clone(),
+            },
             group_size: grid.tensor,
             bytes: boundary / grid.data as f64,
             per_iteration: s.microbatches * (blocks * per_block + 1),
@@ -449,7 +353,10 @@ fn collectives(model: &Model, g: &Graph, c: &Candidate) -> Vec<Collective> {
             .unwrap_or(1);
         out.push(Collective {
             kind: "send/recv".into(),
-            group: "pipeline".into(),
+            group: Group {
+                axis: GroupAxis::Pipeline,
+                stages: None,
+            },
             group_size: 2,
             bytes: boundary / fewest as f64,
             per_iteration: 2 * s.microbatches * s.schedule.chunks(),
@@ -473,7 +380,10 @@ fn collectives(model: &Model, g: &Graph, c: &Candidate) -> Vec<Collective> {
         let gradients = stage.trainable * bytes;
         let collective = |kind: &str, bytes: f64, per_iteration: u64, seconds: f64| Collective {
             kind: kind.into(),
-            group: format!("data{label}"),
+            group: Group {
+                axis: GroupAxis::Data,
+                stages: label.clone(),
+            },
             group_size: grid.data,
             bytes,
             per_iteration,
@@ -514,54 +424,58 @@ fn collectives(model: &Model, g: &Graph, c: &Candidate) -> Vec<Collective> {
 }
 
 /// The order one device of stage `i` runs an iteration in.
-fn stage_steps(s: &Strategy, i: u64) -> String {
+fn stage_steps(s: &Strategy, i: u64) -> Vec<Action> {
     let (p, m, v) = (s.pipeline, s.microbatches, s.schedule.chunks());
     let first = i == 0;
     let last = i + 1 == p;
-    let fwd = |mb: u64, chunk: Option<u64>| {
-        let id = chunk.map_or(mb.to_string(), |c| format!("{mb}.{c}"));
-        let mut w: Vec<String> = Vec::new();
-        if !first || chunk.is_some_and(|c| c > 0) {
-            w.push(format!("R{id}"));
+    let interleaved = matches!(s.schedule, ScheduleChoice::Interleaved(_));
+    // A chunk receives unless it is the pipeline's first, and sends unless it is the last.
+    let receives = |c: u64| !first || (interleaved && c > 0);
+    let sends = |c: u64| !last || (interleaved && c + 1 < v);
+    let fwd = |mb: u64, c: u64| {
+        let (mb, chunk) = (mb as usize, c as usize);
+        let mut w = Vec::new();
+        if receives(c) {
+            w.push(Action::Recv { mb, chunk });
         }
-        w.push(format!("F{id}"));
-        if !last || chunk.is_some_and(|c| c + 1 < v) {
-            w.push(format!("S{id}"));
+        w.push(Action::Forward { mb, chunk });
+        if sends(c) {
+            w.push(Action::Send { mb, chunk });
         }
-        w.join(" ")
+        w
     };
-    let bwd = |mb: u64, chunk: Option<u64>| {
-        let id = chunk.map_or(mb.to_string(), |c| format!("{mb}.{c}"));
-        let mut w: Vec<String> = Vec::new();
-        if !last || chunk.is_some_and(|c| c + 1 < v) {
-            w.push(format!("R'{id}"));
+    let bwd = |mb: u64, c: u64| {
+        let (mb, chunk) = (mb as usize, c as usize);
+        let mut w = Vec::new();
+        if sends(c) {
+            w.push(Action::RecvGrad { mb, chunk });
         }
-        w.push(format!("B{id}"));
-        if !first || chunk.is_some_and(|c| c > 0) {
-            w.push(format!("S'{id}"));
+        w.push(Action::Backward { mb, chunk });
+        if receives(c) {
+            w.push(Action::SendGrad { mb, chunk });
         }
-        w.join(" ")
+        w
     };
-    let mut steps: Vec<String> = Vec::new();
+    let mut steps: Vec<Action> = Vec::new();
     if p == 1 {
-        for mb in 0..m {
-            steps.push(format!("F{mb}"));
-            steps.push(format!("B{mb}"));
+        for mb in 0..m as usize {
+            steps.push(Action::Forward { mb, chunk: 0 });
+            steps.push(Action::Backward { mb, chunk: 0 });
         }
     } else {
         match s.schedule {
             ScheduleChoice::Gpipe => {
-                steps.extend((0..m).map(|mb| fwd(mb, None)));
-                steps.extend((0..m).rev().map(|mb| bwd(mb, None)));
+                steps.extend((0..m).flat_map(|mb| fwd(mb, 0)));
+                steps.extend((0..m).rev().flat_map(|mb| bwd(mb, 0)));
             }
             ScheduleChoice::OneFOneB => {
                 let warmup = (p - i - 1).min(m);
-                steps.extend((0..warmup).map(|mb| fwd(mb, None)));
+                steps.extend((0..warmup).flat_map(|mb| fwd(mb, 0)));
                 for k in 0..(m - warmup) {
-                    steps.push(fwd(warmup + k, None));
-                    steps.push(bwd(k, None));
+                    steps.extend(fwd(warmup + k, 0));
+                    steps.extend(bwd(k, 0));
                 }
-                steps.extend((m - warmup..m).map(|mb| bwd(mb, None)));
+                steps.extend((m - warmup..m).flat_map(|mb| bwd(mb, 0)));
             }
             ScheduleChoice::Interleaved(v) => {
                 // Megatron's order: groups of p microbatches, chunk by chunk; backward in reverse.
@@ -580,33 +494,33 @@ fn stage_steps(s: &Strategy, i: u64) -> String {
                     .collect();
                 let total = order.len() as u64;
                 let warmup = ((p - i - 1) * 2 + (v - 1) * p).min(total) as usize;
-                steps.extend(order[..warmup].iter().map(|&(mb, c)| fwd(mb, Some(c))));
+                steps.extend(order[..warmup].iter().flat_map(|&(mb, c)| fwd(mb, c)));
                 for k in 0..order.len() - warmup {
                     let (mb, c) = order[warmup + k];
-                    steps.push(fwd(mb, Some(c)));
+                    steps.extend(fwd(mb, c));
                     let (mb, c) = back[k];
-                    steps.push(bwd(mb, Some(c)));
+                    steps.extend(bwd(mb, c));
                 }
                 steps.extend(
                     back[order.len() - warmup..]
                         .iter()
-                        .map(|&(mb, c)| bwd(mb, Some(c))),
+                        .flat_map(|&(mb, c)| bwd(mb, c)),
                 );
             }
         }
     }
     if s.data > 1 {
         steps.push(if s.zero == 0 {
-            "AllReduce(grads)".into()
+            Action::AllReduceGrads
         } else {
-            "ReduceScatter(grads)".into()
+            Action::ReduceScatterGrads
         });
     }
-    steps.push("Optimizer".into());
+    steps.push(Action::Optimizer);
     if s.data > 1 && (1..=2).contains(&s.zero) {
-        steps.push("AllGather(weights)".into());
+        steps.push(Action::GatherWeights);
     }
-    steps.join(" ")
+    steps
 }
 
 pub fn plan(
@@ -617,6 +531,7 @@ pub fn plan(
     chosen_by: &str,
     alternatives: Vec<Alternative>,
     considered: usize,
+    layouts: Vec<TensorLayout>,
 ) -> ExecutionPlan {
     let ev = &best.evaluation;
     let s = ev.strategy;
@@ -625,9 +540,9 @@ pub fn plan(
     let stages: Vec<Stage> = ev
         .stages
         .iter()
+        .zip(layouts)
         .enumerate()
-        .map(|(i, st)| {
-            let devices: Vec<u64> = (st.devices.0..st.devices.1).collect();
+        .map(|(i, (st, layout))| {
             let mut memory = st.memory.clone();
             for x in [
                 &mut memory.weights,
@@ -642,9 +557,10 @@ pub fn plan(
             }
             Stage {
                 index: i as u64,
-                layers: layer_names(g, &owners, i as u64),
-                devices: ranges(&devices),
+                layers: layer_runs(g, &owners, i as u64),
+                devices: st.devices.0..st.devices.1,
                 submesh: st.submesh,
+                layout,
                 micro_batch: s.on(st.submesh).micro_batch,
                 forward: round(st.forward),
                 backward: round(st.backward),
@@ -676,6 +592,7 @@ pub fn plan(
         mfu: round(ev.model_flops / ev.time.total / devices / peak),
     };
     let trainable = g.trainable_params();
+    let sharding = sharding(g, ev, &stages, &owners);
     ExecutionPlan {
         experiment: e.name.clone(),
         mesh: Mesh {
@@ -689,7 +606,7 @@ pub fn plan(
         },
         strategy: summary(ev, e, chosen_by),
         stages,
-        sharding: sharding(g, ev, &owners),
+        sharding,
         collectives: collectives(model, g, best),
         schedule: ev
             .stages
@@ -697,7 +614,13 @@ pub fn plan(
             .enumerate()
             .map(|(i, st)| StageSchedule {
                 stage: i as u64,
-                steps: stage_steps(&s.on(st.submesh), i as u64),
+                actions: stage_steps(&s.on(st.submesh), i as u64),
+                // One stage runs its layers as one chunk, whatever the schedule.
+                chunks: if s.pipeline > 1 {
+                    s.schedule.chunks()
+                } else {
+                    1
+                },
             })
             .collect(),
         time,

@@ -114,13 +114,25 @@ impl ScheduleChoice {
             _ => 1,
         }
     }
+}
 
-    pub fn name(self) -> String {
+impl std::fmt::Display for ScheduleChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            ScheduleChoice::OneFOneB => "1f1b".into(),
-            ScheduleChoice::Interleaved(v) => format!("interleaved({v})"),
-            ScheduleChoice::Gpipe => "gpipe".into(),
+            ScheduleChoice::OneFOneB => f.write_str("1f1b"),
+            ScheduleChoice::Interleaved(v) => write!(f, "interleaved({v})"),
+            ScheduleChoice::Gpipe => f.write_str("gpipe"),
         }
+    }
+}
+
+impl std::fmt::Display for RecomputeChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RecomputeChoice::None => "none",
+            RecomputeChoice::Selective => "selective",
+            RecomputeChoice::Full => "full",
+        })
     }
 }
 

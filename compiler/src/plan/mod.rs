@@ -6,6 +6,7 @@ pub mod cost;
 mod profile;
 mod report;
 pub mod search;
+pub mod sharding;
 mod stages;
 mod types;
 
@@ -14,10 +15,14 @@ pub use report::render_text;
 pub use types::*;
 
 use crate::diagnostics::{Code, Diagnostic, Diagnostics, Span};
-use crate::graph::{compile_graph, LayerKind};
+use crate::graph::{compile_graph, Graph, LayerKind};
 use crate::spec::{Experiment, Origin, Plan};
+use cost::Submesh;
 use cost::{Model, RecomputeChoice, ScheduleChoice};
 use search::{Shape, Space};
+use sharding::{LayoutError, TensorLayout};
+use std::cell::RefCell;
+use std::collections::BTreeMap;
 
 /// Which plans the planner may choose.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,14 +36,17 @@ pub enum Submeshes {
 /// An experiment prepared for planning: its graph, per-layer profiles and shape facts.
 pub struct Planner<'e> {
     experiment: &'e Experiment,
-    graph: crate::graph::Graph,
+    graph: Graph,
     layers: Vec<profile::LayerProfile>,
     shape: Shape,
+    /// The tensor-parallel layout of each (tensor degree, sequence parallel) a plan may use,
+    /// worked out once; an error where the graph cannot be split that way.
+    layouts: RefCell<BTreeMap<(u64, bool), Result<TensorLayout, LayoutError>>>,
 }
 
 impl<'e> Planner<'e> {
-    pub fn new(e: &'e Experiment) -> Result<Self, Diagnostics> {
-        let graph = compile_graph(e)?;
+    /// Prepares `e`, lowered to `graph`, for planning.
+    pub fn new(e: &'e Experiment, graph: Graph) -> Self {
         let layers = profile::profile(&graph);
         let blocks = graph
             .layers
@@ -59,12 +67,28 @@ impl<'e> Planner<'e> {
             kv_heads: e.model.kv_heads,
             ffn: e.model.ffn,
         };
-        Ok(Planner {
+        Planner {
             experiment: e,
             graph,
             layers,
             shape,
-        })
+            layouts: RefCell::default(),
+        }
+    }
+
+    /// The graph the planner plans.
+    pub fn into_graph(self) -> Graph {
+        self.graph
+    }
+
+    /// The tensor-parallel layout of `grid`'s groups.
+    fn layout(&self, grid: Submesh) -> Result<TensorLayout, LayoutError> {
+        let key = (grid.tensor, grid.sequence_parallel);
+        self.layouts
+            .borrow_mut()
+            .entry(key)
+            .or_insert_with(|| TensorLayout::new(&self.graph, key.0 as usize, key.1))
+            .clone()
     }
 
     fn model(&self) -> Model<'_> {
@@ -96,9 +120,9 @@ impl<'e> Planner<'e> {
         let space = space(e);
         check_placement(e, shape)?;
         check_offload(e)?;
-        let candidates = search::candidates(&space, shape);
+        let all = search::candidates(&space, shape);
         let span = span_of(e, &["parallel.mesh", "parallel"]);
-        if candidates.is_empty() {
+        if all.is_empty() {
             let mut d = Diagnostic::new(
                 Code::NoPlan,
                 format!(
@@ -112,11 +136,39 @@ impl<'e> Planner<'e> {
             }
             return Err(one(d));
         }
+        // Only plans whose every stage the graph can be laid out on: what is planned runs.
+        let mut unsplittable: Option<LayoutError> = None;
+        let mut laid_out = |grids: &mut dyn Iterator<Item = Submesh>| {
+            let laid: Result<Vec<TensorLayout>, LayoutError> =
+                grids.map(|grid| self.layout(grid)).collect();
+            laid.map_err(|err| unsplittable.get_or_insert(err).clone())
+                .ok()
+        };
+        let candidates: Vec<cost::Strategy> = all
+            .iter()
+            .copied()
+            .filter(|s| {
+                let grid = Submesh {
+                    data: s.data,
+                    tensor: s.tensor,
+                    sequence_parallel: s.sequence_parallel,
+                };
+                laid_out(&mut std::iter::once(grid)).is_some()
+            })
+            .collect();
         let mut ranked = search::search(model, &space, shape, &candidates);
-        if submeshes == Submeshes::Uniform {
-            ranked.retain(|c| c.evaluation.uniform());
-        }
-        let best = &ranked[0];
+        ranked.retain(|c| {
+            (submeshes == Submeshes::PerStage || c.evaluation.uniform())
+                && laid_out(&mut c.evaluation.stages.iter().map(|st| st.submesh)).is_some()
+        });
+        let (Some(best), Some(stage_layouts)) = (
+            ranked.first(),
+            ranked
+                .first()
+                .and_then(|c| laid_out(&mut c.evaluation.stages.iter().map(|st| st.submesh))),
+        ) else {
+            return Err(one(unsplittable_model(e, unsplittable)));
+        };
         if !best.evaluation.fits {
             return Err(one(does_not_fit(e, model, best, auto, span)));
         }
@@ -134,6 +186,7 @@ impl<'e> Planner<'e> {
             chosen_by,
             alternatives,
             candidates.len(),
+            stage_layouts,
         ))
     }
 }
@@ -149,7 +202,7 @@ pub fn compile_plan_with(
     e: &Experiment,
     submeshes: Submeshes,
 ) -> Result<ExecutionPlan, Diagnostics> {
-    Planner::new(e)?.plan(submeshes)
+    Planner::new(e, compile_graph(e)?).plan(submeshes)
 }
 
 /// The runners-up of `ranked[0]`: the best three with other degrees or stage submeshes, the
@@ -190,6 +243,27 @@ fn alternatives(ranked: &[search::Candidate]) -> Vec<Alternative> {
     });
     out.dedup_by(|a, b| a.strategy == b.strategy);
     out
+}
+
+/// No candidate plan's tensor-parallel groups can hold the model: why the first one could not.
+fn unsplittable_model(e: &Experiment, why: Option<LayoutError>) -> Diagnostic {
+    let reason = why.map_or_else(|| "no plan remains".to_string(), |err| err.0);
+    let mut d = Diagnostic::new(
+        Code::Placement,
+        format!("the model cannot be laid out on this plan's tensor-parallel groups: {reason}"),
+    )
+    .help("plan it with `tensor = 1`, or change what the message names");
+    if let Some(s) = span_of(
+        e,
+        &[
+            "parallel.plan.tensor",
+            "parallel.sequence_parallel",
+            "parallel",
+        ],
+    ) {
+        d = d.at(s, "tensor parallelism chosen here");
+    }
+    d
 }
 
 fn one(d: Diagnostic) -> Diagnostics {

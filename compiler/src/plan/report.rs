@@ -1,7 +1,7 @@
 //! `kiln plan`: the plan as a readable report, EXPLAIN-style.
 
 use super::assemble::GIB;
-use super::types::ExecutionPlan;
+use super::types::{render_range, ExecutionPlan};
 use std::fmt::Write;
 
 fn gib(x: f64) -> String {
@@ -114,7 +114,7 @@ pub fn render_text(p: &ExecutionPlan) -> String {
             o,
             "{:<6} {:<12} {:<10} {:>11} {:>11} {:>11} {:>11} {:>11} {:>11}  {}",
             st.index,
-            st.devices,
+            render_range(&st.devices),
             format!(
                 "{} x {}{}",
                 st.submesh.data,
@@ -131,7 +131,11 @@ pub fn render_text(p: &ExecutionPlan) -> String {
             ms(st.tensor_comm),
             gib(st.memory.total),
             gib(st.memory.capacity),
-            st.layers.join(", ")
+            st.layers
+                .iter()
+                .map(|r| r.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
     let _ = writeln!(o, "\nmemory per device (fullest stage):");
@@ -187,13 +191,13 @@ pub fn render_text(p: &ExecutionPlan) -> String {
         let width = p
             .collectives
             .iter()
-            .map(|c| c.group.chars().count())
+            .map(|c| c.group.to_string().chars().count())
             .fold(10, usize::max);
         for c in &p.collectives {
             let _ = writeln!(
                 o,
                 "  {:<width$} x{:<3} {:<58} {:>8} calls of {:>12}  {}",
-                c.group,
+                c.group.to_string(),
                 c.group_size,
                 c.kind,
                 c.per_iteration,

@@ -1,8 +1,11 @@
 //! The execution plan: data, not behaviour. Deterministic for the same input (ordered
 //! collections, rounded floats, no paths or timestamps), so that plans snapshot-test well.
 
-use super::cost::{MemoryBreakdown, Submesh, TimeBreakdown};
-use serde::Serialize;
+use super::cost::{MemoryBreakdown, RecomputeChoice, ScheduleChoice, Submesh, TimeBreakdown};
+use super::sharding::TensorLayout;
+use serde::{Serialize, Serializer};
+use std::fmt;
+use std::ops::Range;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct ExecutionPlan {
@@ -45,8 +48,9 @@ pub struct StrategySummary {
     /// On some stage.
     pub sequence_parallel: bool,
     pub zero: u8,
-    pub recompute: String,
-    pub schedule: String,
+    pub recompute: RecomputeChoice,
+    #[serde(serialize_with = "as_text")]
+    pub schedule: ScheduleChoice,
     /// Sequences per microbatch per data-parallel replica; 0 when stages differ.
     pub micro_batch: u64,
     pub microbatches: u64,
@@ -60,12 +64,18 @@ pub struct StrategySummary {
 #[derive(Clone, Debug, Serialize)]
 pub struct Stage {
     pub index: u64,
-    /// Layer names, runs of blocks folded (`block.0-11`).
-    pub layers: Vec<String>,
-    /// Device ids (rank order: tensor fastest, then data, then pipeline), as ranges.
-    pub devices: String,
+    /// The stage's layers in graph order, runs of consecutive blocks together.
+    pub layers: Vec<LayerRun>,
+    /// Device ids (rank order: tensor fastest, then data, then pipeline).
+    #[serde(serialize_with = "device_range")]
+    pub devices: Range<u64>,
     /// The stage's devices as data-parallel replicas of tensor-parallel groups.
     pub submesh: Submesh,
+    /// How tensor parallelism lays out every parameter and value on the stage's groups (all
+    /// whole when `submesh.tensor` is 1): the runtime executes this, the sharding table
+    /// renders it.
+    #[serde(skip)]
+    pub layout: TensorLayout,
     /// Sequences per microbatch on each of the stage's replicas.
     pub micro_batch: u64,
     /// Seconds per microbatch.
@@ -107,7 +117,7 @@ pub struct Sharding {
 #[derive(Clone, Debug, Serialize)]
 pub struct Collective {
     pub kind: String,
-    pub group: String,
+    pub group: Group,
     pub group_size: u64,
     /// Bytes per call, per device.
     pub bytes: f64,
@@ -116,13 +126,184 @@ pub struct Collective {
     pub seconds: f64,
 }
 
-#[derive(Clone, Debug, Serialize)]
+/// Consecutive layers of one stage: indices into the graph's `layers`, and the name the
+/// report gives them (`embedding`, `block.0-11`, `head`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LayerRun {
+    pub layers: Range<usize>,
+    pub name: String,
+}
+
+impl Serialize for LayerRun {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.name)
+    }
+}
+
+/// One iteration of one device of a stage, in order.
+#[derive(Clone, Debug)]
 pub struct StageSchedule {
     pub stage: u64,
-    /// One iteration of one device of the stage: `F3` forward of microbatch 3 (`F3.1` chunk
-    /// 1 when interleaved), `B3` its backward, `R`/`S` receive/send at the stage boundary, then
-    /// the gradient synchronisation and the optimizer step.
-    pub steps: String,
+    pub actions: Vec<Action>,
+    /// Chunks per device (interleaved schedules); actions name theirs when above one.
+    pub chunks: u64,
+}
+
+impl StageSchedule {
+    /// The actions as `kiln plan` prints them: `F3` forward of microbatch 3 (`F3.1` chunk 1
+    /// when interleaved), `B3` its backward, `R`/`S` receive/send at the stage boundary
+    /// (primed for gradients), then the gradient synchronisation and the optimizer step.
+    pub fn steps(&self) -> String {
+        let words: Vec<String> = self
+            .actions
+            .iter()
+            .map(|a| a.render(self.chunks > 1))
+            .collect();
+        words.join(" ")
+    }
+}
+
+impl Serialize for StageSchedule {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut st = s.serialize_struct("StageSchedule", 2)?;
+        st.serialize_field("stage", &self.stage)?;
+        st.serialize_field("steps", &self.steps())?;
+        st.end()
+    }
+}
+
+/// One entry of a stage's schedule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Receive the activations of microbatch `mb` for chunk `chunk`.
+    Recv {
+        mb: usize,
+        chunk: usize,
+    },
+    Forward {
+        mb: usize,
+        chunk: usize,
+    },
+    Send {
+        mb: usize,
+        chunk: usize,
+    },
+    /// Receive the gradients of the chunk's outputs.
+    RecvGrad {
+        mb: usize,
+        chunk: usize,
+    },
+    Backward {
+        mb: usize,
+        chunk: usize,
+    },
+    SendGrad {
+        mb: usize,
+        chunk: usize,
+    },
+    /// Sum gradients over the data-parallel group.
+    AllReduceGrads,
+    /// ZeRO: each device keeps the sum of its share of the gradients.
+    ReduceScatterGrads,
+    Optimizer,
+    /// ZeRO 1-2: every device gathers the parameters the others updated.
+    GatherWeights,
+}
+
+impl Action {
+    fn render(self, name_chunk: bool) -> String {
+        let id = |mb: usize, chunk: usize| {
+            if name_chunk {
+                format!("{mb}.{chunk}")
+            } else {
+                mb.to_string()
+            }
+        };
+        match self {
+            Action::Recv { mb, chunk } => format!("R{}", id(mb, chunk)),
+            Action::Forward { mb, chunk } => format!("F{}", id(mb, chunk)),
+            Action::Send { mb, chunk } => format!("S{}", id(mb, chunk)),
+            Action::RecvGrad { mb, chunk } => format!("R'{}", id(mb, chunk)),
+            Action::Backward { mb, chunk } => format!("B{}", id(mb, chunk)),
+            Action::SendGrad { mb, chunk } => format!("S'{}", id(mb, chunk)),
+            Action::AllReduceGrads => "AllReduce(grads)".into(),
+            Action::ReduceScatterGrads => "ReduceScatter(grads)".into(),
+            Action::Optimizer => "Optimizer".into(),
+            Action::GatherWeights => "AllGather(weights)".into(),
+        }
+    }
+}
+
+/// The devices a collective runs among: the stages' tensor-parallel groups, their data-parallel
+/// replicas, or two neighbouring stages.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Group {
+    pub axis: GroupAxis,
+    /// The stages whose groups these are, when not every stage's (their submeshes differ).
+    pub stages: Option<Vec<u64>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GroupAxis {
+    Tensor,
+    Data,
+    Pipeline,
+}
+
+impl fmt::Display for Group {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self.axis {
+            GroupAxis::Tensor => "tensor",
+            GroupAxis::Data => "data",
+            GroupAxis::Pipeline => "pipeline",
+        })?;
+        match &self.stages {
+            Some(stages) => write!(f, ", stages {}", render_ranges(stages)),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Serialize for Group {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// Sorted numbers as runs: `0-3,7`.
+pub(crate) fn render_ranges(items: &[u64]) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < items.len() {
+        let mut j = i;
+        while j + 1 < items.len() && items[j + 1] == items[j] + 1 {
+            j += 1;
+        }
+        out.push(if i == j {
+            items[i].to_string()
+        } else {
+            format!("{}-{}", items[i], items[j])
+        });
+        i = j + 1;
+    }
+    out.join(",")
+}
+
+/// `0-7`, or `3` for one device.
+fn device_range<S: Serializer>(r: &Range<u64>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&render_range(r))
+}
+
+pub fn render_range(r: &Range<u64>) -> String {
+    match r.end - r.start {
+        0 | 1 => r.start.to_string(),
+        _ => format!("{}-{}", r.start, r.end - 1),
+    }
+}
+
+fn as_text<T: fmt::Display, S: Serializer>(x: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(x)
 }
 
 #[derive(Clone, Debug, Serialize)]

@@ -1,11 +1,12 @@
 //! The run's model with its LoRA update merged into the weights, as a Hugging Face checkpoint
 //! (`config.json` + `model.safetensors`, f32) that transformers loads without PEFT.
 
-use super::{graph_of, hf_config, sorted_json, trained, write_dir, ExportError};
+use super::{hf_config, sorted_json, trained, write_dir, ExportError};
 use crate::checkpoint::{check_tensors, read_hf_weights, safetensors_bytes, HostTensor};
 use kiln_compiler::graph::names::Names;
 use kiln_compiler::graph::{Graph, Layout, Op, ParamRole};
 use kiln_compiler::spec::{Adapter, Experiment, Lora};
+use kiln_compiler::Program;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -131,9 +132,9 @@ fn merge_lora(
 /// Writes `<run>`'s model with every LoRA update merged into its weight (W += s·B·A) and every
 /// other trained parameter in place, as `model.safetensors` (f32) and `config.json`: a plain
 /// Hugging Face model directory.
-pub fn export_merged(e: &Experiment, runs: &Path, out: &Path) -> Result<(), ExportError> {
+pub fn export_merged(program: &Program, runs: &Path, out: &Path) -> Result<(), ExportError> {
+    let (e, g) = (&program.experiment, &program.graph);
     let lora = mergeable_lora(e)?;
-    let g = graph_of(e)?;
     let (run, trained) = trained(e, runs)?;
     check_tensors(&g, &run, &trained, true).map_err(|err| ExportError(err.to_string()))?;
     let (mut tensors, config) = base_model(e, &g)?;

@@ -10,7 +10,6 @@ pub use merged::export_merged;
 pub use peft::{export_run, peft_config, write_peft};
 
 use crate::checkpoint::{write_atomic, HostTensor};
-use kiln_compiler::graph::Graph;
 use kiln_compiler::spec::Experiment;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -25,10 +24,6 @@ impl std::fmt::Display for ExportError {
 }
 
 impl std::error::Error for ExportError {}
-
-fn graph_of(e: &Experiment) -> Result<Graph, ExportError> {
-    kiln_compiler::graph::compile_graph(e).map_err(|d| ExportError(format!("{:?}", d.items)))
-}
 
 /// The trained parameters of `e`'s run (its newest checkpoint's), by name, with the file they
 /// came from.

@@ -2,13 +2,14 @@
 //! whose keys are `base_model.model.<module>.<tensor>`, or the one `prompt_embeddings` of a
 //! virtual-token adapter), so that `PeftModel.from_pretrained` loads it.
 
-use super::{graph_of, sorted_json, trained, write_dir, ExportError};
+use super::{sorted_json, trained, write_dir, ExportError};
 use crate::checkpoint::{safetensors_bytes, HostTensor};
 use crate::prompt::{prompt_embeddings, PEFT_KEY};
 use kiln_compiler::graph::{Graph, ParamRole};
 use kiln_compiler::spec::{
     Adapter, Experiment, Family, LoraBias, Objective, PromptEncoder, PromptInit,
 };
+use kiln_compiler::Program;
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -170,8 +171,8 @@ pub fn write_peft(
 }
 
 /// Exports the adapter of the finished run of `e` (its final checkpoint).
-pub fn export_run(e: &Experiment, runs: &Path, out: &Path) -> Result<(), ExportError> {
-    let g = graph_of(e)?;
+pub fn export_run(program: &Program, runs: &Path, out: &Path) -> Result<(), ExportError> {
+    let (e, g) = (&program.experiment, &program.graph);
     let (path, tensors) = trained(e, runs)?;
     crate::checkpoint::check_tensors(&g, &path, &tensors, true)
         .map_err(|err| ExportError(err.to_string()))?;

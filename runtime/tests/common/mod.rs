@@ -49,3 +49,24 @@ pub fn tiny_corpus(dir: &Path) -> (PathBuf, PathBuf) {
     .unwrap();
     (data, tokenizer)
 }
+
+/// Compiles `e` as `kiln run` does, then trains it; what stops compilation comes back as the
+/// run's error (the diagnostics' messages, as the CLI would print them without the source).
+pub fn run(
+    e: &kiln_compiler::spec::Experiment,
+    runs: &Path,
+    steps: Option<u64>,
+    start: kiln_runtime::train::Start,
+    on_event: impl FnMut(&kiln_runtime::train::Event) -> kiln_runtime::train::Control,
+) -> Result<kiln_runtime::train::RunSummary, kiln_runtime::train::RunError> {
+    let program = program(e).map_err(kiln_runtime::train::RunError)?;
+    kiln_runtime::train::run(&program, runs, steps, start, on_event)
+}
+
+/// `e` compiled for the runtime, or its diagnostics' messages.
+pub fn program(e: &kiln_compiler::spec::Experiment) -> Result<kiln_compiler::Program, String> {
+    kiln_compiler::compile(e).map_err(|d| {
+        let messages: Vec<String> = d.items.iter().map(|item| item.message.clone()).collect();
+        messages.join("; ")
+    })
+}
