@@ -108,12 +108,12 @@ fn later_ppo_knobs_serialise_only_when_set() {
 }
 
 /// A UTF-8 byte order mark, which some editors write, is skipped in a file and in the files
-/// it imports (`tests/ui/bom/common.kiln` starts with one).
+/// it imports (`tests/ui/resolve/bom/common.kiln` starts with one).
 #[test]
 fn a_byte_order_mark_starts_a_file_like_nothing() {
     let c = check(&format!("\u{feff}{BASE}"));
     assert_eq!(c.module.experiments[0].value.model.layers, 2);
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/ui/bom");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/ui/resolve/bom");
     let imported = kiln::compiler::check_source(
         "bom.kiln",
         "\u{feff}import \"common.kiln\"\nmodel fixed = gpt2 { layers = 2 }\n",
