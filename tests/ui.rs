@@ -84,10 +84,10 @@ fn render(stage: &str, case: &Path) -> Result<String, String> {
             checked.render_errors()
         ));
     }
-    // Planned as `kiln run` and `plan::compile` plan it: every pipeline stage on one submesh.
+    // Compiled as `kiln run` compiles it: every pipeline stage on one submesh.
     let mut errors: Vec<Diagnostic> = Vec::new();
     for experiment in checked.module.all_experiments() {
-        if let Err(d) = kiln::compiler::plan::compile_plan(experiment) {
+        if let Err(d) = kiln::compiler::compile(experiment) {
             errors.extend(d.items);
         }
     }

@@ -15,7 +15,7 @@ pub use report::render_text;
 pub use types::*;
 
 use crate::diagnostics::{Code, Diagnostic, Diagnostics, Span};
-use crate::graph::{compile_graph, Graph, LayerKind};
+use crate::graph::{Graph, LayerKind};
 use crate::spec::{Experiment, Origin, Plan};
 use cost::Submesh;
 use cost::{Model, RecomputeChoice, ScheduleChoice};
@@ -197,12 +197,13 @@ pub fn compile_plan(e: &Experiment) -> Result<ExecutionPlan, Diagnostics> {
     compile_plan_with(e, Submeshes::Uniform)
 }
 
-/// Plans a checked experiment on its mesh among the plans `submeshes` allows.
+/// Plans a checked experiment on its mesh among the plans `submeshes` allows: the plan of its
+/// [`Program`](crate::Program), checked like every program.
 pub fn compile_plan_with(
     e: &Experiment,
     submeshes: Submeshes,
 ) -> Result<ExecutionPlan, Diagnostics> {
-    Planner::new(e, compile_graph(e)?).plan(submeshes)
+    crate::compile_with(e, submeshes).map(|program| program.plan)
 }
 
 /// The runners-up of `ranked[0]`: the best three with other degrees or stage submeshes, the
