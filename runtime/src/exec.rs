@@ -5,6 +5,7 @@
 
 use crate::checkpoint::HostTensor;
 use crate::collective::Collective;
+use crate::rng::{Key, Purpose};
 use crate::tensor_parallel::{RankOps, VocabShard};
 use dfdx::prelude::*;
 use kiln_compiler::graph::{Act, Graph, InputKind, Layout, Op, ParamRef, Pick};
@@ -45,8 +46,28 @@ pub struct Batch {
     pub mask_positions: Option<Vec<usize>>,
     /// Token ids of each class's verbalizer word (PET).
     pub class_token_ids: Option<Vec<usize>>,
-    /// Seed of this step's dropout masks; `None` runs without dropout (evaluation).
-    pub dropout_seed: Option<u64>,
+    /// What this step's dropout masks are drawn from; `None` runs without dropout (evaluation).
+    pub dropout: Option<DropoutKey>,
+}
+
+/// The coordinates of a batch's dropout masks beside the element: the run's seed, the step,
+/// and each row's place in the step (see `rng`), so that a row's masks are the same whichever
+/// microbatch, data-parallel replica or tensor-parallel rank computes it.
+#[derive(Clone, Debug)]
+pub struct DropoutKey {
+    step: Key,
+    /// The global row of each of the batch's rows: its index among the step's rows, in the
+    /// order they were drawn.
+    rows: Vec<u64>,
+}
+
+impl DropoutKey {
+    pub fn new(seed: u64, step: u64, rows: Vec<u64>) -> Self {
+        DropoutKey {
+            step: Key::of(seed, Purpose::Dropout).fold(step),
+            rows,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -554,15 +575,6 @@ struct PpoKnobs {
     value_coef: f32,
 }
 
-/// SplitMix64: a small, well-mixed generator; masks depend only on the seed and the draw.
-fn splitmix(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 /// What inverted dropout multiplies kept values by.
 fn dropout_scale(p: f64) -> f32 {
     1.0 / (1.0 - p) as f32
@@ -577,34 +589,54 @@ fn dropout_factors(keep: Vec<bool>, p: f64) -> Vec<f32> {
 }
 
 impl Interpreter<'_> {
-    /// An inverted-dropout mask (0 or 1/(1−p)) of the given shape, or `None` when dropout is
-    /// off for this batch or `p` is zero.
-    #[cfg(feature = "cuda")]
-    fn dropout_mask<S: Shape>(&self, shape: S, p: f64) -> Option<Tensor<S, f32, Dev>> {
-        let data = self.dropout_values(shape.num_elements(), p)?;
-        Some(self.dev.tensor_from_vec(data, shape))
+    /// The values of this node's inverted-dropout mask (0 or 1/(1−p)); see `dropout_keep`.
+    fn dropout_values(
+        &self,
+        p: f64,
+        rows: usize,
+        offset: usize,
+        len: usize,
+    ) -> Result<Option<Vec<f32>>, ExecError> {
+        Ok(self
+            .dropout_keep(p, rows, offset, len)?
+            .map(|keep| dropout_factors(keep, p)))
     }
 
-    /// The values of this node's dropout mask of `len` elements (see `dropout_mask`).
-    fn dropout_values(&self, len: usize, p: f64) -> Option<Vec<f32>> {
-        Some(dropout_factors(self.dropout_keep(len, p)?, p))
-    }
-
-    /// Which of this node's `len` elements dropout keeps, drawn from the batch's seed and the
-    /// node; `None` when dropout is off for this batch or `p` is zero.
-    fn dropout_keep(&self, len: usize, p: f64) -> Option<Vec<bool>> {
-        let seed = self.batch.dropout_seed?;
+    /// Which elements dropout keeps of this node's value of `rows` rows, of which this device
+    /// holds `len` elements a row from element `offset` of the whole value's row on (a share of
+    /// the sequence, or of the heads). An element's bit depends on the batch's key, the node,
+    /// the row's global index and the element's index in the whole row alone. `None` when
+    /// dropout is off for this batch or `p` is zero.
+    fn dropout_keep(
+        &self,
+        p: f64,
+        rows: usize,
+        offset: usize,
+        len: usize,
+    ) -> Result<Option<Vec<bool>>, ExecError> {
+        let Some(key) = &self.batch.dropout else {
+            return Ok(None);
+        };
         if p <= 0.0 {
-            return None;
+            return Ok(None);
         }
-        let stream = self.current.index() as u64 + 1;
-        let mut state = seed ^ stream.wrapping_mul(0xD1B5_4A32_D192_ED03);
+        if key.rows.len() != rows {
+            return err(format!(
+                "dropout over {rows} rows with the global rows of {}",
+                key.rows.len()
+            ));
+        }
+        let node = key.step.fold(self.current.index() as u64);
         let threshold = (p * u64::MAX as f64) as u64;
-        Some(
-            (0..len)
-                .map(|_| splitmix(&mut state) >= threshold)
+        Ok(Some(
+            key.rows
+                .iter()
+                .flat_map(|&row| {
+                    let row = node.fold(row);
+                    (offset..offset + len).map(move |i| row.bits(i as u64) >= threshold)
+                })
                 .collect(),
-        )
+        ))
     }
 
     fn input(&self, n: NodeIndex, slot: usize) -> Result<&V, ExecError> {
@@ -933,25 +965,17 @@ impl Interpreter<'_> {
                 self.rotary(x, theta, head_dim as usize, offset as usize)
             }
             Op::Attention {
-                heads,
-                kv_heads,
                 head_dim,
                 causal,
                 dropout,
+                ..
             } => {
                 let (q, k, v) = (
                     self.input(n, 0)?.r3("q")?,
                     self.input(n, 1)?.r3("k")?,
                     self.input(n, 2)?.r3("v")?,
                 );
-                self.attention(
-                    q,
-                    k,
-                    v,
-                    (heads as usize, kv_heads as usize, head_dim as usize),
-                    causal,
-                    dropout,
-                )
+                self.attention(q, k, v, head_dim as usize, causal, dropout)
             }
             Op::Lstm {
                 hidden,
@@ -976,21 +1000,14 @@ impl Interpreter<'_> {
             Op::Dropout { p } => {
                 let x = self.input(n, 0)?.r3("x")?;
                 let (b, s, d) = *x.shape();
-                // On a share of the sequence: the whole sequence's mask, this rank's positions.
-                let share = self.ops.sequence.contains(&n).then(|| {
-                    let first = self.ops.rank * s;
-                    (first * d, s * self.ops.size * d)
-                });
-                let whole = share.map_or(s * d, |(_, row)| row);
-                let Some(keep) = self.dropout_keep(b * whole, p) else {
-                    return Ok(V::R3(x));
+                // On a share of the sequence: this rank's positions of the whole rows.
+                let first = if self.ops.sequence.contains(&n) {
+                    self.ops.rank * s
+                } else {
+                    0
                 };
-                let keep: Vec<bool> = match share {
-                    Some((start, row)) => keep
-                        .chunks(row)
-                        .flat_map(|r| r[start..start + s * d].iter().copied())
-                        .collect(),
-                    None => keep,
+                let Some(keep) = self.dropout_keep(p, b, first * d, s * d)? else {
+                    return Ok(V::R3(x));
                 };
                 let x = x.put_tape(self.take_tape());
                 #[cfg(not(feature = "cuda"))]
@@ -1370,18 +1387,16 @@ impl Interpreter<'_> {
         Ok(V::R3(input))
     }
 
-    /// Scaled dot-product attention with causal and padding masks; `dims` is (heads, kv heads,
-    /// head dim).
+    /// Scaled dot-product attention with causal and padding masks over heads of `d` features.
     fn attention(
         &mut self,
         q: T3,
         k: T3,
         v: T3,
-        dims: (usize, usize, usize),
+        d: usize,
         causal: bool,
         dropout: f64,
     ) -> Result<V, ExecError> {
-        let (all_heads, _, d) = dims;
         let (b, s, width) = *q.shape();
         let skv = k.shape().1;
         // The heads this rank holds (all of them without tensor parallelism).
@@ -1406,9 +1421,11 @@ impl Interpreter<'_> {
                 }
             }
         }
-        // Dropout masks are drawn for every head, so that a rank holding some of them drops
-        // what one device would.
+        // A rank holding some of the heads drops what one device would in those heads: the
+        // rows' elements from its first head's on.
         let first = self.ops.rank * heads;
+        let plane = s * skv;
+        let dropout = self.dropout_values(dropout, b, first * plane, heads * plane)?;
         #[cfg(not(feature = "cuda"))]
         {
             if kv_heads == 0 || heads % kv_heads != 0 {
@@ -1416,17 +1433,6 @@ impl Interpreter<'_> {
                     "{heads} query heads over {kv_heads} key/value heads"
                 ));
             }
-            let plane = s * skv;
-            let dropout = self
-                .dropout_values(b * all_heads * plane, dropout)
-                .map(|all| {
-                    (0..b)
-                        .flat_map(|r| {
-                            let rank = (r * all_heads + first) * plane;
-                            all[rank..rank + heads * plane].to_vec()
-                        })
-                        .collect()
-                });
             let dims = crate::kernels::Heads {
                 heads,
                 kv_heads,
@@ -1473,14 +1479,8 @@ impl Interpreter<'_> {
             let scores =
                 q.put_tape(tape).matmul(k.permute::<_, Axes4<0, 1, 3, 2>>()) / (d as f32).sqrt();
             let probs = (scores + mask).softmax::<Axis<3>>();
-            let mask = if heads == all_heads {
-                self.dropout_mask((b, heads, s, skv), dropout)
-            } else {
-                self.dropout_mask((b, all_heads, s, skv), dropout)
-                    .map(|m| m.slice((.., first..first + heads, .., ..)).realize())
-            };
-            let probs = match mask {
-                Some(m) => probs * m,
+            let probs = match dropout {
+                Some(m) => probs * self.dev.tensor_from_vec(m, (b, heads, s, skv)),
                 None => probs,
             };
             let out = probs

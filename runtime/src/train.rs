@@ -7,14 +7,14 @@ use crate::checkpoint::{
     param_shape, parse_safetensors, safetensors_bytes, write_atomic, HostTensor,
 };
 use crate::data::{load_examples, load_tokenizer, pad_batch, DataError, Example, PaddedBatch};
-use crate::exec::{forward_backward, Batch, Stats};
+use crate::exec::{forward_backward, Batch, DropoutKey, Stats};
 use crate::mesh::{DeviceMemory, Mesh, StepOutcome};
 use crate::optim::{learning_rate, State};
 use crate::pet::verbalizer_ids;
 use crate::placement::Placement;
 use crate::plot::{read_losses, write_loss_curve};
 use crate::ppo::{adapt_kl_coef, reference_weights, Rollouts};
-use crate::rng::Rng;
+use crate::rng::{Key, Purpose, Rng};
 use crate::run_dir::{Checkpoint, MetricsLog, RunDir, StoreError};
 use crate::starting_weights::{named_checkpoints, starting_values};
 use kiln_compiler::graph::{compile_graph, Graph, Param, ParamRole};
@@ -357,8 +357,8 @@ impl Progress {
 /// FNV-1a over the parts of the experiment a checkpoint depends on (not the step count, which a
 /// resumed run may extend).
 fn fingerprint(e: &Experiment) -> String {
-    // The mesh is left out: a run may move to another mesh (its numbers then differ in the
-    // last bits, and dropout follows the microbatching; issue 13's counter-based draws).
+    // The mesh is left out: a run may move to another mesh, its numbers differing in the last
+    // bits only (random draws follow each row's place in the step, not the device: `rng`).
     let relevant = serde_json::json!({
         "model": e.model, "adapters": e.adapters, "objective": e.objective, "data": e.data,
         "optimizer": e.train.optimizer, "schedule": e.train.schedule, "batch": e.train.batch,
@@ -602,9 +602,6 @@ fn ppo_updates(
     Ok(mean)
 }
 
-/// The evaluation rollouts' draws: the same whatever the run's length, so that runs compare.
-const EVAL_SEED: u64 = 0x5EED_E7A1;
-
 /// When the loop saves a checkpoint besides the end and interrupts: every `checkpoint_every`
 /// steps, and once `checkpoint_minutes` have passed since the last save.
 struct SavePolicy {
@@ -789,10 +786,10 @@ pub fn run(
                 let prompts: Vec<&Example> = (0..batch)
                     .map(|_| &train_set[progress.next_record()][0])
                     .collect();
-                // Draws seeded by the step: a resumed run samples what the whole run did.
-                let seed = e.train.seed ^ (s * 1_000_003);
+                // Draws keyed by the step: a resumed run samples what the whole run did.
+                let key = Key::of(e.train.seed, Purpose::Sampling).fold(s);
                 let kl_coef = progress.kl_coef.unwrap_or(ppo.kl);
-                let rollout = rollouts.collect(&mesh.values(&graph), &prompts, seed, kl_coef)?;
+                let rollout = rollouts.collect(&mesh.values(&graph), &prompts, key, kl_coef)?;
                 progress.tokens += rollout.tokens();
                 if let Some(target) = ppo.kl_target {
                     let next = adapt_kl_coef(kl_coef, rollout.kl, target, ppo.kl_horizon, batch);
@@ -824,8 +821,11 @@ pub fn run(
                         .flatten()
                         .filter(|&&v| v == 1)
                         .count();
-                    // Seeded by the micro-batch's place in the step, not by the device that runs it.
-                    b.dropout_seed = Some(e.train.seed ^ (s * 1_000_003 + m as u64));
+                    // Masks follow each row's place in the step, not the microbatch or device
+                    // that computes it.
+                    let first = (m * micro) as u64;
+                    let global = (first..first + rows.len() as u64).collect();
+                    b.dropout = Some(DropoutKey::new(e.train.seed, s, global));
                     micros.push(b);
                 }
                 let outcome = mesh
@@ -933,7 +933,8 @@ impl Evaluator<'_> {
         let values = mesh.values(self.graph);
         if let Some(rollouts) = self.rollouts {
             let prompts: Vec<&Example> = set.iter().map(|r| &r[0]).collect();
-            let reward = rollouts.mean_reward(&values, &prompts, self.e.train.seed ^ EVAL_SEED)?;
+            let key = Key::of(self.e.train.seed, Purpose::EvalSampling);
+            let reward = rollouts.mean_reward(&values, &prompts, key)?;
             metrics.append(&serde_json::json!({ "step": step, "eval_reward": reward }))?;
             return Ok(None);
         }
