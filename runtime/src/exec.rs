@@ -48,6 +48,11 @@ pub struct Batch {
     pub class_token_ids: Option<Vec<usize>>,
     /// What this step's dropout masks are drawn from; `None` runs without dropout (evaluation).
     pub dropout: Option<DropoutKey>,
+    /// What each cross-entropy node divides its sum by instead of this batch's count of
+    /// labelled positions (`label_counts`): this batch's share of the count over every batch of
+    /// the loss, so that the loss is the mean over all of their positions however they are cut
+    /// into batches.
+    pub label_counts: BTreeMap<NodeIndex, f32>,
 }
 
 /// The coordinates of a batch's dropout masks beside the element: the run's seed, the step,
@@ -586,6 +591,52 @@ fn dropout_factors(keep: Vec<bool>, p: f64) -> Vec<f32> {
     keep.into_iter()
         .map(|k| if k { scale } else { 0.0 })
         .collect()
+}
+
+/// The label a cross-entropy over `positions` positions of `rows` rows reads at each: the
+/// row's from `offset` on (the next token's under a shift; a class's at 0), −100 (none) past
+/// its end.
+fn position_labels(
+    labels: &[Vec<i64>],
+    rows: usize,
+    positions: usize,
+    offset: usize,
+) -> impl Iterator<Item = i64> + '_ {
+    labels.iter().take(rows).flat_map(move |row| {
+        (0..positions).map(move |t| row.get(t + offset).copied().unwrap_or(-100))
+    })
+}
+
+/// How many labelled positions each cross-entropy node of `g` averages over in `batch` (what
+/// it divides by unless the batch says otherwise: `Batch::label_counts`).
+pub fn label_counts(g: &Graph, batch: &Batch) -> Result<BTreeMap<NodeIndex, f64>, ExecError> {
+    let mut counts = BTreeMap::new();
+    for n in g.dag.node_indices() {
+        let Op::CrossEntropy { shift } = g.dag[n].op else {
+            continue;
+        };
+        let &[logits, labels] = g.inputs(n).as_slice() else {
+            return err(format!(
+                "`{}` does not read logits and labels",
+                g.dag[n].name
+            ));
+        };
+        let name = &g.dag[labels].name;
+        let Some(labels) = batch.ints.get(name) else {
+            return err(format!("the batch has no `{name}`"));
+        };
+        // Token logits `[b, s, vocab]` (shifted for causal LM), or class logits `[b, classes]`.
+        let (positions, offset) = match g.dag[logits].out.shape[..] {
+            [_, s, _] if shift => (s as usize - 1, 1),
+            [_, s, _] => (s as usize, 0),
+            _ => (1, 0),
+        };
+        let labelled = position_labels(labels, labels.len(), positions, offset)
+            .filter(|&l| l >= 0)
+            .count();
+        counts.insert(n, labelled as f64);
+    }
+    Ok(counts)
 }
 
 impl Interpreter<'_> {
@@ -1499,13 +1550,10 @@ impl Interpreter<'_> {
             return err("not a cross-entropy");
         };
         let labels = self.input(n, 1)?.ints("labels")?.clone();
+        let count = self.batch.label_counts.get(&n).copied();
         match self.input(n, 0)?.clone() {
-            V::R3(logits) => self.token_cross_entropy(logits, &labels, shift, shard),
+            V::R3(logits) => self.token_cross_entropy(logits, &labels, shift, count, shard),
             V::R2(logits) => {
-                let targets: Vec<i64> = labels
-                    .iter()
-                    .map(|r| r.first().copied().unwrap_or(-100))
-                    .collect();
                 let (b, c) = *logits.shape();
                 // Reshaping may copy: do it on the tape so the gradient reaches `logits`.
                 let (logits, tape) = logits
@@ -1513,23 +1561,20 @@ impl Interpreter<'_> {
                     .reshape_like(&(b, 1, c))
                     .split_tape();
                 self.tape = tape;
-                self.token_cross_entropy(
-                    logits,
-                    &targets.iter().map(|&t| vec![t]).collect::<Vec<_>>(),
-                    false,
-                    shard,
-                )
+                self.token_cross_entropy(logits, &labels, false, count, shard)
             }
             _ => err("cross-entropy of an unsupported rank"),
         }
     }
 
-    /// Mean cross-entropy over positions whose label is not −100.
+    /// Cross-entropy summed over positions whose label is not −100, divided by `count` (by
+    /// their number when `None`).
     fn token_cross_entropy(
         &mut self,
         logits: T3,
         labels: &[Vec<i64>],
         shift: bool,
+        count: Option<f32>,
         shard: Option<VocabShard>,
     ) -> Result<V, ExecError> {
         let (b, s, width) = *logits.shape();
@@ -1537,19 +1582,16 @@ impl Interpreter<'_> {
         let (positions, offset) = if shift { (s - 1, 1) } else { (s, 0) };
         let mut targets = Vec::with_capacity(b * positions);
         let mut weights = Vec::with_capacity(b * positions);
-        for row in labels.iter().take(b) {
-            for t in 0..positions {
-                let label = row.get(t + offset).copied().unwrap_or(-100);
-                if label >= vocab as i64 {
-                    return err(format!(
-                        "label {label} is outside the vocabulary of {vocab}"
-                    ));
-                }
-                targets.push(label.max(0) as usize);
-                weights.push(if label < 0 { 0.0 } else { 1.0 });
+        for label in position_labels(labels, b, positions, offset) {
+            if label >= vocab as i64 {
+                return err(format!(
+                    "label {label} is outside the vocabulary of {vocab}"
+                ));
             }
+            targets.push(label.max(0) as usize);
+            weights.push(if label < 0 { 0.0 } else { 1.0 });
         }
-        let count: f32 = weights.iter().sum();
+        let count = count.unwrap_or_else(|| weights.iter().sum());
         if count == 0.0 {
             return err("no position has a label");
         }

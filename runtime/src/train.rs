@@ -7,7 +7,7 @@ use crate::checkpoint::{
     param_shape, parse_safetensors, safetensors_bytes, write_atomic, HostTensor,
 };
 use crate::data::{load_examples, load_tokenizer, pad_batch, DataError, Example, PaddedBatch};
-use crate::exec::{forward_backward, Batch, DropoutKey, Stats};
+use crate::exec::{forward_backward, label_counts, Batch, DropoutKey, Stats};
 use crate::mesh::{DeviceMemory, Mesh, StepOutcome};
 use crate::optim::{learning_rate, State};
 use crate::pet::verbalizer_ids;
@@ -20,6 +20,7 @@ use crate::starting_weights::{named_checkpoints, starting_values};
 use kiln_compiler::graph::{compile_graph, Graph, Param, ParamRole};
 use kiln_compiler::plan::compile_plan;
 use kiln_compiler::spec::{Experiment, Length, Objective, Optimizer, Ppo};
+use petgraph::graph::NodeIndex;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -197,7 +198,8 @@ struct Evaluation {
 }
 
 /// Evaluates the whole set, `chunk` records at a time, without dropout: the loss is the mean
-/// over records, the accuracy the share of rows whose highest class score is their class.
+/// over records (over labelled positions for cross-entropies), the accuracy the share of rows
+/// whose highest class score is their class.
 fn evaluate(
     graph: &Graph,
     values: &[HostTensor],
@@ -207,14 +209,25 @@ fn evaluate(
     objective: &Objective,
     verbalizer: Option<&[usize]>,
 ) -> Result<Evaluation, RunError> {
+    let chunks: Vec<Vec<&Example>> = set
+        .chunks(chunk)
+        .map(|records| records.iter().flatten().collect())
+        .collect();
+    let mut batches: Vec<Batch> = chunks
+        .iter()
+        .map(|rows| batch_inputs(rows, seq_len, objective, verbalizer))
+        .collect();
+    let shares: Vec<f64> = set
+        .chunks(chunk)
+        .map(|records| records.len() as f64 / set.len() as f64)
+        .collect();
+    share_label_counts(graph, &mut batches, &shares)?;
     let (mut loss, mut correct, mut classified) = (0.0f64, 0usize, 0usize);
-    for records in set.chunks(chunk) {
-        let rows: Vec<&Example> = records.iter().flatten().collect();
-        let b = batch_inputs(&rows, seq_len, objective, verbalizer);
-        let out = forward_backward(graph, values, &b)
+    for ((b, rows), share) in batches.iter().zip(&chunks).zip(&shares) {
+        let out = forward_backward(graph, values, b)
             .map_err(|err| RunError(format!("evaluation: {err}")))?;
-        loss += f64::from(out.loss) * records.len() as f64;
-        for (scores, row) in out.class_logits.iter().flatten().zip(&rows) {
+        loss += f64::from(out.loss) * share;
+        for (scores, row) in out.class_logits.iter().flatten().zip(rows) {
             // Rows without a class (PET's masked copies) carry only the auxiliary loss.
             let Some(class) = row.class else { continue };
             let best = (0..scores.len()).max_by(|&a, &b| scores[a].total_cmp(&scores[b]));
@@ -223,9 +236,30 @@ fn evaluate(
         }
     }
     Ok(Evaluation {
-        loss: (loss / set.len() as f64) as f32,
+        loss: loss as f32,
         accuracy: (classified > 0).then(|| correct as f32 / classified as f32),
     })
+}
+
+/// Makes the cross-entropies of `batches`, the parts of one loss weighing `shares` in it, the
+/// mean over all of their labelled positions: each part divides its sum by its share of the
+/// count over them all. (A mean per part would weigh a position by how few others share its
+/// part: the loss would depend on how a step is cut into microbatches.)
+fn share_label_counts(g: &Graph, batches: &mut [Batch], shares: &[f64]) -> Result<(), RunError> {
+    let mut total: BTreeMap<NodeIndex, f64> = BTreeMap::new();
+    for b in batches.iter() {
+        let counts = label_counts(g, b).map_err(|err| RunError(err.0))?;
+        for (n, count) in counts {
+            *total.entry(n).or_default() += count;
+        }
+    }
+    for (b, share) in batches.iter_mut().zip(shares) {
+        b.label_counts = total
+            .iter()
+            .map(|(&n, &count)| (n, (count * share) as f32))
+            .collect();
+    }
+    Ok(())
 }
 
 /// Whether the objective's loss is a token cross-entropy alone, for which perplexity is defined
@@ -828,6 +862,8 @@ pub fn run(
                     b.dropout = Some(DropoutKey::new(e.train.seed, s, global));
                     micros.push(b);
                 }
+                let shares = vec![1.0 / micros.len() as f64; micros.len()];
+                share_label_counts(&graph, &mut micros, &shares)?;
                 let outcome = mesh
                     .step(&graph, &e.train, &micros, lr, s + 1)
                     .map_err(RunError)?;
