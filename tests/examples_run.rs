@@ -3,10 +3,10 @@
 //! on this machine's CPU with its own data and tokenizer, a pipeline's stages in order so that
 //! later stages find the runs of earlier ones. An example whose mesh is not made of CPU devices
 //! (a GPU cluster) is a plan to study with `kiln plan`: `run` must refuse it, saying so, rather
-//! than try.
+//! than try. An example planned over several CPU devices trains as it would on one.
 
 use kiln_compiler::spec::Experiment;
-use kiln_runtime::train::{run, Control, Start};
+use kiln_runtime::train::{run, Control, Event, Start};
 use std::path::{Path, PathBuf};
 
 /// Steps each experiment trains for: enough to take an optimizer step after the first.
@@ -158,6 +158,107 @@ fn every_example_runs_or_is_refused_as_plan_only() {
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
     assert!(!ran.is_empty(), "some example runs");
     eprintln!("ran {ran:?}; refused as plan-only {refused:?}");
+}
+
+/// Steps over which an example on its own mesh and on one device are compared: the first
+/// loss, then two after optimizer steps.
+const COMPARED_STEPS: u64 = 3;
+
+/// The losses of `e`'s first `COMPARED_STEPS` steps, trained in `runs` (emptied first).
+fn step_losses(e: &Experiment, runs: &Path) -> Vec<f32> {
+    // Without the evaluation after the last step, which takes time and changes no step's loss.
+    let e = &Experiment {
+        data: kiln_compiler::spec::Data {
+            eval: None,
+            ..e.data.clone()
+        },
+        ..e.clone()
+    };
+    std::fs::remove_dir_all(runs).ok();
+    let mut losses = Vec::new();
+    let record = |event: &Event| {
+        if let Event::Step(report) = event {
+            losses.push(report.loss);
+        }
+        Control::Continue
+    };
+    let program = kiln::compiler::compile(e)
+        .unwrap_or_else(|d| panic!("`{}` does not compile: {:?}", e.name, d.items));
+    run(&program, runs, Some(COMPARED_STEPS), Start::Fresh, record)
+        .unwrap_or_else(|err| panic!("`{}` does not run: {err}", e.name));
+    std::fs::remove_dir_all(runs).ok();
+    losses
+}
+
+/// Size knobs the mesh comparison sets on an example whose steps take long on two cores, which
+/// leave its plan as it is (`kiln plan --set` with them shows the same strategy): BERT's
+/// 30,522-word MLM head over 128 positions.
+const SMALLER: &[(&str, &str)] = &[("bert_wwm_nsp", "train.seq_len=64")];
+
+/// Experiment `name` of `file` with `--set` overrides.
+fn overridden(file: &Path, name: &str, sets: &[String]) -> Experiment {
+    let checked = kiln_compiler::overrides::check_with_overrides(file, name, None, sets).unwrap();
+    assert!(checked.is_ok(), "{}", checked.render_errors());
+    checked.module.experiments[0].value.clone()
+}
+
+/// Every example planned over several CPU devices computes what one device computes: its
+/// losses equal those of the same experiment with `parallel = { mesh = cpu(1) }` (which the
+/// planner also microbatches its own way) within 1e-5 relative, with the examples' dropout on:
+/// every random draw is keyed by the row's place in the step, and a step's loss is the mean
+/// over its labelled positions, whichever microbatch, replica or rank computes them.
+#[test]
+fn examples_on_several_devices_train_as_on_one() {
+    let mut compared = Vec::new();
+    for file in example_files() {
+        let checked = kiln_compiler::check_file(&file);
+        assert!(checked.is_ok(), "{}", checked.render_errors());
+        for e in in_running_order(&checked.module) {
+            if !runs_on_this_machine(e) || e.parallel.mesh.devices() < 2 {
+                continue;
+            }
+            let mut sets: Vec<String> = SMALLER
+                .iter()
+                .filter(|(name, _)| *name == e.name)
+                .map(|(_, set)| set.to_string())
+                .collect();
+            let many = overridden(&file, &e.name, &sets);
+            sets.push("parallel = { mesh = cpu(1) }".into());
+            let one = overridden(&file, &e.name, &sets);
+            assert_eq!(one.parallel.mesh.devices(), 1);
+            let runs = std::env::temp_dir().join(format!(
+                "kiln-examples-mesh-{}-{}",
+                std::process::id(),
+                e.name
+            ));
+            let started = std::time::Instant::now();
+            let (on_mesh, on_one) = (step_losses(&many, &runs), step_losses(&one, &runs));
+            eprintln!(
+                "{} on {} devices: {on_mesh:?}; on one: {on_one:?} ({:.1} s)",
+                e.name,
+                e.parallel.mesh.devices(),
+                started.elapsed().as_secs_f64()
+            );
+            assert_eq!(on_mesh.len() as u64, COMPARED_STEPS);
+            assert_eq!(on_one.len(), on_mesh.len());
+            for (step, (m, o)) in on_mesh.iter().zip(&on_one).enumerate() {
+                assert!(
+                    (m - o).abs() <= 1e-5 * o.abs(),
+                    "{} (`{}`), step {}: loss {m} on its mesh, {o} on one device",
+                    file.display(),
+                    e.name,
+                    step + 1
+                );
+            }
+            compared.push(e.name.clone());
+        }
+    }
+    // The PET example (LoRA dropout 0.1, BERT's hidden and attention dropout) is the one whose
+    // losses depended on the microbatch layout.
+    assert!(
+        compared.iter().any(|n| n == "pet_sentiment"),
+        "compared {compared:?}"
+    );
 }
 
 /// The plan-only example says so where a reader looks first, its header comment.

@@ -5,6 +5,7 @@
 
 use crate::checkpoint::HostTensor;
 use crate::collective::Collective;
+use crate::rng::{Key, Purpose};
 use crate::tensor_parallel::VocabShard;
 use dfdx::prelude::*;
 use kiln_compiler::graph::{Act, Graph, InputKind, Layout, Op, ParamRef, Pick};
@@ -46,8 +47,33 @@ pub struct Batch {
     pub mask_positions: Option<Vec<usize>>,
     /// Token ids of each class's verbalizer word (PET).
     pub class_token_ids: Option<Vec<usize>>,
-    /// Seed of this step's dropout masks; `None` runs without dropout (evaluation).
-    pub dropout_seed: Option<u64>,
+    /// What this step's dropout masks are drawn from; `None` runs without dropout (evaluation).
+    pub dropout: Option<DropoutKey>,
+    /// What each cross-entropy node divides its sum by instead of this batch's count of
+    /// labelled positions (`label_counts`): this batch's share of the count over every batch of
+    /// the loss, so that the loss is the mean over all of their positions however they are cut
+    /// into batches.
+    pub label_counts: BTreeMap<NodeIndex, f32>,
+}
+
+/// The coordinates of a batch's dropout masks beside the element: the run's seed, the step,
+/// and each row's place in the step (see `rng`), so that a row's masks are the same whichever
+/// microbatch, data-parallel replica or tensor-parallel rank computes it.
+#[derive(Clone, Debug)]
+pub struct DropoutKey {
+    step: Key,
+    /// The global row of each of the batch's rows: its index among the step's rows, in the
+    /// order they were drawn.
+    rows: Vec<u64>,
+}
+
+impl DropoutKey {
+    pub fn new(seed: u64, step: u64, rows: Vec<u64>) -> Self {
+        DropoutKey {
+            step: Key::of(seed, Purpose::Dropout).fold(step),
+            rows,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -555,15 +581,6 @@ struct PpoKnobs {
     value_coef: f32,
 }
 
-/// SplitMix64: a small, well-mixed generator; masks depend only on the seed and the draw.
-fn splitmix(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 /// What inverted dropout multiplies kept values by.
 fn dropout_scale(p: f64) -> f32 {
     1.0 / (1.0 - p) as f32
@@ -577,35 +594,101 @@ fn dropout_factors(keep: Vec<bool>, p: f64) -> Vec<f32> {
         .collect()
 }
 
+/// The label a cross-entropy over `positions` positions of `rows` rows reads at each: the
+/// row's from `offset` on (the next token's under a shift; a class's at 0), −100 (none) past
+/// its end.
+fn position_labels(
+    labels: &[Vec<i64>],
+    rows: usize,
+    positions: usize,
+    offset: usize,
+) -> impl Iterator<Item = i64> + '_ {
+    labels.iter().take(rows).flat_map(move |row| {
+        (0..positions).map(move |t| row.get(t + offset).copied().unwrap_or(-100))
+    })
+}
+
+/// How many labelled positions each cross-entropy node of `g` averages over in `batch` (what
+/// it divides by unless the batch says otherwise: `Batch::label_counts`).
+pub fn label_counts(g: &Graph, batch: &Batch) -> Result<BTreeMap<NodeIndex, f64>, ExecError> {
+    let mut counts = BTreeMap::new();
+    for n in g.dag.node_indices() {
+        let Op::CrossEntropy { shift } = g.dag[n].op else {
+            continue;
+        };
+        let &[logits, labels] = g.inputs(n).as_slice() else {
+            return err(format!(
+                "`{}` does not read logits and labels",
+                g.dag[n].name
+            ));
+        };
+        let name = &g.dag[labels].name;
+        let Some(labels) = batch.ints.get(name) else {
+            return err(format!("the batch has no `{name}`"));
+        };
+        // Token logits `[b, s, vocab]` (shifted for causal LM), or class logits `[b, classes]`.
+        let (positions, offset) = match g.dag[logits].out.shape[..] {
+            [_, s, _] if shift => (s as usize - 1, 1),
+            [_, s, _] => (s as usize, 0),
+            _ => (1, 0),
+        };
+        let labelled = position_labels(labels, labels.len(), positions, offset)
+            .filter(|&l| l >= 0)
+            .count();
+        counts.insert(n, labelled as f64);
+    }
+    Ok(counts)
+}
+
 impl Interpreter<'_> {
-    /// An inverted-dropout mask (0 or 1/(1−p)) of the given shape, or `None` when dropout is
-    /// off for this batch or `p` is zero.
-    #[cfg(feature = "cuda")]
-    fn dropout_mask<S: Shape>(&self, shape: S, p: f64) -> Option<Tensor<S, f32, Dev>> {
-        let data = self.dropout_values(shape.num_elements(), p)?;
-        Some(self.dev.tensor_from_vec(data, shape))
+    /// The values of this node's inverted-dropout mask (0 or 1/(1−p)); see `dropout_keep`.
+    fn dropout_values(
+        &self,
+        p: f64,
+        rows: usize,
+        offset: usize,
+        len: usize,
+    ) -> Result<Option<Vec<f32>>, ExecError> {
+        Ok(self
+            .dropout_keep(p, rows, offset, len)?
+            .map(|keep| dropout_factors(keep, p)))
     }
 
-    /// The values of this node's dropout mask of `len` elements (see `dropout_mask`).
-    fn dropout_values(&self, len: usize, p: f64) -> Option<Vec<f32>> {
-        Some(dropout_factors(self.dropout_keep(len, p)?, p))
-    }
-
-    /// Which of this node's `len` elements dropout keeps, drawn from the batch's seed and the
-    /// node; `None` when dropout is off for this batch or `p` is zero.
-    fn dropout_keep(&self, len: usize, p: f64) -> Option<Vec<bool>> {
-        let seed = self.batch.dropout_seed?;
+    /// Which elements dropout keeps of this node's value of `rows` rows, of which this device
+    /// holds `len` elements a row from element `offset` of the whole value's row on (a share of
+    /// the sequence, or of the heads). An element's bit depends on the batch's key, the node,
+    /// the row's global index and the element's index in the whole row alone. `None` when
+    /// dropout is off for this batch or `p` is zero.
+    fn dropout_keep(
+        &self,
+        p: f64,
+        rows: usize,
+        offset: usize,
+        len: usize,
+    ) -> Result<Option<Vec<bool>>, ExecError> {
+        let Some(key) = &self.batch.dropout else {
+            return Ok(None);
+        };
         if p <= 0.0 {
-            return None;
+            return Ok(None);
         }
-        let stream = self.current.index() as u64 + 1;
-        let mut state = seed ^ stream.wrapping_mul(0xD1B5_4A32_D192_ED03);
+        if key.rows.len() != rows {
+            return err(format!(
+                "dropout over {rows} rows with the global rows of {}",
+                key.rows.len()
+            ));
+        }
+        let node = key.step.fold(self.current.index() as u64);
         let threshold = (p * u64::MAX as f64) as u64;
-        Some(
-            (0..len)
-                .map(|_| splitmix(&mut state) >= threshold)
+        Ok(Some(
+            key.rows
+                .iter()
+                .flat_map(|&row| {
+                    let row = node.fold(row);
+                    (offset..offset + len).map(move |i| row.bits(i as u64) >= threshold)
+                })
                 .collect(),
-        )
+        ))
     }
 
     fn input(&self, n: NodeIndex, slot: usize) -> Result<&V, ExecError> {
@@ -934,25 +1017,17 @@ impl Interpreter<'_> {
                 self.rotary(x, theta, head_dim as usize, offset as usize)
             }
             Op::Attention {
-                heads,
-                kv_heads,
                 head_dim,
                 causal,
                 dropout,
+                ..
             } => {
                 let (q, k, v) = (
                     self.input(n, 0)?.r3("q")?,
                     self.input(n, 1)?.r3("k")?,
                     self.input(n, 2)?.r3("v")?,
                 );
-                self.attention(
-                    q,
-                    k,
-                    v,
-                    (heads as usize, kv_heads as usize, head_dim as usize),
-                    causal,
-                    dropout,
-                )
+                self.attention(q, k, v, head_dim as usize, causal, dropout)
             }
             Op::Lstm {
                 hidden,
@@ -977,21 +1052,14 @@ impl Interpreter<'_> {
             Op::Dropout { p } => {
                 let x = self.input(n, 0)?.r3("x")?;
                 let (b, s, d) = *x.shape();
-                // On a share of the sequence: the whole sequence's mask, this rank's positions.
-                let share = self.ops.sequence.contains(&n).then(|| {
-                    let first = self.ops.rank * s;
-                    (first * d, s * self.ops.size * d)
-                });
-                let whole = share.map_or(s * d, |(_, row)| row);
-                let Some(keep) = self.dropout_keep(b * whole, p) else {
-                    return Ok(V::R3(x));
+                // On a share of the sequence: this rank's positions of the whole rows.
+                let first = if self.ops.sequence.contains(&n) {
+                    self.ops.rank * s
+                } else {
+                    0
                 };
-                let keep: Vec<bool> = match share {
-                    Some((start, row)) => keep
-                        .chunks(row)
-                        .flat_map(|r| r[start..start + s * d].iter().copied())
-                        .collect(),
-                    None => keep,
+                let Some(keep) = self.dropout_keep(p, b, first * d, s * d)? else {
+                    return Ok(V::R3(x));
                 };
                 let x = x.put_tape(self.take_tape());
                 #[cfg(not(feature = "cuda"))]
@@ -1371,18 +1439,16 @@ impl Interpreter<'_> {
         Ok(V::R3(input))
     }
 
-    /// Scaled dot-product attention with causal and padding masks; `dims` is (heads, kv heads,
-    /// head dim).
+    /// Scaled dot-product attention with causal and padding masks over heads of `d` features.
     fn attention(
         &mut self,
         q: T3,
         k: T3,
         v: T3,
-        dims: (usize, usize, usize),
+        d: usize,
         causal: bool,
         dropout: f64,
     ) -> Result<V, ExecError> {
-        let (all_heads, _, d) = dims;
         let (b, s, width) = *q.shape();
         let skv = k.shape().1;
         // The heads this rank holds (all of them without tensor parallelism).
@@ -1407,9 +1473,11 @@ impl Interpreter<'_> {
                 }
             }
         }
-        // Dropout masks are drawn for every head, so that a rank holding some of them drops
-        // what one device would.
+        // A rank holding some of the heads drops what one device would in those heads: the
+        // rows' elements from its first head's on.
         let first = self.ops.rank * heads;
+        let plane = s * skv;
+        let dropout = self.dropout_values(dropout, b, first * plane, heads * plane)?;
         #[cfg(not(feature = "cuda"))]
         {
             if kv_heads == 0 || heads % kv_heads != 0 {
@@ -1417,17 +1485,6 @@ impl Interpreter<'_> {
                     "{heads} query heads over {kv_heads} key/value heads"
                 ));
             }
-            let plane = s * skv;
-            let dropout = self
-                .dropout_values(b * all_heads * plane, dropout)
-                .map(|all| {
-                    (0..b)
-                        .flat_map(|r| {
-                            let rank = (r * all_heads + first) * plane;
-                            all[rank..rank + heads * plane].to_vec()
-                        })
-                        .collect()
-                });
             let dims = crate::kernels::Heads {
                 heads,
                 kv_heads,
@@ -1474,14 +1531,8 @@ impl Interpreter<'_> {
             let scores =
                 q.put_tape(tape).matmul(k.permute::<_, Axes4<0, 1, 3, 2>>()) / (d as f32).sqrt();
             let probs = (scores + mask).softmax::<Axis<3>>();
-            let mask = if heads == all_heads {
-                self.dropout_mask((b, heads, s, skv), dropout)
-            } else {
-                self.dropout_mask((b, all_heads, s, skv), dropout)
-                    .map(|m| m.slice((.., first..first + heads, .., ..)).realize())
-            };
-            let probs = match mask {
-                Some(m) => probs * m,
+            let probs = match dropout {
+                Some(m) => probs * self.dev.tensor_from_vec(m, (b, heads, s, skv)),
                 None => probs,
             };
             let out = probs
@@ -1500,13 +1551,10 @@ impl Interpreter<'_> {
             return err("not a cross-entropy");
         };
         let labels = self.input(n, 1)?.ints("labels")?.clone();
+        let count = self.batch.label_counts.get(&n).copied();
         match self.input(n, 0)?.clone() {
-            V::R3(logits) => self.token_cross_entropy(logits, &labels, shift, shard),
+            V::R3(logits) => self.token_cross_entropy(logits, &labels, shift, count, shard),
             V::R2(logits) => {
-                let targets: Vec<i64> = labels
-                    .iter()
-                    .map(|r| r.first().copied().unwrap_or(-100))
-                    .collect();
                 let (b, c) = *logits.shape();
                 // Reshaping may copy: do it on the tape so the gradient reaches `logits`.
                 let (logits, tape) = logits
@@ -1514,23 +1562,20 @@ impl Interpreter<'_> {
                     .reshape_like(&(b, 1, c))
                     .split_tape();
                 self.tape = tape;
-                self.token_cross_entropy(
-                    logits,
-                    &targets.iter().map(|&t| vec![t]).collect::<Vec<_>>(),
-                    false,
-                    shard,
-                )
+                self.token_cross_entropy(logits, &labels, false, count, shard)
             }
             _ => err("cross-entropy of an unsupported rank"),
         }
     }
 
-    /// Mean cross-entropy over positions whose label is not −100.
+    /// Cross-entropy summed over positions whose label is not −100, divided by `count` (by
+    /// their number when `None`).
     fn token_cross_entropy(
         &mut self,
         logits: T3,
         labels: &[Vec<i64>],
         shift: bool,
+        count: Option<f32>,
         shard: Option<VocabShard>,
     ) -> Result<V, ExecError> {
         let (b, s, width) = *logits.shape();
@@ -1538,19 +1583,16 @@ impl Interpreter<'_> {
         let (positions, offset) = if shift { (s - 1, 1) } else { (s, 0) };
         let mut targets = Vec::with_capacity(b * positions);
         let mut weights = Vec::with_capacity(b * positions);
-        for row in labels.iter().take(b) {
-            for t in 0..positions {
-                let label = row.get(t + offset).copied().unwrap_or(-100);
-                if label >= vocab as i64 {
-                    return err(format!(
-                        "label {label} is outside the vocabulary of {vocab}"
-                    ));
-                }
-                targets.push(label.max(0) as usize);
-                weights.push(if label < 0 { 0.0 } else { 1.0 });
+        for label in position_labels(labels, b, positions, offset) {
+            if label >= vocab as i64 {
+                return err(format!(
+                    "label {label} is outside the vocabulary of {vocab}"
+                ));
             }
+            targets.push(label.max(0) as usize);
+            weights.push(if label < 0 { 0.0 } else { 1.0 });
         }
-        let count: f32 = weights.iter().sum();
+        let count = count.unwrap_or_else(|| weights.iter().sum());
         if count == 0.0 {
             return err("no position has a label");
         }

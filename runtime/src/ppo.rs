@@ -7,7 +7,7 @@
 use crate::checkpoint::{bind, check_tensors, HostTensor};
 use crate::data::{Example, END_OF_TEXT};
 use crate::exec::{Batch, ExecError, Params, Segment, Value};
-use crate::rng::Rng;
+use crate::rng::Key;
 use crate::starting_weights::stage_weights;
 use crate::train::RunError;
 use kiln_compiler::graph::{Graph, Op, REFERENCE_PREFIX};
@@ -262,18 +262,13 @@ fn taken_tokens(seqs: &[Sequence], width: usize) -> Vec<Vec<i64>> {
         .collect()
 }
 
-/// A generator per row, so that a row's samples do not depend on the others.
-fn row_rng(seed: u64, row: usize) -> Rng {
-    Rng(seed ^ (row as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03))
-}
-
-/// A token drawn from softmax(logits): the policy's own distribution (its logits already
-/// divided by the temperature), which PPO's probability ratio assumes the samples come from
-/// (no top-k or top-p, as TRL's PPO samples).
-fn draw(logits: &[f32], rng: &mut Rng) -> usize {
+/// A token drawn from softmax(logits) with `u` uniform in [0, 1): the policy's own
+/// distribution (its logits already divided by the temperature), which PPO's probability ratio
+/// assumes the samples come from (no top-k or top-p, as TRL's PPO samples).
+fn draw(logits: &[f32], u: f64) -> usize {
     let max = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
     let weights: Vec<f64> = logits.iter().map(|&l| f64::from(l - max).exp()).collect();
-    let mut u = rng.uniform() * weights.iter().sum::<f64>();
+    let mut u = u * weights.iter().sum::<f64>();
     for (i, &w) in weights.iter().enumerate() {
         if u < w {
             return i;
@@ -389,12 +384,13 @@ impl<'g> Rollouts<'g> {
     }
 
     /// Samples a response after each prompt, up to `response_length` tokens, the end-of-text
-    /// token or `seq_len`, whichever comes first; `seed` fixes the draws.
+    /// token or `seq_len`, whichever comes first. The draw of row r's token at position t is
+    /// `key`'s (r, t), whatever else is sampled with it.
     fn sample(
         &self,
         params: &Params,
         prompts: &[&Example],
-        seed: u64,
+        key: Key,
     ) -> Result<Vec<Sequence>, RunError> {
         let ops = RankOps::default();
         let mut seqs: Vec<Sequence> = prompts
@@ -408,7 +404,6 @@ impl<'g> Rollouts<'g> {
                 }
             })
             .collect();
-        let mut rngs: Vec<Rng> = (0..seqs.len()).map(|r| row_rng(seed, r)).collect();
         let limit = |s: &Sequence| (s.prompt + self.ppo.response_length as usize).min(self.seq_len);
         let mut active: Vec<usize> = (0..seqs.len()).collect();
         while !active.is_empty() {
@@ -454,7 +449,8 @@ impl<'g> Rollouts<'g> {
                 .map_err(exec)?;
             let vocab = logits.shape[2];
             for (i, &r) in active.iter().enumerate() {
-                let token = draw(&logits.data[i * vocab..(i + 1) * vocab], &mut rngs[r]);
+                let u = key.fold(r as u64).uniform(seqs[r].ids.len() as u64);
+                let token = draw(&logits.data[i * vocab..(i + 1) * vocab], u);
                 seqs[r].ids.push(token as i64);
             }
             active.retain(|&r| {
@@ -471,11 +467,11 @@ impl<'g> Rollouts<'g> {
         &self,
         values: &[HostTensor],
         prompts: &[&Example],
-        seed: u64,
+        key: Key,
         kl_coef: f64,
     ) -> Result<Rollout, RunError> {
         let params = Params::new(self.graph, values).map_err(exec)?;
-        let sequences = self.sample(&params, prompts, seed)?;
+        let sequences = self.sample(&params, prompts, key)?;
         let scores = self.reward.scores(&sequences)?;
         let width = sequences.iter().map(|s| s.ids.len()).max().unwrap_or(0);
         let mut batch = inputs(&sequences);
@@ -583,10 +579,10 @@ impl<'g> Rollouts<'g> {
         &self,
         values: &[HostTensor],
         prompts: &[&Example],
-        seed: u64,
+        key: Key,
     ) -> Result<f64, RunError> {
         let params = Params::new(self.graph, values).map_err(exec)?;
-        let sequences = self.sample(&params, prompts, seed)?;
+        let sequences = self.sample(&params, prompts, key)?;
         let scores = self.reward.scores(&sequences)?;
         Ok(scores.iter().sum::<f64>() / scores.len().max(1) as f64)
     }
@@ -635,21 +631,15 @@ mod tests {
     }
 
     #[test]
-    fn draws_follow_the_softmax_and_repeat_for_a_seed() {
+    fn draws_follow_the_softmax() {
         let logits = [0.0f32, (3.0f32).ln(), f32::NEG_INFINITY];
-        let mut rng = row_rng(7, 0);
-        let counts = (0..4000).fold([0usize; 3], |mut c, _| {
-            c[draw(&logits, &mut rng)] += 1;
+        let key = Key::of(7, crate::rng::Purpose::Sampling);
+        let counts = (0..4000).fold([0usize; 3], |mut c, i| {
+            c[draw(&logits, key.uniform(i))] += 1;
             c
         });
         assert_eq!(counts[2], 0);
         let share = counts[1] as f64 / 4000.0;
         assert!((share - 0.75).abs() < 0.03, "{share}");
-        let again: Vec<usize> = {
-            let mut rng = row_rng(7, 0);
-            (0..50).map(|_| draw(&logits, &mut rng)).collect()
-        };
-        let mut rng = row_rng(7, 0);
-        assert!((0..50).all(|i| draw(&logits, &mut rng) == again[i]));
     }
 }

@@ -7,19 +7,20 @@ use crate::checkpoint::{
     param_shape, parse_safetensors, safetensors_bytes, write_atomic, HostTensor,
 };
 use crate::data::{load_examples, load_tokenizer, pad_batch, DataError, Example, PaddedBatch};
-use crate::exec::{forward_backward, Batch, Stats};
+use crate::exec::{forward_backward, label_counts, Batch, DropoutKey, Stats};
 use crate::mesh::{DeviceMemory, Mesh, StepOutcome};
 use crate::optim::{learning_rate, State};
 use crate::pet::verbalizer_ids;
 use crate::placement::Placement;
 use crate::plot::{read_losses, write_loss_curve};
 use crate::ppo::{adapt_kl_coef, reference_weights, Rollouts};
-use crate::rng::Rng;
+use crate::rng::{Key, Purpose, Rng};
 use crate::run_dir::{Checkpoint, MetricsLog, RunDir, StoreError};
 use crate::starting_weights::{named_checkpoints, starting_values};
 use kiln_compiler::graph::{Graph, Param, ParamRole};
 use kiln_compiler::spec::{Experiment, Length, Objective, Optimizer, Ppo};
 use kiln_compiler::Program;
+use petgraph::graph::NodeIndex;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -182,7 +183,8 @@ struct Evaluation {
 }
 
 /// Evaluates the whole set, `chunk` records at a time, without dropout: the loss is the mean
-/// over records, the accuracy the share of rows whose highest class score is their class.
+/// over records (over labelled positions for cross-entropies), the accuracy the share of rows
+/// whose highest class score is their class.
 fn evaluate(
     graph: &Graph,
     values: &[HostTensor],
@@ -192,14 +194,25 @@ fn evaluate(
     objective: &Objective,
     verbalizer: Option<&[usize]>,
 ) -> Result<Evaluation, RunError> {
+    let chunks: Vec<Vec<&Example>> = set
+        .chunks(chunk)
+        .map(|records| records.iter().flatten().collect())
+        .collect();
+    let mut batches: Vec<Batch> = chunks
+        .iter()
+        .map(|rows| batch_inputs(rows, seq_len, objective, verbalizer))
+        .collect();
+    let shares: Vec<f64> = set
+        .chunks(chunk)
+        .map(|records| records.len() as f64 / set.len() as f64)
+        .collect();
+    share_label_counts(graph, &mut batches, &shares)?;
     let (mut loss, mut correct, mut classified) = (0.0f64, 0usize, 0usize);
-    for records in set.chunks(chunk) {
-        let rows: Vec<&Example> = records.iter().flatten().collect();
-        let b = batch_inputs(&rows, seq_len, objective, verbalizer);
-        let out = forward_backward(graph, values, &b)
+    for ((b, rows), share) in batches.iter().zip(&chunks).zip(&shares) {
+        let out = forward_backward(graph, values, b)
             .map_err(|err| RunError(format!("evaluation: {err}")))?;
-        loss += f64::from(out.loss) * records.len() as f64;
-        for (scores, row) in out.class_logits.iter().flatten().zip(&rows) {
+        loss += f64::from(out.loss) * share;
+        for (scores, row) in out.class_logits.iter().flatten().zip(rows) {
             // Rows without a class (PET's masked copies) carry only the auxiliary loss.
             let Some(class) = row.class else { continue };
             let best = (0..scores.len()).max_by(|&a, &b| scores[a].total_cmp(&scores[b]));
@@ -208,9 +221,30 @@ fn evaluate(
         }
     }
     Ok(Evaluation {
-        loss: (loss / set.len() as f64) as f32,
+        loss: loss as f32,
         accuracy: (classified > 0).then(|| correct as f32 / classified as f32),
     })
+}
+
+/// Makes the cross-entropies of `batches`, the parts of one loss weighing `shares` in it, the
+/// mean over all of their labelled positions: each part divides its sum by its share of the
+/// count over them all. (A mean per part would weigh a position by how few others share its
+/// part: the loss would depend on how a step is cut into microbatches.)
+fn share_label_counts(g: &Graph, batches: &mut [Batch], shares: &[f64]) -> Result<(), RunError> {
+    let mut total: BTreeMap<NodeIndex, f64> = BTreeMap::new();
+    for b in batches.iter() {
+        let counts = label_counts(g, b).map_err(|err| RunError(err.0))?;
+        for (n, count) in counts {
+            *total.entry(n).or_default() += count;
+        }
+    }
+    for (b, share) in batches.iter_mut().zip(shares) {
+        b.label_counts = total
+            .iter()
+            .map(|(&n, &count)| (n, (count * share) as f32))
+            .collect();
+    }
+    Ok(())
 }
 
 /// Whether the objective's loss is a token cross-entropy alone, for which perplexity is defined
@@ -342,8 +376,8 @@ impl Progress {
 /// FNV-1a over the parts of the experiment a checkpoint depends on (not the step count, which a
 /// resumed run may extend).
 fn fingerprint(e: &Experiment) -> String {
-    // The mesh is left out: a run may move to another mesh (its numbers then differ in the
-    // last bits, and dropout follows the microbatching; issue 13's counter-based draws).
+    // The mesh is left out: a run may move to another mesh, its numbers differing in the last
+    // bits only (random draws follow each row's place in the step, not the device: `rng`).
     let relevant = serde_json::json!({
         "model": e.model, "adapters": e.adapters, "objective": e.objective, "data": e.data,
         "optimizer": e.train.optimizer, "schedule": e.train.schedule, "batch": e.train.batch,
@@ -587,9 +621,6 @@ fn ppo_updates(
     Ok(mean)
 }
 
-/// The evaluation rollouts' draws: the same whatever the run's length, so that runs compare.
-const EVAL_SEED: u64 = 0x5EED_E7A1;
-
 /// When the loop saves a checkpoint besides the end and interrupts: every `checkpoint_every`
 /// steps, and once `checkpoint_minutes` have passed since the last save.
 struct SavePolicy {
@@ -771,10 +802,10 @@ pub fn run(
                 let prompts: Vec<&Example> = (0..batch)
                     .map(|_| &train_set[progress.next_record()][0])
                     .collect();
-                // Draws seeded by the step: a resumed run samples what the whole run did.
-                let seed = e.train.seed ^ (s * 1_000_003);
+                // Draws keyed by the step: a resumed run samples what the whole run did.
+                let key = Key::of(e.train.seed, Purpose::Sampling).fold(s);
                 let kl_coef = progress.kl_coef.unwrap_or(ppo.kl);
-                let rollout = rollouts.collect(&mesh.values(&graph), &prompts, seed, kl_coef)?;
+                let rollout = rollouts.collect(&mesh.values(&graph), &prompts, key, kl_coef)?;
                 progress.tokens += rollout.tokens();
                 if let Some(target) = ppo.kl_target {
                     let next = adapt_kl_coef(kl_coef, rollout.kl, target, ppo.kl_horizon, batch);
@@ -806,10 +837,15 @@ pub fn run(
                         .flatten()
                         .filter(|&&v| v == 1)
                         .count();
-                    // Seeded by the micro-batch's place in the step, not by the device that runs it.
-                    b.dropout_seed = Some(e.train.seed ^ (s * 1_000_003 + m as u64));
+                    // Masks follow each row's place in the step, not the microbatch or device
+                    // that computes it.
+                    let first = (m * micro) as u64;
+                    let global = (first..first + rows.len() as u64).collect();
+                    b.dropout = Some(DropoutKey::new(e.train.seed, s, global));
                     micros.push(b);
                 }
+                let shares = vec![1.0 / micros.len() as f64; micros.len()];
+                share_label_counts(&graph, &mut micros, &shares)?;
                 let outcome = mesh
                     .step(&graph, &e.train, &micros, lr, s + 1)
                     .map_err(RunError)?;
@@ -915,7 +951,8 @@ impl Evaluator<'_> {
         let values = mesh.values(self.graph);
         if let Some(rollouts) = self.rollouts {
             let prompts: Vec<&Example> = set.iter().map(|r| &r[0]).collect();
-            let reward = rollouts.mean_reward(&values, &prompts, self.e.train.seed ^ EVAL_SEED)?;
+            let key = Key::of(self.e.train.seed, Purpose::EvalSampling);
+            let reward = rollouts.mean_reward(&values, &prompts, key)?;
             metrics.append(&serde_json::json!({ "step": step, "eval_reward": reward }))?;
             return Ok(None);
         }

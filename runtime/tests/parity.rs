@@ -143,7 +143,6 @@ fn run_case(dir: &Path) -> Result<String, String> {
         mask_positions: inputs["mask_positions"]
             .as_array()
             .map(|a| a.iter().map(|x| x.as_u64().unwrap() as usize).collect()),
-        dropout_seed: None,
         class_token_ids: case["verbalizer_token_ids"]
             .as_array()
             .map(|a| a.iter().map(|x| x.as_u64().unwrap() as usize).collect()),
