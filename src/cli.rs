@@ -306,9 +306,8 @@ fn check(files: &[PathBuf], emit_what: Option<Emit>, format: OutputFormat) -> Ex
 fn compile(
     checked: &kiln_compiler::CheckedFile,
     experiment: &kiln_compiler::spec::Experiment,
-    submeshes: kiln_compiler::plan::Submeshes,
 ) -> Result<kiln_compiler::Program, ExitCode> {
-    kiln_compiler::compile_with(experiment, submeshes).map_err(|diagnostics| {
+    kiln_compiler::compile(experiment).map_err(|diagnostics| {
         let refs: Vec<&Diagnostic> = diagnostics.items.iter().collect();
         render_to_stderr(&checked.program.sources.borrow(), &refs);
         ExitCode::from(1)
@@ -423,12 +422,7 @@ fn plan(
     let Some(experiment) = pick(file, &checked, wanted) else {
         return ExitCode::from(1);
     };
-    // Plans for hardware one may not have: stages may run on submeshes of their own.
-    let program = match compile(
-        &checked,
-        experiment,
-        kiln_compiler::plan::Submeshes::PerStage,
-    ) {
+    let program = match compile(&checked, experiment) {
         Ok(p) => p,
         Err(code) => return code,
     };
@@ -537,7 +531,7 @@ fn train(
     stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> ExitCode {
     use kiln_runtime::train::{Control, Event};
-    let program = match compile(checked, experiment, kiln_compiler::plan::Submeshes::Uniform) {
+    let program = match compile(checked, experiment) {
         Ok(p) => p,
         Err(code) => return code,
     };
@@ -639,7 +633,7 @@ fn bench(file: &std::path::Path, wanted: Option<&str>, steps: u64, warmup: u64) 
             eprintln!("error: --steps must be at least 1");
             return ExitCode::from(2);
         }
-        let program = match compile(checked, experiment, kiln_compiler::plan::Submeshes::Uniform) {
+        let program = match compile(checked, experiment) {
             Ok(p) => p,
             Err(code) => return code,
         };
@@ -709,7 +703,7 @@ fn export(
     runs: &std::path::Path,
 ) -> ExitCode {
     with_experiment(file, wanted, |checked, experiment| {
-        let program = match compile(checked, experiment, kiln_compiler::plan::Submeshes::Uniform) {
+        let program = match compile(checked, experiment) {
             Ok(p) => p,
             Err(code) => return code,
         };

@@ -329,7 +329,7 @@ proptest! {
 /// 25 heads rule tensor parallelism out, ZeRO is off and a 256k vocabulary makes the embedding
 /// and head heavy: uniform stages can only come in counts dividing 32 devices (eight stages of
 /// four), while stages of four and eight devices give five stages, the light first ones on
-/// half nodes. The plan `kiln run` would get is the uniform one.
+/// half nodes. The uniform plan is also the runner-up the report names.
 #[test]
 fn uneven_submeshes_beat_uniform_stages() {
     let src = "import std.models.gpt2\nimport std.clusters\n\

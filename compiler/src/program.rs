@@ -22,10 +22,10 @@ pub struct Program {
     pub plan: ExecutionPlan,
 }
 
-/// Lowers and plans a checked experiment among the plans `kiln run` executes (every pipeline
-/// stage on the same data x tensor grid).
+/// Lowers and plans a checked experiment with the planner's whole search: pipeline stages may
+/// run on data x tensor grids of their own (Alpa's submeshes), which the runtime executes.
 pub fn compile(e: &Experiment) -> Result<Program, Diagnostics> {
-    compile_with(e, Submeshes::Uniform)
+    compile_with(e, Submeshes::PerStage)
 }
 
 /// Lowers and plans a checked experiment among the plans `submeshes` allows.

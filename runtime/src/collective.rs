@@ -216,12 +216,14 @@ pub struct Tag {
     pub payload: Payload,
     pub microbatch: usize,
     pub node: usize,
+    /// The virtual stages it goes between.
     pub from: usize,
     pub to: usize,
+    /// The device that sent it (a device may receive one value from several).
+    pub sender: usize,
 }
 
-/// One device's point-to-point endpoint within a group (a data-parallel rank's pipeline
-/// stages). Sends never block; a receive waits for its tag, keeping messages that arrive
+/// One device's point-to-point endpoint to every device of the mesh (stage boundaries). Sends never block; a receive waits for its tag, keeping messages that arrive
 /// early, and gives up when any device of the mesh has raised the `failed` flag (every device
 /// does when it fails or panics).
 pub struct Mailbox {
@@ -255,7 +257,7 @@ impl Mailbox {
         let bytes = value.heap_bytes();
         self.peers[to].send((tag, value)).map_err(|_| {
             CollectiveError(format!(
-                "device {}: pipeline peer {to} stopped before receiving",
+                "device {}: peer device {to} stopped before receiving",
                 self.rank
             ))
         })?;
@@ -379,6 +381,7 @@ mod tests {
             node: 7,
             from: 0,
             to: 1,
+            sender: 0,
         };
         boxes[0].send(1, tag(0), HostTensor::scalar(0.0)).unwrap();
         boxes[0].send(1, tag(1), HostTensor::scalar(1.0)).unwrap();

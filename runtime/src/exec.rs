@@ -13,6 +13,7 @@ use kiln_compiler::plan::sharding::RankOps;
 use petgraph::graph::NodeIndex;
 use std::collections::BTreeMap;
 use std::fmt;
+use std::ops::Range;
 
 /// The device the executor computes on: the CPU, or with the `cuda` feature an NVIDIA GPU
 /// through dfdx's CUDA backend (the same ops, kernels compiled by nvcc).
@@ -73,6 +74,87 @@ impl DropoutKey {
             step: Key::of(seed, Purpose::Dropout).fold(step),
             rows,
         }
+    }
+}
+
+impl Batch {
+    /// Rows `rows` of the batch: what one data-parallel replica computes of a microbatch. Its
+    /// cross-entropies divide by its share of the microbatch's count, so that the replicas'
+    /// losses add up to the microbatch's.
+    pub fn rows(&self, rows: Range<usize>) -> Result<Batch, ExecError> {
+        let total = self
+            .ints
+            .values()
+            .map(Vec::len)
+            .chain(self.attention_mask.as_ref().map(Vec::len))
+            .chain(
+                self.floats
+                    .values()
+                    .filter_map(|t| t.shape.first().copied()),
+            )
+            .max()
+            .unwrap_or(0);
+        if rows == (0..total) {
+            return Ok(self.clone());
+        }
+        let out_of_range = || {
+            ExecError(format!(
+                "rows {}..{} of a batch of {total} rows",
+                rows.start, rows.end
+            ))
+        };
+        let pick = |v: &Vec<Vec<i64>>| {
+            v.get(rows.clone())
+                .map(<[_]>::to_vec)
+                .ok_or_else(out_of_range)
+        };
+        let ints = self
+            .ints
+            .iter()
+            .map(|(name, v)| Ok((name.clone(), pick(v)?)))
+            .collect::<Result<_, ExecError>>()?;
+        let floats = self
+            .floats
+            .iter()
+            .map(|(name, t)| {
+                let per_row: usize = t.shape.iter().skip(1).product();
+                let data = t
+                    .data
+                    .get(rows.start * per_row..rows.end * per_row)
+                    .ok_or_else(out_of_range)?
+                    .to_vec();
+                let mut shape = t.shape.clone();
+                shape[0] = rows.len();
+                Ok((name.clone(), HostTensor { shape, data }))
+            })
+            .collect::<Result<_, ExecError>>()?;
+        let share = rows.len() as f32 / total as f32;
+        Ok(Batch {
+            ints,
+            floats,
+            attention_mask: self.attention_mask.as_ref().map(pick).transpose()?,
+            mask_positions: match &self.mask_positions {
+                Some(m) => Some(m.get(rows.clone()).ok_or_else(out_of_range)?.to_vec()),
+                None => None,
+            },
+            class_token_ids: self.class_token_ids.clone(),
+            dropout: match &self.dropout {
+                Some(key) => Some(DropoutKey {
+                    step: key.step,
+                    rows: key
+                        .rows
+                        .get(rows.clone())
+                        .ok_or_else(out_of_range)?
+                        .to_vec(),
+                }),
+                None => None,
+            },
+            label_counts: self
+                .label_counts
+                .iter()
+                .map(|(&n, &count)| (n, count * share))
+                .collect(),
+        })
     }
 }
 

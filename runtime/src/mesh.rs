@@ -10,13 +10,14 @@
 
 use crate::checkpoint::{param_shape, HostTensor};
 use crate::collective::{
-    cpu_ring, mailboxes, ring_shard, Collective, CollectiveError, CpuRing, Mailbox, Payload, Tag,
+    cpu_ring, mailboxes, ring_shard, Collective, CollectiveError, CpuRing, Mailbox, Payload,
 };
 use crate::exec::{Batch, ExecError, Params, Segment, Stats, Value};
 use crate::memory;
 use crate::optim::{clip_factor, step, State};
 use crate::placement::{Piece, Placement};
 use crate::tensor_parallel::Shards;
+use boundary::Crossing;
 use kiln_compiler::graph::Graph;
 use kiln_compiler::plan::sharding::{last_axis, sequence_axis, Conversion, ParamLayout};
 use kiln_compiler::plan::Action;
@@ -25,6 +26,8 @@ use petgraph::graph::NodeIndex;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+
+mod boundary;
 
 /// Gradients are all-reduced in buckets of about this many values (4 MiB), so that no single
 /// message holds the whole model.
@@ -56,18 +59,30 @@ impl From<CollectiveError> for Failure {
 }
 
 /// A device's links: its tensor-parallel group (same stage and data rank), its data-parallel
-/// group (same stage and tensor rank), its pipeline group (same data and tensor rank; for tied
-/// parameters and the global loss and norm) and its stage-to-stage mailbox.
+/// group (same stage and tensor rank), and its mailbox to every device of the mesh. When every
+/// stage has the same grid, also its pipeline group (same data and tensor rank: tied
+/// parameters, the global loss and norm); otherwise those go over the whole mesh (`world`).
 struct Links {
     tensor: CpuRing,
     data: CpuRing,
-    pipeline: CpuRing,
+    across: Across,
     mail: Mailbox,
+}
+
+/// How a device reaches the other stages for tied parameters, the loss and the norm.
+enum Across {
+    /// The devices of the same data and tensor rank on every stage.
+    Pipeline(CpuRing),
+    /// Every device of the mesh (stages on grids of their own).
+    World(CpuRing),
 }
 
 impl Links {
     fn busy(&self) -> std::time::Duration {
-        self.tensor.busy() + self.data.busy() + self.pipeline.busy() + self.mail.busy()
+        let across = match &self.across {
+            Across::Pipeline(ring) | Across::World(ring) => ring.busy(),
+        };
+        self.tensor.busy() + self.data.busy() + across + self.mail.busy()
     }
 }
 
@@ -143,25 +158,44 @@ impl Mesh {
         values: &[HostTensor],
         states: &[Option<State>],
     ) -> Self {
-        let (t, d, p) = (placement.tensor.size, placement.data, placement.pipeline);
         let failed = Arc::new(AtomicBool::new(false));
+        let n = placement.devices();
         // Ring ends handed out in device order (tensor rank fastest, then data, then stage).
-        let mut tensor_rings: Vec<_> = (0..p * d).map(|_| cpu_ring(t).into_iter()).collect();
-        let mut data_rings: Vec<_> = (0..p * t).map(|_| cpu_ring(d).into_iter()).collect();
-        let mut pipeline_rings: Vec<_> = (0..d * t).map(|_| cpu_ring(p).into_iter()).collect();
-        let mut mail: Vec<_> = (0..d * t)
-            .map(|_| mailboxes(p, &failed).into_iter())
+        let mut tensor_rings: Vec<Vec<_>> = placement
+            .grids
+            .iter()
+            .map(|grid| {
+                (0..grid.data)
+                    .map(|_| cpu_ring(grid.tensor.size).into_iter())
+                    .collect()
+            })
             .collect();
+        let mut data_rings: Vec<Vec<_>> = placement
+            .grids
+            .iter()
+            .map(|grid| {
+                (0..grid.tensor.size)
+                    .map(|_| cpu_ring(grid.data).into_iter())
+                    .collect()
+            })
+            .collect();
+        let (d0, t0) = (placement.grids[0].data, placement.grids[0].tensor.size);
+        let mut pipeline_rings: Vec<_> = (0..d0 * t0)
+            .map(|_| cpu_ring(placement.pipeline).into_iter())
+            .collect();
+        let mut world = cpu_ring(n).into_iter();
+        let mut mail = mailboxes(n, &failed).into_iter();
         let (zero3, sharded) = (placement.zero >= 3, placement.zero >= 1);
-        let mut devices = Vec::with_capacity(t * d * p);
-        for stage in 0..p {
+        let mut devices = Vec::with_capacity(n);
+        for (stage, grid) in placement.grids.iter().enumerate() {
+            let (d, t) = (grid.data, grid.tensor.size);
             for rank in 0..d {
                 for part in 0..t {
                     let holds = &placement.holds[stage];
                     let share = |len: usize| ring_shard(len, d, rank);
                     let local: Vec<HostTensor> = values
                         .iter()
-                        .zip(&placement.tensor.params)
+                        .zip(&grid.tensor.params)
                         .zip(holds)
                         .map(|((v, layout), &held)| {
                             if held {
@@ -183,7 +217,7 @@ impl Mesh {
                         .enumerate()
                         .map(|(i, s)| {
                             let s = s.as_ref().filter(|_| holds[i] && g.params[i].trainable)?;
-                            let layout = &placement.tensor.params[i];
+                            let layout = &grid.tensor.params[i];
                             let cut = |x: &[f32]| {
                                 let whole = HostTensor {
                                     shape: values[i].shape.clone(),
@@ -202,11 +236,18 @@ impl Mesh {
                             })
                         })
                         .collect();
+                    let across = if placement.uniform {
+                        Across::Pipeline(
+                            pipeline_rings[rank * t + part].next().expect("a ring end"),
+                        )
+                    } else {
+                        Across::World(world.next().expect("a ring end"))
+                    };
                     let links = Links {
-                        tensor: tensor_rings[stage * d + rank].next().expect("a ring end"),
-                        data: data_rings[stage * t + part].next().expect("a ring end"),
-                        pipeline: pipeline_rings[rank * t + part].next().expect("a ring end"),
-                        mail: mail[rank * t + part].next().expect("a mailbox"),
+                        tensor: tensor_rings[stage][rank].next().expect("a ring end"),
+                        data: data_rings[stage][part].next().expect("a ring end"),
+                        across,
+                        mail: mail.next().expect("a mailbox"),
                     };
                     let values = if zero3 {
                         vec![HostTensor::absent(); local.len()]
@@ -233,13 +274,14 @@ impl Mesh {
         }
     }
 
-    /// Microbatches per step over the whole mesh.
+    /// Microbatches per step, each of `rows_per_microbatch` rows.
     pub fn microbatches(&self) -> usize {
-        self.placement.microbatches * self.placement.data
+        self.placement.microbatches
     }
 
-    /// One step over `micros` (data rank r takes the r-th share); every device runs its
-    /// schedule in its own thread. Fails with the first device's own error, if any.
+    /// One step over `micros`, the pipeline's microbatches (each stage's data rank r computes
+    /// the r-th share of every one's rows); every device runs its schedule in its own thread.
+    /// Fails with the first device's own error, if any.
     pub fn step(
         &mut self,
         g: &Graph,
@@ -255,14 +297,26 @@ impl Mesh {
                 micros.len()
             ));
         }
-        let per_rank = self.placement.microbatches;
+        // Each device's rows of every microbatch.
+        let shares: Vec<Vec<Batch>> = self
+            .devices
+            .iter()
+            .map(|device| {
+                let rows = self.placement.grids[device.stage].rows(device.rank);
+                micros.iter().map(|b| b.rows(rows.clone())).collect()
+            })
+            .collect::<Result<_, ExecError>>()
+            .map_err(|e| e.0)?;
+        // Each share's weight in the step's mean loss: every share of the stage computing the
+        // loss is one part of it, and the gradients every stage computes follow from there.
+        let loss_grid = &self.placement.grids[self.placement.loss_stage];
         let ctx = StepContext {
             g,
             placement: &self.placement,
             train,
             lr,
             step_no,
-            scale: 1.0 / micros.len() as f32,
+            scale: 1.0 / (micros.len() * loss_grid.data) as f32,
         };
         let failed = &self.failed;
         let devices = self.devices.len();
@@ -270,8 +324,8 @@ impl Mesh {
             let handles: Vec<_> = self
                 .devices
                 .iter_mut()
-                .map(|device| {
-                    let mine = &micros[device.rank * per_rank..(device.rank + 1) * per_rank];
+                .zip(&shares)
+                .map(|(device, mine)| {
                     let links = device.links.take();
                     let ctx = &ctx;
                     scope.spawn(move || {
@@ -413,9 +467,11 @@ impl Mesh {
         shared: bool,
         part_of: impl Fn(&Device) -> Vec<f32>,
     ) -> Vec<HostTensor> {
-        let (t, d) = (self.placement.tensor.size, self.placement.data);
-        let layout = &self.placement.tensor.params[i];
-        let group = self.stage_devices(self.first_holder(i));
+        let stage = self.first_holder(i);
+        let grid = &self.placement.grids[stage];
+        let (t, d) = (grid.tensor.size, grid.data);
+        let layout = &grid.tensor.params[i];
+        let group = self.stage_devices(stage);
         (0..t)
             .map(|part| {
                 let local_shape = layout.local_shape(&param_shape(&g.params[i]), part, t);
@@ -439,7 +495,8 @@ impl Mesh {
 
     fn unshard(&self, g: &Graph, i: usize, parts: Vec<HostTensor>) -> HostTensor {
         let refs: Vec<&HostTensor> = parts.iter().collect();
-        let mut whole = self.placement.tensor.params[i].unshard(&refs);
+        let grid = &self.placement.grids[self.first_holder(i)];
+        let mut whole = grid.tensor.params[i].unshard(&refs);
         whole.shape = param_shape(&g.params[i]);
         whole
     }
@@ -450,8 +507,8 @@ impl Mesh {
 
     /// The devices of a stage, in order (data rank, then tensor rank).
     fn stage_devices(&self, stage: usize) -> &[Device] {
-        let n = self.placement.data * self.placement.tensor.size;
-        &self.devices[stage * n..(stage + 1) * n]
+        let first = self.placement.device(stage, 0, 0);
+        &self.devices[first..first + self.placement.grids[stage].devices()]
     }
 }
 
@@ -491,7 +548,7 @@ impl<'c> StepContext<'c> {
     ) -> Result<StepOutcome, Failure> {
         let g = self.g;
         let holds = &self.placement.holds[device.stage];
-        let tensor = &self.placement.tensor;
+        let tensor = &self.placement.grids[device.stage].tensor;
         let mut grads: Grads = g
             .params
             .iter()
@@ -500,7 +557,7 @@ impl<'c> StepContext<'c> {
             .map(|(i, (p, &held))| {
                 let len = tensor.local_len(g, i, device.part);
                 // ZeRO-2 and 3 accumulate only this device's share of each gradient.
-                let len = if self.partitioned_gradients() {
+                let len = if self.partitioned_gradients(device.stage) {
                     links.data.shard(len).len()
                 } else {
                     len
@@ -521,9 +578,11 @@ impl<'c> StepContext<'c> {
                     let k = self.virtual_stage(device.stage, chunk)?;
                     let entry = flight.entry((mb, k)).or_default();
                     for &(n, from) in &self.placement.virtual_stages[k].needs {
-                        let tag = tag(Payload::Activation, mb, n, from, k);
-                        let value = Value::from_host(links.mail.recv(tag)?).map_err(own)?;
-                        entry.values.insert(n, value);
+                        let crossing = Crossing::new(Payload::Activation, mb, n, from, k);
+                        let value = self.receive(device, links, crossing)?;
+                        entry
+                            .values
+                            .insert(n, Value::from_host(value).map_err(own)?);
                     }
                 }
                 Action::Forward { mb, chunk } => {
@@ -548,9 +607,8 @@ impl<'c> StepContext<'c> {
                         })?;
                         let value = value.to_host().map_err(own)?;
                         for &r in readers {
-                            let to = self.placement.virtual_stages[r].stage;
-                            let tag = tag(Payload::Activation, mb, *n, k, r);
-                            links.mail.send(to, tag, value.clone())?;
+                            let crossing = Crossing::new(Payload::Activation, mb, *n, k, r);
+                            self.send(device, links, crossing, &value)?;
                         }
                     }
                 }
@@ -559,7 +617,8 @@ impl<'c> StepContext<'c> {
                     let entry = self.in_flight(&mut flight, mb, k)?;
                     for (n, readers) in &self.placement.virtual_stages[k].feeds {
                         for &r in readers {
-                            let grad = links.mail.recv(tag(Payload::Gradient, mb, *n, r, k))?;
+                            let crossing = Crossing::new(Payload::Gradient, mb, *n, r, k);
+                            let grad = self.receive(device, links, crossing)?;
                             let grad = Value::from_host(grad).map_err(own)?;
                             accumulate(&mut entry.upstream, *n, grad)?;
                         }
@@ -602,14 +661,12 @@ impl<'c> StepContext<'c> {
                                 .zeros_like(),
                         };
                         let grad = grad.to_host().map_err(own)?;
-                        let to = self.placement.virtual_stages[from].stage;
-                        links
-                            .mail
-                            .send(to, tag(Payload::Gradient, mb, n, k, from), grad)?;
+                        let crossing = Crossing::new(Payload::Gradient, mb, n, k, from);
+                        self.send(device, links, crossing, &grad)?;
                     }
                 }
                 Action::AllReduceGrads | Action::ReduceScatterGrads => {
-                    loss = self.sync_gradients(links, &mut grads, loss)?;
+                    loss = self.sync_gradients(device.stage, links, &mut grads, loss)?;
                 }
                 Action::Optimizer => {
                     tensors.clear();
@@ -624,7 +681,7 @@ impl<'c> StepContext<'c> {
                 }
             }
         }
-        if self.placement.data > 1 && !stats.is_empty() {
+        if self.placement.grids[device.stage].data > 1 && !stats.is_empty() {
             // Every data rank of the loss's stage has the same figures to sum.
             let mut sums: Vec<f32> = stats.values().copied().collect();
             links.data.all_reduce_sum(&mut sums)?;
@@ -640,8 +697,8 @@ impl<'c> StepContext<'c> {
 
     /// Whether gradients are reduce-scattered as backward produces them (ZeRO-2 and 3 over a
     /// data-parallel group), not accumulated whole.
-    fn partitioned_gradients(&self) -> bool {
-        self.placement.zero >= 2 && self.placement.data > 1
+    fn partitioned_gradients(&self, stage: usize) -> bool {
+        self.placement.zero >= 2 && self.placement.grids[stage].data > 1
     }
 
     fn check_finite(&self, loss: f32) -> Result<(), Failure> {
@@ -684,7 +741,7 @@ impl<'c> StepContext<'c> {
         entry: &mut InFlight<'c>,
     ) -> Result<Segment<'c>, Failure> {
         let g = self.g;
-        let tensor = &self.placement.tensor;
+        let tensor = &self.placement.grids[device.stage].tensor;
         let mut received = Vec::with_capacity(piece.inputs.len());
         for (n, conversion) in &piece.inputs {
             let raw = entry.values.get(n).ok_or_else(|| {
@@ -741,7 +798,7 @@ impl<'c> StepContext<'c> {
         ids.sort_unstable();
         ids.dedup();
         for &i in &ids {
-            let tensor = &self.placement.tensor;
+            let tensor = &self.placement.grids[device.stage].tensor;
             let shape = tensor.params[i].local_shape(
                 &param_shape(&self.g.params[i]),
                 device.part,
@@ -847,7 +904,7 @@ impl<'c> StepContext<'c> {
                 let Some(acc) = grads[id].as_mut() else {
                     continue;
                 };
-                let share = if self.partitioned_gradients() {
+                let share = if self.partitioned_gradients(device.stage) {
                     // Reduced as soon as backward produces it (DeepSpeed's ZeRO-2), so that no
                     // device keeps a whole gradient across microbatches.
                     links.data.reduce_scatter_sum(&mut grad)?;
@@ -885,6 +942,7 @@ impl<'c> StepContext<'c> {
     /// under ZeRO a reduce-scatter leaving each device its shard. Returns the summed loss.
     fn sync_gradients(
         &self,
+        stage: usize,
         links: &mut Links,
         grads: &mut Grads,
         loss: f32,
@@ -892,7 +950,7 @@ impl<'c> StepContext<'c> {
         if self.placement.zero == 0 {
             return Ok(all_reduce_gradients(&mut links.data, grads, loss)?);
         }
-        if !self.partitioned_gradients() {
+        if !self.partitioned_gradients(stage) {
             // ZeRO-1: last parameters first, as backward finishes them.
             for g in grads.iter_mut().rev().flatten() {
                 links.data.reduce_scatter_sum(g)?;
@@ -916,9 +974,7 @@ impl<'c> StepContext<'c> {
         loss: &mut f32,
     ) -> Result<f64, Failure> {
         let g = self.g;
-        let holds = &self.placement.holds;
-        let p = self.placement.pipeline;
-        let tensor = &self.placement.tensor;
+        let tensor = &self.placement.grids[device.stage].tensor;
         // Replicated parameters read by split computation have partial gradients.
         if tensor.size > 1 {
             for &i in &tensor.partial_grads {
@@ -927,68 +983,14 @@ impl<'c> StepContext<'c> {
                 }
             }
         }
-        if p > 1 {
-            // A parameter used by several stages (tied embeddings) gets the sum of their
-            // gradients; stages without it add zeros.
-            let shared: Vec<usize> = (0..g.params.len())
-                .filter(|&i| g.params[i].trainable && holds.iter().filter(|h| h[i]).count() > 1)
-                .collect();
-            let len = |i: usize| {
-                let n = tensor.local_len(g, i, device.part);
-                if self.placement.zero >= 1 {
-                    links.data.shard(n).len()
-                } else {
-                    n
-                }
-            };
-            let mut buf: Vec<f32> = Vec::new();
-            for &i in &shared {
-                match &grads[i] {
-                    Some(gr) => buf.extend_from_slice(gr),
-                    None => buf.extend(std::iter::repeat_n(0.0, len(i))),
-                }
-            }
-            buf.push(*loss);
-            links.pipeline.all_reduce_sum(&mut buf)?;
-            *loss = buf.pop().unwrap_or_default();
-            let mut at = 0;
-            for &i in &shared {
-                let n = len(i);
-                if let Some(gr) = grads[i].as_mut() {
-                    gr.copy_from_slice(&buf[at..at + n]);
-                }
-                at += n;
-            }
+        if self.placement.pipeline > 1 {
+            self.sum_over_stages(device, links, grads, loss)?;
         }
         self.check_finite(*loss)?;
         let grad_norm = match self.train.grad_clip {
             None => 0.0,
             Some(max) => {
-                // Each value counted once: a shared parameter on the first stage holding it, a
-                // replicated one on tensor rank 0, a ZeRO share on the device owning it.
-                let mut sq: f64 = grads
-                    .iter()
-                    .enumerate()
-                    .filter(|&(i, _)| self.placement.first_holder(i) == device.stage)
-                    .filter(|&(i, _)| tensor.params[i].is_split() || device.part == 0)
-                    .filter_map(|(_, gr)| gr.as_ref())
-                    .flat_map(|gr| gr.iter())
-                    .map(|&x| f64::from(x).powi(2))
-                    .sum();
-                // Summed as an f32 pair (value and rounding error) to keep f64 precision.
-                let high = sq as f32;
-                let mut total = [high, (sq - f64::from(high)) as f32];
-                if tensor.size > 1 {
-                    links.tensor.all_reduce_sum(&mut total)?;
-                }
-                if self.placement.zero >= 1 {
-                    links.data.all_reduce_sum(&mut total)?;
-                }
-                if p > 1 {
-                    links.pipeline.all_reduce_sum(&mut total)?;
-                }
-                sq = f64::from(total[0]) + f64::from(total[1]);
-                let norm = sq.sqrt();
+                let norm = self.global_norm(device, links, grads)?;
                 let factor = clip_factor(norm, max);
                 if factor != 1.0 {
                     for gr in grads.iter_mut().flatten() {
@@ -1033,6 +1035,159 @@ impl<'c> StepContext<'c> {
         }
         Ok(grad_norm)
     }
+
+    /// Parameters used by several stages (tied embeddings) get the sum of their gradients, and
+    /// every device the step's loss (computed on one stage).
+    fn sum_over_stages(
+        &self,
+        device: &Device,
+        links: &mut Links,
+        grads: &mut Grads,
+        loss: &mut f32,
+    ) -> Result<(), Failure> {
+        let g = self.g;
+        let holds = &self.placement.holds;
+        let shared: Vec<usize> = (0..g.params.len())
+            .filter(|&i| g.params[i].trainable && holds.iter().filter(|h| h[i]).count() > 1)
+            .collect();
+        let tensor = &self.placement.grids[device.stage].tensor;
+        let zero = self.placement.zero >= 1;
+        let Links { data, across, .. } = links;
+        match across {
+            // Devices pair up stage to stage: their shards of a shared parameter match, and
+            // stages without it add zeros.
+            Across::Pipeline(ring) => {
+                let len = |i: usize| {
+                    let n = tensor.local_len(g, i, device.part);
+                    if zero {
+                        data.shard(n).len()
+                    } else {
+                        n
+                    }
+                };
+                let mut buf: Vec<f32> = Vec::new();
+                for &i in &shared {
+                    match &grads[i] {
+                        Some(gr) => buf.extend_from_slice(gr),
+                        None => buf.extend(std::iter::repeat_n(0.0, len(i))),
+                    }
+                }
+                buf.push(*loss);
+                ring.all_reduce_sum(&mut buf)?;
+                *loss = buf.pop().unwrap_or_default();
+                let mut at = 0;
+                for &i in &shared {
+                    let n = len(i);
+                    if let Some(gr) = grads[i].as_mut() {
+                        gr.copy_from_slice(&buf[at..at + n]);
+                    }
+                    at += n;
+                }
+            }
+            // Stages on grids of their own shard differently: each device adds what it holds
+            // alone in whole coordinates (its tensor shard, its ZeRO share within it; a
+            // replicated gradient once per group, a replica's once per stage unless sharded),
+            // and takes its own part of the sum.
+            Across::World(ring) => {
+                let whole_len = |i: usize| g.params[i].shape.iter().product::<u64>() as usize;
+                let mut buf: Vec<f32> = Vec::new();
+                for &i in &shared {
+                    let layout = &tensor.params[i];
+                    let adds =
+                        (zero || device.rank == 0) && (layout.is_split() || device.part == 0);
+                    match grads[i].as_ref().filter(|_| adds) {
+                        Some(gr) => {
+                            let shape = param_shape(&g.params[i]);
+                            let local_shape = layout.local_shape(&shape, device.part, tensor.size);
+                            let mut local = vec![0.0; local_shape.iter().product()];
+                            let mine = if zero {
+                                data.shard(local.len())
+                            } else {
+                                0..local.len()
+                            };
+                            local[mine].copy_from_slice(gr);
+                            let local = HostTensor {
+                                shape: local_shape,
+                                data: local,
+                            };
+                            buf.extend(layout.place(&local, device.part, tensor.size).data);
+                        }
+                        None => buf.extend(std::iter::repeat_n(0.0, whole_len(i))),
+                    }
+                }
+                let first =
+                    (device.stage, device.rank, device.part) == (self.placement.loss_stage, 0, 0);
+                buf.push(if first { *loss } else { 0.0 });
+                ring.all_reduce_sum(&mut buf)?;
+                *loss = buf.pop().unwrap_or_default();
+                let mut at = 0;
+                for &i in &shared {
+                    let n = whole_len(i);
+                    if let Some(gr) = grads[i].as_mut() {
+                        let whole = HostTensor {
+                            shape: param_shape(&g.params[i]),
+                            data: buf[at..at + n].to_vec(),
+                        };
+                        let local = tensor.params[i]
+                            .shard(&whole, device.part, tensor.size)
+                            .data;
+                        *gr = if zero {
+                            local[data.shard(local.len())].to_vec()
+                        } else {
+                            local
+                        };
+                    }
+                    at += n;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The global gradient norm, each value counted once: a shared parameter on the first stage
+    /// holding it, a replicated one on tensor rank 0, a ZeRO share on the device owning it.
+    fn global_norm(
+        &self,
+        device: &Device,
+        links: &mut Links,
+        grads: &Grads,
+    ) -> Result<f64, Failure> {
+        let tensor = &self.placement.grids[device.stage].tensor;
+        let mut sq: f64 = grads
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| self.placement.first_holder(i) == device.stage)
+            .filter(|&(i, _)| tensor.params[i].is_split() || device.part == 0)
+            .filter_map(|(_, gr)| gr.as_ref())
+            .flat_map(|gr| gr.iter())
+            .map(|&x| f64::from(x).powi(2))
+            .sum();
+        let zero = self.placement.zero >= 1;
+        if let Across::World(_) = links.across {
+            // Summed over every device at once: whole gradients once per stage.
+            if !zero && device.rank != 0 {
+                sq = 0.0;
+            }
+        }
+        // Summed as an f32 pair (value and rounding error) to keep f64 precision.
+        let high = sq as f32;
+        let mut total = [high, (sq - f64::from(high)) as f32];
+        match &mut links.across {
+            Across::Pipeline(ring) => {
+                if tensor.size > 1 {
+                    links.tensor.all_reduce_sum(&mut total)?;
+                }
+                if zero {
+                    links.data.all_reduce_sum(&mut total)?;
+                }
+                if self.placement.pipeline > 1 {
+                    ring.all_reduce_sum(&mut total)?;
+                }
+            }
+            Across::World(ring) => ring.all_reduce_sum(&mut total)?,
+        }
+        Ok((f64::from(total[0]) + f64::from(total[1])).sqrt())
+    }
 }
 
 fn microbatch(micros: &[Batch], mb: usize) -> Result<&Batch, Failure> {
@@ -1041,16 +1196,6 @@ fn microbatch(micros: &[Batch], mb: usize) -> Result<&Batch, Failure> {
             "the schedule names microbatch {mb}, which the step does not have"
         ))
     })
-}
-
-fn tag(payload: Payload, microbatch: usize, node: NodeIndex, from: usize, to: usize) -> Tag {
-    Tag {
-        payload,
-        microbatch,
-        node: node.index(),
-        from,
-        to,
-    }
 }
 
 fn own(e: ExecError) -> Failure {

@@ -49,13 +49,40 @@ pub struct Piece {
     pub outputs: Vec<NodeIndex>,
 }
 
+/// The devices of one pipeline stage: data-parallel replicas of a tensor-parallel group, which
+/// may differ from stage to stage (Alpa's submeshes).
+#[derive(Clone, Debug)]
+pub struct StageGrid {
+    pub data: usize,
+    /// How the stage's tensor-parallel group lays out every parameter and value.
+    pub tensor: TensorLayout,
+    /// Rows of a microbatch each replica computes: its share of the pipeline's microbatch.
+    pub micro_batch: usize,
+}
+
+impl StageGrid {
+    pub fn devices(&self) -> usize {
+        self.data * self.tensor.size
+    }
+
+    /// The rows of a pipeline microbatch that data-parallel rank `rank` computes.
+    pub fn rows(&self, rank: usize) -> std::ops::Range<usize> {
+        rank * self.micro_batch..(rank + 1) * self.micro_batch
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Placement {
-    pub data: usize,
-    pub tensor: TensorLayout,
+    /// Each stage's devices.
+    pub grids: Vec<StageGrid>,
+    /// Whether every stage has the same grid: devices then pair up stage to stage.
+    pub uniform: bool,
     pub pipeline: usize,
     pub zero: u8,
-    pub micro_batch: usize,
+    /// Rows of one pipeline microbatch, split among each stage's replicas.
+    pub rows_per_microbatch: usize,
+    /// The stage computing the loss.
+    pub loss_stage: usize,
     pub microbatches: usize,
     /// In pipeline order: virtual stage k feeds k + 1.
     pub virtual_stages: Vec<VirtualStage>,
@@ -71,23 +98,33 @@ impl Placement {
     /// What `plan` says, for the graph it was made from.
     pub fn from_plan(g: &Graph, plan: &ExecutionPlan) -> Result<Self, PlacementError> {
         let st = &plan.strategy;
-        // The executor runs every stage on one data x tensor grid; `kiln plan` may show plans
-        // whose stages have grids of their own, which `kiln_compiler::compile` never hands to
-        // a run.
-        let uneven = plan
-            .stages
-            .iter()
-            .any(|stage| (stage.submesh.data, stage.submesh.tensor) != (st.data, st.tensor));
-        if st.data == 0 || st.tensor == 0 || uneven {
-            return fail(
-                "this plan gives its pipeline stages different data x tensor grids, which the executor does not run; compile the run with uniform stages (`kiln_compiler::compile` does)",
-            );
-        }
-        let tensor = plan.stages[0].layout.clone();
         let pipeline = st.pipeline as usize;
         if plan.stages.len() != pipeline || plan.schedule.len() != pipeline {
             return fail("the plan's stage table or schedule does not list every stage");
         }
+        let grids: Vec<StageGrid> = plan
+            .stages
+            .iter()
+            .map(|stage| StageGrid {
+                data: stage.submesh.data as usize,
+                tensor: stage.layout.clone(),
+                micro_batch: stage.micro_batch as usize,
+            })
+            .collect();
+        let rows_per_microbatch = grids[0].data * grids[0].micro_batch;
+        if let Some(s) = grids
+            .iter()
+            .position(|grid| grid.data * grid.micro_batch != rows_per_microbatch)
+        {
+            return fail(format!(
+                "stage {s}'s replicas compute {} x {} rows of each microbatch, stage 0's {rows_per_microbatch}",
+                grids[s].data, grids[s].micro_batch
+            ));
+        }
+        let uniform = plan
+            .stages
+            .iter()
+            .all(|stage| stage.submesh == plan.stages[0].submesh);
         let owner = layer_owners(g, plan)?;
         let recompute = st.recompute;
         // Virtual stages: maximal runs of consecutive layers on one stage, in layer order.
@@ -141,7 +178,7 @@ impl Placement {
             virtual_stages.push(VirtualStage {
                 stage: *stage,
                 chunk,
-                pieces: pieces(g, &nodes[k], recompute, &tensor)?,
+                pieces: pieces(g, &nodes[k], recompute, &grids[*stage].tensor)?,
                 needs: std::mem::take(&mut needs[k]),
                 feeds: std::mem::take(&mut feeds[k]).into_iter().collect(),
             });
@@ -157,18 +194,35 @@ impl Placement {
             }
         }
         let schedules = plan.schedule.iter().map(|s| s.actions.clone()).collect();
+        let loss_stage = g
+            .loss
+            .and_then(|l| owner.get(g.dag[l].layer).copied())
+            .unwrap_or(pipeline - 1);
         Ok(Placement {
-            data: st.data as usize,
-            tensor,
+            grids,
+            uniform,
             pipeline,
             zero: st.zero,
-            micro_batch: st.micro_batch as usize,
+            rows_per_microbatch,
+            loss_stage,
             microbatches: st.microbatches as usize,
             virtual_stages,
             holds,
             schedules,
             memory: plan.stages.iter().map(|s| s.memory.clone()).collect(),
         })
+    }
+
+    /// Devices over all stages.
+    pub fn devices(&self) -> usize {
+        self.grids.iter().map(StageGrid::devices).sum()
+    }
+
+    /// The mesh index of the device of `stage` at data rank `rank`, tensor rank `part`
+    /// (stages in order, then data rank, tensor rank fastest).
+    pub fn device(&self, stage: usize, rank: usize, part: usize) -> usize {
+        let before: usize = self.grids[..stage].iter().map(StageGrid::devices).sum();
+        before + rank * self.grids[stage].tensor.size + part
     }
 
     /// The first stage holding parameter `param` (its gradient is counted there once).

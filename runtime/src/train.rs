@@ -138,14 +138,10 @@ fn placement(program: &Program) -> Result<Placement, RunError> {
     let placement = Placement::from_plan(&program.graph, &program.plan)
         .map_err(|err| RunError(format!("the plan: {}", err.0)))?;
     check_host_memory(&placement)?;
-    let (micro, per_step) = (
-        placement.micro_batch,
-        placement.microbatches * placement.data,
-    );
-    if micro * per_step != batch {
+    let (rows, microbatches) = (placement.rows_per_microbatch, placement.microbatches);
+    if rows * microbatches != batch {
         return Err(RunError(format!(
-            "a batch of {batch} does not split into {per_step} microbatches of {micro} over {} data-parallel devices",
-            placement.data
+            "a batch of {batch} does not split into {microbatches} microbatches of {rows} rows"
         )));
     }
     Ok(placement)
@@ -155,11 +151,11 @@ fn placement(program: &Program) -> Result<Placement, RunError> {
 /// the machine has available, so that a run too large fails with numbers instead of an abort
 /// in the allocator.
 fn check_host_memory(placement: &Placement) -> Result<(), RunError> {
-    let devices_per_stage = placement.data * placement.tensor.size;
     let needed: f64 = placement
         .memory
         .iter()
-        .map(|m| m.total * devices_per_stage as f64)
+        .zip(&placement.grids)
+        .map(|(m, grid)| m.total * grid.devices() as f64)
         .sum();
     let Some(available) = crate::host::available_memory() else {
         return Ok(());
@@ -169,7 +165,7 @@ fn check_host_memory(placement: &Placement) -> Result<(), RunError> {
         return Err(RunError(format!(
             "the plan needs {:.1} GiB over its {} devices and this machine has {:.1} GiB available; `kiln plan` shows where the memory goes (shrink the model, batch, micro_batch or seq_len, or add recompute)",
             needed / GIB,
-            devices_per_stage * placement.memory.len(),
+            placement.devices(),
             available as f64 / GIB
         )));
     }
@@ -756,12 +752,19 @@ pub fn run(
     drop(resumable);
 
     let batch = e.train.batch as usize;
-    let micro = placement.micro_batch;
+    // Rows per microbatch on the replicas of the stage that splits them finest.
+    let micro = placement
+        .grids
+        .iter()
+        .map(|grid| grid.micro_batch)
+        .min()
+        .unwrap_or(batch);
     if micro % per_record != 0 || batch % per_record != 0 {
         return Err(RunError(format!(
             "each record is {per_record} rows (a chosen/rejected pair, or PET's row and its masked copy) that share a micro-batch; batch {batch} and micro-batch {micro} must be multiples of {per_record}"
         )));
     }
+    let rows_per_microbatch = placement.rows_per_microbatch;
     let total = steps_override.unwrap_or(match e.train.length {
         Length::Steps(n) => n,
         Length::Epochs(k) => k * (train_set.len().div_ceil(batch)) as u64,
@@ -811,7 +814,7 @@ pub fn run(
                     let next = adapt_kl_coef(kl_coef, rollout.kl, target, ppo.kl_horizon, batch);
                     progress.kl_coef = Some(next);
                 }
-                let micros = rollouts.batches(&rollout, micro);
+                let micros = rollouts.batches(&rollout, rows_per_microbatch);
                 let outcome = ppo_updates(&mut mesh, &graph, e, ppo, &micros, lr, s)?;
                 let figures = vec![
                     ("reward", rollout.reward),
@@ -826,7 +829,7 @@ pub fn run(
                 let mut micros = Vec::with_capacity(micro_steps);
                 for m in 0..micro_steps {
                     let mut rows: Vec<&Example> = Vec::new();
-                    for _ in 0..micro.min(batch - m * micro) / per_record {
+                    for _ in 0..rows_per_microbatch / per_record {
                         rows.extend(&train_set[progress.next_record()]);
                     }
                     let mut b = batch_inputs(&rows, seq_len, &e.objective, verbalizer.as_deref());
@@ -839,7 +842,7 @@ pub fn run(
                         .count();
                     // Masks follow each row's place in the step, not the microbatch or device
                     // that computes it.
-                    let first = (m * micro) as u64;
+                    let first = (m * rows_per_microbatch) as u64;
                     let global = (first..first + rows.len() as u64).collect();
                     b.dropout = Some(DropoutKey::new(e.train.seed, s, global));
                     micros.push(b);

@@ -939,13 +939,11 @@ fn losses_read_vocabulary_split_logits_without_gathering_them() {
         (ppo(), "ppo.log_probs", None),
         (ppo(), "ppo.ref_log_probs", None),
     ] {
-        let g = kiln_compiler::graph::compile_graph(&e).unwrap();
-        let plan = kiln_compiler::plan::compile_plan(&e).unwrap();
-        let placement = kiln_runtime::placement::Placement::from_plan(&g, &plan).unwrap();
-        let layout = &placement.tensor;
+        let program = kiln_compiler::compile(&e).unwrap();
+        let (g, layout) = (&program.graph, &program.plan.stages[0].layout);
         let conversion = |from: &str, to: &str| {
             let (from, to) = (g.find(from).unwrap(), g.find(to).unwrap());
-            layout.conversion(&g, from, to, layout.compute(to))
+            layout.conversion(g, from, to, layout.compute(to))
         };
         let loss = g.find(loss).unwrap();
         let logits = g.inputs(loss)[0];
@@ -967,20 +965,27 @@ fn losses_read_vocabulary_split_logits_without_gathering_them() {
     }
 }
 
-/// `kiln plan` may give pipeline stages grids of their own; the executor, which runs one grid
-/// for every stage, refuses such a plan instead of running it wrongly.
+/// Auto plans whose pipeline stages run on grids of their own (Alpa's submeshes: one device
+/// then two data-parallel replicas on cpu(3); two replicas, then two replicas of a
+/// tensor-parallel pair with sequence parallelism and ZeRO-2 on cpu(6)) train as one device
+/// does: activations are resharded at the stage boundary and the tied embedding's gradient is
+/// summed across stages that shard it differently.
 #[test]
-fn plans_with_stages_on_different_grids_are_refused() {
-    let e = quickstart("parallel = { mesh = cpu(4), data = 2, pipeline = 2 }");
-    let g = kiln_compiler::graph::compile_graph(&e).unwrap();
-    let mut plan = kiln_compiler::plan::compile_plan(&e).unwrap();
-    assert!(kiln_runtime::placement::Placement::from_plan(&g, &plan).is_ok());
-    plan.stages[1].submesh.data = 1;
-    plan.stages[1].submesh.tensor = 2;
-    let Err(err) = kiln_runtime::placement::Placement::from_plan(&g, &plan) else {
-        panic!("a plan with uneven stages was accepted");
-    };
-    assert!(err.0.contains("different data x tensor grids"), "{}", err.0);
+fn auto_plans_with_a_grid_per_stage_train_as_one_device_does() {
+    let overrides = format!(
+        "model = gpt2 {{ vocab = 8192, positions = 64, hidden = 64, layers = 4, heads = 4, dropout = 0.1 }}, {STORIES}, train = {{ batch = 8, steps = 3, seq_len = 32, grad_clip = 1.0, eval_every = 100 }}"
+    );
+    let plans = ["mesh = cpu(3), plan = auto", "mesh = cpu(6), plan = auto"];
+    for plan in plans {
+        let e = example_with("quickstart", "quickstart", &overrides, plan).unwrap();
+        let program = kiln_compiler::compile(&e).unwrap();
+        let grids: Vec<_> = program.plan.stages.iter().map(|s| s.submesh).collect();
+        assert!(
+            grids.windows(2).any(|w| w[0] != w[1]),
+            "{plan}: the planner chose one grid for every stage ({grids:?}); the test needs a plan with a grid per stage"
+        );
+    }
+    assert_parallel_matches_one_device("quickstart", "quickstart", &overrides, &plans);
 }
 
 /// A scratch directory `name` with short `tiny_sft` and `tiny_reward` runs in it: what a PPO

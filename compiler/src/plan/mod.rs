@@ -27,9 +27,9 @@ use std::collections::BTreeMap;
 /// Which plans the planner may choose.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Submeshes {
-    /// Every pipeline stage on the same data × tensor grid: what `kiln run` executes.
+    /// Every pipeline stage on the same data × tensor grid.
     Uniform,
-    /// A submesh per stage when that is faster: `kiln plan`, for clusters one plans for.
+    /// A submesh per stage when that is faster (what `kiln plan` and `kiln run` choose from).
     PerStage,
 }
 
@@ -191,10 +191,10 @@ impl<'e> Planner<'e> {
     }
 }
 
-/// Plans a checked experiment on its mesh, as `kiln run` executes it: every stage on the same
-/// submesh.
+/// Plans a checked experiment on its mesh, as `kiln run` executes it: stages on submeshes of
+/// their own where that is faster.
 pub fn compile_plan(e: &Experiment) -> Result<ExecutionPlan, Diagnostics> {
-    compile_plan_with(e, Submeshes::Uniform)
+    compile_plan_with(e, Submeshes::PerStage)
 }
 
 /// Plans a checked experiment on its mesh among the plans `submeshes` allows: the plan of its
@@ -208,7 +208,7 @@ pub fn compile_plan_with(
 
 /// The runners-up of `ranked[0]`: the best three with other degrees or stage submeshes, the
 /// next two overall, and, when the winner's stages run on different submeshes, the best plan
-/// whose stages do not (what `kiln run` would execute).
+/// whose stages do not (simpler to reason about).
 fn alternatives(ranked: &[search::Candidate]) -> Vec<Alternative> {
     let best = &ranked[0].evaluation;
     let grids = |e: &cost::Evaluation| {

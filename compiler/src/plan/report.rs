@@ -87,7 +87,7 @@ pub fn render_text(p: &ExecutionPlan) -> String {
     if !uniform {
         let _ = writeln!(
             o,
-            "note: `kiln run` runs every stage on one submesh; the best such plan is among the runners-up"
+            "note: the stages run on submeshes of their own; the best plan with one grid for every stage is among the runners-up"
         );
     }
     let _ = writeln!(
