@@ -607,7 +607,7 @@ fn train(
 }
 
 /// Measured peak memory per device against the plan's prediction for its stage.
-fn print_memory_report(memory: &[kiln_runtime::mesh::DeviceMemory]) {
+fn print_memory_report(memory: &[kiln_runtime::parallel::mesh::DeviceMemory]) {
     if memory.is_empty() {
         println!("memory: not measured (this build does not count allocations)");
         return;

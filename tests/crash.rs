@@ -59,7 +59,7 @@ fn finished(out: &Output) {
 
 /// The newest checkpoint's trainable weights, bytes as saved.
 fn final_weights(run: &Path) -> Vec<u8> {
-    let newest = kiln_runtime::run_dir::latest_checkpoint(run)
+    let newest = kiln_runtime::store::run_dir::latest_checkpoint(run)
         .unwrap()
         .expect("a checkpoint");
     std::fs::read(newest.dir.join("trainable.safetensors")).unwrap()
@@ -154,10 +154,10 @@ fn random_kills_resume_to_the_uninterrupted_run() {
             String::from_utf8_lossy(&out.stderr)
         );
         // Whatever the kill interrupted, what is on disk is complete and verifies.
-        kiln_runtime::run_dir::latest_checkpoint(&run).unwrap();
+        kiln_runtime::store::run_dir::latest_checkpoint(&run).unwrap();
     }
     assert!(kills >= 15, "only {kills} of the attempts were killed");
-    let reached = kiln_runtime::run_dir::latest_checkpoint(&run)
+    let reached = kiln_runtime::store::run_dir::latest_checkpoint(&run)
         .unwrap()
         .map_or(0, |c| c.step);
     assert!(
@@ -237,7 +237,7 @@ fn a_full_disk_keeps_the_last_checkpoint_and_the_run_resumes() {
     let file = experiment_file(&dir, 6, 2);
     let whole = dir.join("whole");
     finished(&kiln_run(&file, &whole, &[]).output().unwrap());
-    let checkpoint = kiln_runtime::run_dir::latest_checkpoint(&whole.join("crash"))
+    let checkpoint = kiln_runtime::store::run_dir::latest_checkpoint(&whole.join("crash"))
         .unwrap()
         .unwrap()
         .dir;
@@ -270,7 +270,7 @@ fn a_full_disk_keeps_the_last_checkpoint_and_the_run_resumes() {
         "{stderr}"
     );
     let run = small.join("crash");
-    let kept = kiln_runtime::run_dir::latest_checkpoint(&run)
+    let kept = kiln_runtime::store::run_dir::latest_checkpoint(&run)
         .unwrap()
         .expect("the step-2 checkpoint survives");
     assert_eq!(kept.step, 2);
@@ -322,7 +322,7 @@ fn an_interrupt_saves_where_the_run_stopped_and_a_second_exits_at_once() {
     signal(&child, libc::SIGINT);
     let out = interrupted(child);
     assert!(String::from_utf8_lossy(&out.stdout).contains("--resume"));
-    let saved = kiln_runtime::run_dir::latest_checkpoint(&run)
+    let saved = kiln_runtime::store::run_dir::latest_checkpoint(&run)
         .unwrap()
         .unwrap();
     let logged = losses(&run)
@@ -340,7 +340,7 @@ fn an_interrupt_saves_where_the_run_stopped_and_a_second_exits_at_once() {
     signal(&child, libc::SIGTERM);
     signal(&child, libc::SIGINT);
     interrupted(child);
-    kiln_runtime::run_dir::latest_checkpoint(&run)
+    kiln_runtime::store::run_dir::latest_checkpoint(&run)
         .unwrap()
         .expect("a checkpoint, complete");
     std::fs::remove_dir_all(&dir).ok();

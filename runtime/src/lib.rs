@@ -1,28 +1,22 @@
-//! Kiln's runtime: executes the compiler's execution plans with dfdx (CPU by default, CUDA
-//! behind a feature): the graph interpreter (`exec`), the plan's placement (`placement`,
-//! `tensor_parallel`) run on a mesh of device threads (`mesh`) over collectives
-//! (`collective`), data pipelines, PPO's rollouts (`ppo`), optimizers, checkpoints and
-//! measured memory.
+//! Kiln's runtime: the back end that executes a compiled [`kiln_compiler::Program`] with dfdx
+//! (CPU by default, CUDA behind a feature). By concern:
+//!
+//! - `exec`: the graph interpreter and its CPU kernels (one device, one segment of the graph);
+//! - `parallel`: the plan's placement run on a mesh of device threads — pipeline schedules,
+//!   tensor-parallel shards, gradient synchronisation and ZeRO, collectives, stage boundaries;
+//! - `data`: tokenizers, JSONL records and the examples each objective trains on;
+//! - `train`: the training loop, evaluation, PPO's rollouts, optimizers and the loss plot;
+//! - `store`: what lives on disk — safetensors files, run directories and their checkpoints,
+//!   the weights a run starts from;
+//! - `export`: PEFT adapters and merged Hugging Face models.
 
-pub mod checkpoint;
-pub mod collective;
 pub mod data;
 pub mod exec;
 pub mod export;
 mod host;
-#[cfg(not(feature = "cuda"))]
-mod kernels;
 pub mod memory;
-pub mod mesh;
-pub mod mlm;
-pub mod optim;
-pub mod pet;
-pub mod placement;
-pub mod plot;
-pub mod ppo;
-pub mod prompt;
+pub mod parallel;
 mod rng;
-pub mod run_dir;
-mod starting_weights;
-pub mod tensor_parallel;
+pub mod store;
+pub mod tensor;
 pub mod train;

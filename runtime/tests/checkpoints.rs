@@ -3,7 +3,7 @@
 //! parameter of the graph finds its tensor.
 
 use kiln_compiler::graph::{compile_graph, ParamRole};
-use kiln_runtime::checkpoint::{bind, read_safetensors};
+use kiln_runtime::store::safetensors::{bind, read_safetensors};
 use std::path::{Path, PathBuf};
 
 fn fixtures() -> PathBuf {

@@ -6,10 +6,11 @@
 
 use kiln_compiler::graph::{compile_graph, Graph};
 use kiln_compiler::spec::Experiment;
-use kiln_runtime::checkpoint::{bind, read_safetensors, HostTensor};
+use kiln_runtime::exec::prompt::from_peft;
 use kiln_runtime::exec::{forward_backward, Batch};
 use kiln_runtime::export::{export_merged, write_peft};
-use kiln_runtime::prompt::from_peft;
+use kiln_runtime::store::safetensors::{bind, read_safetensors};
+use kiln_runtime::tensor::HostTensor;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -310,7 +311,7 @@ fn fake_run(what: &str, tensors: &BTreeMap<String, HostTensor>) -> PathBuf {
         ("trainable.safetensors", bytes.as_slice()),
         ("state.json", state.as_bytes()),
     ];
-    kiln_runtime::run_dir::RunDir::lock(&runs, "e")
+    kiln_runtime::store::run_dir::RunDir::lock(&runs, "e")
         .unwrap()
         .save(1, &files, 1)
         .unwrap();

@@ -4,7 +4,8 @@
 //! loads them; pickles are refused with the way to convert them; a run's checkpoint exported
 //! against another experiment is refused.
 
-use kiln_runtime::checkpoint::{read_safetensors, HostTensor};
+use kiln_runtime::store::safetensors::read_safetensors;
+use kiln_runtime::tensor::HostTensor;
 use kiln_runtime::train::{Control, Event, Start};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -151,7 +152,7 @@ fn started_from(dir: &Path, model: &Path) -> BTreeMap<String, HostTensor> {
         ", optimizer = sgd { lr = 1e-30 }, schedule = constant",
     );
     one_step(dir, &e).unwrap();
-    let newest = kiln_runtime::run_dir::latest_checkpoint(&dir.join("runs/e"))
+    let newest = kiln_runtime::store::run_dir::latest_checkpoint(&dir.join("runs/e"))
         .unwrap()
         .unwrap();
     read_safetensors(&newest.dir.join("trainable.safetensors")).unwrap()

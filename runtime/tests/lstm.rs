@@ -3,8 +3,9 @@
 
 use kiln_compiler::graph::{DType, Graph, InputKind, LayerKind, Op, ParamRole};
 use kiln_compiler::plan::sharding::RankOps;
-use kiln_runtime::checkpoint::{read_safetensors, HostTensor};
 use kiln_runtime::exec::{Batch, Params, Segment, Value};
+use kiln_runtime::store::safetensors::read_safetensors;
+use kiln_runtime::tensor::HostTensor;
 use std::path::Path;
 
 mod common;

@@ -4,8 +4,9 @@
 //! with the reference's (layout: shared/fixtures/README.md).
 
 use kiln_compiler::graph::compile_graph;
-use kiln_runtime::checkpoint::{bind, read_safetensors, HostTensor};
 use kiln_runtime::exec::{forward_backward, Batch};
+use kiln_runtime::store::safetensors::{bind, read_safetensors};
+use kiln_runtime::tensor::HostTensor;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

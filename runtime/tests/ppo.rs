@@ -5,8 +5,9 @@
 
 use kiln_compiler::graph::{DType, Graph, InputKind, LayerKind, Layout, Op, ParamRef, ParamRole};
 use kiln_compiler::plan::sharding::RankOps;
-use kiln_runtime::checkpoint::{read_safetensors, HostTensor};
 use kiln_runtime::exec::{forward_backward, Batch, Params, Segment};
+use kiln_runtime::store::safetensors::read_safetensors;
+use kiln_runtime::tensor::HostTensor;
 use std::path::Path;
 
 mod common;

@@ -2,8 +2,8 @@
 //! checkpoint is a valid safetensors file of the trainable parameters, and a diverging run
 //! stops with the step named and the last good checkpoint intact.
 
-use kiln_runtime::checkpoint::read_safetensors;
 use kiln_runtime::memory::CountingAllocator;
+use kiln_runtime::store::safetensors::read_safetensors;
 use kiln_runtime::train::{Control, Event, Start};
 use std::path::{Path, PathBuf};
 
@@ -129,7 +129,7 @@ fn stop_at(at: u64) -> impl FnMut(&Event) -> Control {
 
 /// `file` of the newest checkpoint of the run in `run_dir`.
 fn saved(run_dir: &Path, file: &str) -> PathBuf {
-    kiln_runtime::run_dir::latest_checkpoint(run_dir)
+    kiln_runtime::store::run_dir::latest_checkpoint(run_dir)
         .unwrap()
         .expect("the run has a checkpoint")
         .dir
@@ -1037,7 +1037,7 @@ fn ppo_adapts_its_kl_coefficient_and_resumes_it() {
     let figure = |i: usize, key: &str| straight[i][key].as_f64().unwrap();
     assert_eq!(figure(0, "kl_coef"), 0.05);
     for i in 1..4 {
-        let want = kiln_runtime::ppo::adapt_kl_coef(
+        let want = kiln_runtime::train::ppo::adapt_kl_coef(
             figure(i - 1, "kl_coef"),
             figure(i - 1, "kl"),
             0.01,

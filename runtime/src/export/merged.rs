@@ -2,7 +2,8 @@
 //! (`config.json` + `model.safetensors`, f32) that transformers loads without PEFT.
 
 use super::{hf_config, sorted_json, trained, write_dir, ExportError};
-use crate::checkpoint::{check_tensors, read_hf_weights, safetensors_bytes, HostTensor};
+use crate::store::safetensors::{check_tensors, read_hf_weights, safetensors_bytes};
+use crate::tensor::HostTensor;
 use kiln_compiler::graph::names::Names;
 use kiln_compiler::graph::{Graph, Layout, Op, ParamRole};
 use kiln_compiler::spec::{Adapter, Experiment, Lora};

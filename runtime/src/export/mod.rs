@@ -9,7 +9,8 @@ mod peft;
 pub use merged::export_merged;
 pub use peft::{export_run, peft_config, write_peft};
 
-use crate::checkpoint::{write_atomic, HostTensor};
+use crate::store::safetensors::write_atomic;
+use crate::tensor::HostTensor;
 use kiln_compiler::spec::Experiment;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -31,7 +32,7 @@ fn trained(
     e: &Experiment,
     runs: &Path,
 ) -> Result<(PathBuf, BTreeMap<String, HostTensor>), ExportError> {
-    crate::starting_weights::stage_weights(runs, &e.name, "exporting")
+    crate::store::starting_weights::stage_weights(runs, &e.name, "exporting")
         .map_err(|err| ExportError(err.0))
 }
 

@@ -3,8 +3,9 @@
 //! virtual-token adapter), so that `PeftModel.from_pretrained` loads it.
 
 use super::{sorted_json, trained, write_dir, ExportError};
-use crate::checkpoint::{safetensors_bytes, HostTensor};
-use crate::prompt::{prompt_embeddings, PEFT_KEY};
+use crate::exec::prompt::{prompt_embeddings, PEFT_KEY};
+use crate::store::safetensors::safetensors_bytes;
+use crate::tensor::HostTensor;
 use kiln_compiler::graph::{Graph, ParamRole};
 use kiln_compiler::spec::{
     Adapter, Experiment, Family, LoraBias, Objective, PromptEncoder, PromptInit,
@@ -174,9 +175,9 @@ pub fn write_peft(
 pub fn export_run(program: &Program, runs: &Path, out: &Path) -> Result<(), ExportError> {
     let (e, g) = (&program.experiment, &program.graph);
     let (path, tensors) = trained(e, runs)?;
-    crate::checkpoint::check_tensors(&g, &path, &tensors, true)
+    crate::store::safetensors::check_tensors(&g, &path, &tensors, true)
         .map_err(|err| ExportError(err.to_string()))?;
-    let bound = crate::checkpoint::bind(&g, &[(path.clone(), tensors)])
+    let bound = crate::store::safetensors::bind(&g, &[(path.clone(), tensors)])
         .map_err(|err| ExportError(err.to_string()))?;
     let values: Vec<HostTensor> = bound
         .into_iter()

@@ -1,7 +1,8 @@
 //! Helpers shared by the runtime's integration tests (each test crate uses some of them).
 #![allow(dead_code)]
 
-use kiln_runtime::checkpoint::{safetensors_bytes, HostTensor};
+use kiln_runtime::store::safetensors::safetensors_bytes;
+use kiln_runtime::tensor::HostTensor;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 

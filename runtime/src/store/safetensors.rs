@@ -2,47 +2,12 @@
 //! adapter files (`adapter_model.safetensors`), read into host tensors and bound by name to the
 //! parameters of an operator graph.
 
+use crate::tensor::{param_shape, HostTensor};
 use kiln_compiler::graph::{Graph, Param};
 use safetensors::{Dtype, SafeTensors};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
-
-/// A tensor in host memory, row-major, as f32 (what the CPU executor computes in).
-#[derive(Clone, Debug, PartialEq)]
-pub struct HostTensor {
-    pub shape: Vec<usize>,
-    pub data: Vec<f32>,
-}
-
-/// A parameter's shape as host tensors index it.
-pub fn param_shape(p: &Param) -> Vec<usize> {
-    p.shape.iter().map(|&d| d as usize).collect()
-}
-
-impl HostTensor {
-    /// A rank-0 tensor.
-    pub fn scalar(value: f32) -> Self {
-        HostTensor {
-            shape: Vec::new(),
-            data: vec![value],
-        }
-    }
-
-    /// Bytes it holds on the heap.
-    pub fn heap_bytes(&self) -> usize {
-        self.data.capacity() * std::mem::size_of::<f32>()
-            + self.shape.capacity() * std::mem::size_of::<usize>()
-    }
-
-    /// No value: a parameter this device does not hold.
-    pub fn absent() -> Self {
-        HostTensor {
-            shape: Vec::new(),
-            data: Vec::new(),
-        }
-    }
-}
 
 /// A checkpoint that cannot be used, with the file it came from.
 #[derive(Debug)]

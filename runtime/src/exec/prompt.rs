@@ -4,8 +4,8 @@
 //! PEFT loads it for inference as a plain table of that shape; the encoder's weights are not
 //! saved and cannot be recovered from its output.
 
-use crate::checkpoint::HostTensor;
 use crate::exec::{Batch, Params, Segment};
+use crate::tensor::HostTensor;
 use kiln_compiler::graph::{Graph, Op};
 use kiln_compiler::plan::sharding::RankOps;
 use petgraph::graph::NodeIndex;

@@ -97,7 +97,7 @@ pub fn write_loss_curve(
             .map_err(draw)?;
         root.present().map_err(draw)?;
     }
-    crate::checkpoint::write_atomic(out, svg.as_bytes())
+    crate::store::safetensors::write_atomic(out, svg.as_bytes())
 }
 
 #[cfg(test)]

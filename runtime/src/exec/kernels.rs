@@ -6,8 +6,8 @@
 //! a step is bit-reproducible.
 //! The CUDA build uses dfdx's ops instead.
 
-use crate::collective::Collective;
-use crate::tensor_parallel::VocabShard;
+use crate::parallel::collective::Collective;
+use crate::parallel::tensor_parallel::VocabShard;
 use dfdx::prelude::*;
 use dfdx::tensor::{Cpu, CpuError, Gradients, Tape as _};
 use rayon::prelude::*;
@@ -1625,8 +1625,8 @@ mod tests {
     /// its gradient, with nothing but two numbers a row exchanged.
     #[test]
     fn vocabulary_parallel_cross_entropy_equals_the_whole_one() {
-        use crate::collective::cpu_ring;
-        use crate::tensor_parallel::VocabShard;
+        use crate::parallel::collective::cpu_ring;
+        use crate::parallel::tensor_parallel::VocabShard;
         use kiln_compiler::plan::sharding::VocabColumns;
         let (b, s, vocab, size) = (2, 5, 11, 3);
         let whole: Vec<f32> = values(b * s * vocab, 31).iter().map(|v| v * 6.0).collect();

@@ -9,8 +9,8 @@
 //! [`Mailbox`] is the point-to-point half (pipeline stages sending activations and gradients):
 //! tagged messages, received by tag whatever order they arrive in.
 
-use crate::checkpoint::HostTensor;
 use crate::memory;
+use crate::tensor::HostTensor;
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};

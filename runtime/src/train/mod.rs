@@ -3,20 +3,23 @@
 //! `ppo`), steps on the mesh the plan lays out (`mesh`), the learning-rate schedule, metrics,
 //! evaluation, and checkpoints (`run_dir`: complete or absent, verified on resume).
 
-use crate::checkpoint::{
-    param_shape, parse_safetensors, safetensors_bytes, write_atomic, HostTensor,
-};
+pub mod optim;
+pub mod plot;
+pub mod ppo;
+
+use crate::data::pet::verbalizer_ids;
 use crate::data::{load_examples, load_tokenizer, pad_batch, DataError, Example, PaddedBatch};
 use crate::exec::{forward_backward, label_counts, Batch, DropoutKey, Stats};
-use crate::mesh::{DeviceMemory, Mesh, StepOutcome};
-use crate::optim::{learning_rate, State};
-use crate::pet::verbalizer_ids;
-use crate::placement::Placement;
-use crate::plot::{read_losses, write_loss_curve};
-use crate::ppo::{adapt_kl_coef, reference_weights, Rollouts};
+use crate::parallel::mesh::{DeviceMemory, Mesh, StepOutcome};
+use crate::parallel::placement::Placement;
 use crate::rng::{Key, Purpose, Rng};
-use crate::run_dir::{Checkpoint, MetricsLog, RunDir, StoreError};
-use crate::starting_weights::{named_checkpoints, starting_values};
+use crate::store::run_dir::{Checkpoint, MetricsLog, RunDir, StoreError};
+use crate::store::safetensors::{parse_safetensors, safetensors_bytes, write_atomic};
+use crate::store::starting_weights::{named_checkpoints, starting_values};
+use crate::tensor::{param_shape, HostTensor};
+use crate::train::optim::{learning_rate, State};
+use crate::train::plot::{read_losses, write_loss_curve};
+use crate::train::ppo::{adapt_kl_coef, reference_weights, Rollouts};
 use kiln_compiler::graph::{Graph, Param, ParamRole};
 use kiln_compiler::spec::{Experiment, Length, Objective, Optimizer, Ppo};
 use kiln_compiler::Program;

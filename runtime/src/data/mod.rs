@@ -2,6 +2,9 @@
 //! byte-level BPE or WordPiece tokenizer from text, JSONL datasets with errors that name file and line, and
 //! causal-LM batches (padding, truncation, labels −100 on padding, attention masks).
 
+pub mod mlm;
+pub mod pet;
+
 use kiln_compiler::spec::Objective;
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -549,7 +552,7 @@ pub fn load_examples(
         objective,
         Objective::Mlm(_) | Objective::Nsp { .. } | Objective::MlmNsp { .. }
     ) {
-        return crate::mlm::examples(
+        return crate::data::mlm::examples(
             &records(path)?,
             path,
             objective,
@@ -560,7 +563,15 @@ pub fn load_examples(
         );
     }
     if let Objective::Pvp(pvp) = objective {
-        return crate::pet::examples(&records(path)?, path, pvp, fields, tokenizer, seq_len, seed);
+        return crate::data::pet::examples(
+            &records(path)?,
+            path,
+            pvp,
+            fields,
+            tokenizer,
+            seq_len,
+            seed,
+        );
     }
     let eot = tokenizer.token_to_id(END_OF_TEXT).map(i64::from);
     let encode = |text: &str, line: usize| token_ids(tokenizer, text, path, line);

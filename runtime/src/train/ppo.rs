@@ -4,11 +4,12 @@
 //! token, GAE(γ, λ) advantages (whitened over the batch) and returns, and the batches the PPO
 //! loss trains on. Sampling, scoring and the reward model run on the executor, forward only.
 
-use crate::checkpoint::{bind, check_tensors, HostTensor};
 use crate::data::{Example, END_OF_TEXT};
 use crate::exec::{Batch, ExecError, Params, Segment, Value};
 use crate::rng::Key;
-use crate::starting_weights::stage_weights;
+use crate::store::safetensors::{bind, check_tensors};
+use crate::store::starting_weights::stage_weights;
+use crate::tensor::HostTensor;
 use crate::train::RunError;
 use kiln_compiler::graph::{Graph, Op, REFERENCE_PREFIX};
 use kiln_compiler::plan::sharding::RankOps;

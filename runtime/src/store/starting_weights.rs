@@ -4,9 +4,10 @@
 //! stops the run, unless `init_missing` allows starting it fresh; a task head the checkpoint
 //! does not have starts fresh as transformers starts it. Both are listed to the user.
 
-use crate::checkpoint::{bind, parse_safetensors, read_hf_weights, read_safetensors, HostTensor};
-use crate::ppo::Source;
-use crate::run_dir::latest_checkpoint;
+use crate::store::run_dir::latest_checkpoint;
+use crate::store::safetensors::{bind, parse_safetensors, read_hf_weights, read_safetensors};
+use crate::tensor::HostTensor;
+use crate::train::ppo::Source;
 use crate::train::{initialise, Progress, RunError, FROZEN_FILE, STATE_FILE, TRAINABLE_FILE};
 use kiln_compiler::graph::names::Names;
 use kiln_compiler::graph::{Graph, LayerKind, Param, ParamRole};
@@ -82,7 +83,7 @@ pub(crate) fn named_checkpoints(
     {
         let tensors = read_safetensors(&path).map_err(|err| RunError(err.to_string()))?;
         // A virtual-token adapter's file holds its prompt under PEFT's name.
-        let tensors = crate::prompt::from_peft(graph, tensors)
+        let tensors = crate::exec::prompt::from_peft(graph, tensors)
             .map_err(|err| RunError(format!("{}: {err}", path.display())))?;
         files.push((path, tensors));
     }

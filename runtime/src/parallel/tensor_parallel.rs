@@ -2,8 +2,8 @@
 //! rank's shards by the layout the compiler decided (`kiln_compiler::plan::sharding`) and
 //! putting them back, and the vocabulary-parallel loss's view of its group.
 
-use crate::checkpoint::HostTensor;
-use crate::collective::Collective;
+use crate::parallel::collective::Collective;
+use crate::tensor::HostTensor;
 use kiln_compiler::plan::sharding::{section_ranges, ParamLayout, VocabColumns};
 
 /// A rank's columns of the vocabulary and the group holding the rest: Megatron's

@@ -8,15 +8,15 @@
 //! Every device ends the step with the weights one device would have after the same
 //! microbatches (within float tolerance): the tests check exactly that.
 
-use crate::checkpoint::{param_shape, HostTensor};
-use crate::collective::{
-    cpu_ring, mailboxes, ring_shard, Collective, CollectiveError, CpuRing, Mailbox, Payload,
-};
 use crate::exec::{Batch, ExecError, Params, Segment, Stats, Value};
 use crate::memory;
-use crate::optim::{clip_factor, step, State};
-use crate::placement::{Piece, Placement};
-use crate::tensor_parallel::Shards;
+use crate::parallel::collective::{
+    cpu_ring, mailboxes, ring_shard, Collective, CollectiveError, CpuRing, Mailbox, Payload,
+};
+use crate::parallel::placement::{Piece, Placement};
+use crate::parallel::tensor_parallel::Shards;
+use crate::tensor::{param_shape, HostTensor};
+use crate::train::optim::{clip_factor, step, State};
 use boundary::Crossing;
 use kiln_compiler::graph::Graph;
 use kiln_compiler::plan::sharding::{last_axis, sequence_axis, Conversion, ParamLayout};

@@ -8,8 +8,8 @@
 //! own words) and no class, so that one batch carries both losses and the classification always
 //! reads unmasked text.
 
+use crate::data::mlm::{mask, Unmasked};
 use crate::data::{json_kind, special_id, text_field, token_ids, DataError, Example};
-use crate::mlm::{mask, Unmasked};
 use crate::rng::Rng;
 use kiln_compiler::spec::{MaskStrategy, Mlm, Pvp};
 use serde_json::Value;
@@ -274,7 +274,7 @@ pub fn examples(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mlm::tests::tokenizer;
+    use crate::data::mlm::tests::tokenizer;
 
     fn pvp(pattern: &str, mlm_weight: f64) -> Pvp {
         Pvp {

@@ -8,9 +8,9 @@
 //! there takes its own form of the value (the layout of its stage says which).
 
 use super::{Failure, Links, StepContext};
-use crate::checkpoint::HostTensor;
-use crate::collective::{Collective, CpuRing, Payload, Tag};
-use crate::tensor_parallel::Shards;
+use crate::parallel::collective::{Collective, CpuRing, Payload, Tag};
+use crate::parallel::tensor_parallel::Shards;
+use crate::tensor::HostTensor;
 use kiln_compiler::plan::sharding::{last_axis, sequence_axis, Form};
 use petgraph::graph::NodeIndex;
 

@@ -212,10 +212,11 @@ impl RunDir {
                     })
                     .flat_map(|line| [line, "\n"])
                     .collect();
-                crate::checkpoint::write_atomic(&path, kept.as_bytes()).map_err(StoreError)?;
+                crate::store::safetensors::write_atomic(&path, kept.as_bytes())
+                    .map_err(StoreError)?;
             }
             Some(_) => {}
-            None => crate::checkpoint::write_atomic(&path, b"").map_err(StoreError)?,
+            None => crate::store::safetensors::write_atomic(&path, b"").map_err(StoreError)?,
         }
         let file = OpenOptions::new()
             .create(true)

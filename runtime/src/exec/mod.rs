@@ -3,10 +3,14 @@
 //! topological order (put on the left operand, split off the result), and `backward` on the
 //! loss yields gradients for every parameter the ops touched.
 
-use crate::checkpoint::HostTensor;
-use crate::collective::Collective;
+#[cfg(not(feature = "cuda"))]
+mod kernels;
+pub mod prompt;
+
+use crate::parallel::collective::Collective;
+use crate::parallel::tensor_parallel::VocabShard;
 use crate::rng::{Key, Purpose};
-use crate::tensor_parallel::VocabShard;
+use crate::tensor::HostTensor;
 use dfdx::prelude::*;
 use kiln_compiler::graph::{Act, Graph, InputKind, Layout, Op, ParamRef, Pick};
 use kiln_compiler::plan::sharding::RankOps;
@@ -606,7 +610,7 @@ fn activate<S: Shape>(x: Tensor<S, f32, Dev, Tape>, act: Act) -> Tensor<S, f32, 
     // On the CPU the GELUs and SiLU are one fused kernel each (value and derivative).
     #[cfg(not(feature = "cuda"))]
     {
-        use crate::kernels::{activation, Activation};
+        use crate::exec::kernels::{activation, Activation};
         let fused = match act {
             Act::Gelu => Some(Activation::GeluErf),
             Act::GeluTanh => Some(Activation::GeluTanh),
@@ -823,8 +827,8 @@ impl Interpreter<'_> {
 
     /// A vector parameter for the CPU kernels, with whether it is trained.
     #[cfg(not(feature = "cuda"))]
-    fn vector(&self, id: usize) -> Result<crate::kernels::Vector, ExecError> {
-        Ok(crate::kernels::Vector {
+    fn vector(&self, id: usize) -> Result<crate::exec::kernels::Vector, ExecError> {
+        Ok(crate::exec::kernels::Vector {
             v: self.p1(id)?,
             trainable: self.g.params[id].trainable,
         })
@@ -1003,11 +1007,11 @@ impl Interpreter<'_> {
                         Some(b) => Some(self.vector(b)?),
                         None => None,
                     };
-                    let w = crate::kernels::Vector {
+                    let w = crate::exec::kernels::Vector {
                         v: w,
                         trainable: self.g.params[weight].trainable,
                     };
-                    let y = crate::kernels::layer_norm(x.put_tape(tape), w, bias, eps as f32)
+                    let y = crate::exec::kernels::layer_norm(x.put_tape(tape), w, bias, eps as f32)
                         .map_err(ExecError)?;
                     Ok(self.keep3(y))
                 }
@@ -1072,7 +1076,7 @@ impl Interpreter<'_> {
                     V::R3(x) => {
                         let x = x.put_tape(self.take_tape());
                         #[cfg(not(feature = "cuda"))]
-                        let y = crate::kernels::columns(x, start, end).map_err(ExecError)?;
+                        let y = crate::exec::kernels::columns(x, start, end).map_err(ExecError)?;
                         #[cfg(feature = "cuda")]
                         let y = x.slice((.., .., start..end)).realize();
                         Ok(self.keep3(y))
@@ -1145,7 +1149,8 @@ impl Interpreter<'_> {
                 };
                 let x = x.put_tape(self.take_tape());
                 #[cfg(not(feature = "cuda"))]
-                let out = crate::kernels::dropout(x, keep, dropout_scale(p)).map_err(ExecError)?;
+                let out =
+                    crate::exec::kernels::dropout(x, keep, dropout_scale(p)).map_err(ExecError)?;
                 #[cfg(feature = "cuda")]
                 let out = {
                     x * self
@@ -1316,12 +1321,12 @@ impl Interpreter<'_> {
                 Some(b) => Some(self.vector(b.id)?),
                 None => None,
             };
-            let w = crate::kernels::Weight {
+            let w = crate::exec::kernels::Weight {
                 w,
                 out_in: matches!(layout, Layout::OutIn),
                 trainable: self.g.params[weight].trainable,
             };
-            crate::kernels::linear(x, w, bias, outputs).map_err(ExecError)?
+            crate::exec::kernels::linear(x, w, bias, outputs).map_err(ExecError)?
         };
         #[cfg(feature = "cuda")]
         let y = {
@@ -1567,13 +1572,14 @@ impl Interpreter<'_> {
                     "{heads} query heads over {kv_heads} key/value heads"
                 ));
             }
-            let dims = crate::kernels::Heads {
+            let dims = crate::exec::kernels::Heads {
                 heads,
                 kv_heads,
                 dim: d,
             };
             let q = q.put_tape(self.take_tape());
-            let out = crate::kernels::attention(q, k, v, dims, mask, dropout).map_err(ExecError)?;
+            let out =
+                crate::exec::kernels::attention(q, k, v, dims, mask, dropout).map_err(ExecError)?;
             Ok(self.keep3(out))
         }
         #[cfg(feature = "cuda")]
@@ -1681,9 +1687,10 @@ impl Interpreter<'_> {
         #[cfg(not(feature = "cuda"))]
         {
             let logits = logits.put_tape(self.take_tape());
-            let loss =
-                crate::kernels::cross_entropy(logits, positions, targets, weights, count, shard)
-                    .map_err(ExecError)?;
+            let loss = crate::exec::kernels::cross_entropy(
+                logits, positions, targets, weights, count, shard,
+            )
+            .map_err(ExecError)?;
             Ok(self.keep0(loss))
         }
         #[cfg(feature = "cuda")]
@@ -1729,7 +1736,8 @@ impl Interpreter<'_> {
         }
         let logits = logits.put_tape(self.take_tape());
         #[cfg(not(feature = "cuda"))]
-        let out = crate::kernels::token_log_probs(logits, targets, shard).map_err(ExecError)?;
+        let out =
+            crate::exec::kernels::token_log_probs(logits, targets, shard).map_err(ExecError)?;
         #[cfg(feature = "cuda")]
         let out = {
             // The tensor-parallel layout splits no log-probabilities by vocabulary here.
