@@ -193,17 +193,17 @@ fn evaluate(
     objective: &Objective,
     verbalizer: Option<&[usize]>,
 ) -> Result<Evaluation, RunError> {
-    let chunks: Vec<Vec<&Example>> = set
+    // Each chunk's rows and its share of the records.
+    let (chunks, shares): (Vec<Vec<&Example>>, Vec<f64>) = set
         .chunks(chunk)
-        .map(|records| records.iter().flatten().collect())
-        .collect();
+        .map(|records| {
+            let share = records.len() as f64 / set.len() as f64;
+            (records.iter().flatten().collect(), share)
+        })
+        .unzip();
     let mut batches: Vec<Batch> = chunks
         .iter()
         .map(|rows| batch_inputs(rows, seq_len, objective, verbalizer))
-        .collect();
-    let shares: Vec<f64> = set
-        .chunks(chunk)
-        .map(|records| records.len() as f64 / set.len() as f64)
         .collect();
     share_label_counts(graph, &mut batches, &shares)?;
     let (mut loss, mut correct, mut classified) = (0.0f64, 0usize, 0usize);
