@@ -1350,8 +1350,9 @@ mod tests {
     use super::*;
 
     /// A device failing alone must stop the step on every device with its own error, not
-    /// leave the others waiting: in a data-parallel all-reduce (device 1's batch has no token
-    /// ids) and in a pipeline waiting for gradients (the last stage's batch has no labels).
+    /// leave the others waiting: in a data-parallel all-reduce (device 1's row has a label
+    /// outside the vocabulary) and in a pipeline waiting for gradients (the last stage's batch
+    /// has no labels).
     #[test]
     fn a_device_failing_alone_stops_the_step_without_hanging() {
         let ids = vec![(1..9).collect::<Vec<i64>>()];
@@ -1359,9 +1360,17 @@ mod tests {
         good.ints.insert("input_ids".into(), ids.clone());
         good.ints.insert("labels".into(), ids.clone());
         let mut unlabelled = Batch::default();
-        unlabelled.ints.insert("input_ids".into(), ids);
+        unlabelled.ints.insert("input_ids".into(), ids.clone());
+        let mut second_row_bad = Batch::default();
+        second_row_bad
+            .ints
+            .insert("input_ids".into(), vec![ids[0].clone(), ids[0].clone()]);
+        let outside = ids[0].iter().map(|_| 1000).collect();
+        second_row_bad
+            .ints
+            .insert("labels".into(), vec![ids[0].clone(), outside]);
         for (parallel, micros, culprit) in [
-            ("data = 2", vec![good.clone(), Batch::default()], "device 1"),
+            ("data = 2", vec![second_row_bad], "device 1"),
             (
                 "pipeline = 2, schedule = 1f1b",
                 vec![good.clone(), unlabelled],
