@@ -1,6 +1,9 @@
 //! The analytic cost model: time and memory of one training iteration for a strategy, from
 //! the layer profiles and the cluster. Formulas and constants: shared/reference/cost-model.md;
 //! calibration (matmul efficiency, achievable bandwidths, reserves) is data in the cluster spec.
+//!
+//! Longer than most files (~820 lines) because every time and memory term is a method of one
+//! `Model` and they are reviewed together against the reference formulas.
 
 use super::profile::LayerProfile;
 use crate::graph::LayerKind;

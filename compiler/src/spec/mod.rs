@@ -9,7 +9,9 @@ pub mod limits;
 mod model;
 mod objective;
 mod origins;
+mod parallel;
 mod read;
+mod train;
 mod types;
 
 pub use adapter::resolve_target;

@@ -490,3 +490,11 @@ pub fn name_like(cx: &Cx, v: &Spanned) -> Option<String> {
         }
     }
 }
+
+pub fn empty(span: Span) -> std::rc::Rc<crate::resolve::Record> {
+    std::rc::Rc::new(crate::resolve::Record {
+        kind: crate::resolve::RecordKind::Plain,
+        span,
+        fields: Default::default(),
+    })
+}

@@ -7,7 +7,9 @@
 //! tensor rank sends each replica of the receiving stage the rows they share, and every rank
 //! there takes its own form of the value (the layout of its stage says which).
 
-use super::{Failure, Links, StepContext};
+use super::convert::{gathered, sequence_of, summed};
+use super::schedule::StepContext;
+use super::{Failure, Links};
 use crate::parallel::collective::{Collective, CpuRing, Payload, Tag};
 use crate::parallel::tensor_parallel::Shards;
 use crate::tensor::HostTensor;
@@ -154,10 +156,10 @@ fn whole(
 ) -> Result<HostTensor, Failure> {
     let size = ring.size();
     Ok(match form {
-        Form::Sequence => super::gathered(ring, super::sequence_of(value, size), value)?,
-        Form::Split(sections) => super::gathered(ring, last_axis(&value.shape, sections), value)?,
+        Form::Sequence => gathered(ring, sequence_of(value, size), value)?,
+        Form::Split(sections) => gathered(ring, last_axis(&value.shape, sections), value)?,
         // Addends of an activation are summed; the gradient of each is already the whole one.
-        Form::Partial if payload == Payload::Activation => super::summed(ring, value.clone())?,
+        Form::Partial if payload == Payload::Activation => summed(ring, value.clone())?,
         Form::Whole | Form::Replicated | Form::Partial => value.clone(),
     })
 }
