@@ -227,3 +227,76 @@ fn check_schedule(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pipeline of two stages on cpu(4) (data 2 each), compiled and checked.
+    fn program() -> Program {
+        let src = "import std.models.gpt2\nexperiment e { model = gpt2 { vocab = 64, positions = 16, hidden = 16, layers = 2, heads = 2 }, parallel { mesh = cpu(4), data = 2, pipeline = 2 }, train { batch = 4, micro_batch = 1, seq_len = 8 } }";
+        let checked = crate::check_source("t.kiln", src, None);
+        assert!(checked.is_ok(), "{}", checked.render_errors());
+        compile(&checked.module.experiments[0].value).expect("compiles")
+    }
+
+    /// The sanity pass is not a formality: each kind of inconsistency it exists for is caught.
+    #[test]
+    fn the_sanity_pass_catches_inconsistent_plans() {
+        let good = program();
+        assert_eq!(check(&good), Ok(()));
+        let broken = |edit: &dyn Fn(&mut Program), expected: &str| {
+            let mut p = good.clone();
+            edit(&mut p);
+            let err = check(&p).expect_err(expected);
+            assert!(err.contains(expected), "{err}");
+        };
+        broken(
+            &|p| {
+                let run = p.plan.stages[1].layers[0].clone();
+                p.plan.stages[0].layers.push(run);
+            },
+            "is on two stages",
+        );
+        broken(&|p| p.plan.stages[1].layers.clear(), "is on no stage");
+        broken(&|p| p.plan.stages[1].devices.start += 1, "do not follow");
+        broken(
+            &|p| {
+                p.plan
+                    .collectives
+                    .iter_mut()
+                    .for_each(|c| c.group_size += 1)
+            },
+            "runs among",
+        );
+        broken(
+            &|p| {
+                p.plan.schedule[0]
+                    .actions
+                    .retain(|a| !matches!(a, Action::Backward { mb: 0, .. }))
+            },
+            "forward and backward once",
+        );
+        broken(
+            &|p| {
+                let last = p.plan.schedule[1].actions.pop();
+                p.plan.schedule[1]
+                    .actions
+                    .insert(0, last.expect("an action"));
+            },
+            "out of place",
+        );
+        broken(
+            &|p| {
+                if let Some(ParamLayout::Split { sections, .. }) =
+                    p.plan.stages[0].layout.params.first_mut()
+                {
+                    sections[0] += 1;
+                } else {
+                    p.plan.stages[0].layout.size += 1;
+                }
+            },
+            "layout",
+        );
+    }
+}
