@@ -168,7 +168,7 @@ fn check_layout(
         ));
     }
     for (p, placed) in g.params.iter().zip(&layout.params) {
-        let ParamLayout::Split { axis, sections } = placed else {
+        let ParamLayout::Shard { axis, sections } = placed else {
             continue;
         };
         let whole = p.shape.get(*axis).copied().unwrap_or(0) as usize;
@@ -288,7 +288,7 @@ mod tests {
         );
         broken(
             &|p| {
-                if let Some(ParamLayout::Split { sections, .. }) =
+                if let Some(ParamLayout::Shard { sections, .. }) =
                     p.plan.stages[0].layout.params.first_mut()
                 {
                     sections[0] += 1;

@@ -81,12 +81,10 @@ pub enum Conversion {
 /// How a parameter is cut across the group.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ParamLayout {
-    Whole,
+    /// Every rank holds all of it.
+    Replicate,
     /// Along `axis`, each section's `1/t` share.
-    Split {
-        axis: usize,
-        sections: Vec<usize>,
-    },
+    Shard { axis: usize, sections: Vec<usize> },
 }
 
 /// What a rank changes when running nodes on its shards.
@@ -218,7 +216,7 @@ impl TensorLayout {
             ));
         }
         let mut forms = vec![Form::Whole; g.dag.node_count()];
-        let mut params = vec![ParamLayout::Whole; g.params.len()];
+        let mut params = vec![ParamLayout::Replicate; g.params.len()];
         let mut partial_grads = BTreeSet::new();
         let mut slices: BTreeMap<NodeIndex, (usize, usize, Vec<usize>)> = BTreeMap::new();
         let mut bias_once = BTreeSet::new();
@@ -228,7 +226,7 @@ impl TensorLayout {
         let mut vocab_parallel: BTreeMap<NodeIndex, usize> = BTreeMap::new();
         let mut set_layout = |id: usize, layout: ParamLayout| -> Result<(), LayoutError> {
             match &params[id] {
-                ParamLayout::Whole => {
+                ParamLayout::Replicate => {
                     params[id] = layout;
                     Ok(())
                 }
@@ -276,7 +274,7 @@ impl TensorLayout {
                     let rows = g.params[*table].shape[0] as usize;
                     set_layout(
                         *table,
-                        ParamLayout::Split {
+                        ParamLayout::Shard {
                             axis: 0,
                             sections: vec![rows],
                         },
@@ -297,7 +295,7 @@ impl TensorLayout {
                         let sections = weight_sections(g, weight.id)?;
                         set_layout(
                             weight.id,
-                            ParamLayout::Split {
+                            ParamLayout::Shard {
                                 axis: features_axis(*layout, true),
                                 sections: sections.clone(),
                             },
@@ -305,7 +303,7 @@ impl TensorLayout {
                         if let Some(b) = bias {
                             set_layout(
                                 b.id,
-                                ParamLayout::Split {
+                                ParamLayout::Shard {
                                     axis: 0,
                                     sections: sections.clone(),
                                 },
@@ -325,7 +323,7 @@ impl TensorLayout {
                         };
                         set_layout(
                             weight.id,
-                            ParamLayout::Split {
+                            ParamLayout::Shard {
                                 axis: features_axis(*layout, false),
                                 sections: sections.clone(),
                             },
@@ -416,7 +414,7 @@ impl TensorLayout {
                         let axis = shape.iter().position(|&d| d != 1).unwrap_or(0);
                         set_layout(
                             *param,
-                            ParamLayout::Split {
+                            ParamLayout::Shard {
                                 axis,
                                 sections: sections.clone(),
                             },
@@ -536,7 +534,7 @@ impl TensorLayout {
             size: 1,
             splits: vec![TensorSplit::Replicated; g.params.len()],
             forms: vec![Form::Whole; g.dag.node_count()],
-            params: vec![ParamLayout::Whole; g.params.len()],
+            params: vec![ParamLayout::Replicate; g.params.len()],
             partial_grads: Vec::new(),
             sharded_inputs: BTreeMap::new(),
             ranks: vec![RankOps {
@@ -701,7 +699,7 @@ impl ParamLayout {
     /// The shape of rank `rank`'s shard of a parameter of shape `shape`.
     pub fn local_shape(&self, shape: &[usize], rank: usize, size: usize) -> Vec<usize> {
         let mut local = shape.to_vec();
-        if let ParamLayout::Split { axis, sections } = self {
+        if let ParamLayout::Shard { axis, sections } = self {
             let axis = (*axis).min(shape.len().saturating_sub(1));
             local[axis] = section_ranges(sections, rank, size)
                 .iter()
@@ -711,14 +709,14 @@ impl ParamLayout {
         local
     }
 
-    pub fn is_split(&self) -> bool {
-        matches!(self, ParamLayout::Split { .. })
+    pub fn is_sharded(&self) -> bool {
+        matches!(self, ParamLayout::Shard { .. })
     }
 }
 
 /// The layout of a value split evenly along its sequence axis.
 pub fn sequence_axis(shape: &[usize]) -> ParamLayout {
-    ParamLayout::Split {
+    ParamLayout::Shard {
         axis: 1,
         sections: vec![shape.get(1).copied().unwrap_or(1)],
     }
@@ -726,7 +724,7 @@ pub fn sequence_axis(shape: &[usize]) -> ParamLayout {
 
 /// The layout of a value split along its last axis by `sections`.
 pub fn last_axis(shape: &[usize], sections: &[usize]) -> ParamLayout {
-    ParamLayout::Split {
+    ParamLayout::Shard {
         axis: shape.len().saturating_sub(1),
         sections: sections.to_vec(),
     }

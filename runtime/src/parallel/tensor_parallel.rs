@@ -32,7 +32,7 @@ pub trait Shards {
 impl Shards for ParamLayout {
     /// Rank `rank`'s shard of a whole parameter.
     fn shard(&self, whole: &HostTensor, rank: usize, size: usize) -> HostTensor {
-        let ParamLayout::Split { axis, sections } = self else {
+        let ParamLayout::Shard { axis, sections } = self else {
             return whole.clone();
         };
         let axis = (*axis).min(whole.shape.len().saturating_sub(1));
@@ -53,7 +53,7 @@ impl Shards for ParamLayout {
 
     /// The whole parameter from every rank's shard, in rank order.
     fn unshard(&self, shards: &[&HostTensor]) -> HostTensor {
-        if !self.is_split() {
+        if !self.is_sharded() {
             return shards[0].clone();
         }
         let size = shards.len();
@@ -72,7 +72,7 @@ impl Shards for ParamLayout {
     /// A whole-sized tensor holding rank `rank`'s shard where it belongs, zeros elsewhere (the
     /// ranks' placements sum to the whole).
     fn place(&self, shard: &HostTensor, rank: usize, size: usize) -> HostTensor {
-        let ParamLayout::Split { axis, sections } = self else {
+        let ParamLayout::Shard { axis, sections } = self else {
             return shard.clone();
         };
         let axis = (*axis).min(shard.shape.len().saturating_sub(1));
@@ -107,7 +107,7 @@ mod tests {
             shape: vec![2, 6],
             data: (0..12).map(|x| x as f32).collect(),
         };
-        let layout = ParamLayout::Split {
+        let layout = ParamLayout::Shard {
             axis: 1,
             sections: vec![2, 4],
         };
@@ -117,7 +117,7 @@ mod tests {
         assert_eq!(a.data, vec![0.0, 2.0, 3.0, 6.0, 8.0, 9.0]);
         assert_eq!(b.data, vec![1.0, 4.0, 5.0, 7.0, 10.0, 11.0]);
         assert_eq!(layout.unshard(&[&a, &b]), whole);
-        let rows = ParamLayout::Split {
+        let rows = ParamLayout::Shard {
             axis: 0,
             sections: vec![2],
         };

@@ -170,7 +170,7 @@ impl StepContext<'_> {
                 for &i in &shared {
                     let layout = &tensor.params[i];
                     let adds =
-                        (zero || device.rank == 0) && (layout.is_split() || device.part == 0);
+                        (zero || device.rank == 0) && (layout.is_sharded() || device.part == 0);
                     match grads[i].as_ref().filter(|_| adds) {
                         Some(gr) => {
                             let shape = param_shape(&g.params[i]);
@@ -233,7 +233,7 @@ impl StepContext<'_> {
             .iter()
             .enumerate()
             .filter(|&(i, _)| self.placement.first_holder(i) == device.stage)
-            .filter(|&(i, _)| tensor.params[i].is_split() || device.part == 0)
+            .filter(|&(i, _)| tensor.params[i].is_sharded() || device.part == 0)
             .filter_map(|(_, gr)| gr.as_ref())
             .flat_map(|gr| gr.iter())
             .map(|&x| f64::from(x).powi(2))
