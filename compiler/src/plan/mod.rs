@@ -253,7 +253,7 @@ fn unsplittable_model(e: &Experiment, why: Option<LayoutError>) -> Diagnostic {
         Code::Placement,
         format!("the model cannot be laid out on this plan's tensor-parallel groups: {reason}"),
     )
-    .help("plan it with `tensor = 1`, or change what the message names");
+    .help("choose another `tensor` degree or `sequence_parallel = false`, or let `plan = auto` choose among the plans the model can be laid out on");
     if let Some(s) = span_of(
         e,
         &[

@@ -262,7 +262,7 @@ impl TensorLayout {
                 .collect();
             let unsupported = || {
                 LayoutError(format!(
-                    "tensor parallelism cannot split `{}` ({}): its inputs mix split and whole values (prefix tuning's key/value prefixes, for one, are whole); plan it with `parallel {{ tensor = 1 }}`",
+                    "tensor parallelism cannot split `{}` ({}): its inputs mix split and whole values (prefix tuning's key/value prefixes, for one, are whole)",
                     node.name,
                     node.op.kind()
                 ))
@@ -438,7 +438,7 @@ impl TensorLayout {
                 }
                 Op::DoraRescale { .. } | Op::TokenLogProbs if size > 1 => {
                     return Err(LayoutError(format!(
-                        "tensor parallelism does not run `{}` ({}) yet; plan it with `parallel {{ tensor = 1 }}`",
+                        "tensor parallelism does not run `{}` ({}) yet",
                         node.name,
                         node.op.kind()
                     )))
@@ -461,7 +461,7 @@ impl TensorLayout {
                 let positions = node.out.shape.get(1).copied().unwrap_or(0) as usize;
                 if positions % size != 0 {
                     return fail(format!(
-                        "sequence parallelism needs every sequence to divide by tensor = {size}; `{}` has {positions} positions (virtual tokens included); set `parallel {{ sequence_parallel = false }}`",
+                        "sequence parallelism needs every sequence to divide by tensor = {size}; `{}` has {positions} positions (virtual tokens included)",
                         node.name
                     ));
                 }
