@@ -1,0 +1,195 @@
+//! Attention: scaled dot-product attention with causal and padding masks over grouped-query
+//! heads (a tensor-parallel rank's share of them), and LLaMA's rotary position embedding.
+
+use super::misrouted;
+use crate::exec::interpreter::Interpreter;
+use crate::exec::value::V;
+#[cfg(not(feature = "cuda"))]
+use crate::exec::{err, kernels};
+#[cfg(feature = "cuda")]
+use crate::exec::{Dev, Tape, T4};
+use crate::exec::{ExecError, T2, T3};
+use dfdx::prelude::*;
+use kiln_compiler::graph::Op;
+use petgraph::graph::NodeIndex;
+
+/// HF's mask value: the most negative finite f32, so fully masked rows stay finite.
+const MASKED: f32 = f32::MIN;
+
+/// Computes node `n`, whose op is of this family.
+pub(super) fn forward(it: &mut Interpreter<'_>, n: NodeIndex, op: Op) -> Result<V, ExecError> {
+    match op {
+        Op::Rotary {
+            theta,
+            head_dim,
+            offset,
+        } => {
+            let x = it.input(n, 0)?.r3("x")?;
+            rotary(it, x, theta, head_dim as usize, offset as usize)
+        }
+        Op::Attention {
+            head_dim,
+            causal,
+            dropout,
+            ..
+        } => {
+            let (q, k, v) = (
+                it.input(n, 0)?.r3("q")?,
+                it.input(n, 1)?.r3("k")?,
+                it.input(n, 2)?.r3("v")?,
+            );
+            attention(it, q, k, v, head_dim as usize, causal, dropout)
+        }
+        other => Err(misrouted("attention", &other)),
+    }
+}
+
+/// LLaMA's rotary embedding: x·cos + rotate_half(x)·sin per head, positions from `offset`.
+/// rotate_half is a product with a fixed [d, d] matrix (−x₂, x₁), which keeps the backward
+/// to matmuls and elementwise products.
+fn rotary(
+    it: &mut Interpreter<'_>,
+    x: T3,
+    theta: f64,
+    d: usize,
+    offset: usize,
+) -> Result<V, ExecError> {
+    let (b, s, width) = *x.shape();
+    let h = width / d;
+    let half = d / 2;
+    // One table for every row of the batch (broadcast, not copied).
+    let mut cos = Vec::with_capacity(s * width);
+    let mut sin = Vec::with_capacity(s * width);
+    for pos in offset..offset + s {
+        for _ in 0..h {
+            for j in 0..d {
+                let angle = pos as f64 / theta.powf((2 * (j % half)) as f64 / d as f64);
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+    }
+    let mut turn = vec![0.0f32; d * d];
+    for j in 0..half {
+        turn[(j + half) * d + j] = -1.0;
+        turn[j * d + j + half] = 1.0;
+    }
+    let rows = (b, s * h, d);
+    let cos: T3 = it
+        .dev
+        .tensor_from_vec(cos, (s * h, d))
+        .broadcast_like::<_, Axis<0>>(&rows);
+    let sin: T3 = it
+        .dev
+        .tensor_from_vec(sin, (s * h, d))
+        .broadcast_like::<_, Axis<0>>(&rows);
+    let turn: T2 = it.dev.tensor_from_vec(turn, (d, d));
+    let (x, tape) = x.put_tape(it.take_tape()).reshape_like(&rows).split_tape();
+    let (turned, tape) = (x.clone().put_tape(tape).matmul(turn) * sin).split_tape();
+    let y = (x.put_tape(tape) * cos + turned).reshape_like(&(b, s, width));
+    Ok(it.keep3(y))
+}
+
+/// Scaled dot-product attention with causal and padding masks over heads of `d` features.
+fn attention(
+    it: &mut Interpreter<'_>,
+    q: T3,
+    k: T3,
+    v: T3,
+    d: usize,
+    causal: bool,
+    dropout: f64,
+) -> Result<V, ExecError> {
+    let (b, s, width) = *q.shape();
+    let skv = k.shape().1;
+    // The heads this rank holds (all of them without tensor parallelism).
+    let (heads, kv_heads) = (width / d, k.shape().2 / d);
+    // Keys without a query of their own (prefixes) come first: query i sees keys up to i + P.
+    let past = skv - s;
+    let mut mask = vec![0.0f32; b * s * skv];
+    let padding = it.batch.attention_mask.clone();
+    for r in 0..b {
+        for i in 0..s {
+            for j in 0..skv {
+                let future = causal && j > i + past;
+                // The batch mask covers the last keys (the real tokens); keys before them
+                // (prefixes, virtual tokens) are always visible.
+                let pad = padding.as_ref().is_some_and(|m| {
+                    let real = j as i64 - (skv - m[r].len().min(skv)) as i64;
+                    real >= 0 && m[r][real as usize] == 0
+                });
+                if future || pad {
+                    mask[(r * s + i) * skv + j] = MASKED;
+                }
+            }
+        }
+    }
+    // A rank holding some of the heads drops what one device would in those heads: the
+    // rows' elements from its first head's on.
+    let first = it.ops.rank * heads;
+    let plane = s * skv;
+    let dropout = it.dropout_values(dropout, b, first * plane, heads * plane)?;
+    #[cfg(not(feature = "cuda"))]
+    {
+        if kv_heads == 0 || heads % kv_heads != 0 {
+            return err(format!(
+                "{heads} query heads over {kv_heads} key/value heads"
+            ));
+        }
+        let dims = kernels::Heads {
+            heads,
+            kv_heads,
+            dim: d,
+        };
+        let q = q.put_tape(it.take_tape());
+        let out = kernels::attention(q, k, v, dims, mask, dropout).map_err(ExecError)?;
+        Ok(it.keep3(out))
+    }
+    #[cfg(feature = "cuda")]
+    {
+        let group = heads / kv_heads.max(1);
+        let mask: T4 = it
+            .dev
+            .tensor_from_vec(mask, (b, s, skv))
+            .broadcast_like::<_, Axis<1>>(&(b, heads, s, skv));
+        let tape = it.take_tape();
+        let q = q
+            .put_tape(tape)
+            .reshape_like(&(b, s, heads, d))
+            .permute::<_, Axes4<0, 2, 1, 3>>();
+        let (q, tape) = q.split_tape();
+        // Keys and values to [b, heads, s_kv, d], each key/value head serving `group` query
+        // heads (head h reads key/value head h / group): a gather over the head axis, on the tape.
+        let dev = it.dev.clone();
+        let expand = |t: T3, tape: Tape| -> (T4, Tape) {
+            let t = t.put_tape(tape).reshape_like(&(b, skv, kv_heads, d));
+            if group == 1 {
+                return t.permute::<_, Axes4<0, 2, 1, 3>>().split_tape();
+            }
+            let by_head = t
+                .permute::<_, Axes4<2, 0, 1, 3>>()
+                .reshape_like(&(kv_heads, b * skv * d));
+            let idx: Tensor<(usize,), usize, Dev> =
+                dev.tensor_from_vec((0..heads).map(|h| h / group).collect(), (heads,));
+            let repeated: Tensor<(usize, usize), f32, Dev, Tape> = by_head.gather(idx);
+            repeated
+                .reshape_like(&(heads, b, skv, d))
+                .permute::<_, Axes4<1, 0, 2, 3>>()
+                .split_tape()
+        };
+        let (k, tape) = expand(k, tape);
+        let (v, tape) = expand(v, tape);
+        let scores =
+            q.put_tape(tape).matmul(k.permute::<_, Axes4<0, 1, 3, 2>>()) / (d as f32).sqrt();
+        let probs = (scores + mask).softmax::<Axis<3>>();
+        let probs = match dropout {
+            Some(m) => probs * it.dev.tensor_from_vec(m, (b, heads, s, skv)),
+            None => probs,
+        };
+        let out = probs
+            .matmul(v)
+            .permute::<_, Axes4<0, 2, 1, 3>>()
+            .reshape_like(&(b, s, heads * d));
+        Ok(it.keep3(out))
+    }
+}
