@@ -779,7 +779,7 @@ fn ptuning_with_an_lstm_encoder_trains() {
     );
 }
 
-/// Plans the executor cannot follow are refused before training, naming the setting to change.
+/// Plans the model cannot be laid out on are refused when compiled, naming the setting to change.
 #[test]
 fn unexecutable_plans_are_clear_errors() {
     let prompt = "adapter = prompt { tokens = 3 }, train { seq_len = 32, steps = 1 }";

@@ -64,10 +64,17 @@ pub fn run(
     kiln_runtime::train::run(&program, runs, steps, start, on_event)
 }
 
-/// `e` compiled for the runtime, or its diagnostics' messages.
+/// `e` compiled for the runtime, or its diagnostics' messages with their help.
 pub fn program(e: &kiln_compiler::spec::Experiment) -> Result<kiln_compiler::Program, String> {
     kiln_compiler::compile(e).map_err(|d| {
-        let messages: Vec<String> = d.items.iter().map(|item| item.message.clone()).collect();
+        let messages: Vec<String> = d
+            .items
+            .iter()
+            .map(|item| {
+                let help = item.help.iter().map(|h| format!(" (help: {h})"));
+                std::iter::once(item.message.clone()).chain(help).collect()
+            })
+            .collect();
         messages.join("; ")
     })
 }
