@@ -4,6 +4,7 @@
 
 pub mod diagnostics;
 pub mod graph;
+pub mod hf;
 pub mod plan;
 mod program;
 pub mod resolve;

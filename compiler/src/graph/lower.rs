@@ -2,8 +2,8 @@
 //! knobs alone (no per-family forward code: the family only names the modules).
 
 use super::ir::*;
-use super::names::{Module, Names};
-use crate::spec::{Activation, Block, Mlp, Model, Norm, Position};
+use crate::hf::{Module, Names};
+use crate::spec::{Activation, Block, Family, Mlp, Model, Norm, Position};
 use petgraph::graph::NodeIndex;
 
 /// Where the pieces of a lowered model are, for the passes that attach to them.
@@ -57,7 +57,7 @@ pub fn add_linear(
 pub struct Lowering<'a> {
     pub g: &'a mut Graph,
     pub model: &'a Model,
-    pub names: Names,
+    pub names: &'static Names,
     /// Prepended to every module name: `ref.` for PPO's frozen reference copy.
     pub prefix: String,
     pub qkv: QkvLayout,
@@ -69,9 +69,7 @@ impl<'a> Lowering<'a> {
         Lowering {
             g,
             model,
-            names: Names {
-                family: model.family,
-            },
+            names: crate::hf::of(model.family).names(),
             prefix: prefix.into(),
             qkv,
         }
@@ -92,7 +90,7 @@ impl<'a> Lowering<'a> {
 
     /// How this family stores the linear weights inside its blocks.
     fn block_layout(&self) -> Layout {
-        if self.names.conv1d() {
+        if self.names.conv1d {
             Layout::InOut
         } else {
             Layout::OutIn
@@ -293,7 +291,7 @@ impl<'a> Lowering<'a> {
         let m = self.model;
         let head_dim = m.hidden / m.heads;
         let (q_dim, kv_dim) = (m.heads * head_dim, m.kv_heads * head_dim);
-        let (mut q, mut k, v) = if self.names.conv1d() {
+        let (mut q, mut k, v) = if self.names.conv1d {
             // GPT-2: one Conv1D `[h, 3h]`, read whole or as three column ranges.
             let name = self.name(Module::Qkv, i);
             let total = q_dim + 2 * kv_dim;
@@ -399,7 +397,7 @@ impl<'a> Lowering<'a> {
                 layer,
             );
         }
-        let causal = self.names.family != crate::spec::Family::Bert;
+        let causal = m.family != Family::Bert;
         let op = Op::Attention {
             heads: m.heads,
             kv_heads: m.kv_heads,

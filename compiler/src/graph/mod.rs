@@ -6,7 +6,6 @@ mod cost;
 mod edit;
 pub mod ir;
 mod lower;
-pub mod names;
 mod objectives;
 mod report;
 mod shape;
@@ -18,7 +17,6 @@ pub use report::{render_dot, render_json, render_table};
 use crate::diagnostics::{Code, Diagnostic, Diagnostics};
 use crate::spec::{Experiment, Precision};
 use lower::Lowering;
-use names::Names;
 
 /// Lowers a checked experiment to its operator graph, with adapters and the objective
 /// applied and every node costed.
@@ -54,9 +52,7 @@ pub fn compile_graph(e: &Experiment) -> Result<Graph, Diagnostics> {
 
     let cx = adapters::Context {
         model: &e.model,
-        names: Names {
-            family: e.model.family,
-        },
+        names: crate::hf::of(e.model.family).names(),
         qkv,
         tokens,
     };

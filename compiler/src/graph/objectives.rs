@@ -3,7 +3,7 @@
 
 use super::ir::*;
 use super::lower::{add_linear, Lowered, Lowering};
-use super::names::Module;
+use crate::hf::Module;
 use crate::spec::{Family, Model, Objective};
 use petgraph::graph::NodeIndex;
 
@@ -212,7 +212,7 @@ fn lm_head_of(low: &mut Lowering, base: &Lowered, prefix: &str) -> NodeIndex {
 /// BERT's MLM head: dense → activation → LayerNorm → decoder tied to the embeddings, with its
 /// own bias. Other families predict masked tokens with their LM head.
 fn mlm_head(low: &mut Lowering, base: &Lowered) -> NodeIndex {
-    if low.names.family != Family::Bert {
+    if low.model.family != Family::Bert {
         return lm_head(low, base);
     }
     let m = low.model;

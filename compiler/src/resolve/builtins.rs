@@ -4,6 +4,7 @@
 use super::eval::Evaluator;
 use super::value::{Env, Field, FieldSource, Record, RecordKind, Spanned, Value};
 use crate::diagnostics::{Code, Diagnostic, FileId, Span};
+use crate::hf;
 use crate::syntax::DefKind;
 use indexmap::IndexMap;
 use serde_json::Value as Json;
@@ -275,90 +276,6 @@ impl JsonFields<'_> {
 /// The model fields that a config.json must give (the others have defaults).
 const SHAPE_FIELDS: &[&str] = &["vocab", "positions", "hidden", "layers", "heads"];
 
-/// How a Hugging Face family's `config.json` maps onto a Kiln model.
-struct HfFamily {
-    model_type: &'static str,
-    /// Kiln field ← the first of these config keys present. Without its own key `kv_heads`
-    /// takes the model's default, `heads` (as transformers reads a missing
-    /// `num_key_value_heads`), so that one bad `n_head` is one error.
-    keys: &'static [(&'static str, &'static [&'static str])],
-    /// Norm kind, its epsilon's key, and the default epsilon.
-    norm: (&'static str, &'static str, f64),
-    /// The activation's key and its default.
-    activation: (&'static str, &'static str),
-    mlp: &'static str,
-    block: &'static str,
-    /// Config key saying whether linears have biases (`None`: they always do).
-    bias_key: Option<&'static str>,
-    tied: bool,
-    rotary: bool,
-    heads: &'static [&'static str],
-}
-
-const FAMILIES: &[HfFamily] = &[
-    HfFamily {
-        model_type: "gpt2",
-        keys: &[
-            ("vocab", &["vocab_size"]),
-            ("positions", &["n_positions"]),
-            ("hidden", &["n_embd"]),
-            ("layers", &["n_layer"]),
-            ("heads", &["n_head"]),
-            ("dropout", &["resid_pdrop"]),
-        ],
-        norm: ("layernorm", "layer_norm_epsilon", 1e-5),
-        activation: ("activation_function", "gelu_new"),
-        mlp: "plain",
-        block: "pre_norm",
-        bias_key: None,
-        tied: true,
-        rotary: false,
-        heads: &["lm"],
-    },
-    HfFamily {
-        model_type: "bert",
-        keys: &[
-            ("vocab", &["vocab_size"]),
-            ("positions", &["max_position_embeddings"]),
-            ("hidden", &["hidden_size"]),
-            ("layers", &["num_hidden_layers"]),
-            ("heads", &["num_attention_heads"]),
-            ("ffn", &["intermediate_size"]),
-            ("type_vocab", &["type_vocab_size"]),
-            ("dropout", &["hidden_dropout_prob"]),
-        ],
-        norm: ("layernorm", "layer_norm_eps", 1e-12),
-        activation: ("hidden_act", "gelu"),
-        mlp: "plain",
-        block: "post_norm",
-        bias_key: None,
-        tied: true,
-        rotary: false,
-        heads: &["mlm", "nsp"],
-    },
-    HfFamily {
-        model_type: "llama",
-        keys: &[
-            ("vocab", &["vocab_size"]),
-            ("positions", &["max_position_embeddings"]),
-            ("hidden", &["hidden_size"]),
-            ("layers", &["num_hidden_layers"]),
-            ("heads", &["num_attention_heads"]),
-            ("kv_heads", &["num_key_value_heads"]),
-            ("ffn", &["intermediate_size"]),
-            ("dropout", &["attention_dropout"]),
-        ],
-        norm: ("rmsnorm", "rms_norm_eps", 1e-6),
-        activation: ("hidden_act", "silu"),
-        mlp: "gated",
-        block: "pre_norm",
-        bias_key: Some("attention_bias"),
-        tied: false,
-        rotary: true,
-        heads: &["lm"],
-    },
-];
-
 /// The directory holding a file that `hf()` or `peft()` read, as a string value.
 fn directory_of(file: &str, span: Span) -> Spanned {
     let dir = std::path::Path::new(file)
@@ -371,7 +288,8 @@ fn directory_of(file: &str, span: Span) -> Spanned {
     }
 }
 
-/// `hf("dir")`: a model record from a Hugging Face `config.json` (gpt2, bert, llama).
+/// `hf("dir")`: a model record from a Hugging Face `config.json`, read as its family's
+/// [`hf::Import`] says.
 pub(super) fn hf(ev: &Evaluator, args: &[Spanned], env: &Env, span: Span) -> Option<Value> {
     let (file, map, path) = read_json(ev, args, env, span, "hf", "config.json")?;
     let text = ev.program.sources.borrow().text(file).to_string();
@@ -396,15 +314,12 @@ pub(super) fn hf(ev: &Evaluator, args: &[Spanned], env: &Env, span: Span) -> Opt
     let sym = |key: &str, name: &str| j.symbol(key, name, module);
     let activation = |key: &str, default: &str| -> Option<Spanned> {
         let name = map.get(key).and_then(Json::as_str).unwrap_or(default);
-        let kiln = match name {
-            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => "gelu_tanh",
-            "gelu" => "gelu",
-            "relu" => "relu",
-            "silu" | "swish" => "silu",
-            _ => {
-                j.report_unsupported(ev, key, &format!("activation `{name}`"));
-                return None;
-            }
+        // Kiln's name for the activation transformers calls `name`.
+        let kiln = hf::activation(name)
+            .and_then(|a| crate::spec::ACTIVATIONS.iter().find(|(_, b)| *b == a));
+        let Some((kiln, _)) = kiln else {
+            j.report_unsupported(ev, key, &format!("activation `{name}`"));
+            return None;
         };
         Some(sym(key, kiln))
     };
@@ -455,16 +370,22 @@ pub(super) fn hf(ev: &Evaluator, args: &[Spanned], env: &Env, span: Span) -> Opt
             fields.push((name, v));
         }
     };
-    let Some(family) = FAMILIES.iter().find(|f| f.model_type == model_type) else {
+    let families = hf::FAMILIES.map(hf::of);
+    let Some(family) = families.iter().find(|f| f.model_type() == model_type) else {
+        let [known @ .., last] = families.map(|f| f.model_type());
         j.report_unsupported(
             ev,
             "model_type",
-            &format!("`{model_type}` (Kiln reads gpt2, bert and llama)"),
+            &format!(
+                "`{model_type}` (Kiln reads {} and {last})",
+                known.join(", ")
+            ),
         );
         return None;
     };
+    let (model_type, import) = (family.model_type(), family.import());
     // Kiln has no defaults for a model's shape: a config without it is not this model.
-    let missing: Vec<&str> = family
+    let missing: Vec<&str> = import
         .keys
         .iter()
         .filter(|(field, keys)| {
@@ -480,42 +401,39 @@ pub(super) fn hf(ev: &Evaluator, args: &[Spanned], env: &Env, span: Span) -> Opt
             )
             .at(span, "reads this config.json")
             .help(format!(
-                "a {} config.json names the model's shape; add the missing keys or export the config again with transformers",
-                family.model_type
+                "a {model_type} config.json names the model's shape; add the missing keys or export the config again with transformers"
             )),
         );
         return None;
     }
-    put("family", Some(sym("model_type", family.model_type)));
+    put("family", Some(sym("model_type", model_type)));
     // Where the weights are: `kiln run` loads `model.safetensors` from this directory.
     put("checkpoint", Some(directory_of(&path, span)));
-    for (field, keys) in family.keys {
+    for (field, keys) in import.keys {
         put(field, keys.iter().find_map(|k| j.get(k)));
     }
-    if family.model_type == "gpt2" {
-        // `n_inner: null` means 4 × n_embd.
-        let ffn = j
-            .get("n_inner")
-            .filter(|v| matches!(v.value, Value::Int(_)));
-        put(
-            "ffn",
-            ffn.or_else(|| match j.get("n_embd")?.value {
+    if let Some(key) = import.ffn_or_four_hidden {
+        let ffn = j.get(key).filter(|v| matches!(v.value, Value::Int(_)));
+        let four_hidden = || {
+            let (_, keys) = import.keys.iter().find(|(f, _)| *f == "hidden")?;
+            match keys.iter().find_map(|k| j.get(k))?.value {
                 Value::Int(h) => h.checked_mul(4).map(int),
                 _ => None,
-            }),
-        );
+            }
+        };
+        put("ffn", ffn.or_else(four_hidden));
     }
-    let (norm_kind, norm_key, eps) = family.norm;
+    let (norm_kind, norm_key, eps) = import.norm;
     put("norm", Some(norm(norm_kind, norm_key, eps)));
     put(
         "activation",
-        activation(family.activation.0, family.activation.1),
+        activation(import.activation.0, import.activation.1),
     );
-    put("mlp", Some(sym("model_type", family.mlp)));
-    put("block", Some(sym("model_type", family.block)));
+    put("mlp", Some(sym("model_type", import.mlp)));
+    put("block", Some(sym("model_type", import.block)));
     put(
         "bias",
-        Some(match family.bias_key {
+        Some(match import.bias_key {
             Some(key) => bool_or(key, false),
             None => Spanned {
                 value: Value::Bool(true),
@@ -525,28 +443,27 @@ pub(super) fn hf(ev: &Evaluator, args: &[Spanned], env: &Env, span: Span) -> Opt
     );
     put(
         "tie_embeddings",
-        Some(bool_or("tie_word_embeddings", family.tied)),
+        Some(bool_or("tie_word_embeddings", import.tied)),
     );
-    if !family.keys.iter().any(|(f, _)| *f == "type_vocab") {
+    if !import.keys.iter().any(|(f, _)| *f == "type_vocab") {
         put("type_vocab", Some(int(0)));
     }
-    put("output_heads", Some(heads_list(family.heads)));
-    if family.rotary {
-        // transformers 4 writes `rope_theta` at the top; 5 nests it in `rope_parameters`.
+    put("output_heads", Some(heads_list(import.heads)));
+    if let Some(rope) = &import.rope {
         let nested = map
-            .get("rope_parameters")
-            .and_then(|p| p.get("rope_theta"))
+            .get(rope.nested_in)
+            .and_then(|p| p.get(rope.key))
             .and_then(Json::as_f64);
         let theta = j
-            .get("rope_theta")
+            .get(rope.key)
             .or_else(|| {
                 nested.map(|t| Spanned {
                     value: Value::Float(t),
-                    span: j.span_of("rope_theta"),
+                    span: j.span_of(rope.key),
                 })
             })
             .unwrap_or(Spanned {
-                value: Value::Float(10000.0),
+                value: Value::Float(rope.default),
                 span: whole,
             });
         let rotary = record(

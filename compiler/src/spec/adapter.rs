@@ -5,6 +5,7 @@ use super::limits;
 use super::read::*;
 use super::types::*;
 use crate::diagnostics::{did_you_mean, Code, Diagnostic};
+use crate::hf;
 use crate::resolve::{RecordKind, Spanned, Value};
 use std::rc::Rc;
 
@@ -30,34 +31,10 @@ const KILN_TARGETS: &[(&str, &[Target])] = &[
     ("ffn_down", &[Target::FfnDown]),
 ];
 
-/// Each family's Hugging Face module paths inside a block. A target name matches a path
-/// when equal to it or to a `.`-separated suffix of it, as PEFT matches `target_modules`.
-fn hf_modules(family: Family) -> &'static [(&'static str, Target)] {
-    match family {
-        Family::Gpt2 => &[
-            ("attn.c_attn", Target::Qkv),
-            ("attn.c_proj", Target::AttnOut),
-            ("mlp.c_fc", Target::FfnUp),
-            ("mlp.c_proj", Target::FfnDown),
-        ],
-        Family::Bert => &[
-            ("attention.self.query", Target::Query),
-            ("attention.self.key", Target::Key),
-            ("attention.self.value", Target::Value),
-            ("attention.output.dense", Target::AttnOut),
-            ("intermediate.dense", Target::FfnUp),
-            ("output.dense", Target::FfnDown),
-        ],
-        Family::Llama => &[
-            ("self_attn.q_proj", Target::Query),
-            ("self_attn.k_proj", Target::Key),
-            ("self_attn.v_proj", Target::Value),
-            ("self_attn.o_proj", Target::AttnOut),
-            ("mlp.gate_proj", Target::FfnGate),
-            ("mlp.up_proj", Target::FfnUp),
-            ("mlp.down_proj", Target::FfnDown),
-        ],
-    }
+/// The family's Hugging Face module paths inside a block, as PEFT matches target names.
+fn hf_modules(family: Family) -> Vec<(&'static str, Target)> {
+    let f = hf::of(family);
+    f.peft().modules(f.names())
 }
 
 /// The Kiln targets a name denotes in a family, or `None` if it names nothing there.
@@ -72,8 +49,11 @@ pub fn resolve_target(name: &str, model: &Model) -> Option<Vec<Target>> {
         );
     }
     if let Some((_, targets)) = KILN_TARGETS.iter().find(|(n, _)| *n == name) {
-        // Only GPT-2 has a fused projection; elsewhere `qkv` means all three.
-        if targets == &[Target::Qkv] && model.family != Family::Gpt2 {
+        // Where the family has no fused projection (only GPT-2 has), `qkv` means all three.
+        let fused = hf_modules(model.family)
+            .iter()
+            .any(|(_, t)| *t == Target::Qkv);
+        if targets == &[Target::Qkv] && !fused {
             return Some(vec![Target::Query, Target::Key, Target::Value]);
         }
         if targets == &[Target::FfnGate] && model.mlp != Mlp::Gated {
@@ -145,55 +125,48 @@ pub fn targets(cx: &Cx, v: &Spanned, model: Option<&Model>) -> Option<Vec<Target
 
 /// For a module name of another family (`q_proj` on GPT-2), the name of the same module here.
 fn equivalent_in_family(name: &str, model: &Model) -> Option<String> {
-    let families = [Family::Gpt2, Family::Bert, Family::Llama];
-    let target = families
+    let target = hf::FAMILIES
         .iter()
         .filter(|f| **f != model.family)
         .find_map(|f| {
             hf_modules(*f)
-                .iter()
+                .into_iter()
                 .find(|(path, _)| *path == name || path.ends_with(&format!(".{name}")))
-                .map(|(_, t)| *t)
+                .map(|(_, t)| t)
         })?;
-    let here: Vec<&str> = hf_modules(model.family)
-        .iter()
+    let here: Vec<(&str, Target)> = hf_modules(model.family)
+        .into_iter()
         .filter(|(_, t)| {
             // GPT-2's fused projection corresponds to all three of the others'.
             let qkv = |x: &Target| matches!(x, Target::Query | Target::Key | Target::Value);
             *t == target || (*t == Target::Qkv && qkv(&target)) || (target == Target::Qkv && qkv(t))
         })
-        .map(|(path, _)| *path)
         .collect();
     let kiln = target.name();
     Some(match here.as_slice() {
         [] => format!("`{name}` is the `{kiln}` projection, which this model does not have"),
-        [path] if *path == "attn.c_attn" => format!("`{name}` is the `{kiln}` projection; GPT-2 fuses query, key and value in `c_attn` (or write `{kiln}` to adapt it alone)"),
-        paths => format!("`{name}` is the `{kiln}` projection; here it is `{}` (or Kiln's `{kiln}`)", paths.join("`, `")),
+        [(path, Target::Qkv)] => format!(
+            "`{name}` is the `{kiln}` projection; {} fuses query, key and value in `{}` (or write `{kiln}` to adapt it alone)",
+            hf::of(model.family).title(),
+            path.rsplit('.').next().unwrap_or(path)
+        ),
+        paths => {
+            let paths: Vec<&str> = paths.iter().map(|(path, _)| *path).collect();
+            format!("`{name}` is the `{kiln}` projection; here it is `{}` (or Kiln's `{kiln}`)", paths.join("`, `"))
+        }
     })
 }
 
 const FAMILY_NAMES: &[(&str, Family)] = super::model::FAMILIES;
 
-/// Family defaults, as PEFT's: gpt2 `c_attn`; bert `query, value`; llama `q_proj, v_proj`.
+/// The family's defaults, as PEFT's (gpt2 `c_attn`; bert `query, value`; llama `q_proj, v_proj`).
 fn default_lora_targets(model: &Model) -> Vec<Target> {
-    match model.family {
-        Family::Gpt2 => vec![Target::Qkv],
-        Family::Bert | Family::Llama => vec![Target::Query, Target::Value],
-    }
+    hf::of(model.family).peft().lora.to_vec()
 }
 
 fn default_ia3(model: &Model) -> (Vec<Target>, Vec<Target>) {
-    match model.family {
-        Family::Gpt2 => (vec![Target::Qkv, Target::FfnDown], vec![Target::FfnDown]),
-        Family::Bert => (
-            vec![Target::Key, Target::Value, Target::AttnOut, Target::FfnDown],
-            vec![Target::AttnOut, Target::FfnDown],
-        ),
-        Family::Llama => (
-            vec![Target::Key, Target::Value, Target::FfnDown],
-            vec![Target::FfnDown],
-        ),
-    }
+    let (targets, feedforward) = hf::of(model.family).peft().ia3;
+    (targets.to_vec(), feedforward.to_vec())
 }
 
 /// One adapter or a list of several.

@@ -16,6 +16,7 @@ mod types;
 
 pub use adapter::resolve_target;
 pub use emit::{emit, Format};
+pub use model::ACTIVATIONS;
 pub use origins::{Origin, Origins};
 pub use types::*;
 

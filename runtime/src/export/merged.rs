@@ -1,11 +1,11 @@
 //! The run's model with its LoRA update merged into the weights, as a Hugging Face checkpoint
 //! (`config.json` + `model.safetensors`, f32) that transformers loads without PEFT.
 
-use super::{hf_config, sorted_json, trained, write_dir, ExportError};
+use super::{sorted_json, trained, write_dir, ExportError};
 use crate::store::safetensors::{check_tensors, read_hf_weights, safetensors_bytes};
 use crate::tensor::HostTensor;
-use kiln_compiler::graph::names::Names;
 use kiln_compiler::graph::{Graph, Layout, Op, ParamRole};
+use kiln_compiler::hf;
 use kiln_compiler::spec::{Adapter, Experiment, Lora};
 use kiln_compiler::Program;
 use std::collections::BTreeMap;
@@ -39,10 +39,7 @@ fn base_model(
 ) -> Result<(BTreeMap<String, HostTensor>, Vec<u8>), ExportError> {
     if let Some(dir) = &e.model.checkpoint {
         let dir = Path::new(dir);
-        let prefix = Names {
-            family: e.model.family,
-        }
-        .base_model_prefix();
+        let prefix = hf::of(e.model.family).names().base_model_prefix;
         let (path, tensors) =
             read_hf_weights(dir, prefix).map_err(|err| ExportError(err.to_string()))?;
         check_tensors(g, &path, &tensors, false).map_err(|err| ExportError(err.to_string()))?;
@@ -50,7 +47,9 @@ fn base_model(
             .map_err(|err| ExportError(format!("{}: {err}", dir.join("config.json").display())))?;
         return Ok((tensors, config));
     }
-    let config = hf_config::config_json(&e.model, &e.objective).map_err(ExportError)?;
+    let config = hf::of(e.model.family)
+        .to_config(&e.model, &e.objective)
+        .map_err(ExportError)?;
     let tensors = g
         .params
         .iter()

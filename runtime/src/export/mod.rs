@@ -1,8 +1,7 @@
 //! Exporting a run: its adapter in PEFT's format (`peft`), or its model with LoRA merged in as
-//! a Hugging Face checkpoint (`merged`; `hf_config` describes a model defined in Kiln the way
-//! transformers' config classes do).
+//! a Hugging Face checkpoint (`merged`; the compiler's `hf` module describes a model defined in
+//! Kiln the way transformers' config classes do).
 
-mod hf_config;
 mod merged;
 mod peft;
 

@@ -7,9 +7,8 @@ use crate::exec::prompt::{prompt_embeddings, PEFT_KEY};
 use crate::store::safetensors::safetensors_bytes;
 use crate::tensor::HostTensor;
 use kiln_compiler::graph::{Graph, ParamRole};
-use kiln_compiler::spec::{
-    Adapter, Experiment, Family, LoraBias, Objective, PromptEncoder, PromptInit,
-};
+use kiln_compiler::hf;
+use kiln_compiler::spec::{Adapter, Experiment, LoraBias, Objective, PromptEncoder, PromptInit};
 use kiln_compiler::Program;
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
@@ -83,12 +82,14 @@ pub fn peft_config(g: &Graph, e: &Experiment) -> Result<Value, ExportError> {
         .unwrap_or_else(|| e.model.name.clone()));
     let layers = e.model.layers;
     let heads = e.model.heads;
+    // GPT-2's Conv1D weights are stored [in, out].
+    let fan_in_fan_out = hf::of(e.model.family).names().conv1d;
     let mut config = match adapter {
         Adapter::Lora(l) => json!({
             "peft_type": "LORA", "r": l.rank, "lora_alpha": l.alpha, "lora_dropout": l.dropout,
             "target_modules": modules_with(g, ".lora_A.weight", |_| true),
             "bias": match l.bias { LoraBias::None => "none", LoraBias::All => "all", LoraBias::LoraOnly => "lora_only" },
-            "fan_in_fan_out": e.model.family == Family::Gpt2,
+            "fan_in_fan_out": fan_in_fan_out,
             "use_rslora": l.rslora, "use_dora": l.dora, "init_lora_weights": true,
             "layers_to_transform": null, "layers_pattern": null, "rank_pattern": {}, "alpha_pattern": {},
         }),
@@ -97,7 +98,7 @@ pub fn peft_config(g: &Graph, e: &Experiment) -> Result<Value, ExportError> {
             "target_modules": modules_with(g, ".ia3_l", |_| true),
             // Feed-forward vectors scale the input: PEFT stores them as [1, in].
             "feedforward_modules": modules_with(g, ".ia3_l", |shape| shape.first() == Some(&1)),
-            "fan_in_fan_out": e.model.family == Family::Gpt2, "init_ia3_weights": true,
+            "fan_in_fan_out": fan_in_fan_out, "init_ia3_weights": true,
         }),
         Adapter::Prompt { tokens, init } => json!({
             "peft_type": "PROMPT_TUNING", "num_virtual_tokens": tokens, "token_dim": e.model.hidden,

@@ -9,8 +9,8 @@ use crate::store::safetensors::{bind, parse_safetensors, read_hf_weights, read_s
 use crate::tensor::HostTensor;
 use crate::train::ppo::Source;
 use crate::train::{initialise, Progress, RunError, FROZEN_FILE, STATE_FILE, TRAINABLE_FILE};
-use kiln_compiler::graph::names::Names;
 use kiln_compiler::graph::{Graph, LayerKind, Param, ParamRole};
+use kiln_compiler::hf;
 use kiln_compiler::spec::Experiment;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -91,10 +91,7 @@ pub(crate) fn named_checkpoints(
 }
 
 fn base_prefix(e: &Experiment) -> &'static str {
-    Names {
-        family: e.model.family,
-    }
-    .base_model_prefix()
+    hf::of(e.model.family).names().base_model_prefix
 }
 
 /// What a named checkpoint owes a parameter.

@@ -4,7 +4,7 @@
 use super::Context;
 use crate::graph::ir::*;
 use crate::graph::lower::add_linear;
-use crate::graph::names::Module;
+use crate::hf::Module;
 use crate::spec::{Activation, Placement};
 
 pub fn apply(

@@ -8,7 +8,7 @@ use crate::spec::Target;
 pub fn apply(g: &mut Graph, cx: &Context, targets: &[Target], feedforward: &[Target]) {
     for i in 0..cx.model.layers {
         for &target in targets {
-            let Some(linear) = target_node(g, &cx.names, cx.qkv, target, i) else {
+            let Some(linear) = target_node(g, cx.names, cx.qkv, target, i) else {
                 continue;
             };
             let Op::Linear {

@@ -13,7 +13,7 @@ pub fn apply(g: &mut Graph, cx: &Context, lora: &Lora) {
     };
     for i in 0..cx.model.layers {
         for &target in &lora.targets {
-            let Some(linear) = target_node(g, &cx.names, cx.qkv, target, i) else {
+            let Some(linear) = target_node(g, cx.names, cx.qkv, target, i) else {
                 continue;
             };
             let Op::Linear {

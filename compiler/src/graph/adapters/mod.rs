@@ -10,7 +10,7 @@ mod prompts;
 
 use super::ir::*;
 use super::lower::QkvLayout;
-use super::names::{Module, Names};
+use crate::hf::{Module, Names};
 use crate::spec::{Adapter, Model, Target};
 use petgraph::graph::NodeIndex;
 
@@ -33,7 +33,7 @@ fn target_node(
         Target::FfnDown => Module::FfnDown,
     };
     let base = names.module(module, i);
-    let name = match (names.conv1d(), qkv, target) {
+    let name = match (names.conv1d, qkv, target) {
         (true, QkvLayout::Split, Target::Query) => format!("{base}.q"),
         (true, QkvLayout::Split, Target::Key) => format!("{base}.k"),
         (true, QkvLayout::Split, Target::Value) => format!("{base}.v"),
@@ -65,7 +65,7 @@ pub fn qkv_layout(adapters: &[Adapter]) -> QkvLayout {
 
 pub struct Context<'a> {
     pub model: &'a Model,
-    pub names: Names,
+    pub names: &'static Names,
     pub qkv: QkvLayout,
     pub tokens: NodeIndex,
 }
