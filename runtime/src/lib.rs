@@ -4,8 +4,10 @@
 //! - `exec`: the graph interpreter and its CPU kernels (one device, one segment of the graph);
 //! - `parallel`: the plan's placement run on a mesh of device threads — pipeline schedules,
 //!   tensor-parallel shards, gradient synchronisation and ZeRO, collectives, stage boundaries;
-//! - `data`: tokenizers, JSONL records and the examples each objective trains on;
-//! - `train`: the training loop, evaluation, PPO's rollouts, optimizers and the loss plot;
+//! - `data`: tokenizers, JSONL records, and each objective's examples and batches behind one
+//!   trait (`TaskData`);
+//! - `train`: the training loop, evaluation, PPO's rollouts and updates, optimizers,
+//!   initialisation, checkpoints and the loss plot;
 //! - `store`: what lives on disk — safetensors files, run directories and their checkpoints,
 //!   the weights a run starts from;
 //! - `export`: PEFT adapters and merged Hugging Face models.

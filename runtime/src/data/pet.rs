@@ -7,9 +7,14 @@
 //! record also gives a copy of its row with 15% of the text tokens masked (never the pattern's
 //! own words) and no class, so that one batch carries both losses and the classification always
 //! reads unmasked text.
+//!
+//! [`Pet`] is the [`TaskData`] of the PET objective.
 
+use crate::data::batch::Inputs;
 use crate::data::mlm::{mask, Unmasked};
-use crate::data::{json_kind, special_id, text_field, token_ids, DataError, Example};
+use crate::data::records::{json_kind, records, text_field};
+use crate::data::tokenizer::{special_id, token_ids};
+use crate::data::{DataError, Example, Feed, TaskData};
 use crate::rng::Rng;
 use kiln_compiler::spec::{MaskStrategy, Mlm, Pvp};
 use serde_json::Value;
@@ -65,7 +70,7 @@ fn parse(pattern: &str) -> Vec<Vec<Part<'_>>> {
 /// into several tokens is an error (PET scores one token per class).
 /// A word the tokenizer does not know (its unknown token) or two labels sharing a token would
 /// make classes that cannot be told apart: both are errors too.
-pub fn verbalizer_ids(pvp: &Pvp, tokenizer: &Tokenizer) -> Result<Vec<usize>, DataError> {
+fn verbalizer_ids(pvp: &Pvp, tokenizer: &Tokenizer) -> Result<Vec<usize>, DataError> {
     let unknown = tokenizer.token_to_id("[UNK]");
     let mut ids: Vec<usize> = Vec::with_capacity(pvp.verbalizer.len());
     for (label, word) in &pvp.verbalizer {
@@ -98,177 +103,237 @@ pub fn verbalizer_ids(pvp: &Pvp, tokenizer: &Tokenizer) -> Result<Vec<usize>, Da
     Ok(ids)
 }
 
-/// One example per record: the rendered pattern, the class index of the record's label and the
-/// [MASK] position.
-pub fn examples(
-    records: &[(usize, Value)],
-    path: &Path,
-    pvp: &Pvp,
-    fields: &BTreeMap<String, String>,
-    tokenizer: &Tokenizer,
-    seq_len: usize,
-    seed: u64,
-) -> Result<Vec<Vec<Example>>, DataError> {
-    let id = |t: &str| special_id(tokenizer, t, path);
-    let (cls, sep, mask_id) = (id("[CLS]")?, id("[SEP]")?, id("[MASK]")?);
-    let segments = parse(&pvp.pattern);
-    if segments.len() > 2 {
-        return Err(DataError(format!(
-            "the PET pattern has {} segments; BERT-style inputs have at most two (one `||`)",
-            segments.len()
-        )));
+/// The data of a PET objective: its pattern-verbalizer pair, and the token of each verbalizer
+/// word, whose MLM logits at the [MASK] are the class scores.
+pub(super) struct Pet<'o> {
+    pvp: &'o Pvp,
+    verbalizer: Vec<usize>,
+}
+
+impl<'o> Pet<'o> {
+    /// `pvp` with its verbalizer words' tokens; a word that is not one token of its own is an
+    /// error (see [`verbalizer_ids`]).
+    pub(super) fn new(pvp: &'o Pvp, tokenizer: &Tokenizer) -> Result<Self, DataError> {
+        Ok(Pet {
+            pvp,
+            verbalizer: verbalizer_ids(pvp, tokenizer)?,
+        })
     }
-    if !segments.iter().flatten().any(|p| *p == Part::Mask) {
-        return Err(DataError(format!(
-            "the PET pattern {:?} has no [MASK] outside its {{fields}}; the class is read at the [MASK]",
-            pvp.pattern
-        )));
+}
+
+impl TaskData for Pet<'_> {
+    fn examples(
+        &self,
+        path: &Path,
+        fields: &BTreeMap<String, String>,
+        tokenizer: &Tokenizer,
+        seq_len: usize,
+        seed: u64,
+    ) -> Result<Vec<Vec<Example>>, DataError> {
+        self.examples_from(&records(path)?, path, fields, tokenizer, seq_len, seed)
     }
-    let label_key = fields.get("label").map_or("label", String::as_str);
-    let encode = |text: &str, line: usize| token_ids(tokenizer, text, path, line);
-    // The auxiliary MLM loss masks text tokens, BERT-style.
-    let aux = (pvp.mlm_weight > 0.0).then_some(Mlm {
-        prob: 0.15,
-        strategy: MaskStrategy::Token,
-        replace: [0.8, 0.1, 0.1],
-        max_predictions: u64::MAX,
-    });
-    let mut rng = Rng(seed ^ 0x0050_4554);
-    let vocab = tokenizer.get_vocab_size(true);
-    let mut out = Vec::new();
-    for (line, record) in records {
-        let line = *line;
-        let label = match record.get(label_key) {
-            Some(Value::String(s)) => s.clone(),
-            Some(v @ (Value::Number(_) | Value::Bool(_))) => v.to_string(),
-            Some(other) => {
-                return Err(DataError(format!(
-                    "{}:{line}: the label `{label_key}` is {}; a label is a string, number or boolean naming a class of the verbalizer",
-                    path.display(),
-                    json_kind(other)
-                )))
-            }
-            None => {
-                return Err(DataError(format!(
-                    "{}:{line}: the record has no `{label_key}` field",
-                    path.display()
-                )))
-            }
-        };
-        let class = pvp
-            .verbalizer
-            .iter()
-            .position(|(l, _)| *l == label)
-            .ok_or_else(|| {
-                let known: Vec<&str> = pvp.verbalizer.iter().map(|(l, _)| l.as_str()).collect();
-                DataError(format!(
-                    "{}:{line}: label `{label}` is not in the verbalizer ({})",
-                    path.display(),
-                    known.join(", ")
-                ))
-            })?;
-        // Tokens of every part, and whether the part is a field (the text truncation shortens).
-        let mut rendered: Vec<Vec<(Vec<i64>, &Part)>> = Vec::new();
-        for segment in &segments {
-            let mut parts = Vec::new();
-            for part in segment {
-                parts.push(match part {
-                    Part::Literal(text) => (encode(text, line)?, part),
-                    Part::Mask => (vec![mask_id], part),
-                    Part::Field(name) => {
-                        let key = fields.get(*name).map_or(*name, String::as_str);
-                        let text = text_field(record, key, path, line).map_err(|e| {
-                            DataError(format!("{} (the pattern's {{{name}}})", e.0))
-                        })?;
-                        (encode(text, line)?, part)
-                    }
-                });
-            }
-            rendered.push(parts);
+
+    /// The row, and with the auxiliary MLM loss its masked copy.
+    fn rows_per_record(&self) -> usize {
+        if self.auxiliary_mlm() {
+            2
+        } else {
+            1
         }
-        let specials = 1 + rendered.len();
-        let mut total: usize = specials
-            + rendered
-                .iter()
-                .flatten()
-                .map(|(ids, _)| ids.len())
-                .sum::<usize>();
-        // PET's truncation: the longest field loses its last token until the row fits.
-        while total > seq_len {
-            let longest = rendered
-                .iter_mut()
-                .flatten()
-                .filter(|(ids, part)| matches!(part, Part::Field(_)) && !ids.is_empty())
-                .max_by_key(|(ids, _)| ids.len());
-            match longest {
-                Some((ids, _)) => {
-                    ids.pop();
-                    total -= 1;
+    }
+
+    fn token_loss(&self) -> bool {
+        false
+    }
+
+    fn feed(&self) -> Feed<'_> {
+        Feed::Batches(Inputs {
+            tokens: self.auxiliary_mlm().then_some("mlm_labels"),
+            classes: Some("class_labels"),
+            verbalizer: Some(&self.verbalizer),
+        })
+    }
+}
+
+impl Pet<'_> {
+    /// Whether the loss has PET's auxiliary MLM part (`mlm_weight` above zero).
+    fn auxiliary_mlm(&self) -> bool {
+        self.pvp.mlm_weight > 0.0
+    }
+
+    /// One group per record: the rendered pattern, the class index of the record's label and
+    /// the [MASK] position (and with the auxiliary MLM loss, the row's masked copy).
+    fn examples_from(
+        &self,
+        records: &[(usize, Value)],
+        path: &Path,
+        fields: &BTreeMap<String, String>,
+        tokenizer: &Tokenizer,
+        seq_len: usize,
+        seed: u64,
+    ) -> Result<Vec<Vec<Example>>, DataError> {
+        let pvp = self.pvp;
+        let id = |t: &str| special_id(tokenizer, t, path);
+        let (cls, sep, mask_id) = (id("[CLS]")?, id("[SEP]")?, id("[MASK]")?);
+        let segments = parse(&pvp.pattern);
+        if segments.len() > 2 {
+            return Err(DataError(format!(
+                "the PET pattern has {} segments; BERT-style inputs have at most two (one `||`)",
+                segments.len()
+            )));
+        }
+        if !segments.iter().flatten().any(|p| *p == Part::Mask) {
+            return Err(DataError(format!(
+                "the PET pattern {:?} has no [MASK] outside its {{fields}}; the class is read at the [MASK]",
+                pvp.pattern
+            )));
+        }
+        let label_key = fields.get("label").map_or("label", String::as_str);
+        let encode = |text: &str, line: usize| token_ids(tokenizer, text, path, line);
+        // The auxiliary MLM loss masks text tokens, BERT-style.
+        let aux = self.auxiliary_mlm().then_some(Mlm {
+            prob: 0.15,
+            strategy: MaskStrategy::Token,
+            replace: [0.8, 0.1, 0.1],
+            max_predictions: u64::MAX,
+        });
+        let mut rng = Rng(seed ^ 0x0050_4554);
+        let vocab = tokenizer.get_vocab_size(true);
+        let mut out = Vec::new();
+        for (line, record) in records {
+            let line = *line;
+            let label = match record.get(label_key) {
+                Some(Value::String(s)) => s.clone(),
+                Some(v @ (Value::Number(_) | Value::Bool(_))) => v.to_string(),
+                Some(other) => {
+                    return Err(DataError(format!(
+                        "{}:{line}: the label `{label_key}` is {}; a label is a string, number or boolean naming a class of the verbalizer",
+                        path.display(),
+                        json_kind(other)
+                    )))
                 }
                 None => {
                     return Err(DataError(format!(
-                        "{}:{line}: the pattern alone is {} tokens with [CLS] and [SEP]; seq_len is {seq_len}",
-                        path.display(),
-                        total
+                        "{}:{line}: the record has no `{label_key}` field",
+                        path.display()
                     )))
                 }
-            }
-        }
-        let mut ids = vec![cls];
-        let mut types = vec![0];
-        let mut words = vec![None];
-        let mut mask_position = None;
-        for (s, parts) in rendered.iter().enumerate() {
-            for (part_ids, part) in parts {
-                if let Part::Mask = part {
-                    mask_position = Some(ids.len());
+            };
+            let class = pvp
+                .verbalizer
+                .iter()
+                .position(|(l, _)| *l == label)
+                .ok_or_else(|| {
+                    let known: Vec<&str> = pvp.verbalizer.iter().map(|(l, _)| l.as_str()).collect();
+                    DataError(format!(
+                        "{}:{line}: label `{label}` is not in the verbalizer ({})",
+                        path.display(),
+                        known.join(", ")
+                    ))
+                })?;
+            // Tokens of every part, and whether the part is a field (the text truncation shortens).
+            let mut rendered: Vec<Vec<(Vec<i64>, &Part)>> = Vec::new();
+            for segment in &segments {
+                let mut parts = Vec::new();
+                for part in segment {
+                    parts.push(match part {
+                        Part::Literal(text) => (encode(text, line)?, part),
+                        Part::Mask => (vec![mask_id], part),
+                        Part::Field(name) => {
+                            let key = fields.get(*name).map_or(*name, String::as_str);
+                            let text = text_field(record, key, path, line).map_err(|e| {
+                                DataError(format!("{} (the pattern's {{{name}}})", e.0))
+                            })?;
+                            (encode(text, line)?, part)
+                        }
+                    });
                 }
-                for &t in part_ids {
-                    // Each text token may be masked for the auxiliary loss; pattern tokens not.
-                    let field = matches!(part, Part::Field(_));
-                    words.push(field.then_some(ids.len() as u32));
-                    ids.push(t);
-                    types.push(s as i64);
+                rendered.push(parts);
+            }
+            let specials = 1 + rendered.len();
+            let mut total: usize = specials
+                + rendered
+                    .iter()
+                    .flatten()
+                    .map(|(ids, _)| ids.len())
+                    .sum::<usize>();
+            // PET's truncation: the longest field loses its last token until the row fits.
+            while total > seq_len {
+                let longest = rendered
+                    .iter_mut()
+                    .flatten()
+                    .filter(|(ids, part)| matches!(part, Part::Field(_)) && !ids.is_empty())
+                    .max_by_key(|(ids, _)| ids.len());
+                match longest {
+                    Some((ids, _)) => {
+                        ids.pop();
+                        total -= 1;
+                    }
+                    None => {
+                        return Err(DataError(format!(
+                            "{}:{line}: the pattern alone is {} tokens with [CLS] and [SEP]; seq_len is {seq_len}",
+                            path.display(),
+                            total
+                        )))
+                    }
                 }
             }
-            ids.push(sep);
-            types.push(s as i64);
-            words.push(None);
-        }
-        let example = Example {
-            labels: vec![-100; ids.len()],
-            ids,
-            types,
-            class: Some(class as i64),
-            mask_position,
-        };
-        // The auxiliary MLM reads a masked copy of the row, which has no class, so that the
-        // classification (and its accuracy) always sees the text unmasked.
-        let group = match &aux {
-            Some(m) => {
-                let copy = Example {
-                    class: None,
-                    ..example.clone()
-                };
-                vec![
-                    example,
-                    mask(
-                        Unmasked {
-                            example: copy,
-                            words,
-                        },
-                        m,
-                        mask_id,
-                        vocab,
-                        &mut rng,
-                    ),
-                ]
+            let mut ids = vec![cls];
+            let mut types = vec![0];
+            let mut words = vec![None];
+            let mut mask_position = None;
+            for (s, parts) in rendered.iter().enumerate() {
+                for (part_ids, part) in parts {
+                    if let Part::Mask = part {
+                        mask_position = Some(ids.len());
+                    }
+                    for &t in part_ids {
+                        // Each text token may be masked for the auxiliary loss; pattern tokens not.
+                        let field = matches!(part, Part::Field(_));
+                        words.push(field.then_some(ids.len() as u32));
+                        ids.push(t);
+                        types.push(s as i64);
+                    }
+                }
+                ids.push(sep);
+                types.push(s as i64);
+                words.push(None);
             }
-            None => vec![example],
-        };
-        out.push(group);
+            let example = Example {
+                labels: vec![-100; ids.len()],
+                ids,
+                types,
+                class: Some(class as i64),
+                mask_position,
+            };
+            // The auxiliary MLM reads a masked copy of the row, which has no class, so that the
+            // classification (and its accuracy) always sees the text unmasked.
+            let group = match &aux {
+                Some(m) => {
+                    let copy = Example {
+                        class: None,
+                        ..example.clone()
+                    };
+                    vec![
+                        example,
+                        mask(
+                            Unmasked {
+                                example: copy,
+                                words,
+                            },
+                            m,
+                            mask_id,
+                            vocab,
+                            &mut rng,
+                        ),
+                    ]
+                }
+                None => vec![example],
+            };
+            out.push(group);
+        }
+        Ok(out)
     }
-    Ok(out)
 }
 
 #[cfg(test)]
@@ -290,16 +355,17 @@ mod tests {
     fn build(p: &Pvp, text: &str, label: &str, seq_len: usize) -> Result<Example, DataError> {
         let records = [(1, serde_json::json!({ "text": text, "label": label }))];
         let tok = tokenizer();
-        examples(
-            &records,
-            Path::new("r.jsonl"),
-            p,
-            &BTreeMap::new(),
-            &tok,
-            seq_len,
-            0,
-        )
-        .map(|mut e| e.remove(0).remove(0))
+        Pet::new(p, &tok)
+            .unwrap()
+            .examples_from(
+                &records,
+                Path::new("r.jsonl"),
+                &BTreeMap::new(),
+                &tok,
+                seq_len,
+                0,
+            )
+            .map(|mut e| e.remove(0).remove(0))
     }
 
     #[test]
@@ -376,17 +442,18 @@ mod tests {
         let records = [(1, serde_json::json!({ "text": long, "label": "positive" }))];
         let p = pvp("{text} it was [MASK].", 0.5);
         let tok = tokenizer();
-        let mut group = examples(
-            &records,
-            Path::new("r.jsonl"),
-            &p,
-            &BTreeMap::new(),
-            &tok,
-            64,
-            0,
-        )
-        .unwrap()
-        .remove(0);
+        let mut group = Pet::new(&p, &tok)
+            .unwrap()
+            .examples_from(
+                &records,
+                Path::new("r.jsonl"),
+                &BTreeMap::new(),
+                &tok,
+                64,
+                0,
+            )
+            .unwrap()
+            .remove(0);
         assert_eq!(group.len(), 2, "the row and its masked copy");
         let ex = group.remove(1);
         let clean = group.remove(0);
@@ -444,16 +511,19 @@ mod tests {
             e.0
         );
         let records = [(4, serde_json::json!({ "text": "x", "label": ["positive"] }))];
-        let e = examples(
-            &records,
-            Path::new("r.jsonl"),
-            &pvp("{text} [MASK]", 0.0),
-            &BTreeMap::new(),
-            &tokenizer(),
-            16,
-            0,
-        )
-        .unwrap_err();
+        let p = pvp("{text} [MASK]", 0.0);
+        let tok = tokenizer();
+        let e = Pet::new(&p, &tok)
+            .unwrap()
+            .examples_from(
+                &records,
+                Path::new("r.jsonl"),
+                &BTreeMap::new(),
+                &tok,
+                16,
+                0,
+            )
+            .unwrap_err();
         assert!(
             e.0.contains("r.jsonl:4: the label `label` is a list"),
             "{}",

@@ -7,8 +7,9 @@
 use crate::store::run_dir::latest_checkpoint;
 use crate::store::safetensors::{bind, parse_safetensors, read_hf_weights, read_safetensors};
 use crate::tensor::HostTensor;
+use crate::train::checkpoint::{Progress, FROZEN_FILE, STATE_FILE, TRAINABLE_FILE};
 use crate::train::ppo::Source;
-use crate::train::{initialise, Progress, RunError, FROZEN_FILE, STATE_FILE, TRAINABLE_FILE};
+use crate::train::{initialise, RunError};
 use kiln_compiler::graph::{Graph, LayerKind, Param, ParamRole};
 use kiln_compiler::hf;
 use kiln_compiler::spec::Experiment;

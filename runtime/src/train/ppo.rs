@@ -2,10 +2,12 @@
 //! responses sampled from the policy after each prompt, the reward model's score of prompt and
 //! response, per-token rewards −β·(log π − log π_ref) with the score added at the last response
 //! token, GAE(γ, λ) advantages (whitened over the batch) and returns, and the batches the PPO
-//! loss trains on. Sampling, scoring and the reward model run on the executor, forward only.
+//! loss trains on. Sampling, scoring and the reward model run on the executor, forward only;
+//! the updates on a rollout (`updates`) are optimizer steps on the mesh.
 
 use crate::data::{Example, END_OF_TEXT};
-use crate::exec::{Batch, ExecError, Params, Segment, Value};
+use crate::exec::{Batch, ExecError, Params, Segment, Stats, Value};
+use crate::parallel::mesh::{Mesh, StepOutcome};
 use crate::rng::Key;
 use crate::store::safetensors::{bind, check_tensors};
 use crate::store::starting_weights::stage_weights;
@@ -587,6 +589,40 @@ impl<'g> Rollouts<'g> {
         let scores = self.reward.scores(&sequences)?;
         Ok(scores.iter().sum::<f64>() / scores.len().max(1) as f64)
     }
+}
+
+/// PPO's updates on one rollout (`micros`, the mesh's microbatches): `epochs` optimizer steps
+/// over the whole of it (TRL's PPO epochs with one mini-batch), counted from 1 across the run
+/// for Adam's bias correction. Loss, norm and figures are their means; collective time adds up.
+pub(super) fn updates(
+    mesh: &mut Mesh,
+    graph: &Graph,
+    e: &Experiment,
+    ppo: &Ppo,
+    micros: &[Batch],
+    lr: f64,
+    step: u64,
+) -> Result<StepOutcome, RunError> {
+    let mut mean = StepOutcome {
+        loss: 0.0,
+        grad_norm: 0.0,
+        collective_seconds: 0.0,
+        stats: Stats::new(),
+    };
+    let share = 1.0 / ppo.epochs as f64;
+    for epoch in 0..ppo.epochs {
+        let update = step * ppo.epochs + epoch + 1;
+        let out = mesh
+            .step(graph, &e.train, micros, lr, update)
+            .map_err(|err| RunError(format!("PPO step {} (update {update}): {err}", step + 1)))?;
+        mean.loss += out.loss * share as f32;
+        mean.grad_norm += out.grad_norm * share;
+        mean.collective_seconds += out.collective_seconds;
+        for (name, x) in out.stats {
+            *mean.stats.entry(name).or_default() += x * share as f32;
+        }
+    }
+    Ok(mean)
 }
 
 #[cfg(test)]

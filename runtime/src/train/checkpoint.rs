@@ -1,0 +1,308 @@
+//! A run's checkpoints: where the run is ([`Progress`]: step, losses, data order, PPO's KL
+//! coefficient) and the fingerprint of what it depends on, saved beside the trainable weights
+//! (and the frozen ones no file names) and the optimizer's moments, and loaded back only into
+//! the experiment and data they belong to.
+
+use crate::parallel::mesh::Mesh;
+use crate::rng::Rng;
+use crate::store::run_dir::{Checkpoint, RunDir};
+use crate::store::safetensors::{parse_safetensors, safetensors_bytes};
+use crate::tensor::{param_shape, HostTensor};
+use crate::train::optim::State;
+use crate::train::RunError;
+use kiln_compiler::graph::{Graph, Param};
+use kiln_compiler::spec::Experiment;
+use std::collections::BTreeMap;
+
+/// Where a run is: enough to continue it bit-exactly.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Progress {
+    /// Steps completed.
+    pub(crate) step: u64,
+    /// The steps the run was to take when this was saved (a later stage starts only from a
+    /// finished run).
+    #[serde(default)]
+    pub(crate) total: Option<u64>,
+    pub(super) loss: f32,
+    pub(super) first_loss: f32,
+    /// The data order's generator, the current epoch's order and the position in it.
+    rng: u64,
+    order: Vec<usize>,
+    cursor: usize,
+    pub(super) tokens: usize,
+    /// PPO's KL coefficient under an adaptive controller (`kl_target`), as it has moved.
+    #[serde(default)]
+    pub(super) kl_coef: Option<f64>,
+    /// Fingerprint of everything that must not change between a run and its resumption.
+    fingerprint: String,
+}
+
+impl Progress {
+    /// The start of a run of `e` on `records` training records (the first epoch's shuffle is
+    /// drawn at the first record).
+    pub(super) fn start(e: &Experiment, records: usize) -> Self {
+        Progress {
+            step: 0,
+            total: None,
+            loss: f32::NAN,
+            first_loss: f32::NAN,
+            rng: e.train.seed,
+            order: (0..records).collect(),
+            cursor: records,
+            tokens: 0,
+            kl_coef: None,
+            fingerprint: fingerprint(e),
+        }
+    }
+
+    /// The next training record, in a fresh seeded shuffle each epoch.
+    pub(super) fn next_record(&mut self) -> usize {
+        if self.cursor == self.order.len() {
+            let mut rng = Rng(self.rng);
+            for i in (1..self.order.len()).rev() {
+                self.order.swap(i, rng.below(i + 1));
+            }
+            self.rng = rng.0;
+            self.cursor = 0;
+        }
+        self.cursor += 1;
+        self.order[self.cursor - 1]
+    }
+}
+
+/// FNV-1a over the parts of the experiment a checkpoint depends on (not the step count, which a
+/// resumed run may extend).
+fn fingerprint(e: &Experiment) -> String {
+    // The mesh is left out: a run may move to another mesh, its numbers differing in the last
+    // bits only (random draws follow each row's place in the step, not the device: `rng`).
+    let relevant = serde_json::json!({
+        "model": e.model, "adapters": e.adapters, "objective": e.objective, "data": e.data,
+        "optimizer": e.train.optimizer, "schedule": e.train.schedule, "batch": e.train.batch,
+        "micro_batch": e.train.micro_batch, "seq_len": e.train.seq_len, "seed": e.train.seed,
+        "grad_clip": e.train.grad_clip, "precision": e.train.precision, "init": e.init,
+    });
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in relevant.to_string().bytes() {
+        h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+pub(crate) const TRAINABLE_FILE: &str = "trainable.safetensors";
+pub(crate) const FROZEN_FILE: &str = "frozen.safetensors";
+const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+pub(crate) const STATE_FILE: &str = "state.json";
+
+/// The frozen parameters a checkpoint must hold itself: those of a model defined in Kiln, which
+/// no file names (their values came from a seed, or from the stage the run started from), so
+/// that a later stage, an export or a reader of the checkpoint gets the model the run trained
+/// rather than a re-initialisation. PPO's reference copy is derived, not stored.
+pub(super) fn unsourced_frozen(e: &Experiment, g: &Graph) -> Vec<usize> {
+    if e.model.checkpoint.is_some() {
+        return Vec::new();
+    }
+    (0..g.params.len())
+        .filter(|&i| !g.params[i].trainable && !g.params[i].is_reference_copy())
+        .collect()
+}
+
+/// `params`' values as safetensors bytes, by name.
+fn weights_bytes(g: &Graph, values: &[HostTensor], params: &[usize]) -> Result<Vec<u8>, RunError> {
+    let weights = params
+        .iter()
+        .map(|&i| {
+            (
+                g.params[i].name.clone(),
+                values[i].shape.clone(),
+                values[i].data.as_slice(),
+            )
+        })
+        .collect();
+    safetensors_bytes(weights).map_err(RunError)
+}
+
+/// Saves trainable weights (and the `frozen` ones no file names), optimizer moments and
+/// progress as one checkpoint of the run.
+pub(super) fn save_checkpoint(
+    g: &Graph,
+    mesh: &Mesh,
+    progress: &Progress,
+    dir: &RunDir,
+    keep: u64,
+    frozen: &[usize],
+) -> Result<(), RunError> {
+    let values = mesh.values(g);
+    let states = mesh.states(g);
+    let trainable: Vec<usize> = (0..g.params.len())
+        .filter(|&i| g.params[i].trainable)
+        .collect();
+    let weights = weights_bytes(g, &values, &trainable)?;
+    let frozen_weights = weights_bytes(g, &values, frozen)?;
+    let mut moments = Vec::new();
+    for &i in &trainable {
+        if let Some(st) = &states[i] {
+            moments.push((
+                format!("{}.exp_avg", g.params[i].name),
+                values[i].shape.clone(),
+                st.m.as_slice(),
+            ));
+            moments.push((
+                format!("{}.exp_avg_sq", g.params[i].name),
+                values[i].shape.clone(),
+                st.v.as_slice(),
+            ));
+        }
+    }
+    let moments = safetensors_bytes(moments).map_err(RunError)?;
+    let state = serde_json::to_vec_pretty(progress)
+        .map_err(|e| RunError(format!("cannot write the state: {e}")))?;
+    let mut files = vec![
+        (TRAINABLE_FILE, weights.as_slice()),
+        (OPTIMIZER_FILE, moments.as_slice()),
+        (STATE_FILE, state.as_slice()),
+    ];
+    if !frozen.is_empty() {
+        files.push((FROZEN_FILE, frozen_weights.as_slice()));
+    }
+    dir.save(progress.step, &files, keep as usize)?;
+    Ok(())
+}
+
+/// Restores weights, moments and progress from a verified checkpoint, refusing one that does
+/// not belong to this experiment and data: every trainable tensor with its shape, moments of
+/// the same shapes, and a data position inside the training set.
+pub(super) fn load_checkpoint(
+    g: &Graph,
+    values: &mut [HostTensor],
+    states: &mut [Option<State>],
+    checkpoint: &Checkpoint,
+    e: &Experiment,
+    train_records: usize,
+) -> Result<Progress, RunError> {
+    let dir = &checkpoint.dir;
+    let refuse = |what: String| RunError(format!("cannot resume from {}: {what}", dir.display()));
+    let progress: Progress = serde_json::from_slice(checkpoint.file(STATE_FILE)?)
+        .map_err(|err| refuse(format!("{STATE_FILE} is damaged: {err}")))?;
+    if progress.fingerprint != fingerprint(e) {
+        return Err(refuse(
+            "the experiment changed since that checkpoint (model, adapters, objective, data, optimizer, schedule, batch, sequence length, seed, gradient clipping, precision or the stage it starts from); start a new run (--restart), or restore the experiment".into(),
+        ));
+    }
+    if progress.step != checkpoint.step {
+        return Err(refuse(format!(
+            "its state is of step {}, its manifest of step {}",
+            progress.step, checkpoint.step
+        )));
+    }
+    check_data_position(&progress, train_records).map_err(refuse)?;
+    let file = |name: &str| {
+        parse_safetensors(checkpoint.file(name)?, &dir.join(name))
+            .map_err(|err| RunError(format!("cannot resume: {err}")))
+    };
+    let weights = file(TRAINABLE_FILE)?;
+    let moments = file(OPTIMIZER_FILE)?;
+    for (i, p) in g.params.iter().enumerate().filter(|(_, p)| p.trainable) {
+        values[i] = shaped(&weights, &p.name, TRAINABLE_FILE, p)
+            .map_err(refuse)?
+            .ok_or_else(|| refuse(format!("{TRAINABLE_FILE} has no `{}`", p.name)))?
+            .clone();
+        let m = shaped(&moments, &format!("{}.exp_avg", p.name), OPTIMIZER_FILE, p);
+        let v = shaped(
+            &moments,
+            &format!("{}.exp_avg_sq", p.name),
+            OPTIMIZER_FILE,
+            p,
+        );
+        let (m, v) = (m.map_err(refuse)?, v.map_err(refuse)?);
+        states[i] = match (m, v) {
+            (Some(m), Some(v)) => Some(State {
+                m: m.data.clone(),
+                v: v.data.clone(),
+            }),
+            // No step has updated it yet (moments appear with the first update).
+            (None, None) => None,
+            _ => {
+                return Err(refuse(format!(
+                    "{OPTIMIZER_FILE} has one of `{0}`'s two moments (exp_avg, exp_avg_sq)",
+                    p.name
+                )))
+            }
+        };
+    }
+    Ok(progress)
+}
+
+/// `file`'s tensor `key`, which must have parameter `p`'s shape; `None` when absent.
+fn shaped<'t>(
+    tensors: &'t BTreeMap<String, HostTensor>,
+    key: &str,
+    file: &str,
+    p: &Param,
+) -> Result<Option<&'t HostTensor>, String> {
+    let expected = param_shape(p);
+    match tensors.get(key) {
+        Some(t) if t.shape == expected => Ok(Some(t)),
+        Some(t) => Err(format!(
+            "{file}'s `{key}` has shape {:?}; the experiment's `{}` is {expected:?}",
+            t.shape, p.name
+        )),
+        None => Ok(None),
+    }
+}
+
+/// A saved data position must index the training set as loaded now.
+fn check_data_position(progress: &Progress, records: usize) -> Result<(), String> {
+    let order = &progress.order;
+    if order.len() != records {
+        return Err(format!(
+            "its data order covers {} records and the training set has {records}; did the data file change?",
+            order.len()
+        ));
+    }
+    if progress.cursor > order.len() {
+        return Err(format!(
+            "its data position {} is past the {} records",
+            progress.cursor,
+            order.len()
+        ));
+    }
+    let mut seen = vec![false; records];
+    for &i in order {
+        if i >= records || std::mem::replace(&mut seen[i], true) {
+            return Err(format!(
+                "its data order is not an order of the {records} records (entry {i})"
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn progress(order: Vec<usize>, cursor: usize) -> Progress {
+        Progress {
+            step: 1,
+            total: None,
+            loss: 0.0,
+            first_loss: 0.0,
+            rng: 0,
+            order,
+            cursor,
+            tokens: 0,
+            kl_coef: None,
+            fingerprint: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_saved_data_position_must_index_the_training_set() {
+        assert!(check_data_position(&progress(vec![2, 0, 1], 3), 3).is_ok());
+        let refused = |p: Progress, records| check_data_position(&p, records).unwrap_err();
+        assert!(refused(progress(vec![0, 1], 1), 3).contains("covers 2 records"));
+        assert!(refused(progress(vec![0, 1, 2], 4), 3).contains("past the 3 records"));
+        assert!(refused(progress(vec![0, 3, 1], 0), 3).contains("entry 3"));
+        assert!(refused(progress(vec![0, 1, 1], 0), 3).contains("entry 1"));
+    }
+}
