@@ -183,6 +183,18 @@ impl Placement {
                 feeds: std::mem::take(&mut feeds[k]).into_iter().collect(),
             });
         }
+        // Between stages on different grids, values are resharded by rows.
+        for v in &virtual_stages {
+            for &(n, from) in &v.needs {
+                let other = virtual_stages[from].stage;
+                if plan.stages[v.stage].submesh != plan.stages[other].submesh && !by_rows(g, n) {
+                    return fail(format!(
+                        "`{}` is broadcast over the batch and crosses from stage {other} to stage {} on another grid, which the executor does not reshard",
+                        g.dag[n].name, v.stage
+                    ));
+                }
+            }
+        }
         let mut holds = vec![vec![false; g.params.len()]; pipeline];
         for v in &virtual_stages {
             for piece in &v.pieces {
@@ -238,6 +250,12 @@ impl Placement {
             .iter()
             .position(|v| v.stage == stage && v.chunk == chunk)
     }
+}
+
+/// Whether `n`'s value has the batch's rows as its first axis (an activation), rather than one
+/// value broadcast over the batch.
+pub fn by_rows(g: &Graph, n: NodeIndex) -> bool {
+    g.dag[n].out.shape.first() == Some(&g.batch)
 }
 
 /// The pipeline stage of every layer, from the plan's stage table.

@@ -11,6 +11,7 @@ use super::convert::{gathered, sequence_of, summed};
 use super::schedule::StepContext;
 use super::{Failure, Links};
 use crate::parallel::collective::{Collective, CpuRing, Payload, Tag};
+use crate::parallel::placement::by_rows;
 use crate::parallel::tensor_parallel::Shards;
 use crate::tensor::HostTensor;
 use kiln_compiler::plan::sharding::{last_axis, sequence_axis, Form};
@@ -89,10 +90,11 @@ impl StepContext<'_> {
                     continue;
                 }
                 slice_rows(&whole, lo - mine.start..hi - mine.start)
-            } else if device.rank == 0 {
-                whole.clone()
             } else {
-                continue;
+                return Err(Failure::Own(format!(
+                    "`{}` is not split by rows and crosses to a stage on another grid",
+                    self.g.dag[crossing.node].name
+                )));
             };
             for part in 0..theirs.tensor.size {
                 let to = p.device(to_stage, rank, part);
@@ -118,16 +120,12 @@ impl StepContext<'_> {
         let (grid, theirs) = (&p.grids[device.stage], &p.grids[from_stage]);
         let mine = grid.rows(device.rank);
         let mut pieces = Vec::new();
-        if self.per_row(crossing.node) {
-            for rank in 0..theirs.data {
-                let rows = theirs.rows(rank);
-                if rows.start.max(mine.start) < rows.end.min(mine.end) {
-                    let from = p.device(from_stage, rank, 0);
-                    pieces.push(links.mail.recv(crossing.tag(from))?);
-                }
+        for rank in 0..theirs.data {
+            let rows = theirs.rows(rank);
+            if rows.start.max(mine.start) < rows.end.min(mine.end) {
+                let from = p.device(from_stage, rank, 0);
+                pieces.push(links.mail.recv(crossing.tag(from))?);
             }
-        } else {
-            pieces.push(links.mail.recv(crossing.tag(p.device(from_stage, 0, 0)))?);
         }
         let whole = concat_rows(pieces).map_err(Failure::Own)?;
         let form = &grid.tensor.forms[crossing.node.index()];
@@ -141,9 +139,9 @@ impl StepContext<'_> {
     }
 
     /// Whether a value has a row per sequence of the batch (activations), rather than one
-    /// broadcast over it.
+    /// broadcast over it. Only the former cross between grids (`Placement::from_plan` checks).
     fn per_row(&self, n: NodeIndex) -> bool {
-        self.g.dag[n].out.shape.first() == Some(&self.g.batch)
+        by_rows(self.g, n)
     }
 }
 
