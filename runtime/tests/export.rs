@@ -8,7 +8,7 @@ use kiln_compiler::graph::{compile_graph, Graph};
 use kiln_compiler::spec::Experiment;
 use kiln_runtime::exec::prompt::from_peft;
 use kiln_runtime::exec::{forward_backward, Batch};
-use kiln_runtime::export::{export_merged, write_peft};
+use kiln_runtime::export::{export_merged, peft_config, write_peft};
 use kiln_runtime::store::safetensors::{bind, read_safetensors};
 use kiln_runtime::tensor::HostTensor;
 use std::collections::BTreeMap;
@@ -295,6 +295,30 @@ fn prefix_configs_count_key_value_heads() {
     // Layers × (key, value) × token_dim.
     assert_eq!(saved["prompt_embeddings"].shape, [5, 2 * 2 * 24]);
     std::fs::remove_dir_all(&out).ok();
+}
+
+/// A virtual-token adapter trained on BERT's masked LM is exported with the task type under
+/// which PEFT runs it as Kiln did, the one PEFT saved the parity cases with (without a task
+/// type `PeftModel` never adds the prompt).
+#[test]
+fn masked_lm_prompts_export_as_token_classification() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity/bert_tiny");
+    for case in ["mlm_prompt", "mlm_ptuning_mlp", "mlm_ptuning_lstm"] {
+        let peft: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join(case).join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        let src = format!(
+            "experiment e {{ model = hf(\"{}\"), objective = mlm, adapter = peft(\"{}\"), train {{ batch = 2, seq_len = 12 }} }}",
+            dir.display(),
+            dir.join(case).display()
+        );
+        let (e, g) = graph_of(&src);
+        let ours = peft_config(&g, &e).unwrap();
+        for key in ["task_type", "peft_type", "num_virtual_tokens", "token_dim"] {
+            assert_eq!(ours[key], peft[key], "{case}: {key}");
+        }
+    }
 }
 
 /// A run's directory whose final checkpoint (step 1 of 1) holds `tensors` as its trained

@@ -1,7 +1,8 @@
 //! Parity with Hugging Face transformers + PEFT: every case directory under
-//! `shared/fixtures/` (and under each directory in `KILN_FIXTURES`, colon-separated) is run
-//! through its objective, and the loss, every gradient and the trainable count are compared
-//! with the reference's (layout: shared/fixtures/README.md).
+//! `shared/fixtures/`, under `tests/fixtures/parity/` (cases made by its `make.py`) and under
+//! each directory in `KILN_FIXTURES` (colon-separated) is run through its objective, and the
+//! loss, every gradient and the trainable count are compared with the reference's (layout:
+//! shared/fixtures/README.md).
 
 use kiln_compiler::graph::compile_graph;
 use kiln_runtime::exec::{forward_backward, Batch};
@@ -202,11 +203,18 @@ fn run_case(dir: &Path) -> Result<String, String> {
 
 #[test]
 fn parity_with_hugging_face_and_peft() {
-    let mut roots = vec![Path::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../shared/fixtures"
-    ))
-    .to_path_buf()];
+    let mut roots = vec![
+        Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../shared/fixtures"
+        ))
+        .to_path_buf(),
+        Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/parity"
+        ))
+        .to_path_buf(),
+    ];
     if let Ok(extra) = std::env::var("KILN_FIXTURES") {
         roots.extend(
             extra

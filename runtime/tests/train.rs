@@ -474,6 +474,25 @@ fn tensor_parallel_training_matches_one_device_across_families() {
     );
 }
 
+/// Prompt learning on BERT over a mesh: the token types and the MLM labels grow by the virtual
+/// tokens (type 0, label −100) on every rank, and PET's [MASK] is picked after the prompt.
+#[test]
+fn prompt_learning_on_bert_trains_in_parallel_as_on_one_device() {
+    let bert = "model { hidden = 64, layers = 2, heads = 4, ffn = 128 }";
+    assert_parallel_matches_one_device(
+        "bert_wwm_nsp",
+        "bert_wwm_nsp",
+        &format!("{bert}, adapter = prompt {{ tokens = 4 }}, train {{ batch = 4, micro_batch = 2, steps = 2, seq_len = 64 }}"),
+        &["mesh = cpu(2), tensor = 2, sequence_parallel = true, plan = manual", "mesh = cpu(2), pipeline = 2, plan = manual"],
+    );
+    assert_parallel_matches_one_device(
+        "pet_sentiment",
+        "pet_sentiment",
+        &format!("{bert}, adapter = ptuning {{ tokens = 4 }}, train {{ batch = 4, micro_batch = 2, steps = 2, seq_len = 64 }}"),
+        &["mesh = cpu(2), tensor = 2", "mesh = cpu(2), data = 2"],
+    );
+}
+
 /// Every number of every metrics line of two runs (step losses, gradient norms, evaluations)
 /// within 1e-5 relative.
 fn assert_same_metrics(want: &[serde_json::Value], got: &[serde_json::Value], what: &str) {

@@ -234,9 +234,12 @@ pub enum Op {
         bidirectional: bool,
         params: Vec<ParamId>,
     },
-    /// One position per sequence: `[b, s, d]` → `[b, d]`.
+    /// One position per sequence: `[b, s, d]` → `[b, d]`, `offset` after the position `pick`
+    /// names (the batch gives `Mask` and `Last` among the real tokens; virtual tokens
+    /// prepended to the input shift them).
     SelectToken {
         pick: Pick,
+        offset: u64,
     },
     /// The logits of the verbalizer tokens: `[b, V]` → `[b, classes]`.
     GatherClasses {

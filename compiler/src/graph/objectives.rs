@@ -49,7 +49,10 @@ pub fn lower_objective(
             let logits = mlm_head(low, base);
             let at_mask = low.g.add(
                 "pvp.mask_logits",
-                Op::SelectToken { pick: Pick::Mask },
+                Op::SelectToken {
+                    pick: Pick::Mask,
+                    offset: 0,
+                },
                 &[logits],
                 layer,
             );
@@ -101,7 +104,10 @@ pub fn lower_objective(
             mark_new_head(low.g, &name);
             let last = low.g.add(
                 "reward.last_token",
-                Op::SelectToken { pick: Pick::Last },
+                Op::SelectToken {
+                    pick: Pick::Last,
+                    offset: 0,
+                },
                 &[score],
                 layer,
             );
@@ -295,7 +301,10 @@ fn nsp_loss(low: &mut Lowering, base: &Lowered, name: &str, b: u64) -> NodeIndex
     let h = low.model.hidden;
     let cls = low.g.add(
         "pooler.first_token",
-        Op::SelectToken { pick: Pick::First },
+        Op::SelectToken {
+            pick: Pick::First,
+            offset: 0,
+        },
         &[base.hidden],
         layer,
     );

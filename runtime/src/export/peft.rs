@@ -73,6 +73,10 @@ pub fn peft_config(g: &Graph, e: &Experiment) -> Result<Value, ExportError> {
     let task = match e.objective {
         Objective::CausalLm | Objective::Sft { .. } | Objective::Ppo(_) => json!("CAUSAL_LM"),
         Objective::Reward { .. } => json!("SEQ_CLS"),
+        // PEFT has no masked-LM task type, and without one `PeftModel` runs the base model
+        // alone: a prompt would load and never be used. TOKEN_CLS prepends it and gives the
+        // virtual tokens type 0 beside the real tokens' types, as Kiln trained it.
+        _ if adapter.virtual_tokens().is_some() => json!("TOKEN_CLS"),
         _ => Value::Null,
     };
     let base = json!(e

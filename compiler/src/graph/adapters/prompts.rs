@@ -118,8 +118,23 @@ fn shift_positions(g: &mut Graph, by: u64) {
     }
 }
 
-/// Prepends `[b, P, h]` virtual embeddings to the token embeddings; labels get P leading
-/// −100s from the data pipeline, so label inputs grow by P.
+/// Prepends `[b, P, h]` virtual embeddings to the token embeddings, as PEFT's prompt tuning
+/// and P-tuning do (peft 0.21.2, `peft/peft_model.py`: the `forward` of
+/// `PeftModelForCausalLM`, `PeftModelForSequenceClassification` and
+/// `PeftModelForTokenClassification`): `inputs_embeds = cat(prompts, word_embeddings(ids))`
+/// goes to the base model in place of the ids, so the virtual tokens replace word embeddings
+/// only and pass through everything after them — position embeddings (position_ids are
+/// dropped, so the model numbers all P + s tokens from 0 and the real tokens' positions start
+/// at P), token-type embeddings, BERT's embedding LayerNorm and dropout. The attention mask
+/// gets P leading ones (here: keys before the batch's mask are visible), the labels P leading
+/// −100s (`PeftModelForCausalLM`), and `token_type_ids` P leading zeros (the classification
+/// models; CAUSAL_LM and FEATURE_EXTRACTION drop them instead, which would lose BERT's
+/// segments). The data pipeline prepends those labels and types, so their inputs grow by P.
+/// Positions the batch names among the real tokens (PET's [MASK], a reward's last token)
+/// move P along; the pooler's first token stays the first virtual token, as in PEFT. (Given
+/// embeddings rather than ids, transformers' sequence classifiers score the last position
+/// even when it is padding; Kiln's reward keeps the last real token, the same without
+/// padding.)
 fn prepend(g: &mut Graph, cx: &Context, virtual_embeddings: NodeIndex, tokens: u64) {
     // The policy's token embedding (not a PPO reference copy's).
     let Some(embedding) = g.find(&cx.names.module(Module::TokenEmbedding, 0)) else {
@@ -133,20 +148,18 @@ fn prepend(g: &mut Graph, cx: &Context, virtual_embeddings: NodeIndex, tokens: u
         layer,
     );
     g.redirect_consumers(embedding, joined, &[]);
-    let label_inputs: Vec<NodeIndex> = g
-        .dag
-        .node_indices()
-        .filter(|&n| {
-            matches!(
-                g.dag[n].op,
-                Op::Input {
-                    kind: InputKind::Labels | InputKind::Rollout
-                }
-            )
-        })
-        .collect();
-    for n in label_inputs {
-        g.dag[n].out.shape[1] += tokens;
+    let nodes: Vec<NodeIndex> = g.dag.node_indices().collect();
+    for n in nodes {
+        match &mut g.dag[n].op {
+            Op::Input {
+                kind: InputKind::Labels | InputKind::Rollout | InputKind::TokenTypes,
+            } => g.dag[n].out.shape[1] += tokens,
+            Op::SelectToken {
+                pick: Pick::Mask | Pick::Last,
+                offset,
+            } => *offset += tokens,
+            _ => {}
+        }
     }
     g.reinfer();
 }

@@ -28,16 +28,18 @@ pub(super) fn forward(it: &mut Interpreter<'_>, n: NodeIndex, op: Op) -> Result<
                 }
                 None => return err(format!("the batch has no `{name}`")),
             };
-            // Labels made longer by prompt tuning take P leading −100 labels (rows may be
-            // shorter than `seq`: PPO's batches are as wide as their longest sequence).
-            let virtual_tokens = match (kind, node.out.shape.get(1)) {
-                (InputKind::Labels, Some(&len)) => len.saturating_sub(it.g.seq) as usize,
-                _ => 0,
+            // Labels and token types made longer by prompt tuning take P leading −100 labels
+            // and type-0 ids, as PEFT gives its virtual tokens (rows may be shorter than
+            // `seq`: PPO's batches are as wide as their longest sequence).
+            let (virtual_tokens, fill) = match (kind, node.out.shape.get(1)) {
+                (InputKind::Labels, Some(&len)) => (len.saturating_sub(it.g.seq) as usize, -100),
+                (InputKind::TokenTypes, Some(&len)) => (len.saturating_sub(it.g.seq) as usize, 0),
+                _ => (0, 0),
             };
             let padded = ints
                 .into_iter()
                 .map(|row| {
-                    std::iter::repeat_n(-100, virtual_tokens)
+                    std::iter::repeat_n(fill, virtual_tokens)
                         .chain(row)
                         .collect()
                 })

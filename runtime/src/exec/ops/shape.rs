@@ -43,9 +43,11 @@ pub(super) fn forward(it: &mut Interpreter<'_>, n: NodeIndex, op: Op) -> Result<
                 (a.put_tape(tape), b).concat_along(Axis::<1>);
             Ok(it.keep3(out))
         }
-        Op::SelectToken { pick } => {
+        Op::SelectToken { pick, offset } => {
             let x = it.input(n, 0)?.r3("x")?;
             let (b, s, d) = *x.shape();
+            let offset = offset as usize;
+            // Positions among the real tokens, which follow `offset` virtual ones.
             let positions: Vec<usize> = match pick {
                 Pick::First => vec![0; b],
                 Pick::Mask => it
@@ -58,9 +60,10 @@ pub(super) fn forward(it: &mut Interpreter<'_>, n: NodeIndex, op: Op) -> Result<
                         .iter()
                         .map(|row| row.iter().rposition(|&v| v != 0).unwrap_or(0))
                         .collect(),
-                    None => vec![s - 1; b],
+                    None => vec![s.saturating_sub(offset + 1); b],
                 },
             };
+            let positions: Vec<usize> = positions.iter().map(|p| p + offset).collect();
             if positions.len() != b || positions.iter().any(|&p| p >= s) {
                 return err("token positions do not fit the batch");
             }
