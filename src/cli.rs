@@ -48,8 +48,7 @@ enum Command {
     /// Plan an experiment on its mesh (or another cluster): stages, sharding, memory, time.
     ///
     /// With `plan = auto`, pipeline stages may run on submeshes of their own (a different data
-    /// and tensor degree per stage) when that is faster; `kiln run` executes the best plan whose
-    /// stages share one submesh, listed among the runners-up.
+    /// and tensor degree per stage) when that is faster; `kiln run` executes the same plan.
     Plan {
         file: PathBuf,
         /// Which experiment of the file (default: the first; a pipeline's stages count).

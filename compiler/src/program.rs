@@ -89,6 +89,16 @@ pub fn check(p: &Program) -> Result<(), String> {
     if let Some(l) = owner.iter().position(Option::is_none) {
         return Err(format!("layer `{}` is on no stage", g.layers[l].name));
     }
+    // Every stage's replicas split the same microbatches, which make up the batch.
+    let rows = |stage: &crate::plan::Stage| stage.submesh.data * stage.micro_batch;
+    for (s, stage) in plan.stages.iter().enumerate() {
+        if rows(stage) * plan.strategy.microbatches != plan.strategy.global_batch {
+            return Err(format!(
+                "stage {s}'s {} replicas of {} rows over {} microbatches do not make the batch of {}",
+                stage.submesh.data, stage.micro_batch, plan.strategy.microbatches, plan.strategy.global_batch
+            ));
+        }
+    }
     let mut next_device = 0;
     for (s, stage) in plan.stages.iter().enumerate() {
         let grid = stage.submesh;
@@ -152,7 +162,7 @@ pub fn check(p: &Program) -> Result<(), String> {
     Ok(())
 }
 
-/// Every parameter's split tiles its shape and gives each of the group's `size` ranks a share.
+/// Every parameter's split tiles its shape.
 fn check_layout(
     g: &Graph,
     stage: usize,
@@ -172,9 +182,9 @@ fn check_layout(
             continue;
         };
         let whole = p.shape.get(*axis).copied().unwrap_or(0) as usize;
-        // A section need not divide by the group (a vocabulary of 50257 rows over 8 ranks):
-        // ranks then hold shares that differ by a row. Each rank must hold some of each.
-        if sections.iter().sum::<usize>() != whole || sections.iter().any(|&s| s < size) {
+        // A section need not divide by the group (a vocabulary of 50257 rows over 8 ranks, or
+        // BERT's two token types over 4): ranks then hold shares that differ by a row.
+        if sections.is_empty() || sections.iter().sum::<usize>() != whole {
             return Err(format!(
                 "`{}` ({:?}) is split along axis {axis} in sections {sections:?}, which do not tile it over {size} ranks",
                 p.name, p.shape
@@ -232,18 +242,29 @@ fn check_schedule(
 mod tests {
     use super::*;
 
-    /// A pipeline of two stages on cpu(4) (data 2 each), compiled and checked.
-    fn program() -> Program {
-        let src = "import std.models.gpt2\nexperiment e { model = gpt2 { vocab = 64, positions = 16, hidden = 16, layers = 2, heads = 2 }, parallel { mesh = cpu(4), data = 2, pipeline = 2 }, train { batch = 4, micro_batch = 1, seq_len = 8 } }";
-        let checked = crate::check_source("t.kiln", src, None);
+    /// `parallel` on cpu(4), compiled and checked.
+    fn program(parallel: &str) -> Program {
+        let src = format!("import std.models.gpt2\nexperiment e {{ model = gpt2 {{ vocab = 64, positions = 16, hidden = 16, layers = 2, heads = 2 }}, parallel {{ mesh = cpu(4), {parallel} }}, train {{ batch = 4, micro_batch = 1, seq_len = 8 }} }}");
+        let checked = crate::check_source("t.kiln", &src, None);
         assert!(checked.is_ok(), "{}", checked.render_errors());
         compile(&checked.module.experiments[0].value).expect("compiles")
+    }
+
+    /// BERT's two token types split by vocabulary over four ranks leave two ranks without a
+    /// row: a valid layout (their partial sums are zero), not an inconsistent plan.
+    #[test]
+    fn tables_smaller_than_the_group_are_valid_layouts() {
+        let src = "import std.models.bert\nexperiment e { model = bert_mini { positions = 16 }, objective = mlm, parallel { mesh = cpu(4), tensor = 4 }, train { batch = 4, seq_len = 8 } }";
+        let checked = crate::check_source("t.kiln", src, None);
+        assert!(checked.is_ok(), "{}", checked.render_errors());
+        let program = compile(&checked.module.experiments[0].value);
+        assert!(program.is_ok(), "{:?}", program.err().map(|d| d.items));
     }
 
     /// The sanity pass is not a formality: each kind of inconsistency it exists for is caught.
     #[test]
     fn the_sanity_pass_catches_inconsistent_plans() {
-        let good = program();
+        let good = program("data = 2, pipeline = 2");
         assert_eq!(check(&good), Ok(()));
         let broken = |edit: &dyn Fn(&mut Program), expected: &str| {
             let mut p = good.clone();
@@ -287,16 +308,28 @@ mod tests {
             "out of place",
         );
         broken(
-            &|p| {
-                if let Some(ParamLayout::Shard { sections, .. }) =
-                    p.plan.stages[0].layout.params.first_mut()
-                {
-                    sections[0] += 1;
-                } else {
-                    p.plan.stages[0].layout.size += 1;
-                }
-            },
-            "layout",
+            &|p| p.plan.stages[0].micro_batch += 1,
+            "do not make the batch",
         );
+        broken(
+            &|p| p.plan.stages[0].layout.size += 1,
+            "is not of its graph",
+        );
+        // A tensor-parallel program: a split that does not tile its parameter.
+        let split = program("data = 2, tensor = 2");
+        assert_eq!(check(&split), Ok(()));
+        let mut p = split.clone();
+        let shard = p.plan.stages[0]
+            .layout
+            .params
+            .iter_mut()
+            .find_map(|layout| match layout {
+                ParamLayout::Shard { sections, .. } => Some(sections),
+                ParamLayout::Replicate => None,
+            })
+            .expect("tensor = 2 shards some parameter");
+        shard[0] += 1;
+        let err = check(&p).expect_err("a split that does not tile");
+        assert!(err.contains("do not tile"), "{err}");
     }
 }

@@ -615,7 +615,7 @@ pub fn plan(
             .map(|(i, st)| StageSchedule {
                 stage: i as u64,
                 actions: stage_steps(&s.on(st.submesh), i as u64),
-                // One stage runs its layers as one chunk, whatever the schedule.
+                // Without a pipeline a stage runs its layers as one chunk, whatever the schedule.
                 chunks: if s.pipeline > 1 {
                     s.schedule.chunks()
                 } else {

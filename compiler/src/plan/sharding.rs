@@ -427,14 +427,14 @@ impl TensorLayout {
                 Op::SelectToken { .. } if matches!(ins[0], Form::Split(_)) => ins[0].clone(),
                 // Logits split by vocabulary (one section): each rank works over its columns
                 // and the group combines two numbers a row (the CPU kernels do).
-                Op::CrossEntropy { .. } | Op::TokenLogProbs if true => match &ins[0] {
+                Op::CrossEntropy { .. } | Op::TokenLogProbs => match &ins[0] {
                     Form::Split(sections) if sections.len() == 1 => {
                         vocab_parallel.insert(n, sections[0]);
                         Form::Replicated
                     }
                     _ => Form::Whole,
                 },
-                Op::DoraRescale { .. } | Op::TokenLogProbs if size > 1 => {
+                Op::DoraRescale { .. } if size > 1 => {
                     return Err(LayoutError(format!(
                         "tensor parallelism does not run `{}` ({}) yet",
                         node.name,

@@ -33,8 +33,9 @@ pub struct Batch {
 
 impl Batch {
     /// Rows `rows` of the batch: what one data-parallel replica computes of a microbatch. Its
-    /// cross-entropies divide by its share of the microbatch's count, so that the replicas'
-    /// losses add up to the microbatch's.
+    /// cross-entropies divide by its share of the microbatch's count, so that with the mesh's
+    /// weight of each share (one over microbatches times replicas) the replicas' losses sum to
+    /// the step's mean over all labelled positions.
     pub fn rows(&self, rows: Range<usize>) -> Result<Batch, ExecError> {
         let total = self
             .ints
@@ -78,7 +79,9 @@ impl Batch {
                     .ok_or_else(out_of_range)?
                     .to_vec();
                 let mut shape = t.shape.clone();
-                shape[0] = rows.len();
+                *shape.first_mut().ok_or_else(|| {
+                    ExecError(format!("`{name}` has no rows to take rows {rows:?} of"))
+                })? = rows.len();
                 Ok((name.clone(), HostTensor { shape, data }))
             })
             .collect::<Result<_, ExecError>>()?;

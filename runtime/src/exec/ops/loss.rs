@@ -197,7 +197,7 @@ fn token_cross_entropy(
     }
     #[cfg(feature = "cuda")]
     {
-        // The tensor-parallel layout splits no loss by vocabulary in this build.
+        // The CUDA kernels of the vocabulary-parallel loss are still to come (the CUDA issue).
         if shard.is_some() {
             return err("vocabulary-parallel cross-entropy runs on the CPU kernels only");
         }
@@ -245,7 +245,7 @@ fn token_log_probs(
     let out = kernels::token_log_probs(logits, targets, shard).map_err(ExecError)?;
     #[cfg(feature = "cuda")]
     let out = {
-        // The tensor-parallel layout splits no log-probabilities by vocabulary here.
+        // The CUDA kernels of vocabulary-parallel log-probabilities are still to come.
         if shard.is_some() {
             return err("vocabulary-parallel log-probabilities run on the CPU kernels only");
         }

@@ -40,7 +40,8 @@ impl StepContext<'_> {
     }
 
     /// Finishes the gradients (tied parameters summed over the stages holding them, the loss
-    /// and global norm over the pipeline), clips, and updates what this device owns. Returns the
+    /// and global norm over the pipeline, or over the whole mesh when stages have grids of
+    /// their own), clips, and updates what this device owns. Returns the
     /// norm before clipping.
     pub(super) fn optimize(
         &self,
