@@ -23,6 +23,7 @@ use search::{Shape, Space};
 use sharding::{LayoutError, TensorLayout};
 use std::cell::RefCell;
 use std::collections::BTreeMap;
+use std::rc::Rc;
 
 /// Which plans the planner may choose.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,7 +42,7 @@ pub struct Planner<'e> {
     shape: Shape,
     /// The tensor-parallel layout of each (tensor degree, sequence parallel) a plan may use,
     /// worked out once; an error where the graph cannot be split that way.
-    layouts: RefCell<BTreeMap<(u64, bool), Result<TensorLayout, LayoutError>>>,
+    layouts: RefCell<BTreeMap<(u64, bool), Result<Rc<TensorLayout>, LayoutError>>>,
 }
 
 impl<'e> Planner<'e> {
@@ -81,13 +82,14 @@ impl<'e> Planner<'e> {
         self.graph
     }
 
-    /// The tensor-parallel layout of `grid`'s groups.
-    fn layout(&self, grid: Submesh) -> Result<TensorLayout, LayoutError> {
+    /// The tensor-parallel layout of `grid`'s groups (shared: candidates only ask whether it
+    /// exists, the chosen plan's stages copy it).
+    fn layout(&self, grid: Submesh) -> Result<Rc<TensorLayout>, LayoutError> {
         let key = (grid.tensor, grid.sequence_parallel);
         self.layouts
             .borrow_mut()
             .entry(key)
-            .or_insert_with(|| TensorLayout::new(&self.graph, key.0 as usize, key.1))
+            .or_insert_with(|| TensorLayout::new(&self.graph, key.0 as usize, key.1).map(Rc::new))
             .clone()
     }
 
@@ -139,7 +141,7 @@ impl<'e> Planner<'e> {
         // Only plans whose every stage the graph can be laid out on: what is planned runs.
         let mut unsplittable: Option<LayoutError> = None;
         let mut laid_out = |grids: &mut dyn Iterator<Item = Submesh>| {
-            let laid: Result<Vec<TensorLayout>, LayoutError> =
+            let laid: Result<Vec<Rc<TensorLayout>>, LayoutError> =
                 grids.map(|grid| self.layout(grid)).collect();
             laid.map_err(|err| unsplittable.get_or_insert(err).clone())
                 .ok()
@@ -186,7 +188,10 @@ impl<'e> Planner<'e> {
             chosen_by,
             alternatives,
             candidates.len(),
-            stage_layouts,
+            stage_layouts
+                .iter()
+                .map(|layout| (**layout).clone())
+                .collect(),
         ))
     }
 }
