@@ -6,7 +6,7 @@
 use crate::data::batch::Inputs;
 use crate::data::records::{for_each_record, text_field};
 use crate::data::tokenizer::{token_ids, END_OF_TEXT};
-use crate::data::{DataError, Example, Feed, TaskData};
+use crate::data::{DataError, Example, Feed, Source, TaskData};
 use kiln_compiler::spec::Ppo;
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -89,14 +89,14 @@ pub(super) struct Causal<'o> {
 }
 
 impl TaskData for Causal<'_> {
-    fn examples(
-        &self,
-        path: &Path,
-        fields: &BTreeMap<String, String>,
-        tokenizer: &Tokenizer,
-        seq_len: usize,
-        _seed: u64,
-    ) -> Result<Vec<Vec<Example>>, DataError> {
+    fn examples(&self, source: &Source) -> Result<Vec<Vec<Example>>, DataError> {
+        let Source {
+            path,
+            fields,
+            tokenizer,
+            seq_len,
+            ..
+        } = *source;
         groups(path, fields, tokenizer, |record| {
             let example = match self.sft {
                 None => {
@@ -174,14 +174,14 @@ pub(super) struct RewardPairs<'o> {
 }
 
 impl TaskData for RewardPairs<'_> {
-    fn examples(
-        &self,
-        path: &Path,
-        fields: &BTreeMap<String, String>,
-        tokenizer: &Tokenizer,
-        seq_len: usize,
-        _seed: u64,
-    ) -> Result<Vec<Vec<Example>>, DataError> {
+    fn examples(&self, source: &Source) -> Result<Vec<Vec<Example>>, DataError> {
+        let Source {
+            path,
+            fields,
+            tokenizer,
+            seq_len,
+            ..
+        } = *source;
         groups(path, fields, tokenizer, |record| {
             let p = if record.value.get(record.key("prompt")).is_some() {
                 record.ids("prompt")?
@@ -229,14 +229,13 @@ pub(super) struct Prompts<'o> {
 }
 
 impl TaskData for Prompts<'_> {
-    fn examples(
-        &self,
-        path: &Path,
-        fields: &BTreeMap<String, String>,
-        tokenizer: &Tokenizer,
-        _seq_len: usize,
-        _seed: u64,
-    ) -> Result<Vec<Vec<Example>>, DataError> {
+    fn examples(&self, source: &Source) -> Result<Vec<Vec<Example>>, DataError> {
+        let Source {
+            path,
+            fields,
+            tokenizer,
+            ..
+        } = *source;
         groups(path, fields, tokenizer, |record| {
             let ids = record.ids("prompt")?;
             if ids.is_empty() {
@@ -292,7 +291,13 @@ mod tests {
         seq_len: usize,
     ) -> Result<Vec<Vec<Example>>, DataError> {
         let tok = bpe();
-        task_data(objective, &tok)?.examples(path, &BTreeMap::new(), &tok, seq_len, 0)
+        task_data(objective, &tok)?.examples(&Source {
+            path,
+            fields: &BTreeMap::new(),
+            tokenizer: &tok,
+            seq_len,
+            seed: 0,
+        })
     }
 
     /// The error reading a file of `contents` (named `name`) gives.

@@ -14,7 +14,7 @@
 use crate::data::batch::Inputs;
 use crate::data::records::{records, text_field};
 use crate::data::tokenizer::{encoding, special_id};
-use crate::data::{DataError, Example, Feed, TaskData};
+use crate::data::{DataError, Example, Feed, Source, TaskData};
 use crate::rng::Rng;
 use kiln_compiler::spec::{MaskStrategy, Mlm};
 use serde_json::Value;
@@ -45,15 +45,8 @@ pub(super) struct Masked<'o> {
 }
 
 impl TaskData for Masked<'_> {
-    fn examples(
-        &self,
-        path: &Path,
-        fields: &BTreeMap<String, String>,
-        tokenizer: &Tokenizer,
-        seq_len: usize,
-        seed: u64,
-    ) -> Result<Vec<Vec<Example>>, DataError> {
-        self.examples_from(&records(path)?, path, fields, tokenizer, seq_len, seed)
+    fn examples(&self, source: &Source) -> Result<Vec<Vec<Example>>, DataError> {
+        self.examples_from(&records(source.path)?, source)
     }
 
     fn rows_per_record(&self) -> usize {
@@ -79,12 +72,15 @@ impl Masked<'_> {
     fn examples_from(
         &self,
         records: &[(usize, Value)],
-        path: &Path,
-        fields: &BTreeMap<String, String>,
-        tokenizer: &Tokenizer,
-        seq_len: usize,
-        seed: u64,
+        source: &Source,
     ) -> Result<Vec<Vec<Example>>, DataError> {
+        let Source {
+            path,
+            fields,
+            tokenizer,
+            seq_len,
+            seed,
+        } = *source;
         let Masked { mlm, random_next } = *self;
         if seq_len < 4 {
             return Err(DataError(format!(
@@ -532,11 +528,13 @@ pub(crate) mod tests {
         objective
             .examples_from(
                 &docs(n),
-                Path::new("d.jsonl"),
-                &BTreeMap::new(),
-                &tokenizer(),
-                seq_len,
-                seed,
+                &Source {
+                    path: Path::new("d.jsonl"),
+                    fields: &BTreeMap::new(),
+                    tokenizer: &tokenizer(),
+                    seq_len: seq_len,
+                    seed: seed,
+                },
             )
             .unwrap()
             .into_iter()
@@ -661,31 +659,37 @@ pub(crate) mod tests {
         let objective = masked_lm(None, Some(0.5));
         let one = objective.examples_from(
             &docs(1),
-            Path::new("d.jsonl"),
-            &BTreeMap::new(),
-            &tokenizer(),
-            32,
-            0,
+            &Source {
+                path: Path::new("d.jsonl"),
+                fields: &BTreeMap::new(),
+                tokenizer: &tokenizer(),
+                seq_len: 32,
+                seed: 0,
+            },
         );
         assert!(one.unwrap_err().0.contains("at least two documents"));
         let no_cls = objective.examples_from(
             &docs(3),
-            Path::new("d.jsonl"),
-            &BTreeMap::new(),
-            &bpe(),
-            32,
-            0,
+            &Source {
+                path: Path::new("d.jsonl"),
+                fields: &BTreeMap::new(),
+                tokenizer: &bpe(),
+                seq_len: 32,
+                seed: 0,
+            },
         );
         assert!(no_cls.unwrap_err().0.contains("no [CLS] token"));
         let m = mlm(MaskStrategy::Entity, 0.15);
         let entity = masked_lm(Some(&m), None);
         let e = entity.examples_from(
             &docs(3),
-            Path::new("d.jsonl"),
-            &BTreeMap::new(),
-            &tokenizer(),
-            32,
-            0,
+            &Source {
+                path: Path::new("d.jsonl"),
+                fields: &BTreeMap::new(),
+                tokenizer: &tokenizer(),
+                seq_len: 32,
+                seed: 0,
+            },
         );
         assert!(e
             .unwrap_err()
@@ -709,11 +713,13 @@ pub(crate) mod tests {
             let ex = objective
                 .examples_from(
                     &[(1, record.clone())],
-                    Path::new("d.jsonl"),
-                    &BTreeMap::new(),
-                    &tok,
-                    64,
-                    seed,
+                    &Source {
+                        path: Path::new("d.jsonl"),
+                        fields: &BTreeMap::new(),
+                        tokenizer: &tok,
+                        seq_len: 64,
+                        seed: seed,
+                    },
                 )
                 .unwrap()
                 .remove(0)
@@ -750,11 +756,13 @@ pub(crate) mod tests {
         let bad = serde_json::json!({ "text": "abc", "entities": [[2, 9]] });
         let err = objective.examples_from(
             &[(3, bad)],
-            Path::new("d.jsonl"),
-            &BTreeMap::new(),
-            &tok,
-            64,
-            0,
+            &Source {
+                path: Path::new("d.jsonl"),
+                fields: &BTreeMap::new(),
+                tokenizer: &tok,
+                seq_len: 64,
+                seed: 0,
+            },
         );
         assert!(err
             .unwrap_err()
@@ -804,11 +812,13 @@ pub(crate) mod tests {
         let ex = objective
             .examples_from(
                 &records,
-                Path::new("d.jsonl"),
-                &BTreeMap::new(),
-                &tokenizer(),
-                32,
-                0,
+                &Source {
+                    path: Path::new("d.jsonl"),
+                    fields: &BTreeMap::new(),
+                    tokenizer: &tokenizer(),
+                    seq_len: 32,
+                    seed: 0,
+                },
             )
             .unwrap();
         assert_eq!(ex.len(), 4, "one pair per document");

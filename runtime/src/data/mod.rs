@@ -20,7 +20,7 @@ mod records;
 mod tokenizer;
 
 pub use batch::Inputs;
-pub use objective::{task_data, Example, Feed, TaskData};
+pub use objective::{task_data, Example, Feed, Source, TaskData};
 pub use records::{read_jsonl, MAX_RECORD_BYTES};
 pub use tokenizer::{
     load_tokenizer, train_tokenizer, TokenizerKind, BERT_SPECIAL, END_OF_TEXT, MAX_TOKENIZER_BYTES,

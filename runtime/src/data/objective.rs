@@ -39,21 +39,26 @@ pub enum Feed<'o> {
     Rollouts(&'o Ppo),
 }
 
+/// Where an objective's examples come from and how they are cut.
+#[derive(Clone, Copy)]
+pub struct Source<'a> {
+    /// The records (JSONL, or a text file's lines).
+    pub path: &'a Path,
+    /// Logical field names mapped to record keys.
+    pub fields: &'a BTreeMap<String, String>,
+    pub tokenizer: &'a Tokenizer,
+    pub seq_len: usize,
+    /// Draws what is random in the examples (MLM's masks, NSP's random segments).
+    pub seed: u64,
+}
+
 /// An objective's data: its examples, and how the loop trains on them.
 pub trait TaskData {
-    /// The examples of the records of `path` (JSONL, or a text file's lines), one group per
-    /// record or per unit the loader shuffles, each of [`rows_per_record`](Self::rows_per_record)
-    /// rows that stay in one micro-batch. `fields` maps logical field names to record keys;
-    /// `seed` draws what is random in them (MLM's masks, NSP's random segments). Errors name the
-    /// file and line.
-    fn examples(
-        &self,
-        path: &Path,
-        fields: &BTreeMap<String, String>,
-        tokenizer: &Tokenizer,
-        seq_len: usize,
-        seed: u64,
-    ) -> Result<Vec<Vec<Example>>, DataError>;
+    /// The examples of the records of `source.path` (JSONL, or a text file's lines), one group
+    /// per record or per unit the loader shuffles, each of
+    /// [`rows_per_record`](Self::rows_per_record) rows that stay in one micro-batch. Errors name
+    /// the file and line.
+    fn examples(&self, source: &Source) -> Result<Vec<Vec<Example>>, DataError>;
 
     /// The rows of each group of examples: two for a chosen/rejected pair and for PET's row with
     /// its masked copy, one otherwise.

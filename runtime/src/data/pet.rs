@@ -14,12 +14,10 @@ use crate::data::batch::Inputs;
 use crate::data::mlm::{mask, Unmasked};
 use crate::data::records::{json_kind, records, text_field};
 use crate::data::tokenizer::{special_id, token_ids};
-use crate::data::{DataError, Example, Feed, TaskData};
+use crate::data::{DataError, Example, Feed, Source, TaskData};
 use crate::rng::Rng;
 use kiln_compiler::spec::{MaskStrategy, Mlm, Pvp};
 use serde_json::Value;
-use std::collections::BTreeMap;
-use std::path::Path;
 use tokenizers::Tokenizer;
 
 /// A piece of a pattern segment.
@@ -122,15 +120,8 @@ impl<'o> Pet<'o> {
 }
 
 impl TaskData for Pet<'_> {
-    fn examples(
-        &self,
-        path: &Path,
-        fields: &BTreeMap<String, String>,
-        tokenizer: &Tokenizer,
-        seq_len: usize,
-        seed: u64,
-    ) -> Result<Vec<Vec<Example>>, DataError> {
-        self.examples_from(&records(path)?, path, fields, tokenizer, seq_len, seed)
+    fn examples(&self, source: &Source) -> Result<Vec<Vec<Example>>, DataError> {
+        self.examples_from(&records(source.path)?, source)
     }
 
     /// The row, and with the auxiliary MLM loss its masked copy.
@@ -166,12 +157,15 @@ impl Pet<'_> {
     fn examples_from(
         &self,
         records: &[(usize, Value)],
-        path: &Path,
-        fields: &BTreeMap<String, String>,
-        tokenizer: &Tokenizer,
-        seq_len: usize,
-        seed: u64,
+        source: &Source,
     ) -> Result<Vec<Vec<Example>>, DataError> {
+        let Source {
+            path,
+            fields,
+            tokenizer,
+            seq_len,
+            seed,
+        } = *source;
         let pvp = self.pvp;
         let id = |t: &str| special_id(tokenizer, t, path);
         let (cls, sep, mask_id) = (id("[CLS]")?, id("[SEP]")?, id("[MASK]")?);
@@ -340,6 +334,8 @@ impl Pet<'_> {
 mod tests {
     use super::*;
     use crate::data::mlm::tests::tokenizer;
+    use std::collections::BTreeMap;
+    use std::path::Path;
 
     fn pvp(pattern: &str, mlm_weight: f64) -> Pvp {
         Pvp {
@@ -359,11 +355,13 @@ mod tests {
             .unwrap()
             .examples_from(
                 &records,
-                Path::new("r.jsonl"),
-                &BTreeMap::new(),
-                &tok,
-                seq_len,
-                0,
+                &Source {
+                    path: Path::new("r.jsonl"),
+                    fields: &BTreeMap::new(),
+                    tokenizer: &tok,
+                    seq_len: seq_len,
+                    seed: 0,
+                },
             )
             .map(|mut e| e.remove(0).remove(0))
     }
@@ -446,11 +444,13 @@ mod tests {
             .unwrap()
             .examples_from(
                 &records,
-                Path::new("r.jsonl"),
-                &BTreeMap::new(),
-                &tok,
-                64,
-                0,
+                &Source {
+                    path: Path::new("r.jsonl"),
+                    fields: &BTreeMap::new(),
+                    tokenizer: &tok,
+                    seq_len: 64,
+                    seed: 0,
+                },
             )
             .unwrap()
             .remove(0);
@@ -517,11 +517,13 @@ mod tests {
             .unwrap()
             .examples_from(
                 &records,
-                Path::new("r.jsonl"),
-                &BTreeMap::new(),
-                &tok,
-                16,
-                0,
+                &Source {
+                    path: Path::new("r.jsonl"),
+                    fields: &BTreeMap::new(),
+                    tokenizer: &tok,
+                    seq_len: 16,
+                    seed: 0,
+                },
             )
             .unwrap_err();
         assert!(

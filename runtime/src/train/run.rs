@@ -3,7 +3,7 @@
 //! (batches of the objective's examples, or PPO's rollouts), the learning-rate schedule,
 //! metrics, evaluation, checkpoints and the loss curve.
 
-use crate::data::{load_tokenizer, task_data, Example, Feed};
+use crate::data::{load_tokenizer, task_data, Example, Feed, Source};
 use crate::exec::DropoutKey;
 use crate::parallel::mesh::{Mesh, StepOutcome};
 use crate::parallel::placement::Placement;
@@ -163,8 +163,15 @@ pub fn run(
     }
     let objective = task_data(&e.objective, &tokenizer)?;
     let seq_len = e.train.seq_len as usize;
-    let examples =
-        |path: &Path| objective.examples(path, &e.data.fields, &tokenizer, seq_len, e.train.seed);
+    let examples = |path: &Path| {
+        objective.examples(&Source {
+            path,
+            fields: &e.data.fields,
+            tokenizer: &tokenizer,
+            seq_len,
+            seed: e.train.seed,
+        })
+    };
     let train_set = examples(&resolve(&e.data.train, "train")?)?;
     let eval_set = match &e.data.eval {
         Some(p) => Some(examples(Path::new(p))?),
