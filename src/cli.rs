@@ -3,6 +3,8 @@
 use clap::{Parser, Subcommand, ValueEnum};
 use kiln_compiler::diagnostics::{render_to_stderr, Code, Diagnostic};
 use kiln_compiler::spec::{emit, Format};
+use kiln_runtime::comm::launch::Launch;
+use kiln_runtime::comm::world::World;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -449,6 +451,27 @@ struct RunOptions<'a> {
     report: bool,
 }
 
+/// The job this process is part of: alone, or one rank of the MPI job that `mpirun`, `srun`
+/// or another launcher started (MPI is initialised once per process, here).
+fn join_job() -> Result<World, ExitCode> {
+    let joined = Launch::from_env().and_then(|launch| World::join(&launch));
+    joined.map_err(|err| {
+        eprintln!("error: {err}");
+        ExitCode::from(2)
+    })
+}
+
+/// Reports a run's failure. In a job of several processes it names this process and ends the
+/// whole job: the others would wait for this one forever.
+fn fail(world: &World, err: impl std::fmt::Display) -> ExitCode {
+    if world.size() == 1 {
+        eprintln!("error: {err}");
+        return ExitCode::from(1);
+    }
+    eprintln!("error: rank {} of {}: {err}", world.rank(), world.size());
+    world.abort(1)
+}
+
 fn run(
     file: &std::path::Path,
     wanted: Option<&str>,
@@ -459,23 +482,26 @@ fn run(
     if report_errors(file, &checked) {
         return ExitCode::from(1);
     }
+    let world = match join_job() {
+        Ok(world) => world,
+        Err(code) => return code,
+    };
     let stop = match interrupt::install() {
         Ok(flag) => flag,
-        Err(err) => {
-            eprintln!("error: cannot handle interrupts: {err}");
-            return ExitCode::from(1);
-        }
+        Err(err) => return fail(&world, format!("cannot handle interrupts: {err}")),
     };
     // A pipeline's stages read each other's runs (`init`, reward model, reference): run them
     // in order, stopping at the first that fails.
     if let (None, Some(pipeline)) = (wanted, checked.module.pipelines.first()) {
         for stage in &pipeline.value.stages {
-            println!(
-                "stage `{}` of pipeline `{}`",
-                stage.name, pipeline.value.name
-            );
+            if world.speaks() {
+                println!(
+                    "stage `{}` of pipeline `{}`",
+                    stage.name, pipeline.value.name
+                );
+            }
             let code = with_overrides(file, &checked, &stage.name, sets, |c, e| {
-                train(c, e, options, &stop)
+                train(c, e, &world, options, &stop)
             });
             if code != ExitCode::SUCCESS {
                 return code;
@@ -487,7 +513,7 @@ fn run(
         return ExitCode::from(1);
     };
     with_overrides(file, &checked, &name, sets, |c, e| {
-        train(c, e, options, &stop)
+        train(c, e, &world, options, &stop)
     })
 }
 
@@ -522,10 +548,12 @@ fn with_overrides(
 }
 
 /// Trains one experiment with progress (a bar on a terminal, else a line every few seconds),
-/// then prints its summary. An interrupt stops it with a checkpoint (exit 130).
+/// then prints its summary; in a job, rank 0 alone reports. An interrupt stops it with a
+/// checkpoint (exit 130).
 fn train(
     checked: &kiln_compiler::CheckedFile,
     experiment: &kiln_compiler::spec::Experiment,
+    world: &World,
     options: &RunOptions,
     stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> ExitCode {
@@ -537,11 +565,14 @@ fn train(
     let mut progress = progress::Progress::new(&experiment.name);
     let result = kiln_runtime::train::run(
         &program,
+        world,
         options.runs,
         options.steps,
         options.start,
         |event| {
-            progress.show(event);
+            if world.speaks() {
+                progress.show(event);
+            }
             if stop.load(std::sync::atomic::Ordering::SeqCst) && matches!(event, Event::Step(_)) {
                 Control::Stop
             } else {
@@ -549,8 +580,13 @@ fn train(
             }
         },
     );
-    progress.finish();
+    if world.speaks() {
+        progress.finish();
+    }
     match result {
+        Err(e) => fail(world, e),
+        Ok(s) if !world.speaks() && s.steps < s.total => ExitCode::from(130),
+        Ok(_) if !world.speaks() => ExitCode::SUCCESS,
         Ok(s) if s.steps < s.total => {
             println!(
                 "stopped `{}` at step {} of {}; its checkpoint is in {}: `kiln run ... --resume` continues it",
@@ -598,10 +634,6 @@ fn train(
             }
             ExitCode::SUCCESS
         }
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::from(1)
-        }
     }
 }
 
@@ -636,12 +668,18 @@ fn bench(file: &std::path::Path, wanted: Option<&str>, steps: u64, warmup: u64) 
             Ok(p) => p,
             Err(code) => return code,
         };
+        let world = match join_job() {
+            Ok(world) => world,
+            Err(code) => return code,
+        };
+        // Written by rank 0 alone (a fresh run: the others read nothing of it).
         let scratch = std::env::temp_dir().join(format!("kiln-bench-{}", std::process::id()));
         // The end of each step; a step's time is the gap to the previous one's end.
         let mut ends = vec![std::time::Instant::now()];
         let mut collectives = Vec::new();
         let result = kiln_runtime::train::run(
             &program,
+            &world,
             &scratch,
             Some(warmup + steps),
             kiln_runtime::train::Start::Fresh,
@@ -653,11 +691,13 @@ fn bench(file: &std::path::Path, wanted: Option<&str>, steps: u64, warmup: u64) 
                 kiln_runtime::train::Control::Continue
             },
         );
-        std::fs::remove_dir_all(&scratch).ok();
         if let Err(e) = result {
-            eprintln!("error: {e}");
-            return ExitCode::from(1);
+            return fail(&world, e);
         }
+        if !world.speaks() {
+            return ExitCode::SUCCESS;
+        }
+        std::fs::remove_dir_all(&scratch).ok();
         let mut times: Vec<f64> = ends
             .windows(2)
             .skip(warmup as usize)

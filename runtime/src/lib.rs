@@ -2,8 +2,10 @@
 //! (CPU by default, CUDA behind a feature). By concern:
 //!
 //! - `exec`: the graph interpreter and its CPU kernels (one device, one segment of the graph);
-//! - `parallel`: the plan's placement run on a mesh of device threads — pipeline schedules,
-//!   tensor-parallel shards, gradient synchronisation and ZeRO, collectives, stage boundaries;
+//! - `parallel`: the plan's placement run on a mesh of devices — pipeline schedules,
+//!   tensor-parallel shards, gradient synchronisation and ZeRO, stage boundaries;
+//! - `comm`: how devices talk — the `Collective` trait and pipeline mailboxes, over threads of
+//!   one process or over MPI between processes — and which process of a job this is;
 //! - `data`: tokenizers, JSONL records, and each objective's examples and batches behind one
 //!   trait (`TaskData`);
 //! - `train`: the training loop, evaluation, PPO's rollouts and updates, optimizers,
@@ -12,6 +14,7 @@
 //!   the weights a run starts from;
 //! - `export`: PEFT adapters and merged Hugging Face models.
 
+pub mod comm;
 pub mod data;
 pub mod exec;
 pub mod export;

@@ -64,3 +64,13 @@ fn err<T>(message: impl Into<String>) -> Result<T, ExecError> {
 /// Figures a loss reports beside its value, by name (PPO: its policy and value losses and how
 /// often each was clipped).
 pub type Stats = BTreeMap<&'static str, f32>;
+
+/// Every figure a loss may report beside its value (PPO's parts of its loss and clip
+/// fractions), so that processes can exchange them by position.
+pub const STAT_NAMES: [&str; 5] = [
+    "policy_loss",
+    "value_loss",
+    "clip_fraction",
+    "value_clip_fraction",
+    "approx_kl",
+];

@@ -6,7 +6,7 @@ use super::interpreter::Interpreter;
 use super::ops;
 use super::value::{Params, Value, P, V};
 use super::{err, Batch, Dev, ExecError, Stats, Tape, T0};
-use crate::parallel::collective::Collective;
+use crate::comm::Collective;
 use crate::parallel::tensor_parallel::VocabShard;
 use crate::tensor::HostTensor;
 use dfdx::prelude::*;

@@ -12,11 +12,10 @@
 //! `schedule`, its end (gradient sums, norm, optimizer) in `sync`, tensor-parallel conversions
 //! in `convert`, and values crossing stage boundaries in `boundary`.
 
-use crate::exec::{Batch, ExecError, Stats};
+use crate::exec::{Batch, ExecError, Stats, STAT_NAMES};
 use crate::memory;
-use crate::parallel::collective::{
-    cpu_ring, mailboxes, ring_shard, CollectiveError, CpuRing, Mailbox,
-};
+use crate::comm::world::World;
+use crate::comm::{block_shard, cpu_ring, mailboxes, Collective, CollectiveError, Mailbox};
 use crate::parallel::placement::Placement;
 use crate::parallel::tensor_parallel::Shards;
 use crate::tensor::{param_shape, HostTensor};
@@ -62,8 +61,8 @@ impl From<CollectiveError> for Failure {
 /// stage has the same grid, also its pipeline group (same data and tensor rank: tied
 /// parameters, the global loss and norm); otherwise those go over the whole mesh (`world`).
 struct Links {
-    tensor: CpuRing,
-    data: CpuRing,
+    tensor: Box<dyn Collective>,
+    data: Box<dyn Collective>,
     across: Across,
     mail: Mailbox,
 }
@@ -71,9 +70,9 @@ struct Links {
 /// How a device reaches the other stages for tied parameters, the loss and the norm.
 enum Across {
     /// The devices of the same data and tensor rank on every stage.
-    Pipeline(CpuRing),
+    Pipeline(Box<dyn Collective>),
     /// Every device of the mesh (stages on grids of their own).
-    World(CpuRing),
+    World(Box<dyn Collective>),
 }
 
 impl Links {
@@ -83,10 +82,86 @@ impl Links {
         };
         self.tensor.busy() + self.data.busy() + across + self.mail.busy()
     }
+
+    /// Every device's links, in device order (tensor rank fastest, then data, then stage), for
+    /// devices that are threads of this process.
+    fn in_process(placement: &Placement, failed: &Arc<AtomicBool>) -> Vec<Links> {
+        let mut tensor_rings: Vec<Vec<_>> = placement
+            .grids
+            .iter()
+            .map(|grid| {
+                (0..grid.data)
+                    .map(|_| cpu_ring(grid.tensor.size).into_iter())
+                    .collect()
+            })
+            .collect();
+        let mut data_rings: Vec<Vec<_>> = placement
+            .grids
+            .iter()
+            .map(|grid| {
+                (0..grid.tensor.size)
+                    .map(|_| cpu_ring(grid.data).into_iter())
+                    .collect()
+            })
+            .collect();
+        let (d0, t0) = (placement.grids[0].data, placement.grids[0].tensor.size);
+        let mut pipeline_rings: Vec<_> = (0..d0 * t0)
+            .map(|_| cpu_ring(placement.pipeline).into_iter())
+            .collect();
+        let mut world = cpu_ring(placement.devices()).into_iter();
+        let mut mail = mailboxes(placement.devices(), failed).into_iter();
+        let mut links = Vec::with_capacity(placement.devices());
+        for (stage, rank, part) in placement.coordinates() {
+            let t = placement.grids[stage].tensor.size;
+            let end = |rings: &mut std::vec::IntoIter<_>| -> Box<dyn Collective> {
+                Box::new(rings.next().expect("a ring end per device"))
+            };
+            let across = if placement.uniform {
+                Across::Pipeline(end(&mut pipeline_rings[rank * t + part]))
+            } else {
+                Across::World(end(&mut world))
+            };
+            links.push(Links {
+                tensor: end(&mut tensor_rings[stage][rank]),
+                data: end(&mut data_rings[stage][part]),
+                across,
+                mail: mail.next().expect("a mailbox per device"),
+            });
+        }
+        links
+    }
+
+    /// The links of device `me`, the one device of this process in an MPI job: each group an
+    /// MPI communicator split off the job's (every process splits in the same order).
+    #[cfg(feature = "mpi")]
+    fn over_mpi(
+        placement: &Placement,
+        mpi: &crate::comm::mpi::MpiWorld,
+        me: usize,
+        failed: &Arc<AtomicBool>,
+    ) -> Links {
+        let (stage, rank, part) = placement.coordinates()[me];
+        let t = placement.grids[stage].tensor.size;
+        let tensor = mpi.group(placement.device(stage, rank, 0), part);
+        let data = mpi.group(placement.device(stage, 0, part), rank);
+        let across = if placement.uniform {
+            Across::Pipeline(Box::new(mpi.group(rank * t + part, stage)))
+        } else {
+            Across::World(Box::new(mpi.group(0, me)))
+        };
+        Links {
+            tensor: Box::new(tensor),
+            data: Box::new(data),
+            across,
+            mail: mpi.mailbox(failed),
+        }
+    }
 }
 
 /// One device's state across steps.
 struct Device {
+    /// Its place in the mesh (tensor rank fastest, then data rank, then stage).
+    index: usize,
     stage: usize,
     /// Data-parallel rank.
     rank: usize,
@@ -142,133 +217,117 @@ impl Drop for RaiseOnPanic<'_> {
     }
 }
 
-/// The devices of a mesh and the placement they follow.
+/// The devices of a mesh this process hosts and the placement they follow: every device as a
+/// thread of this process, or in an MPI job, the one device of this process.
 pub struct Mesh {
     placement: Placement,
     devices: Vec<Device>,
+    /// In a job of several processes, all of them: what `values` and `states` gather over.
+    job: Option<Box<dyn Collective>>,
     failed: Arc<AtomicBool>,
 }
 
 impl Mesh {
-    /// Deals `values` and `states` (whole, as one device would hold them) out to the devices.
+    /// Deals `values` and `states` (whole, as one device would hold them) out to the devices
+    /// this process hosts in `world`. In an MPI job every process must build its mesh together
+    /// with the others (its groups are split off the job's).
     pub fn new(
         g: &Graph,
         placement: Placement,
         values: &[HostTensor],
         states: &[Option<State>],
+        world: &World,
     ) -> Self {
         let failed = Arc::new(AtomicBool::new(false));
-        let n = placement.devices();
-        // Ring ends handed out in device order (tensor rank fastest, then data, then stage).
-        let mut tensor_rings: Vec<Vec<_>> = placement
-            .grids
-            .iter()
-            .map(|grid| {
-                (0..grid.data)
-                    .map(|_| cpu_ring(grid.tensor.size).into_iter())
-                    .collect()
-            })
-            .collect();
-        let mut data_rings: Vec<Vec<_>> = placement
-            .grids
-            .iter()
-            .map(|grid| {
-                (0..grid.tensor.size)
-                    .map(|_| cpu_ring(grid.data).into_iter())
-                    .collect()
-            })
-            .collect();
-        let (d0, t0) = (placement.grids[0].data, placement.grids[0].tensor.size);
-        let mut pipeline_rings: Vec<_> = (0..d0 * t0)
-            .map(|_| cpu_ring(placement.pipeline).into_iter())
-            .collect();
-        let mut world = cpu_ring(n).into_iter();
-        let mut mail = mailboxes(n, &failed).into_iter();
-        let (zero3, sharded) = (placement.zero >= 3, placement.zero >= 1);
-        let mut devices = Vec::with_capacity(n);
-        for (stage, grid) in placement.grids.iter().enumerate() {
-            let (d, t) = (grid.data, grid.tensor.size);
-            for rank in 0..d {
-                for part in 0..t {
-                    let holds = &placement.holds[stage];
-                    let share = |len: usize| ring_shard(len, d, rank);
-                    let local: Vec<HostTensor> = values
-                        .iter()
-                        .zip(&grid.tensor.params)
-                        .zip(holds)
-                        .map(|((v, layout), &held)| {
-                            if held {
-                                layout.shard(v, part, t)
-                            } else {
-                                HostTensor::absent()
-                            }
-                        })
-                        .collect();
-                    let shards = local
-                        .iter()
-                        .zip(holds)
-                        .map(|(v, &held)| {
-                            (zero3 && held).then(|| v.data[share(v.data.len())].to_vec())
-                        })
-                        .collect();
-                    let states = states
-                        .iter()
-                        .enumerate()
-                        .map(|(i, s)| {
-                            let s = s.as_ref().filter(|_| holds[i] && g.params[i].trainable)?;
-                            let layout = &grid.tensor.params[i];
-                            let cut = |x: &[f32]| {
-                                let whole = HostTensor {
-                                    shape: values[i].shape.clone(),
-                                    data: x.to_vec(),
-                                };
-                                let mine = layout.shard(&whole, part, t).data;
-                                if sharded {
-                                    mine[share(mine.len())].to_vec()
-                                } else {
-                                    mine
-                                }
-                            };
-                            Some(State {
-                                m: cut(&s.m),
-                                v: cut(&s.v),
-                            })
-                        })
-                        .collect();
-                    let across = if placement.uniform {
-                        Across::Pipeline(
-                            pipeline_rings[rank * t + part].next().expect("a ring end"),
-                        )
-                    } else {
-                        Across::World(world.next().expect("a ring end"))
-                    };
-                    let links = Links {
-                        tensor: tensor_rings[stage][rank].next().expect("a ring end"),
-                        data: data_rings[stage][part].next().expect("a ring end"),
-                        across,
-                        mail: mail.next().expect("a mailbox"),
-                    };
-                    let values = if zero3 {
-                        vec![HostTensor::absent(); local.len()]
-                    } else {
-                        local
-                    };
-                    devices.push(Device {
-                        stage,
-                        rank,
-                        part,
-                        values,
-                        shards,
-                        states,
-                        links: Some(links),
-                        peak_bytes: 0,
-                    });
-                }
+        let (hosted, job): (Vec<(usize, Links)>, Option<Box<dyn Collective>>) = match world {
+            World::Alone => (
+                Links::in_process(&placement, &failed)
+                    .into_iter()
+                    .enumerate()
+                    .collect(),
+                None,
+            ),
+            #[cfg(feature = "mpi")]
+            World::Mpi(mpi) => {
+                let me = mpi.rank();
+                let links = Links::over_mpi(&placement, mpi, me, &failed);
+                let job: Box<dyn Collective> = Box::new(mpi.group(0, me));
+                (vec![(me, links)], Some(job))
             }
-        }
+        };
+        let coordinates = placement.coordinates();
+        let (zero3, sharded) = (placement.zero >= 3, placement.zero >= 1);
+        let devices = hosted
+            .into_iter()
+            .map(|(index, links)| {
+                let (stage, rank, part) = coordinates[index];
+                let grid = &placement.grids[stage];
+                let (d, t) = (grid.data, grid.tensor.size);
+                let holds = &placement.holds[stage];
+                let share = |len: usize| block_shard(len, d, rank);
+                let local: Vec<HostTensor> = values
+                    .iter()
+                    .zip(&grid.tensor.params)
+                    .zip(holds)
+                    .map(|((v, layout), &held)| {
+                        if held {
+                            layout.shard(v, part, t)
+                        } else {
+                            HostTensor::absent()
+                        }
+                    })
+                    .collect();
+                let shards = local
+                    .iter()
+                    .zip(holds)
+                    .map(|(v, &held)| (zero3 && held).then(|| v.data[share(v.data.len())].to_vec()))
+                    .collect();
+                let states = states
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| {
+                        let s = s.as_ref().filter(|_| holds[i] && g.params[i].trainable)?;
+                        let layout = &grid.tensor.params[i];
+                        let cut = |x: &[f32]| {
+                            let whole = HostTensor {
+                                shape: values[i].shape.clone(),
+                                data: x.to_vec(),
+                            };
+                            let mine = layout.shard(&whole, part, t).data;
+                            if sharded {
+                                mine[share(mine.len())].to_vec()
+                            } else {
+                                mine
+                            }
+                        };
+                        Some(State {
+                            m: cut(&s.m),
+                            v: cut(&s.v),
+                        })
+                    })
+                    .collect();
+                let values = if zero3 {
+                    vec![HostTensor::absent(); local.len()]
+                } else {
+                    local
+                };
+                Device {
+                    index,
+                    stage,
+                    rank,
+                    part,
+                    values,
+                    shards,
+                    states,
+                    links: Some(links),
+                    peak_bytes: 0,
+                }
+            })
+            .collect();
         Mesh {
             placement,
             devices,
+            job,
             failed,
         }
     }
@@ -318,7 +377,8 @@ impl Mesh {
             scale: 1.0 / (micros.len() * loss_grid.data) as f32,
         };
         let failed = &self.failed;
-        let devices = self.devices.len();
+        let hosted = self.devices.len();
+        let mesh_devices = self.placement.devices();
         let results: Vec<Result<StepOutcome, Failure>> = std::thread::scope(|scope| {
             let handles: Vec<_> = self
                 .devices
@@ -366,16 +426,18 @@ impl Mesh {
         let mut collective_seconds = 0.0;
         // Only the stage computing the loss has its figures.
         let mut stats = Stats::new();
-        for (i, result) in results.into_iter().enumerate() {
+        for (device, result) in self.devices.iter().zip(results) {
             match result {
                 Ok(mut r) => {
-                    collective_seconds += r.collective_seconds / devices as f64;
+                    collective_seconds += r.collective_seconds / hosted as f64;
                     if stats.is_empty() {
                         stats = std::mem::take(&mut r.stats);
                     }
                     outcome = outcome.or(Some(r));
                 }
-                Err(Failure::Own(e)) if devices > 1 => return Err(format!("device {i}: {e}")),
+                Err(Failure::Own(e)) if mesh_devices > 1 => {
+                    return Err(format!("device {}: {e}", device.index))
+                }
                 Err(Failure::Own(e)) => return Err(e),
                 Err(Failure::Peer(e)) => peer = peer.or(Some(e)),
             }
@@ -384,7 +446,7 @@ impl Mesh {
             (_, Some(e)) => Err(e.0),
             (Some(r), None) => Ok(StepOutcome {
                 collective_seconds,
-                stats,
+                stats: self.stats_of_the_job(stats).map_err(|e| e.0)?,
                 ..r
             }),
             (None, None) => Err("the mesh has no device".into()),
@@ -399,9 +461,8 @@ impl Mesh {
         }
         self.devices
             .iter()
-            .enumerate()
-            .map(|(i, d)| DeviceMemory {
-                device: i,
+            .map(|d| DeviceMemory {
+                device: d.index,
                 stage: d.stage,
                 measured_bytes: d.peak_bytes,
                 predicted_bytes: self.placement.memory.get(d.stage).map_or(0.0, |m| m.total),
@@ -409,11 +470,49 @@ impl Mesh {
             .collect()
     }
 
-    /// Every parameter whole, as one device would hold it.
-    pub fn values(&self, g: &Graph) -> Vec<HostTensor> {
-        (0..g.params.len())
+    /// Whether `flag` holds on any process of the job (this process's, when it is alone).
+    pub fn anyone(&mut self, flag: bool) -> Result<bool, CollectiveError> {
+        let Some(job) = self.job.as_mut() else {
+            return Ok(flag);
+        };
+        let mut count = [f32::from(u8::from(flag))];
+        job.all_reduce_sum(&mut count)?;
+        Ok(count[0] > 0.0)
+    }
+
+    /// What the loss reported, on every process of a job: only the processes of the stage
+    /// computing the loss have it, and the job adds theirs (data ranks already summed) to
+    /// nothing from everyone else.
+    fn stats_of_the_job(&mut self, stats: Stats) -> Result<Stats, CollectiveError> {
+        let Some(job) = self.job.as_mut() else {
+            return Ok(stats);
+        };
+        let reports = self
+            .devices
+            .iter()
+            .any(|d| (d.stage, d.rank, d.part) == (self.placement.loss_stage, 0, 0));
+        let mut sums: Vec<f32> = STAT_NAMES
+            .iter()
+            .flat_map(|name| match stats.get(name).filter(|_| reports) {
+                Some(&x) => [1.0, x],
+                None => [0.0, 0.0],
+            })
+            .collect();
+        job.all_reduce_sum(&mut sums)?;
+        Ok(STAT_NAMES
+            .iter()
+            .zip(sums.chunks(2))
+            .filter(|(_, s)| s[0] > 0.0)
+            .map(|(&name, s)| (name, s[1]))
+            .collect())
+    }
+
+    /// Every parameter whole, as one device would hold it. In an MPI job every process must
+    /// call this together with the others.
+    pub fn values(&mut self, g: &Graph) -> Result<Vec<HostTensor>, CollectiveError> {
+        let zero3 = self.placement.zero >= 3;
+        let mut values: Vec<HostTensor> = (0..g.params.len())
             .map(|i| {
-                let zero3 = self.placement.zero >= 3;
                 let local = self.local_parts(g, i, zero3, |d| {
                     if zero3 {
                         d.shards[i].clone().unwrap_or_default()
@@ -423,42 +522,78 @@ impl Mesh {
                 });
                 self.unshard(g, i, local)
             })
-            .collect()
+            .collect();
+        self.sum_over_job(values.iter_mut().map(|v| v.data.as_mut_slice()))?;
+        Ok(values)
     }
 
     /// Every trainable parameter's optimizer state whole, gathered from the devices owning it.
-    pub fn states(&self, g: &Graph) -> Vec<Option<State>> {
-        (0..g.params.len())
+    /// In an MPI job every process must call this together with the others.
+    pub fn states(&mut self, g: &Graph) -> Result<Vec<Option<State>>, CollectiveError> {
+        // Whether the devices of the stage first holding each parameter have its moments (the
+        // optimizer has not updated a parameter yet, or it is frozen), counted over the job.
+        let mut missing: Vec<f32> = (0..g.params.len())
             .map(|i| {
-                let holder = self.first_holder(i);
-                let group = self.stage_devices(holder);
-                if group.iter().any(|d| d.states[i].is_none()) {
+                let stage = self.first_holder(i);
+                let hosted = self.devices.iter().filter(|d| d.stage == stage);
+                hosted.filter(|d| d.states[i].is_none()).count() as f32
+            })
+            .collect();
+        self.sum_over_job(std::iter::once(missing.as_mut_slice()))?;
+        let sharded = self.placement.zero >= 1;
+        let mut states: Vec<Option<State>> = (0..g.params.len())
+            .map(|i| {
+                if missing[i] > 0.0 {
                     return None;
                 }
-                let sharded = self.placement.zero >= 1;
-                let m = self.local_parts(g, i, sharded, |d| {
+                let moment = |d: &Device, m: bool| {
                     d.states[i]
                         .as_ref()
-                        .map(|s| s.m.clone())
+                        .map(|s| if m { s.m.clone() } else { s.v.clone() })
                         .unwrap_or_default()
-                });
-                let v = self.local_parts(g, i, sharded, |d| {
-                    d.states[i]
-                        .as_ref()
-                        .map(|s| s.v.clone())
-                        .unwrap_or_default()
-                });
+                };
+                let m = self.local_parts(g, i, sharded, |d| moment(d, true));
+                let v = self.local_parts(g, i, sharded, |d| moment(d, false));
                 Some(State {
                     m: self.unshard(g, i, m).data,
                     v: self.unshard(g, i, v).data,
                 })
             })
-            .collect()
+            .collect();
+        self.sum_over_job(
+            states
+                .iter_mut()
+                .flatten()
+                .flat_map(|s| [s.m.as_mut_slice(), s.v.as_mut_slice()]),
+        )?;
+        Ok(states)
+    }
+
+    /// In a job of several processes, each buffer becomes the sum of every process's: pieces
+    /// each process filled in where it hosts their device, and left zero elsewhere.
+    fn sum_over_job<'a>(
+        &mut self,
+        buffers: impl Iterator<Item = &'a mut [f32]>,
+    ) -> Result<(), CollectiveError> {
+        let Some(job) = self.job.as_mut() else {
+            return Ok(());
+        };
+        let mut buffers: Vec<&mut [f32]> = buffers.collect();
+        let mut flat: Vec<f32> = buffers.iter().flat_map(|b| b.iter().copied()).collect();
+        job.all_reduce_sum(&mut flat)?;
+        let mut at = 0;
+        for b in &mut buffers {
+            let n = b.len();
+            b.copy_from_slice(&flat[at..at + n]);
+            at += n;
+        }
+        Ok(())
     }
 
     /// Each tensor-parallel rank's local copy of something about parameter `i` (read by
     /// `part_of` from the devices of the first stage holding it), reassembled from the
-    /// data-parallel group's shares when `shared` (ZeRO), else read from data rank 0.
+    /// data-parallel group's shares when `shared` (ZeRO), else read from data rank 0. Pieces
+    /// of devices another process hosts are left zero.
     fn local_parts(
         &self,
         g: &Graph,
@@ -470,19 +605,19 @@ impl Mesh {
         let grid = &self.placement.grids[stage];
         let (t, d) = (grid.tensor.size, grid.data);
         let layout = &grid.tensor.params[i];
-        let group = self.stage_devices(stage);
         (0..t)
             .map(|part| {
                 let local_shape = layout.local_shape(&param_shape(&g.params[i]), part, t);
                 let len: usize = local_shape.iter().product();
                 let mut data = vec![0.0; len];
-                if shared {
-                    for rank in 0..d {
-                        let piece = part_of(&group[rank * t + part]);
-                        data[ring_shard(len, d, rank)].copy_from_slice(&piece);
-                    }
-                } else {
-                    data.copy_from_slice(&part_of(&group[part]));
+                let ranks = if shared { 0..d } else { 0..1 };
+                for rank in ranks {
+                    let Some(device) = self.hosted(self.placement.device(stage, rank, part)) else {
+                        continue;
+                    };
+                    let piece = part_of(device);
+                    let into = if shared { block_shard(len, d, rank) } else { 0..len };
+                    data[into].copy_from_slice(&piece);
                 }
                 HostTensor {
                     shape: local_shape,
@@ -504,10 +639,9 @@ impl Mesh {
         self.placement.first_holder(param)
     }
 
-    /// The devices of a stage, in order (data rank, then tensor rank).
-    fn stage_devices(&self, stage: usize) -> &[Device] {
-        let first = self.placement.device(stage, 0, 0);
-        &self.devices[first..first + self.placement.grids[stage].devices()]
+    /// Device `index` of the mesh, if this process hosts it.
+    fn hosted(&self, index: usize) -> Option<&Device> {
+        self.devices.iter().find(|d| d.index == index)
     }
 }
 
@@ -574,7 +708,7 @@ mod tests {
             let states = vec![None; values.len()];
             let (done, finished) = std::sync::mpsc::channel();
             std::thread::spawn(move || {
-                let mut mesh = Mesh::new(&graph, placement, &values, &states);
+                let mut mesh = Mesh::new(&graph, placement, &values, &states, &World::Alone);
                 done.send(mesh.step(&graph, &e.train, &micros, 1e-3, 1).err())
                     .ok();
             });

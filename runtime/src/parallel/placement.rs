@@ -230,6 +230,19 @@ impl Placement {
         self.grids.iter().map(StageGrid::devices).sum()
     }
 
+    /// Every device's (stage, data rank, tensor rank), in device order.
+    pub fn coordinates(&self) -> Vec<(usize, usize, usize)> {
+        let mut all = Vec::with_capacity(self.devices());
+        for (stage, grid) in self.grids.iter().enumerate() {
+            for rank in 0..grid.data {
+                for part in 0..grid.tensor.size {
+                    all.push((stage, rank, part));
+                }
+            }
+        }
+        all
+    }
+
     /// The mesh index of the device of `stage` at data rank `rank`, tensor rank `part`
     /// (stages in order, then data rank, tensor rank fastest).
     pub fn device(&self, stage: usize, rank: usize, part: usize) -> usize {

@@ -2,7 +2,7 @@
 //! rank's shards by the layout the compiler decided (`kiln_compiler::plan::sharding`) and
 //! putting them back, and the vocabulary-parallel loss's view of its group.
 
-use crate::parallel::collective::Collective;
+use crate::comm::Collective;
 use crate::tensor::HostTensor;
 use kiln_compiler::plan::sharding::{section_ranges, ParamLayout, VocabColumns};
 

@@ -223,7 +223,10 @@ impl RunDir {
             .append(true)
             .open(&path)
             .map_err(|err| io_error(&path, err))?;
-        Ok(MetricsLog { path, file })
+        Ok(MetricsLog {
+            path,
+            file: Some(file),
+        })
     }
 }
 
@@ -231,15 +234,26 @@ impl RunDir {
 /// kill leaves at most one torn last line, which a resume drops.
 pub struct MetricsLog {
     path: PathBuf,
-    file: File,
+    /// `None`: the log of a process that does not report for its job (rank 0 does).
+    file: Option<File>,
 }
 
 impl MetricsLog {
+    /// The log of a process whose lines another process writes.
+    pub fn unkept() -> Self {
+        MetricsLog {
+            path: PathBuf::new(),
+            file: None,
+        }
+    }
+
     pub fn append(&mut self, line: &serde_json::Value) -> Result<(), StoreError> {
+        let Some(file) = self.file.as_mut() else {
+            return Ok(());
+        };
         let mut text = line.to_string();
         text.push('\n');
-        self.file
-            .write_all(text.as_bytes())
+        file.write_all(text.as_bytes())
             .map_err(|err| io_error(&self.path, err))
     }
 }

@@ -122,17 +122,21 @@ fn weights_bytes(g: &Graph, values: &[HostTensor], params: &[usize]) -> Result<V
 }
 
 /// Saves trainable weights (and the `frozen` ones no file names), optimizer moments and
-/// progress as one checkpoint of the run.
+/// progress as one checkpoint of the run. Every process of a job gathers them; the one that
+/// owns the run directory (`dir`, rank 0's) writes them.
 pub(super) fn save_checkpoint(
     g: &Graph,
-    mesh: &Mesh,
+    mesh: &mut Mesh,
     progress: &Progress,
-    dir: &RunDir,
+    dir: Option<&RunDir>,
     keep: u64,
     frozen: &[usize],
 ) -> Result<(), RunError> {
-    let values = mesh.values(g);
-    let states = mesh.states(g);
+    let values = mesh.values(g)?;
+    let states = mesh.states(g)?;
+    let Some(dir) = dir else {
+        return Ok(());
+    };
     let trainable: Vec<usize> = (0..g.params.len())
         .filter(|&i| g.params[i].trainable)
         .collect();

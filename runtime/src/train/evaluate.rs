@@ -77,7 +77,7 @@ pub(super) struct Evaluator<'a> {
 impl Evaluator<'_> {
     pub(super) fn run(
         &self,
-        mesh: &Mesh,
+        mesh: &mut Mesh,
         step: u64,
         metrics: &mut MetricsLog,
         on_event: &mut impl FnMut(&Event) -> Control,
@@ -85,7 +85,7 @@ impl Evaluator<'_> {
         let Some(set) = self.set else {
             return Ok(None);
         };
-        let values = mesh.values(self.graph);
+        let values = mesh.values(self.graph)?;
         let inputs = match self.steps {
             Steps::Batches(inputs) => inputs,
             Steps::Rollouts(_, rollouts) => {

@@ -53,6 +53,12 @@ impl From<DataError> for RunError {
     }
 }
 
+impl From<crate::comm::CollectiveError> for RunError {
+    fn from(e: crate::comm::CollectiveError) -> Self {
+        RunError(e.0)
+    }
+}
+
 impl From<StoreError> for RunError {
     fn from(e: StoreError) -> Self {
         RunError(e.0)

@@ -3,12 +3,13 @@
 //! (batches of the objective's examples, or PPO's rollouts), the learning-rate schedule,
 //! metrics, evaluation, checkpoints and the loss curve.
 
+use crate::comm::world::World;
 use crate::data::{load_tokenizer, task_data, Example, Feed, Source};
 use crate::exec::DropoutKey;
 use crate::parallel::mesh::{Mesh, StepOutcome};
 use crate::parallel::placement::Placement;
 use crate::rng::{Key, Purpose};
-use crate::store::run_dir::RunDir;
+use crate::store::run_dir::{latest_checkpoint, MetricsLog, RunDir};
 use crate::store::safetensors::write_atomic;
 use crate::store::starting_weights::{named_checkpoints, starting_values};
 use crate::train::checkpoint::{load_checkpoint, save_checkpoint, unsourced_frozen, Progress};
@@ -37,9 +38,10 @@ fn plot_run(name: &str, run_dir: &Path) -> Result<(), RunError> {
 }
 
 /// How `kiln run` spreads a step: as the program's plan places it (one device running every
-/// microbatch in turn, on `cpu(1)`). Refused before anything is allocated when the plan is for
-/// other hardware or does not fit this machine's memory.
-fn placement(program: &Program) -> Result<Placement, RunError> {
+/// microbatch in turn, on `cpu(1)`), over this process's threads or one process per device of
+/// an MPI job. Refused before anything is allocated when the plan is for other hardware, for
+/// another number of processes, or does not fit this machine's memory.
+fn placement(program: &Program, world: &World) -> Result<Placement, RunError> {
     let e = &program.experiment;
     let device = &e.parallel.mesh.node.device.name;
     // The executor runs on this machine's CPU threads: a mesh of other devices is a plan to
@@ -54,7 +56,18 @@ fn placement(program: &Program) -> Result<Placement, RunError> {
     let batch = e.train.batch as usize;
     let placement = Placement::from_plan(&program.graph, &program.plan)
         .map_err(|err| RunError(format!("the plan: {}", err.0)))?;
-    check_host_memory(&placement)?;
+    if world.size() > 1 && world.size() != placement.devices() {
+        return Err(RunError(format!(
+            "`{}` is planned for {} devices (`parallel {{ mesh = cpu({}) }}`) and its job has {} processes: start one process per device (`mpirun -np {}`), or plan for {} devices",
+            e.name,
+            placement.devices(),
+            placement.devices(),
+            world.size(),
+            placement.devices(),
+            world.size()
+        )));
+    }
+    check_host_memory(&placement, world)?;
     let (rows, microbatches) = (placement.rows_per_microbatch, placement.microbatches);
     if rows * microbatches != batch {
         return Err(RunError(format!(
@@ -64,15 +77,18 @@ fn placement(program: &Program) -> Result<Placement, RunError> {
     Ok(placement)
 }
 
-/// The plan's memory over all of its devices (they share this machine's memory) against what
-/// the machine has available, so that a run too large fails with numbers instead of an abort
-/// in the allocator.
-fn check_host_memory(placement: &Placement) -> Result<(), RunError> {
-    let needed: f64 = placement
-        .memory
+/// The plan's memory over the devices this process hosts (all of them, or in an MPI job its
+/// own) against what the machine has available, so that a run too large fails with numbers
+/// instead of an abort in the allocator.
+fn check_host_memory(placement: &Placement, world: &World) -> Result<(), RunError> {
+    let stages = placement.coordinates().into_iter().map(|(stage, ..)| stage);
+    let hosted: Vec<usize> = match world.size() {
+        1 => stages.collect(),
+        _ => stages.skip(world.rank()).take(1).collect(),
+    };
+    let needed: f64 = hosted
         .iter()
-        .zip(&placement.grids)
-        .map(|(m, grid)| m.total * grid.devices() as f64)
+        .map(|&stage| placement.memory.get(stage).map_or(0.0, |m| m.total))
         .sum();
     let Some(available) = crate::host::available_memory() else {
         return Ok(());
@@ -80,9 +96,9 @@ fn check_host_memory(placement: &Placement) -> Result<(), RunError> {
     if needed > available as f64 {
         const GIB: f64 = (1u64 << 30) as f64;
         return Err(RunError(format!(
-            "the plan needs {:.1} GiB over its {} devices and this machine has {:.1} GiB available; `kiln plan` shows where the memory goes (shrink the model, batch, micro_batch or seq_len, or add recompute)",
+            "the plan needs {:.1} GiB over the {} devices of this process and this machine has {:.1} GiB available; `kiln plan` shows where the memory goes (shrink the model, batch, micro_batch or seq_len, or add recompute)",
             needed / GIB,
-            placement.devices(),
+            hosted.len(),
             available as f64 / GIB
         )));
     }
@@ -114,11 +130,17 @@ impl SavePolicy {
 }
 
 /// Trains the program's experiment and writes metrics and checkpoints under `runs/<name>`,
-/// which it holds alone while it runs; `start` says what to do with a run already there (`Resume` continues it with
-/// identical results). `on_event` hears of the start, each step and each evaluation, and may
-/// stop the run: it then saves a checkpoint and returns with the steps done.
+/// which it holds alone while it runs; `start` says what to do with a run already there
+/// (`Resume` continues it with identical results). `on_event` hears of the start, each step
+/// and each evaluation, and may stop the run: it then saves a checkpoint and returns with the
+/// steps done.
+///
+/// In an MPI job (`world`) every process calls this: each runs its device's share of every
+/// step, and rank 0 alone owns the run directory (metrics, checkpoints, the plot). A stop asked
+/// of any process stops them all at the same step.
 pub fn run(
     program: &Program,
+    world: &World,
     runs: &Path,
     steps_override: Option<u64>,
     start: Start,
@@ -131,10 +153,16 @@ pub fn run(
     };
     let (e, graph) = (&program.experiment, &program.graph);
     // Before anything is read or allocated: the plan must be runnable here and fit.
-    let placement = placement(program)?;
-    let run_dir = RunDir::lock(runs, &e.name)?;
-    let resumable = match start {
-        Start::Fresh => match run_dir.newest_step()? {
+    let placement = placement(program, world)?;
+    let run_dir = match world.speaks() {
+        true => Some(RunDir::lock(runs, &e.name)?),
+        false => None,
+    };
+    let resumable = match (start, &run_dir) {
+        // Rank 0 checks and prepares the directory; the others read the checkpoint it resumes.
+        (Start::Resume, None) => latest_checkpoint(&runs.join(&e.name))?,
+        (_, None) => None,
+        (Start::Fresh, Some(run_dir)) => match run_dir.newest_step()? {
             Some(step) => {
                 return Err(RunError(format!(
                     "{} already holds a run of `{}` (its checkpoint of step {step}): `--resume` continues it, `--restart` discards it and starts over",
@@ -144,8 +172,8 @@ pub fn run(
             }
             None => None,
         },
-        Start::Resume => run_dir.latest()?,
-        Start::Restart => {
+        (Start::Resume, Some(run_dir)) => run_dir.latest()?,
+        (Start::Restart, Some(run_dir)) => {
             run_dir.clear()?;
             None
         }
@@ -228,7 +256,10 @@ pub fn run(
     let peak = match e.train.optimizer {
         Optimizer::Adamw { lr, .. } | Optimizer::Sgd { lr, .. } => lr,
     };
-    let mut metrics = run_dir.metrics(resumed_from)?;
+    let mut metrics = match &run_dir {
+        Some(run_dir) => run_dir.metrics(resumed_from)?,
+        None => MetricsLog::unkept(),
+    };
     let evaluator = Evaluator {
         graph,
         e,
@@ -240,7 +271,7 @@ pub fn run(
 
     let started = Instant::now();
     let tokens_before = progress.tokens;
-    let mut mesh = Mesh::new(graph, placement, &values, &states);
+    let mut mesh = Mesh::new(graph, placement, &values, &states, world);
     drop(values);
     let mut saves = SavePolicy::new(e);
     let mut saved_step = resumed_from;
@@ -263,7 +294,8 @@ pub fn run(
                 // Draws keyed by the step: a resumed run samples what the whole run did.
                 let key = Key::of(e.train.seed, Purpose::Sampling).fold(s);
                 let kl_coef = progress.kl_coef.unwrap_or(ppo.kl);
-                let rollout = rollouts.collect(&mesh.values(graph), &prompts, key, kl_coef)?;
+                let values = mesh.values(graph)?;
+                let rollout = rollouts.collect(&values, &prompts, key, kl_coef)?;
                 progress.tokens += rollout.tokens();
                 if let Some(target) = ppo.kl_target {
                     let next = adapt_kl_coef(kl_coef, rollout.kl, target, ppo.kl_horizon, batch);
@@ -342,27 +374,35 @@ pub fn run(
             collective_seconds,
         }));
         if e.train.eval_every.is_some_and(|k| step.is_multiple_of(k)) && step < total {
-            last_eval = evaluator.run(&mesh, step, &mut metrics, &mut on_event)?;
+            last_eval = evaluator.run(&mut mesh, step, &mut metrics, &mut on_event)?;
+        }
+        // The processes of a job stop and save together: a stop asked of one (an interrupt
+        // reaches them at different steps) or a save one's clock says is due.
+        let stop = mesh.anyone(matches!(control, Control::Stop))?;
+        if stop {
+            control = Control::Stop;
         }
         // A checkpoint at `total` is saved after the final evaluation, below.
-        if step < total && (matches!(control, Control::Stop) || saves.due(step)) {
-            save_checkpoint(graph, &mesh, &progress, &run_dir, keep, &frozen)?;
+        if step < total && (stop || mesh.anyone(saves.due(step))?) {
+            save_checkpoint(graph, &mut mesh, &progress, run_dir.as_ref(), keep, &frozen)?;
             saved_step = Some(step);
             saves.last = Instant::now();
         }
     }
     // A run resumed from its final checkpoint has its final evaluation already.
     if progress.step == total && resumed_from != Some(total) {
-        last_eval = evaluator.run(&mesh, progress.step, &mut metrics, &mut on_event)?;
+        last_eval = evaluator.run(&mut mesh, progress.step, &mut metrics, &mut on_event)?;
     }
     // Nothing to save before a first step (its loss is not a number yet).
     if progress.step > 0 && saved_step != Some(progress.step) {
-        save_checkpoint(graph, &mesh, &progress, &run_dir, keep, &frozen)?;
+        save_checkpoint(graph, &mut mesh, &progress, run_dir.as_ref(), keep, &frozen)?;
     }
     drop(metrics);
-    plot_run(&e.name, run_dir.path())?;
     let memory = mesh.memory();
-    if !memory.is_empty() {
+    if let Some(run_dir) = &run_dir {
+        plot_run(&e.name, run_dir.path())?;
+    }
+    if let Some(run_dir) = run_dir.as_ref().filter(|_| !memory.is_empty()) {
         let json = serde_json::to_string_pretty(&memory)
             .map_err(|err| RunError(format!("memory report: {err}")))?;
         write_atomic(&run_dir.path().join("memory.json"), json.as_bytes()).map_err(RunError)?;
@@ -379,7 +419,7 @@ pub fn run(
         eval_loss: last_eval.as_ref().map(|e| e.loss),
         eval_accuracy: last_eval.and_then(|e| e.accuracy),
         tokens_per_second,
-        run_dir: run_dir.path().to_path_buf(),
+        run_dir: runs.join(&e.name),
         memory,
     })
 }

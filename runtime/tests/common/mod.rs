@@ -1,6 +1,7 @@
 //! Helpers shared by the runtime's integration tests (each test crate uses some of them).
 #![allow(dead_code)]
 
+use kiln_runtime::comm::world::World;
 use kiln_runtime::store::safetensors::safetensors_bytes;
 use kiln_runtime::tensor::HostTensor;
 use std::collections::BTreeMap;
@@ -61,7 +62,7 @@ pub fn run(
     on_event: impl FnMut(&kiln_runtime::train::Event) -> kiln_runtime::train::Control,
 ) -> Result<kiln_runtime::train::RunSummary, kiln_runtime::train::RunError> {
     let program = program(e).map_err(kiln_runtime::train::RunError)?;
-    kiln_runtime::train::run(&program, runs, steps, start, on_event)
+    kiln_runtime::train::run(&program, &World::Alone, runs, steps, start, on_event)
 }
 
 /// `e` compiled for the runtime, or its diagnostics' messages with their help.

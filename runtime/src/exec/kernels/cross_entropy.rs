@@ -5,7 +5,7 @@
 use super::buffer::{elements, row_major, vectorized, Shared};
 use super::math::exp;
 use super::{Taped, R3};
-use crate::parallel::collective::Collective;
+use crate::comm::Collective;
 use crate::parallel::tensor_parallel::VocabShard;
 use dfdx::prelude::*;
 use rayon::prelude::*;
@@ -290,7 +290,7 @@ mod tests {
     /// its gradient, with nothing but two numbers a row exchanged.
     #[test]
     fn vocabulary_parallel_cross_entropy_equals_the_whole_one() {
-        use crate::parallel::collective::cpu_ring;
+        use crate::comm::cpu_ring;
         use crate::parallel::tensor_parallel::VocabShard;
         use kiln_compiler::plan::sharding::VocabColumns;
         let (b, s, vocab, size) = (2, 5, 11, 3);

@@ -10,7 +10,7 @@
 use super::convert::{gathered, sequence_of, summed};
 use super::schedule::StepContext;
 use super::{Failure, Links};
-use crate::parallel::collective::{Collective, CpuRing, Payload, Tag};
+use crate::comm::{Collective, Payload, Tag};
 use crate::parallel::placement::by_rows;
 use crate::parallel::tensor_parallel::Shards;
 use crate::tensor::HostTensor;
@@ -76,7 +76,7 @@ impl StepContext<'_> {
         }
         let grid = &p.grids[device.stage];
         let form = &grid.tensor.forms[crossing.node.index()];
-        let whole = whole(&mut links.tensor, crossing.payload, form, value)?;
+        let whole = whole(&mut *links.tensor, crossing.payload, form, value)?;
         if device.part != 0 {
             return Ok(());
         }
@@ -147,7 +147,7 @@ impl StepContext<'_> {
 
 /// The whole value (for its rows) from this rank's form of it, over the tensor-parallel group.
 fn whole(
-    ring: &mut CpuRing,
+    ring: &mut dyn Collective,
     payload: Payload,
     form: &Form,
     value: &HostTensor,

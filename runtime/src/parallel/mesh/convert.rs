@@ -4,7 +4,7 @@
 
 use super::{own, Failure};
 use crate::exec::Value;
-use crate::parallel::collective::{Collective, CollectiveError, CpuRing};
+use crate::comm::{Collective, CollectiveError};
 use crate::parallel::tensor_parallel::Shards;
 use crate::tensor::HostTensor;
 use kiln_compiler::plan::sharding::{last_axis, sequence_axis, Conversion, ParamLayout};
@@ -12,7 +12,7 @@ use kiln_compiler::plan::sharding::{last_axis, sequence_axis, Conversion, ParamL
 /// A value on its way into a piece that computes differently from its producer (see
 /// [`Conversion`]): gathered, reduced, scattered or sliced over the tensor-parallel group.
 pub(super) fn convert_forward(
-    ring: &mut CpuRing,
+    ring: &mut dyn Collective,
     conversion: &Conversion,
     value: &Value,
 ) -> Result<Value, Failure> {
@@ -39,7 +39,7 @@ pub(super) fn convert_forward(
 
 /// The gradient of a converted value, back in its producer's form.
 pub(super) fn convert_backward(
-    ring: &mut CpuRing,
+    ring: &mut dyn Collective,
     conversion: &Conversion,
     grad: Value,
 ) -> Result<Value, Failure> {
@@ -69,7 +69,7 @@ pub(super) fn convert_backward(
     Value::from_host(converted).map_err(own)
 }
 
-pub(super) fn summed(ring: &mut CpuRing, mut t: HostTensor) -> Result<HostTensor, CollectiveError> {
+pub(super) fn summed(ring: &mut dyn Collective, mut t: HostTensor) -> Result<HostTensor, CollectiveError> {
     ring.all_reduce_sum(&mut t.data)?;
     Ok(t)
 }
@@ -78,7 +78,7 @@ pub(super) fn summed(ring: &mut CpuRing, mut t: HostTensor) -> Result<HostTensor
 /// its part in a whole-sized buffer and the buffers are summed (parts of a vocabulary that does
 /// not divide evenly differ in size).
 pub(super) fn gathered(
-    ring: &mut CpuRing,
+    ring: &mut dyn Collective,
     layout: ParamLayout,
     part: &HostTensor,
 ) -> Result<HostTensor, CollectiveError> {

@@ -7,7 +7,7 @@ use super::boundary::Crossing;
 use super::convert::{convert_backward, convert_forward};
 use super::{own, Device, Failure, Links, StepOutcome};
 use crate::exec::{Batch, Params, Segment, Stats, Value};
-use crate::parallel::collective::{Collective, Payload};
+use crate::comm::Payload;
 use crate::parallel::placement::{Piece, Placement};
 use crate::tensor::{param_shape, HostTensor};
 use kiln_compiler::graph::Graph;
@@ -260,7 +260,7 @@ impl<'c> StepContext<'c> {
                 (Conversion::None | Conversion::ReduceGradient, _) => raw.clone(),
                 (_, Some(done)) => done.clone(),
                 _ => {
-                    let v = convert_forward(&mut links.tensor, conversion, raw)?;
+                    let v = convert_forward(&mut *links.tensor, conversion, raw)?;
                     entry.converted.insert(key, v.clone());
                     v
                 }
@@ -276,7 +276,7 @@ impl<'c> StepContext<'c> {
             ops,
             &piece.nodes,
             received,
-            Some(&mut links.tensor),
+            Some(&mut *links.tensor),
         );
         for i in gathered {
             tensors.release(i);
@@ -428,7 +428,7 @@ impl<'c> StepContext<'c> {
                     continue;
                 };
                 let grad = received.swap_remove(at).1;
-                let grad = convert_backward(&mut links.tensor, conversion, grad)?;
+                let grad = convert_backward(&mut *links.tensor, conversion, grad)?;
                 accumulate(&mut entry.upstream, *n, grad)?;
             }
         }

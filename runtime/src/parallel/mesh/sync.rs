@@ -4,7 +4,7 @@
 
 use super::schedule::{Grads, StepContext};
 use super::{Across, Device, Failure, Links};
-use crate::parallel::collective::{Collective, CollectiveError};
+use crate::comm::{Collective, CollectiveError};
 use crate::parallel::tensor_parallel::Shards;
 use crate::tensor::{param_shape, HostTensor};
 use crate::train::optim::{clip_factor, step};
@@ -24,7 +24,7 @@ impl StepContext<'_> {
         loss: f32,
     ) -> Result<f32, Failure> {
         if self.placement.zero == 0 {
-            return Ok(all_reduce_gradients(&mut links.data, grads, loss)?);
+            return Ok(all_reduce_gradients(&mut *links.data, grads, loss)?);
         }
         if !self.partitioned_gradients(stage) {
             // ZeRO-1: last parameters first, as backward finishes them.
