@@ -5,8 +5,8 @@
 //! (a GPU cluster) is a plan to study with `kiln plan`: `run` must refuse it, saying so, rather
 //! than try. An example planned over several CPU devices trains as it would on one.
 
-use kiln_runtime::comm::world::World;
 use kiln_compiler::spec::Experiment;
+use kiln_runtime::comm::world::World;
 use kiln_runtime::train::{run, Control, Event, Start};
 use std::path::{Path, PathBuf};
 
@@ -76,9 +76,14 @@ fn run_file(file: &Path) -> Result<Vec<Outcome>, String> {
             let messages: Vec<&str> = d.items.iter().map(|i| i.message.as_str()).collect();
             format!("{what} does not compile: {}", messages.join("; "))
         })?;
-        let result = run(&program, &World::Alone, &runs, Some(STEPS), Start::Fresh, |_| {
-            Control::Continue
-        });
+        let result = run(
+            &program,
+            &World::Alone,
+            &runs,
+            Some(STEPS),
+            Start::Fresh,
+            |_| Control::Continue,
+        );
         if runs_on_this_machine(e) {
             let summary = result.map_err(|err| format!("{what} does not run: {err}"))?;
             if summary.steps != STEPS || !summary.last_loss.is_finite() {
@@ -185,8 +190,15 @@ fn step_losses(e: &Experiment, runs: &Path) -> Vec<f32> {
     };
     let program = kiln::compiler::compile(e)
         .unwrap_or_else(|d| panic!("`{}` does not compile: {:?}", e.name, d.items));
-    run(&program, &World::Alone, runs, Some(COMPARED_STEPS), Start::Fresh, record)
-        .unwrap_or_else(|err| panic!("`{}` does not run: {err}", e.name));
+    run(
+        &program,
+        &World::Alone,
+        runs,
+        Some(COMPARED_STEPS),
+        Start::Fresh,
+        record,
+    )
+    .unwrap_or_else(|err| panic!("`{}` does not run: {err}", e.name));
     std::fs::remove_dir_all(runs).ok();
     losses
 }

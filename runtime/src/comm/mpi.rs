@@ -52,7 +52,9 @@ impl MpiWorld {
         }
         let size = world.size() as usize;
         if size != launch.world {
-            let launcher = launch.launcher.map_or("the launcher".into(), |l| l.to_string());
+            let launcher = launch
+                .launcher
+                .map_or("the launcher".into(), |l| l.to_string());
             return Err(format!(
                 "{launcher} started {} processes but MPI sees a job of {size}: start kiln's processes with `mpirun -np {0}` or `srun -n {0}` (torchrun's processes share no MPI job; on CPUs they need one)",
                 launch.world
@@ -225,10 +227,18 @@ impl Drop for MpiPost {
 }
 
 /// The postman: receives every pipeline message sent to this process, in arrival order, until
-/// its own process says stop.
+/// its own process says stop. It polls rather than blocks in a probe, because a blocking probe
+/// spins MPI's progress engine and would take a core from the device's computation; it sleeps
+/// between polls, longer the longer nothing arrives (up to `IDLE_POLL`).
 fn deliver_messages(comm: &SimpleCommunicator, deliver: &Sender<(Tag, HostTensor)>) {
+    let mut idle = Duration::ZERO;
     loop {
-        let probed = comm.any_process().matched_probe();
+        let Some(probed) = comm.any_process().immediate_matched_probe() else {
+            idle = (idle * 2).clamp(Duration::from_micros(20), IDLE_POLL);
+            std::thread::sleep(idle);
+            continue;
+        };
+        idle = Duration::ZERO;
         let stop = probed.1.tag() == STOP;
         let (bytes, _) = probed.matched_receive_vec::<u8>();
         if stop {
@@ -240,6 +250,9 @@ fn deliver_messages(comm: &SimpleCommunicator, deliver: &Sender<(Tag, HostTensor
         }
     }
 }
+
+/// The longest the postman sleeps between polls: small beside a pipeline stage's compute.
+const IDLE_POLL: Duration = Duration::from_micros(500);
 
 /// A message as bytes: the tag's six fields, the shape's length and dimensions (u64, little
 /// endian), then the values (f32).
@@ -257,7 +270,8 @@ fn encode(tag: Tag, value: &HostTensor) -> Vec<u8> {
         tag.sender,
         value.shape.len(),
     ];
-    let mut bytes = Vec::with_capacity(8 * (header.len() + value.shape.len()) + 4 * value.data.len());
+    let mut bytes =
+        Vec::with_capacity(8 * (header.len() + value.shape.len()) + 4 * value.data.len());
     for n in header.into_iter().chain(value.shape.iter().copied()) {
         bytes.extend_from_slice(&(n as u64).to_le_bytes());
     }
