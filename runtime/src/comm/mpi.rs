@@ -125,6 +125,15 @@ pub struct MpiGroup {
 }
 
 impl MpiGroup {
+    /// Every process of the group ends with process `root`'s `bytes` (NCCL's unique id).
+    #[cfg(feature = "nccl")]
+    pub(crate) fn broadcast_bytes(&self, bytes: &mut [u8], root: usize) {
+        self.comm
+            .0
+            .process_at_rank(root as i32)
+            .broadcast_into(bytes);
+    }
+
     fn timed<T>(&mut self, op: impl FnOnce(&SimpleCommunicator, &mut Vec<f32>) -> T) -> T {
         let start = Instant::now();
         let out = op(&self.comm.0, &mut self.padded);
