@@ -174,8 +174,9 @@ fn close(a: f64, b: f64) -> bool {
     (a - b).abs() <= 1e-5 * a.abs().max(b.abs()).max(1e-3)
 }
 
-/// The same figures, and the same weights and moments, within 1e-5 relative.
-fn same_run(got: &Path, want: &Path, what: &str) {
+/// The same figures within 1e-5 relative, and the same weights and moments: within `tolerance`
+/// of each tensor's largest value.
+fn same_run(got: &Path, want: &Path, what: &str, tolerance: f32) {
     let (m, n) = (metrics(got), metrics(want));
     assert_eq!(m.len(), n.len(), "{what}: metrics lines\n{m:?}\n{n:?}");
     for (a, b) in m.iter().zip(&n) {
@@ -197,11 +198,11 @@ fn same_run(got: &Path, want: &Path, what: &str) {
     for (name, t) in &w {
         let u = &v[name];
         assert_eq!(t.shape, u.shape, "{what}: {name}");
-        let scale = u.data.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
+        let scale = u.data.iter().fold(1e-6f32, |m, x| m.max(x.abs()));
         for (x, y) in t.data.iter().zip(&u.data) {
             assert!(
-                (x - y).abs() <= 1e-5 * scale.max(x.abs()) + 1e-7,
-                "{what}: {name}: {x} vs {y}"
+                (x - y).abs() <= tolerance * scale,
+                "{what}: {name}: {x} vs {y} (largest {scale})"
             );
         }
     }
@@ -214,7 +215,7 @@ fn processes_train_as_threads(name: &str, np: usize, file: &Path) {
     let limit = Duration::from_secs(300);
     succeeded(&within(mpirun(np, file, &procs, &[]), limit));
     succeeded(&within(alone(file, &threads, &[]), limit));
-    same_run(&procs.join("e"), &threads.join("e"), name);
+    same_run(&procs.join("e"), &threads.join("e"), name, 1e-5);
 }
 
 const GPT2: &str =
@@ -334,10 +335,14 @@ fn a_killed_rank_ends_the_job_and_the_run_resumes_on_as_many_or_fewer_processes(
         mpirun(2, &file, &runs, two),
         Duration::from_secs(300),
     ));
+    // Summed over 2 replicas instead of 4, gradients differ in their last bits, which Adam's
+    // normalisation lifts for parameters whose gradients are near zero: the weights agree to
+    // 1e-3 of each tensor's scale, the losses to 1e-5.
     same_run(
         &runs.join("e"),
         &whole.join("e"),
         "killed, resumed on 2 ranks",
+        1e-3,
     );
     std::fs::remove_dir_all(&dir).ok();
 }
