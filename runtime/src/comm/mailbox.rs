@@ -170,5 +170,4 @@ mod tests {
             "a failed mesh must not hang a receive"
         );
     }
-
 }

@@ -24,7 +24,9 @@ impl World {
         }
         #[cfg(not(feature = "mpi"))]
         {
-            let launcher = launch.launcher.map_or("the launcher".into(), |l| l.to_string());
+            let launcher = launch
+                .launcher
+                .map_or("the launcher".into(), |l| l.to_string());
             Err(format!(
                 "{launcher} started {} processes and this kiln was built without MPI: build it with `cargo build --release --features mpi` (Debian: `apt-get install libopenmpi-dev openmpi-bin libclang-dev`)",
                 launch.world

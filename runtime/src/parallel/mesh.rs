@@ -12,10 +12,10 @@
 //! `schedule`, its end (gradient sums, norm, optimizer) in `sync`, tensor-parallel conversions
 //! in `convert`, and values crossing stage boundaries in `boundary`.
 
-use crate::exec::{Batch, ExecError, Stats, STAT_NAMES};
-use crate::memory;
 use crate::comm::world::World;
 use crate::comm::{block_shard, cpu_ring, mailboxes, Collective, CollectiveError, Mailbox};
+use crate::exec::{Batch, ExecError, Stats, STAT_NAMES};
+use crate::memory;
 use crate::parallel::placement::Placement;
 use crate::parallel::tensor_parallel::Shards;
 use crate::tensor::{param_shape, HostTensor};
@@ -616,7 +616,11 @@ impl Mesh {
                         continue;
                     };
                     let piece = part_of(device);
-                    let into = if shared { block_shard(len, d, rank) } else { 0..len };
+                    let into = if shared {
+                        block_shard(len, d, rank)
+                    } else {
+                        0..len
+                    };
                     data[into].copy_from_slice(&piece);
                 }
                 HostTensor {

@@ -3,8 +3,8 @@
 //! their gradients back in their producer's form.
 
 use super::{own, Failure};
-use crate::exec::Value;
 use crate::comm::{Collective, CollectiveError};
+use crate::exec::Value;
 use crate::parallel::tensor_parallel::Shards;
 use crate::tensor::HostTensor;
 use kiln_compiler::plan::sharding::{last_axis, sequence_axis, Conversion, ParamLayout};
@@ -69,7 +69,10 @@ pub(super) fn convert_backward(
     Value::from_host(converted).map_err(own)
 }
 
-pub(super) fn summed(ring: &mut dyn Collective, mut t: HostTensor) -> Result<HostTensor, CollectiveError> {
+pub(super) fn summed(
+    ring: &mut dyn Collective,
+    mut t: HostTensor,
+) -> Result<HostTensor, CollectiveError> {
     ring.all_reduce_sum(&mut t.data)?;
     Ok(t)
 }

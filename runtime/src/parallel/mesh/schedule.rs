@@ -6,8 +6,8 @@
 use super::boundary::Crossing;
 use super::convert::{convert_backward, convert_forward};
 use super::{own, Device, Failure, Links, StepOutcome};
-use crate::exec::{Batch, Params, Segment, Stats, Value};
 use crate::comm::Payload;
+use crate::exec::{Batch, Params, Segment, Stats, Value};
 use crate::parallel::placement::{Piece, Placement};
 use crate::tensor::{param_shape, HostTensor};
 use kiln_compiler::graph::Graph;
