@@ -2,18 +2,12 @@
 //! exactly the weights and losses of a run never interrupted, and a save that fails for want of
 //! space leaves the previous checkpoint intact and the run resumable.
 
+mod common;
+
+use common::{scratch, succeeded, KILN};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Instant;
-
-const KILN: &str = env!("CARGO_BIN_EXE_kiln");
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("kiln-crash-{name}-{}", std::process::id()));
-    std::fs::remove_dir_all(&dir).ok();
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 /// A small run of the quick-start's data with dropout on (so the resumed run must redraw the
 /// same masks), saving after every step so that kills often land inside a save.
@@ -45,16 +39,6 @@ fn kiln_run(file: &Path, runs: &Path, extra: &[&str]) -> Command {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     cmd
-}
-
-fn finished(out: &Output) {
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// The newest checkpoint's trainable weights, bytes as saved.
@@ -112,10 +96,10 @@ fn wait_for_lines(run: &Path, lines: usize, child: &mut std::process::Child) {
 
 #[test]
 fn random_kills_resume_to_the_uninterrupted_run() {
-    let dir = scratch("kills");
+    let dir = scratch("crash-kills");
     let file = experiment_file(&dir, 120, 1);
     let (whole, killed) = (dir.join("whole"), dir.join("killed"));
-    finished(&kiln_run(&file, &whole, &[]).output().unwrap());
+    succeeded(&kiln_run(&file, &whole, &[]).output().unwrap());
 
     let run = killed.join("crash");
     let mut rng = Lcg(12);
@@ -166,7 +150,7 @@ fn random_kills_resume_to_the_uninterrupted_run() {
     );
     // How many landed inside a save depends on how long this disk takes to flush.
     eprintln!("{kills} kills, {mid_save} inside a save; step {reached} reached");
-    finished(&kiln_run(&file, &killed, &["--resume"]).output().unwrap());
+    succeeded(&kiln_run(&file, &killed, &["--resume"]).output().unwrap());
 
     let (a, b) = (whole.join("crash"), killed.join("crash"));
     assert_eq!(
@@ -233,10 +217,10 @@ fn copy_dir(from: &Path, to: &Path) {
 
 #[test]
 fn a_full_disk_keeps_the_last_checkpoint_and_the_run_resumes() {
-    let dir = scratch("disk");
+    let dir = scratch("crash-disk");
     let file = experiment_file(&dir, 6, 2);
     let whole = dir.join("whole");
-    finished(&kiln_run(&file, &whole, &[]).output().unwrap());
+    succeeded(&kiln_run(&file, &whole, &[]).output().unwrap());
     let checkpoint = kiln_runtime::store::run_dir::latest_checkpoint(&whole.join("crash"))
         .unwrap()
         .unwrap()
@@ -251,7 +235,7 @@ fn a_full_disk_keeps_the_last_checkpoint_and_the_run_resumes() {
         // No tmpfs here: the same failure as a file-size limit (`ulimit -f`, in KiB), after a
         // first run has saved step 2.
         None => {
-            finished(&kiln_run(&file, &small, &["--steps", "2"]).output().unwrap());
+            succeeded(&kiln_run(&file, &small, &["--steps", "2"]).output().unwrap());
             let limit = (one_checkpoint / 2 / 1024).to_string();
             let mut cmd = Command::new("bash");
             cmd.args(["-c", "ulimit -f \"$0\" && exec \"$@\"", &limit, KILN, "run"])
@@ -289,7 +273,7 @@ fn a_full_disk_keeps_the_last_checkpoint_and_the_run_resumes() {
     let moved = dir.join("moved");
     copy_dir(&small, &moved);
     drop(disk);
-    finished(&kiln_run(&file, &moved, &["--resume"]).output().unwrap());
+    succeeded(&kiln_run(&file, &moved, &["--resume"]).output().unwrap());
     assert_eq!(losses(&whole.join("crash")), losses(&moved.join("crash")));
     assert!(final_weights(&whole.join("crash")) == final_weights(&moved.join("crash")));
     std::fs::remove_dir_all(&dir).ok();
@@ -312,7 +296,7 @@ fn signal(child: &std::process::Child, signal: i32) {
 #[cfg(unix)]
 #[test]
 fn an_interrupt_saves_where_the_run_stopped_and_a_second_exits_at_once() {
-    let dir = scratch("interrupt");
+    let dir = scratch("crash-interrupt");
     let file = experiment_file(&dir, 100_000, 100_000);
     let runs = dir.join("runs");
     let run = runs.join("crash");

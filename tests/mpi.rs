@@ -13,18 +13,12 @@ use kiln_runtime::store::run_dir::latest_checkpoint;
 use kiln_runtime::store::safetensors::parse_safetensors;
 use kiln_runtime::tensor::HostTensor;
 use std::collections::BTreeMap;
+mod common;
+
+use common::{scratch, succeeded, KILN};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
-
-const KILN: &str = env!("CARGO_BIN_EXE_kiln");
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("kiln-mpi-{name}-{}", std::process::id()));
-    std::fs::remove_dir_all(&dir).ok();
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 fn data(file: &str) -> String {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -131,16 +125,6 @@ fn wait_within(mut child: Child, limit: Duration) -> Output {
     child.wait_with_output().unwrap()
 }
 
-fn succeeded(out: &Output) {
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// Every metrics line's figures (throughput left out: it is timing), by step and kind.
 fn metrics(run: &Path) -> Vec<BTreeMap<String, f64>> {
     std::fs::read_to_string(run.join("metrics.jsonl"))
@@ -237,7 +221,7 @@ fn gpt2_over_2_and_4_processes_trains_as_over_threads() {
             "mesh = cpu(4), pipeline = 2, data = 2, microbatches = 2, zero = 3",
         ),
     ] {
-        let dir = scratch(&format!("gpt2-{np}-{}", parallel.len()));
+        let dir = scratch(&format!("mpi-gpt2-{np}-{}", parallel.len()));
         let file = experiment(&dir, "std.models.gpt2", GPT2, "", parallel);
         processes_train_as_threads(parallel, np, &file);
         std::fs::remove_dir_all(&dir).ok();
@@ -248,7 +232,7 @@ fn gpt2_over_2_and_4_processes_trains_as_over_threads() {
 fn llama_lora_and_bert_mlm_nsp_over_processes_train_as_over_threads() {
     let llama = "llama_7b { vocab = 1024, hidden = 64, layers = 2, heads = 4, kv_heads = 2, ffn = 128, positions = 64 }";
     let lora = "adapter = lora { rank = 4, alpha = 8, dropout = 0.05, targets = [q_proj, v_proj] }";
-    let dir = scratch("llama");
+    let dir = scratch("mpi-llama");
     let file = experiment(
         &dir,
         "std.models.llama",
@@ -262,7 +246,7 @@ fn llama_lora_and_bert_mlm_nsp_over_processes_train_as_over_threads() {
     let bert =
         "bert_base { vocab = 1024, hidden = 32, layers = 2, heads = 2, ffn = 64, positions = 64 }";
     let objective = "objective = mlm { prob = 15%, strategy = whole_word } + nsp";
-    let dir = scratch("bert");
+    let dir = scratch("mpi-bert");
     let file = experiment(
         &dir,
         "std.models.bert",
@@ -288,7 +272,7 @@ fn ranks_of(runs: &Path) -> Vec<u32> {
 
 #[test]
 fn a_killed_rank_ends_the_job_and_the_run_resumes_on_as_many_or_fewer_processes() {
-    let dir = scratch("kill");
+    let dir = scratch("mpi-kill");
     let steps = "--steps=40";
     let file = experiment(&dir, "std.models.gpt2", GPT2, "", "mesh = cpu(4), data = 4");
     // The run never interrupted, as threads (equal to processes: the tests above).
@@ -349,7 +333,7 @@ fn a_killed_rank_ends_the_job_and_the_run_resumes_on_as_many_or_fewer_processes(
 
 #[test]
 fn a_plan_for_another_number_of_processes_is_refused_naming_both() {
-    let dir = scratch("count");
+    let dir = scratch("mpi-count");
     let file = experiment(&dir, "std.models.gpt2", GPT2, "", "mesh = cpu(4), data = 4");
     let out = within(
         mpirun(2, &file, &dir.join("runs"), &[]),

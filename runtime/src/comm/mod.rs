@@ -72,9 +72,15 @@ pub trait Collective: Send {
 /// Block `rank` of a buffer of `len` values cut into `size` blocks of ⌈len/size⌉ (the last
 /// ones short or empty): what device `rank` of a group owns after a reduce-scatter.
 pub fn block_shard(len: usize, size: usize, rank: usize) -> Range<usize> {
-    let block = len.div_ceil(size.max(1));
+    let block = block_len(len, size);
     let start = (rank * block).min(len);
     start..(start + block).min(len)
+}
+
+/// The length of each of `size` equal blocks of a buffer of `len` values, ⌈len/size⌉: what
+/// engines with equal-block reduce-scatter and all-gather (MPI, NCCL) pad every block to.
+pub fn block_len(len: usize, size: usize) -> usize {
+    len.div_ceil(size.max(1))
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@
 
 use super::launch::Launch;
 use super::mailbox::{Mailbox, Post, Tag};
-use super::{Collective, CollectiveError, Payload};
+use super::{block_len, Collective, CollectiveError, Payload};
 use crate::tensor::HostTensor;
 use mpi::collective::SystemOperation;
 use mpi::environment::{Threading, Universe};
@@ -167,7 +167,7 @@ impl Collective for MpiGroup {
 
     fn reduce_scatter_sum(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
         let (size, mine) = (self.size, self.shard(buf.len()));
-        let block = buf.len().div_ceil(size);
+        let block = block_len(buf.len(), size);
         self.timed(|comm, padded| {
             padded.clear();
             padded.extend_from_slice(buf);
@@ -182,7 +182,7 @@ impl Collective for MpiGroup {
 
     fn all_gather(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
         let (size, mine) = (self.size, self.shard(buf.len()));
-        let block = buf.len().div_ceil(size);
+        let block = block_len(buf.len(), size);
         self.timed(|comm, padded| {
             let mut own = buf[mine].to_vec();
             own.resize(block, 0.0);

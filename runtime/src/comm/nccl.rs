@@ -12,7 +12,7 @@
 //! (`--features nccl,ci-check`).
 
 use super::mpi::MpiGroup;
-use super::{Collective, CollectiveError};
+use super::{block_len, Collective, CollectiveError};
 use cudarc::driver::{CudaDevice, CudaSlice, DriverError};
 use cudarc::nccl::{result::NcclError, Comm, Id, ReduceOp};
 use std::sync::Arc;
@@ -172,7 +172,7 @@ impl Collective for NcclGroup {
         }
         // NCCL's blocks are of equal length: padded to ⌈len/size⌉, block r is `block_shard`'s.
         let (size, mine) = (self.size, self.shard(buf.len()));
-        let block = buf.len().div_ceil(size);
+        let block = block_len(buf.len(), size);
         self.timed("reduce-scatter", |comm, dev| {
             let send = staged(dev, buf, block * size)?;
             let mut recv = dev.alloc_zeros::<f32>(block)?;
@@ -189,7 +189,7 @@ impl Collective for NcclGroup {
             return Ok(());
         }
         let (size, mine) = (self.size, self.shard(buf.len()));
-        let block = buf.len().div_ceil(size);
+        let block = block_len(buf.len(), size);
         self.timed("all-gather", |comm, dev| {
             let send = staged(dev, &buf[mine], block)?;
             let mut recv = dev.alloc_zeros::<f32>(block * size)?;

@@ -470,14 +470,18 @@ impl Mesh {
             .collect()
     }
 
-    /// Whether `flag` holds on any process of the job (this process's, when it is alone).
-    pub fn anyone(&mut self, flag: bool) -> Result<bool, CollectiveError> {
+    /// Whether each flag holds on any process of the job (this process's, when it is alone),
+    /// all of them agreed in one all-reduce.
+    pub fn anyone<const N: usize>(
+        &mut self,
+        flags: [bool; N],
+    ) -> Result<[bool; N], CollectiveError> {
         let Some(job) = self.job.as_mut() else {
-            return Ok(flag);
+            return Ok(flags);
         };
-        let mut count = [f32::from(u8::from(flag))];
-        job.all_reduce_sum(&mut count)?;
-        Ok(count[0] > 0.0)
+        let mut counts = flags.map(|flag| f32::from(u8::from(flag)));
+        job.all_reduce_sum(&mut counts)?;
+        Ok(counts.map(|count| count > 0.0))
     }
 
     /// What the loss reported, on every process of a job: only the processes of the stage

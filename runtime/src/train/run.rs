@@ -378,12 +378,12 @@ pub fn run(
         }
         // The processes of a job stop and save together: a stop asked of one (an interrupt
         // reaches them at different steps) or a save one's clock says is due.
-        let stop = mesh.anyone(matches!(control, Control::Stop))?;
+        let [stop, due] = mesh.anyone([matches!(control, Control::Stop), saves.due(step)])?;
         if stop {
             control = Control::Stop;
         }
         // A checkpoint at `total` is saved after the final evaluation, below.
-        if step < total && (stop || mesh.anyone(saves.due(step))?) {
+        if step < total && (stop || due) {
             save_checkpoint(graph, &mut mesh, &progress, run_dir.as_ref(), keep, &frozen)?;
             saved_step = Some(step);
             saves.last = Instant::now();
