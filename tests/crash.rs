@@ -5,6 +5,8 @@
 mod common;
 
 use common::{scratch, succeeded, KILN};
+use kiln_runtime::tensor::HostTensor;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Instant;
@@ -41,12 +43,12 @@ fn kiln_run(file: &Path, runs: &Path, extra: &[&str]) -> Command {
     cmd
 }
 
-/// The newest checkpoint's trainable weights, bytes as saved.
-fn final_weights(run: &Path) -> Vec<u8> {
+/// The newest checkpoint's trainable weights, whole (compared bit for bit).
+fn final_weights(run: &Path) -> BTreeMap<String, HostTensor> {
     let newest = kiln_runtime::store::run_dir::latest_checkpoint(run)
         .unwrap()
         .expect("a checkpoint");
-    std::fs::read(newest.dir.join("trainable.safetensors")).unwrap()
+    kiln_runtime::store::sharded::saved_weights(&newest).unwrap()
 }
 
 /// Each step's loss, learning rate and gradient norm, and each evaluation (not throughput,

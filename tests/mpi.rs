@@ -10,7 +10,7 @@
 #![cfg(feature = "mpi")]
 
 use kiln_runtime::store::run_dir::latest_checkpoint;
-use kiln_runtime::store::safetensors::parse_safetensors;
+use kiln_runtime::store::sharded::{saved_moments, saved_weights};
 use kiln_runtime::tensor::HostTensor;
 use std::collections::BTreeMap;
 mod common;
@@ -142,15 +142,11 @@ fn metrics(run: &Path) -> Vec<BTreeMap<String, f64>> {
         .collect()
 }
 
-/// The newest checkpoint's trainable weights and optimizer moments.
+/// The newest checkpoint's trainable weights and optimizer moments, whole.
 fn saved(run: &Path) -> BTreeMap<String, HostTensor> {
     let newest = latest_checkpoint(run).unwrap().expect("a checkpoint");
-    let mut all = BTreeMap::new();
-    for file in ["trainable.safetensors", "optimizer.safetensors"] {
-        let path = newest.dir.join(file);
-        let bytes = std::fs::read(&path).unwrap();
-        all.extend(parse_safetensors(&bytes, &path).unwrap());
-    }
+    let mut all = saved_weights(&newest).unwrap();
+    all.extend(saved_moments(&newest).unwrap());
     all
 }
 

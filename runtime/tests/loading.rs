@@ -155,7 +155,7 @@ fn started_from(dir: &Path, model: &Path) -> BTreeMap<String, HostTensor> {
     let newest = kiln_runtime::store::run_dir::latest_checkpoint(&dir.join("runs/e"))
         .unwrap()
         .unwrap();
-    read_safetensors(&newest.dir.join("trainable.safetensors")).unwrap()
+    kiln_runtime::store::sharded::saved_weights(&newest).unwrap()
 }
 
 /// The same tensors, by name (named in the failure, not printed).

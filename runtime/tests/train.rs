@@ -3,8 +3,12 @@
 //! stops with the step named and the last good checkpoint intact.
 
 use kiln_runtime::memory::CountingAllocator;
+use kiln_runtime::store::run_dir::{latest_checkpoint, Checkpoint};
 use kiln_runtime::store::safetensors::read_safetensors;
+use kiln_runtime::store::sharded;
+use kiln_runtime::tensor::HostTensor;
 use kiln_runtime::train::{Control, Event, Start};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 mod common;
@@ -76,7 +80,7 @@ fn quickstart_learns_and_is_reproducible() {
     );
     let svg = std::fs::read_to_string(a.join("variant/loss.svg")).unwrap();
     assert!(svg.contains("<polyline"), "the loss curve is plotted");
-    let saved = read_safetensors(&saved(&a.join("variant"), "trainable.safetensors")).unwrap();
+    let saved = saved_weights(&a.join("variant"));
     assert!(
         saved.contains_key("transformer.wte.weight")
             && saved.contains_key("transformer.h.1.mlp.c_proj.weight")
@@ -101,8 +105,7 @@ fn divergence_names_the_step_and_keeps_the_last_checkpoint() {
         state["loss"].as_f64().unwrap().is_finite(),
         "the saved checkpoint is from a finite step"
     );
-    read_safetensors(&saved(&dir.join("variant"), "trainable.safetensors"))
-        .expect("still a valid file");
+    assert!(!saved_weights(&dir.join("variant")).is_empty());
     std::fs::remove_dir_all(&dir).ok();
 }
 
@@ -127,13 +130,27 @@ fn stop_at(at: u64) -> impl FnMut(&Event) -> Control {
     }
 }
 
-/// `file` of the newest checkpoint of the run in `run_dir`.
-fn saved(run_dir: &Path, file: &str) -> PathBuf {
-    kiln_runtime::store::run_dir::latest_checkpoint(run_dir)
+/// The newest checkpoint of the run in `run_dir`.
+fn newest(run_dir: &Path) -> Checkpoint {
+    latest_checkpoint(run_dir)
         .unwrap()
         .expect("the run has a checkpoint")
-        .dir
-        .join(file)
+}
+
+/// `file` of the newest checkpoint of the run in `run_dir`.
+fn saved(run_dir: &Path, file: &str) -> PathBuf {
+    newest(run_dir).dir.join(file)
+}
+
+/// The whole weights the newest checkpoint of the run in `run_dir` holds, however its mesh
+/// saved them.
+fn saved_weights(run_dir: &Path) -> BTreeMap<String, HostTensor> {
+    sharded::saved_weights(&newest(run_dir)).unwrap()
+}
+
+/// The whole optimizer moments the newest checkpoint of the run in `run_dir` holds.
+fn saved_moments(run_dir: &Path) -> BTreeMap<String, HostTensor> {
+    sharded::saved_moments(&newest(run_dir)).unwrap()
 }
 
 #[test]
@@ -153,8 +170,8 @@ fn an_interrupted_run_resumes_bit_exactly() {
         metrics(&split, "variant"),
         "the same losses as the uninterrupted run"
     );
-    let a = read_safetensors(&saved(&whole.join("variant"), "trainable.safetensors")).unwrap();
-    let b = read_safetensors(&saved(&split.join("variant"), "trainable.safetensors")).unwrap();
+    let a = saved_weights(&whole.join("variant"));
+    let b = saved_weights(&split.join("variant"));
     assert_eq!(a, b, "and the same weights, bit for bit");
 
     // A changed experiment is refused.
@@ -264,8 +281,7 @@ fn ppo_raises_the_reward_and_keeps_its_reference_frozen() {
         after > before + 0.5,
         "the reward model's mean score of sampled responses: {before} -> {after}"
     );
-    let weights =
-        |stage: &str| read_safetensors(&saved(&dir.join(stage), "trainable.safetensors")).unwrap();
+    let weights = |stage: &str| saved_weights(&dir.join(stage));
     let (sft, ppo) = (weights("tiny_sft"), weights("tiny_ppo"));
     let name = "transformer.h.0.attn.c_attn.weight";
     assert_ne!(sft[name], ppo[name], "the policy trained");
@@ -609,8 +625,8 @@ fn assert_parallel_matches_one_device(file: &str, name: &str, overrides: &str, p
             &format!("{name}, {plan}"),
         );
         assert!((single.last_loss - parallel.last_loss).abs() <= 1e-5 * single.last_loss.abs());
-        let wa = read_safetensors(&saved(&a.join("variant"), "trainable.safetensors")).unwrap();
-        let wb = read_safetensors(&saved(&b.join("variant"), "trainable.safetensors")).unwrap();
+        let wa = saved_weights(&a.join("variant"));
+        let wb = saved_weights(&b.join("variant"));
         assert_eq!(wa.len(), wb.len());
         for (param, ta) in &wa {
             let tb = &wb[param];
@@ -638,8 +654,8 @@ fn assert_parallel_matches_one_device(file: &str, name: &str, overrides: &str, p
             );
         }
         // The checkpoint gathers every moment, whichever device owned it.
-        let oa = read_safetensors(&saved(&a.join("variant"), "optimizer.safetensors")).unwrap();
-        let ob = read_safetensors(&saved(&b.join("variant"), "optimizer.safetensors")).unwrap();
+        let oa = saved_moments(&a.join("variant"));
+        let ob = saved_moments(&b.join("variant"));
         let mut names: Vec<_> = oa.keys().collect();
         names.sort();
         let mut other: Vec<_> = ob.keys().collect();
@@ -878,8 +894,7 @@ fn peft_adapter_weights_are_loaded_to_continue_training() {
         let e = experiment(case);
         assert_eq!(e.adapter_weights.len(), 1);
         run(&e, &runs, Some(1), Start::Restart, |_| Control::Continue).unwrap();
-        let saved =
-            read_safetensors(&saved(&runs.join("variant"), "trainable.safetensors")).unwrap();
+        let saved = saved_weights(&runs.join("variant"));
         let peft = read_safetensors(
             &fixtures
                 .join("gpt2_tiny")
@@ -1137,8 +1152,12 @@ fn a_stage_starts_from_the_frozen_weights_of_the_stage_before() {
         })
         .unwrap();
     }
-    let frozen =
-        |stage: &str| read_safetensors(&saved(&dir.join(stage), "frozen.safetensors")).unwrap();
+    // The frozen weights: all but the adapter's.
+    let frozen = |stage: &str| {
+        let mut weights = saved_weights(&dir.join(stage));
+        weights.retain(|name, _| !name.contains("lora_"));
+        weights
+    };
     let (first, second) = (frozen("first"), frozen("second"));
     assert!(first.contains_key("transformer.h.0.attn.c_attn.weight"));
     assert_eq!(

@@ -152,6 +152,7 @@ pub fn export_merged(program: &Program, runs: &Path, out: &Path) -> Result<(), E
             .iter()
             .map(|(n, t)| (n.clone(), t.shape.clone(), t.data.as_slice()))
             .collect(),
+        &[],
     )
     .map_err(ExportError)?;
     write_dir(

@@ -166,7 +166,7 @@ pub fn write_peft(
             .collect(),
     };
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
-    let bytes = safetensors_bytes(tensors).map_err(ExportError)?;
+    let bytes = safetensors_bytes(tensors, &[]).map_err(ExportError)?;
     write_dir(
         out,
         vec![

@@ -28,8 +28,11 @@ use std::sync::Arc;
 
 mod boundary;
 mod convert;
+mod saved;
 mod schedule;
 mod sync;
+
+pub use saved::DevicePieces;
 
 /// What a step computed, the same on every device.
 pub struct StepOutcome {
@@ -571,6 +574,12 @@ impl Mesh {
                 .flat_map(|s| [s.m.as_mut_slice(), s.v.as_mut_slice()]),
         )?;
         Ok(states)
+    }
+
+    /// In a job of several processes, `buffer` becomes the sum of every process's (each filling
+    /// in what it knows and leaving zeros elsewhere, it reaches them all).
+    pub fn share_over_job(&mut self, buffer: &mut [f32]) -> Result<(), CollectiveError> {
+        self.sum_over_job(std::iter::once(buffer))
     }
 
     /// In a job of several processes, each buffer becomes the sum of every process's: pieces

@@ -37,8 +37,11 @@ const MANIFEST: &str = "manifest.json";
 const PARTIAL_PREFIX: &str = ".partial-";
 /// Where Kiln before manifests kept its one checkpoint.
 const LEGACY_CHECKPOINT: &str = "checkpoint";
-/// Bumped when the layout of a checkpoint changes in a way older readers cannot follow.
-const FORMAT: u64 = 1;
+/// Bumped when the layout of a checkpoint changes in a way older readers cannot follow: 2 holds
+/// each device's pieces of the tensors (`store::sharded`), 1 whole tensors.
+const FORMAT: u64 = 2;
+/// The formats this Kiln reads.
+const READS: std::ops::RangeInclusive<u64> = 1..=FORMAT;
 
 /// A run directory this process owns until it is dropped (the lock is the kernel's `flock`,
 /// released even when the process is killed).
@@ -133,35 +136,92 @@ impl RunDir {
         Ok(())
     }
 
-    /// Writes a checkpoint of `step` from `files` (name, bytes) and keeps the newest `keep`.
-    /// On failure nothing of it is left behind and the earlier checkpoints are untouched.
+    /// Writes a checkpoint of `step` from `files` (name, bytes) alone, as one process, and
+    /// keeps the newest `keep`.
     pub fn save(
         &self,
         step: u64,
         files: &[(&str, &[u8])],
         keep: usize,
     ) -> Result<PathBuf, StoreError> {
+        match self.begin(step)? {
+            Some(_) => self.commit(step, BTreeMap::new(), files, keep),
+            None => Ok(self.checkpoints().join(step_dir_name(step))),
+        }
+    }
+
+    /// Opens the checkpoint of `step` for writing: the directory every process of the job writes
+    /// its files into ([`write_checkpoint_file`]) before [`RunDir::commit`] puts it in place.
+    /// `None` when that checkpoint is in place already (a run resumed from it saves nothing).
+    pub fn begin(&self, step: u64) -> Result<Option<PathBuf>, StoreError> {
         let checkpoints = self.checkpoints();
         std::fs::create_dir_all(&checkpoints).map_err(|err| io_error(&checkpoints, err))?;
-        let name = step_dir_name(step);
-        let done = checkpoints.join(&name);
-        if done.exists() {
-            // Only a run resumed from this very checkpoint gets here; it stays as it is.
-            return Ok(done);
+        if checkpoints.join(step_dir_name(step)).exists() {
+            return Ok(None);
         }
-        let partial = checkpoints.join(format!("{PARTIAL_PREFIX}{name}"));
-        let written = write_complete(&partial, step, files).and_then(|()| {
+        let partial = partial_checkpoint(&self.root, step);
+        if partial.exists() {
+            std::fs::remove_dir_all(&partial).map_err(|err| io_error(&partial, err))?;
+        }
+        std::fs::create_dir(&partial).map_err(|err| io_error(&partial, err))?;
+        Ok(Some(partial))
+    }
+
+    /// Completes the checkpoint of `step` that [`RunDir::begin`] opened: writes this process's
+    /// `own` files, then the manifest of those and of the `written` ones (what every process
+    /// reported writing), and renames the directory into place; then keeps the newest `keep`.
+    /// On failure nothing of it is left behind and the earlier checkpoints are untouched.
+    pub fn commit(
+        &self,
+        step: u64,
+        written: BTreeMap<String, FileDigest>,
+        own: &[(&str, &[u8])],
+        keep: usize,
+    ) -> Result<PathBuf, StoreError> {
+        let checkpoints = self.checkpoints();
+        let partial = partial_checkpoint(&self.root, step);
+        let done = checkpoints.join(step_dir_name(step));
+        let completed = (|| {
+            let mut files = written;
+            for (name, bytes) in own {
+                files.insert(
+                    name.to_string(),
+                    write_checkpoint_file(&partial, name, bytes)?,
+                );
+            }
+            for name in files.keys() {
+                if !partial.join(name).is_file() {
+                    return Err(StoreError(format!(
+                        "{} was reported written but is not there: do all processes of the job see the same run directory?",
+                        partial.join(name).display()
+                    )));
+                }
+            }
+            let manifest = Manifest {
+                format: FORMAT,
+                step,
+                files: files.into_iter().map(|(n, d)| (n, d.into())).collect(),
+            };
+            let text = serde_json::to_vec_pretty(&manifest)
+                .map_err(|err| StoreError(format!("cannot write the manifest: {err}")))?;
+            write_synced(&partial.join(MANIFEST), &text)?;
+            sync_dir(&partial)?;
             std::fs::rename(&partial, &done).map_err(|err| io_error(&done, err))?;
             sync_dir(&checkpoints)
-        });
-        if let Err(err) = written {
-            std::fs::remove_dir_all(&partial).ok();
+        })();
+        if let Err(err) = completed {
+            self.abandon(step);
             return Err(StoreError(format!(
                 "cannot save the checkpoint of step {step}: {err}; the previous checkpoint is intact"
             )));
         }
         self.prune(keep.max(1));
         Ok(done)
+    }
+
+    /// Removes what was written of the checkpoint of `step` that could not be completed.
+    pub fn abandon(&self, step: u64) {
+        std::fs::remove_dir_all(partial_checkpoint(&self.root, step)).ok();
     }
 
     /// Removes all but the newest `keep` checkpoints, as far as it can: one left behind costs
@@ -266,9 +326,9 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
-    /// Whether the checkpoint has a file of this name.
-    pub fn has(&self, name: &str) -> bool {
-        self.files.contains_key(name)
+    /// Every file of the checkpoint, by name.
+    pub fn files(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        self.files.iter().map(|(n, b)| (n.as_str(), b.as_slice()))
     }
 
     /// A file of the checkpoint, by name.
@@ -343,38 +403,78 @@ struct FileEntry {
     sha256: String,
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+/// What a process wrote of a checkpoint: one file's length and SHA-256.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileDigest {
+    pub bytes: u64,
+    pub sha256: [u8; 32],
 }
 
-/// Writes `files` and their manifest into a fresh directory `dir`, everything flushed to disk.
-fn write_complete(dir: &Path, step: u64, files: &[(&str, &[u8])]) -> Result<(), StoreError> {
-    if dir.exists() {
-        std::fs::remove_dir_all(dir).map_err(|err| io_error(dir, err))?;
+impl FileDigest {
+    /// Values in one digest's [`FileDigest::to_words`].
+    pub const WORDS: usize = 4 + 16;
+
+    /// The digest as 16-bit pieces in f32s, which f32 holds exactly, so that a job's sum
+    /// all-reduce (everyone else adding zeros) carries it to the process writing the manifest.
+    pub fn to_words(&self) -> [f32; Self::WORDS] {
+        let mut words = [0.0; Self::WORDS];
+        let pairs = self.bytes.to_le_bytes().into_iter().chain(self.sha256);
+        let pairs: Vec<u8> = pairs.collect();
+        for (word, pair) in words.iter_mut().zip(pairs.chunks(2)) {
+            *word = f32::from(u16::from_le_bytes([pair[0], pair[1]]));
+        }
+        words
     }
-    std::fs::create_dir(dir).map_err(|err| io_error(dir, err))?;
-    let mut manifest = Manifest {
-        format: FORMAT,
-        step,
-        files: BTreeMap::new(),
-    };
-    for (name, bytes) in files {
-        write_synced(&dir.join(name), bytes)?;
-        manifest.files.insert(
-            name.to_string(),
-            FileEntry {
-                bytes: bytes.len() as u64,
-                sha256: sha256_hex(bytes),
-            },
-        );
+
+    /// The digest back from [`FileDigest::to_words`]; `None` unless each word is a 16-bit
+    /// whole number.
+    pub fn from_words(words: &[f32]) -> Option<Self> {
+        let mut bytes = Vec::with_capacity(2 * Self::WORDS);
+        for &w in words.get(..Self::WORDS)? {
+            if !(0.0..=65535.0).contains(&w) || w.fract() != 0.0 {
+                return None;
+            }
+            bytes.extend((w as u16).to_le_bytes());
+        }
+        Some(FileDigest {
+            bytes: u64::from_le_bytes(bytes[..8].try_into().ok()?),
+            sha256: bytes[8..].try_into().ok()?,
+        })
     }
-    let text = serde_json::to_vec_pretty(&manifest)
-        .map_err(|err| StoreError(format!("cannot write the manifest: {err}")))?;
-    write_synced(&dir.join(MANIFEST), &text)?;
-    sync_dir(dir)
+}
+
+impl From<FileDigest> for FileEntry {
+    fn from(d: FileDigest) -> Self {
+        FileEntry {
+            bytes: d.bytes,
+            sha256: hex(&d.sha256),
+        }
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Where the checkpoint of `step` of the run in `run_dir` is written before it is complete.
+pub fn partial_checkpoint(run_dir: &Path, step: u64) -> PathBuf {
+    run_dir
+        .join(CHECKPOINTS)
+        .join(format!("{PARTIAL_PREFIX}{}", step_dir_name(step)))
+}
+
+/// Writes one file of a checkpoint being saved into its directory (`partial`, which
+/// [`RunDir::begin`] made), flushed to disk; any process of the job may write one.
+pub fn write_checkpoint_file(
+    partial: &Path,
+    name: &str,
+    bytes: &[u8],
+) -> Result<FileDigest, StoreError> {
+    write_synced(&partial.join(name), bytes)?;
+    Ok(FileDigest {
+        bytes: bytes.len() as u64,
+        sha256: Sha256::digest(bytes).into(),
+    })
 }
 
 /// Reads the checkpoint in `dir` and checks every file against its manifest.
@@ -387,9 +487,9 @@ fn read_verified(dir: &Path, step: u64) -> Result<Checkpoint, StoreError> {
             manifest_path.display()
         ))
     })?;
-    if manifest.format != FORMAT {
+    if !READS.contains(&manifest.format) {
         return Err(StoreError(format!(
-            "{} is of checkpoint format {}; this Kiln reads format {FORMAT}",
+            "{} is of checkpoint format {}; this Kiln reads formats 1 to {FORMAT}",
             manifest_path.display(),
             manifest.format
         )));
@@ -419,7 +519,7 @@ fn read_verified(dir: &Path, step: u64) -> Result<Checkpoint, StoreError> {
                 entry.bytes
             )));
         }
-        if sha256_hex(&bytes) != entry.sha256 {
+        if hex(&Sha256::digest(&bytes)) != entry.sha256 {
             return Err(StoreError(format!(
                 "{}'s contents differ from what was saved (SHA-256 mismatch)",
                 path.display()
@@ -508,6 +608,31 @@ mod tests {
         drop(first);
         let _second = RunDir::lock(&runs, "e").unwrap();
         assert!(!partial.exists());
+        std::fs::remove_dir_all(&runs).ok();
+    }
+
+    #[test]
+    fn a_checkpoint_of_several_writers_lists_what_each_wrote() {
+        let runs = scratch("writers");
+        let dir = RunDir::lock(&runs, "e").unwrap();
+        let partial = dir.begin(5).unwrap().unwrap();
+        // Another process's file, its digest carried as f32 words.
+        let theirs = write_checkpoint_file(&partial, "b.bin", b"theirs").unwrap();
+        let carried = FileDigest::from_words(&theirs.to_words()).unwrap();
+        assert_eq!(carried, theirs);
+        let written = BTreeMap::from([("b.bin".to_string(), carried)]);
+        dir.commit(5, written, &[("a.bin", b"mine")], 2).unwrap();
+        let latest = dir.latest().unwrap().unwrap();
+        assert_eq!(latest.file("a.bin").unwrap(), b"mine");
+        assert_eq!(latest.file("b.bin").unwrap(), b"theirs");
+        assert!(dir.begin(5).unwrap().is_none(), "in place already");
+        // A file reported but not there (a process writing elsewhere): nothing is committed.
+        dir.begin(6).unwrap().unwrap();
+        let ghost = BTreeMap::from([("c.bin".to_string(), carried)]);
+        let err = dir.commit(6, ghost, &[], 2).unwrap_err().0;
+        assert!(err.contains("c.bin") && err.contains("intact"), "{err}");
+        assert_eq!(dir.newest_step().unwrap(), Some(5));
+        assert!(!partial_checkpoint(dir.path(), 6).exists());
         std::fs::remove_dir_all(&runs).ok();
     }
 

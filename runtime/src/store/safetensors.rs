@@ -84,6 +84,18 @@ pub fn parse_safetensors(
     Ok(out)
 }
 
+/// The string metadata (`__metadata__`) of safetensors bytes that came from `path`.
+pub fn safetensors_metadata(
+    bytes: &[u8],
+    path: &Path,
+) -> Result<std::collections::HashMap<String, String>, CheckpointError> {
+    let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| CheckpointError {
+        path: path.to_path_buf(),
+        message: format!("not a valid safetensors file: {e}"),
+    })?;
+    Ok(header.metadata().clone().unwrap_or_default())
+}
+
 /// The weights of a Hugging Face model directory: `model.safetensors`, or the shards that
 /// `model.safetensors.index.json` lists (as `save_pretrained` splits a large model). A bare
 /// model's checkpoint (`GPT2Model`, not `GPT2LMHeadModel`) names its tensors without the
@@ -251,8 +263,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
     written
 }
 
-/// f32 tensors as a safetensors file, with PyTorch's `format: pt` metadata.
-pub fn safetensors_bytes(tensors: Vec<(String, Vec<usize>, &[f32])>) -> Result<Vec<u8>, String> {
+/// f32 tensors as a safetensors file, with PyTorch's `format: pt` metadata and `metadata`.
+pub fn safetensors_bytes(
+    tensors: Vec<(String, Vec<usize>, &[f32])>,
+    metadata: &[(&str, &str)],
+) -> Result<Vec<u8>, String> {
     let owned: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
         .into_iter()
         .map(|(n, shape, data)| {
@@ -271,6 +286,9 @@ pub fn safetensors_bytes(tensors: Vec<(String, Vec<usize>, &[f32])>) -> Result<V
         })
         .collect::<Result<_, _>>()
         .map_err(|e| format!("cannot write tensors: {e}"))?;
-    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    let meta = std::iter::once(("format", "pt"))
+        .chain(metadata.iter().copied())
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     safetensors::serialize(views, &Some(meta)).map_err(|e| format!("cannot write tensors: {e}"))
 }

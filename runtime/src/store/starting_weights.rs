@@ -5,9 +5,10 @@
 //! does not have starts fresh as transformers starts it. Both are listed to the user.
 
 use crate::store::run_dir::latest_checkpoint;
-use crate::store::safetensors::{bind, parse_safetensors, read_hf_weights, read_safetensors};
+use crate::store::safetensors::{bind, read_hf_weights, read_safetensors};
+use crate::store::sharded::saved_weights;
 use crate::tensor::HostTensor;
-use crate::train::checkpoint::{Progress, FROZEN_FILE, STATE_FILE, TRAINABLE_FILE};
+use crate::train::checkpoint::{Progress, STATE_FILE};
 use crate::train::ppo::Source;
 use crate::train::{initialise, RunError};
 use kiln_compiler::graph::{Graph, LayerKind, Param, ParamRole};
@@ -45,15 +46,8 @@ pub(crate) fn stage_weights(
             progress.total.unwrap_or_default()
         )));
     }
-    let read = |name: &str| {
-        parse_safetensors(checkpoint.file(name)?, &checkpoint.dir.join(name))
-            .map_err(|err| RunError(err.to_string()))
-    };
-    let mut tensors = read(TRAINABLE_FILE)?;
-    if checkpoint.has(FROZEN_FILE) {
-        tensors.extend(read(FROZEN_FILE)?);
-    }
-    Ok((checkpoint.dir.join(TRAINABLE_FILE), tensors))
+    let tensors = saved_weights(&checkpoint)?;
+    Ok((checkpoint.dir, tensors))
 }
 
 /// The checkpoints `e` names, first match winning when two hold a tensor: the stage it starts

@@ -1,18 +1,21 @@
 //! A run's checkpoints: where the run is ([`Progress`]: step, losses, data order, PPO's KL
-//! coefficient) and the fingerprint of what it depends on, saved beside the trainable weights
-//! (and the frozen ones no file names) and the optimizer's moments, and loaded back only into
-//! the experiment and data they belong to.
+//! coefficient) and the fingerprint of what it depends on, saved beside each device's pieces of
+//! the trainable weights (and the frozen ones no file names) and of the optimizer's moments
+//! (`store::sharded`), and loaded back only into the experiment and data they belong to.
 
-use crate::parallel::mesh::Mesh;
+use crate::parallel::mesh::{DevicePieces, Mesh};
 use crate::rng::Rng;
-use crate::store::run_dir::{Checkpoint, RunDir};
-use crate::store::safetensors::{parse_safetensors, safetensors_bytes};
+use crate::store::run_dir::{
+    partial_checkpoint, write_checkpoint_file, Checkpoint, FileDigest, RunDir, StoreError,
+};
+use crate::store::sharded::{file_bytes, saved_moments, saved_weights, Kind};
 use crate::tensor::{param_shape, HostTensor};
 use crate::train::optim::State;
 use crate::train::RunError;
 use kiln_compiler::graph::{Graph, Param};
 use kiln_compiler::spec::Experiment;
 use std::collections::BTreeMap;
+use std::path::Path;
 
 /// Where a run is: enough to continue it bit-exactly.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -88,9 +91,6 @@ fn fingerprint(e: &Experiment) -> String {
     format!("{h:016x}")
 }
 
-pub(crate) const TRAINABLE_FILE: &str = "trainable.safetensors";
-pub(crate) const FROZEN_FILE: &str = "frozen.safetensors";
-const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub(crate) const STATE_FILE: &str = "state.json";
 
 /// The frozen parameters a checkpoint must hold itself: those of a model defined in Kiln, which
@@ -106,75 +106,133 @@ pub(super) fn unsourced_frozen(e: &Experiment, g: &Graph) -> Vec<usize> {
         .collect()
 }
 
-/// `params`' values as safetensors bytes, by name.
-fn weights_bytes(g: &Graph, values: &[HostTensor], params: &[usize]) -> Result<Vec<u8>, RunError> {
-    let weights = params
-        .iter()
-        .map(|&i| {
-            (
-                g.params[i].name.clone(),
-                values[i].shape.clone(),
-                values[i].data.as_slice(),
-            )
-        })
-        .collect();
-    safetensors_bytes(weights).map_err(RunError)
-}
-
-/// Saves trainable weights (and the `frozen` ones no file names), optimizer moments and
-/// progress as one checkpoint of the run. Every process of a job gathers them; the one that
-/// owns the run directory (`dir`, rank 0's) writes them.
+/// Saves the run's checkpoint: every device writes its pieces of the trainable weights (and of
+/// the `frozen` ones no file names) and of the optimizer's moments, and the process owning the
+/// run directory (`dir`, rank 0's) adds the progress and the manifest of every process's files
+/// and puts the checkpoint in place. Every process of a job calls this together with the
+/// others; they all see the run directory `run` (a filesystem they share, across machines).
 pub(super) fn save_checkpoint(
     g: &Graph,
     mesh: &mut Mesh,
     progress: &Progress,
+    run: &Path,
     dir: Option<&RunDir>,
     keep: u64,
     frozen: &[usize],
 ) -> Result<(), RunError> {
-    let values = mesh.values(g)?;
-    let states = mesh.states(g)?;
-    let Some(dir) = dir else {
+    let step = progress.step;
+    let opened = dir.map(|dir| dir.begin(step)).transpose();
+    let in_place = matches!(opened, Ok(Some(None)));
+    let [cannot_open, in_place] = mesh.anyone([opened.is_err(), in_place])?;
+    opened?;
+    if cannot_open {
+        return Err(RunError(format!(
+            "rank 0 cannot start the checkpoint of step {step} (its message says why)"
+        )));
+    }
+    if in_place {
         return Ok(());
-    };
-    let trainable: Vec<usize> = (0..g.params.len())
-        .filter(|&i| g.params[i].trainable)
+    }
+
+    // Each file's digest travels to the owner in its slot: present flag, then the digest. The
+    // last value counts the processes that could not write theirs.
+    let partial = partial_checkpoint(run, step);
+    let saved: Vec<bool> = (0..g.params.len())
+        .map(|i| g.params[i].trainable || frozen.contains(&i))
         .collect();
-    let weights = weights_bytes(g, &values, &trainable)?;
-    let frozen_weights = weights_bytes(g, &values, frozen)?;
-    let mut moments = Vec::new();
-    for &i in &trainable {
-        if let Some(st) = &states[i] {
-            moments.push((
-                format!("{}.exp_avg", g.params[i].name),
-                values[i].shape.clone(),
-                st.m.as_slice(),
-            ));
-            moments.push((
-                format!("{}.exp_avg_sq", g.params[i].name),
-                values[i].shape.clone(),
-                st.v.as_slice(),
-            ));
+    let devices = mesh.devices();
+    let slot =
+        |device: usize, kind: usize| (device * Kind::ALL.len() + kind) * (1 + FileDigest::WORDS);
+    let mut words = vec![0.0; slot(devices, 0) + 1];
+    let mut failure = None;
+    for DevicePieces { device, files } in mesh.pieces(g, &saved) {
+        for (k, (kind, pieces)) in files.iter().enumerate().filter(|(_, (_, p))| !p.is_empty()) {
+            let name = kind.file_name(device, devices);
+            let written = file_bytes(pieces)
+                .map_err(StoreError)
+                .and_then(|bytes| write_checkpoint_file(&partial, &name, &bytes));
+            match written {
+                Ok(digest) => {
+                    let at = slot(device, k);
+                    words[at] = 1.0;
+                    words[at + 1..at + 1 + FileDigest::WORDS].copy_from_slice(&digest.to_words());
+                }
+                Err(err) => failure = Some(err),
+            }
         }
     }
-    let moments = safetensors_bytes(moments).map_err(RunError)?;
-    let state = serde_json::to_vec_pretty(progress)
-        .map_err(|e| RunError(format!("cannot write the state: {e}")))?;
-    let mut files = vec![
-        (TRAINABLE_FILE, weights.as_slice()),
-        (OPTIMIZER_FILE, moments.as_slice()),
-        (STATE_FILE, state.as_slice()),
-    ];
-    if !frozen.is_empty() {
-        files.push((FROZEN_FILE, frozen_weights.as_slice()));
+    if failure.is_some() {
+        *words.last_mut().expect("the failure count") = 1.0;
     }
-    dir.save(progress.step, &files, keep as usize)?;
+    mesh.share_over_job(&mut words)?;
+    if let Some(err) = failure {
+        // A process other than the owner writes into the directory the owner made.
+        let shared = match dir {
+            Some(dir) => {
+                dir.abandon(step);
+                String::new()
+            }
+            None => format!(
+                "; every process of a job writes its part into {}, which they must share (across machines, a shared filesystem)",
+                run.display()
+            ),
+        };
+        return Err(RunError(format!(
+            "cannot save the checkpoint of step {step}: {err}{shared}; the previous checkpoint is intact"
+        )));
+    }
+    if words.last().is_some_and(|&failed| failed > 0.0) {
+        dir.inspect(|dir| dir.abandon(step));
+        return Err(RunError(format!(
+            "another process could not write its part of the checkpoint of step {step} (its message says why); the previous checkpoint is intact"
+        )));
+    }
+
+    let committed = match dir {
+        Some(dir) => {
+            let mut written = BTreeMap::new();
+            for device in 0..devices {
+                for (k, kind) in Kind::ALL.into_iter().enumerate() {
+                    let at = slot(device, k);
+                    if words[at] == 0.0 {
+                        continue;
+                    }
+                    let digest = FileDigest::from_words(&words[at + 1..]).ok_or_else(|| {
+                        RunError(format!(
+                            "the digest of device {device}'s checkpoint file did not arrive whole"
+                        ))
+                    })?;
+                    written.insert(kind.file_name(device, devices), digest);
+                }
+            }
+            let state = serde_json::to_vec_pretty(progress)
+                .map_err(|e| RunError(format!("cannot write the state: {e}")))?;
+            dir.commit(
+                step,
+                written,
+                &[(STATE_FILE, state.as_slice())],
+                keep as usize,
+            )
+            .map(|_| ())
+            .map_err(RunError::from)
+        }
+        None => Ok(()),
+    };
+    // Nobody goes on (nor saves again) before the checkpoint is in place or known lost.
+    let [lost] = mesh.anyone([committed.is_err()])?;
+    committed?;
+    if lost {
+        return Err(RunError(format!(
+            "rank 0 could not put the checkpoint of step {step} in place (its message says why); the previous checkpoint is intact"
+        )));
+    }
     Ok(())
 }
 
 /// Restores weights, moments and progress from a verified checkpoint, refusing one that does
 /// not belong to this experiment and data: every trainable tensor with its shape, moments of
-/// the same shapes, and a data position inside the training set.
+/// the same shapes, and a data position inside the training set. The checkpoint may come from
+/// any mesh: its pieces are put back together whole, for the mesh to deal out anew.
 pub(super) fn load_checkpoint(
     g: &Graph,
     values: &mut [HostTensor],
@@ -199,24 +257,15 @@ pub(super) fn load_checkpoint(
         )));
     }
     check_data_position(&progress, train_records).map_err(refuse)?;
-    let file = |name: &str| {
-        parse_safetensors(checkpoint.file(name)?, &dir.join(name))
-            .map_err(|err| RunError(format!("cannot resume: {err}")))
-    };
-    let weights = file(TRAINABLE_FILE)?;
-    let moments = file(OPTIMIZER_FILE)?;
+    let weights = saved_weights(checkpoint)?;
+    let moments = saved_moments(checkpoint)?;
     for (i, p) in g.params.iter().enumerate().filter(|(_, p)| p.trainable) {
-        values[i] = shaped(&weights, &p.name, TRAINABLE_FILE, p)
+        values[i] = shaped(&weights, &p.name, p)
             .map_err(refuse)?
-            .ok_or_else(|| refuse(format!("{TRAINABLE_FILE} has no `{}`", p.name)))?
+            .ok_or_else(|| refuse(format!("it has no weights of `{}`", p.name)))?
             .clone();
-        let m = shaped(&moments, &format!("{}.exp_avg", p.name), OPTIMIZER_FILE, p);
-        let v = shaped(
-            &moments,
-            &format!("{}.exp_avg_sq", p.name),
-            OPTIMIZER_FILE,
-            p,
-        );
+        let m = shaped(&moments, &format!("{}.exp_avg", p.name), p);
+        let v = shaped(&moments, &format!("{}.exp_avg_sq", p.name), p);
         let (m, v) = (m.map_err(refuse)?, v.map_err(refuse)?);
         states[i] = match (m, v) {
             (Some(m), Some(v)) => Some(State {
@@ -227,7 +276,7 @@ pub(super) fn load_checkpoint(
             (None, None) => None,
             _ => {
                 return Err(refuse(format!(
-                    "{OPTIMIZER_FILE} has one of `{0}`'s two moments (exp_avg, exp_avg_sq)",
+                    "it has one of `{0}`'s two optimizer moments (exp_avg, exp_avg_sq)",
                     p.name
                 )))
             }
@@ -236,18 +285,17 @@ pub(super) fn load_checkpoint(
     Ok(progress)
 }
 
-/// `file`'s tensor `key`, which must have parameter `p`'s shape; `None` when absent.
+/// The checkpoint's tensor `key`, which must have parameter `p`'s shape; `None` when absent.
 fn shaped<'t>(
     tensors: &'t BTreeMap<String, HostTensor>,
     key: &str,
-    file: &str,
     p: &Param,
 ) -> Result<Option<&'t HostTensor>, String> {
     let expected = param_shape(p);
     match tensors.get(key) {
         Some(t) if t.shape == expected => Ok(Some(t)),
         Some(t) => Err(format!(
-            "{file}'s `{key}` has shape {:?}; the experiment's `{}` is {expected:?}",
+            "its `{key}` has shape {:?}; the experiment's `{}` is {expected:?}",
             t.shape, p.name
         )),
         None => Ok(None),

@@ -154,13 +154,14 @@ pub fn run(
     let (e, graph) = (&program.experiment, &program.graph);
     // Before anything is read or allocated: the plan must be runnable here and fit.
     let placement = placement(program, world)?;
+    let run = runs.join(&e.name);
     let run_dir = match world.speaks() {
         true => Some(RunDir::lock(runs, &e.name)?),
         false => None,
     };
     let resumable = match (start, &run_dir) {
         // Rank 0 checks and prepares the directory; the others read the checkpoint it resumes.
-        (Start::Resume, None) => latest_checkpoint(&runs.join(&e.name))?,
+        (Start::Resume, None) => latest_checkpoint(&run)?,
         (_, None) => None,
         (Start::Fresh, Some(run_dir)) => match run_dir.newest_step()? {
             Some(step) => {
@@ -384,7 +385,15 @@ pub fn run(
         }
         // A checkpoint at `total` is saved after the final evaluation, below.
         if step < total && (stop || due) {
-            save_checkpoint(graph, &mut mesh, &progress, run_dir.as_ref(), keep, &frozen)?;
+            save_checkpoint(
+                graph,
+                &mut mesh,
+                &progress,
+                &run,
+                run_dir.as_ref(),
+                keep,
+                &frozen,
+            )?;
             saved_step = Some(step);
             saves.last = Instant::now();
         }
@@ -395,7 +404,15 @@ pub fn run(
     }
     // Nothing to save before a first step (its loss is not a number yet).
     if progress.step > 0 && saved_step != Some(progress.step) {
-        save_checkpoint(graph, &mut mesh, &progress, run_dir.as_ref(), keep, &frozen)?;
+        save_checkpoint(
+            graph,
+            &mut mesh,
+            &progress,
+            &run,
+            run_dir.as_ref(),
+            keep,
+            &frozen,
+        )?;
     }
     drop(metrics);
     let memory = mesh.memory();
@@ -419,7 +436,7 @@ pub fn run(
         eval_loss: last_eval.as_ref().map(|e| e.loss),
         eval_accuracy: last_eval.and_then(|e| e.accuracy),
         tokens_per_second,
-        run_dir: runs.join(&e.name),
+        run_dir: run,
         memory,
     })
 }

@@ -26,6 +26,7 @@ pub fn tensor_bytes(tensors: &BTreeMap<String, HostTensor>) -> Vec<u8> {
             .iter()
             .map(|(n, t)| (n.clone(), t.shape.clone(), t.data.as_slice()))
             .collect(),
+        &[],
     )
     .unwrap()
 }
