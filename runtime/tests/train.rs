@@ -560,21 +560,66 @@ fn a_run_resumed_on_another_mesh_goes_on_as_if_uninterrupted() {
         example_with("quickstart", "quickstart", &overrides, parallel)
             .unwrap_or_else(|err| panic!("{err}"))
     };
-    let (whole, moved) = (scratch("mesh-whole"), scratch("mesh-moved"));
-    let one = on("mesh = cpu(1)");
-    run(&one, &whole, None, Start::Fresh, |_| Control::Continue).unwrap();
-    let two = on("mesh = cpu(2), data = 2, zero = 1");
-    let stopped = run(&two, &moved, None, Start::Fresh, stop_at(2)).unwrap();
-    assert_eq!(stopped.steps, 2);
-    let resumed = run(&one, &moved, None, Start::Resume, |_| Control::Continue).unwrap();
-    assert_eq!((resumed.resumed_from, resumed.steps), (Some(2), 4));
-    assert_same_metrics(
-        &metrics(&whole, "variant"),
-        &metrics(&moved, "variant"),
-        "two steps on cpu(2), two on cpu(1)",
-    );
+    let whole = scratch("mesh-whole");
+    run(&on("mesh = cpu(1)"), &whole, None, Start::Fresh, |_| {
+        Control::Continue
+    })
+    .unwrap();
+    // Saved by one mesh, put back together and dealt out by another: ZeRO blocks, tensor
+    // parallel parts (fused sections included) and pipeline stages, each way.
+    for (first, then, files) in [
+        // Replicas write their weights once; ZeRO's owners each write their moments.
+        (
+            "mesh = cpu(2), data = 2, zero = 1",
+            "mesh = cpu(1)",
+            &[
+                "optimizer-00000-of-00002",
+                "optimizer-00001-of-00002",
+                "weights-00000-of-00002",
+            ][..],
+        ),
+        (
+            "mesh = cpu(4), data = 2, tensor = 2, zero = 3",
+            "mesh = cpu(4), tensor = 2, pipeline = 2",
+            &[],
+        ),
+        (
+            "mesh = cpu(4), tensor = 2, pipeline = 2",
+            "mesh = cpu(2), data = 2, zero = 2",
+            &[],
+        ),
+    ] {
+        let moved = scratch("mesh-moved");
+        let stopped = run(&on(first), &moved, None, Start::Fresh, stop_at(2)).unwrap();
+        assert_eq!(stopped.steps, 2);
+        if !files.is_empty() {
+            let mut saved: Vec<String> = std::fs::read_dir(newest(&moved.join("variant")).dir)
+                .unwrap()
+                .map(|f| f.unwrap().file_name().to_string_lossy().into_owned())
+                .filter_map(|f| f.strip_suffix(".safetensors").map(str::to_string))
+                .collect();
+            saved.sort();
+            assert_eq!(saved, files, "{first}");
+        }
+        let resumed = run(&on(then), &moved, None, Start::Resume, |_| {
+            Control::Continue
+        })
+        .unwrap();
+        assert_eq!((resumed.resumed_from, resumed.steps), (Some(2), 4));
+        let what = format!("two steps on {first}, two on {then}");
+        assert_same_metrics(
+            &metrics(&whole, "variant"),
+            &metrics(&moved, "variant"),
+            &what,
+        );
+        assert_same_tensors(
+            &saved_weights(&whole.join("variant")),
+            &saved_weights(&moved.join("variant")),
+            &what,
+        );
+        std::fs::remove_dir_all(&moved).ok();
+    }
     std::fs::remove_dir_all(&whole).ok();
-    std::fs::remove_dir_all(&moved).ok();
 }
 
 /// `name` from `examples/<file>.kiln` with `overrides` and `parallel` as its parallel block, or
@@ -602,6 +647,45 @@ fn example_with(
         .value)
 }
 
+/// Two checkpoints' tensors (weights or moments) are the same within 1e-5 relative L2.
+fn assert_same_tensors(
+    want: &BTreeMap<String, HostTensor>,
+    got: &BTreeMap<String, HostTensor>,
+    what: &str,
+) {
+    let names = |m: &BTreeMap<String, HostTensor>| m.keys().cloned().collect::<Vec<_>>();
+    assert_eq!(names(want), names(got), "{what}: the tensors saved");
+    for (key, ta) in want {
+        let tb = &got[key];
+        assert_eq!(ta.shape, tb.shape, "{what}: `{key}`");
+        // The key projection's bias has an exactly-zero gradient (softmax ignores a shift
+        // shared by every key), so its "gradient" is rounding noise, which Adam scales up to
+        // full-size steps whose direction depends on summation order. It is left out.
+        let param = key
+            .trim_end_matches(".exp_avg_sq")
+            .trim_end_matches(".exp_avg");
+        let n = ta.data.len();
+        let key_bias =
+            param.ends_with("attn.c_attn.bias") || param.ends_with("attention.self.key.bias");
+        let range = if param.ends_with("c_attn.bias") {
+            n / 3..2 * n / 3
+        } else {
+            0..n
+        };
+        let compared = (0..n).filter(|&i| !key_bias || !range.contains(&i));
+        let (num, den) = compared
+            .map(|i| (ta.data[i], tb.data[i]))
+            .fold((0.0f64, 0.0f64), |(n, d), (x, y)| {
+                (n + f64::from(x - y).powi(2), d + f64::from(x).powi(2))
+            });
+        assert!(
+            num.sqrt() <= 1e-5 * den.sqrt().max(1e-12),
+            "{what}: `{key}` differs (relative L2 {})",
+            num.sqrt() / den.sqrt()
+        );
+    }
+}
+
 /// Trains `name` from `examples/<file>.kiln` with `overrides` on one device, then with each of
 /// `plans` as its parallel block, and compares metrics, weights and optimizer state.
 fn assert_parallel_matches_one_device(file: &str, name: &str, overrides: &str, plans: &[&str]) {
@@ -625,42 +709,18 @@ fn assert_parallel_matches_one_device(file: &str, name: &str, overrides: &str, p
             &format!("{name}, {plan}"),
         );
         assert!((single.last_loss - parallel.last_loss).abs() <= 1e-5 * single.last_loss.abs());
-        let wa = saved_weights(&a.join("variant"));
-        let wb = saved_weights(&b.join("variant"));
-        assert_eq!(wa.len(), wb.len());
-        for (param, ta) in &wa {
-            let tb = &wb[param];
-            // The key projection's bias has an exactly-zero gradient (softmax ignores a shift
-            // shared by every key), so its "gradient" is rounding noise, which Adam scales up
-            // to full-size steps whose direction depends on summation order. It is left out.
-            let n = ta.data.len();
-            let key_bias =
-                param.ends_with("attn.c_attn.bias") || param.ends_with("attention.self.key.bias");
-            let range = if param.ends_with("c_attn.bias") {
-                n / 3..2 * n / 3
-            } else {
-                0..n
-            };
-            let compared = (0..n).filter(|&i| !key_bias || !range.contains(&i));
-            let (num, den) = compared
-                .map(|i| (ta.data[i], tb.data[i]))
-                .fold((0.0f64, 0.0f64), |(n, d), (x, y)| {
-                    (n + f64::from(x - y).powi(2), d + f64::from(x).powi(2))
-                });
-            assert!(
-                num.sqrt() <= 1e-5 * den.sqrt().max(1e-12),
-                "{name}, {plan}: `{param}` differs (relative L2 {})",
-                num.sqrt() / den.sqrt()
-            );
-        }
-        // The checkpoint gathers every moment, whichever device owned it.
-        let oa = saved_moments(&a.join("variant"));
-        let ob = saved_moments(&b.join("variant"));
-        let mut names: Vec<_> = oa.keys().collect();
-        names.sort();
-        let mut other: Vec<_> = ob.keys().collect();
-        other.sort();
-        assert_eq!(names, other, "{name}, {plan}: optimizer state names");
+        let what = format!("{name}, {plan}");
+        assert_same_tensors(
+            &saved_weights(&a.join("variant")),
+            &saved_weights(&b.join("variant")),
+            &what,
+        );
+        // The checkpoint holds every moment, whichever device owned it.
+        assert_same_tensors(
+            &saved_moments(&a.join("variant")),
+            &saved_moments(&b.join("variant")),
+            &what,
+        );
         std::fs::remove_dir_all(&b).ok();
     }
     std::fs::remove_dir_all(&a).ok();
