@@ -3,9 +3,11 @@
 //! the checkpoint a run resumes from, and checkpoints that are complete or absent.
 //!
 //! A checkpoint is a directory `checkpoints/step-<N>/` holding its files and `manifest.json`
-//! (the step, each file's size and SHA-256). It is written as `checkpoints/.partial-step-<N>/`,
-//! each file and the directory flushed to disk, then renamed into place in one step: readers
-//! only look at `step-*` directories and check the manifest before using one. The previous
+//! (the step, each file's size and SHA-256). It is written as `checkpoints/.partial-step-<N>/`
+//! (by every process of a job, each its own files, and the owner of the run directory its own
+//! and the manifest of all of them), each file and the directory flushed to disk, then renamed
+//! into place in one step: readers only look at `step-*` directories and check the manifest
+//! before using one. The previous
 //! checkpoints stay until the new one is in place; then all but the newest `keep` are removed.
 
 use sha2::{Digest, Sha256};
