@@ -5,6 +5,7 @@ use kiln_compiler::diagnostics::{render_to_stderr, Code, Diagnostic};
 use kiln_compiler::spec::{emit, Format};
 use kiln_runtime::comm::launch::Launch;
 use kiln_runtime::comm::world::World;
+use kiln_runtime::train::Devices;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -65,7 +66,8 @@ enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
     },
-    /// Train an experiment on this machine's CPU, with metrics and checkpoints under --runs.
+    /// Train an experiment on this machine's CPU (a plan for GPUs with --emulate), with metrics
+    /// and checkpoints under --runs.
     ///
     /// Checkpoints are saved every `train.checkpoint_minutes` (default 10), every
     /// `train.checkpoint_every` steps if set, at the end, and on Ctrl-C or SIGTERM (a second
@@ -95,6 +97,10 @@ enum Command {
         /// Print each device's measured peak memory next to the plan's prediction.
         #[arg(long)]
         report: bool,
+        /// Run a plan for GPUs on this machine's CPU threads, one per planned device: the
+        /// numbers the plan computes, not its devices' speed.
+        #[arg(long)]
+        emulate: bool,
     },
     /// Measure training throughput: time `--steps` steps after `--warmup` steps (nothing kept).
     Bench {
@@ -105,6 +111,9 @@ enum Command {
         steps: u64,
         #[arg(long, default_value_t = 1)]
         warmup: u64,
+        /// Time a plan for GPUs on this machine's CPU threads (as `kiln run --emulate`).
+        #[arg(long)]
+        emulate: bool,
     },
     /// Export a run: its adapter in PEFT's format (--peft), or the base model with LoRA merged
     /// in as a Hugging Face checkpoint (--merged).
@@ -231,6 +240,7 @@ pub fn main() -> ExitCode {
             restart,
             overrides,
             report,
+            emulate,
         } => {
             let start = match (resume, restart) {
                 (true, _) => kiln_runtime::train::Start::Resume,
@@ -242,6 +252,7 @@ pub fn main() -> ExitCode {
                 runs: &runs,
                 start,
                 report,
+                devices: devices(emulate),
             };
             run(&file, experiment.as_deref(), &overrides, &options)
         }
@@ -250,7 +261,14 @@ pub fn main() -> ExitCode {
             experiment,
             steps,
             warmup,
-        } => bench(&file, experiment.as_deref(), steps, warmup),
+            emulate,
+        } => bench(
+            &file,
+            experiment.as_deref(),
+            steps,
+            warmup,
+            devices(emulate),
+        ),
         Command::Tokenizer {
             action:
                 TokenizerAction::Train {
@@ -449,6 +467,31 @@ struct RunOptions<'a> {
     runs: &'a std::path::Path,
     start: kiln_runtime::train::Start,
     report: bool,
+    devices: Devices,
+}
+
+fn devices(emulate: bool) -> Devices {
+    match emulate {
+        true => Devices::CpuThreads,
+        false => Devices::Planned,
+    }
+}
+
+/// Says, from rank 0, that a plan for other devices runs on this machine's CPU threads.
+fn announce_emulation(
+    experiment: &kiln_compiler::spec::Experiment,
+    world: &World,
+    devices: Devices,
+) {
+    let mesh = &experiment.parallel.mesh;
+    let device = &mesh.node.device.name;
+    if devices == Devices::CpuThreads && device != "cpu" && world.speaks() {
+        println!(
+            "emulating: `{}` is planned for {} {device} GPUs; each runs as a CPU thread of this machine (--emulate): the numbers the plan computes, not its speed",
+            experiment.name,
+            mesh.devices()
+        );
+    }
 }
 
 /// The job this process is part of: alone, or one rank of the MPI job that `mpirun`, `srun`
@@ -562,10 +605,12 @@ fn train(
         Ok(p) => p,
         Err(code) => return code,
     };
+    announce_emulation(experiment, world, options.devices);
     let mut progress = progress::Progress::new(&experiment.name);
     let result = kiln_runtime::train::run(
         &program,
         world,
+        options.devices,
         options.runs,
         options.steps,
         options.start,
@@ -658,7 +703,13 @@ fn print_memory_report(memory: &[kiln_runtime::parallel::mesh::DeviceMemory]) {
     }
 }
 
-fn bench(file: &std::path::Path, wanted: Option<&str>, steps: u64, warmup: u64) -> ExitCode {
+fn bench(
+    file: &std::path::Path,
+    wanted: Option<&str>,
+    steps: u64,
+    warmup: u64,
+    devices: Devices,
+) -> ExitCode {
     with_experiment(file, wanted, |checked, experiment| {
         if steps == 0 {
             eprintln!("error: --steps must be at least 1");
@@ -677,9 +728,11 @@ fn bench(file: &std::path::Path, wanted: Option<&str>, steps: u64, warmup: u64) 
         // The end of each step; a step's time is the gap to the previous one's end.
         let mut ends = vec![std::time::Instant::now()];
         let mut collectives = Vec::new();
+        announce_emulation(experiment, &world, devices);
         let result = kiln_runtime::train::run(
             &program,
             &world,
+            devices,
             &scratch,
             Some(warmup + steps),
             kiln_runtime::train::Start::Fresh,

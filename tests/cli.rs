@@ -342,3 +342,57 @@ fn run_trains_a_pipelines_stages_in_order() {
         String::from_utf8_lossy(&second_alone.stderr)
     );
 }
+
+/// A plan for GPUs is refused on a machine whose driver offers none, saying what it found and
+/// what to do instead; with `--emulate` it trains on CPU threads and says so.
+#[test]
+fn a_gpu_plan_runs_only_where_asked_to_emulate() {
+    let dir = std::env::temp_dir().join(format!("kiln-cli-emulate-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("gpus.kiln");
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    std::fs::write(
+        &file,
+        format!(
+            "import std.clusters\nimport \"{}/quickstart.kiln\"\n\
+             experiment on_gpus = quickstart {{ parallel {{ mesh = dgx_h100 * 1, plan = manual, data = 2, tensor = 4 }}, train {{ steps = 2 }} }}\n",
+            examples.display()
+        ),
+    )
+    .unwrap();
+    let runs = dir.join("runs");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "run",
+            file.to_str().unwrap(),
+            "--runs",
+            runs.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        kiln(&args)
+    };
+    let refused = run(&[]);
+    let emulated = run(&["--emulate"]);
+    std::fs::remove_dir_all(&dir).ok();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("planned for 8 h100 GPUs")
+            && stderr.contains("this machine has")
+            && stderr.contains("NVIDIA")
+            && stderr.contains("--emulate"),
+        "{stderr}"
+    );
+    let stdout = String::from_utf8_lossy(&emulated.stdout);
+    assert_eq!(
+        emulated.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&emulated.stderr)
+    );
+    assert!(
+        stdout.starts_with("emulating: `on_gpus` is planned for 8 h100 GPUs")
+            && stdout.contains("trained `on_gpus` for 2 steps"),
+        "{stdout}"
+    );
+}

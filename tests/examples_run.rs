@@ -7,7 +7,7 @@
 
 use kiln_compiler::spec::Experiment;
 use kiln_runtime::comm::world::World;
-use kiln_runtime::train::{run, Control, Event, Start};
+use kiln_runtime::train::{run, Control, Devices, Event, Start};
 use std::path::{Path, PathBuf};
 
 /// Steps each experiment trains for: enough to take an optimizer step after the first.
@@ -79,6 +79,7 @@ fn run_file(file: &Path) -> Result<Vec<Outcome>, String> {
         let result = run(
             &program,
             &World::Alone,
+            Devices::Planned,
             &runs,
             Some(STEPS),
             Start::Fresh,
@@ -193,6 +194,7 @@ fn step_losses(e: &Experiment, runs: &Path) -> Vec<f32> {
     run(
         &program,
         &World::Alone,
+        Devices::Planned,
         runs,
         Some(COMPARED_STEPS),
         Start::Fresh,

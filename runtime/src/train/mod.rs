@@ -76,6 +76,17 @@ pub enum Start {
     Restart,
 }
 
+/// Which devices execute a plan.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Devices {
+    /// The ones it is planned for: this machine's CPU threads for a `cpu(N)` mesh. A plan for
+    /// GPUs is refused, naming the GPUs this machine has (Kiln does not execute on GPUs yet).
+    Planned,
+    /// CPU threads, one per planned device, whatever the mesh (`--emulate`): the numbers the
+    /// plan computes, not its devices' speed.
+    CpuThreads,
+}
+
 /// What the loop tells its caller, which answers whether to go on.
 pub enum Event<'a> {
     /// Training is about to begin: at `resumed_from` (a checkpoint's step), with `initialised`

@@ -6,6 +6,7 @@
 use crate::comm::world::World;
 use crate::data::{load_tokenizer, task_data, Example, Feed, Source};
 use crate::exec::DropoutKey;
+use crate::host::gpus::Gpus;
 use crate::parallel::mesh::{Mesh, StepOutcome};
 use crate::parallel::placement::Placement;
 use crate::rng::{Key, Purpose};
@@ -18,7 +19,7 @@ use crate::train::optim::{learning_rate, State};
 use crate::train::plot::{read_losses, write_loss_curve};
 use crate::train::ppo::{adapt_kl_coef, reference_weights, updates, Rollouts};
 use crate::train::{
-    share_label_counts, Control, Event, RunError, RunSummary, Start, StepReport, Steps,
+    share_label_counts, Control, Devices, Event, RunError, RunSummary, Start, StepReport, Steps,
 };
 use kiln_compiler::spec::{Experiment, Length, Optimizer};
 use kiln_compiler::Program;
@@ -39,19 +40,13 @@ fn plot_run(name: &str, run_dir: &Path) -> Result<(), RunError> {
 
 /// How `kiln run` spreads a step: as the program's plan places it (one device running every
 /// microbatch in turn, on `cpu(1)`), over this process's threads or one process per device of
-/// an MPI job. Refused before anything is allocated when the plan is for other hardware, for
-/// another number of processes, or does not fit this machine's memory.
-fn placement(program: &Program, world: &World) -> Result<Placement, RunError> {
+/// an MPI job. Refused before anything is allocated when the plan is for devices this machine
+/// cannot execute it on, for another number of processes, or does not fit this machine's memory.
+fn placement(program: &Program, world: &World, devices: Devices) -> Result<Placement, RunError> {
     let e = &program.experiment;
     let device = &e.parallel.mesh.node.device.name;
-    // The executor runs on this machine's CPU threads: a mesh of other devices is a plan to
-    // study with `kiln plan`, not one to run here.
-    if device != "cpu" {
-        return Err(RunError(format!(
-            "`{}` is planned for {} {device} devices; `kiln run` trains on this machine's CPU (`parallel {{ mesh = cpu(N) }}`): use `kiln plan` for this experiment, or give it a CPU mesh",
-            e.name,
-            e.parallel.mesh.devices()
-        )));
+    if device != "cpu" && devices == Devices::Planned {
+        return Err(RunError(gpu_refusal(e, &crate::host::gpus::probe())));
     }
     let batch = e.train.batch as usize;
     let placement = Placement::from_plan(&program.graph, &program.plan)
@@ -75,6 +70,25 @@ fn placement(program: &Program, world: &World) -> Result<Placement, RunError> {
         )));
     }
     Ok(placement)
+}
+
+/// Why a plan for GPUs does not run here, with what the driver said of this machine's GPUs and
+/// what the user can do instead.
+fn gpu_refusal(e: &Experiment, found: &Gpus) -> String {
+    let (n, device) = (e.parallel.mesh.devices(), &e.parallel.mesh.node.device.name);
+    let instead = format!(
+        "`--emulate` trains it on {n} CPU threads of this machine (the numbers the plan computes, not its speed), `kiln plan` shows the plan, and `parallel {{ mesh = cpu(N) }}` plans for this CPU"
+    );
+    match found {
+        Gpus::Found { gpus, .. } if !gpus.is_empty() => format!(
+            "`{}` is planned for {n} {device} GPUs and this machine has {found}, but this Kiln does not execute on GPUs yet: {instead}",
+            e.name
+        ),
+        _ => format!(
+            "`{}` is planned for {n} {device} GPUs and this machine has {found}: {instead}",
+            e.name
+        ),
+    }
 }
 
 /// The plan's memory over the devices this process hosts (all of them, or in an MPI job its
@@ -141,6 +155,7 @@ impl SavePolicy {
 pub fn run(
     program: &Program,
     world: &World,
+    devices: Devices,
     runs: &Path,
     steps_override: Option<u64>,
     start: Start,
@@ -153,7 +168,7 @@ pub fn run(
     };
     let (e, graph) = (&program.experiment, &program.graph);
     // Before anything is read or allocated: the plan must be runnable here and fit.
-    let placement = placement(program, world)?;
+    let placement = placement(program, world, devices)?;
     let run = runs.join(&e.name);
     let run_dir = match world.speaks() {
         true => Some(RunDir::lock(runs, &e.name)?),

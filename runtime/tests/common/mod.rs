@@ -63,7 +63,15 @@ pub fn run(
     on_event: impl FnMut(&kiln_runtime::train::Event) -> kiln_runtime::train::Control,
 ) -> Result<kiln_runtime::train::RunSummary, kiln_runtime::train::RunError> {
     let program = program(e).map_err(kiln_runtime::train::RunError)?;
-    kiln_runtime::train::run(&program, &World::Alone, runs, steps, start, on_event)
+    kiln_runtime::train::run(
+        &program,
+        &World::Alone,
+        kiln_runtime::train::Devices::Planned,
+        runs,
+        steps,
+        start,
+        on_event,
+    )
 }
 
 /// `e` compiled for the runtime, or its diagnostics' messages with their help.

@@ -1,4 +1,7 @@
-//! What this machine offers the run: memory available to a new allocation.
+//! What this machine offers the run: memory available to a new allocation, and its NVIDIA
+//! GPUs (`gpus`).
+
+pub mod gpus;
 
 /// Bytes the kernel could give a process now without swapping (`MemAvailable` of
 /// `/proc/meminfo`); `None` where that cannot be read.
