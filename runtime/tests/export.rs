@@ -6,6 +6,7 @@
 
 use kiln_compiler::graph::{compile_graph, Graph};
 use kiln_compiler::spec::Experiment;
+use kiln_runtime::exec::precision::Format;
 use kiln_runtime::exec::prompt::from_peft;
 use kiln_runtime::exec::{forward_backward, Batch};
 use kiln_runtime::export::{export_merged, peft_config, write_peft};
@@ -170,7 +171,9 @@ fn loss(g: &Graph, values: &[HostTensor]) -> f32 {
     batch.ints.insert("input_ids".into(), ids.clone());
     batch.ints.insert("labels".into(), ids.clone());
     batch.ints.insert("mlm_labels".into(), ids);
-    forward_backward(g, values, &batch).unwrap().loss
+    forward_backward(g, values, &batch, Format::F32)
+        .unwrap()
+        .loss
 }
 
 fn base_files() -> Vec<(PathBuf, BTreeMap<String, HostTensor>)> {

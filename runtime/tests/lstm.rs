@@ -3,6 +3,7 @@
 
 use kiln_compiler::graph::{DType, Graph, InputKind, LayerKind, Op, ParamRole};
 use kiln_compiler::plan::sharding::RankOps;
+use kiln_runtime::exec::precision::Format;
 use kiln_runtime::exec::{Batch, Params, Segment, Value};
 use kiln_runtime::store::safetensors::read_safetensors;
 use kiln_runtime::tensor::HostTensor;
@@ -72,7 +73,7 @@ fn lstm_matches_torch() {
     let mut b = Batch::default();
     b.ints.insert("input_ids".into(), vec![vec![0]; batch]);
     let ops = RankOps::default();
-    let params_on_device = Params::new(&g, &values).unwrap();
+    let params_on_device = Params::new(&g, &values, Format::F32).unwrap();
     let segment = Segment::forward(
         &g,
         &params_on_device,

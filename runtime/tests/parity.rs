@@ -5,6 +5,7 @@
 //! shared/fixtures/README.md).
 
 use kiln_compiler::graph::compile_graph;
+use kiln_runtime::exec::precision::Format;
 use kiln_runtime::exec::{forward_backward, Batch};
 use kiln_runtime::store::safetensors::{bind, read_safetensors};
 use kiln_runtime::tensor::HostTensor;
@@ -150,7 +151,8 @@ fn run_case(dir: &Path) -> Result<String, String> {
             .map(|a| a.iter().map(|x| x.as_u64().unwrap() as usize).collect()),
         ..Batch::default()
     };
-    let outcome = forward_backward(&graph, &values, &batch).map_err(|e| e.to_string())?;
+    let outcome =
+        forward_backward(&graph, &values, &batch, Format::F32).map_err(|e| e.to_string())?;
 
     let expected_loss = case["expected"]["loss"].as_f64().unwrap() as f32;
     let loss_tol = case["tolerance"]["loss_rel"].as_f64().unwrap_or(1e-5) as f32;

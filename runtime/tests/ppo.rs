@@ -5,6 +5,7 @@
 
 use kiln_compiler::graph::{DType, Graph, InputKind, LayerKind, Layout, Op, ParamRef, ParamRole};
 use kiln_compiler::plan::sharding::RankOps;
+use kiln_runtime::exec::precision::Format;
 use kiln_runtime::exec::{forward_backward, Batch, Params, Segment};
 use kiln_runtime::store::safetensors::read_safetensors;
 use kiln_runtime::tensor::HostTensor;
@@ -82,7 +83,7 @@ fn ppo_loss_matches_trl() {
 
     // The log-probabilities of both heads, 0 where no token is taken.
     let ops = RankOps::default();
-    let params = Params::new(&g, &weights).unwrap();
+    let params = Params::new(&g, &weights, Format::F32).unwrap();
     let forward =
         Segment::forward(&g, &params, &b, &ops, &g.topo_order(), Vec::new(), None).unwrap();
     for (node, name) in [(logp, "log_probs"), (ref_logp, "ref_log_probs")] {
@@ -92,7 +93,7 @@ fn ppo_loss_matches_trl() {
     }
     drop(forward);
 
-    let out = forward_backward(&g, &weights, &b).unwrap();
+    let out = forward_backward(&g, &weights, &b, Format::F32).unwrap();
     let want = fx["loss"].data[0];
     assert!(
         (out.loss - want).abs() < 1e-6,

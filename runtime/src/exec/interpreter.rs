@@ -3,8 +3,9 @@
 //! segment reads. What each op computes is its family's (`ops`).
 
 use super::ops;
+use super::precision::Format;
 use super::value::{P, V};
-use super::{err, Batch, Dev, ExecError, Stats, Tape, T1, T2};
+use super::{err, Batch, Dev, ExecError, Stats, Tape, T1, T2, T3};
 use dfdx::prelude::*;
 use kiln_compiler::graph::Graph;
 use kiln_compiler::plan::sharding::RankOps;
@@ -21,6 +22,8 @@ pub(super) struct Interpreter<'g> {
     pub(super) tape: Tape,
     /// The parameters this part of the graph reads (`None`: held by another device).
     pub(super) params: Vec<Option<P>>,
+    /// The number format matrix products read and yield.
+    pub(super) format: Format,
     pub(super) values: Vec<Option<V>>,
     pub(super) batch: &'g Batch,
     /// What this tensor-parallel rank does differently (nothing on one device).
@@ -33,6 +36,7 @@ impl<'g> Interpreter<'g> {
     pub(super) fn new(
         g: &'g Graph,
         params: Vec<Option<P>>,
+        format: Format,
         batch: &'g Batch,
         ops: &'g RankOps,
     ) -> Self {
@@ -42,6 +46,7 @@ impl<'g> Interpreter<'g> {
             dev: Dev::default(),
             tape: Tape::default(),
             params,
+            format,
             values: vec![None; g.dag.node_count()],
             batch,
             ops,
@@ -116,6 +121,27 @@ impl<'g> Interpreter<'g> {
             P::R1(_) => err(format!(
                 "parameter `{}` is not a matrix",
                 self.g.params[id].name
+            )),
+        }
+    }
+
+    /// `t` rounded to the run's number format, as a matrix product's operand or result, on the
+    /// tape.
+    #[cfg(not(feature = "cuda"))]
+    pub(super) fn rounded(&mut self, t: T3) -> Result<T3, ExecError> {
+        let (t, tape) =
+            super::kernels::rounded(t.put_tape(self.take_tape()), self.format).split_tape();
+        self.tape = tape;
+        Ok(t)
+    }
+
+    /// The CUDA build computes in f32 until its executor lands (the CUDA issue).
+    #[cfg(feature = "cuda")]
+    pub(super) fn rounded(&mut self, t: T3) -> Result<T3, ExecError> {
+        match self.format {
+            Format::F32 => Ok(t),
+            other => err(format!(
+                "the CUDA build does not compute in {other:?} yet; use precision = f32"
             )),
         }
     }

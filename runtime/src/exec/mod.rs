@@ -7,7 +7,8 @@
 //! The core: `batch` (what a step feeds the graph), `value` (values passed between segments,
 //! the parameters a device holds), `interpreter` (the values table and the tape threaded
 //! through the ops), `segment` (a part of the graph run forward, then backward), `dropout`
-//! (where masks are drawn from). `ops` computes each op, one module per family of ops, on the
+//! (where masks are drawn from), `precision` (the number format a run computes in). `ops`
+//! computes each op, one module per family of ops, on the
 //! CPU `kernels` or dfdx's CUDA ops; `prompt` is the prompt PEFT saves for virtual tokens.
 
 mod batch;
@@ -16,6 +17,7 @@ mod interpreter;
 #[cfg(not(feature = "cuda"))]
 mod kernels;
 mod ops;
+pub mod precision;
 pub mod prompt;
 mod segment;
 mod value;

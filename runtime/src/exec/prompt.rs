@@ -4,6 +4,7 @@
 //! PEFT loads it for inference as a plain table of that shape; the encoder's weights are not
 //! saved and cannot be recovered from its output.
 
+use crate::exec::precision::Format;
 use crate::exec::{Batch, Params, Segment};
 use crate::tensor::HostTensor;
 use kiln_compiler::graph::{Graph, Op};
@@ -70,7 +71,7 @@ pub fn prompt_embeddings(g: &Graph, values: &[HostTensor]) -> Result<HostTensor,
         batch.ints.insert(g.dag[input].name.clone(), vec![vec![0]]);
     }
     let fail = |e: crate::exec::ExecError| format!("computing the prompt: {e}");
-    let params = Params::new(g, values).map_err(fail)?;
+    let params = Params::new(g, values, Format::F32).map_err(fail)?;
     let whole = RankOps::default();
     let segment = Segment::forward(g, &params, &batch, &whole, &encoder.nodes, Vec::new(), None)
         .map_err(fail)?;

@@ -4,6 +4,7 @@
 
 use super::interpreter::Interpreter;
 use super::ops;
+use super::precision::Format;
 use super::value::{Params, Value, P, V};
 use super::{err, Batch, Dev, ExecError, Stats, Tape, T0};
 use crate::comm::Collective;
@@ -28,12 +29,13 @@ pub fn forward_backward(
     g: &Graph,
     values: &[HostTensor],
     batch: &Batch,
+    format: Format,
 ) -> Result<Outcome, ExecError> {
     let Some(loss_node) = g.loss else {
         return err("the graph has no loss");
     };
     let whole = RankOps::default();
-    let params = Params::new(g, values)?;
+    let params = Params::new(g, values, format)?;
     let segment = Segment::forward(g, &params, batch, &whole, &g.topo_order(), Vec::new(), None)?;
     let loss = segment.loss()?;
     if !loss.is_finite() {
@@ -90,13 +92,14 @@ impl<'g> Segment<'g> {
             }
         }
         // The segment shares the device's parameter tensors (no copy).
+        let format = params.format;
         let params = params
-            .0
+            .tensors
             .iter()
             .zip(used)
             .map(|(p, used)| if used { p.clone() } else { None })
             .collect();
-        let mut it = Interpreter::new(g, params, batch, ops);
+        let mut it = Interpreter::new(g, params, format, batch, ops);
         let mut ids = Vec::with_capacity(received.len());
         for (n, v) in received {
             it.values[n.index()] = Some(v.0);

@@ -1,6 +1,7 @@
 //! Values passed between segments (a tensor on the device, read back to the host to move to
 //! another), the table entries the interpreter keeps per node, and the parameters a device holds.
 
+use super::precision::Format;
 use super::{err, Dev, ExecError, T0, T1, T2, T3};
 use crate::tensor::HostTensor;
 use dfdx::prelude::*;
@@ -108,13 +109,20 @@ pub(super) enum P {
 }
 
 /// The parameters a device holds, as tensors on it, shared by every segment it runs (one copy
-/// however many microbatches are in flight).
-pub struct Params(pub(super) Vec<Option<P>>);
+/// however many microbatches are in flight): working copies of the host's f32 masters in the
+/// number format the segments compute in.
+pub struct Params {
+    pub(super) tensors: Vec<Option<P>>,
+    pub(super) format: Format,
+}
 
 impl Params {
-    /// From host values; absent ones (held by other devices) stay absent.
-    pub fn new(g: &Graph, values: &[HostTensor]) -> Result<Params, ExecError> {
-        let mut params = Params(vec![None; g.params.len()]);
+    /// From host values, rounded to `format`; absent ones (held by other devices) stay absent.
+    pub fn new(g: &Graph, values: &[HostTensor], format: Format) -> Result<Params, ExecError> {
+        let mut params = Params {
+            tensors: vec![None; g.params.len()],
+            format,
+        };
         for (id, v) in values.iter().enumerate() {
             if !v.data.is_empty() {
                 params.set(g, id, v)?;
@@ -123,12 +131,14 @@ impl Params {
         Ok(params)
     }
 
-    /// Puts parameter `id` on the device (a ZeRO-3 gather).
+    /// Puts parameter `id` on the device (a ZeRO-3 gather), rounded to the format.
     pub fn set(&mut self, g: &Graph, id: usize, v: &HostTensor) -> Result<(), ExecError> {
         let dev = Dev::default();
-        self.0[id] = Some(match v.shape.as_slice() {
-            [n] => P::R1(dev.tensor_from_vec(v.data.clone(), (*n,))),
-            [a, b] => P::R2(dev.tensor_from_vec(v.data.clone(), (*a, *b))),
+        let mut data = v.data.clone();
+        self.format.round_all(&mut data);
+        self.tensors[id] = Some(match v.shape.as_slice() {
+            [n] => P::R1(dev.tensor_from_vec(data, (*n,))),
+            [a, b] => P::R2(dev.tensor_from_vec(data, (*a, *b))),
             other => {
                 return err(format!(
                     "parameter `{}` has rank {}",
@@ -142,11 +152,11 @@ impl Params {
 
     /// Drops the device's tensor of parameter `id` (segments holding it keep theirs).
     pub fn release(&mut self, id: usize) {
-        self.0[id] = None;
+        self.tensors[id] = None;
     }
 
     /// Drops every tensor (before the optimizer updates the host copies).
     pub fn clear(&mut self) {
-        self.0.iter_mut().for_each(|p| *p = None);
+        self.tensors.iter_mut().for_each(|p| *p = None);
     }
 }

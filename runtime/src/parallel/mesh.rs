@@ -19,6 +19,7 @@ use crate::memory;
 use crate::parallel::placement::Placement;
 use crate::parallel::tensor_parallel::Shards;
 use crate::tensor::{param_shape, HostTensor};
+use crate::train::loss_scale::LossScale;
 use crate::train::optim::State;
 use kiln_compiler::graph::Graph;
 use kiln_compiler::spec::Train;
@@ -38,8 +39,11 @@ pub use saved::DevicePieces;
 pub struct StepOutcome {
     /// Mean loss over the step's microbatches.
     pub loss: f32,
-    /// Global gradient norm before clipping (0 without clipping).
+    /// Global gradient norm before clipping (0 when not needed: without clipping or loss
+    /// scaling; infinite or NaN when the gradients overflowed).
     pub grad_norm: f64,
+    /// Whether the gradients overflowed under fp16's loss scale: the step was skipped.
+    pub overflowed: bool,
     /// Seconds a device spent in collectives and transfers this step (mean over devices),
     /// waiting for its peers included.
     pub collective_seconds: f64,
@@ -227,6 +231,9 @@ pub struct Mesh {
     devices: Vec<Device>,
     /// In a job of several processes, all of them: what `values` and `states` gather over.
     job: Option<Box<dyn Collective>>,
+    /// fp16's dynamic loss scale, the same on every device and process (their steps agree on
+    /// overflow); `None` in other formats.
+    loss_scale: Option<LossScale>,
     failed: Arc<AtomicBool>,
 }
 
@@ -331,8 +338,19 @@ impl Mesh {
             placement,
             devices,
             job,
+            loss_scale: None,
             failed,
         }
+    }
+
+    /// fp16's dynamic loss scale as it stands (to save with a checkpoint).
+    pub fn loss_scale(&self) -> Option<&LossScale> {
+        self.loss_scale.as_ref()
+    }
+
+    /// Scales losses dynamically from `scale` on (fp16), or not at all (`None`).
+    pub fn scale_losses(&mut self, scale: Option<LossScale>) {
+        self.loss_scale = scale;
     }
 
     /// Microbatches per step, each of `rows_per_microbatch` rows.
@@ -378,6 +396,8 @@ impl Mesh {
             lr,
             step_no,
             scale: 1.0 / (micros.len() * loss_grid.data) as f32,
+            loss_scale: self.loss_scale.as_ref().map_or(1.0, |s| s.scale),
+            updates: step_no.saturating_sub(1 + self.loss_scale.as_ref().map_or(0, |s| s.skipped)),
         };
         let failed = &self.failed;
         let hosted = self.devices.len();
@@ -447,11 +467,16 @@ impl Mesh {
         }
         match (outcome, peer) {
             (_, Some(e)) => Err(e.0),
-            (Some(r), None) => Ok(StepOutcome {
-                collective_seconds,
-                stats: self.stats_of_the_job(stats).map_err(|e| e.0)?,
-                ..r
-            }),
+            (Some(r), None) => {
+                if let Some(scale) = self.loss_scale.as_mut() {
+                    scale.after(r.overflowed);
+                }
+                Ok(StepOutcome {
+                    collective_seconds,
+                    stats: self.stats_of_the_job(stats).map_err(|e| e.0)?,
+                    ..r
+                })
+            }
             (None, None) => Err("the mesh has no device".into()),
         }
     }
@@ -670,6 +695,80 @@ fn own(e: ExecError) -> Failure {
 mod tests {
     use super::*;
 
+    /// A tiny GPT-2 of `train` on cpu(2) with `parallel`, its parameters all 0.01.
+    fn tiny(parallel: &str, train: &str) -> (Train, Graph, Placement, Vec<HostTensor>) {
+        let src = format!(
+            "import std.models.gpt2\nexperiment e {{ model = gpt2 {{ vocab = 64, positions = 16, hidden = 16, layers = 2, heads = 2 }}, parallel {{ mesh = cpu(2), {parallel} }}, train {{ batch = 2, micro_batch = 1, seq_len = 8{train} }} }}"
+        );
+        let checked = kiln_compiler::check_source("t.kiln", &src, None);
+        assert!(checked.is_ok(), "{}", checked.render_errors());
+        let kiln_compiler::Program {
+            experiment: e,
+            graph,
+            plan,
+            ..
+        } = kiln_compiler::compile(&checked.module.experiments[0].value).unwrap();
+        let placement = Placement::from_plan(&graph, &plan).unwrap();
+        let values: Vec<HostTensor> = graph
+            .params
+            .iter()
+            .map(|p| {
+                let shape = param_shape(p);
+                let n = shape.iter().product();
+                HostTensor {
+                    shape,
+                    data: vec![0.01; n],
+                }
+            })
+            .collect();
+        (e.train, graph, placement, values)
+    }
+
+    fn labelled(rows: usize) -> Batch {
+        let ids: Vec<Vec<i64>> = (0..rows)
+            .map(|r| (1 + r as i64..9 + r as i64).collect())
+            .collect();
+        let mut b = Batch::default();
+        b.ints.insert("input_ids".into(), ids.clone());
+        b.ints.insert("labels".into(), ids);
+        b
+    }
+
+    /// Under fp16, gradients that overflow at the loss scale skip the step on every device
+    /// (weights and moments untouched, the norm reported infinite) and halve the scale; the
+    /// next step at the smaller scale updates, and counts as the optimizer's first.
+    #[test]
+    fn an_overflow_under_fp16_skips_the_step_and_halves_the_scale() {
+        let (train, graph, placement, values) = tiny("data = 2, zero = 1", ", precision = f16");
+        let states = vec![None; values.len()];
+        let mut mesh = Mesh::new(&graph, placement, &values, &states, &World::Alone);
+        mesh.scale_losses(Some(LossScale::starting_at(f32::MAX)));
+        let micros = [labelled(2)];
+        let skipped = mesh.step(&graph, &train, &micros, 1e-3, 1).unwrap();
+        assert!(skipped.overflowed && !skipped.grad_norm.is_finite());
+        assert_eq!(mesh.values(&graph).unwrap(), values, "no weight moved");
+        assert!(mesh.states(&graph).unwrap().iter().all(Option::is_none));
+        let scale = mesh.loss_scale().unwrap().clone();
+        assert_eq!((scale.scale, scale.skipped), (f32::MAX / 2.0, 1));
+
+        let mut smaller = scale;
+        smaller.scale = 1024.0;
+        mesh.scale_losses(Some(smaller));
+        let updated = mesh.step(&graph, &train, &micros, 1e-3, 2).unwrap();
+        assert!(!updated.overflowed && updated.grad_norm.is_finite());
+        assert_ne!(mesh.values(&graph).unwrap(), values);
+        // Adam's first update moves each weight by about the learning rate, whatever the
+        // gradient's size: bias correction counted one update, not two.
+        let moved = mesh.values(&graph).unwrap();
+        let wte = graph
+            .params
+            .iter()
+            .position(|p| p.name.ends_with("wte.weight"))
+            .unwrap();
+        let step = (moved[wte].data[64] - values[wte].data[64]).abs();
+        assert!((step - 1e-3).abs() < 1e-4, "{step}");
+    }
+
     /// A device failing alone must stop the step on every device with its own error, not
     /// leave the others waiting: in a data-parallel all-reduce (device 1's row has a label
     /// outside the vocabulary) and in a pipeline waiting for gradients (the last stage's batch
@@ -698,35 +797,12 @@ mod tests {
                 "device 1",
             ),
         ] {
-            let src = format!(
-                "import std.models.gpt2\nexperiment e {{ model = gpt2 {{ vocab = 64, positions = 16, hidden = 16, layers = 2, heads = 2 }}, parallel {{ mesh = cpu(2), {parallel} }}, train {{ batch = 2, micro_batch = 1, seq_len = 8 }} }}"
-            );
-            let checked = kiln_compiler::check_source("t.kiln", &src, None);
-            assert!(checked.is_ok(), "{}", checked.render_errors());
-            let kiln_compiler::Program {
-                experiment: e,
-                graph,
-                plan,
-                ..
-            } = kiln_compiler::compile(&checked.module.experiments[0].value).unwrap();
-            let placement = Placement::from_plan(&graph, &plan).unwrap();
-            let values: Vec<HostTensor> = graph
-                .params
-                .iter()
-                .map(|p| {
-                    let shape = param_shape(p);
-                    let n = shape.iter().product();
-                    HostTensor {
-                        shape,
-                        data: vec![0.01; n],
-                    }
-                })
-                .collect();
+            let (train, graph, placement, values) = tiny(parallel, "");
             let states = vec![None; values.len()];
             let (done, finished) = std::sync::mpsc::channel();
             std::thread::spawn(move || {
                 let mut mesh = Mesh::new(&graph, placement, &values, &states, &World::Alone);
-                done.send(mesh.step(&graph, &e.train, &micros, 1e-3, 1).err())
+                done.send(mesh.step(&graph, &train, &micros, 1e-3, 1).err())
                     .ok();
             });
             let err = finished

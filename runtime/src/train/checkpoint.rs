@@ -10,6 +10,7 @@ use crate::store::run_dir::{
 };
 use crate::store::sharded::{file_bytes, saved_moments, saved_weights, Kind};
 use crate::tensor::{param_shape, HostTensor};
+use crate::train::loss_scale::LossScale;
 use crate::train::optim::State;
 use crate::train::RunError;
 use kiln_compiler::graph::{Graph, Param};
@@ -36,6 +37,9 @@ pub(crate) struct Progress {
     /// PPO's KL coefficient under an adaptive controller (`kl_target`), as it has moved.
     #[serde(default)]
     pub(super) kl_coef: Option<f64>,
+    /// fp16's dynamic loss scale, as it stood after the step.
+    #[serde(default)]
+    pub(super) loss_scale: Option<LossScale>,
     /// Fingerprint of everything that must not change between a run and its resumption.
     fingerprint: String,
 }
@@ -54,6 +58,7 @@ impl Progress {
             cursor: records,
             tokens: 0,
             kl_coef: None,
+            loss_scale: None,
             fingerprint: fingerprint(e),
         }
     }
@@ -344,6 +349,7 @@ mod tests {
             cursor,
             tokens: 0,
             kl_coef: None,
+            loss_scale: None,
             fingerprint: String::new(),
         }
     }

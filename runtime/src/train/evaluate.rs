@@ -3,6 +3,7 @@
 //! the step.
 
 use crate::data::{Example, Inputs};
+use crate::exec::precision::Format;
 use crate::exec::{forward_backward, Batch};
 use crate::parallel::mesh::Mesh;
 use crate::rng::{Key, Purpose};
@@ -28,6 +29,7 @@ fn evaluate(
     chunk: usize,
     seq_len: usize,
     inputs: &Inputs,
+    format: Format,
 ) -> Result<Evaluation, RunError> {
     // Each chunk's rows and its share of the records.
     let (chunks, shares): (Vec<Vec<&Example>>, Vec<f64>) = set
@@ -44,7 +46,7 @@ fn evaluate(
     share_label_counts(graph, &mut batches, &shares)?;
     let (mut loss, mut correct, mut classified) = (0.0f64, 0usize, 0usize);
     for ((b, rows), share) in batches.iter().zip(&chunks).zip(&shares) {
-        let out = forward_backward(graph, values, b)
+        let out = forward_backward(graph, values, b, format)
             .map_err(|err| RunError(format!("evaluation: {err}")))?;
         loss += f64::from(out.loss) * share;
         for (scores, row) in out.class_logits.iter().flatten().zip(rows) {
@@ -103,6 +105,7 @@ impl Evaluator<'_> {
             self.chunk,
             self.e.train.seq_len as usize,
             inputs,
+            Format::of(self.e.train.precision),
         )?;
         let mut line = serde_json::json!({ "step": step, "eval_loss": eval.loss });
         if self.token_loss {

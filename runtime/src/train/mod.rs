@@ -16,6 +16,7 @@
 pub(crate) mod checkpoint;
 mod evaluate;
 mod init;
+pub mod loss_scale;
 pub mod optim;
 pub mod plot;
 pub mod ppo;

@@ -6,6 +6,7 @@
 //! the updates on a rollout (`updates`) are optimizer steps on the mesh.
 
 use crate::data::{Example, END_OF_TEXT};
+use crate::exec::precision::Format;
 use crate::exec::{Batch, ExecError, Params, Segment, Stats, Value};
 use crate::parallel::mesh::{Mesh, StepOutcome};
 use crate::rng::Key;
@@ -134,7 +135,7 @@ impl<'g> RewardModel<'g> {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let params = Params::new(&graph, &values).map_err(exec)?;
+        let params = Params::new(&graph, &values, Format::of(e.train.precision)).map_err(exec)?;
         let score = graph
             .loss
             .and_then(|l| graph.inputs(l).first().copied())
@@ -347,6 +348,8 @@ pub struct Rollouts<'g> {
     ppo: Ppo,
     eos: Option<i64>,
     seq_len: usize,
+    /// The number format the policy samples in: the run's.
+    format: Format,
 }
 
 impl<'g> Rollouts<'g> {
@@ -383,6 +386,7 @@ impl<'g> Rollouts<'g> {
             ppo: ppo.clone(),
             eos: tokenizer.token_to_id(END_OF_TEXT).map(i64::from),
             seq_len: e.train.seq_len as usize,
+            format: Format::of(e.train.precision),
         })
     }
 
@@ -473,7 +477,7 @@ impl<'g> Rollouts<'g> {
         key: Key,
         kl_coef: f64,
     ) -> Result<Rollout, RunError> {
-        let params = Params::new(self.graph, values).map_err(exec)?;
+        let params = Params::new(self.graph, values, self.format).map_err(exec)?;
         let sequences = self.sample(&params, prompts, key)?;
         let scores = self.reward.scores(&sequences)?;
         let width = sequences.iter().map(|s| s.ids.len()).max().unwrap_or(0);
@@ -584,7 +588,7 @@ impl<'g> Rollouts<'g> {
         prompts: &[&Example],
         key: Key,
     ) -> Result<f64, RunError> {
-        let params = Params::new(self.graph, values).map_err(exec)?;
+        let params = Params::new(self.graph, values, self.format).map_err(exec)?;
         let sequences = self.sample(&params, prompts, key)?;
         let scores = self.reward.scores(&sequences)?;
         Ok(scores.iter().sum::<f64>() / scores.len().max(1) as f64)
@@ -606,6 +610,7 @@ pub(super) fn updates(
     let mut mean = StepOutcome {
         loss: 0.0,
         grad_norm: 0.0,
+        overflowed: false,
         collective_seconds: 0.0,
         stats: Stats::new(),
     };
@@ -617,6 +622,7 @@ pub(super) fn updates(
             .map_err(|err| RunError(format!("PPO step {} (update {update}): {err}", step + 1)))?;
         mean.loss += out.loss * share as f32;
         mean.grad_norm += out.grad_norm * share;
+        mean.overflowed |= out.overflowed;
         mean.collective_seconds += out.collective_seconds;
         for (name, x) in out.stats {
             *mean.stats.entry(name).or_default() += x * share as f32;

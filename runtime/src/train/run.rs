@@ -5,6 +5,7 @@
 
 use crate::comm::world::World;
 use crate::data::{load_tokenizer, task_data, Example, Feed, Source};
+use crate::exec::precision::Format;
 use crate::exec::DropoutKey;
 use crate::host::gpus::Gpus;
 use crate::parallel::mesh::{Mesh, StepOutcome};
@@ -289,6 +290,10 @@ pub fn run(
     let tokens_before = progress.tokens;
     let mut mesh = Mesh::new(graph, placement, &values, &states, world);
     drop(values);
+    if Format::of(e.train.precision) == Format::F16 {
+        progress.loss_scale = Some(progress.loss_scale.take().unwrap_or_default());
+        mesh.scale_losses(progress.loss_scale.clone());
+    }
     let mut saves = SavePolicy::new(e);
     let mut saved_step = resumed_from;
     let mut last_eval = None;
@@ -361,6 +366,7 @@ pub fn run(
         let StepOutcome {
             loss: loss_sum,
             grad_norm,
+            overflowed,
             collective_seconds,
             stats,
         } = outcome;
@@ -381,6 +387,14 @@ pub fn run(
         for (key, value) in stats {
             line[key] = serde_json::json!(value);
         }
+        if let Some(scale) = &progress.loss_scale {
+            // The scale this step's backward used; an overflowing step changed no weight.
+            line["loss_scale"] = serde_json::json!(scale.scale);
+            if overflowed {
+                line["skipped"] = serde_json::json!(true);
+            }
+        }
+        progress.loss_scale = mesh.loss_scale().cloned();
         metrics.append(&line)?;
         control = on_event(&Event::Step(&StepReport {
             step,

@@ -7,7 +7,8 @@
 //! The CUDA build uses dfdx's ops instead.
 //!
 //! By family, each with its tests against the same computation in dfdx's ops: `linear`,
-//! `attention`, `norm`, `activation`, `dropout`, `cross_entropy` (with token log-probabilities);
+//! `attention`, `norm`, `activation`, `dropout`, `cross_entropy` (with token log-probabilities),
+//! `round` (to the run's number format);
 //! beneath them `buffer` (dfdx's buffers, fixed-order sums), `product` (gemm) and `math`
 //! (vectorizable exp, tanh, erf).
 
@@ -20,6 +21,7 @@ mod linear;
 mod math;
 mod norm;
 mod product;
+mod round;
 #[cfg(test)]
 mod testing;
 
@@ -29,6 +31,7 @@ pub use cross_entropy::{cross_entropy, token_log_probs};
 pub use dropout::dropout;
 pub use linear::{columns, linear, Vector, Weight};
 pub use norm::layer_norm;
+pub use round::rounded;
 
 use dfdx::prelude::*;
 use dfdx::tensor::Cpu;

@@ -33,11 +33,13 @@ pub(super) fn forward(it: &mut Interpreter<'_>, n: NodeIndex, op: Op) -> Result<
             dropout,
             ..
         } => {
-            let (q, k, v) = (
-                it.input(n, 0)?.r3("q")?,
-                it.input(n, 1)?.r3("k")?,
-                it.input(n, 2)?.r3("v")?,
-            );
+            // The products' operands, in the run's number format.
+            let q = it.input(n, 0)?.r3("q")?;
+            let q = it.rounded(q)?;
+            let k = it.input(n, 1)?.r3("k")?;
+            let k = it.rounded(k)?;
+            let v = it.input(n, 2)?.r3("v")?;
+            let v = it.rounded(v)?;
             attention(it, q, k, v, head_dim as usize, causal, dropout)
         }
         other => Err(misrouted("attention", &other)),
@@ -143,7 +145,7 @@ fn attention(
         };
         let q = q.put_tape(it.take_tape());
         let out = kernels::attention(q, k, v, dims, mask, dropout).map_err(ExecError)?;
-        Ok(it.keep3(out))
+        Ok(it.keep3(kernels::rounded(out, it.format)))
     }
     #[cfg(feature = "cuda")]
     {

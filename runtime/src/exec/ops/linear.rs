@@ -1,5 +1,6 @@
 //! Linear layers: `x·W + b` for either stored layout of the weight, a tensor-parallel rank's
-//! share of the outputs or of the partial sum, and a range of a fused weight's outputs.
+//! share of the outputs or of the partial sum, and a range of a fused weight's outputs; input
+//! and output in the run's number format (the weight's working copy is in it already).
 
 use super::misrouted;
 use crate::exec::interpreter::Interpreter;
@@ -62,6 +63,7 @@ fn linear(
         other => other.r3("x")?,
     };
     let w = it.p2(weight)?;
+    let x = it.rounded(x)?;
     let tape = it.take_tape();
     let x = x.put_tape(tape);
     #[cfg(not(feature = "cuda"))]
@@ -75,7 +77,8 @@ fn linear(
             out_in: matches!(layout, Layout::OutIn),
             trainable: it.g.params[weight].trainable,
         };
-        kernels::linear(x, w, bias, outputs).map_err(ExecError)?
+        let y = kernels::linear(x, w, bias, outputs).map_err(ExecError)?;
+        kernels::rounded(y, it.format)
     };
     #[cfg(feature = "cuda")]
     let y = {

@@ -7,6 +7,7 @@ use super::boundary::Crossing;
 use super::convert::{convert_backward, convert_forward};
 use super::{own, Device, Failure, Links, StepOutcome};
 use crate::comm::Payload;
+use crate::exec::precision::Format;
 use crate::exec::{Batch, Params, Segment, Stats, Value};
 use crate::parallel::placement::{Piece, Placement};
 use crate::tensor::{param_shape, HostTensor};
@@ -26,6 +27,11 @@ pub(super) struct StepContext<'a> {
     pub(super) step_no: u64,
     /// Each microbatch's share of the step's mean loss.
     pub(super) scale: f32,
+    /// What the backward pass starts from: 1, or under fp16 the loss scale.
+    pub(super) loss_scale: f32,
+    /// Updates the optimizer has made before this step (steps skipped on overflow do not
+    /// count), for its bias correction.
+    pub(super) updates: u64,
 }
 
 /// A microbatch in flight through one virtual stage of a device: the values it received or
@@ -72,10 +78,12 @@ impl<'c> StepContext<'c> {
             .collect();
         // Its parameters as tensors on the device, shared by every piece it runs this step
         // (kept in the thread: device tensors need not be `Send`).
-        let mut tensors = Params::new(g, &device.values).map_err(own)?;
+        let mut tensors =
+            Params::new(g, &device.values, Format::of(self.train.precision)).map_err(own)?;
         let mut loss = 0.0f32;
         let mut stats = Stats::new();
         let mut grad_norm = 0.0;
+        let mut overflowed = false;
         let mut flight: BTreeMap<(usize, usize), InFlight> = BTreeMap::new();
         for &action in &self.placement.schedules[device.stage] {
             match action {
@@ -175,7 +183,8 @@ impl<'c> StepContext<'c> {
                 }
                 Action::Optimizer => {
                     tensors.clear();
-                    grad_norm = self.optimize(device, links, &mut grads, &mut loss)?;
+                    (grad_norm, overflowed) =
+                        self.optimize(device, links, &mut grads, &mut loss)?;
                 }
                 Action::GatherWeights => {
                     for (i, held) in holds.iter().enumerate() {
@@ -195,6 +204,7 @@ impl<'c> StepContext<'c> {
         Ok(StepOutcome {
             loss,
             grad_norm,
+            overflowed,
             collective_seconds: 0.0,
             stats,
         })
@@ -383,7 +393,7 @@ impl<'c> StepContext<'c> {
         let pieces = &self.placement.virtual_stages[k].pieces;
         if let Some(l) = self.g.loss {
             if pieces.iter().any(|p| p.nodes.contains(&l)) {
-                entry.upstream.insert(l, Value::scalar(1.0));
+                entry.upstream.insert(l, Value::scalar(self.loss_scale));
             }
         }
         for (i, piece) in pieces.iter().enumerate().rev() {

@@ -41,15 +41,16 @@ impl StepContext<'_> {
 
     /// Finishes the gradients (tied parameters summed over the stages holding them, the loss
     /// and global norm over the pipeline, or over the whole mesh when stages have grids of
-    /// their own), clips, and updates what this device owns. Returns the
-    /// norm before clipping.
+    /// their own), divides out the loss scale, clips, and updates what this device owns.
+    /// Returns the norm before clipping, and whether the gradients overflowed under a loss
+    /// scale (the update then skipped, on every device alike: they agree on the norm).
     pub(super) fn optimize(
         &self,
         device: &mut Device,
         links: &mut Links,
         grads: &mut Grads,
         loss: &mut f32,
-    ) -> Result<f64, Failure> {
+    ) -> Result<(f64, bool), Failure> {
         let g = self.g;
         let tensor = &self.placement.grids[device.stage].tensor;
         // Replicated parameters read by split computation have partial gradients.
@@ -64,10 +65,22 @@ impl StepContext<'_> {
             self.sum_over_stages(device, links, grads, loss)?;
         }
         self.check_finite(*loss)?;
-        let grad_norm = match self.train.grad_clip {
-            None => 0.0,
-            Some(max) => {
-                let norm = self.global_norm(device, links, grads)?;
+        let scaled = self.loss_scale != 1.0;
+        if scaled {
+            let unscale = 1.0 / self.loss_scale;
+            for gr in grads.iter_mut().flatten() {
+                gr.iter_mut().for_each(|x| *x *= unscale);
+            }
+        }
+        let norm = match (scaled, self.train.grad_clip) {
+            (false, None) => None,
+            _ => Some(self.global_norm(device, links, grads)?),
+        };
+        if scaled && norm.is_some_and(|n| !n.is_finite()) {
+            return Ok((norm.unwrap_or_default(), true));
+        }
+        let grad_norm = match (self.train.grad_clip, norm) {
+            (Some(max), Some(norm)) => {
                 let factor = clip_factor(norm, max);
                 if factor != 1.0 {
                     for gr in grads.iter_mut().flatten() {
@@ -76,6 +89,8 @@ impl StepContext<'_> {
                 }
                 norm
             }
+            (None, Some(norm)) => norm,
+            (_, None) => 0.0,
         };
         // The optimizer works on the weights in place (moved out and back, not copied): whole
         // parameters, or under ZeRO this device's shard of each.
@@ -94,7 +109,7 @@ impl StepContext<'_> {
         step(
             &self.train.optimizer,
             self.lr,
-            self.step_no,
+            self.updates + 1,
             &mut flat,
             grads,
             &mut device.states,
@@ -110,7 +125,7 @@ impl StepContext<'_> {
                 _ => device.shards[i] = Some(updated),
             }
         }
-        Ok(grad_norm)
+        Ok((grad_norm, false))
     }
 
     /// Parameters used by several stages (tied embeddings) get the sum of their gradients, and
