@@ -179,6 +179,8 @@ enum PlanFormat {
     Text,
     Json,
     Toml,
+    /// A picture of one step: each stage's timeline and memory, the runners-up.
+    Svg,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -449,6 +451,7 @@ fn plan(
     let text = match format {
         PlanFormat::Text => kiln_compiler::plan::render_text(plan),
         PlanFormat::Json => serde_json::to_string_pretty(plan).unwrap_or_default() + "\n",
+        PlanFormat::Svg => kiln_compiler::plan::render_svg(plan),
         PlanFormat::Toml => match toml::to_string(plan) {
             Ok(t) => t,
             Err(e) => {

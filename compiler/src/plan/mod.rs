@@ -8,10 +8,13 @@ mod report;
 pub mod search;
 pub mod sharding;
 mod stages;
+mod svg;
+pub mod timeline;
 mod types;
 
 pub use cost::{model_states, MemoryBreakdown, TimeBreakdown};
 pub use report::render_text;
+pub use svg::render_svg;
 pub use types::*;
 
 use crate::diagnostics::{Code, Diagnostic, Diagnostics, Span};
