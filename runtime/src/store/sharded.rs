@@ -199,8 +199,12 @@ fn assemble(
 fn put_together(pieces: Vec<(Place, Vec<f32>, String)>) -> Result<HostTensor, String> {
     let first = pieces[0].0.clone();
     let (parts, blocks) = (first.parts, first.blocks);
-    if parts == 0 || blocks == 0 {
-        return Err(format!("is cut into {parts} parts of {blocks} blocks"));
+    // Every (part, block) is held once: as many pieces as that, before anything is allocated.
+    if parts == 0 || blocks == 0 || parts.checked_mul(blocks) != Some(pieces.len()) {
+        return Err(format!(
+            "is cut into {parts} parts of {blocks} blocks, and the checkpoint holds {} pieces of it",
+            pieces.len()
+        ));
     }
     if let Some(Split { axis, sections }) = &first.split {
         if *axis >= first.shape.len() || sections.iter().sum::<usize>() != first.shape[*axis] {
@@ -341,7 +345,12 @@ mod tests {
         });
         let mut missing = cut(&whole(), rows.clone(), 3, 2);
         missing.remove(3);
-        assert!(together(missing).unwrap_err().contains("missing"));
+        assert!(together(missing).unwrap_err().contains("holds 5 pieces"));
+        // A cut claiming more pieces than any checkpoint could hold is refused before
+        // anything is allocated for it.
+        let mut huge = cut(&whole(), None, 1, 1);
+        huge[0].0.parts = usize::MAX / 2;
+        assert!(together(huge).unwrap_err().contains("parts"));
         let mut doubled = cut(&whole(), rows.clone(), 3, 2);
         doubled.remove(3);
         let again = doubled[0].clone();
