@@ -52,6 +52,11 @@ pub fn summary(ev: &Evaluation, e: &Experiment, chosen_by: &str) -> StrategySumm
             Offload::All => "all",
         }
         .into(),
+        attention: match super::flash_attention(e) {
+            true => "flash",
+            false => "eager",
+        }
+        .into(),
         overlap_grad_sync: e.parallel.overlap_grad_sync,
     }
 }

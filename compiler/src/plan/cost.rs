@@ -620,20 +620,24 @@ impl Model<'_> {
         let fits = stages
             .iter()
             .all(|st| st.memory.total <= st.memory.capacity);
-        let model_flops: f64 = self.layers.iter().map(|l| l.flops_fwd + l.flops_bwd).sum();
+        let model_flops: f64 = self
+            .layers
+            .iter()
+            .map(|l| l.counted.fwd + l.counted.bwd)
+            .sum();
         let recompute_flops: f64 = match s.recompute {
             RecomputeChoice::None => 0.0,
             RecomputeChoice::Selective => self
                 .layers
                 .iter()
                 .filter(|l| l.kind == Some(LayerKind::Block))
-                .map(|l| l.attn_flops_fwd)
+                .map(|l| l.counted.attn_fwd)
                 .sum(),
             RecomputeChoice::Full => self
                 .layers
                 .iter()
                 .filter(|l| l.kind == Some(LayerKind::Block))
-                .map(|l| l.flops_fwd)
+                .map(|l| l.counted.fwd)
                 .sum(),
         };
         Evaluation {

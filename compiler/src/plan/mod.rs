@@ -19,7 +19,7 @@ pub use types::*;
 
 use crate::diagnostics::{Code, Diagnostic, Diagnostics, Span};
 use crate::graph::{Graph, LayerKind};
-use crate::spec::{Experiment, Origin, Plan};
+use crate::spec::{AttentionKernel, Experiment, Origin, Plan};
 use cost::Submesh;
 use cost::{Model, RecomputeChoice, ScheduleChoice};
 use search::{Shape, Space};
@@ -27,6 +27,16 @@ use sharding::{LayoutError, TensorLayout};
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::rc::Rc;
+
+/// Whether `e`'s attention is costed as FlashAttention: as it asks, or (`auto`) as its
+/// devices run it.
+pub fn flash_attention(e: &Experiment) -> bool {
+    match e.train.attention {
+        AttentionKernel::Flash => true,
+        AttentionKernel::Eager => false,
+        AttentionKernel::Auto => e.parallel.mesh.node.device.flash_attention,
+    }
+}
 
 /// Which plans the planner may choose.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,7 +61,7 @@ pub struct Planner<'e> {
 impl<'e> Planner<'e> {
     /// Prepares `e`, lowered to `graph`, for planning.
     pub fn new(e: &'e Experiment, graph: Graph) -> Self {
-        let layers = profile::profile(&graph);
+        let layers = profile::profile(&graph, flash_attention(e));
         let blocks = graph
             .layers
             .iter()
@@ -317,6 +327,7 @@ fn space(e: &Experiment) -> Space {
         zero: fixed("parallel.zero").then_some(p.zero),
         recompute: fixed("parallel.recompute").then_some(RecomputeChoice::from_spec(p.recompute)),
         sequence_parallel: fixed("parallel.sequence_parallel").then_some(p.sequence_parallel),
+        flash_attention: flash_attention(e),
     }
 }
 

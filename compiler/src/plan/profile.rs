@@ -17,15 +17,19 @@ pub struct LayerProfile {
     /// adapter's matrix): ZeRO-3 gathers each one's weights as its own collective before it
     /// runs, as DeepSpeed's `fetch_sub_module` does.
     pub modules: f64,
-    /// Compute-bound FLOPs (GEMMs, attention) for the whole batch.
+    /// Compute-bound FLOPs (GEMMs, attention) for the whole batch, as the kernels do them.
     pub flops_fwd: f64,
     pub flops_bwd: f64,
+    /// FLOPs as the published formulas count them (full attention, backward twice the
+    /// forward), whatever the kernel skips or recomputes: what TFLOP/s and MFU report.
+    pub counted: Counted,
     /// Memory-bound traffic in bytes (elementwise ops, attention scores), split / replicated.
     pub mem_split: f64,
     pub mem_repl: f64,
     /// Whether a backward pass runs through memory-bound ops here (twice the forward traffic).
     pub has_backward: bool,
-    /// The attention cores alone (what selective recompute repeats).
+    /// The attention cores alone (what selective recompute repeats; nothing under flash
+    /// attention, whose backward recomputes the scores already).
     pub attn_flops_fwd: f64,
     pub attn_mem: f64,
     /// Activations kept for backward: divided by tensor parallelism, replicated (divided too
@@ -38,8 +42,40 @@ pub struct LayerProfile {
     pub boundary_bytes: f64,
 }
 
-/// One profile per graph layer, in order.
-pub fn profile(g: &Graph) -> Vec<LayerProfile> {
+#[derive(Clone, Debug, Default)]
+pub struct Counted {
+    pub fwd: f64,
+    pub bwd: f64,
+    /// The attention cores' forward, when selective recompute repeats them.
+    pub attn_fwd: f64,
+}
+
+/// FlashAttention's tiles: query and key blocks of 128 (FlashAttention-2's forward on
+/// A100/H100 uses 128 × 64 to 128 × 128; the causal saving depends on the count of tiles
+/// along the diagonal, not on their exact width).
+const TILE: u64 = 128;
+
+/// The share of the `s × s_kv` score tiles a causal flash kernel computes: for each block of
+/// queries, the key blocks up to the last key its last query sees (query i sees keys up to
+/// i + s_kv − s, the keys before the sequence being prefixes); every tile when not causal.
+pub fn computed_tiles(s: u64, s_kv: u64, causal: bool) -> f64 {
+    let (q_tiles, k_tiles) = (s.div_ceil(TILE), s_kv.div_ceil(TILE));
+    if !causal || q_tiles == 0 || k_tiles == 0 {
+        return 1.0;
+    }
+    let past = s_kv.saturating_sub(s);
+    let computed: u64 = (0..q_tiles)
+        .map(|q| {
+            let last_query = ((q + 1) * TILE).min(s) - 1;
+            let last_key = (last_query + past).min(s_kv - 1);
+            last_key / TILE + 1
+        })
+        .sum();
+    computed as f64 / (q_tiles * k_tiles) as f64
+}
+
+/// One profile per graph layer, in order, its attention costed as `flash` attention or not.
+pub fn profile(g: &Graph, flash: bool) -> Vec<LayerProfile> {
     let mut out: Vec<LayerProfile> = g
         .layers
         .iter()
@@ -75,22 +111,42 @@ pub fn profile(g: &Graph) -> Vec<LayerProfile> {
         let node = &g.dag[n];
         let c = &node.cost;
         let l = &mut out[node.layer];
+        l.counted.fwd += c.flops_fwd;
+        l.counted.bwd += c.flops_bwd_input + c.flops_bwd_weight;
+        let memory_bound = c.flops_fwd == 0.0 && !matches!(node.op, Op::Input { .. });
+        match node.op {
+            Op::Attention { heads, causal, .. } if flash => {
+                // Tiles above the diagonal skipped; the backward runs five products of the
+                // forward's size (QKᵀ recomputed, then dV, dP, dQ, dK) where eager runs four.
+                // Only the softmax statistics (one f32 per query and head) are saved, and no
+                // score reaches memory.
+                let inputs = g.inputs(n);
+                let (q, k) = (&g.dag[inputs[0]].out.shape, &g.dag[inputs[1]].out.shape);
+                let fwd = c.flops_fwd * computed_tiles(q[1], k[1], causal);
+                l.flops_fwd += fwd;
+                if c.flops_bwd_input > 0.0 {
+                    l.flops_bwd += 2.5 * fwd;
+                }
+                let statistics = (q[0] * heads * q[1]) as f64 * 4.0;
+                l.has_backward |= c.saved_bytes > 0.0 || c.flops_bwd_input > 0.0;
+                l.saved_split += c.saved_split - c.selective_bytes + statistics;
+                l.saved_repl += c.saved_bytes - c.saved_split;
+                continue;
+            }
+            Op::Attention { .. } => {
+                l.attn_flops_fwd += c.flops_fwd;
+                l.counted.attn_fwd += c.flops_fwd;
+                // Score traffic only (inputs and output are counted with their producers).
+                let io: f64 = node.out.bytes() as f64 * 4.0;
+                l.attn_mem += (c.bytes - io).max(0.0);
+                l.mem_split += (c.bytes - io).max(0.0);
+            }
+            _ if memory_bound && c.tensor_parallel => l.mem_split += c.bytes,
+            _ if memory_bound => l.mem_repl += c.bytes,
+            _ => {}
+        }
         l.flops_fwd += c.flops_fwd;
         l.flops_bwd += c.flops_bwd_input + c.flops_bwd_weight;
-        let memory_bound = c.flops_fwd == 0.0 && !matches!(node.op, Op::Input { .. });
-        if let Op::Attention { .. } = node.op {
-            l.attn_flops_fwd += c.flops_fwd;
-            // Score traffic only (inputs and output are counted with their producers).
-            let io: f64 = node.out.bytes() as f64 * 4.0;
-            l.attn_mem += (c.bytes - io).max(0.0);
-            l.mem_split += (c.bytes - io).max(0.0);
-        } else if memory_bound {
-            if c.tensor_parallel {
-                l.mem_split += c.bytes;
-            } else {
-                l.mem_repl += c.bytes;
-            }
-        }
         l.has_backward |= c.saved_bytes > 0.0 || c.flops_bwd_input > 0.0;
         l.saved_split += c.saved_split;
         l.saved_repl += c.saved_bytes - c.saved_split;
@@ -102,4 +158,65 @@ pub fn profile(g: &Graph) -> Vec<LayerProfile> {
         l.boundary_bytes = hidden_bytes * width;
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_causal_flash_kernel_computes_the_tiles_on_and_below_the_diagonal() {
+        // 16 × 16 tiles: 136 of 256, n(n + 1)/2 of n².
+        assert_eq!(computed_tiles(2048, 2048, true), 136.0 / 256.0);
+        assert_eq!(computed_tiles(2048, 2048, false), 1.0);
+        // One tile: nothing to skip.
+        assert_eq!(computed_tiles(100, 100, true), 1.0);
+        // A prefix of 128 keys every query sees: one more key tile per query tile.
+        assert_eq!(computed_tiles(256, 384, true), (2.0 + 3.0) / 6.0);
+        // Long sequences approach one half.
+        assert!((computed_tiles(1 << 17, 1 << 17, true) - 0.5).abs() < 1e-3);
+    }
+
+    /// GPT-2 124M-shaped blocks at s = 1024: flash attention halves the attention products
+    /// (causal), runs 2.5x of them backward, keeps no score traffic or saved softmax, and
+    /// reports the same model FLOPs as eager.
+    #[test]
+    fn flash_attention_skips_masked_tiles_scores_traffic_and_saved_scores() {
+        let src = "import std.models.gpt2\nexperiment e { model = gpt2 { vocab = 1024, positions = 1024, hidden = 768, layers = 2, heads = 12, dropout = 0.0 }, train { batch = 4, seq_len = 1024 } }";
+        let checked = crate::check_source("t.kiln", src, None);
+        assert!(checked.is_ok(), "{}", checked.render_errors());
+        let graph = crate::graph::compile_graph(&checked.module.experiments[0].value).unwrap();
+        let (eager, flash) = (profile(&graph, false), profile(&graph, true));
+        let block = |p: &[LayerProfile]| {
+            p.iter()
+                .find(|l| l.kind == Some(LayerKind::Block))
+                .cloned()
+                .unwrap()
+        };
+        let (e, f) = (block(&eager), block(&flash));
+        let (b, s, h, heads) = (4.0, 1024.0, 768.0, 12.0);
+        let attention = 4.0 * b * s * s * h;
+        assert_eq!(e.attn_flops_fwd, attention);
+        let skipped = attention * (1.0 - computed_tiles(1024, 1024, true));
+        assert_eq!(f.flops_fwd, e.flops_fwd - skipped);
+        assert_eq!(
+            f.flops_bwd,
+            e.flops_bwd - 2.0 * attention + 2.5 * (attention - skipped)
+        );
+        assert_eq!((f.attn_flops_fwd, f.attn_mem, f.selective), (0.0, 0.0, 0.0));
+        assert_eq!(f.mem_split, e.mem_split - e.attn_mem);
+        // The saved softmax output (one element of the graph's dtype per score) gives way to
+        // one f32 statistic per query and head.
+        let scores = b * heads * s * s;
+        let saved_scores = e.selective;
+        assert_eq!(saved_scores, scores * graph.dtype.bytes() as f64);
+        assert_eq!(
+            f.saved_split,
+            e.saved_split - saved_scores + b * heads * s * 4.0
+        );
+        assert_eq!(
+            (f.counted.fwd, f.counted.bwd),
+            (e.counted.fwd, e.counted.bwd)
+        );
+    }
 }

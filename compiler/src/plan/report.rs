@@ -70,13 +70,14 @@ pub fn render_text(p: &ExecutionPlan) -> String {
     };
     let _ = writeln!(
         o,
-        "strategy: {degrees} | {} microbatches of {microbatch} ({} sequences) | schedule {} | zero {} | recompute {} | offload {}",
+        "strategy: {degrees} | {} microbatches of {microbatch} ({} sequences) | schedule {} | zero {} | recompute {} | offload {} | attention {}",
         s.microbatches,
         s.global_batch,
         s.schedule,
         s.zero,
         s.recompute,
-        s.offload
+        s.offload,
+        s.attention
     );
     if s.overlap_grad_sync {
         let _ = writeln!(

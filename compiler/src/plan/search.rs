@@ -20,6 +20,9 @@ pub struct Space {
     pub zero: Option<u8>,
     pub recompute: Option<RecomputeChoice>,
     pub sequence_parallel: Option<bool>,
+    /// Attention is costed as FlashAttention, whose backward recomputes the scores already:
+    /// selective recompute would change nothing, so it is not a candidate of its own.
+    pub flash_attention: bool,
 }
 
 /// Shape facts that restrict degrees.
@@ -139,6 +142,9 @@ pub fn candidates(space: &Space, shape: &Shape) -> Vec<Strategy> {
                     };
                     let recomputes = match space.recompute {
                         Some(r) => vec![r],
+                        None if space.flash_attention => {
+                            vec![RecomputeChoice::None, RecomputeChoice::Full]
+                        }
                         None => vec![
                             RecomputeChoice::None,
                             RecomputeChoice::Selective,

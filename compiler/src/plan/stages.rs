@@ -546,6 +546,7 @@ mod tests {
             hbm_bandwidth: 1e18,
             activation_overhead: 1.0,
             weight_copies: 1.0,
+            flash_attention: false,
         };
         let node = Node {
             name: "unit".into(),

@@ -22,21 +22,12 @@ const TOP: f64 = 96.0;
 /// thousands of microbatches would otherwise draw sub-pixel rectangles by the thousand).
 const MIN_WIDTH: f64 = 6.0;
 
-const ACTIVITIES: [Activity; 6] = [
-    Activity::Forward,
-    Activity::Recompute,
-    Activity::Backward,
-    Activity::TensorComm,
-    Activity::DataSync,
-    Activity::Optimizer,
-];
-
 /// Consecutive blocks of one stage drawn together: the first and last, and the share of their
 /// span each activity took (the rest of it idle).
 struct Run<'t> {
     first: &'t Block,
     last: &'t Block,
-    shares: [f64; ACTIVITIES.len()],
+    shares: [f64; Activity::ALL.len()],
 }
 
 impl<'t> Run<'t> {
@@ -44,7 +35,7 @@ impl<'t> Run<'t> {
     fn of(blocks: &'t [Block]) -> Self {
         let (first, last) = (&blocks[0], &blocks[blocks.len() - 1]);
         let span = last.end - first.start;
-        let mut shares = [0.0; ACTIVITIES.len()];
+        let mut shares = [0.0; Activity::ALL.len()];
         for b in blocks {
             shares[b.activity as usize] += (b.end - b.start) / span.max(f64::MIN_POSITIVE);
         }
@@ -216,14 +207,15 @@ pub fn render_svg(p: &ExecutionPlan) -> String {
     };
     let lines = [
         format!(
-            "{} = {} × {} {} ({} device{}) | {degrees} | {} microbatch{} | schedule {} | zero {} | recompute {}",
+            "{} = {} × {} {} ({} device{}) | {degrees} | {} microbatch{} | schedule {} | zero {} | recompute {} | attention {}",
             p.mesh.cluster, p.mesh.nodes, p.mesh.devices_per_node, p.mesh.device, p.mesh.devices, if p.mesh.devices == 1 { "" } else { "s" },
-            s.microbatches, if s.microbatches == 1 { "" } else { "es" }, s.schedule, s.zero, s.recompute
+            s.microbatches, if s.microbatches == 1 { "" } else { "es" }, s.schedule, s.zero, s.recompute, s.attention
         ),
         format!(
-            "step {} (this timeline: {}) | {:.0} tokens/s | {:.1} TFLOP/s per device | MFU {:.1}%",
+            "step {} (this timeline: {}{}) | {:.0} tokens/s | {:.1} TFLOP/s per device | MFU {:.1}%",
             seconds(p.time.total),
             seconds(t.end),
+            if t.complete { "" } else { ", its schedule not played to the end" },
             p.throughput.tokens_per_second,
             p.throughput.tflops_per_device,
             p.throughput.mfu * 100.0
@@ -304,7 +296,7 @@ pub fn render_svg(p: &ExecutionPlan) -> String {
             (true, true) => name(first.activity).to_string(),
             (true, false) => format!("{} {}", first.label, name(first.activity)),
             (false, _) => {
-                let mix: Vec<String> = ACTIVITIES
+                let mix: Vec<String> = Activity::ALL
                     .iter()
                     .zip(run.shares)
                     .filter(|(_, share)| *share >= 0.005)
@@ -330,7 +322,7 @@ pub fn render_svg(p: &ExecutionPlan) -> String {
         );
         // Each activity a band of the row as high as its share of the run's time.
         let mut y = row_y(first.stage);
-        for (a, share) in ACTIVITIES.iter().zip(run.shares) {
+        for (a, share) in Activity::ALL.iter().zip(run.shares) {
             if share > 0.0 {
                 let h = ROW * share;
                 let _ = writeln!(
@@ -347,8 +339,12 @@ pub fn render_svg(p: &ExecutionPlan) -> String {
 
     // The time axis.
     let step = tick_step(span, 8.0);
-    let mut tick = 0.0;
-    while tick <= span * (1.0 + 1e-9) {
+    let ticks = match span.is_finite() && step.is_finite() {
+        true => ((span / step * (1.0 + 1e-9)).floor() as usize).min(100),
+        false => 0,
+    };
+    for i in 0..=ticks {
+        let tick = i as f64 * step;
         let _ = writeln!(
             o,
             r##"<line x1="{0:.2}" y1="{1:.1}" x2="{0:.2}" y2="{2:.1}" stroke="#888888"/><text x="{0:.2}" y="{3:.1}" font-size="10" text-anchor="middle">{4}</text>"##,
@@ -358,13 +354,12 @@ pub fn render_svg(p: &ExecutionPlan) -> String {
             rows_end + 8.0,
             tick_label(tick, step)
         );
-        tick += step;
     }
 
     // Legend and the step's breakdown.
     let legend_y = rows_end + 30.0;
     let mut lx = LEFT;
-    for a in ACTIVITIES {
+    for a in Activity::ALL {
         let _ = writeln!(
             o,
             r#"<rect x="{lx}" y="{:.1}" width="12" height="12" fill="{}"/><text x="{}" y="{legend_y:.1}">{}</text>"#,

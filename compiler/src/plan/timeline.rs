@@ -10,19 +10,30 @@
 use super::types::{Action, ExecutionPlan, GroupAxis};
 use std::collections::BTreeMap;
 
-/// What a block of a stage's time is spent on.
+/// What a block of a stage's time is spent on (`as usize`: its place in [`Activity::ALL`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Activity {
-    Forward,
+    Forward = 0,
     /// Recomputing a microbatch's forward before its backward.
-    Recompute,
-    Backward,
+    Recompute = 1,
+    Backward = 2,
     /// Tensor-parallel collectives inside a forward or backward.
-    TensorComm,
+    TensorComm = 3,
     /// Summing (or reduce-scattering) gradients over the data-parallel group, and ZeRO's
     /// gathers, as far as they are not hidden under the backward.
-    DataSync,
-    Optimizer,
+    DataSync = 4,
+    Optimizer = 5,
+}
+
+impl Activity {
+    pub const ALL: [Activity; 6] = [
+        Activity::Forward,
+        Activity::Recompute,
+        Activity::Backward,
+        Activity::TensorComm,
+        Activity::DataSync,
+        Activity::Optimizer,
+    ];
 }
 
 /// A stretch of one stage's time.
@@ -43,6 +54,9 @@ pub struct Timeline {
     pub stages: usize,
     pub blocks: Vec<Block>,
     pub end: f64,
+    /// Whether every stage played its whole schedule (a schedule waiting on a pass no stage
+    /// runs stops where it waits).
+    pub complete: bool,
 }
 
 /// The timeline of one step of `plan`.
@@ -108,6 +122,7 @@ pub fn timeline(plan: &ExecutionPlan) -> Timeline {
             break;
         }
     }
+    let complete = (0..stages).all(|s| next[s] == plan.schedule[s].actions.len());
     // Gradients are synchronised and the optimizer steps once a stage's last backward is done.
     for (s, &at) in free.iter().enumerate() {
         let sync_end = at + plan.time.data_parallel;
@@ -136,6 +151,7 @@ pub fn timeline(plan: &ExecutionPlan) -> Timeline {
         stages,
         blocks,
         end,
+        complete,
     }
 }
 
@@ -232,6 +248,7 @@ mod tests {
     fn a_1f1b_pipeline_waits_for_its_neighbours_and_leaves_the_bubble_idle() {
         let plan = plan_of("data = 2, pipeline = 4, schedule = 1f1b");
         let t = timeline(&plan);
+        assert!(t.complete);
         let (m, p) = (plan.strategy.microbatches as f64, 4.0);
         // Within a stage blocks never overlap.
         for s in 0..t.stages {
@@ -265,6 +282,13 @@ mod tests {
         assert!(
             t.end <= ideal * 1.3 + plan.time.data_parallel + plan.time.optimizer + plan.time.p2p
         );
+    }
+
+    #[test]
+    fn activities_index_their_list() {
+        for (i, a) in Activity::ALL.into_iter().enumerate() {
+            assert_eq!(a as usize, i);
+        }
     }
 
     #[test]

@@ -56,6 +56,8 @@ pub struct StrategySummary {
     pub microbatches: u64,
     pub global_batch: u64,
     pub offload: String,
+    /// How attention is costed: `flash` (fused, tiled, causal tiles skipped) or `eager`.
+    pub attention: String,
     /// Gradient reduction overlaps the backward pass; written only when it does.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub overlap_grad_sync: bool,

@@ -79,6 +79,7 @@ pub fn device(cx: &Cx, v: &Spanned, path: &str) -> Option<Device> {
     let weight_copies = r.or("weight_copies", 1.0, |cx, v| {
         number_where(cx, v, "at least 1", |x| x >= 1.0)
     });
+    let flash_attention = r.or("flash_attention", false, boolean);
     let reserve_span = r.span_of("memory_reserve");
     r.finish();
     let (memory, memory_reserve) = (memory?, memory_reserve?);
@@ -98,6 +99,7 @@ pub fn device(cx: &Cx, v: &Spanned, path: &str) -> Option<Device> {
         hbm_bandwidth: hbm_bandwidth?,
         activation_overhead: activation_overhead?,
         weight_copies: weight_copies?,
+        flash_attention: flash_attention?,
     })
 }
 

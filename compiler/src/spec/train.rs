@@ -46,6 +46,9 @@ pub(super) fn train(
         size(limits::SEQ_LEN),
     );
     let precision_v = r.or("precision", Precision::F32, precision);
+    let attention = r.or("attention", AttentionKernel::Auto, |cx, v| {
+        choice(cx, v, "attention", ATTENTION_KERNELS)
+    });
     let grad_clip = r.or("grad_clip", Some(1.0), |cx, v| match v.value {
         Value::Bool(false) => Some(None),
         _ => positive_number(cx, v).map(Some),
@@ -133,6 +136,7 @@ pub(super) fn train(
         length,
         seq_len: seq_len?,
         precision: precision_v?,
+        attention: attention?,
         grad_clip: grad_clip?,
         seed: seed?,
         eval_every: eval_every?,
@@ -238,3 +242,9 @@ fn lr_schedule(cx: &Cx, v: &Spanned) -> Option<LrSchedule> {
         min_lr_ratio: min_lr_ratio?,
     })
 }
+
+const ATTENTION_KERNELS: &[(&str, AttentionKernel)] = &[
+    ("auto", AttentionKernel::Auto),
+    ("flash", AttentionKernel::Flash),
+    ("eager", AttentionKernel::Eager),
+];

@@ -468,6 +468,23 @@ pub struct Device {
     /// Copies of the weights the runtime keeps (2 for an executor that computes on its own
     /// copy of a master copy).
     pub weight_copies: f64,
+    /// Whether attention runs as a fused, tiled kernel on it (FlashAttention-2): what
+    /// `train.attention = auto` costs.
+    pub flash_attention: bool,
+}
+
+/// How attention is computed, for the cost model (Dao 2023, "FlashAttention-2").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttentionKernel {
+    /// What the device runs (`flash_attention` in its profile).
+    Auto,
+    /// Fused and tiled: the score matrix never reaches memory nor is saved for backward (the
+    /// backward recomputes it), and causal attention skips the tiles wholly above the diagonal.
+    Flash,
+    /// Unfused: scores written, softmax read and written, read by the product with V, and the
+    /// softmax output saved for backward (the Megatron 2021 and Korthikanti 2022 measurements).
+    Eager,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -490,6 +507,7 @@ pub struct Train {
     pub length: Length,
     pub seq_len: u64,
     pub precision: Precision,
+    pub attention: AttentionKernel,
     pub grad_clip: Option<f64>,
     pub seed: u64,
     /// Evaluate on `data.eval` every this many steps (and at the end).

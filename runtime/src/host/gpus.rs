@@ -52,15 +52,19 @@ const GIB: f64 = (1u64 << 30) as f64;
 
 /// Asks the driver which GPUs this process may use.
 pub fn probe() -> Gpus {
-    // SAFETY: libcuda is the NVIDIA driver's own library; loading it runs no code of ours.
+    // SAFETY: libcuda is the NVIDIA driver's own library, whose initialisers are made to run
+    // in any process that loads it.
     let lib = match unsafe { Library::new("libcuda.so.1") } {
         Ok(lib) => lib,
         Err(_) => return Gpus::Unusable("no NVIDIA driver: libcuda.so.1 is not installed".into()),
     };
-    match ask(&lib) {
+    let found = match ask(&lib) {
         Ok(found) => found,
         Err(why) => Gpus::Unusable(why),
-    }
+    };
+    // Never unloaded: after cuInit the driver runs threads of its own inside the library.
+    std::mem::forget(lib);
+    found
 }
 
 /// `CUresult`: 0 is success.
@@ -90,8 +94,11 @@ fn ask(lib: &Library) -> Result<Gpus, String> {
 
         let check = |what: &str, code: CuResult| match code {
             0 => Ok(()),
-            // CUDA_ERROR_NO_DEVICE
-            100 => Err(String::from("the NVIDIA driver found no GPU")),
+            // CUDA_ERROR_NO_DEVICE: none, or CUDA_VISIBLE_DEVICES hides them all.
+            100 => Err(format!(
+                "the NVIDIA driver found no GPU; CUDA_VISIBLE_DEVICES={}",
+                std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_else(|_| "unset".into())
+            )),
             code => Err(format!(
                 "the NVIDIA driver's {what} failed with CUDA error {code}"
             )),
@@ -105,17 +112,19 @@ fn ask(lib: &Library) -> Result<Gpus, String> {
         for ordinal in 0..n {
             let mut handle = 0;
             check("cuDeviceGet", device(&mut handle, ordinal))?;
-            let mut text = [0 as c_char; 256];
+            // One byte more than the driver may fill, so that the name always ends in NUL.
+            let mut text = [0u8; 257];
+            let room = (text.len() - 1) as c_int;
             check(
                 "cuDeviceGetName",
-                name(text.as_mut_ptr(), text.len() as c_int, handle),
+                name(text.as_mut_ptr().cast::<c_char>(), room, handle),
             )?;
             let mut bytes = 0usize;
             check("cuDeviceTotalMem", memory(&mut bytes, handle))?;
             gpus.push(Gpu {
-                name: std::ffi::CStr::from_ptr(text.as_ptr())
-                    .to_string_lossy()
-                    .into_owned(),
+                name: std::ffi::CStr::from_bytes_until_nul(&text)
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
                 memory_bytes: bytes as u64,
             });
         }

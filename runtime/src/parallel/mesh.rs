@@ -396,7 +396,7 @@ impl Mesh {
             lr,
             step_no,
             scale: 1.0 / (micros.len() * loss_grid.data) as f32,
-            loss_scale: self.loss_scale.as_ref().map_or(1.0, |s| s.scale),
+            loss_scale: self.loss_scale.as_ref().map(|s| s.scale),
             updates: step_no.saturating_sub(1 + self.loss_scale.as_ref().map_or(0, |s| s.skipped)),
         };
         let failed = &self.failed;
@@ -767,6 +767,15 @@ mod tests {
             .unwrap();
         let step = (moved[wte].data[64] - values[wte].data[64]).abs();
         assert!((step - 1e-3).abs() < 1e-4, "{step}");
+
+        // A scale of exactly 1 is still a scale: the norm that detects overflow is taken even
+        // without clipping.
+        let (train, graph, placement, values) =
+            tiny("data = 2", ", precision = f16, grad_clip = false");
+        let mut mesh = Mesh::new(&graph, placement, &values, &states, &World::Alone);
+        mesh.scale_losses(Some(LossScale::starting_at(1.0)));
+        let outcome = mesh.step(&graph, &train, &micros, 1e-3, 1).unwrap();
+        assert!(!outcome.overflowed && outcome.grad_norm > 0.0);
     }
 
     /// A device failing alone must stop the step on every device with its own error, not

@@ -87,11 +87,11 @@ pub struct Piece<'a> {
     pub data: &'a [f32],
 }
 
-/// The two kinds of file a device writes.
+/// The two kinds of file a device writes (`as usize`: its place in [`Kind::ALL`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
-    Weights,
-    Optimizer,
+    Weights = 0,
+    Optimizer = 1,
 }
 
 impl Kind {
@@ -207,7 +207,8 @@ fn put_together(pieces: Vec<(Place, Vec<f32>, String)>) -> Result<HostTensor, St
         ));
     }
     if let Some(Split { axis, sections }) = &first.split {
-        if *axis >= first.shape.len() || sections.iter().sum::<usize>() != first.shape[*axis] {
+        let total = sections.iter().try_fold(0usize, |n, &s| n.checked_add(s));
+        if *axis >= first.shape.len() || total != Some(first.shape[*axis]) {
             return Err(format!(
                 "is cut along axis {axis} into sections {sections:?}, which do not fit its shape {:?}",
                 first.shape
@@ -223,6 +224,26 @@ fn put_together(pieces: Vec<(Place, Vec<f32>, String)>) -> Result<HostTensor, St
     if held != numel {
         return Err(format!(
             "has {held} values in its pieces for its {numel} (shape {:?}): a piece is missing or held twice",
+            first.shape
+        ));
+    }
+    // The parts' sizes must add up to the whole before any is allocated.
+    let part_sizes: Vec<Option<usize>> = (0..parts)
+        .map(|part| {
+            let shape = Place {
+                part,
+                ..first.clone()
+            }
+            .part_shape();
+            shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d))
+        })
+        .collect();
+    let parts_total = part_sizes
+        .iter()
+        .try_fold(0usize, |n, size| n.checked_add((*size)?));
+    if parts_total != Some(numel) {
+        return Err(format!(
+            "is cut into {parts} parts that do not make up its shape {:?}",
             first.shape
         ));
     }

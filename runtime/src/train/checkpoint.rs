@@ -146,19 +146,17 @@ pub(super) fn save_checkpoint(
         .map(|i| g.params[i].trainable || frozen.contains(&i))
         .collect();
     let devices = mesh.devices();
-    let slot =
-        |device: usize, kind: usize| (device * Kind::ALL.len() + kind) * (1 + FileDigest::WORDS);
-    let mut words = vec![0.0; slot(devices, 0) + 1];
+    let mut words = vec![0.0; digest_slot(devices, Kind::Weights) + 1];
     let mut failure = None;
     for DevicePieces { device, files } in mesh.pieces(g, &saved) {
-        for (k, (kind, pieces)) in files.iter().enumerate().filter(|(_, (_, p))| !p.is_empty()) {
+        for (kind, pieces) in files.iter().filter(|(_, p)| !p.is_empty()) {
             let name = kind.file_name(device, devices);
             let written = file_bytes(pieces)
                 .map_err(StoreError)
                 .and_then(|bytes| write_checkpoint_file(&partial, &name, &bytes));
             match written {
                 Ok(digest) => {
-                    let at = slot(device, k);
+                    let at = digest_slot(device, *kind);
                     words[at] = 1.0;
                     words[at + 1..at + 1 + FileDigest::WORDS].copy_from_slice(&digest.to_words());
                 }
@@ -195,35 +193,12 @@ pub(super) fn save_checkpoint(
 
     let committed = match dir {
         Some(dir) => {
-            let mut written = BTreeMap::new();
-            for device in 0..devices {
-                for (k, kind) in Kind::ALL.into_iter().enumerate() {
-                    let at = slot(device, k);
-                    if words[at] == 0.0 {
-                        continue;
-                    }
-                    let digest = FileDigest::from_words(&words[at + 1..]).ok_or_else(|| {
-                        RunError(format!(
-                            "the digest of device {device}'s checkpoint file did not arrive whole"
-                        ))
-                    })?;
-                    written.insert(kind.file_name(device, devices), digest);
-                }
-            }
-            let state = serde_json::to_vec_pretty(progress)
-                .map_err(|e| RunError(format!("cannot write the state: {e}")))?;
-            dir.commit(
-                step,
-                written,
-                &[(STATE_FILE, state.as_slice())],
-                keep as usize,
-            )
-            .map(|_| ())
-            .map_err(RunError::from)
+            commit(dir, progress, &words, devices, keep).inspect_err(|_| dir.abandon(step))
         }
         None => Ok(()),
     };
-    // Nobody goes on (nor saves again) before the checkpoint is in place or known lost.
+    // Nobody goes on (nor saves again) before the checkpoint is in place or known lost: every
+    // process reaches this agreement, whatever failed before it on the owner.
     let [lost] = mesh.anyone([committed.is_err()])?;
     committed?;
     if lost {
@@ -231,6 +206,47 @@ pub(super) fn save_checkpoint(
             "rank 0 could not put the checkpoint of step {step} in place (its message says why); the previous checkpoint is intact"
         )));
     }
+    Ok(())
+}
+
+/// Where device `device`'s file of `kind` reports its digest in the exchange: a present flag,
+/// then the digest's words.
+fn digest_slot(device: usize, kind: Kind) -> usize {
+    (device * Kind::ALL.len() + kind as usize) * (1 + FileDigest::WORDS)
+}
+
+/// The owner's part of a save: the files every process reported (`words`), the progress and
+/// the manifest, the checkpoint put in place.
+fn commit(
+    dir: &RunDir,
+    progress: &Progress,
+    words: &[f32],
+    devices: usize,
+    keep: u64,
+) -> Result<(), RunError> {
+    let mut written = BTreeMap::new();
+    for device in 0..devices {
+        for kind in Kind::ALL {
+            let at = digest_slot(device, kind);
+            if words[at] == 0.0 {
+                continue;
+            }
+            let digest = FileDigest::from_words(&words[at + 1..]).ok_or_else(|| {
+                RunError(format!(
+                    "the digest of device {device}'s checkpoint file did not arrive whole"
+                ))
+            })?;
+            written.insert(kind.file_name(device, devices), digest);
+        }
+    }
+    let state = serde_json::to_vec_pretty(progress)
+        .map_err(|e| RunError(format!("cannot write the state: {e}")))?;
+    dir.commit(
+        progress.step,
+        written,
+        &[(STATE_FILE, state.as_slice())],
+        keep as usize,
+    )?;
     Ok(())
 }
 

@@ -57,6 +57,8 @@ impl Mesh {
             .collect()
     }
 
+    /// Moments exist on every device sharing a parameter or on none: the optimizer makes them
+    /// at a parameter's first update, which every device holding it takes in the same step.
     fn moment_pieces<'a>(&self, g: &Graph, d: &'a Device) -> Vec<Piece<'a>> {
         let shared = self.placement.zero >= 1;
         let mut pieces = Vec::new();

@@ -27,8 +27,8 @@ pub(super) struct StepContext<'a> {
     pub(super) step_no: u64,
     /// Each microbatch's share of the step's mean loss.
     pub(super) scale: f32,
-    /// What the backward pass starts from: 1, or under fp16 the loss scale.
-    pub(super) loss_scale: f32,
+    /// Under fp16, the loss scale the backward pass starts from (else it starts from 1).
+    pub(super) loss_scale: Option<f32>,
     /// Updates the optimizer has made before this step (steps skipped on overflow do not
     /// count), for its bias correction.
     pub(super) updates: u64,
@@ -393,7 +393,9 @@ impl<'c> StepContext<'c> {
         let pieces = &self.placement.virtual_stages[k].pieces;
         if let Some(l) = self.g.loss {
             if pieces.iter().any(|p| p.nodes.contains(&l)) {
-                entry.upstream.insert(l, Value::scalar(self.loss_scale));
+                entry
+                    .upstream
+                    .insert(l, Value::scalar(self.loss_scale.unwrap_or(1.0)));
             }
         }
         for (i, piece) in pieces.iter().enumerate().rev() {

@@ -65,9 +65,9 @@ impl StepContext<'_> {
             self.sum_over_stages(device, links, grads, loss)?;
         }
         self.check_finite(*loss)?;
-        let scaled = self.loss_scale != 1.0;
-        if scaled {
-            let unscale = 1.0 / self.loss_scale;
+        let scaled = self.loss_scale.is_some();
+        if let Some(scale) = self.loss_scale {
+            let unscale = 1.0 / scale;
             for gr in grads.iter_mut().flatten() {
                 gr.iter_mut().for_each(|x| *x *= unscale);
             }
