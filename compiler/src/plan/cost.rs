@@ -5,7 +5,7 @@
 //! Longer than most files (~820 lines) because every time and memory term is a method of one
 //! `Model` and they are reviewed together against the reference formulas.
 
-use super::profile::LayerProfile;
+use super::profile::{Gemm, GemmSplit, LayerProfile};
 use crate::graph::LayerKind;
 use crate::spec::{Cluster, Offload, PipelineSchedule, Precision, Recompute};
 use rayon::prelude::*;
@@ -256,6 +256,46 @@ impl TimeBreakdown {
     }
 }
 
+/// Output tiles of a matrix product, 128 × 128 (cuBLAS's and CUTLASS's usual bf16 tile on
+/// A100 and H100), as NVIDIA's "Matrix Multiplication Background User's Guide" models them.
+const TILE: f64 = 128.0;
+
+/// The work a `rows × cols` output wastes on `sms` multiprocessors, as a share of the useful
+/// work: tile quantisation (partial tiles at the edges compute whole) and wave quantisation
+/// (the last wave of tiles leaves multiprocessors idle) — the guide's two effects.
+pub fn wave_waste(rows: f64, cols: f64, sms: f64) -> f64 {
+    if rows <= 0.0 || cols <= 0.0 {
+        return 0.0;
+    }
+    let tiles = (rows / TILE).ceil() * (cols / TILE).ceil();
+    let computed = (tiles / sms).ceil() * sms * TILE * TILE;
+    computed / (rows * cols) - 1.0
+}
+
+/// FLOPs a device's matrix products waste to quantisation in one microbatch of
+/// `micro_batch` sequences on `t`-way tensor parallelism: forward, and backward (input and
+/// weight gradients, each its own output shape).
+fn wave_losses(gemms: &[Gemm], micro_batch: f64, t: f64, sms: f64) -> (f64, f64) {
+    let (mut fwd, mut bwd) = (0.0, 0.0);
+    for g in gemms {
+        let m = micro_batch * g.rows_per_sequence;
+        let (k, n) = match g.split {
+            GemmSplit::N => (g.k, g.n / t),
+            GemmSplit::K => (g.k / t, g.n),
+            GemmSplit::None => (g.k, g.n),
+        };
+        let flops = 2.0 * m * k * n;
+        fwd += flops * wave_waste(m, n, sms);
+        if g.input_grad {
+            bwd += flops * wave_waste(m, k, sms);
+        }
+        if g.weight_grad {
+            bwd += flops * wave_waste(k, n, sms);
+        }
+    }
+    (fwd, bwd)
+}
+
 /// Ring all-gather or reduce-scatter: (n−1)/n · S/B plus n−1 latency steps.
 pub fn all_gather(bytes: f64, n: u64, bandwidth: f64, latency: f64) -> f64 {
     all_reduce(bytes, n, bandwidth, latency) / 2.0
@@ -359,11 +399,16 @@ impl Model<'_> {
         let repl_div = if s.sequence_parallel { t } else { 1.0 };
         let (bw, lat) = self.group_bandwidth(s.tensor, 1);
         let mut out = vec![Terms::default()];
+        let sms = self.cluster.node.device.multiprocessors;
         for l in self.layers {
             let mem = (l.mem_split / t + l.mem_repl / repl_div) * f / hbm;
-            let forward = l.flops_fwd / t * f / rate + mem;
-            let backward =
-                l.flops_bwd / t * f / rate + if l.has_backward { 2.0 * mem } else { 0.0 };
+            let (waves_fwd, waves_bwd) = match sms {
+                Some(sms) => wave_losses(&l.gemms, s.micro_batch as f64, t, sms as f64),
+                None => (0.0, 0.0),
+            };
+            let forward = (l.flops_fwd / t * f + waves_fwd) / rate + mem;
+            let backward = (l.flops_bwd / t * f + waves_bwd) / rate
+                + if l.has_backward { 2.0 * mem } else { 0.0 };
             let block = l.kind == Some(LayerKind::Block);
             let recompute = match s.recompute {
                 RecomputeChoice::Full if block => forward,
@@ -825,4 +870,26 @@ pub fn model_states(
     let gradients = g * trainable / if zero >= 2 { d } else { 1.0 };
     let optimizer = k * trainable / if zero >= 1 { d } else { 1.0 };
     (weights, gradients, optimizer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::wave_waste;
+
+    /// NVIDIA's "Matrix Multiplication Background User's Guide": on A100's 108 SMs, 108 output
+    /// tiles make one full wave, 109 make two with the second nearly idle (about half the
+    /// computed work wasted); an output one row past a tile computes a whole row of tiles more.
+    #[test]
+    fn tiles_and_waves_quantise_as_the_guide_describes() {
+        let tile = 128.0;
+        assert_eq!(wave_waste(108.0 * tile, tile, 108.0), 0.0);
+        let two_waves = wave_waste(109.0 * tile, tile, 108.0);
+        assert!((two_waves - (216.0 / 109.0 - 1.0)).abs() < 1e-12);
+        // 2 × 54 tiles instead of 1 × 54 for one row past the tile: the same wave, twice the
+        // work computed for 129/128 of the output.
+        let edge = wave_waste(129.0, 54.0 * tile, 108.0);
+        assert!((edge - (2.0 * 128.0 / 129.0 - 1.0)).abs() < 1e-12);
+        // Large outputs waste little.
+        assert!(wave_waste(8192.0, 8192.0, 108.0) < 0.05);
+    }
 }

@@ -185,7 +185,16 @@ impl<'e> Planner<'e> {
             return Err(one(unsplittable_model(e, unsplittable)));
         };
         if !best.evaluation.fits {
-            return Err(one(does_not_fit(e, model, best, auto, span)));
+            // Nothing fits: the error describes the candidate closest to fitting (its hints
+            // are the likeliest to help), not the fastest.
+            let closest = ranked
+                .iter()
+                .min_by(|a, b| {
+                    let peak = |c: &search::Candidate| c.evaluation.peak_memory();
+                    peak(a).total_cmp(&peak(b))
+                })
+                .unwrap_or(best);
+            return Err(one(does_not_fit(e, model, closest, auto, span)));
         }
         let alternatives = if auto {
             alternatives(&ranked)

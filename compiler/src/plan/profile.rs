@@ -3,6 +3,7 @@
 //! cost any (tensor degree, microbatch, recompute) choice in O(1) per layer.
 
 use crate::graph::{Graph, LayerKind, Op, ParamRole};
+use crate::plan::TensorSplit;
 
 #[derive(Clone, Debug, Default)]
 pub struct LayerProfile {
@@ -40,6 +41,30 @@ pub struct LayerProfile {
     /// The hidden state leaving the layer (`b·s·h` elements): what crosses a stage boundary
     /// and what full recompute keeps.
     pub boundary_bytes: f64,
+    /// Its matrix products, by shape: what wave quantisation costs depends on it.
+    pub gemms: Vec<Gemm>,
+}
+
+/// A linear layer's matrix product `(tokens × k)·(k × n)`, and the products its backward runs.
+#[derive(Clone, Debug)]
+pub struct Gemm {
+    /// Rows per sequence (its length, or 1 for a pooled input).
+    pub rows_per_sequence: f64,
+    pub k: f64,
+    pub n: f64,
+    /// Which of k and n tensor parallelism divides.
+    pub split: GemmSplit,
+    pub input_grad: bool,
+    pub weight_grad: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GemmSplit {
+    None,
+    /// Column-parallel (and vocabulary-parallel): the outputs.
+    N,
+    /// Row-parallel: the inputs.
+    K,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -76,6 +101,7 @@ pub fn computed_tiles(s: u64, s_kv: u64, causal: bool) -> f64 {
 
 /// One profile per graph layer, in order, its attention costed as `flash` attention or not.
 pub fn profile(g: &Graph, flash: bool) -> Vec<LayerProfile> {
+    let splits = crate::plan::sharding::tensor_split(g);
     let mut out: Vec<LayerProfile> = g
         .layers
         .iter()
@@ -114,6 +140,28 @@ pub fn profile(g: &Graph, flash: bool) -> Vec<LayerProfile> {
         l.counted.fwd += c.flops_fwd;
         l.counted.bwd += c.flops_bwd_input + c.flops_bwd_weight;
         let memory_bound = c.flops_fwd == 0.0 && !matches!(node.op, Op::Input { .. });
+        if let Op::Linear {
+            weight,
+            in_features,
+            out_features,
+            ..
+        } = node.op
+        {
+            let input = g.inputs(n)[0];
+            let rows = g.dag[input].out.numel() as f64 / in_features as f64;
+            l.gemms.push(Gemm {
+                rows_per_sequence: rows / g.batch as f64,
+                k: in_features as f64,
+                n: out_features as f64,
+                split: match splits[weight.id] {
+                    TensorSplit::Column | TensorSplit::Vocab => GemmSplit::N,
+                    TensorSplit::Row => GemmSplit::K,
+                    TensorSplit::Replicated => GemmSplit::None,
+                },
+                input_grad: c.flops_bwd_input > 0.0,
+                weight_grad: c.flops_bwd_weight > 0.0,
+            });
+        }
         match node.op {
             Op::Attention { heads, causal, .. } if flash => {
                 // Tiles above the diagonal skipped; the backward runs five products of the

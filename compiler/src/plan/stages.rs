@@ -547,6 +547,7 @@ mod tests {
             activation_overhead: 1.0,
             weight_copies: 1.0,
             flash_attention: false,
+            multiprocessors: None,
         };
         let node = Node {
             name: "unit".into(),

@@ -80,6 +80,7 @@ pub fn device(cx: &Cx, v: &Spanned, path: &str) -> Option<Device> {
         number_where(cx, v, "at least 1", |x| x >= 1.0)
     });
     let flash_attention = r.or("flash_attention", false, boolean);
+    let multiprocessors = r.opt("multiprocessors", positive);
     let reserve_span = r.span_of("memory_reserve");
     r.finish();
     let (memory, memory_reserve) = (memory?, memory_reserve?);
@@ -100,6 +101,7 @@ pub fn device(cx: &Cx, v: &Spanned, path: &str) -> Option<Device> {
         activation_overhead: activation_overhead?,
         weight_copies: weight_copies?,
         flash_attention: flash_attention?,
+        multiprocessors: multiprocessors?,
     })
 }
 

@@ -471,6 +471,9 @@ pub struct Device {
     /// Whether attention runs as a fused, tiled kernel on it (FlashAttention-2): what
     /// `train.attention = auto` costs.
     pub flash_attention: bool,
+    /// Streaming multiprocessors, which run a matrix product's output tiles in waves (`None`:
+    /// not a GPU, no wave quantisation).
+    pub multiprocessors: Option<u64>,
 }
 
 /// How attention is computed, for the cost model (Dao 2023, "FlashAttention-2").
