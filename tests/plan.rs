@@ -441,9 +441,10 @@ fn uneven_submeshes_beat_uniform_stages() {
     insta::assert_snapshot!(kiln::compiler::plan::render_text(&per_stage));
 }
 
-/// Every example's plan, as text and as JSON (reviewed snapshots).
-#[test]
-fn example_plans() {
+/// Every shipped example's plan (of its first experiment, or its first pipeline's first
+/// stage), by the example's name, in name order. Paths are relative to the workspace, as the
+/// snapshots show them.
+fn example_plans_by_name() -> Vec<(String, ExecutionPlan)> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut files: Vec<_> = std::fs::read_dir(root.join("examples"))
         .unwrap()
@@ -451,25 +452,36 @@ fn example_plans() {
         .filter(|p| p.extension().is_some_and(|e| e == "kiln"))
         .collect();
     files.sort();
-    for path in files {
-        let checked = kiln::compiler::check_file(path.strip_prefix(root).unwrap());
-        assert!(checked.is_ok(), "{}", checked.render_errors());
-        let experiment = checked
-            .module
-            .experiments
-            .first()
-            .map(|e| &e.value)
-            .or_else(|| {
-                checked
-                    .module
-                    .pipelines
-                    .first()
-                    .and_then(|p| p.value.stages.first())
-            })
-            .unwrap();
-        let p = kiln::compiler::plan::compile_plan(experiment)
-            .unwrap_or_else(|d| panic!("{}: {:?}", path.display(), d.items));
-        let name = path.file_stem().unwrap().to_string_lossy().into_owned();
+    files
+        .into_iter()
+        .map(|path| {
+            let checked = kiln::compiler::check_file(path.strip_prefix(root).unwrap());
+            assert!(checked.is_ok(), "{}", checked.render_errors());
+            let experiment = checked
+                .module
+                .experiments
+                .first()
+                .map(|e| &e.value)
+                .or_else(|| {
+                    checked
+                        .module
+                        .pipelines
+                        .first()
+                        .and_then(|p| p.value.stages.first())
+                })
+                .unwrap();
+            let p = kiln::compiler::plan::compile_plan(experiment)
+                .unwrap_or_else(|d| panic!("{}: {:?}", path.display(), d.items));
+            let name = path.file_stem().unwrap().to_string_lossy().into_owned();
+            (name, p)
+        })
+        .collect()
+}
+
+/// Every example's plan, as text and as JSON (reviewed snapshots).
+#[test]
+fn example_plans() {
+    for (name, p) in example_plans_by_name() {
         insta::assert_snapshot!(
             format!("plan_{name}"),
             kiln::compiler::plan::render_text(&p)
@@ -576,49 +588,15 @@ fn overlapped_gradient_reduction_hides_behind_the_backward() {
 /// has (GPT-3 175B: 96 of them on 8 stages of 4 chunks).
 #[test]
 fn plan_pictures_are_deterministic_images() {
-    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
-    let mut files: Vec<_> = std::fs::read_dir(&examples)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "kiln"))
-        .collect();
-    files.sort();
-    for path in files {
-        let checked = kiln::compiler::check_file(&path);
-        assert!(checked.is_ok(), "{}", checked.render_errors());
-        let experiment = checked
-            .module
-            .experiments
-            .first()
-            .map(|e| &e.value)
-            .or_else(|| {
-                checked
-                    .module
-                    .pipelines
-                    .first()
-                    .and_then(|p| p.value.stages.first())
-            })
-            .unwrap();
-        let p = kiln::compiler::plan::compile_plan(experiment).unwrap();
+    for (name, p) in example_plans_by_name() {
         let svg = kiln::compiler::plan::render_svg(&p);
-        assert_eq!(
-            svg,
-            kiln::compiler::plan::render_svg(&p),
-            "{}",
-            path.display()
-        );
-        if path.file_stem().is_some_and(|n| n == "llama_lora_tp") {
+        assert_eq!(svg, kiln::compiler::plan::render_svg(&p), "{name}");
+        if name == "llama_lora_tp" {
             insta::assert_snapshot!("plan_svg_llama_lora_tp", svg);
         }
-        assert!(
-            svg.len() < 100_000,
-            "{}: {} bytes",
-            path.display(),
-            svg.len()
-        );
+        assert!(svg.len() < 100_000, "{name}: {} bytes", svg.len());
         let tree = resvg::usvg::Tree::from_str(&svg, &resvg::usvg::Options::default())
-            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
         let size = tree.size().to_int_size();
         let mut pixmap = resvg::tiny_skia::Pixmap::new(size.width(), size.height()).unwrap();
         resvg::render(
@@ -630,10 +608,6 @@ fn plan_pictures_are_deterministic_images() {
         let (x, y) = (150 + 760 / 3, 96 + 12);
         let pixel = pixmap.pixel(x, y).unwrap();
         let grey = pixel.red() == pixel.green() && pixel.green() == pixel.blue();
-        assert!(
-            !grey,
-            "{}: the timeline is empty at ({x}, {y})",
-            path.display()
-        );
+        assert!(!grey, "{name}: the timeline is empty at ({x}, {y})");
     }
 }

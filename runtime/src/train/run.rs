@@ -299,6 +299,9 @@ pub fn run(
     let mut last_eval = None;
     let keep = e.train.keep_checkpoints;
     let frozen = unsourced_frozen(e, graph);
+    let save = |mesh: &mut Mesh, progress: &Progress| {
+        save_checkpoint(graph, mesh, progress, &run, run_dir.as_ref(), keep, &frozen)
+    };
     let mut control = on_event(&Event::Started {
         resumed_from,
         total,
@@ -414,15 +417,7 @@ pub fn run(
         }
         // A checkpoint at `total` is saved after the final evaluation, below.
         if step < total && (stop || due) {
-            save_checkpoint(
-                graph,
-                &mut mesh,
-                &progress,
-                &run,
-                run_dir.as_ref(),
-                keep,
-                &frozen,
-            )?;
+            save(&mut mesh, &progress)?;
             saved_step = Some(step);
             saves.last = Instant::now();
         }
@@ -433,15 +428,7 @@ pub fn run(
     }
     // Nothing to save before a first step (its loss is not a number yet).
     if progress.step > 0 && saved_step != Some(progress.step) {
-        save_checkpoint(
-            graph,
-            &mut mesh,
-            &progress,
-            &run,
-            run_dir.as_ref(),
-            keep,
-            &frozen,
-        )?;
+        save(&mut mesh, &progress)?;
     }
     drop(metrics);
     let memory = mesh.memory();
