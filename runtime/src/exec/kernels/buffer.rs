@@ -44,6 +44,41 @@ pub(super) fn row_major<S: Shape>(t: Taped<S>) -> Taped<S> {
     t.reshape_like(&shape)
 }
 
+/// An elementwise op recorded on the tape: its result chunk by chunk from `x`'s
+/// (`forward(y, x, start)` adds into a zeroed `y`; `start` is the chunk's first element), and in
+/// the backward each chunk of the result's gradient added into `x`'s (`backward(gx, dy,
+/// start)`), in parallel.
+pub(super) fn elementwise<S: Shape>(
+    x: Taped<S>,
+    forward: impl Fn(&mut [f32], &[f32], usize) + Sync,
+    backward: impl Fn(&mut [f32], &[f32], usize) + Send + Sync + 'static,
+) -> Taped<S> {
+    let (x, mut tape) = row_major(x).split_tape();
+    let shape = *x.shape();
+    let mut y = vec![0.0f32; shape.num_elements()];
+    {
+        let xs = elements(&x);
+        y.par_chunks_mut(CHUNK)
+            .zip(xs.par_chunks(CHUNK))
+            .enumerate()
+            .for_each(|(c, (y, x))| forward(y, x, c * CHUNK));
+    }
+    let out = x.device().tensor_from_vec(y, shape);
+    let result = out.clone();
+    let (out, x) = (out.ghost(), x.ghost());
+    tape.add_backward_op(move |grads| {
+        let dy = std::mem::take(&mut **grads.get_or_alloc_mut(&out)?);
+        let gx = grads.get_or_alloc_mut(&x)?;
+        gx.par_chunks_mut(CHUNK)
+            .zip(dy.par_chunks(CHUNK))
+            .enumerate()
+            .for_each(|(c, (g, dy))| backward(g, dy, c * CHUNK));
+        **grads.get_or_alloc_mut(&out)? = dy;
+        Ok(())
+    });
+    result.put_tape(tape)
+}
+
 /// Adds `g` into `t`'s gradient.
 pub(super) fn add_grad<S: Shape>(
     grads: &mut Gradients<f32, Cpu>,

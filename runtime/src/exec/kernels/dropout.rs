@@ -1,51 +1,30 @@
 //! Inverted dropout from a mask of kept elements.
 
-use super::buffer::{elements, row_major};
-use super::{Taped, CHUNK};
+use super::buffer::elementwise;
+use super::Taped;
 use dfdx::prelude::*;
-use rayon::prelude::*;
+use std::sync::Arc;
 
 /// Inverted dropout: `x · scale` where `keep`, else 0. The backward needs only the mask, one
 /// byte an element (a product with a mask tensor keeps its input and a float mask).
 pub fn dropout<S: Shape>(x: Taped<S>, keep: Vec<bool>, scale: f32) -> Result<Taped<S>, String> {
-    let (x, mut tape) = row_major(x).split_tape();
-    let shape = *x.shape();
-    if keep.len() != shape.num_elements() {
-        return Err(format!(
-            "a dropout mask of {} for {} values",
-            keep.len(),
-            shape.num_elements()
-        ));
+    let n = x.shape().num_elements();
+    if keep.len() != n {
+        return Err(format!("a dropout mask of {} for {n} values", keep.len()));
     }
-    let factor = move |k: bool| if k { scale } else { 0.0 };
-    let mut y = vec![0.0f32; keep.len()];
-    {
-        let xs = elements(&x);
-        y.par_chunks_mut(CHUNK)
-            .zip(xs.par_chunks(CHUNK).zip(keep.par_chunks(CHUNK)))
-            .for_each(|(y, (x, keep))| {
-                for ((y, &x), &k) in y.iter_mut().zip(x).zip(keep) {
-                    *y = x * factor(k);
+    // Forward and backward alike: add the values kept, scaled.
+    let masked = |keep: Arc<Vec<bool>>| {
+        move |out: &mut [f32], values: &[f32], start: usize| {
+            let keep = &keep[start..start + out.len()];
+            for ((o, &v), &k) in out.iter_mut().zip(values).zip(keep) {
+                if k {
+                    *o += v * scale;
                 }
-            });
-    }
-    let out = x.device().tensor_from_vec(y, shape);
-    let result = out.clone();
-    let (out, x) = (out.ghost(), x.ghost());
-    tape.add_backward_op(move |grads| {
-        let dy = std::mem::take(&mut **grads.get_or_alloc_mut(&out)?);
-        let gx = grads.get_or_alloc_mut(&x)?;
-        gx.par_chunks_mut(CHUNK)
-            .zip(dy.par_chunks(CHUNK).zip(keep.par_chunks(CHUNK)))
-            .for_each(|(g, (dy, keep))| {
-                for ((g, &dy), &k) in g.iter_mut().zip(dy).zip(keep) {
-                    *g += dy * factor(k);
-                }
-            });
-        **grads.get_or_alloc_mut(&out)? = dy;
-        Ok(())
-    });
-    Ok(result.put_tape(tape))
+            }
+        }
+    };
+    let keep = Arc::new(keep);
+    Ok(elementwise(x, masked(keep.clone()), masked(keep)))
 }
 
 #[cfg(test)]

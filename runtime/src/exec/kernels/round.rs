@@ -2,38 +2,23 @@
 //! gradient that flows back into a rounded value is rounded too, as it would be held in that
 //! format.
 
-use super::buffer::{elements, row_major};
-use super::{Taped, CHUNK};
+use super::buffer::elementwise;
+use super::Taped;
 use crate::exec::precision::Format;
 use dfdx::prelude::*;
-use rayon::prelude::*;
 
 /// `x` rounded to `format` (itself in f32).
 pub fn rounded<S: Shape>(x: Taped<S>, format: Format) -> Taped<S> {
     if format == Format::F32 {
         return x;
     }
-    let (x, mut tape) = row_major(x).split_tape();
-    let shape = *x.shape();
-    let mut y = elements(&x).into_owned();
-    format.round_all(&mut y);
-    let out = x.device().tensor_from_vec(y, shape);
-    let result = out.clone();
-    let (out, x) = (out.ghost(), x.ghost());
-    tape.add_backward_op(move |grads| {
-        let dy = std::mem::take(&mut **grads.get_or_alloc_mut(&out)?);
-        let gx = grads.get_or_alloc_mut(&x)?;
-        gx.par_chunks_mut(CHUNK)
-            .zip(dy.par_chunks(CHUNK))
-            .for_each(|(g, dy)| {
-                for (g, &dy) in g.iter_mut().zip(dy) {
-                    *g += format.round(dy);
-                }
-            });
-        **grads.get_or_alloc_mut(&out)? = dy;
-        Ok(())
-    });
-    result.put_tape(tape)
+    // Forward and backward alike: add the values rounded.
+    let round = move |out: &mut [f32], values: &[f32], _: usize| {
+        for (o, &v) in out.iter_mut().zip(values) {
+            *o += format.round(v);
+        }
+    };
+    elementwise(x, round, round)
 }
 
 #[cfg(test)]
