@@ -255,9 +255,9 @@ fn published_runs_within_15_percent() {
         } else {
             ours.time.total
         };
-        let gain = compile(&run.auto)
-            .map(|auto| format!("{:+.1}%", (ours.time.total / auto.time.total - 1.0) * 100.0))
-            .unwrap_or_else(|_| String::from("-"));
+        let auto =
+            compile(&run.auto).unwrap_or_else(|e| panic!("{} with plan = auto: {e}", run.what));
+        let gain = format!("{:+.1}%", (ours.time.total / auto.time.total - 1.0) * 100.0);
         let error = predicted / run.figure - 1.0;
         println!(
             "{:<48} {:>10.2} {:>10.2} {:>+7.1}% {:>10}",
@@ -278,6 +278,9 @@ fn published_runs_within_15_percent() {
     for (what, error) in errors {
         assert!(error.abs() <= 0.15, "{what}: {:+.1}%", error * 100.0);
     }
+    // Where the model stands (4.0%), with a little room: a change that makes it worse
+    // overall shows here even when every run stays within its 15%.
+    assert!(mean <= 0.05, "mean |error| {:.1}%", mean * 100.0);
 }
 
 /// Rajbhandari et al. 2020: Ψ = 7.5B on 64 GPUs, mixed-precision Adam (K = 12).

@@ -159,6 +159,9 @@ pub fn annotate(g: &mut Graph) {
         }
         g.dag[n].cost = cost;
     }
+    for i in saved {
+        g.dag[NodeIndex::new(i)].cost.output_kept = true;
+    }
 }
 
 /// Whether tensor parallelism divides a node's work: inside blocks the GEMMs and what lies

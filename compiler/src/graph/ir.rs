@@ -364,6 +364,9 @@ pub struct Cost {
     pub tensor_parallel: bool,
     /// Part of `saved_bytes` held in tensors that tensor parallelism divides.
     pub saved_split: f64,
+    /// Whether a later node keeps this node's output for the backward pass (counted there):
+    /// a fused attention kernel needs its own output in its backward either way.
+    pub output_kept: bool,
 }
 
 #[derive(Clone, Debug, Serialize)]

@@ -263,8 +263,11 @@ const TILE: f64 = 128.0;
 /// The work a `rows × cols` output wastes on `sms` multiprocessors, as a share of the useful
 /// work: tile quantisation (partial tiles at the edges compute whole) and wave quantisation
 /// (the last wave of tiles leaves multiprocessors idle) — the guide's two effects.
+///
+/// An output narrower than a tile on either side (a LoRA rank's products) is left out: cuBLAS
+/// runs those with smaller tiles or split-K, and their FLOPs are a rounding error anyway.
 pub fn wave_waste(rows: f64, cols: f64, sms: f64) -> f64 {
-    if rows <= 0.0 || cols <= 0.0 {
+    if rows < TILE || cols < TILE {
         return 0.0;
     }
     let tiles = (rows / TILE).ceil() * (cols / TILE).ceil();

@@ -403,7 +403,7 @@ fn does_not_fit(
     let device = &e.parallel.mesh.node.device.name;
     let message = if auto {
         format!(
-            "no plan fits in memory: the best needs {:.1} GiB per {device}, which has {:.1} GiB",
+            "no plan fits in memory: the closest to fitting needs {:.1} GiB per {device}, which has {:.1} GiB",
             gib(m.total),
             gib(m.capacity)
         )

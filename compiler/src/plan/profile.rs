@@ -166,7 +166,8 @@ pub fn profile(g: &Graph, flash: bool) -> Vec<LayerProfile> {
             Op::Attention { heads, causal, .. } if flash => {
                 // Tiles above the diagonal skipped; the backward runs five products of the
                 // forward's size (QKᵀ recomputed, then dV, dP, dQ, dK) where eager runs four.
-                // Only the softmax statistics (one f32 per query and head) are saved, and no
+                // Only the softmax statistics (one f32 per query and head) and the output are
+                // saved (the output counted here unless a later node keeps it anyway), and no
                 // score reaches memory.
                 let inputs = g.inputs(n);
                 let (q, k) = (&g.dag[inputs[0]].out.shape, &g.dag[inputs[1]].out.shape);
@@ -175,9 +176,17 @@ pub fn profile(g: &Graph, flash: bool) -> Vec<LayerProfile> {
                 if c.flops_bwd_input > 0.0 {
                     l.flops_bwd += 2.5 * fwd;
                 }
-                let statistics = (q[0] * heads * q[1]) as f64 * 4.0;
-                l.has_backward |= c.saved_bytes > 0.0 || c.flops_bwd_input > 0.0;
-                l.saved_split += c.saved_split - c.selective_bytes + statistics;
+                let backward = c.flops_bwd_input > 0.0;
+                let statistics = match backward {
+                    true => (q[0] * heads * q[1]) as f64 * 4.0,
+                    false => 0.0,
+                };
+                let output = match backward && !c.output_kept {
+                    true => node.out.bytes() as f64,
+                    false => 0.0,
+                };
+                l.has_backward |= c.saved_bytes > 0.0 || backward;
+                l.saved_split += c.saved_split - c.selective_bytes + statistics + output;
                 l.saved_repl += c.saved_bytes - c.saved_split;
                 continue;
             }
@@ -265,6 +274,31 @@ mod tests {
         assert_eq!(
             (f.counted.fwd, f.counted.bwd),
             (e.counted.fwd, e.counted.bwd)
+        );
+    }
+
+    /// With LoRA on the fused QKV alone, the output projection is frozen and keeps nothing for
+    /// its backward: eager attention saves no output, while the flash kernel's backward needs
+    /// its own output (`b·s·h` elements) and saves it.
+    #[test]
+    fn flash_attention_saves_its_output_when_nothing_else_does() {
+        let src = "import std.models.gpt2\nexperiment e { model = gpt2 { vocab = 1024, positions = 256, hidden = 256, layers = 2, heads = 4, dropout = 0.0 }, adapter = lora { rank = 4, targets = [c_attn] }, train { batch = 2, seq_len = 256 } }";
+        let checked = crate::check_source("t.kiln", src, None);
+        assert!(checked.is_ok(), "{}", checked.render_errors());
+        let graph = crate::graph::compile_graph(&checked.module.experiments[0].value).unwrap();
+        let block = |flash| {
+            profile(&graph, flash)
+                .into_iter()
+                .find(|l| l.kind == Some(LayerKind::Block))
+                .unwrap()
+        };
+        let (e, f) = (block(false), block(true));
+        let (b, s, h, heads) = (2.0, 256.0, 256.0, 4.0);
+        let output = b * s * h * graph.dtype.bytes() as f64;
+        let statistics = b * heads * s * 4.0;
+        assert_eq!(
+            f.saved_split,
+            e.saved_split - e.selective + statistics + output
         );
     }
 }

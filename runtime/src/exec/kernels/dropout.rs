@@ -16,10 +16,9 @@ pub fn dropout<S: Shape>(x: Taped<S>, keep: Vec<bool>, scale: f32) -> Result<Tap
     let masked = |keep: Arc<Vec<bool>>| {
         move |out: &mut [f32], values: &[f32], start: usize| {
             let keep = &keep[start..start + out.len()];
+            // A dropped value multiplies by 0, so that an infinity still shows (as NaN).
             for ((o, &v), &k) in out.iter_mut().zip(values).zip(keep) {
-                if k {
-                    *o += v * scale;
-                }
+                *o += v * if k { scale } else { 0.0 };
             }
         }
     };
@@ -48,5 +47,9 @@ mod tests {
         assert_eq!(fast_values, ref_values);
         assert_eq!(fast_grads.get(&x).as_vec(), ref_grads.get(&x).as_vec());
         assert!(dropout(x.leaky_traced(), vec![true; 29], scale).is_err());
+        // A dropped infinity still shows, as the product with a zero mask shows it.
+        let inf = Cpu::default().tensor_from_vec(vec![f32::INFINITY, 1.0], (2,));
+        let out = dropout(inf.leaky_traced(), vec![false, true], scale).unwrap();
+        assert!(out.as_vec()[0].is_nan());
     }
 }
