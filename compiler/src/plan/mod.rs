@@ -135,6 +135,7 @@ impl<'e> Planner<'e> {
         let space = space(e);
         check_placement(e, shape)?;
         check_offload(e)?;
+        check_attention(e)?;
         let all = search::candidates(&space, shape);
         let span = span_of(e, &["parallel.mesh", "parallel"]);
         if all.is_empty() {
@@ -376,6 +377,28 @@ fn check_offload(e: &Experiment) -> Result<(), Diagnostics> {
     .help("give the node `host_bandwidth` (each device's PCIe link to host memory) and `host_memory_bandwidth` (the node's CPU memory), or set `offload = none`");
     if let Some(s) = span_of(e, &["parallel.offload"]) {
         d = d.at(s, "offloads to the host");
+    }
+    Err(one(d))
+}
+
+/// `attention = flash` on a device whose profile says it runs attention unfused (the CPU
+/// executor keeps its probabilities for the backward) would plan memory and time that device
+/// does not have.
+fn check_attention(e: &Experiment) -> Result<(), Diagnostics> {
+    let device = &e.parallel.mesh.node.device;
+    if e.train.attention != AttentionKernel::Flash || device.flash_attention {
+        return Ok(());
+    }
+    let mut d = Diagnostic::new(
+        Code::Conflict,
+        format!(
+            "`attention = flash` asks for a fused attention kernel that device `{}` does not run",
+            device.name
+        ),
+    )
+    .help("leave `attention = auto` (what the device runs), or give the device `flash_attention = true` if it has such a kernel");
+    if let Some(s) = span_of(e, &["train.attention"]) {
+        d = d.at(s, "a fused, tiled kernel");
     }
     Err(one(d))
 }
