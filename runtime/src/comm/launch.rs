@@ -32,26 +32,42 @@ pub struct Launch {
     pub world: usize,
     /// Its rank among the job's processes on this machine (which GPU it takes).
     pub local_rank: usize,
+    /// The job's processes on this machine, itself included (1 when the launcher does not
+    /// say): they share its cores.
+    pub local_size: usize,
     /// torchrun's rendezvous address, `MASTER_ADDR:MASTER_PORT`.
     pub master: Option<String>,
 }
 
-/// The variables each launcher sets: rank, world size, local rank.
-const LAUNCHERS: [(Launcher, [&str; 3]); 4] = [
+/// The variables each launcher sets: rank, world size, local rank, local size (Slurm's only
+/// when the job asked for a number of tasks per node).
+const LAUNCHERS: [(Launcher, [&str; 4]); 4] = [
     (
         Launcher::OpenMpi,
         [
             "OMPI_COMM_WORLD_RANK",
             "OMPI_COMM_WORLD_SIZE",
             "OMPI_COMM_WORLD_LOCAL_RANK",
+            "OMPI_COMM_WORLD_LOCAL_SIZE",
         ],
     ),
-    (Launcher::Hydra, ["PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"]),
+    (
+        Launcher::Hydra,
+        ["PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"],
+    ),
     (
         Launcher::Slurm,
-        ["SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"],
+        [
+            "SLURM_PROCID",
+            "SLURM_NTASKS",
+            "SLURM_LOCALID",
+            "SLURM_NTASKS_PER_NODE",
+        ],
     ),
-    (Launcher::Torchrun, ["RANK", "WORLD_SIZE", "LOCAL_RANK"]),
+    (
+        Launcher::Torchrun,
+        ["RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"],
+    ),
 ];
 
 impl Launch {
@@ -62,6 +78,7 @@ impl Launch {
             rank: 0,
             world: 1,
             local_rank: 0,
+            local_size: 1,
             master: None,
         }
     }
@@ -75,7 +92,7 @@ impl Launch {
     /// rank and world size are both set. MPI's own variables come first because `mpirun`
     /// inside a Slurm allocation also inherits the allocation's `SLURM_*`.
     pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Self, String> {
-        for (launcher, [rank, world, local]) in LAUNCHERS {
+        for (launcher, [rank, world, local, local_world]) in LAUNCHERS {
             let (Some(r), Some(w)) = (var(rank), var(world)) else {
                 continue;
             };
@@ -94,6 +111,10 @@ impl Launch {
                 Some(l) => number(local, &l)?,
                 None => 0,
             };
+            let local_size = match var(local_world) {
+                Some(l) => number(local_world, &l)?.max(1),
+                None => 1,
+            };
             let master = match (var("MASTER_ADDR"), var("MASTER_PORT")) {
                 (Some(addr), Some(port)) if launcher == Launcher::Torchrun => {
                     Some(format!("{addr}:{port}"))
@@ -105,6 +126,7 @@ impl Launch {
                 rank: rank_no,
                 world: world_no,
                 local_rank,
+                local_size,
                 master,
             });
         }
@@ -132,14 +154,21 @@ mod tests {
             ("OMPI_COMM_WORLD_RANK", "3"),
             ("OMPI_COMM_WORLD_SIZE", "4"),
             ("OMPI_COMM_WORLD_LOCAL_RANK", "1"),
+            ("OMPI_COMM_WORLD_LOCAL_SIZE", "2"),
             // mpirun inside a Slurm allocation: MPI's own numbers win.
             ("SLURM_PROCID", "0"),
             ("SLURM_NTASKS", "1"),
         ])
         .unwrap();
         assert_eq!(
-            (mpi.launcher, mpi.rank, mpi.world, mpi.local_rank),
-            (Some(Launcher::OpenMpi), 3, 4, 1)
+            (
+                mpi.launcher,
+                mpi.rank,
+                mpi.world,
+                mpi.local_rank,
+                mpi.local_size
+            ),
+            (Some(Launcher::OpenMpi), 3, 4, 1, 2)
         );
         let slurm = launch(&[
             ("SLURM_PROCID", "5"),
@@ -151,6 +180,7 @@ mod tests {
             (slurm.launcher, slurm.rank, slurm.world, slurm.local_rank),
             (Some(Launcher::Slurm), 5, 8, 1)
         );
+        assert_eq!(slurm.local_size, 1, "not said: alone on its machine");
         let torch = launch(&[
             ("RANK", "1"),
             ("WORLD_SIZE", "2"),

@@ -14,9 +14,21 @@ pub enum World {
 
 impl World {
     /// Joins the job the launcher started: alone when it started one process, else over MPI.
+    /// A process that shares its machine with others of the job takes its share of the cores
+    /// for its kernels (unless `RAYON_NUM_THREADS` says how many), rather than each of them
+    /// running a thread per core.
     pub fn join(launch: &Launch) -> Result<World, String> {
         if launch.world == 1 {
             return Ok(World::Alone);
+        }
+        if launch.local_size > 1 && std::env::var_os("RAYON_NUM_THREADS").is_none() {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            // Only the first pool of the process can be configured; one built before keeps
+            // its threads.
+            rayon::ThreadPoolBuilder::new()
+                .num_threads((cores / launch.local_size).max(1))
+                .build_global()
+                .ok();
         }
         #[cfg(feature = "mpi")]
         {
