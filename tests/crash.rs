@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{scratch, succeeded, KILN};
+use common::{kiln_run, scratch, succeeded, KILN};
 use kiln_runtime::tensor::HostTensor;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -29,18 +29,6 @@ fn experiment_file(dir: &Path, steps: u64, checkpoint_every: u64) -> PathBuf {
     )
     .unwrap();
     file
-}
-
-fn kiln_run(file: &Path, runs: &Path, extra: &[&str]) -> Command {
-    let mut cmd = Command::new(KILN);
-    cmd.arg("run")
-        .arg(file)
-        .arg("--runs")
-        .arg(runs)
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    cmd
 }
 
 /// The newest checkpoint's trainable weights, whole (compared bit for bit).

@@ -15,9 +15,9 @@ use kiln_runtime::tensor::HostTensor;
 use std::collections::BTreeMap;
 mod common;
 
-use common::{scratch, succeeded, KILN};
+use common::{kiln_run, run_args, scratch, succeeded, KILN};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
 fn data(file: &str) -> String {
@@ -80,24 +80,8 @@ fn mpirun(np: usize, file: &Path, runs: &Path, extra: &[&str]) -> Command {
         // More processes than cores: yield instead of spinning while waiting on a peer.
         .env("OMPI_MCA_mpi_yield_when_idle", "1")
         .arg(KILN);
-    kiln_args(&mut cmd, file, runs, extra);
+    run_args(&mut cmd, file, runs, extra);
     cmd
-}
-
-fn alone(file: &Path, runs: &Path, extra: &[&str]) -> Command {
-    let mut cmd = Command::new(KILN);
-    kiln_args(&mut cmd, file, runs, extra);
-    cmd
-}
-
-fn kiln_args(cmd: &mut Command, file: &Path, runs: &Path, extra: &[&str]) {
-    cmd.arg("run")
-        .arg(file)
-        .arg("--runs")
-        .arg(runs)
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
 }
 
 /// Runs `cmd` to its end, which must come within `limit`.
@@ -194,7 +178,7 @@ fn processes_train_as_threads(name: &str, np: usize, file: &Path) {
     let (procs, threads) = (dir.join("procs"), dir.join("threads"));
     let limit = Duration::from_secs(300);
     succeeded(&within(mpirun(np, file, &procs, &[]), limit));
-    succeeded(&within(alone(file, &threads, &[]), limit));
+    succeeded(&within(kiln_run(file, &threads, &[]), limit));
     same_run(&procs.join("e"), &threads.join("e"), name, 1e-5);
 }
 
@@ -274,7 +258,7 @@ fn a_killed_rank_ends_the_job_and_the_run_resumes_on_as_many_or_fewer_processes(
     // The run never interrupted, as threads (equal to processes: the tests above).
     let whole = dir.join("whole");
     succeeded(&within(
-        alone(&file, &whole, &[steps]),
+        kiln_run(&file, &whole, &[steps]),
         Duration::from_secs(300),
     ));
 

@@ -1,9 +1,28 @@
 //! What the tests that run the `kiln` binary share.
 
-use std::path::PathBuf;
-use std::process::Output;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
 
 pub const KILN: &str = env!("CARGO_BIN_EXE_kiln");
+
+/// `kiln run FILE --runs RUNS EXTRA...`, its output captured.
+pub fn kiln_run(file: &Path, runs: &Path, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(KILN);
+    run_args(&mut cmd, file, runs, extra);
+    cmd
+}
+
+/// `cmd` given the arguments of `kiln run FILE --runs RUNS EXTRA...` (after whatever starts
+/// `kiln`, such as `mpirun`), its output captured.
+pub fn run_args(cmd: &mut Command, file: &Path, runs: &Path, extra: &[&str]) {
+    cmd.arg("run")
+        .arg(file)
+        .arg("--runs")
+        .arg(runs)
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+}
 
 /// A fresh directory of its own under the system's temporary directory, for the test `name`.
 pub fn scratch(name: &str) -> PathBuf {
