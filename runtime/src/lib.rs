@@ -12,12 +12,14 @@
 //!   initialisation, checkpoints and the loss plot;
 //! - `store`: what lives on disk — safetensors files, run directories and their checkpoints,
 //!   the weights a run starts from;
-//! - `export`: PEFT adapters and merged Hugging Face models.
+//! - `export`: PEFT adapters and merged Hugging Face models;
+//! - `gpu`: the kernels for NVIDIA GPUs, in CUDA C compiled at run time, tested on the host.
 
 pub mod comm;
 pub mod data;
 pub mod exec;
 pub mod export;
+pub mod gpu;
 mod host;
 pub mod memory;
 pub mod parallel;

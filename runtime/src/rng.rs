@@ -78,6 +78,11 @@ impl Key {
         (u64::from(hi) << 32) | u64::from(lo)
     }
 
+    /// The key itself, as a kernel that draws from its stream takes it.
+    pub fn value(self) -> u64 {
+        self.0
+    }
+
     /// The number in [0, 1) at `counter` of this key's stream.
     pub fn uniform(self, counter: u64) -> f64 {
         unit(self.bits(counter))

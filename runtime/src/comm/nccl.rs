@@ -13,8 +13,8 @@
 
 use super::mpi::MpiGroup;
 use super::{block_len, Collective, CollectiveError};
-use cudarc::driver::{CudaDevice, CudaSlice, DriverError};
-use cudarc::nccl::{result::NcclError, Comm, Id, ReduceOp};
+use cudarc_nccl::driver::{CudaDevice, CudaSlice, DriverError};
+use cudarc_nccl::nccl::{result::NcclError, Comm, Id, ReduceOp};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

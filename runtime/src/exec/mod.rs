@@ -15,7 +15,7 @@ mod batch;
 mod dropout;
 mod interpreter;
 #[cfg(not(feature = "cuda"))]
-mod kernels;
+pub(crate) mod kernels;
 mod ops;
 pub mod precision;
 pub mod prompt;

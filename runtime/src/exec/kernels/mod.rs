@@ -23,7 +23,7 @@ mod norm;
 mod product;
 mod round;
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;
 
 pub use activation::{activation, Activation};
 pub use attention::{attention, Heads};

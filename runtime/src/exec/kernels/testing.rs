@@ -5,12 +5,12 @@ use super::{Taped, R3};
 use dfdx::prelude::*;
 use dfdx::tensor::{Cpu, Gradients};
 
-pub(super) type T1 = Tensor<(usize,), f32, Cpu>;
-pub(super) type T2 = Tensor<(usize, usize), f32, Cpu>;
-pub(super) type T3 = Tensor<R3, f32, Cpu>;
+pub(crate) type T1 = Tensor<(usize,), f32, Cpu>;
+pub(crate) type T2 = Tensor<(usize, usize), f32, Cpu>;
+pub(crate) type T3 = Tensor<R3, f32, Cpu>;
 
 /// Deterministic values in [-1, 1).
-pub(super) fn values(n: usize, seed: u64) -> Vec<f32> {
+pub(crate) fn values(n: usize, seed: u64) -> Vec<f32> {
     let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..n)
         .map(|_| {
@@ -22,17 +22,17 @@ pub(super) fn values(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-pub(super) fn t1(n: usize, seed: u64) -> T1 {
+pub(crate) fn t1(n: usize, seed: u64) -> T1 {
     Cpu::default().tensor_from_vec(values(n, seed), (n,))
 }
-pub(super) fn t2(a: usize, b: usize, seed: u64) -> T2 {
+pub(crate) fn t2(a: usize, b: usize, seed: u64) -> T2 {
     Cpu::default().tensor_from_vec(values(a * b, seed), (a, b))
 }
-pub(super) fn t3(shape: R3, seed: u64) -> T3 {
+pub(crate) fn t3(shape: R3, seed: u64) -> T3 {
     Cpu::default().tensor_from_vec(values(shape.0 * shape.1 * shape.2, seed), shape)
 }
 
-pub(super) fn close(what: &str, got: &[f32], want: &[f32], tol: f32) {
+pub(crate) fn close(what: &str, got: &[f32], want: &[f32], tol: f32) {
     assert_eq!(got.len(), want.len(), "{what}: lengths");
     let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-3);
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
@@ -44,7 +44,7 @@ pub(super) fn close(what: &str, got: &[f32], want: &[f32], tol: f32) {
 }
 
 /// The gradients two runs gave `t`, compared.
-pub(super) fn close_grad<S: Shape>(
+pub(crate) fn close_grad<S: Shape>(
     what: &str,
     got: &Gradients<f32, Cpu>,
     want: &Gradients<f32, Cpu>,
@@ -55,7 +55,7 @@ pub(super) fn close_grad<S: Shape>(
 }
 
 /// Σ out ∘ r for a fixed random r, so every output element has its own upstream gradient.
-pub(super) fn probe<S: Shape>(out: Taped<S>, seed: u64) -> (Vec<f32>, Gradients<f32, Cpu>) {
+pub(crate) fn probe<S: Shape>(out: Taped<S>, seed: u64) -> (Vec<f32>, Gradients<f32, Cpu>) {
     let value = out.as_vec();
     let shape = *out.shape();
     let r = Cpu::default().tensor_from_vec(values(shape.num_elements(), seed), shape);

@@ -1,0 +1,36 @@
+//! Kiln's kernels for NVIDIA GPUs, the fused operators of the CPU's `exec::kernels` written in
+//! CUDA C: attention in FlashAttention's manner (causal, padding and prefix masks, grouped-query
+//! heads, dropout drawn in the kernel as the CPU draws it), layer and RMS norm, the
+//! activations, log-softmax at a target (cross-entropy and token log-probabilities), rounding
+//! to the run's number format, and AdamW.
+//!
+//! They are compiled at run time by NVRTC (loaded as a library, so one binary builds without
+//! the CUDA toolkit and compiles for whatever GPU it finds), and run where no GPU is under a
+//! host emulation of CUDA's threads (`emulation.h`), so that each is tested against the CPU
+//! path in every test run. By concern: `source` (the CUDA C and what each file defines),
+//! `nvrtc` (compiling it to PTX), `launch` (device buffers, the `Launcher` that runs a kernel
+//! by name, and one typed call per kernel that checks its buffers and picks its grid).
+
+pub mod launch;
+pub mod nvrtc;
+pub mod source;
+
+#[cfg(test)]
+mod emulator;
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
+
+/// Why a GPU operation failed: a compile log, a driver error, buffers that do not fit a
+/// kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GpuError(pub String);
+
+impl fmt::Display for GpuError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for GpuError {}
