@@ -142,6 +142,14 @@ enum Command {
     },
     /// Explain a diagnostic code, such as K0012.
     Explain { code: String },
+    /// Check Kiln's GPU kernels on one of this machine's GPUs: each compiled by NVRTC for it,
+    /// run, and compared with the CPU path on the same inputs.
+    #[cfg(not(feature = "cuda"))]
+    GpuCheck {
+        /// Which GPU (the driver's numbering, after CUDA_VISIBLE_DEVICES).
+        #[arg(long, default_value_t = 0)]
+        device: usize,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -289,6 +297,8 @@ pub fn main() -> ExitCode {
             runs,
         } => export(&file, experiment.as_deref(), peft, merged, &runs),
         Command::Explain { code } => explain(&code),
+        #[cfg(not(feature = "cuda"))]
+        Command::GpuCheck { device } => gpu_check(device),
     }
 }
 
@@ -848,6 +858,43 @@ fn train_tokenizer(
             eprintln!("error: {e}");
             ExitCode::from(1)
         }
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_check(ordinal: usize) -> ExitCode {
+    use kiln_runtime::gpu::{cuda::CudaDevice, parity};
+    let device = match CudaDevice::open(ordinal) {
+        Ok(device) => device,
+        Err(e) => {
+            eprintln!("error: GPU {ordinal}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!(
+        "GPU {ordinal}: {} (compute capability {}.{}), Kiln's kernels compiled by NVRTC",
+        device.name, device.capability.0, device.capability.1
+    );
+    let mut failed = 0;
+    for (name, check) in parity::checks::<CudaDevice>() {
+        let started = std::time::Instant::now();
+        match check(&device) {
+            Ok(()) => println!(
+                "ok    {name} ({:.0} ms)",
+                started.elapsed().as_secs_f64() * 1e3
+            ),
+            Err(e) => {
+                failed += 1;
+                println!("FAIL  {name}: {e}");
+            }
+        }
+    }
+    if failed == 0 {
+        println!("every kernel matches the CPU path");
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("error: {failed} kernel check(s) differ from the CPU path");
+        ExitCode::FAILURE
     }
 }
 

@@ -396,3 +396,21 @@ fn a_gpu_plan_runs_only_where_asked_to_emulate() {
         "{stdout}"
     );
 }
+
+/// `kiln gpu-check` compares the GPU kernels with the CPU path on a GPU; where there is none
+/// (CI) it says what it found and fails, without a panic.
+#[test]
+fn gpu_check_needs_a_gpu_and_says_so() {
+    let out = kiln(&["gpu-check"]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    if out.status.success() {
+        assert!(stdout.contains("every kernel matches the CPU path"), "{stdout}");
+    } else {
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.starts_with("error: GPU 0: "), "{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}

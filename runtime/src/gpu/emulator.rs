@@ -2,7 +2,8 @@
 //! compiler (`$CXX`, else `c++`), loaded as a [`Launcher`]: the kernels' tests run them where
 //! no GPU is.
 
-use super::launch::{Grid, Launcher};
+use super::launch::{Buffer, Grid, Launcher};
+use super::memory::{bytes, Element, Memory};
 use super::source::{COMMON, SOURCES};
 use super::GpuError;
 use libloading::Library;
@@ -20,6 +21,9 @@ pub struct Emulator {
     /// The emulation's grid and block are process-wide: one launch at a time (tests run in
     /// parallel).
     one_at_a_time: Mutex<()>,
+    /// The buffers `upload` made, as 8-byte words (aligned for every element), kept for the
+    /// process.
+    allocations: Mutex<Vec<Box<[u64]>>>,
 }
 
 /// The emulator, built once per test process.
@@ -80,6 +84,7 @@ fn build() -> Result<Emulator, String> {
         _library: library_handle,
         emulate,
         one_at_a_time: Mutex::new(()),
+        allocations: Mutex::new(Vec::new()),
     })
 }
 
@@ -107,5 +112,36 @@ impl Launcher for Emulator {
                 "`{kernel}` over {grid:?}: blocks are whole warps, up to 1024 threads"
             ))),
         }
+    }
+}
+
+impl Memory for Emulator {
+    fn upload<T: Element>(&self, values: &[T]) -> Result<Buffer<T>, GpuError> {
+        let data = bytes(values);
+        let mut words = vec![0u64; data.len().div_ceil(8).max(1)].into_boxed_slice();
+        // SAFETY: `words` holds at least `data.len()` bytes.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), words.as_mut_ptr().cast(), data.len())
+        };
+        let address = words.as_mut_ptr() as u64;
+        self.allocations
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push(words);
+        // SAFETY: the words hold `values.len()` elements and are kept for the process.
+        Ok(unsafe { Buffer::from_raw(address, values.len()) })
+    }
+
+    fn download<T: Element>(&self, buffer: Buffer<T>) -> Result<Vec<T>, GpuError> {
+        let mut values = vec![T::default(); buffer.len()];
+        // SAFETY: `buffer` holds `len` elements in host memory (`Buffer::from_raw`'s contract).
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                buffer.address() as *const T,
+                values.as_mut_ptr(),
+                buffer.len(),
+            )
+        };
+        Ok(values)
     }
 }

@@ -36,6 +36,11 @@ impl<T> Buffer<T> {
         }
     }
 
+    /// Where the values start on the device.
+    pub fn address(&self) -> u64 {
+        self.address
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }
@@ -46,7 +51,7 @@ impl<T> Buffer<T> {
 }
 
 /// An optional buffer's address as a kernel reads it: 0 for none.
-fn address<T>(buffer: Option<Buffer<T>>) -> u64 {
+fn address_of<T>(buffer: Option<Buffer<T>>) -> u64 {
     buffer.map_or(0, |b| b.address)
 }
 
@@ -325,7 +330,13 @@ impl<L: Launcher + ?Sized> Kernels<'_, L> {
             blocks: [narrow("rows", rows)?, 1, 1],
             threads: row_threads(width),
         };
-        let (x, w, b, y, stats) = (x.address, w.address, address(b), y.address, stats.address);
+        let (x, w, b, y, stats) = (
+            x.address,
+            w.address,
+            address_of(b),
+            y.address,
+            stats.address,
+        );
         let (rows, width, centred) = (rows as u32, narrow("width", width)?, i32::from(centred));
         launch!(self.0, "norm_forward", grid; x, w, b, y, stats, rows, width, eps, centred)
     }
@@ -511,7 +522,7 @@ impl<L: Launcher + ?Sized> Kernels<'_, L> {
             q.address,
             k.address,
             v.address,
-            address(key_keep),
+            address_of(key_keep),
             y.address,
             stats.address,
         );
@@ -549,7 +560,7 @@ impl<L: Launcher + ?Sized> Kernels<'_, L> {
             q.address,
             k.address,
             v.address,
-            address(key_keep),
+            address_of(key_keep),
             y.address,
             stats.address,
         );

@@ -7,17 +7,23 @@
 //! They are compiled at run time by NVRTC (loaded as a library, so one binary builds without
 //! the CUDA toolkit and compiles for whatever GPU it finds), and run where no GPU is under a
 //! host emulation of CUDA's threads (`emulation.h`), so that each is tested against the CPU
-//! path in every test run. By concern: `source` (the CUDA C and what each file defines),
-//! `nvrtc` (compiling it to PTX), `launch` (device buffers, the `Launcher` that runs a kernel
-//! by name, and one typed call per kernel that checks its buffers and picks its grid).
+//! path in every test run (`parity`, which `kiln gpu-check` runs on a GPU). By concern:
+//! `source` (the CUDA C and what each file defines), `nvrtc` (compiling it to PTX), `launch`
+//! (device buffers, the `Launcher` that runs a kernel by name, and one typed call per kernel
+//! that checks its buffers and picks its grid), `memory` (buffers made on and read back from a
+//! device), `cuda` (the driver: a GPU that launches the kernels and holds their buffers).
 
+pub mod cuda;
 pub mod launch;
+pub mod memory;
 pub mod nvrtc;
+#[cfg(not(feature = "cuda"))]
+pub mod parity;
 pub mod source;
 
 #[cfg(test)]
 mod emulator;
-#[cfg(test)]
+#[cfg(all(test, not(feature = "cuda")))]
 mod tests;
 
 use std::fmt;

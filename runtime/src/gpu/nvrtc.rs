@@ -14,7 +14,7 @@ pub fn available() -> bool {
 }
 
 /// `source` compiled to PTX for GPUs of compute capability `arch` (e.g. `compute_80`).
-pub fn compile(source: &Source, arch: &'static str) -> Result<String, GpuError> {
+pub fn compile(source: &Source, arch: &str) -> Result<String, GpuError> {
     if !available() {
         return Err(GpuError(
             "NVRTC is not installed (libnvrtc.so.13 or .12: the CUDA toolkit, or the \
@@ -23,10 +23,9 @@ pub fn compile(source: &Source, arch: &'static str) -> Result<String, GpuError> 
         ));
     }
     let options = CompileOptions {
-        arch: Some(arch),
         name: Some(source.file.to_string()),
         // Kiln's kernels use no C++ library headers, so none need to be found.
-        options: vec!["--std=c++17".into()],
+        options: vec![format!("--gpu-architecture={arch}"), "--std=c++17".into()],
         ..Default::default()
     };
     compile_ptx_with_opts(source.program(), options)

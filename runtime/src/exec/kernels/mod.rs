@@ -22,7 +22,6 @@ mod math;
 mod norm;
 mod product;
 mod round;
-#[cfg(test)]
 pub(crate) mod testing;
 
 pub use activation::{activation, Activation};

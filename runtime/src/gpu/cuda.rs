@@ -1,0 +1,136 @@
+//! Kiln's kernels on an NVIDIA GPU, through the CUDA driver (cudarc's `driver`, loaded at run
+//! time as NVRTC is): every source compiled by NVRTC for the device's compute capability and
+//! loaded as a module, kernels launched by name on one stream, buffers allocated by the
+//! device and freed with it.
+
+use super::launch::{Buffer, Grid, Launcher};
+use super::memory::{bytes, Element, Memory};
+use super::source::SOURCES;
+use super::{nvrtc, GpuError};
+use cudarc::driver::{result, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr};
+use cudarc::nvrtc::Ptx;
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::{Arc, Mutex};
+
+pub struct CudaDevice {
+    stream: Arc<CudaStream>,
+    functions: HashMap<&'static str, CudaFunction>,
+    /// The device's name and compute capability, for reports.
+    pub name: String,
+    pub capability: (i32, i32),
+    /// Every buffer this device made, freed when it drops.
+    allocations: Mutex<Vec<CudaSlice<u8>>>,
+}
+
+fn driver_error(what: &str) -> impl Fn(result::DriverError) -> GpuError + '_ {
+    move |e| GpuError(format!("{what}: {e:?}"))
+}
+
+impl CudaDevice {
+    /// GPU `ordinal` of this machine, with Kiln's kernels compiled and loaded on it.
+    pub fn open(ordinal: usize) -> Result<CudaDevice, GpuError> {
+        // SAFETY: only opens and closes the library (cudarc panics where there is none).
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(GpuError(
+                "no NVIDIA driver: libcuda.so.1 is not installed".into(),
+            ));
+        }
+        let context = CudaContext::new(ordinal).map_err(driver_error("opening the GPU"))?;
+        let name = context.name().map_err(driver_error("the GPU's name"))?;
+        let capability = context
+            .compute_capability()
+            .map_err(driver_error("the GPU's compute capability"))?;
+        let arch = format!("compute_{}{}", capability.0, capability.1);
+        let mut functions = HashMap::new();
+        for source in SOURCES {
+            let ptx = nvrtc::compile(source, &arch)?;
+            let module = context
+                .load_module(Ptx::from_src(ptx))
+                .map_err(driver_error(source.file))?;
+            for &kernel in source.kernels {
+                let function = module.load_function(kernel).map_err(driver_error(kernel))?;
+                functions.insert(kernel, function);
+            }
+        }
+        Ok(CudaDevice {
+            stream: context.default_stream(),
+            functions,
+            name,
+            capability,
+            allocations: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Makes the device's context this thread's, for the driver's calls that act on the
+    /// current one.
+    fn bind(&self) -> Result<(), GpuError> {
+        self.stream
+            .context()
+            .bind_to_thread()
+            .map_err(driver_error("binding the GPU's context"))
+    }
+
+    /// Waits for every kernel launched so far.
+    pub fn synchronize(&self) -> Result<(), GpuError> {
+        self.stream
+            .synchronize()
+            .map_err(driver_error("waiting for the GPU"))
+    }
+}
+
+impl Launcher for CudaDevice {
+    unsafe fn launch(
+        &self,
+        kernel: &'static str,
+        grid: Grid,
+        args: &mut [*mut c_void],
+    ) -> Result<(), GpuError> {
+        let function = self
+            .functions
+            .get(kernel)
+            .ok_or_else(|| GpuError(format!("no kernel `{kernel}`")))?;
+        self.bind()?;
+        let [x, y, z] = grid.blocks;
+        result::launch_kernel(
+            function.cu_function(),
+            (x, y, z),
+            (grid.threads, 1, 1),
+            0,
+            self.stream.cu_stream(),
+            args,
+        )
+        .map_err(driver_error(kernel))
+    }
+}
+
+impl Memory for CudaDevice {
+    fn upload<T: Element>(&self, values: &[T]) -> Result<Buffer<T>, GpuError> {
+        // At least one byte: an allocation of none has no address.
+        let data = bytes(values);
+        let slice = if data.is_empty() {
+            self.stream.alloc_zeros::<u8>(1)
+        } else {
+            self.stream.clone_htod(data)
+        }
+        .map_err(driver_error("copying to the GPU"))?;
+        let address = slice.device_ptr(&self.stream).0;
+        self.allocations
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push(slice);
+        // SAFETY: the allocation holds `values.len()` elements and lives as long as `self`.
+        Ok(unsafe { Buffer::from_raw(address, values.len()) })
+    }
+
+    fn download<T: Element>(&self, buffer: Buffer<T>) -> Result<Vec<T>, GpuError> {
+        self.synchronize()?;
+        self.bind()?;
+        let mut values = vec![T::default(); buffer.len()];
+        // SAFETY: `buffer` holds `len` elements on this device (`Buffer::from_raw`'s contract),
+        // and the stream is idle.
+        unsafe { result::memcpy_dtoh_sync(&mut values, buffer.address()) }
+            .map_err(driver_error("copying from the GPU"))?;
+        Ok(values)
+    }
+}

@@ -1,0 +1,32 @@
+//! Device memory as the kernels' callers see it: values copied to the device as a
+//! [`Buffer`], and back.
+
+use super::launch::Buffer;
+use super::GpuError;
+
+/// What a kernel's buffers hold: plain values, copied to and from the device byte for byte.
+pub trait Element: Copy + Default + Send + Sync + 'static {}
+
+impl Element for f32 {}
+impl Element for u64 {}
+impl Element for i64 {}
+
+/// Where buffers are made. A buffer lives as long as the memory that made it.
+pub trait Memory {
+    /// A new buffer holding `values`.
+    fn upload<T: Element>(&self, values: &[T]) -> Result<Buffer<T>, GpuError>;
+
+    /// The values `buffer` holds once every kernel launched before has finished.
+    fn download<T: Element>(&self, buffer: Buffer<T>) -> Result<Vec<T>, GpuError>;
+
+    /// A new buffer of `len` zeros.
+    fn zeros<T: Element>(&self, len: usize) -> Result<Buffer<T>, GpuError> {
+        self.upload(&vec![T::default(); len])
+    }
+}
+
+/// `values` as bytes.
+pub(super) fn bytes<T: Element>(values: &[T]) -> &[u8] {
+    // SAFETY: elements are plain numbers without padding.
+    unsafe { std::slice::from_raw_parts(values.as_ptr().cast(), std::mem::size_of_val(values)) }
+}
