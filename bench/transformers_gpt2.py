@@ -1,0 +1,103 @@
+"""What users run instead of Kiln: Hugging Face transformers' GPT2LMHeadModel (SDPA attention,
+its default), eager or under torch.compile, trained with AdamW, on the CPU or a GPU.
+
+    pip install torch transformers
+    python3 bench/transformers_gpt2.py --device cuda --size 124m --precision bf16 --mode compile
+    python3 bench/transformers_gpt2.py --device cpu --size 6l-384 --mode eager --threads 2
+
+bf16 is autocast over f32 weights and AdamW state, as Kiln's mixed precision keeps f32 masters.
+Tokens are random (a fixed seed): this measures speed, not learning. Prints one JSON line: the
+median seconds per step over `--steps` timed steps after `--warmup`, tokens/s, model FLOP/s
+(6·N per token for the parameters plus 12·layers·hidden·seq for attention, PaLM's count, as
+`kiln plan` reports), and on a GPU the peak memory PyTorch allocated.
+"""
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+# Sizes Kiln's benchmarks use: `bench/gpt2_6l_384.kiln` and GPT-2 124M.
+SIZES = {
+    "6l-384": dict(vocab_size=1024, n_positions=256, n_embd=384, n_layer=6, n_head=6),
+    "124m": dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12),
+}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--size", choices=sorted(SIZES), default="6l-384")
+    parser.add_argument("--precision", choices=["f32", "bf16"], default="f32")
+    parser.add_argument("--mode", choices=["eager", "compile"], default="eager")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: PyTorch's default)")
+    args = parser.parse_args()
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    sizes = SIZES[args.size]
+    config = GPT2Config(
+        **sizes, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="sdpa"
+    )
+    model = GPT2LMHeadModel(config).to(device)
+    parameters = sum(p.numel() for p in model.parameters())
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=6e-4, weight_decay=0.1, fused=args.device == "cuda"
+    )
+    step_model = torch.compile(model) if args.mode == "compile" else model
+    tokens = torch.randint(0, sizes["vocab_size"], (args.batch, args.seq), device=device)
+    autocast = torch.autocast(
+        device_type=args.device, dtype=torch.bfloat16, enabled=args.precision == "bf16"
+    )
+
+    def step():
+        with autocast:
+            loss = step_model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        return loss.item()
+
+    for _ in range(args.warmup):
+        step()
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    tokens_per_step = args.batch * args.seq
+    flops_per_token = 6 * parameters + 12 * sizes["n_layer"] * sizes["n_embd"] * args.seq
+    result = {
+        "reference": f"transformers GPT2LMHeadModel (sdpa), {args.mode}",
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "size": args.size,
+        "precision": args.precision,
+        "batch": args.batch,
+        "seq": args.seq,
+        "parameters": parameters,
+        "seconds_per_step": round(seconds, 6),
+        "tokens_per_second": round(tokens_per_step / seconds),
+        "model_tflops_per_second": round(flops_per_token * tokens_per_step / seconds / 1e12, 2),
+    }
+    if args.device == "cuda":
+        result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
