@@ -407,7 +407,10 @@ fn gpu_check_needs_a_gpu_and_says_so() {
         String::from_utf8_lossy(&out.stderr),
     );
     if out.status.success() {
-        assert!(stdout.contains("every kernel matches the CPU path"), "{stdout}");
+        assert!(
+            stdout.contains("every kernel matches the CPU path"),
+            "{stdout}"
+        );
     } else {
         assert_eq!(out.status.code(), Some(1), "{stderr}");
         assert!(stderr.starts_with("error: GPU 0: "), "{stderr}");

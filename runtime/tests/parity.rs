@@ -2,7 +2,7 @@
 //! `shared/fixtures/`, under `tests/fixtures/parity/` (cases made by its `make.py`) and under
 //! each directory in `KILN_FIXTURES` (colon-separated) is run through its objective, and the
 //! loss, every gradient and the trainable count are compared with the reference's (layout:
-//! shared/fixtures/README.md).
+//! shared/fixtures/README.md), in the case's `precision` (f32 unless it says bf16 or f16).
 
 use kiln_compiler::graph::compile_graph;
 use kiln_runtime::exec::precision::Format;
@@ -151,8 +151,14 @@ fn run_case(dir: &Path) -> Result<String, String> {
             .map(|a| a.iter().map(|x| x.as_u64().unwrap() as usize).collect()),
         ..Batch::default()
     };
-    let outcome =
-        forward_backward(&graph, &values, &batch, Format::F32).map_err(|e| e.to_string())?;
+    // bf16 cases are autocast's (their tolerances are stated in the case: `make_bf16.py`).
+    let format = match case["precision"].as_str().unwrap_or("f32") {
+        "f32" => Format::F32,
+        "bf16" => Format::Bf16,
+        "f16" => Format::F16,
+        other => return Err(format!("precision `{other}` is not one Kiln computes in")),
+    };
+    let outcome = forward_backward(&graph, &values, &batch, format).map_err(|e| e.to_string())?;
 
     let expected_loss = case["expected"]["loss"].as_f64().unwrap() as f32;
     let loss_tol = case["tolerance"]["loss_rel"].as_f64().unwrap_or(1e-5) as f32;
