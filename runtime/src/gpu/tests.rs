@@ -73,6 +73,58 @@ fn every_source_compiles_to_ptx_with_nvrtc() {
     );
 }
 
+/// What the driver does when it loads PTX, done by ptxas from CUDA's toolkit (the
+/// `nvidia-cuda-nvcc-cu12` wheel in CI, `KILN_PTXAS`): machine code for A100 and H100, which
+/// fails where a kernel's shared memory does not fit; and no kernel spills registers to memory.
+#[test]
+fn every_kernel_assembles_for_a100_and_h100_without_spilling() {
+    let Some(ptxas) = std::env::var_os("KILN_PTXAS") else {
+        eprintln!("KILN_PTXAS is not set: the kernels were not assembled here (CI assembles them)");
+        return;
+    };
+    assert!(
+        nvrtc::available(),
+        "KILN_PTXAS is set, but no NVRTC library loads"
+    );
+    let dir = std::env::temp_dir().join(format!("kiln-ptxas-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (arch, sm) in [("compute_80", "sm_80"), ("compute_90", "sm_90")] {
+        for source in SOURCES {
+            let ptx = nvrtc::compile(source, arch).unwrap_or_else(|e| panic!("{e}"));
+            let path = dir.join(format!("{}.{sm}.ptx", source.file));
+            std::fs::write(&path, ptx).unwrap();
+            let out = std::process::Command::new(&ptxas)
+                .args(["-arch", sm, "-v", "-o", "/dev/null"])
+                .arg(&path)
+                .output()
+                .unwrap_or_else(|e| panic!("running {ptxas:?}: {e}"));
+            let report = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(out.status.success(), "{} for {sm}:\n{report}", source.file);
+            for kernel in source.kernels {
+                assert!(
+                    report.contains(&format!("Compiling entry function '{kernel}' for '{sm}'")),
+                    "{} for {sm} has no `{kernel}`:\n{report}",
+                    source.file
+                );
+            }
+            let spills = report.lines().any(|line| {
+                line.contains("spill stores")
+                    && !line.contains("0 bytes spill stores, 0 bytes spill loads")
+            });
+            assert!(
+                !spills,
+                "{} spills registers on {sm}:\n{report}",
+                source.file
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn every_kernel_matches_the_cpu_path_under_the_emulation() {
     let failed: Vec<String> = checks::<Emulator>()
