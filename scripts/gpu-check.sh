@@ -35,7 +35,7 @@ echo "== kiln plan: GPT-2 124M, seq 1024, batch 8, bf16, on $node"
 
 echo "== transformers GPT2LMHeadModel (SDPA), the same run"
 for mode in eager compile; do
-  timeout 240 python3 bench/transformers_gpt2.py --device cuda --size 124m --precision bf16 \
+  timeout 240 python3 bench/transformers_lm.py --device cuda --size gpt2-124m --precision bf16 \
     --mode "$mode" --batch 8 --seq 1024 --steps 20 --warmup 5 || status=1
 done
 exit $status
