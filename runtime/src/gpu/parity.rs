@@ -46,6 +46,10 @@ pub fn checks<D: Device>() -> Vec<Check<D>> {
             "attention: bidirectional, multi-query, dropout",
             bidirectional_attention,
         ),
+        (
+            "attention: heads 128 wide, prefix, padded rows, dropout",
+            widest_heads_attention,
+        ),
     ]
 }
 
@@ -61,6 +65,19 @@ fn scaled(shape: (usize, usize, usize), seed: u64, by: f32, shift: f32) -> T3 {
         values(n, seed).iter().map(|v| v * by + shift).collect(),
         shape,
     )
+}
+
+/// Values read past a buffer's end: NaN, so that a kernel reading beyond its inputs (a tile
+/// past the last key, a row past the last) spoils its results instead of reading zeros.
+const GUARD: usize = 1 << 14;
+
+/// `values` on the device, followed by a guard of NaNs.
+fn input<D: Device>(d: &D, values: &[f32]) -> Result<Buffer<f32>, String> {
+    let mut guarded = values.to_vec();
+    guarded.resize(values.len() + GUARD, f32::NAN);
+    let buffer = d.upload(&guarded).map_err(gpu)?;
+    // SAFETY: the first `values.len()` elements of the upload.
+    Ok(unsafe { Buffer::from_raw(buffer.address(), values.len()) })
 }
 
 fn download<D: Device, T: Element>(d: &D, b: Buffer<T>) -> Result<Vec<T>, String> {
@@ -93,10 +110,12 @@ fn rounding<D: Device>(d: &D) -> Result<(), String> {
         -0.0,
         1e-40,
     ]);
-    let input = d.upload(&x).map_err(gpu)?;
+    let x_on_device = input(d, &x)?;
     for format in [Format::Bf16, Format::F16, Format::F32] {
         let y = d.zeros(x.len()).map_err(gpu)?;
-        Kernels(d).round_to_format(input, y, format).map_err(gpu)?;
+        Kernels(d)
+            .round_to_format(x_on_device, y, format)
+            .map_err(gpu)?;
         let got = download(d, y)?;
         if let Some((v, g)) = x
             .iter()
@@ -120,8 +139,8 @@ fn activations<D: Device>(d: &D) -> Result<(), String> {
     ];
     for (act, cpu) in cases {
         let (want_y, grads) = probe(kernels::activation(x.clone().leaky_traced(), cpu), 6);
-        let xs = d.upload(&x.as_vec()).map_err(gpu)?;
-        let dy = d.upload(&values(n, 6)).map_err(gpu)?;
+        let xs = input(d, &x.as_vec())?;
+        let dy = input(d, &values(n, 6))?;
         let (y, dx) = (d.zeros(n).map_err(gpu)?, d.zeros(n).map_err(gpu)?);
         Kernels(d).activation_forward(xs, y, act).map_err(gpu)?;
         Kernels(d)
@@ -150,12 +169,15 @@ fn gpu_norm<D: Device>(
 ) -> Result<[Vec<f32>; 4], String> {
     let (d0, d1, h) = *x.shape();
     let (rows, n) = (d0 * d1, d0 * d1 * h);
-    let up = |v: Vec<f32>| d.upload(&v).map_err(gpu);
+    let up = |v: Vec<f32>| input(d, &v);
     let (xs, ws, dy) = (up(x.as_vec())?, up(w.as_vec())?, up(values(n, seed))?);
     let bs = b.map(|b| up(b.as_vec())).transpose()?;
     let zeros = |len| d.zeros::<f32>(len).map_err(gpu);
     let (y, stats, dx, dw, db) = (zeros(n)?, zeros(2 * rows)?, zeros(n)?, zeros(h)?, zeros(h)?);
-    let scratch = zeros(norm_backward_scratch(rows, h))?;
+    // Scratch as reused memory holds it: whatever was there (NaN), for the kernel to clear.
+    let scratch = d
+        .upload(&vec![f32::NAN; norm_backward_scratch(rows, h)])
+        .map_err(gpu)?;
     let k = Kernels(d);
     k.norm_forward(xs, ws, bs, y, stats, h, 1e-5, centred)
         .map_err(gpu)?;
@@ -182,61 +204,75 @@ fn gpu_norm<D: Device>(
 }
 
 fn layer_norm<D: Device>(d: &D) -> Result<(), String> {
-    // 35 rows: two blocks of the backward's partial sums; 70 columns: a partial warp.
-    let x = scaled((5, 7, 70), 1, 3.0, 0.5);
-    let (w, b) = (t1(70, 2), t1(70, 3));
-    for with_bias in [true, false] {
-        let weight = Vector {
-            v: w.clone(),
-            trainable: true,
-        };
-        let bias = with_bias.then(|| Vector {
-            v: b.clone(),
-            trainable: true,
-        });
-        let out = kernels::layer_norm(x.clone().leaky_traced(), weight, bias, 1e-5)?;
-        let (want_y, grads) = probe(out, 9);
-        let [y, dx, dw, db] = gpu_norm(d, &x, &w, with_bias.then_some(&b), true, 9)?;
-        within("y", &y, &want_y, 2e-6)?;
-        within("dx", &dx, &grads.get(&x).as_vec(), 2e-5)?;
-        within("dw", &dw, &grads.get(&w).as_vec(), 2e-5)?;
-        if with_bias {
-            within("db", &db, &grads.get(&b).as_vec(), 2e-5)?;
+    // 35 rows: two blocks of the backward's partial sums; 70 columns: a partial warp; 300
+    // columns: more than a block's threads, each taking two.
+    for (shape, seed) in [((5, 7, 70), 1), ((2, 3, 300), 13)] {
+        let h = shape.2;
+        let x = scaled(shape, seed, 3.0, 0.5);
+        let (w, b) = (t1(h, seed + 1), t1(h, seed + 2));
+        for with_bias in [true, false] {
+            let weight = Vector {
+                v: w.clone(),
+                trainable: true,
+            };
+            let bias = with_bias.then(|| Vector {
+                v: b.clone(),
+                trainable: true,
+            });
+            let out = kernels::layer_norm(x.clone().leaky_traced(), weight, bias, 1e-5)?;
+            let (want_y, grads) = probe(out, 9);
+            let [y, dx, dw, db] = gpu_norm(d, &x, &w, with_bias.then_some(&b), true, 9)?;
+            within("y", &y, &want_y, 2e-6)?;
+            within("dx", &dx, &grads.get(&x).as_vec(), 2e-5)?;
+            within("dw", &dw, &grads.get(&w).as_vec(), 2e-5)?;
+            if with_bias {
+                within("db", &db, &grads.get(&b).as_vec(), 2e-5)?;
+            }
         }
     }
     Ok(())
 }
 
 fn rms_norm<D: Device>(d: &D) -> Result<(), String> {
-    let shape = (3, 13, 45);
-    let x = scaled(shape, 4, 2.0, 0.3);
-    let w = t1(45, 5);
-    // `exec::ops::norm`'s RMS norm, in dfdx's ops.
-    let (xs, tape) = x.clone().leaky_traced().split_tape();
-    let ms = xs
-        .clone()
-        .put_tape(tape)
-        .square()
-        .mean::<(usize, usize), Axis<2>>();
-    let inv = (ms + 1e-5)
-        .sqrt()
-        .recip()
-        .broadcast_like::<_, Axis<2>>(&shape);
-    let y = inv
-        * xs
-        * w.clone()
-            .leaky_traced()
-            .broadcast_like::<_, Axes2<0, 1>>(&shape);
-    let (want_y, grads) = probe(y, 11);
-    let [y, dx, dw, _] = gpu_norm(d, &x, &w, None, false, 11)?;
-    within("y", &y, &want_y, 2e-6)?;
-    within("dx", &dx, &grads.get(&x).as_vec(), 2e-5)?;
-    within("dw", &dw, &grads.get(&w).as_vec(), 2e-5)
+    for shape in [(3, 13, 45), (2, 2, 300)] {
+        let x = scaled(shape, 4, 2.0, 0.3);
+        let w = t1(shape.2, 5);
+        // `exec::ops::norm`'s RMS norm, in dfdx's ops.
+        let (xs, tape) = x.clone().leaky_traced().split_tape();
+        let ms = xs
+            .clone()
+            .put_tape(tape)
+            .square()
+            .mean::<(usize, usize), Axis<2>>();
+        let inv = (ms + 1e-5)
+            .sqrt()
+            .recip()
+            .broadcast_like::<_, Axis<2>>(&shape);
+        let y = inv
+            * xs
+            * w.clone()
+                .leaky_traced()
+                .broadcast_like::<_, Axes2<0, 1>>(&shape);
+        let (want_y, grads) = probe(y, 11);
+        let [y, dx, dw, _] = gpu_norm(d, &x, &w, None, false, 11)?;
+        within("y", &y, &want_y, 2e-6)?;
+        within("dx", &dx, &grads.get(&x).as_vec(), 2e-5)?;
+        within("dw", &dw, &grads.get(&w).as_vec(), 2e-5)?;
+    }
+    Ok(())
 }
 
 fn cross_entropy<D: Device>(d: &D) -> Result<(), String> {
+    // A vocabulary narrower than a block's threads, and one wider (each thread two columns).
+    for vocab in [77, 333] {
+        cross_entropy_over(d, vocab)?;
+    }
+    Ok(())
+}
+
+fn cross_entropy_over<D: Device>(d: &D, vocab: usize) -> Result<(), String> {
     // 3 sequences of 9 positions, the loss reading the first 7 of each; some rows weightless.
-    let (b, s, vocab, positions) = (3, 9, 77, 7);
+    let (b, s, positions) = (3, 9, 7);
     let logits = scaled((b, s, vocab), 7, 4.0, 0.0);
     let rows = b * positions;
     let targets: Vec<usize> = (0..rows).map(|i| (i * 31 + 5) % vocab).collect();
@@ -268,7 +304,7 @@ fn cross_entropy<D: Device>(d: &D) -> Result<(), String> {
         .collect();
     let coef: Vec<f32> = weights.iter().map(|w| w / count).collect();
     let read = TargetRows {
-        logits: d.upload(&logits.as_vec()).map_err(gpu)?,
+        logits: input(d, &logits.as_vec())?,
         positions,
         seq: s,
         width: vocab,
@@ -276,10 +312,7 @@ fn cross_entropy<D: Device>(d: &D) -> Result<(), String> {
     };
     let targets = d.upload(&gpu_targets).map_err(gpu)?;
     let (lse, picked) = (d.zeros(rows).map_err(gpu)?, d.zeros(rows).map_err(gpu)?);
-    let (coef, grad) = (
-        d.upload(&coef).map_err(gpu)?,
-        d.zeros(read.logits.len()).map_err(gpu)?,
-    );
+    let (coef, grad) = (input(d, &coef)?, d.zeros(read.logits.len()).map_err(gpu)?);
     let k = Kernels(d);
     k.softmax_statistics(read, targets, lse, picked)
         .map_err(gpu)?;
@@ -307,7 +340,7 @@ fn token_log_probs<D: Device>(d: &D) -> Result<(), String> {
     let xs = logits.as_vec();
     let gpu_targets: Vec<i64> = targets.iter().map(|t| t.map_or(-1, |t| t as i64)).collect();
     let read = TargetRows {
-        logits: d.upload(&xs).map_err(gpu)?,
+        logits: input(d, &xs)?,
         positions: s,
         seq: s,
         width: vocab,
@@ -331,10 +364,7 @@ fn token_log_probs<D: Device>(d: &D) -> Result<(), String> {
     within("log p", &got, &want, 1e-5)?;
     // d log p / d logits = onehot − softmax: the coefficient is −upstream.
     let coef: Vec<f32> = values(b * s, 12).iter().map(|v| -v).collect();
-    let (coef, grad) = (
-        d.upload(&coef).map_err(gpu)?,
-        d.zeros(xs.len()).map_err(gpu)?,
-    );
+    let (coef, grad) = (input(d, &coef)?, d.zeros(xs.len()).map_err(gpu)?);
     k.softmax_target_backward(read, on_device, lse, coef, grad)
         .map_err(gpu)?;
     within(
@@ -344,35 +374,39 @@ fn token_log_probs<D: Device>(d: &D) -> Result<(), String> {
         1e-5,
     )?;
 
-    // A rank holding columns [20, 50) of the vocabulary: its statistics are over its own
-    // columns, and only targets among them are picked.
-    let (width, first) = (30, 20);
-    let shard: Vec<f32> = xs
-        .chunks(vocab)
-        .flat_map(|row| row[first..].to_vec())
-        .collect();
-    let read = TargetRows {
-        logits: d.upload(&shard).map_err(gpu)?,
-        positions: s,
-        seq: s,
-        width,
-        first: first as i64,
-    };
-    k.softmax_statistics(read, on_device, lse, picked)
-        .map_err(gpu)?;
-    let (lse, picked) = (download(d, lse)?, download(d, picked)?);
-    for (i, target) in targets.iter().enumerate() {
-        let Some(t) = *target else { continue };
-        let row = &xs[i * vocab + first..(i + 1) * vocab];
-        let max = row.iter().fold(f32::MIN, |m, &v| m.max(v));
-        let want_lse = max + row.iter().map(|v| (v - max).exp()).sum::<f32>().ln();
-        within(&format!("shard lse[{i}]"), &[lse[i]], &[want_lse], 1e-5)?;
-        let want_picked = if t >= first { xs[i * vocab + t] } else { 0.0 };
-        if picked[i] != want_picked {
-            return Err(format!(
-                "shard row {i}, target {t}: picked {}, not {want_picked}",
-                picked[i]
-            ));
+    // Ranks holding columns [0, 20) and [20, 50) of the vocabulary: each one's statistics are
+    // over its own columns, and only targets among them are picked (target 20 is the first
+    // rank's column 20, one past its last).
+    for (first, width) in [(0, 20), (20, 30)] {
+        let shard: Vec<f32> = xs
+            .chunks(vocab)
+            .flat_map(|row| row[first..first + width].to_vec())
+            .collect();
+        let read = TargetRows {
+            logits: input(d, &shard)?,
+            positions: s,
+            seq: s,
+            width,
+            first: first as i64,
+        };
+        k.softmax_statistics(read, on_device, lse, picked)
+            .map_err(gpu)?;
+        let (lse, picked) = (download(d, lse)?, download(d, picked)?);
+        for (i, target) in targets.iter().enumerate() {
+            let Some(t) = *target else { continue };
+            let row = &xs[i * vocab + first..i * vocab + first + width];
+            let max = row.iter().fold(f32::MIN, |m, &v| m.max(v));
+            let want_lse = max + row.iter().map(|v| (v - max).exp()).sum::<f32>().ln();
+            within(&format!("shard lse[{i}]"), &[lse[i]], &[want_lse], 1e-5)?;
+            let mine = (first..first + width).contains(&t);
+            let want_picked = if mine { xs[i * vocab + t] } else { 0.0 };
+            if picked[i] != want_picked {
+                return Err(format!(
+                    "shard [{first}, {}) row {i}, target {t}: picked {}, not {want_picked}",
+                    first + width,
+                    picked[i]
+                ));
+            }
         }
     }
     Ok(())
@@ -401,7 +435,7 @@ fn adamw<D: Device>(d: &D) -> Result<(), String> {
             &[Some(g.clone())],
             &mut states,
         );
-        let g = d.upload(&g).map_err(gpu)?;
+        let g = input(d, &g)?;
         Kernels(d)
             .adamw_step(p, m, v, g, 3e-3, (0.9, 0.95), 1e-8, 0.1, step)
             .map_err(gpu)?;
@@ -497,7 +531,7 @@ fn attention<D: Device>(
     )?;
     let (want_y, grads) = probe(out, 44);
 
-    let up = |x: Vec<f32>| d.upload(&x).map_err(gpu);
+    let up = |x: Vec<f32>| input(d, &x);
     let zeros = |n| d.zeros::<f32>(n).map_err(gpu);
     let keys: Vec<u64> = row_keys.iter().map(|k| k.value()).collect();
     let dropout = if p > 0.0 {
@@ -592,4 +626,19 @@ fn bidirectional_attention<D: Device>(d: &D) -> Result<(), String> {
         causal: false,
     };
     attention(d, shape, Some(keep(2, 45, &[7, 0], false)), 0.2)
+}
+
+fn widest_heads_attention<D: Device>(d: &D) -> Result<(), String> {
+    // The widest heads the tiles hold; 6 prefix keys; row 1's first 10 keys padding, so its
+    // first 4 queries see no key; dropout.
+    let shape = AttentionShape {
+        batch: 2,
+        s: 20,
+        s_kv: 26,
+        heads: 2,
+        kv_heads: 1,
+        d: 128,
+        causal: true,
+    };
+    attention(d, shape, Some(keep(2, 26, &[0, 10], true)), 0.1)
 }
