@@ -14,7 +14,8 @@ python="${PYTHON:-python3}"
 threads="$(nproc)"
 cargo build --release --quiet
 results="$(mktemp)"
-trap 'rm -f "$results"' EXIT
+errors="$(mktemp)"
+trap 'rm -f "$results" "$errors"' EXIT
 
 # experiment, transformers size, batch, seq
 configs=(
@@ -28,12 +29,20 @@ for config in "${configs[@]}"; do
   for round in $(seq "$rounds"); do
     kiln=$(RAYON_NUM_THREADS="$threads" ./target/release/kiln bench bench/cpu_references.kiln \
       --experiment "$experiment" --steps "$steps" --warmup 1 | sed -n 's/.* \([0-9.]*\) s\/step median.*/\1/p')
+    if [ -z "$kiln" ]; then
+      echo "kiln bench printed no step time for $experiment" >&2
+      exit 1
+    fi
     echo "$experiment round $round: kiln $kiln s/step"
     echo "$experiment kiln $kiln" >>"$results"
     for mode in eager compile; do
       # torch.compile compiles during its first steps: two of warm-up.
-      out=$("$python" bench/transformers_lm.py --device cpu --size "$size" --mode "$mode" \
-        --batch "$batch" --seq "$seq" --steps "$steps" --warmup 2 --threads "$threads" 2>/dev/null | tail -1)
+      if ! out=$("$python" bench/transformers_lm.py --device cpu --size "$size" --mode "$mode" \
+        --batch "$batch" --seq "$seq" --steps "$steps" --warmup 2 --threads "$threads" 2>"$errors" | tail -1); then
+        echo "transformers $mode on $size failed:" >&2
+        cat "$errors" >&2
+        exit 1
+      fi
       seconds=$("$python" -c 'import json,sys; print(json.loads(sys.argv[1])["seconds_per_step"])' "$out")
       echo "$experiment round $round: transformers $mode $seconds s/step"
       echo "$experiment transformers_$mode $seconds" >>"$results"
@@ -45,4 +54,4 @@ echo
 echo "s/step (min-max over $rounds rounds, median of $steps steps each), $threads threads, $(date -u +%F)"
 awk '{ key = $1 " " $2; if (!(key in lo) || $3 < lo[key]) lo[key] = $3; if ($3 > hi[key]) hi[key] = $3;
        if (!(key in seen)) { seen[key] = 1; order[++n] = key } }
-     END { for (i = 1; i <= n; i++) printf "%-40s %.3f-%.3f\n", order[i], lo[order[i]], hi[order[i]] }' "$results"
+     END { for (i = 1; i <= n; i++) printf "%-40s %.2f-%.2f\n", order[i], lo[order[i]], hi[order[i]] }' "$results"

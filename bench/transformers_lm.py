@@ -11,8 +11,9 @@ AdamW, on the CPU or a GPU, in the shapes of Kiln's benchmark configurations
 bf16 is autocast over f32 weights and AdamW state, as Kiln's mixed precision keeps f32 masters.
 Tokens are random (a fixed seed): this measures speed, not learning. Prints one JSON line: the
 median seconds per step over `--steps` timed steps after `--warmup`, tokens/s, model FLOP/s
-(6·N per token for the parameters plus 12·layers·hidden·seq for attention, PaLM's count, as
-`kiln plan` reports), and on a GPU the peak memory PyTorch allocated.
+(6·N per token for the parameters plus 12·layers·hidden·seq for attention, PaLM's count; close
+to, not exactly, `kiln plan`'s, which sums the graph's products), and on a GPU the peak memory
+PyTorch allocated.
 """
 
 import argparse

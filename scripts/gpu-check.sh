@@ -11,8 +11,10 @@ cd "$(dirname "$0")/.."
 KILN=${KILN:-target/release/kiln}
 status=0
 
-# The toolkit's NVRTC, where the loader does not find it on its own.
-for dir in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+# NVRTC where the loader does not find it on its own: the toolkit's, else the one PyTorch
+# installed (nvidia-cuda-nvrtc). `kiln gpu-check` refuses one newer than the driver.
+torch_nvrtc=$(python3 -c 'import nvidia.cuda_nvrtc as m, os; print(os.path.join(list(m.__path__)[0], "lib"))' 2>/dev/null || true)
+for dir in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib $torch_nvrtc; do
   if ls "$dir"/libnvrtc.so* >/dev/null 2>&1; then
     export LD_LIBRARY_PATH="$dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     break
@@ -20,10 +22,15 @@ for dir in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
 done
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-case "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" in
+gpu="$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"
+case "$gpu" in
   *H200*) node=one_h200 ;;
+  *H100*) node=one_h100 ;;
   *A100*) node=one_a100 ;;
-  *) node=one_h100 ;;
+  *)
+    node=one_h100
+    echo "warning: no profile for $gpu; the plan below is an H100's" >&2
+    ;;
 esac
 
 echo "== Kiln's kernels against the CPU path"

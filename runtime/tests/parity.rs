@@ -164,6 +164,21 @@ fn run_case(dir: &Path) -> Result<String, String> {
     let loss_tol = case["tolerance"]["loss_rel"].as_f64().unwrap_or(1e-5) as f32;
     let loss_rel = (outcome.loss - expected_loss).abs() / expected_loss.abs();
     let mut problems = Vec::new();
+    // A case in a lower precision keeps its f32 loss: the run must have moved from it by a
+    // tenth of the reference's own distance at least, or it did not compute in that precision.
+    if let (Some(f32_loss), Some(reference_distance)) = (
+        case["expected"]["loss_f32"].as_f64(),
+        case["autocast_distance_from_f32"]["loss_rel"].as_f64(),
+    ) {
+        let moved = (f64::from(outcome.loss) - f32_loss).abs() / f32_loss.abs();
+        if moved < 0.1 * reference_distance {
+            problems.push(format!(
+                "loss {} is {moved:.1e} from the f32 run's {f32_loss}: not computed in {}",
+                outcome.loss,
+                case["precision"].as_str().unwrap_or("its precision")
+            ));
+        }
+    }
     if loss_rel > loss_tol {
         problems.push(format!(
             "loss {} vs {expected_loss} (rel {loss_rel:.2e})",
@@ -196,6 +211,9 @@ fn run_case(dir: &Path) -> Result<String, String> {
             .sqrt();
         let rel = diff / norm(&r.data).max(floor).max(1e-30);
         worst = worst.max(rel);
+        let grad_tol = case["tolerance"]["grad_rel_l2_by_param"][&p.name]
+            .as_f64()
+            .unwrap_or(grad_tol);
         if rel > grad_tol {
             problems.push(format!("gradient of `{}`: relative L2 {rel:.2e}", p.name));
         }

@@ -36,6 +36,32 @@ impl CudaDevice {
                 "no NVIDIA driver: libcuda.so.1 is not installed".into(),
             ));
         }
+        result::init().map_err(driver_error("starting the driver"))?;
+        let count = result::device::get_count().map_err(driver_error("counting the GPUs"))?;
+        if ordinal >= usize::try_from(count).unwrap_or(0) {
+            return Err(GpuError(format!(
+                "there is no GPU {ordinal}: the driver finds {count} (CUDA_VISIBLE_DEVICES = {:?})",
+                std::env::var("CUDA_VISIBLE_DEVICES").ok()
+            )));
+        }
+        // PTX from an NVRTC newer than the driver does not load (the driver JIT-compiles it
+        // and knows no newer PTX): say so instead of failing at the first module.
+        let (major, minor) = nvrtc::version()?;
+        let mut driver = 0;
+        // SAFETY: the driver writes one integer.
+        unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut driver) }
+            .result()
+            .map_err(driver_error("the driver's version"))?;
+        if major * 1000 + minor * 10 > driver {
+            return Err(GpuError(format!(
+                "NVRTC {major}.{minor} is newer than the driver (CUDA {}.{}): its PTX would not \
+                 load; put an NVRTC of CUDA {}.{} or older first on LD_LIBRARY_PATH",
+                driver / 1000,
+                driver % 1000 / 10,
+                driver / 1000,
+                driver % 1000 / 10
+            )));
+        }
         let context = CudaContext::new(ordinal).map_err(driver_error("opening the GPU"))?;
         let name = context.name().map_err(driver_error("the GPU's name"))?;
         let capability = context
@@ -79,6 +105,13 @@ impl CudaDevice {
     }
 }
 
+impl Drop for CudaDevice {
+    /// Kernels still running may use the buffers about to be freed: wait for them first.
+    fn drop(&mut self) {
+        let _ = self.synchronize();
+    }
+}
+
 impl Launcher for CudaDevice {
     unsafe fn launch(
         &self,
@@ -105,7 +138,7 @@ impl Launcher for CudaDevice {
 }
 
 impl Memory for CudaDevice {
-    fn upload<T: Element>(&self, values: &[T]) -> Result<Buffer<T>, GpuError> {
+    fn upload<'a, T: Element>(&'a self, values: &[T]) -> Result<Buffer<'a, T>, GpuError> {
         // At least one byte: an allocation of none has no address.
         let data = bytes(values);
         let slice = if data.is_empty() {
@@ -123,7 +156,7 @@ impl Memory for CudaDevice {
         Ok(unsafe { Buffer::from_raw(address, values.len()) })
     }
 
-    fn download<T: Element>(&self, buffer: Buffer<T>) -> Result<Vec<T>, GpuError> {
+    fn download<T: Element>(&self, buffer: Buffer<'_, T>) -> Result<Vec<T>, GpuError> {
         self.synchronize()?;
         self.bind()?;
         let mut values = vec![T::default(); buffer.len()];

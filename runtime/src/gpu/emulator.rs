@@ -4,7 +4,7 @@
 
 use super::launch::{Buffer, Grid, Launcher};
 use super::memory::{bytes, Element, Memory};
-use super::source::{COMMON, SOURCES};
+use super::source::{shared_sizes, COMMON, SOURCES};
 use super::GpuError;
 use libloading::Library;
 use std::ffi::{c_char, c_void, CString};
@@ -35,7 +35,7 @@ pub fn emulator() -> &'static Emulator {
 /// One translation unit: the emulation, every source, and a table from kernel names to
 /// launches of them.
 fn translation_unit() -> String {
-    let mut unit = format!("#include \"emulation.h\"\n{COMMON}\n");
+    let mut unit = format!("#include \"emulation.h\"\n{}{COMMON}\n", shared_sizes());
     for source in SOURCES {
         unit += &source.numbered();
         unit += "\n";
@@ -116,7 +116,7 @@ impl Launcher for Emulator {
 }
 
 impl Memory for Emulator {
-    fn upload<T: Element>(&self, values: &[T]) -> Result<Buffer<T>, GpuError> {
+    fn upload<'a, T: Element>(&'a self, values: &[T]) -> Result<Buffer<'a, T>, GpuError> {
         let data = bytes(values);
         let mut words = vec![0u64; data.len().div_ceil(8).max(1)].into_boxed_slice();
         // SAFETY: `words` holds at least `data.len()` bytes.
@@ -132,7 +132,7 @@ impl Memory for Emulator {
         Ok(unsafe { Buffer::from_raw(address, values.len()) })
     }
 
-    fn download<T: Element>(&self, buffer: Buffer<T>) -> Result<Vec<T>, GpuError> {
+    fn download<T: Element>(&self, buffer: Buffer<'_, T>) -> Result<Vec<T>, GpuError> {
         let mut values = vec![T::default(); buffer.len()];
         // SAFETY: `buffer` holds `len` elements in host memory (`Buffer::from_raw`'s contract).
         unsafe {

@@ -9,25 +9,26 @@ use std::ffi::c_void;
 use std::marker::PhantomData;
 
 /// `len` elements of `T` at an address of the device kernels run on (a host address under the
-/// emulation).
+/// emulation), borrowed for `'a` from what holds them (the device that made it).
 #[derive(Debug)]
-pub struct Buffer<T> {
+pub struct Buffer<'a, T> {
     address: u64,
     len: usize,
-    element: PhantomData<T>,
+    element: PhantomData<&'a [T]>,
 }
 
-impl<T> Clone for Buffer<T> {
+impl<T> Clone for Buffer<'_, T> {
     fn clone(&self) -> Self {
         *self
     }
 }
 
-impl<T> Copy for Buffer<T> {}
+impl<T> Copy for Buffer<'_, T> {}
 
-impl<T> Buffer<T> {
+impl<T> Buffer<'_, T> {
     /// # Safety
-    /// `address` holds `len` elements of `T` on the device, for as long as the buffer is used.
+    /// `address` holds `len` elements of `T` on the device kernels run on, for as long as the
+    /// buffer (its lifetime) lasts.
     pub unsafe fn from_raw(address: u64, len: usize) -> Self {
         Buffer {
             address,
@@ -51,7 +52,7 @@ impl<T> Buffer<T> {
 }
 
 /// An optional buffer's address as a kernel reads it: 0 for none.
-fn address_of<T>(buffer: Option<Buffer<T>>) -> u64 {
+fn address_of<T>(buffer: Option<Buffer<'_, T>>) -> u64 {
     buffer.map_or(0, |b| b.address)
 }
 
@@ -136,8 +137,8 @@ struct KernelShape {
 /// Dropout on attention's probabilities: each batch row's key (`rng::Key` of the node and the
 /// row's global index) and where this device's heads start in the row's elements.
 #[derive(Clone, Copy, Debug)]
-pub struct AttentionDropout {
-    pub row_keys: Buffer<u64>,
+pub struct AttentionDropout<'a> {
+    pub row_keys: Buffer<'a, u64>,
     /// p of 2^64: an element is kept where its bits reach it.
     pub threshold: u64,
     /// The row's first element this device's heads hold (`first head · s · s_kv`).
@@ -159,23 +160,23 @@ struct KernelDropout {
 /// `[b, s_kv]` (1 where a key may be attended to; none: every key), y `[b, s, heads·d]`,
 /// `stats` `[b, heads, s, 2]` (kept for the backward).
 #[derive(Clone, Copy, Debug)]
-pub struct AttentionTensors {
-    pub q: Buffer<f32>,
-    pub k: Buffer<f32>,
-    pub v: Buffer<f32>,
-    pub key_keep: Option<Buffer<f32>>,
-    pub y: Buffer<f32>,
-    pub stats: Buffer<f32>,
+pub struct AttentionTensors<'a> {
+    pub q: Buffer<'a, f32>,
+    pub k: Buffer<'a, f32>,
+    pub v: Buffer<'a, f32>,
+    pub key_keep: Option<Buffer<'a, f32>>,
+    pub y: Buffer<'a, f32>,
+    pub stats: Buffer<'a, f32>,
 }
 
 /// Attention's gradients: dy in; dq, dk, dv added to; `delta` `[b, heads, s]` is scratch.
 #[derive(Clone, Copy, Debug)]
-pub struct AttentionGradients {
-    pub dy: Buffer<f32>,
-    pub dq: Buffer<f32>,
-    pub dk: Buffer<f32>,
-    pub dv: Buffer<f32>,
-    pub delta: Buffer<f32>,
+pub struct AttentionGradients<'a> {
+    pub dy: Buffer<'a, f32>,
+    pub dq: Buffer<'a, f32>,
+    pub dk: Buffer<'a, f32>,
+    pub dv: Buffer<'a, f32>,
+    pub delta: Buffer<'a, f32>,
 }
 
 /// The rows a log-softmax at a target reads: `logits` `[b, seq, width]` (this device's
@@ -183,17 +184,17 @@ pub struct AttentionGradients {
 /// i % `positions` of sequence i / `positions` (a loss reads the first `positions` of each
 /// sequence; token log-probabilities read all `seq`).
 #[derive(Clone, Copy, Debug)]
-pub struct TargetRows {
-    pub logits: Buffer<f32>,
+pub struct TargetRows<'a> {
+    pub logits: Buffer<'a, f32>,
     pub positions: usize,
     pub seq: usize,
     pub width: usize,
     pub first: i64,
 }
 
-impl TargetRows {
+impl TargetRows<'_> {
     /// The number of target rows, checked to lie within the logits, and the kernels' grid.
-    fn check(&self, targets: Buffer<i64>) -> Result<(usize, Grid), GpuError> {
+    fn check(&self, targets: Buffer<'_, i64>) -> Result<(usize, Grid), GpuError> {
         let n = targets.len;
         let TargetRows {
             positions,
@@ -201,33 +202,43 @@ impl TargetRows {
             width,
             ..
         } = *self;
-        let within = positions >= 1 && positions <= seq && width >= 1 && {
-            let last = n.saturating_sub(1);
-            ((last / positions) * seq + last % positions + 1) * width <= self.logits.len
-        };
-        if !within || !self.logits.len.is_multiple_of(seq.max(1) * width.max(1)) {
+        // The element just past the last row read.
+        let end = (positions >= 1 && positions <= seq && width >= 1)
+            .then(|| {
+                let last = n.saturating_sub(1);
+                ((last / positions).checked_mul(seq)? + last % positions + 1).checked_mul(width)
+            })
+            .flatten();
+        let whole_rows = seq
+            .checked_mul(width)
+            .is_some_and(|row| row > 0 && self.logits.len.is_multiple_of(row));
+        if !(end.is_some_and(|end| end <= self.logits.len) && whole_rows) {
             return Err(GpuError(format!(
                 "{n} target rows over {positions} of {seq} positions of {width} columns in {} logits",
                 self.logits.len
             )));
         }
+        // The kernels take these as 32-bit counts.
+        narrow("seq", seq)?;
+        narrow("width", width)?;
         Ok((
             n,
             Grid {
-                blocks: [narrow("target rows", n.max(1))?, 1, 1],
+                blocks: [blocks_along_x("target rows", n.max(1))?, 1, 1],
                 threads: row_threads(width),
             },
         ))
     }
 }
 
-/// Widest head the attention kernels' shared tiles hold (`KILN_ATTN_MAX_DIM`).
+/// Widest head the attention kernels' shared tiles hold. This and the next three are the
+/// kernels' too: `source::Source::program` defines them for the compiler.
 pub const ATTENTION_MAX_HEAD_DIM: u32 = 128;
-/// Query rows per block of the query-side kernels, keys per tile (`attention.cu`).
-const ATTENTION_QUERIES: u32 = 4;
-const ATTENTION_KEYS: u32 = 32;
-/// Rows per block of `norm_backward` (`KILN_NORM_ROWS_PER_BLOCK`).
-const NORM_ROWS_PER_BLOCK: usize = 32;
+/// Query rows per block of the query-side attention kernels (a warp each), keys per tile.
+pub(super) const ATTENTION_QUERIES: u32 = 4;
+pub(super) const ATTENTION_KEYS: u32 = 32;
+/// Rows per block of `norm_backward`, each block writing one partial sum per column.
+pub(super) const NORM_ROWS_PER_BLOCK: usize = 32;
 /// A CUDA grid's limit along y and z.
 const GRID_YZ_LIMIT: u32 = 65_535;
 
@@ -246,6 +257,24 @@ fn check(what: &str, len: usize, expected: usize) -> Result<(), GpuError> {
 
 fn narrow(what: &str, n: usize) -> Result<u32, GpuError> {
     u32::try_from(n).map_err(|_| GpuError(format!("{what} = {n} exceeds a kernel's 32-bit index")))
+}
+
+/// A grid's blocks along x: CUDA takes up to 2^31 − 1.
+fn blocks_along_x(what: &str, n: usize) -> Result<u32, GpuError> {
+    match u32::try_from(n) {
+        Ok(blocks) if blocks <= i32::MAX as u32 => Ok(blocks),
+        _ => Err(GpuError(format!(
+            "{what} = {n} needs more blocks than a grid holds (2^31 - 1)"
+        ))),
+    }
+}
+
+/// The product of a tensor's extents, or an error where it overflows.
+fn elements(what: &str, extents: &[usize]) -> Result<usize, GpuError> {
+    extents
+        .iter()
+        .try_fold(1usize, |n, &e| n.checked_mul(e))
+        .ok_or_else(|| GpuError(format!("{what} of extents {extents:?} overflows")))
 }
 
 /// An elementwise kernel's grid: grid-stride loops, so a bounded grid covers any length.
@@ -267,8 +296,8 @@ impl<L: Launcher + ?Sized> Kernels<'_, L> {
     /// y = x rounded to `format` (in f32).
     pub fn round_to_format(
         &self,
-        x: Buffer<f32>,
-        y: Buffer<f32>,
+        x: Buffer<'_, f32>,
+        y: Buffer<'_, f32>,
         format: Format,
     ) -> Result<(), GpuError> {
         check("the rounded values", y.len, x.len)?;
@@ -280,8 +309,8 @@ impl<L: Launcher + ?Sized> Kernels<'_, L> {
     /// y = act(x).
     pub fn activation_forward(
         &self,
-        x: Buffer<f32>,
-        y: Buffer<f32>,
+        x: Buffer<'_, f32>,
+        y: Buffer<'_, f32>,
         act: Activation,
     ) -> Result<(), GpuError> {
         check("the activation's output", y.len, x.len)?;
@@ -293,9 +322,9 @@ impl<L: Launcher + ?Sized> Kernels<'_, L> {
     /// dx += dy · act'(x).
     pub fn activation_backward(
         &self,
-        x: Buffer<f32>,
-        dy: Buffer<f32>,
-        dx: Buffer<f32>,
+        x: Buffer<'_, f32>,
+        dy: Buffer<'_, f32>,
+        dx: Buffer<'_, f32>,
         act: Activation,
     ) -> Result<(), GpuError> {
         check("the activation's upstream gradient", dy.len, x.len)?;
@@ -310,11 +339,11 @@ impl<L: Launcher + ?Sized> Kernels<'_, L> {
     #[allow(clippy::too_many_arguments)]
     pub fn norm_forward(
         &self,
-        x: Buffer<f32>,
-        w: Buffer<f32>,
-        b: Option<Buffer<f32>>,
-        y: Buffer<f32>,
-        stats: Buffer<f32>,
+        x: Buffer<'_, f32>,
+        w: Buffer<'_, f32>,
+        b: Option<Buffer<'_, f32>>,
+        y: Buffer<'_, f32>,
+        stats: Buffer<'_, f32>,
         width: usize,
         eps: f32,
         centred: bool,
@@ -327,7 +356,7 @@ impl<L: Launcher + ?Sized> Kernels<'_, L> {
         check("the norm's output", y.len, x.len)?;
         check("the norm's statistics", stats.len, 2 * rows)?;
         let grid = Grid {
-            blocks: [narrow("rows", rows)?, 1, 1],
+            blocks: [blocks_along_x("rows", rows)?, 1, 1],
             threads: row_threads(width),
         };
         let (x, w, b, y, stats) = (
@@ -337,7 +366,11 @@ impl<L: Launcher + ?Sized> Kernels<'_, L> {
             y.address,
             stats.address,
         );
-        let (rows, width, centred) = (rows as u32, narrow("width", width)?, i32::from(centred));
+        let (rows, width, centred) = (
+            narrow("rows", rows)?,
+            narrow("width", width)?,
+            i32::from(centred),
+        );
         launch!(self.0, "norm_forward", grid; x, w, b, y, stats, rows, width, eps, centred)
     }
 
@@ -346,14 +379,14 @@ impl<L: Launcher + ?Sized> Kernels<'_, L> {
     #[allow(clippy::too_many_arguments)]
     pub fn norm_backward(
         &self,
-        x: Buffer<f32>,
-        w: Buffer<f32>,
-        stats: Buffer<f32>,
-        dy: Buffer<f32>,
-        dx: Buffer<f32>,
-        dw: Option<Buffer<f32>>,
-        db: Option<Buffer<f32>>,
-        scratch: Buffer<f32>,
+        x: Buffer<'_, f32>,
+        w: Buffer<'_, f32>,
+        stats: Buffer<'_, f32>,
+        dy: Buffer<'_, f32>,
+        dx: Buffer<'_, f32>,
+        dw: Option<Buffer<'_, f32>>,
+        db: Option<Buffer<'_, f32>>,
+        scratch: Buffer<'_, f32>,
         width: usize,
         centred: bool,
     ) -> Result<(), GpuError> {
@@ -370,7 +403,7 @@ impl<L: Launcher + ?Sized> Kernels<'_, L> {
         for grad in [dw, db].into_iter().flatten() {
             check("a norm parameter's gradient", grad.len, width)?;
         }
-        let blocks = narrow("row blocks", rows.div_ceil(NORM_ROWS_PER_BLOCK))?;
+        let blocks = blocks_along_x("row blocks", rows.div_ceil(NORM_ROWS_PER_BLOCK))?;
         let grid = Grid {
             blocks: [blocks, 1, 1],
             threads: row_threads(width),
@@ -379,7 +412,11 @@ impl<L: Launcher + ?Sized> Kernels<'_, L> {
         {
             let (x, w, stats, dy, dx) =
                 (x.address, w.address, stats.address, dy.address, dx.address);
-            let (rows, width, centred) = (rows as u32, width as u32, i32::from(centred));
+            let (rows, width, centred) = (
+                narrow("rows", rows)?,
+                narrow("width", width)?,
+                i32::from(centred),
+            );
             launch!(self.0, "norm_backward", grid; x, w, stats, dy, dx, partial, rows, width, centred)?;
         }
         // The partials are [blocks, 2, width]: the weight's half first, then the bias's.
@@ -401,10 +438,10 @@ impl<L: Launcher + ?Sized> Kernels<'_, L> {
     /// not read).
     pub fn softmax_statistics(
         &self,
-        rows: TargetRows,
-        targets: Buffer<i64>,
-        lse: Buffer<f32>,
-        picked: Buffer<f32>,
+        rows: TargetRows<'_>,
+        targets: Buffer<'_, i64>,
+        lse: Buffer<'_, f32>,
+        picked: Buffer<'_, f32>,
     ) -> Result<(), GpuError> {
         let (n, grid) = rows.check(targets)?;
         check("the log Σ exp per row", lse.len, n)?;
@@ -431,11 +468,11 @@ impl<L: Launcher + ?Sized> Kernels<'_, L> {
     /// `lse` the rows' log Σ exp over the whole vocabulary.
     pub fn softmax_target_backward(
         &self,
-        rows: TargetRows,
-        targets: Buffer<i64>,
-        lse: Buffer<f32>,
-        coef: Buffer<f32>,
-        grad: Buffer<f32>,
+        rows: TargetRows<'_>,
+        targets: Buffer<'_, i64>,
+        lse: Buffer<'_, f32>,
+        coef: Buffer<'_, f32>,
+        grad: Buffer<'_, f32>,
     ) -> Result<(), GpuError> {
         let (n, grid) = rows.check(targets)?;
         check("the log Σ exp per row", lse.len, n)?;
@@ -465,10 +502,10 @@ impl<L: Launcher + ?Sized> Kernels<'_, L> {
     #[allow(clippy::too_many_arguments)]
     pub fn adamw_step(
         &self,
-        param: Buffer<f32>,
-        m: Buffer<f32>,
-        v: Buffer<f32>,
-        grad: Buffer<f32>,
+        param: Buffer<'_, f32>,
+        m: Buffer<'_, f32>,
+        v: Buffer<'_, f32>,
+        grad: Buffer<'_, f32>,
         lr: f64,
         (beta1, beta2): (f64, f64),
         eps: f64,
@@ -505,8 +542,8 @@ impl<L: Launcher + ?Sized> Kernels<'_, L> {
     pub fn attention_forward(
         &self,
         shape: AttentionShape,
-        tensors: AttentionTensors,
-        dropout: Option<AttentionDropout>,
+        tensors: AttentionTensors<'_>,
+        dropout: Option<AttentionDropout<'_>>,
     ) -> Result<(), GpuError> {
         let (kernel_shape, drop) = check_attention(shape, &tensors, dropout)?;
         let grid = query_grid(shape);
@@ -534,9 +571,9 @@ impl<L: Launcher + ?Sized> Kernels<'_, L> {
     pub fn attention_backward(
         &self,
         shape: AttentionShape,
-        tensors: AttentionTensors,
-        grads: AttentionGradients,
-        dropout: Option<AttentionDropout>,
+        tensors: AttentionTensors<'_>,
+        grads: AttentionGradients<'_>,
+        dropout: Option<AttentionDropout<'_>>,
     ) -> Result<(), GpuError> {
         let (kernel_shape, drop) = check_attention(shape, &tensors, dropout)?;
         check("attention's upstream gradient", grads.dy.len, tensors.y.len)?;
@@ -591,7 +628,7 @@ pub fn norm_backward_scratch(rows: usize, width: usize) -> usize {
     rows.div_ceil(NORM_ROWS_PER_BLOCK) * 2 * width
 }
 
-fn norm_rows(x: Buffer<f32>, width: usize) -> Result<usize, GpuError> {
+fn norm_rows(x: Buffer<'_, f32>, width: usize) -> Result<usize, GpuError> {
     if width == 0 || !x.len.is_multiple_of(width) || x.len == 0 {
         return Err(GpuError(format!(
             "a norm over rows of {width} of {} values",
@@ -614,8 +651,8 @@ fn query_grid(shape: AttentionShape) -> Grid {
 
 fn check_attention(
     shape: AttentionShape,
-    t: &AttentionTensors,
-    dropout: Option<AttentionDropout>,
+    t: &AttentionTensors<'_>,
+    dropout: Option<AttentionDropout<'_>>,
 ) -> Result<(KernelShape, KernelDropout), GpuError> {
     let AttentionShape {
         batch,
@@ -626,7 +663,14 @@ fn check_attention(
         d,
         causal,
     } = shape;
-    if batch == 0 || s == 0 || s_kv < s || kv_heads == 0 || heads % kv_heads != 0 || d == 0 {
+    if batch == 0
+        || s == 0
+        || s_kv < s
+        || heads == 0
+        || kv_heads == 0
+        || heads % kv_heads != 0
+        || d == 0
+    {
         return Err(GpuError(format!(
             "attention of {s} queries over {s_kv} keys, {heads} heads over {kv_heads} key/value heads of width {d}, batch {batch}"
         )));
@@ -649,14 +693,24 @@ fn check_attention(
         kv_heads as usize,
         d as usize,
     );
-    check("the queries", t.q.len, b * s_ * h * d_)?;
-    check("the keys", t.k.len, b * skv * kvh * d_)?;
-    check("the values", t.v.len, b * skv * kvh * d_)?;
+    let queries = elements("the queries", &[b, s_, h, d_])?;
+    let keys = elements("the keys", &[b, skv, kvh, d_])?;
+    check("the queries", t.q.len, queries)?;
+    check("the keys", t.k.len, keys)?;
+    check("the values", t.v.len, keys)?;
     if let Some(keep) = t.key_keep {
-        check("the key mask", keep.len, b * skv)?;
+        check(
+            "the key mask",
+            keep.len,
+            elements("the key mask", &[b, skv])?,
+        )?;
     }
-    check("attention's output", t.y.len, b * s_ * h * d_)?;
-    check("attention's statistics", t.stats.len, b * h * s_ * 2)?;
+    check("attention's output", t.y.len, queries)?;
+    check(
+        "attention's statistics",
+        t.stats.len,
+        elements("attention's statistics", &[b, h, s_, 2])?,
+    )?;
     if let Some(drop) = dropout {
         check("the dropout keys", drop.row_keys.len, b)?;
     }

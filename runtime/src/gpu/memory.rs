@@ -5,22 +5,26 @@ use super::launch::Buffer;
 use super::GpuError;
 
 /// What a kernel's buffers hold: plain values, copied to and from the device byte for byte.
-pub trait Element: Copy + Default + Send + Sync + 'static {}
+///
+/// # Safety
+/// Every bit pattern is a value of the type, and it has no padding.
+pub unsafe trait Element: Copy + Default + Send + Sync + 'static {}
 
-impl Element for f32 {}
-impl Element for u64 {}
-impl Element for i64 {}
+// SAFETY: plain numbers.
+unsafe impl Element for f32 {}
+unsafe impl Element for u64 {}
+unsafe impl Element for i64 {}
 
-/// Where buffers are made. A buffer lives as long as the memory that made it.
+/// Where buffers are made. A buffer lives as long as the memory that made it, and borrows it.
 pub trait Memory {
     /// A new buffer holding `values`.
-    fn upload<T: Element>(&self, values: &[T]) -> Result<Buffer<T>, GpuError>;
+    fn upload<'a, T: Element>(&'a self, values: &[T]) -> Result<Buffer<'a, T>, GpuError>;
 
     /// The values `buffer` holds once every kernel launched before has finished.
-    fn download<T: Element>(&self, buffer: Buffer<T>) -> Result<Vec<T>, GpuError>;
+    fn download<T: Element>(&self, buffer: Buffer<'_, T>) -> Result<Vec<T>, GpuError>;
 
     /// A new buffer of `len` zeros.
-    fn zeros<T: Element>(&self, len: usize) -> Result<Buffer<T>, GpuError> {
+    fn zeros<'a, T: Element>(&'a self, len: usize) -> Result<Buffer<'a, T>, GpuError> {
         self.upload(&vec![T::default(); len])
     }
 }

@@ -13,6 +13,19 @@ pub fn available() -> bool {
     unsafe { cudarc::nvrtc::sys::is_culib_present() }
 }
 
+/// The loaded NVRTC's CUDA version (major, minor).
+pub fn version() -> Result<(i32, i32), GpuError> {
+    if !available() {
+        return Err(GpuError("NVRTC is not installed".into()));
+    }
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: NVRTC writes two integers.
+    unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) }
+        .result()
+        .map_err(|e| GpuError(format!("NVRTC's version: {e:?}")))?;
+    Ok((major, minor))
+}
+
 /// `source` compiled to PTX for GPUs of compute capability `arch` (e.g. `compute_80`).
 pub fn compile(source: &Source, arch: &str) -> Result<String, GpuError> {
     if !available() {

@@ -72,7 +72,7 @@ fn scaled(shape: (usize, usize, usize), seed: u64, by: f32, shift: f32) -> T3 {
 const GUARD: usize = 1 << 14;
 
 /// `values` on the device, followed by a guard of NaNs.
-fn input<D: Device>(d: &D, values: &[f32]) -> Result<Buffer<f32>, String> {
+fn input<'d, D: Device>(d: &'d D, values: &[f32]) -> Result<Buffer<'d, f32>, String> {
     let mut guarded = values.to_vec();
     guarded.resize(values.len() + GUARD, f32::NAN);
     let buffer = d.upload(&guarded).map_err(gpu)?;
@@ -80,7 +80,7 @@ fn input<D: Device>(d: &D, values: &[f32]) -> Result<Buffer<f32>, String> {
     Ok(unsafe { Buffer::from_raw(buffer.address(), values.len()) })
 }
 
-fn download<D: Device, T: Element>(d: &D, b: Buffer<T>) -> Result<Vec<T>, String> {
+fn download<D: Device, T: Element>(d: &D, b: Buffer<'_, T>) -> Result<Vec<T>, String> {
     d.download(b).map_err(gpu)
 }
 
@@ -109,6 +109,10 @@ fn rounding<D: Device>(d: &D) -> Result<(), String> {
         0.0,
         -0.0,
         1e-40,
+        f32::NAN,
+        // A NaN whose payload lies below bf16's and fp16's mantissas: it must stay a NaN.
+        f32::from_bits(0x7f80_0001),
+        -f32::from_bits(0x7fc0_1234),
     ]);
     let x_on_device = input(d, &x)?;
     for format in [Format::Bf16, Format::F16, Format::F32] {

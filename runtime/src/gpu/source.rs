@@ -1,8 +1,22 @@
 //! The CUDA C sources of Kiln's kernels, compiled into the binary, and the kernels each
 //! defines (by their `extern "C"` names, which the driver looks up).
 
+use super::launch::{
+    ATTENTION_KEYS, ATTENTION_MAX_HEAD_DIM, ATTENTION_QUERIES, NORM_ROWS_PER_BLOCK,
+};
+
 /// What every source file starts with: reductions, number formats, random bits.
 pub const COMMON: &str = include_str!("kernels/common.cuh");
+
+/// The sizes the kernels and their launches share, defined once (in `launch`) for both.
+pub fn shared_sizes() -> String {
+    format!(
+        "#define KILN_ATTN_KEYS {ATTENTION_KEYS}\n\
+         #define KILN_ATTN_QUERIES {ATTENTION_QUERIES}\n\
+         #define KILN_ATTN_MAX_DIM {ATTENTION_MAX_HEAD_DIM}\n\
+         #define KILN_NORM_ROWS_PER_BLOCK {NORM_ROWS_PER_BLOCK}\n"
+    )
+}
 
 /// One file of kernels.
 #[derive(Debug)]
@@ -49,10 +63,10 @@ pub const SOURCES: &[Source] = &[
 ];
 
 impl Source {
-    /// The program a compiler reads: the common header, then the file, whose lines a
-    /// diagnostic numbers as the file's own.
+    /// The program a compiler reads: the shared sizes, the common header, then the file,
+    /// whose lines a diagnostic numbers as the file's own.
     pub fn program(&self) -> String {
-        format!("{COMMON}\n{}", self.numbered())
+        format!("{}{COMMON}\n{}", shared_sizes(), self.numbered())
     }
 
     /// The file's code under a `#line` directive naming it.

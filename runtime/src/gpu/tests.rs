@@ -13,7 +13,7 @@ fn gpu() -> Kernels<'static, Emulator> {
 }
 
 /// A host vector as the emulation's device buffer.
-fn buf<T>(v: &mut [T]) -> Buffer<T> {
+fn buf<T>(v: &mut [T]) -> Buffer<'_, T> {
     // SAFETY: the emulation's kernels run on host memory; every test keeps `v` alive and
     // unmoved until its kernels return.
     unsafe { Buffer::from_raw(v.as_mut_ptr() as u64, v.len()) }
@@ -164,14 +164,14 @@ fn attention_refuses_heads_wider_than_its_tiles_and_wrong_sizes() {
         d: 256,
         causal: true,
     };
-    let mut x = vec![0.0f32; 4 * 256];
+    let [mut q, mut k, mut v, mut y] = [(); 4].map(|_| vec![0.0f32; 4 * 256]);
     let mut stats = vec![0.0f32; 8];
     let tensors = AttentionTensors {
-        q: buf(&mut x),
-        k: buf(&mut x),
-        v: buf(&mut x),
+        q: buf(&mut q),
+        k: buf(&mut k),
+        v: buf(&mut v),
         key_keep: None,
-        y: buf(&mut x),
+        y: buf(&mut y),
         stats: buf(&mut stats),
     };
     let error = gpu().attention_forward(shape, tensors, None).unwrap_err();
@@ -186,4 +186,12 @@ fn attention_refuses_heads_wider_than_its_tiles_and_wrong_sizes() {
             .contains("the queries holds 1024 values where the kernel reads 512"),
         "{error}"
     );
+    let headless = AttentionShape {
+        heads: 0,
+        ..narrower
+    };
+    let error = gpu()
+        .attention_forward(headless, tensors, None)
+        .unwrap_err();
+    assert!(error.0.contains("0 heads"), "{error}");
 }

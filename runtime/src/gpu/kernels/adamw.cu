@@ -1,5 +1,6 @@
-// AdamW over one flat parameter (`train::optim::step`): moments in f32, the bias-corrected
-// ratio in f64 as the CPU computes it, decoupled weight decay on the weight.
+// AdamW over one flat parameter (`train::optim::step`'s arithmetic, to the rounding of fused
+// multiply-adds): moments in f32, the bias-corrected ratio in f64, decoupled weight decay on
+// the weight.
 extern "C" __global__ void adamw_step(float* __restrict__ p, float* __restrict__ m, float* __restrict__ v,
                                       const float* __restrict__ g, u64 n, float beta1, float beta2,
                                       double correction1, double correction2, float lr, float decay, double eps) {

@@ -12,9 +12,9 @@
 // backward runs two kernels, each summing in a fixed order (no atomics): one per query tile
 // for dq (and Δ = dO·O per row), one per key tile for dk and dv.
 
-#define KILN_ATTN_KEYS 32      // keys per tile: one per lane
-#define KILN_ATTN_QUERIES 4    // query rows per block of the query-side kernels: one per warp
-#define KILN_ATTN_MAX_DIM 128  // head width the shared tiles hold
+// KILN_ATTN_KEYS (keys per tile: one per lane), KILN_ATTN_QUERIES (query rows per block of the
+// query-side kernels: one per warp) and KILN_ATTN_MAX_DIM (the head width the shared tiles
+// hold) come from `gpu::launch`, which launches these kernels.
 #define KILN_ATTN_SLOTS (KILN_ATTN_MAX_DIM / KILN_WARP)
 
 struct AttentionShape {

@@ -1,7 +1,7 @@
-// What every kernel shares: warp and block reductions in a fixed order (a step is
-// bit-reproducible on the GPU as on the CPU), rounding to the run's number format, attention's
-// mask value, and Kiln's counter-based random bits (`rng.rs`), so that a GPU draws the same
-// dropout masks as the CPU.
+// What every kernel shares: warp and block reductions in a fixed order (a step gives the same
+// bits each time it runs on a GPU; not the CPU's bits, since the GPU sums in other orders and
+// fuses multiply-adds), rounding to the run's number format, attention's mask value, and Kiln's
+// counter-based random bits (`rng.rs`), so that a GPU draws the same dropout masks as the CPU.
 //
 // Kernels are `extern "C"` (unmangled names for the driver) and take 64-bit element counts
 // where a tensor can pass 2^31 elements. Blocks are a multiple of 32 threads: the warp
@@ -65,19 +65,21 @@ __device__ float block_max(float v, float* scratch) {
     return total;
 }
 
-// `x` rounded to bf16 (nearest, ties to even), as f32; NaN stays NaN.
+// `x` rounded to bf16 (nearest, ties to even), as f32; a NaN is quieted and keeps its top
+// mantissa bits, as the `half` crate converts it (so a NaN stays one in bf16).
 __device__ __forceinline__ float round_bf16(float x) {
     u32 bits = __float_as_uint(x);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return x;
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return __uint_as_float((bits | 0x00400000u) & 0xffff0000u);
     bits += 0x7fffu + ((bits >> 16) & 1u);
     return __uint_as_float(bits & 0xffff0000u);
 }
 
-// `x` rounded to fp16 (nearest, ties to even; from 65520 on, infinite), as f32. Scaling by a
-// power of two is exact, so `rintf` rounds at fp16's quantum of the binade.
+// `x` rounded to fp16 (nearest, ties to even; from 65520 on, infinite), as f32; a NaN as
+// `half` converts it. Scaling by a power of two is exact, so `rintf` rounds at fp16's quantum
+// of the binade.
 __device__ __forceinline__ float round_f16(float x) {
     const float magnitude = fabsf(x);
-    if (!(magnitude == magnitude)) return x;
+    if (!(magnitude == magnitude)) return __uint_as_float((__float_as_uint(x) | 0x00400000u) & 0xffffe000u);
     if (magnitude >= 65520.0f) return copysignf(KILN_INFINITY, x);
     // Below 2^-14 fp16 is subnormal: a fixed quantum of 2^-24.
     int exponent = -14;

@@ -4,8 +4,7 @@
 // writes its rows' partial sums, and `column_sums` adds the blocks' partials in block order, so
 // the result does not depend on scheduling.
 
-// Rows a block of the backward takes: each block writes one partial sum per column.
-#define KILN_NORM_ROWS_PER_BLOCK 32
+// KILN_NORM_ROWS_PER_BLOCK, the rows a block of the backward takes, comes from `gpu::launch`.
 
 // y = (x - mean)/sqrt(var + eps)·w (+ b); var is biased, as PyTorch's. `stats` is [rows, 2].
 extern "C" __global__ void norm_forward(const float* __restrict__ x, const float* __restrict__ w,
@@ -57,7 +56,7 @@ extern "C" __global__ void norm_backward(const float* __restrict__ x, const floa
     const u32 first = blockIdx.x * KILN_NORM_ROWS_PER_BLOCK;
     for (u32 row = first; row < rows && row < first + KILN_NORM_ROWS_PER_BLOCK; ++row) {
         const u64 at = (u64)row * width;
-        const float mean = stats[2 * row], inv = stats[2 * row + 1];
+        const float mean = stats[2 * (u64)row], inv = stats[2 * (u64)row + 1];
         float sum_g = 0.0f, sum_gx = 0.0f;
         for (u32 j = threadIdx.x; j < width; j += blockDim.x) {
             const float g = dy[at + j] * w[j];
