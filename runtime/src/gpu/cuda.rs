@@ -4,14 +4,14 @@
 //! device and freed with it.
 
 use super::launch::{Buffer, Grid, Launcher};
-use super::memory::{bytes, Element, Memory};
+use super::memory::{bytes, Element, Kept, Memory};
 use super::source::SOURCES;
 use super::{nvrtc, GpuError};
 use cudarc::driver::{result, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr};
 use cudarc::nvrtc::Ptx;
 use std::collections::HashMap;
 use std::ffi::c_void;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 pub struct CudaDevice {
     stream: Arc<CudaStream>,
@@ -20,7 +20,7 @@ pub struct CudaDevice {
     pub name: String,
     pub capability: (i32, i32),
     /// Every buffer this device made, freed when it drops.
-    allocations: Mutex<Vec<CudaSlice<u8>>>,
+    allocations: Kept<CudaSlice<u8>>,
 }
 
 fn driver_error(what: &str) -> impl Fn(result::DriverError) -> GpuError + '_ {
@@ -84,7 +84,7 @@ impl CudaDevice {
             functions,
             name,
             capability,
-            allocations: Mutex::new(Vec::new()),
+            allocations: Kept::new(),
         })
     }
 
@@ -148,12 +148,8 @@ impl Memory for CudaDevice {
         }
         .map_err(driver_error("copying to the GPU"))?;
         let address = slice.device_ptr(&self.stream).0;
-        self.allocations
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .push(slice);
-        // SAFETY: the allocation holds `values.len()` elements and lives as long as `self`.
-        Ok(unsafe { Buffer::from_raw(address, values.len()) })
+        // SAFETY: the allocation holds `values.len()` elements at `address`.
+        Ok(unsafe { self.allocations.lend(slice, address, values.len()) })
     }
 
     fn download<T: Element>(&self, buffer: Buffer<'_, T>) -> Result<Vec<T>, GpuError> {

@@ -3,7 +3,7 @@
 //! no GPU is.
 
 use super::launch::{Buffer, Grid, Launcher};
-use super::memory::{bytes, Element, Memory};
+use super::memory::{bytes, Element, Kept, Memory};
 use super::source::{shared_sizes, COMMON, SOURCES};
 use super::GpuError;
 use libloading::Library;
@@ -23,7 +23,7 @@ pub struct Emulator {
     one_at_a_time: Mutex<()>,
     /// The buffers `upload` made, as 8-byte words (aligned for every element), kept for the
     /// process.
-    allocations: Mutex<Vec<Box<[u64]>>>,
+    allocations: Kept<Box<[u64]>>,
 }
 
 /// The emulator, built once per test process.
@@ -84,7 +84,7 @@ fn build() -> Result<Emulator, String> {
         _library: library_handle,
         emulate,
         one_at_a_time: Mutex::new(()),
-        allocations: Mutex::new(Vec::new()),
+        allocations: Kept::new(),
     })
 }
 
@@ -124,12 +124,8 @@ impl Memory for Emulator {
             std::ptr::copy_nonoverlapping(data.as_ptr(), words.as_mut_ptr().cast(), data.len())
         };
         let address = words.as_mut_ptr() as u64;
-        self.allocations
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .push(words);
-        // SAFETY: the words hold `values.len()` elements and are kept for the process.
-        Ok(unsafe { Buffer::from_raw(address, values.len()) })
+        // SAFETY: the words hold `values.len()` elements at `address`.
+        Ok(unsafe { self.allocations.lend(words, address, values.len()) })
     }
 
     fn download<T: Element>(&self, buffer: Buffer<'_, T>) -> Result<Vec<T>, GpuError> {

@@ -169,6 +169,20 @@ pub struct AttentionTensors<'a> {
     pub stats: Buffer<'a, f32>,
 }
 
+impl AttentionTensors<'_> {
+    /// The addresses the kernels take, in their order: q, k, v, key_keep (0: none), y, stats.
+    fn addresses(&self) -> [u64; 6] {
+        [
+            self.q.address,
+            self.k.address,
+            self.v.address,
+            address_of(self.key_keep),
+            self.y.address,
+            self.stats.address,
+        ]
+    }
+}
+
 /// Attention's gradients: dy in; dq, dk, dv added to; `delta` `[b, heads, s]` is scratch.
 #[derive(Clone, Copy, Debug)]
 pub struct AttentionGradients<'a> {
@@ -547,22 +561,7 @@ impl<L: Launcher + ?Sized> Kernels<'_, L> {
     ) -> Result<(), GpuError> {
         let (kernel_shape, drop) = check_attention(shape, &tensors, dropout)?;
         let grid = query_grid(shape);
-        let AttentionTensors {
-            q,
-            k,
-            v,
-            key_keep,
-            y,
-            stats,
-        } = tensors;
-        let (q, k, v, keep, y, stats) = (
-            q.address,
-            k.address,
-            v.address,
-            address_of(key_keep),
-            y.address,
-            stats.address,
-        );
+        let [q, k, v, keep, y, stats] = tensors.addresses();
         launch!(self.0, "attention_forward", grid; q, k, v, keep, y, stats, kernel_shape, drop)
     }
 
@@ -585,22 +584,7 @@ impl<L: Launcher + ?Sized> Kernels<'_, L> {
             grads.delta.len,
             tensors.stats.len / 2,
         )?;
-        let AttentionTensors {
-            q,
-            k,
-            v,
-            key_keep,
-            y,
-            stats,
-        } = tensors;
-        let (q, k, v, keep, y, stats) = (
-            q.address,
-            k.address,
-            v.address,
-            address_of(key_keep),
-            y.address,
-            stats.address,
-        );
+        let [q, k, v, keep, y, stats] = tensors.addresses();
         let (dy, dq, dk, dv, delta) = (
             grads.dy.address,
             grads.dq.address,

@@ -3,6 +3,7 @@
 
 use super::launch::Buffer;
 use super::GpuError;
+use std::sync::Mutex;
 
 /// What a kernel's buffers hold: plain values, copied to and from the device byte for byte.
 ///
@@ -33,4 +34,26 @@ pub trait Memory {
 pub(super) fn bytes<T: Element>(values: &[T]) -> &[u8] {
     // SAFETY: elements are plain numbers without padding.
     unsafe { std::slice::from_raw_parts(values.as_ptr().cast(), std::mem::size_of_val(values)) }
+}
+
+/// The allocations a device made, kept until it drops, each lent out as buffers.
+pub(super) struct Kept<A>(Mutex<Vec<A>>);
+
+impl<A> Kept<A> {
+    pub(super) fn new() -> Self {
+        Kept(Mutex::new(Vec::new()))
+    }
+
+    /// Keeps `allocation` and lends its `len` elements at `address` for as long as `self`.
+    ///
+    /// # Safety
+    /// `allocation` holds `len` elements of `T` at `address` for as long as it is kept.
+    pub(super) unsafe fn lend<T>(&self, allocation: A, address: u64, len: usize) -> Buffer<'_, T> {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push(allocation);
+        // SAFETY: the caller's contract, and the allocation now lives as long as `self`.
+        unsafe { Buffer::from_raw(address, len) }
+    }
 }

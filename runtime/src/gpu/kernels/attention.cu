@@ -77,6 +77,50 @@ __device__ __forceinline__ float attention_dot(const float* x, const float* y, u
     return dot;
 }
 
+// Key j's score for query i: q·k scaled, or KILN_MASKED where the mask hides the key.
+__device__ __forceinline__ float attention_score(const float* key_keep, AttentionShape a, u32 r, u32 i, u32 j,
+                                                 const float* q, const float* k) {
+    return attention_key_visible(key_keep, a, r, i, j) ? attention_dot(q, k, a.d) * (1.0f / sqrtf((float)a.d))
+                                                       : KILN_MASKED;
+}
+
+// Where a warp of a query-side kernel works (grid (ceil(s/4), heads, b), a warp per query row):
+// its batch row, head, key/value head and query row, and the tiles of keys its block reads.
+struct AttentionQuery {
+    u32 warp, lane, r, head, g, i;
+    bool active;  // the block's last warps may have no query row
+    u64 at;       // the row's first element in q, y and dy
+    u32 tiles, seen;
+};
+
+__device__ AttentionQuery attention_query(AttentionShape a) {
+    AttentionQuery w;
+    w.warp = threadIdx.x / KILN_WARP;
+    w.lane = threadIdx.x % KILN_WARP;
+    w.r = blockIdx.z;
+    w.head = blockIdx.y;
+    w.g = w.head / (a.heads / a.kv_heads);
+    const u32 first = blockIdx.x * KILN_ATTN_QUERIES;
+    w.i = first + w.warp;
+    w.active = w.i < a.s;
+    w.at = (((u64)w.r * a.s + w.i) * a.heads + w.head) * a.d;
+    w.tiles = (a.skv + KILN_ATTN_KEYS - 1) / KILN_ATTN_KEYS;
+    w.seen = attention_tiles_seen(a, first + KILN_ATTN_QUERIES <= a.s ? first + KILN_ATTN_QUERIES - 1 : a.s - 1);
+    return w;
+}
+
+// Loads tile t of keys and values for the block, or says the block is done: past the tiles its
+// queries see, unless one of its rows has seen no visible key yet (`unseen`).
+__device__ bool attention_next_tile(const float* k, const float* v, float ks[KILN_ATTN_KEYS][KILN_ATTN_MAX_DIM + 1],
+                                    float vs[KILN_ATTN_KEYS][KILN_ATTN_MAX_DIM + 1], AttentionShape a,
+                                    AttentionQuery w, u32 t, bool unseen) {
+    if (t >= w.seen && !__syncthreads_or(unseen)) return false;
+    __syncthreads();
+    attention_load_tile(k, v, ks, vs, a, w.r, w.g, t);
+    __syncthreads();
+    return true;
+}
+
 // Grid (ceil(s/4), heads, b), 128 threads: one warp per query row, one lane per key of a tile.
 extern "C" __global__ void attention_forward(const float* __restrict__ q, const float* __restrict__ k,
                                              const float* __restrict__ v, const float* __restrict__ key_keep,
@@ -85,30 +129,17 @@ extern "C" __global__ void attention_forward(const float* __restrict__ q, const 
     __shared__ float ks[KILN_ATTN_KEYS][KILN_ATTN_MAX_DIM + 1];
     __shared__ float vs[KILN_ATTN_KEYS][KILN_ATTN_MAX_DIM + 1];
     __shared__ float qs[KILN_ATTN_QUERIES][KILN_ATTN_MAX_DIM];
-    const u32 warp = threadIdx.x / KILN_WARP, lane = threadIdx.x % KILN_WARP;
-    const u32 r = blockIdx.z, head = blockIdx.y, g = head / (a.heads / a.kv_heads);
-    const u32 first = blockIdx.x * KILN_ATTN_QUERIES, i = first + warp;
-    const bool active = i < a.s;
-    const u64 q_at = (((u64)r * a.s + i) * a.heads + head) * a.d;
-    for (u32 c = lane; c < a.d; c += KILN_WARP) qs[warp][c] = active ? q[q_at + c] : 0.0f;
-    const float scale = 1.0f / sqrtf((float)a.d);
+    const AttentionQuery w = attention_query(a);
+    const u32 lane = w.lane, i = w.i, r = w.r, head = w.head;
+    for (u32 c = lane; c < a.d; c += KILN_WARP) qs[w.warp][c] = w.active ? q[w.at + c] : 0.0f;
     float acc[KILN_ATTN_SLOTS];
     for (u32 u = 0; u < KILN_ATTN_SLOTS; ++u) acc[u] = 0.0f;
     float m = -KILN_INFINITY, l = 0.0f;
-    const u32 tiles = (a.skv + KILN_ATTN_KEYS - 1) / KILN_ATTN_KEYS;
-    const u32 last = first + KILN_ATTN_QUERIES <= a.s ? first + KILN_ATTN_QUERIES - 1 : a.s - 1;
-    const u32 seen = attention_tiles_seen(a, last);
-    for (u32 t = 0; t < tiles; ++t) {
-        if (t >= seen && !__syncthreads_or(active && m == KILN_MASKED)) break;
-        __syncthreads();
-        attention_load_tile(k, v, ks, vs, a, r, g, t);
-        __syncthreads();
-        if (!active) continue;
+    for (u32 t = 0; t < w.tiles && attention_next_tile(k, v, ks, vs, a, w, t, w.active && m == KILN_MASKED); ++t) {
+        if (!w.active) continue;
         const u32 j = t * KILN_ATTN_KEYS + lane;
-        float score = -KILN_INFINITY;  // no such key: no weight at all
-        if (j < a.skv)
-            score = attention_key_visible(key_keep, a, r, i, j) ? attention_dot(qs[warp], ks[lane], a.d) * scale
-                                                                  : KILN_MASKED;
+        // No such key: no weight at all.
+        const float score = j < a.skv ? attention_score(key_keep, a, r, i, j, qs[w.warp], ks[lane]) : -KILN_INFINITY;
         // Finite: a tile holds at least one key, and a masked one scores KILN_MASKED.
         const float m_next = fmaxf(m, warp_max(score));
         const float rescale = expf(m - m_next);
@@ -125,11 +156,11 @@ extern "C" __global__ void attention_forward(const float* __restrict__ q, const 
         }
         m = m_next;
     }
-    if (!active) return;
+    if (!w.active) return;
     const float inv = 1.0f / l;
     for (u32 u = 0; u < KILN_ATTN_SLOTS; ++u) {
         const u32 c = lane + u * KILN_WARP;
-        if (c < a.d) y[q_at + c] = acc[u] * inv;
+        if (c < a.d) y[w.at + c] = acc[u] * inv;
     }
     if (lane == 0) {
         const u64 at = (((u64)r * a.heads + head) * a.s + i) * 2;
@@ -150,41 +181,28 @@ extern "C" __global__ void attention_backward_query(const float* __restrict__ q,
     __shared__ float vs[KILN_ATTN_KEYS][KILN_ATTN_MAX_DIM + 1];
     __shared__ float qs[KILN_ATTN_QUERIES][KILN_ATTN_MAX_DIM];
     __shared__ float dys[KILN_ATTN_QUERIES][KILN_ATTN_MAX_DIM];
-    const u32 warp = threadIdx.x / KILN_WARP, lane = threadIdx.x % KILN_WARP;
-    const u32 r = blockIdx.z, head = blockIdx.y, g = head / (a.heads / a.kv_heads);
-    const u32 first = blockIdx.x * KILN_ATTN_QUERIES, i = first + warp;
-    const bool active = i < a.s;
-    const u64 q_at = (((u64)r * a.s + i) * a.heads + head) * a.d;
+    const AttentionQuery w = attention_query(a);
+    const u32 lane = w.lane, i = w.i, r = w.r, head = w.head;
     float dot = 0.0f;
     for (u32 c = lane; c < a.d; c += KILN_WARP) {
-        qs[warp][c] = active ? q[q_at + c] : 0.0f;
-        dys[warp][c] = active ? dy[q_at + c] : 0.0f;
-        if (active) dot += dy[q_at + c] * y[q_at + c];
+        qs[w.warp][c] = w.active ? q[w.at + c] : 0.0f;
+        dys[w.warp][c] = w.active ? dy[w.at + c] : 0.0f;
+        if (w.active) dot += dy[w.at + c] * y[w.at + c];
     }
     const float row_delta = warp_sum(dot);
     const u64 row = ((u64)r * a.heads + head) * a.s + i;
-    const float m = active ? stats[2 * row] : 0.0f, inv = active ? stats[2 * row + 1] : 0.0f;
-    if (active && lane == 0) delta[row] = row_delta;
-    const float scale = 1.0f / sqrtf((float)a.d);
+    const float m = w.active ? stats[2 * row] : 0.0f, inv = w.active ? stats[2 * row + 1] : 0.0f;
+    if (w.active && lane == 0) delta[row] = row_delta;
     float acc[KILN_ATTN_SLOTS];
     for (u32 u = 0; u < KILN_ATTN_SLOTS; ++u) acc[u] = 0.0f;
-    const u32 tiles = (a.skv + KILN_ATTN_KEYS - 1) / KILN_ATTN_KEYS;
-    const u32 last = first + KILN_ATTN_QUERIES <= a.s ? first + KILN_ATTN_QUERIES - 1 : a.s - 1;
-    const u32 seen = attention_tiles_seen(a, last);
-    for (u32 t = 0; t < tiles; ++t) {
-        if (t >= seen && !__syncthreads_or(active && m == KILN_MASKED)) break;
-        __syncthreads();
-        attention_load_tile(k, v, ks, vs, a, r, g, t);
-        __syncthreads();
-        if (!active) continue;
+    for (u32 t = 0; t < w.tiles && attention_next_tile(k, v, ks, vs, a, w, t, w.active && m == KILN_MASKED); ++t) {
+        if (!w.active) continue;
         const u32 j = t * KILN_ATTN_KEYS + lane;
         float ds = 0.0f;
         if (j < a.skv) {
-            const float score = attention_key_visible(key_keep, a, r, i, j)
-                                    ? attention_dot(qs[warp], ks[lane], a.d) * scale
-                                    : KILN_MASKED;
+            const float score = attention_score(key_keep, a, r, i, j, qs[w.warp], ks[lane]);
             const float p = expf(score - m) * inv;
-            const float dp = attention_dot(dys[warp], vs[lane], a.d) * attention_drop(drop, a, r, head, i, j);
+            const float dp = attention_dot(dys[w.warp], vs[lane], a.d) * attention_drop(drop, a, r, head, i, j);
             ds = p * (dp - row_delta);
         }
         for (u32 jj = 0; jj < KILN_ATTN_KEYS; ++jj) {
@@ -195,10 +213,11 @@ extern "C" __global__ void attention_backward_query(const float* __restrict__ q,
             }
         }
     }
-    if (!active) return;
+    if (!w.active) return;
+    const float scale = 1.0f / sqrtf((float)a.d);
     for (u32 u = 0; u < KILN_ATTN_SLOTS; ++u) {
         const u32 c = lane + u * KILN_WARP;
-        if (c < a.d) dq[q_at + c] += acc[u] * scale;
+        if (c < a.d) dq[w.at + c] += acc[u] * scale;
     }
 }
 

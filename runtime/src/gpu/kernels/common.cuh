@@ -39,31 +39,35 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
-// The sum of one value per thread over the block (1-D, a multiple of 32 threads), returned to
-// every thread. `scratch` is 32 floats of shared memory, free again on return.
-__device__ float block_sum(float v, float* scratch) {
+// The reductions `block_reduce` takes: over a warp, and the value of no elements.
+struct KilnSum {
+    __device__ float warp(float v) const { return warp_sum(v); }
+    __device__ float identity() const { return 0.0f; }
+};
+
+struct KilnMax {
+    __device__ float warp(float v) const { return warp_max(v); }
+    __device__ float identity() const { return -KILN_INFINITY; }
+};
+
+// One value per thread reduced over the block (1-D, a multiple of 32 threads) in a fixed order,
+// returned to every thread: each warp's result, then the warps' results by the first warp's
+// lanes. `scratch` is 32 floats of shared memory, free again on return.
+template <class Op>
+__device__ float block_reduce(float v, float* scratch, Op op) {
     const int lane = threadIdx.x % KILN_WARP, warp = threadIdx.x / KILN_WARP;
-    v = warp_sum(v);
+    v = op.warp(v);
     if (lane == 0) scratch[warp] = v;
     __syncthreads();
     const int warps = blockDim.x / KILN_WARP;
-    float total = lane < warps ? scratch[lane] : 0.0f;
-    total = warp_sum(total);
+    float total = lane < warps ? scratch[lane] : op.identity();
+    total = op.warp(total);
     __syncthreads();
     return total;
 }
 
-__device__ float block_max(float v, float* scratch) {
-    const int lane = threadIdx.x % KILN_WARP, warp = threadIdx.x / KILN_WARP;
-    v = warp_max(v);
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    const int warps = blockDim.x / KILN_WARP;
-    float total = lane < warps ? scratch[lane] : -KILN_INFINITY;
-    total = warp_max(total);
-    __syncthreads();
-    return total;
-}
+__device__ float block_sum(float v, float* scratch) { return block_reduce(v, scratch, KilnSum()); }
+__device__ float block_max(float v, float* scratch) { return block_reduce(v, scratch, KilnMax()); }
 
 // `x` rounded to bf16 (nearest, ties to even), as f32; a NaN is quieted and keeps its top
 // mantissa bits, as the `half` crate converts it (so a NaN stays one in bf16).
