@@ -207,6 +207,20 @@ pub struct TargetRows<'a> {
 }
 
 impl TargetRows<'_> {
+    /// What both target kernels take of the rows, in their order (after `check`, which
+    /// narrowed each count): logits, rows, positions, seq, width, first column.
+    fn kernel_args(&self, n: usize) -> (u64, u32, u32, u32, u32, i64) {
+        let count = |x: usize| x as u32;
+        (
+            self.logits.address,
+            count(n),
+            count(self.positions),
+            count(self.seq),
+            count(self.width),
+            self.first,
+        )
+    }
+
     /// The number of target rows, checked to lie within the logits, and the kernels' grid.
     fn check(&self, targets: Buffer<'_, i64>) -> Result<(usize, Grid), GpuError> {
         let n = targets.len;
@@ -460,21 +474,8 @@ impl<L: Launcher + ?Sized> Kernels<'_, L> {
         let (n, grid) = rows.check(targets)?;
         check("the log Σ exp per row", lse.len, n)?;
         check("the target logits", picked.len, n)?;
-        let TargetRows {
-            logits,
-            positions,
-            seq,
-            width,
-            first,
-        } = rows;
-        let (logits, targets, lse, picked, n) = (
-            logits.address,
-            targets.address,
-            lse.address,
-            picked.address,
-            n as u32,
-        );
-        let (positions, seq, width) = (positions as u32, seq as u32, width as u32);
+        let (logits, n, positions, seq, width, first) = rows.kernel_args(n);
+        let (targets, lse, picked) = (targets.address, lse.address, picked.address);
         launch!(self.0, "softmax_statistics", grid; logits, targets, lse, picked, n, positions, seq, width, first)
     }
 
@@ -492,22 +493,8 @@ impl<L: Launcher + ?Sized> Kernels<'_, L> {
         check("the log Σ exp per row", lse.len, n)?;
         check("the coefficient per row", coef.len, n)?;
         check("the logits' gradient", grad.len, rows.logits.len)?;
-        let TargetRows {
-            logits,
-            positions,
-            seq,
-            width,
-            first,
-        } = rows;
-        let (logits, targets, lse, coef, grad, n) = (
-            logits.address,
-            targets.address,
-            lse.address,
-            coef.address,
-            grad.address,
-            n as u32,
-        );
-        let (positions, seq, width) = (positions as u32, seq as u32, width as u32);
+        let (logits, n, positions, seq, width, first) = rows.kernel_args(n);
+        let (targets, lse, coef, grad) = (targets.address, lse.address, coef.address, grad.address);
         launch!(self.0, "softmax_target_backward", grid; logits, targets, lse, coef, grad, n, positions, seq, width, first)
     }
 
