@@ -53,13 +53,10 @@ impl CudaDevice {
             .result()
             .map_err(driver_error("the driver's version"))?;
         if major * 1000 + minor * 10 > driver {
+            let cuda = format!("{}.{}", driver / 1000, driver % 1000 / 10);
             return Err(GpuError(format!(
-                "NVRTC {major}.{minor} is newer than the driver (CUDA {}.{}): its PTX would not \
-                 load; put an NVRTC of CUDA {}.{} or older first on LD_LIBRARY_PATH",
-                driver / 1000,
-                driver % 1000 / 10,
-                driver / 1000,
-                driver % 1000 / 10
+                "NVRTC {major}.{minor} is newer than the driver (CUDA {cuda}): its PTX would not \
+                 load; put an NVRTC of CUDA {cuda} or older first on LD_LIBRARY_PATH"
             )));
         }
         let context = CudaContext::new(ordinal).map_err(driver_error("opening the GPU"))?;
