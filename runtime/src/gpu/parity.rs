@@ -223,7 +223,13 @@ fn layer_norm<D: Device>(d: &D) -> Result<(), String> {
                 v: b.clone(),
                 trainable: true,
             });
-            let out = kernels::layer_norm(x.clone().leaky_traced(), weight, bias, 1e-5)?;
+            let out = kernels::norm(
+                x.clone().leaky_traced(),
+                weight,
+                bias,
+                1e-5,
+                kernels::Centring::Centred,
+            )?;
             let (want_y, grads) = probe(out, 9);
             let [y, dx, dw, db] = gpu_norm(d, &x, &w, with_bias.then_some(&b), true, 9)?;
             within("y", &y, &want_y, 2e-6)?;
@@ -241,22 +247,17 @@ fn rms_norm<D: Device>(d: &D) -> Result<(), String> {
     for shape in [(3, 13, 45), (2, 2, 300)] {
         let x = scaled(shape, 4, 2.0, 0.3);
         let w = t1(shape.2, 5);
-        // `exec::ops::norm`'s RMS norm, in dfdx's ops.
-        let (xs, tape) = x.clone().leaky_traced().split_tape();
-        let ms = xs
-            .clone()
-            .put_tape(tape)
-            .square()
-            .mean::<(usize, usize), Axis<2>>();
-        let inv = (ms + 1e-5)
-            .sqrt()
-            .recip()
-            .broadcast_like::<_, Axis<2>>(&shape);
-        let y = inv
-            * xs
-            * w.clone()
-                .leaky_traced()
-                .broadcast_like::<_, Axes2<0, 1>>(&shape);
+        let weight = Vector {
+            v: w.clone(),
+            trainable: true,
+        };
+        let y = kernels::norm(
+            x.clone().leaky_traced(),
+            weight,
+            None,
+            1e-5,
+            kernels::Centring::Uncentred,
+        )?;
         let (want_y, grads) = probe(y, 11);
         let [y, dx, dw, _] = gpu_norm(d, &x, &w, None, false, 11)?;
         within("y", &y, &want_y, 2e-6)?;

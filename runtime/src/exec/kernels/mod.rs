@@ -29,7 +29,7 @@ pub use attention::{attention, Heads};
 pub use cross_entropy::{cross_entropy, token_log_probs};
 pub use dropout::dropout;
 pub use linear::{columns, linear, Vector, Weight};
-pub use norm::layer_norm;
+pub use norm::{norm, Centring};
 pub use round::rounded;
 
 use dfdx::prelude::*;

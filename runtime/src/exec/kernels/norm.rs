@@ -1,4 +1,5 @@
-//! Layer norm over the last axis, with its statistics kept per row for the backward.
+//! Layer norm and RMS norm over the last axis (one kernel: RMS norm is layer norm without
+//! centring or bias), with their statistics kept per row for the backward.
 
 use super::buffer::{add_grad, elements, row_major, sum_blocks, vectorized};
 use super::linear::Vector;
@@ -6,13 +7,24 @@ use super::{Taped, CHUNK, R3};
 use dfdx::prelude::*;
 use rayon::prelude::*;
 
-/// Layer norm over the last axis: (x − mean)/√(var + eps)·w (+ b), var biased as in PyTorch.
-pub fn layer_norm(
+/// How a norm treats each row's mean.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Centring {
+    /// Layer norm: (x − mean)/√(var + eps)·w (+ b), var biased as in PyTorch.
+    Centred,
+    /// RMS norm (LLaMA's, Zhang & Sennrich 2019): x/√(mean(x²) + eps)·w.
+    Uncentred,
+}
+
+/// Layer norm or RMS norm over the last axis (see [`Centring`]).
+pub fn norm(
     x: Taped<R3>,
     weight: Vector,
     bias: Option<Vector>,
     eps: f32,
+    centring: Centring,
 ) -> Result<Taped<R3>, String> {
+    let centred = centring == Centring::Centred;
     let (x, mut tape) = row_major(x).split_tape();
     let shape = *x.shape();
     let h = shape.2;
@@ -38,7 +50,11 @@ pub fn layer_norm(
             .zip(stats.par_chunks_mut(2))
             .for_each(|((y, x), stat)| {
                 vectorized(|| {
-                    let mean = x.iter().sum::<f32>() / h as f32;
+                    let mean = if centred {
+                        x.iter().sum::<f32>() / h as f32
+                    } else {
+                        0.0
+                    };
                     let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / h as f32;
                     let inv = 1.0 / (var + eps).sqrt();
                     for (((y, x), w), b) in y.iter_mut().zip(x).zip(&w).zip(&b) {
@@ -91,7 +107,8 @@ pub fn layer_norm(
                             *gw += dy * xhat;
                             *gb += dy;
                         }
-                        mean_g /= h as f32;
+                        // Without centring, the mean's gradient term is absent.
+                        mean_g = if centred { mean_g / h as f32 } else { 0.0 };
                         mean_gx /= h as f32;
                         for ((gx, x), (dy, w)) in gx.iter_mut().zip(x).zip(dy.iter().zip(&w)) {
                             let xhat = (x - mean) * inv;
@@ -124,7 +141,7 @@ mod tests {
         let shape = (2, 33, 37);
         let x = t3(shape, 10);
         let (w, b) = (t1(37, 11), t1(37, 12));
-        let fast = layer_norm(
+        let fast = norm(
             x.clone().leaky_traced(),
             Vector {
                 v: w.clone(),
@@ -135,6 +152,7 @@ mod tests {
                 trainable: true,
             }),
             1e-5,
+            Centring::Centred,
         )
         .unwrap();
         let (fy, fg) = probe(fast, 13);
@@ -150,5 +168,44 @@ mod tests {
         close_grad("dx", &fg, &rg, &x, 1e-4);
         close_grad("dw", &fg, &rg, &w, 1e-4);
         close_grad("db", &fg, &rg, &b, 1e-4);
+    }
+
+    #[test]
+    fn rms_norm_matches_dfdx() {
+        let shape = (3, 17, 45);
+        let x = t3(shape, 20);
+        let w = t1(45, 21);
+        let weight = Vector {
+            v: w.clone(),
+            trainable: true,
+        };
+        let fast = norm(
+            x.clone().leaky_traced(),
+            weight,
+            None,
+            1e-6,
+            Centring::Uncentred,
+        )
+        .unwrap();
+        let (fy, fg) = probe(fast, 22);
+        let (xs, tape) = x.clone().leaky_traced().split_tape();
+        let ms = xs
+            .clone()
+            .put_tape(tape)
+            .square()
+            .mean::<(usize, usize), Axis<2>>();
+        let inv = (ms + 1e-6)
+            .sqrt()
+            .recip()
+            .broadcast_like::<_, Axis<2>>(&shape);
+        let reference = inv
+            * xs
+            * w.clone()
+                .leaky_traced()
+                .broadcast_like::<_, Axes2<0, 1>>(&shape);
+        let (ry, rg) = probe(reference, 22);
+        close("y", &fy, &ry, 1e-5);
+        close_grad("dx", &fg, &rg, &x, 1e-4);
+        close_grad("dw", &fg, &rg, &w, 1e-4);
     }
 }

@@ -1,4 +1,4 @@
-//! Norms over the feature axis: layer norm and RMS norm.
+//! Norms over the feature axis: layer norm and RMS norm (one CPU kernel for both).
 
 use super::misrouted;
 use crate::exec::interpreter::Interpreter;
@@ -27,8 +27,14 @@ pub(super) fn forward(it: &mut Interpreter<'_>, n: NodeIndex, op: Op) -> Result<
                     v: w,
                     trainable: it.g.params[weight].trainable,
                 };
-                let y = kernels::layer_norm(x.put_tape(tape), w, bias, eps as f32)
-                    .map_err(ExecError)?;
+                let y = kernels::norm(
+                    x.put_tape(tape),
+                    w,
+                    bias,
+                    eps as f32,
+                    kernels::Centring::Centred,
+                )
+                .map_err(ExecError)?;
                 Ok(it.keep3(y))
             }
             #[cfg(feature = "cuda")]
@@ -44,22 +50,37 @@ pub(super) fn forward(it: &mut Interpreter<'_>, n: NodeIndex, op: Op) -> Result<
         }
         Op::RmsNorm { weight, eps } => {
             let x = it.input(n, 0)?.r3("x")?;
-            let shape = *x.shape();
-            let w = it.p1(weight)?;
             let tape = it.take_tape();
-            let x = x.put_tape(tape);
-            let (xs, tape) = x.split_tape();
-            let ms = xs
-                .clone()
-                .put_tape(tape)
-                .square()
-                .mean::<(usize, usize), Axis<2>>();
-            let inv = (ms + eps as f32)
-                .sqrt()
-                .recip()
-                .broadcast_like::<_, Axis<2>>(&shape);
-            let y = inv * xs * w.broadcast_like::<_, Axes2<0, 1>>(&shape);
-            Ok(it.keep3(y))
+            #[cfg(not(feature = "cuda"))]
+            {
+                let w = it.vector(weight)?;
+                let y = kernels::norm(
+                    x.put_tape(tape),
+                    w,
+                    None,
+                    eps as f32,
+                    kernels::Centring::Uncentred,
+                )
+                .map_err(ExecError)?;
+                Ok(it.keep3(y))
+            }
+            #[cfg(feature = "cuda")]
+            {
+                let shape = *x.shape();
+                let w = it.p1(weight)?;
+                let (xs, tape) = x.put_tape(tape).split_tape();
+                let ms = xs
+                    .clone()
+                    .put_tape(tape)
+                    .square()
+                    .mean::<(usize, usize), Axis<2>>();
+                let inv = (ms + eps as f32)
+                    .sqrt()
+                    .recip()
+                    .broadcast_like::<_, Axis<2>>(&shape);
+                let y = inv * xs * w.broadcast_like::<_, Axes2<0, 1>>(&shape);
+                Ok(it.keep3(y))
+            }
         }
         other => Err(misrouted("norm", &other)),
     }
