@@ -10,78 +10,49 @@ use dfdx::prelude::*;
 use kiln_compiler::graph::Op;
 use petgraph::graph::NodeIndex;
 
-/// Computes node `n`, whose op is of this family.
+/// Computes node `n`, whose op is of this family: layer norm, or RMS norm (layer norm without
+/// centring or bias).
 pub(super) fn forward(it: &mut Interpreter<'_>, n: NodeIndex, op: Op) -> Result<V, ExecError> {
-    match op {
-        Op::LayerNorm { weight, bias, eps } => {
-            let x = it.input(n, 0)?.r3("x")?;
-            let w = it.p1(weight)?;
-            let tape = it.take_tape();
-            #[cfg(not(feature = "cuda"))]
-            {
-                let bias = match bias {
-                    Some(b) => Some(it.vector(b)?),
-                    None => None,
-                };
-                let w = kernels::Vector {
-                    v: w,
-                    trainable: it.g.params[weight].trainable,
-                };
-                let y = kernels::norm(
-                    x.put_tape(tape),
-                    w,
-                    bias,
-                    eps as f32,
-                    kernels::Centring::Centred,
-                )
-                .map_err(ExecError)?;
-                Ok(it.keep3(y))
-            }
-            #[cfg(feature = "cuda")]
-            {
-                let shape = *x.shape();
-                let mut y = x.put_tape(tape).normalize::<Axis<2>>(eps as f32)
-                    * w.broadcast_like::<_, Axes2<0, 1>>(&shape);
-                if let Some(b) = bias {
-                    y = y + it.p1(b)?.broadcast_like::<_, Axes2<0, 1>>(&shape);
-                }
-                Ok(it.keep3(y))
-            }
+    let (weight, bias, eps, centred) = match op {
+        Op::LayerNorm { weight, bias, eps } => (weight, bias, eps as f32, true),
+        Op::RmsNorm { weight, eps } => (weight, None, eps as f32, false),
+        other => return Err(misrouted("norm", &other)),
+    };
+    let x = it.input(n, 0)?.r3("x")?.put_tape(it.take_tape());
+    #[cfg(not(feature = "cuda"))]
+    {
+        let w = it.vector(weight)?;
+        let bias = bias.map(|b| it.vector(b)).transpose()?;
+        let centring = if centred {
+            kernels::Centring::Centred
+        } else {
+            kernels::Centring::Uncentred
+        };
+        let y = kernels::norm(x, w, bias, eps, centring).map_err(ExecError)?;
+        Ok(it.keep3(y))
+    }
+    #[cfg(feature = "cuda")]
+    {
+        let shape = *x.shape();
+        let w = it.p1(weight)?.broadcast_like::<_, Axes2<0, 1>>(&shape);
+        let mut y = if centred {
+            x.normalize::<Axis<2>>(eps) * w
+        } else {
+            let (xs, tape) = x.split_tape();
+            let ms = xs
+                .clone()
+                .put_tape(tape)
+                .square()
+                .mean::<(usize, usize), Axis<2>>();
+            let inv = (ms + eps)
+                .sqrt()
+                .recip()
+                .broadcast_like::<_, Axis<2>>(&shape);
+            inv * xs * w
+        };
+        if let Some(b) = bias {
+            y = y + it.p1(b)?.broadcast_like::<_, Axes2<0, 1>>(&shape);
         }
-        Op::RmsNorm { weight, eps } => {
-            let x = it.input(n, 0)?.r3("x")?;
-            let tape = it.take_tape();
-            #[cfg(not(feature = "cuda"))]
-            {
-                let w = it.vector(weight)?;
-                let y = kernels::norm(
-                    x.put_tape(tape),
-                    w,
-                    None,
-                    eps as f32,
-                    kernels::Centring::Uncentred,
-                )
-                .map_err(ExecError)?;
-                Ok(it.keep3(y))
-            }
-            #[cfg(feature = "cuda")]
-            {
-                let shape = *x.shape();
-                let w = it.p1(weight)?;
-                let (xs, tape) = x.put_tape(tape).split_tape();
-                let ms = xs
-                    .clone()
-                    .put_tape(tape)
-                    .square()
-                    .mean::<(usize, usize), Axis<2>>();
-                let inv = (ms + eps as f32)
-                    .sqrt()
-                    .recip()
-                    .broadcast_like::<_, Axis<2>>(&shape);
-                let y = inv * xs * w.broadcast_like::<_, Axes2<0, 1>>(&shape);
-                Ok(it.keep3(y))
-            }
-        }
-        other => Err(misrouted("norm", &other)),
+        Ok(it.keep3(y))
     }
 }
