@@ -4,6 +4,7 @@
 use super::interpreter::Interpreter;
 use super::{err, ExecError};
 use crate::rng::{Key, Purpose};
+use petgraph::graph::NodeIndex;
 use std::ops::Range;
 
 /// The coordinates of a batch's dropout masks beside the element: the run's seed, the step,
@@ -25,6 +26,18 @@ impl DropoutKey {
         }
     }
 
+    /// Each row's key for the masks of node `node`: what the bits of the row's elements are
+    /// drawn from.
+    pub(crate) fn row_keys(&self, node: NodeIndex) -> Vec<Key> {
+        let node = self.step.fold(node.index() as u64);
+        self.rows.iter().map(|&row| node.fold(row)).collect()
+    }
+
+    /// How many rows the key covers.
+    pub(crate) fn len(&self) -> usize {
+        self.rows.len()
+    }
+
     /// The key of rows `rows` of its batch (`None` past the batch's end).
     pub(super) fn rows(&self, rows: Range<usize>) -> Option<DropoutKey> {
         Some(DropoutKey {
@@ -35,8 +48,13 @@ impl DropoutKey {
 }
 
 /// What inverted dropout multiplies kept values by.
-pub(super) fn dropout_scale(p: f64) -> f32 {
+pub(crate) fn dropout_scale(p: f64) -> f32 {
     1.0 / (1.0 - p) as f32
+}
+
+/// Dropout's probability as a bound on an element's 64 random bits: kept where they reach it.
+pub(crate) fn dropout_threshold(p: f64) -> u64 {
+    (p * u64::MAX as f64) as u64
 }
 
 /// An inverted-dropout mask's values (0 or 1/(1−p)) from which elements are kept.
@@ -79,19 +97,17 @@ impl Interpreter<'_> {
         if p <= 0.0 {
             return Ok(None);
         }
-        if key.rows.len() != rows {
+        if key.len() != rows {
             return err(format!(
                 "dropout over {rows} rows with the global rows of {}",
-                key.rows.len()
+                key.len()
             ));
         }
-        let node = key.step.fold(self.current.index() as u64);
-        let threshold = (p * u64::MAX as f64) as u64;
+        let threshold = dropout_threshold(p);
         Ok(Some(
-            key.rows
-                .iter()
-                .flat_map(|&row| {
-                    let row = node.fold(row);
+            key.row_keys(self.current)
+                .into_iter()
+                .flat_map(|row| {
                     (offset..offset + len).map(move |i| row.bits(i as u64) >= threshold)
                 })
                 .collect(),

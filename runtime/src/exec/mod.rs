@@ -24,7 +24,10 @@ mod value;
 
 pub use batch::Batch;
 pub use dropout::DropoutKey;
+pub(crate) use dropout::{dropout_scale, dropout_threshold};
+pub(crate) use ops::input::integer_input;
 pub use ops::loss::label_counts;
+pub(crate) use ops::loss::position_labels;
 pub use segment::{forward_backward, Outcome, Segment, SegmentGrads};
 pub use value::{Params, Value};
 

@@ -2,6 +2,7 @@
 //! compiler (`$CXX`, else `c++`), loaded as a [`Launcher`]: the kernels' tests run them where
 //! no GPU is.
 
+use super::gemm::{Gemm, Operand, Product};
 use super::launch::{Buffer, Grid, Launcher};
 use super::memory::{bytes, Element, Kept, Memory};
 use super::source::{shared_sizes, COMMON, SOURCES};
@@ -128,6 +129,10 @@ impl Memory for Emulator {
         Ok(unsafe { self.allocations.lend(words, address, values.len()) })
     }
 
+    unsafe fn free<T: Element>(&self, buffer: Buffer<'_, T>) {
+        self.allocations.release(buffer.address());
+    }
+
     fn download<T: Element>(&self, buffer: Buffer<'_, T>) -> Result<Vec<T>, GpuError> {
         let mut values = vec![T::default(); buffer.len()];
         // SAFETY: `buffer` holds `len` elements in host memory (`Buffer::from_raw`'s contract).
@@ -139,5 +144,50 @@ impl Memory for Emulator {
             )
         };
         Ok(values)
+    }
+}
+
+impl Gemm for Emulator {
+    fn gemm(
+        &self,
+        product: Product,
+        a: Buffer<'_, f32>,
+        b: Buffer<'_, f32>,
+        c: Buffer<'_, f32>,
+    ) -> Result<(), GpuError> {
+        product.check(a, b, c)?;
+        // SAFETY: the emulation's buffers are host memory, and the product was checked.
+        unsafe { host_gemm(product, a, b, c) };
+        Ok(())
+    }
+}
+
+/// The product on host memory, each element summed over k in order (the emulation's).
+///
+/// # Safety
+/// The buffers hold host memory, and `product` was checked against them.
+unsafe fn host_gemm(product: Product, a: Buffer<'_, f32>, b: Buffer<'_, f32>, c: Buffer<'_, f32>) {
+    let Product { m, n, k, .. } = product;
+    let at = |buffer: Buffer<'_, f32>, op: Operand, row: usize, col: usize| {
+        let (row, col) = if op.transposed {
+            (col, row)
+        } else {
+            (row, col)
+        };
+        // SAFETY: `check` bounded every element of the operand.
+        unsafe { *(buffer.address() as *const f32).add(op.offset + row * op.stride + col) }
+    };
+    for i in 0..m {
+        for j in 0..n {
+            let mut sum = 0.0f32;
+            for l in 0..k {
+                sum += at(a, product.a, i, l) * at(b, product.b, l, j);
+            }
+            // SAFETY: as above, for C.
+            let out = unsafe {
+                &mut *(c.address() as *mut f32).add(product.c.offset + i * product.c.stride + j)
+            };
+            *out = if product.accumulate { *out + sum } else { sum };
+        }
     }
 }

@@ -79,7 +79,8 @@ pub trait Launcher {
 }
 
 /// Launches `kernel` with the named locals as its arguments (each taken by address, as
-/// cuLaunchKernel reads them). Only for this module's calls, which check every buffer first.
+/// cuLaunchKernel reads them). Only for the typed calls (`Kernels`), which check every buffer
+/// first.
 macro_rules! launch {
     ($launcher:expr, $kernel:literal, $grid:expr; $($arg:ident),* $(,)?) => {{
         $(let mut $arg = $arg;)*
@@ -134,14 +135,15 @@ struct KernelShape {
     causal: i32,
 }
 
-/// Dropout on attention's probabilities: each batch row's key (`rng::Key` of the node and the
-/// row's global index) and where this device's heads start in the row's elements.
+/// How dropout draws its mask (on attention's probabilities, or any value): each batch row's
+/// key (`rng::Key` of the node and the row's global index) and where this device's share
+/// starts in the row's elements (for attention, its first head's).
 #[derive(Clone, Copy, Debug)]
-pub struct AttentionDropout<'a> {
+pub struct DropoutDraw<'a> {
     pub row_keys: Buffer<'a, u64>,
     /// p of 2^64: an element is kept where its bits reach it.
     pub threshold: u64,
-    /// The row's first element this device's heads hold (`first head · s · s_kv`).
+    /// The row's first element this device holds (attention: `first head · s · s_kv`).
     pub offset: u64,
     /// 1/(1 − p).
     pub scale: f32,
@@ -273,7 +275,7 @@ const GRID_YZ_LIMIT: u32 = 65_535;
 /// The typed calls of Kiln's kernels on a launcher.
 pub struct Kernels<'a, L: Launcher + ?Sized>(pub &'a L);
 
-fn check(what: &str, len: usize, expected: usize) -> Result<(), GpuError> {
+pub(super) fn check(what: &str, len: usize, expected: usize) -> Result<(), GpuError> {
     if len == expected {
         Ok(())
     } else {
@@ -283,7 +285,7 @@ fn check(what: &str, len: usize, expected: usize) -> Result<(), GpuError> {
     }
 }
 
-fn narrow(what: &str, n: usize) -> Result<u32, GpuError> {
+pub(super) fn narrow(what: &str, n: usize) -> Result<u32, GpuError> {
     u32::try_from(n).map_err(|_| GpuError(format!("{what} = {n} exceeds a kernel's 32-bit index")))
 }
 
@@ -306,7 +308,7 @@ fn elements(what: &str, extents: &[usize]) -> Result<usize, GpuError> {
 }
 
 /// An elementwise kernel's grid: grid-stride loops, so a bounded grid covers any length.
-fn elementwise_grid(n: usize) -> Grid {
+pub(super) fn elementwise_grid(n: usize) -> Grid {
     const THREADS: usize = 256;
     Grid {
         blocks: [n.div_ceil(THREADS).clamp(1, 4096) as u32, 1, 1],
@@ -544,7 +546,7 @@ impl<L: Launcher + ?Sized> Kernels<'_, L> {
         &self,
         shape: AttentionShape,
         tensors: AttentionTensors<'_>,
-        dropout: Option<AttentionDropout<'_>>,
+        dropout: Option<DropoutDraw<'_>>,
     ) -> Result<(), GpuError> {
         let (kernel_shape, drop) = check_attention(shape, &tensors, dropout)?;
         let grid = query_grid(shape);
@@ -559,7 +561,7 @@ impl<L: Launcher + ?Sized> Kernels<'_, L> {
         shape: AttentionShape,
         tensors: AttentionTensors<'_>,
         grads: AttentionGradients<'_>,
-        dropout: Option<AttentionDropout<'_>>,
+        dropout: Option<DropoutDraw<'_>>,
     ) -> Result<(), GpuError> {
         let (kernel_shape, drop) = check_attention(shape, &tensors, dropout)?;
         check("attention's upstream gradient", grads.dy.len, tensors.y.len)?;
@@ -623,7 +625,7 @@ fn query_grid(shape: AttentionShape) -> Grid {
 fn check_attention(
     shape: AttentionShape,
     t: &AttentionTensors<'_>,
-    dropout: Option<AttentionDropout<'_>>,
+    dropout: Option<DropoutDraw<'_>>,
 ) -> Result<(KernelShape, KernelDropout), GpuError> {
     let AttentionShape {
         batch,

@@ -14,12 +14,15 @@
 //! device), `cuda` (the driver: a GPU that launches the kernels and holds their buffers).
 
 pub mod cuda;
+pub mod gemm;
+#[macro_use]
 pub mod launch;
 pub mod memory;
 pub mod nvrtc;
 #[cfg(not(feature = "cuda"))]
 pub mod parity;
 pub mod source;
+pub mod tensor_ops;
 
 #[cfg(test)]
 mod emulator;

@@ -540,7 +540,7 @@ fn attention<D: Device>(
     let zeros = |n| d.zeros::<f32>(n).map_err(gpu);
     let keys: Vec<u64> = row_keys.iter().map(|k| k.value()).collect();
     let dropout = if p > 0.0 {
-        Some(AttentionDropout {
+        Some(DropoutDraw {
             row_keys: d.upload(&keys).map_err(gpu)?,
             threshold,
             offset,

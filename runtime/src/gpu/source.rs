@@ -56,6 +56,19 @@ pub const SOURCES: &[Source] = &[
         ],
     },
     Source {
+        file: "tensor.cu",
+        code: include_str!("kernels/tensor.cu"),
+        kernels: &[
+            "gather_rows",
+            "scatter_rows",
+            "add_columns",
+            "add_scaled",
+            "add_product",
+            "rotary",
+            "dropout_factors",
+        ],
+    },
+    Source {
         file: "adamw.cu",
         code: include_str!("kernels/adamw.cu"),
         kernels: &["adamw_step"],

@@ -4,8 +4,8 @@
 use super::misrouted;
 use crate::exec::interpreter::Interpreter;
 use crate::exec::value::{Value, V};
-use crate::exec::{err, ExecError};
-use kiln_compiler::graph::{InputKind, Op};
+use crate::exec::{err, Batch, ExecError};
+use kiln_compiler::graph::{Graph, InputKind, Op};
 use petgraph::graph::NodeIndex;
 
 /// Computes node `n`, whose op is of this family.
@@ -19,33 +19,39 @@ pub(super) fn forward(it: &mut Interpreter<'_>, n: NodeIndex, op: Op) -> Result<
             Some(t) => err(format!("a rollout of shape {:?}, not [b, s, 4]", t.shape)),
             None => err(format!("the batch has no `{}`", node.name)),
         },
-        Op::Input { kind } => {
-            let name = node.name.clone();
-            let ints = match it.batch.ints.get(&name) {
-                Some(v) => v.clone(),
-                None if kind == InputKind::TokenTypes => {
-                    vec![vec![0; it.g.seq as usize]; it.g.batch as usize]
-                }
-                None => return err(format!("the batch has no `{name}`")),
-            };
-            // Labels and token types made longer by prompt tuning take P leading −100 labels
-            // and type-0 ids, as PEFT gives its virtual tokens (rows may be shorter than
-            // `seq`: PPO's batches are as wide as their longest sequence).
-            let (virtual_tokens, fill) = match (kind, node.out.shape.get(1)) {
-                (InputKind::Labels, Some(&len)) => (len.saturating_sub(it.g.seq) as usize, -100),
-                (InputKind::TokenTypes, Some(&len)) => (len.saturating_sub(it.g.seq) as usize, 0),
-                _ => (0, 0),
-            };
-            let padded = ints
-                .into_iter()
-                .map(|row| {
-                    std::iter::repeat_n(fill, virtual_tokens)
-                        .chain(row)
-                        .collect()
-                })
-                .collect();
-            Ok(V::Ints(padded))
-        }
+        Op::Input { .. } => Ok(V::Ints(integer_input(it.g, n, it.batch)?)),
         other => Err(misrouted("input", &other)),
     }
+}
+
+/// Integer input node `n`'s rows from `batch`: its values by the node's name (token types
+/// default to 0), labels and token types padded in front for the virtual tokens the graph
+/// prepends (labels with −100, which no loss reads).
+pub(crate) fn integer_input(
+    g: &Graph,
+    n: NodeIndex,
+    batch: &Batch,
+) -> Result<Vec<Vec<i64>>, ExecError> {
+    let node = &g.dag[n];
+    let Op::Input { kind } = node.op else {
+        return Err(misrouted("input", &node.op));
+    };
+    let ints = match batch.ints.get(&node.name) {
+        Some(v) => v.clone(),
+        None if kind == InputKind::TokenTypes => vec![vec![0; g.seq as usize]; g.batch as usize],
+        None => return err(format!("the batch has no `{}`", node.name)),
+    };
+    let (virtual_tokens, fill) = match (kind, node.out.shape.get(1)) {
+        (InputKind::Labels, Some(&len)) => (len.saturating_sub(g.seq) as usize, -100),
+        (InputKind::TokenTypes, Some(&len)) => (len.saturating_sub(g.seq) as usize, 0),
+        _ => (0, 0),
+    };
+    Ok(ints
+        .into_iter()
+        .map(|row| {
+            std::iter::repeat_n(fill, virtual_tokens)
+                .chain(row)
+                .collect()
+        })
+        .collect())
 }

@@ -371,7 +371,7 @@ struct PpoKnobs {
 /// The label a cross-entropy over `positions` positions of `rows` rows reads at each: the
 /// row's from `offset` on (the next token's under a shift; a class's at 0), −100 (none) past
 /// its end.
-fn position_labels(
+pub(crate) fn position_labels(
     labels: &[Vec<i64>],
     rows: usize,
     positions: usize,

@@ -6,7 +6,7 @@
 mod attention;
 mod elementwise;
 mod embedding;
-mod input;
+pub(super) mod input;
 mod linear;
 pub(super) mod loss;
 mod lstm;

@@ -23,7 +23,7 @@ struct AttentionShape {
 };
 
 // Dropout inside attention: `row_keys[b]` is null when off.
-struct AttentionDropout {
+struct DropoutDraw {
     const u64* row_keys;
     u64 threshold, offset;
     float scale;
@@ -35,7 +35,7 @@ __device__ __forceinline__ bool attention_key_visible(const float* key_keep, Att
     return !key_keep || key_keep[(u64)r * a.skv + j] != 0.0f;
 }
 
-__device__ __forceinline__ float attention_drop(AttentionDropout drop, AttentionShape a, u32 r, u32 head, u32 i,
+__device__ __forceinline__ float attention_drop(DropoutDraw drop, AttentionShape a, u32 r, u32 head, u32 i,
                                                 u32 j) {
     if (!drop.row_keys) return 1.0f;
     const u64 counter = drop.offset + ((u64)head * a.s + i) * a.skv + j;
@@ -125,7 +125,7 @@ __device__ bool attention_next_tile(const float* k, const float* v, float ks[KIL
 extern "C" __global__ void attention_forward(const float* __restrict__ q, const float* __restrict__ k,
                                              const float* __restrict__ v, const float* __restrict__ key_keep,
                                              float* __restrict__ y, float* __restrict__ stats, AttentionShape a,
-                                             AttentionDropout drop) {
+                                             DropoutDraw drop) {
     __shared__ float ks[KILN_ATTN_KEYS][KILN_ATTN_MAX_DIM + 1];
     __shared__ float vs[KILN_ATTN_KEYS][KILN_ATTN_MAX_DIM + 1];
     __shared__ float qs[KILN_ATTN_QUERIES][KILN_ATTN_MAX_DIM];
@@ -176,7 +176,7 @@ extern "C" __global__ void attention_backward_query(const float* __restrict__ q,
                                                     const float* __restrict__ key_keep, const float* __restrict__ y,
                                                     const float* __restrict__ dy, const float* __restrict__ stats,
                                                     float* __restrict__ dq, float* __restrict__ delta,
-                                                    AttentionShape a, AttentionDropout drop) {
+                                                    AttentionShape a, DropoutDraw drop) {
     __shared__ float ks[KILN_ATTN_KEYS][KILN_ATTN_MAX_DIM + 1];
     __shared__ float vs[KILN_ATTN_KEYS][KILN_ATTN_MAX_DIM + 1];
     __shared__ float qs[KILN_ATTN_QUERIES][KILN_ATTN_MAX_DIM];
@@ -232,7 +232,7 @@ extern "C" __global__ void attention_backward_key_value(
     const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
     const float* __restrict__ key_keep, const float* __restrict__ dy, const float* __restrict__ stats,
     const float* __restrict__ delta, float* __restrict__ dk, float* __restrict__ dv, AttentionShape a,
-    AttentionDropout drop) {
+    DropoutDraw drop) {
     __shared__ float ks[KILN_ATTN_KEYS][KILN_ATTN_MAX_DIM + 1];
     __shared__ float vs[KILN_ATTN_KEYS][KILN_ATTN_MAX_DIM + 1];
     __shared__ float qrow[KILN_ATTN_MAX_DIM];

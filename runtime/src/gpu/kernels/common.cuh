@@ -22,6 +22,10 @@
 typedef unsigned long long u64;
 typedef unsigned int u32;
 
+// Element i of n, for every i, whatever the grid: a grid-stride loop.
+#define KILN_GRID_STRIDE(i, n) \
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (u64)gridDim.x * blockDim.x)
+
 // NVRTC has no <math.h>, so no INFINITY.
 #define KILN_INFINITY __uint_as_float(0x7f800000u)
 

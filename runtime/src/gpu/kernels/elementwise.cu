@@ -35,9 +35,6 @@ __device__ __forceinline__ float activation_derivative(float x, int kind) {
     }
 }
 
-#define KILN_GRID_STRIDE(i, n) \
-    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (u64)gridDim.x * blockDim.x)
-
 // y = x rounded to `format` (in f32).
 extern "C" __global__ void round_to_format(const float* __restrict__ x, float* __restrict__ y, u64 n, int format) {
     KILN_GRID_STRIDE(i, n) y[i] = round_to(x[i], format);
