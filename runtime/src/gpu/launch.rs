@@ -49,6 +49,16 @@ impl<T> Buffer<'_, T> {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// Elements `start..start + len` of the buffer, if it holds them.
+    pub fn range(&self, start: usize, len: usize) -> Option<Self> {
+        let end = start.checked_add(len)?;
+        (end <= self.len).then(|| Buffer {
+            address: self.address + (start * std::mem::size_of::<T>()) as u64,
+            len,
+            element: PhantomData,
+        })
+    }
 }
 
 /// An optional buffer's address as a kernel reads it: 0 for none.

@@ -22,6 +22,7 @@ pub mod nvrtc;
 #[cfg(not(feature = "cuda"))]
 pub mod parity;
 pub mod source;
+pub mod step;
 pub mod tensor_ops;
 
 #[cfg(test)]
@@ -30,6 +31,12 @@ mod emulator;
 mod tests;
 
 use std::fmt;
+
+/// A device Kiln computes on: it launches the kernels, holds their buffers and multiplies
+/// matrices (a GPU, or the host emulation in tests).
+pub trait Device: launch::Launcher + memory::Memory + gemm::Gemm {}
+
+impl<D: launch::Launcher + memory::Memory + gemm::Gemm> Device for D {}
 
 /// Why a GPU operation failed: a compile log, a driver error, buffers that do not fit a
 /// kernel.

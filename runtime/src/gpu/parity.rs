@@ -5,8 +5,8 @@
 //! exp/tanh/erf, not the CPU's vectorised approximations.
 
 use super::launch::*;
-use super::memory::{Element, Memory};
-use super::GpuError;
+use super::memory::Element;
+use super::{Device, GpuError};
 use crate::exec::kernels::testing::{probe, t1, t3, values, within};
 use crate::exec::kernels::{self, Heads, Vector};
 use crate::exec::precision::Format;
@@ -15,11 +15,6 @@ use crate::train::optim;
 use dfdx::prelude::*;
 use dfdx::tensor::Cpu;
 use kiln_compiler::spec::Optimizer;
-
-/// A device the checks run on.
-pub trait Device: Launcher + Memory {}
-
-impl<D: Launcher + Memory> Device for D {}
 
 /// A check: its name, and what differed if anything did.
 pub type Check<D> = (&'static str, fn(&D) -> Result<(), String>);
@@ -49,6 +44,18 @@ pub fn checks<D: Device>() -> Vec<Check<D>> {
         (
             "attention: heads 128 wide, prefix, padded rows, dropout",
             widest_heads_attention,
+        ),
+        (
+            "training step: GPT-2 with LoRA and dropout, f32",
+            super::step::checks::gpt2_with_lora,
+        ),
+        (
+            "training step: LLaMA (rotary, GQA, SwiGLU), bf16",
+            super::step::checks::llama_bf16,
+        ),
+        (
+            "training step: BERT masked LM with dropout, f32",
+            super::step::checks::bert_mlm,
         ),
     ]
 }

@@ -233,7 +233,7 @@ impl<L: Launcher + ?Sized> Kernels<'_, L> {
     ) -> Result<(), GpuError> {
         let RotaryShape { seq, heads, d } = shape;
         let row = seq * heads * d;
-        if d == 0 || d % 2 != 0 || row == 0 || x.len() % row != 0 {
+        if d == 0 || !d.is_multiple_of(2) || row == 0 || !x.len().is_multiple_of(row) {
             return Err(GpuError(format!(
                 "a rotary embedding over {} values in positions of {seq}, {heads} heads of width {d}",
                 x.len()
@@ -288,7 +288,7 @@ impl<L: Launcher + ?Sized> Kernels<'_, L> {
     /// out[c] += Σ over rows of x[row, c], in row order (a bias's gradient).
     pub fn column_sums(&self, x: Buffer<'_, f32>, out: Buffer<'_, f32>) -> Result<(), GpuError> {
         let width = out.len();
-        if width == 0 || x.len() % width != 0 {
+        if width == 0 || !x.len().is_multiple_of(width) {
             return Err(GpuError(format!(
                 "column sums of {} values into {width} columns",
                 x.len()
@@ -327,7 +327,7 @@ fn check_table<M: Memory + ?Sized>(
 
 /// A repeated operand covers the other a whole number of times.
 fn check_period(what: &str, period: usize, n: usize) -> Result<(), GpuError> {
-    if period == 0 || n % period != 0 {
+    if period == 0 || !n.is_multiple_of(period) {
         return Err(GpuError(format!(
             "{what} of {period} values repeated over {n}"
         )));

@@ -1,0 +1,475 @@
+//! One batch's forward and backward over the whole graph on one device, with Kiln's kernels:
+//! what `exec::forward_backward` computes on the CPU, with the same numbers up to summation
+//! order (so that the training loop can run either). The forward runs the nodes in
+//! topological order and keeps every value (as the CPU's tape does); the backward runs them in
+//! reverse, each op adding its inputs' and parameters' gradients from its output's. In bf16 or
+//! fp16 the products' operands and results, and the gradients flowing into them, are rounded
+//! where the CPU rounds them (`exec::precision`).
+//!
+//! By family, each with its forward and backward: `dense` (linear layers), `attention`
+//! (attention core and rotary embedding), `norm`, `elementwise`, `layout` (embeddings,
+//! slices, concatenations), `loss`.
+
+mod attention;
+#[cfg(not(feature = "cuda"))]
+pub(super) mod checks;
+mod dense;
+mod elementwise;
+mod layout;
+mod loss;
+mod norm;
+
+use super::gemm::Product;
+use super::launch::{Buffer, DropoutDraw, Kernels};
+use super::memory::Owned;
+use super::{Device, GpuError};
+use crate::exec::precision::Format;
+use crate::exec::{
+    dropout_scale, dropout_threshold, integer_input, Batch, ExecError, Outcome, Stats,
+};
+use crate::tensor::HostTensor;
+use kiln_compiler::graph::{Graph, Op};
+use petgraph::graph::NodeIndex;
+
+/// A tensor on the device: its values, row-major, and its shape.
+pub(super) struct Tensor<'d, D: Device> {
+    data: Owned<'d, D, f32>,
+    shape: Vec<usize>,
+}
+
+impl<'d, D: Device> Tensor<'d, D> {
+    fn zeros(d: &'d D, shape: &[usize]) -> Result<Self, GpuError> {
+        Ok(Tensor {
+            data: Owned::zeros(d, shape.iter().product())?,
+            shape: shape.to_vec(),
+        })
+    }
+
+    fn upload(d: &'d D, shape: &[usize], values: &[f32]) -> Result<Self, GpuError> {
+        Ok(Tensor {
+            data: Owned::upload(d, values)?,
+            shape: shape.to_vec(),
+        })
+    }
+
+    fn buffer(&self) -> Buffer<'_, f32> {
+        self.data.buffer()
+    }
+
+    fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    /// The last axis's extent (1 for a scalar).
+    fn width(&self) -> usize {
+        self.shape.last().copied().unwrap_or(1)
+    }
+
+    /// Rows of the last axis.
+    fn rows(&self) -> usize {
+        self.len().checked_div(self.width()).unwrap_or(0)
+    }
+}
+
+/// A node's value: a tensor on the device, a batch's integers (on the host until an op
+/// uploads what it reads), or a scalar loss (on the host: the step reports it).
+pub(super) enum Value<'d, D: Device> {
+    Tensor(Tensor<'d, D>),
+    Ints(Vec<Vec<i64>>),
+    Scalar(f32),
+}
+
+/// A node's gradient: of a tensor, or of a scalar.
+pub(super) enum Grad<'d, D: Device> {
+    Tensor(Tensor<'d, D>),
+    Scalar(f32),
+}
+
+/// Each batch row's dropout key for one node, on the device, and the mask's probability.
+pub(super) struct RowKeys<'d, D: Device> {
+    keys: Owned<'d, D, u64>,
+    threshold: u64,
+    scale: f32,
+}
+
+impl<D: Device> RowKeys<'_, D> {
+    /// The draw of elements from `offset` on in each row.
+    fn draw(&self, offset: u64) -> DropoutDraw<'_> {
+        DropoutDraw {
+            row_keys: self.keys.buffer(),
+            threshold: self.threshold,
+            offset,
+            scale: self.scale,
+        }
+    }
+}
+
+/// What a node's backward needs beyond its inputs' values and its output's gradient (each
+/// family's own).
+pub(super) enum Saved<'d, D: Device> {
+    Nothing,
+    Dense(dense::Saved<'d, D>),
+    Attention(Box<attention::Saved<'d, D>>),
+    Rotary(attention::RotaryTables<'d, D>),
+    Norm(Owned<'d, D, f32>),
+    Dropout(Option<Owned<'d, D, f32>>),
+    Rows(super::tensor_ops::RowIndex<'d, D>),
+    Loss(loss::Saved<'d, D>),
+}
+
+/// The step's state: the graph, the batch, the parameters on the device, each node's value,
+/// what its backward needs, and the gradients so far.
+pub(super) struct Step<'g, 'd, D: Device> {
+    d: &'d D,
+    g: &'g Graph,
+    batch: &'g Batch,
+    format: Format,
+    /// The parameters the graph reads, in the run's number format.
+    params: Vec<Option<Tensor<'d, D>>>,
+    values: Vec<Option<Value<'d, D>>>,
+    saved: Vec<Saved<'d, D>>,
+    grads: Vec<Option<Grad<'d, D>>>,
+    /// The trainable parameters' gradients (f32 sums).
+    param_grads: Vec<Option<Tensor<'d, D>>>,
+    /// Whether a node's gradient reaches a trainable parameter.
+    needs_grad: Vec<bool>,
+}
+
+/// Runs forward and backward for one batch over the whole graph on `d`.
+pub fn forward_backward<D: Device>(
+    d: &D,
+    g: &Graph,
+    values: &[HostTensor],
+    batch: &Batch,
+    format: Format,
+) -> Result<Outcome, ExecError> {
+    let Some(loss_node) = g.loss else {
+        return Err(ExecError("the graph has no loss".into()));
+    };
+    let mut step = Step::new(d, g, values, batch, format).map_err(gpu)?;
+    let order = g.topo_order();
+    for &n in &order {
+        let value = step
+            .forward(n)
+            .map_err(|e| ExecError(format!("{}: {}", g.dag[n].name, e.0)))?;
+        step.values[n.index()] = Some(value);
+    }
+    let loss = match &step.values[loss_node.index()] {
+        Some(Value::Scalar(loss)) => *loss,
+        _ => return Err(ExecError("the loss is not a scalar".into())),
+    };
+    if !loss.is_finite() {
+        return Err(ExecError(format!("the loss is {loss}")));
+    }
+    step.grads[loss_node.index()] = Some(Grad::Scalar(1.0));
+    for &n in order.iter().rev() {
+        if !step.needs_grad[n.index()] {
+            continue;
+        }
+        // Each gradient is complete once every reader of the node has run its backward, and
+        // is not needed after the node's own.
+        let Some(grad) = step.grads[n.index()].take() else {
+            continue;
+        };
+        step.backward(n, grad)
+            .map_err(|e| ExecError(format!("{} (backward): {}", g.dag[n].name, e.0)))?;
+    }
+    let mut grads = vec![None; g.params.len()];
+    for (id, grad) in step.param_grads.iter().enumerate() {
+        if let Some(grad) = grad {
+            grads[id] = Some(grad.data.download().map_err(gpu)?);
+        }
+    }
+    Ok(Outcome {
+        loss,
+        grads,
+        class_logits: None,
+        stats: Stats::new(),
+    })
+}
+
+fn gpu(e: GpuError) -> ExecError {
+    ExecError(e.0)
+}
+
+fn err<T>(message: impl Into<String>) -> Result<T, ExecError> {
+    Err(ExecError(message.into()))
+}
+
+impl<'g, 'd, D: Device> Step<'g, 'd, D> {
+    /// The parameters the graph reads on the device, rounded to `format` (the working copies
+    /// of the f32 masters), and zero gradients for the trainable ones.
+    fn new(
+        d: &'d D,
+        g: &'g Graph,
+        values: &[HostTensor],
+        batch: &'g Batch,
+        format: Format,
+    ) -> Result<Self, GpuError> {
+        let nodes = g.dag.node_count();
+        let mut read = vec![false; g.params.len()];
+        for n in g.dag.node_indices() {
+            for id in g.dag[n].op.params() {
+                read[id] = true;
+            }
+        }
+        let mut params = Vec::with_capacity(g.params.len());
+        let mut param_grads = Vec::with_capacity(g.params.len());
+        for (id, meta) in g.params.iter().enumerate() {
+            let host = values.get(id).filter(|v| read[id] && !v.data.is_empty());
+            let Some(host) = host else {
+                if read[id] {
+                    return Err(GpuError(format!("parameter `{}` has no values", meta.name)));
+                }
+                params.push(None);
+                param_grads.push(None);
+                continue;
+            };
+            let mut data = host.data.clone();
+            format.round_all(&mut data);
+            params.push(Some(Tensor::upload(d, &host.shape, &data)?));
+            param_grads.push(match meta.trainable {
+                true => Some(Tensor::zeros(d, &host.shape)?),
+                false => None,
+            });
+        }
+        let mut needs_grad = vec![false; nodes];
+        for n in g.topo_order() {
+            let op = &g.dag[n].op;
+            needs_grad[n.index()] = op.params().into_iter().any(|id| g.params[id].trainable)
+                || g.inputs(n).iter().any(|i| needs_grad[i.index()]);
+        }
+        Ok(Step {
+            d,
+            g,
+            batch,
+            format,
+            params,
+            values: (0..nodes).map(|_| None).collect(),
+            saved: (0..nodes).map(|_| Saved::Nothing).collect(),
+            grads: (0..nodes).map(|_| None).collect(),
+            param_grads,
+            needs_grad,
+        })
+    }
+
+    fn kernels(&self) -> Kernels<'_, D> {
+        Kernels(self.d)
+    }
+
+    /// Computes node `n`'s value, keeping what its backward needs.
+    fn forward(&mut self, n: NodeIndex) -> Result<Value<'d, D>, ExecError> {
+        let op = self.g.dag[n].op.clone();
+        match op {
+            Op::Input { .. } => Ok(Value::Ints(integer_input(self.g, n, self.batch)?)),
+            Op::Linear { .. } => dense::forward(self, n, &op),
+            Op::Attention { .. } | Op::Rotary { .. } => attention::forward(self, n, &op),
+            Op::LayerNorm { .. } | Op::RmsNorm { .. } => norm::forward(self, n, &op),
+            Op::Add
+            | Op::Mul
+            | Op::Scale { .. }
+            | Op::ScaleBy { .. }
+            | Op::Activation { .. }
+            | Op::Dropout { .. } => elementwise::forward(self, n, &op),
+            Op::Embedding { .. }
+            | Op::PositionEmbedding { .. }
+            | Op::VirtualTokens { .. }
+            | Op::Slice { .. }
+            | Op::Concat { .. } => layout::forward(self, n, &op),
+            Op::CrossEntropy { .. } | Op::WeightedSum { .. } => loss::forward(self, n, &op),
+            other => err(format!(
+                "the GPU executor does not run `{}` yet (train it on the CPU: `parallel {{ mesh = cpu(N) }}`)",
+                other.kind()
+            )),
+        }
+    }
+
+    /// Adds node `n`'s contribution to its inputs' and parameters' gradients.
+    fn backward(&mut self, n: NodeIndex, grad: Grad<'d, D>) -> Result<(), ExecError> {
+        let op = self.g.dag[n].op.clone();
+        match (&op, grad) {
+            (Op::CrossEntropy { .. } | Op::WeightedSum { .. }, Grad::Scalar(upstream)) => {
+                loss::backward(self, n, &op, upstream)
+            }
+            (_, Grad::Scalar(_)) => err("a scalar gradient of a tensor"),
+            (_, Grad::Tensor(dy)) => match op {
+                Op::Linear { .. } => dense::backward(self, n, &op, &dy),
+                Op::Attention { .. } | Op::Rotary { .. } => attention::backward(self, n, &op, &dy),
+                Op::LayerNorm { .. } | Op::RmsNorm { .. } => norm::backward(self, n, &op, &dy),
+                Op::Embedding { .. }
+                | Op::PositionEmbedding { .. }
+                | Op::VirtualTokens { .. }
+                | Op::Slice { .. }
+                | Op::Concat { .. } => layout::backward(self, n, &op, &dy),
+                _ => elementwise::backward(self, n, &op, &dy),
+            },
+        }
+    }
+
+    /// The value of node `n`'s input `slot`.
+    fn input(&self, n: NodeIndex, slot: usize) -> Result<&Value<'d, D>, ExecError> {
+        let i = self.input_node(n, slot)?;
+        self.values[i.index()]
+            .as_ref()
+            .ok_or_else(|| ExecError("input not computed".into()))
+    }
+
+    fn input_node(&self, n: NodeIndex, slot: usize) -> Result<NodeIndex, ExecError> {
+        self.g
+            .inputs(n)
+            .get(slot)
+            .copied()
+            .ok_or_else(|| ExecError(format!("no input {slot}")))
+    }
+
+    /// Node `n`'s input `slot` as a tensor.
+    fn tensor(&self, n: NodeIndex, slot: usize) -> Result<&Tensor<'d, D>, ExecError> {
+        match self.input(n, slot)? {
+            Value::Tensor(t) => Ok(t),
+            _ => err(format!("input {slot} is not a tensor")),
+        }
+    }
+
+    /// Node `n`'s input `slot` as integers.
+    fn ints(&self, n: NodeIndex, slot: usize) -> Result<&Vec<Vec<i64>>, ExecError> {
+        match self.input(n, slot)? {
+            Value::Ints(v) => Ok(v),
+            _ => err(format!("input {slot} is not the batch's integers")),
+        }
+    }
+
+    /// Parameter `id` on the device.
+    fn param(&self, id: usize) -> Result<&Tensor<'d, D>, ExecError> {
+        self.params[id].as_ref().ok_or_else(|| {
+            ExecError(format!(
+                "parameter `{}` is not on the device",
+                self.g.params[id].name
+            ))
+        })
+    }
+
+    /// The gradient of parameter `id`, when it is trained.
+    fn param_grad(&self, id: usize) -> Option<Buffer<'_, f32>> {
+        self.param_grads[id].as_ref().map(Tensor::buffer)
+    }
+
+    /// The gradient of node `n`'s input `slot`, made (zeros) if none has reached it yet;
+    /// `None` when no trainable parameter lies behind the input.
+    fn input_grad(
+        &mut self,
+        n: NodeIndex,
+        slot: usize,
+    ) -> Result<Option<Buffer<'_, f32>>, ExecError> {
+        let i = self.input_node(n, slot)?;
+        if !self.needs_grad[i.index()] {
+            return Ok(None);
+        }
+        if self.grads[i.index()].is_none() {
+            let shape = match &self.values[i.index()] {
+                Some(Value::Tensor(t)) => t.shape.clone(),
+                _ => return err(format!("input {slot} has no tensor to take a gradient of")),
+            };
+            let zeros = Tensor::zeros(self.d, &shape).map_err(gpu)?;
+            self.grads[i.index()] = Some(Grad::Tensor(zeros));
+        }
+        match &self.grads[i.index()] {
+            Some(Grad::Tensor(t)) => Ok(Some(t.buffer())),
+            _ => err(format!("input {slot}'s gradient is not a tensor")),
+        }
+    }
+
+    /// Makes sure the gradients of node `n`'s tensor inputs exist (see `input_grad`), so that
+    /// a backward can then borrow them all at once.
+    fn make_input_grads(&mut self, n: NodeIndex) -> Result<(), ExecError> {
+        for slot in 0..self.g.inputs(n).len() {
+            if matches!(self.input(n, slot)?, Value::Tensor(_)) {
+                self.input_grad(n, slot)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The gradient of input `slot`, after `make_input_grads`.
+    fn made_grad(&self, n: NodeIndex, slot: usize) -> Result<Option<Buffer<'_, f32>>, ExecError> {
+        let i = self.input_node(n, slot)?;
+        match &self.grads[i.index()] {
+            Some(Grad::Tensor(t)) => Ok(Some(t.buffer())),
+            _ if !self.needs_grad[i.index()] => Ok(None),
+            _ => err(format!("input {slot}'s gradient was not made")),
+        }
+    }
+
+    /// The keys dropout with probability `p` draws node `n`'s masks from, for a value of
+    /// `rows` batch rows (`None`: dropout is off for this batch, or `p` is zero).
+    fn dropout(
+        &self,
+        n: NodeIndex,
+        p: f64,
+        rows: usize,
+    ) -> Result<Option<RowKeys<'d, D>>, ExecError> {
+        let Some(key) = &self.batch.dropout else {
+            return Ok(None);
+        };
+        if p <= 0.0 {
+            return Ok(None);
+        }
+        if key.len() != rows {
+            return err(format!(
+                "dropout over {rows} rows with the global rows of {}",
+                key.len()
+            ));
+        }
+        let keys: Vec<u64> = key.row_keys(n).into_iter().map(|k| k.value()).collect();
+        Ok(Some(RowKeys {
+            keys: Owned::upload(self.d, &keys).map_err(gpu)?,
+            threshold: dropout_threshold(p),
+            scale: dropout_scale(p),
+        }))
+    }
+
+    /// `x` rounded to the run's number format (`None` in f32: `x` as it is).
+    fn rounded(&self, x: &Tensor<'d, D>) -> Result<Option<Tensor<'d, D>>, ExecError> {
+        if self.format == Format::F32 {
+            return Ok(None);
+        }
+        let y = Tensor::zeros(self.d, &x.shape).map_err(gpu)?;
+        self.kernels()
+            .round_to_format(x.buffer(), y.buffer(), self.format)
+            .map_err(gpu)?;
+        Ok(Some(y))
+    }
+
+    /// dx += the product's result, rounded like `add_rounded` (the product computed into
+    /// dx directly in f32).
+    fn add_rounded_product(
+        &self,
+        product: Product,
+        a: Buffer<'_, f32>,
+        b: Buffer<'_, f32>,
+        dx: Buffer<'_, f32>,
+    ) -> Result<(), ExecError> {
+        if self.format == Format::F32 {
+            return self.d.gemm(product, a, b, dx).map_err(gpu);
+        }
+        let part = Owned::<D, f32>::zeros(self.d, dx.len()).map_err(gpu)?;
+        let product = Product {
+            accumulate: false,
+            ..product
+        };
+        self.d.gemm(product, a, b, part.buffer()).map_err(gpu)?;
+        self.add_rounded(part.buffer(), dx)
+    }
+
+    /// dx += the rounded `dy` (a rounding's backward, the gradient rounded like the value);
+    /// in f32, dx += dy.
+    fn add_rounded(&self, dy: Buffer<'_, f32>, dx: Buffer<'_, f32>) -> Result<(), ExecError> {
+        let k = self.kernels();
+        if self.format == Format::F32 {
+            return k.add_scaled(dy, dx, 1.0).map_err(gpu);
+        }
+        let rounded = Owned::<D, f32>::zeros(self.d, dy.len()).map_err(gpu)?;
+        k.round_to_format(dy, rounded.buffer(), self.format)
+            .map_err(gpu)?;
+        k.add_scaled(rounded.buffer(), dx, 1.0).map_err(gpu)
+    }
+}
