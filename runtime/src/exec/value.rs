@@ -119,16 +119,21 @@ pub struct Params {
 impl Params {
     /// From host values, rounded to `format`; absent ones (held by other devices) stay absent.
     pub fn new(g: &Graph, values: &[HostTensor], format: Format) -> Result<Params, ExecError> {
-        let mut params = Params {
-            tensors: vec![None; g.params.len()],
-            format,
-        };
+        let mut params = Params::none(g, format);
         for (id, v) in values.iter().enumerate() {
             if !v.data.is_empty() {
                 params.set(g, id, v)?;
             }
         }
         Ok(params)
+    }
+
+    /// None on the device yet.
+    pub fn none(g: &Graph, format: Format) -> Params {
+        Params {
+            tensors: vec![None; g.params.len()],
+            format,
+        }
     }
 
     /// Puts parameter `id` on the device (a ZeRO-3 gather), rounded to the format.

@@ -26,10 +26,14 @@ pub mod step;
 pub mod tensor_ops;
 
 #[cfg(test)]
-mod emulator;
+pub(crate) mod emulator;
 #[cfg(all(test, not(feature = "cuda")))]
 mod tests;
 
+use crate::exec::precision::Format;
+use crate::exec::{Batch, ExecError, Outcome};
+use crate::tensor::HostTensor;
+use kiln_compiler::graph::Graph;
 use std::fmt;
 
 /// A device Kiln computes on: it launches the kernels, holds their buffers and multiplies
@@ -50,3 +54,43 @@ impl fmt::Display for GpuError {
 }
 
 impl std::error::Error for GpuError {}
+
+/// What a mesh device runs its steps on when it is not the CPU executor: a GPU, or in tests the
+/// host emulation of one.
+pub enum Accelerator {
+    Cuda(cuda::CudaDevice),
+    #[cfg(test)]
+    Emulated(&'static emulator::Emulator),
+}
+
+impl Accelerator {
+    /// One batch's forward and backward over the whole graph (`step::forward_backward`).
+    pub fn forward_backward(
+        &self,
+        g: &Graph,
+        values: &[HostTensor],
+        batch: &Batch,
+        format: Format,
+        upstream: f32,
+    ) -> Result<Outcome, ExecError> {
+        match self {
+            Accelerator::Cuda(d) => step::forward_backward(d, g, values, batch, format, upstream),
+            #[cfg(test)]
+            Accelerator::Emulated(d) => {
+                step::forward_backward(*d, g, values, batch, format, upstream)
+            }
+        }
+    }
+
+    /// The device, for reports.
+    pub fn describe(&self) -> String {
+        match self {
+            Accelerator::Cuda(d) => format!(
+                "{} (compute capability {}.{})",
+                d.name, d.capability.0, d.capability.1
+            ),
+            #[cfg(test)]
+            Accelerator::Emulated(_) => "the host emulation of a GPU".into(),
+        }
+    }
+}

@@ -15,6 +15,7 @@
 use crate::comm::world::World;
 use crate::comm::{block_shard, cpu_ring, mailboxes, Collective, CollectiveError, Mailbox};
 use crate::exec::{Batch, ExecError, Stats, STAT_NAMES};
+use crate::gpu::Accelerator;
 use crate::memory;
 use crate::parallel::placement::Placement;
 use crate::parallel::tensor_parallel::Shards;
@@ -187,6 +188,8 @@ struct Device {
     /// The most memory it has used in a step: what it holds between steps plus its thread's
     /// peak allocation during the step (zero without the counting allocator).
     peak_bytes: usize,
+    /// The GPU its microbatches' forward and backward run on (`None`: the CPU executor).
+    accelerator: Option<Accelerator>,
 }
 
 impl Device {
@@ -336,6 +339,7 @@ impl Mesh {
                     states,
                     links: Some(links),
                     peak_bytes: 0,
+                    accelerator: None,
                 }
             })
             .collect();
@@ -354,6 +358,46 @@ impl Mesh {
             pools,
             failed,
         }
+    }
+
+    /// Runs each hosted device's microbatches on `accelerators` (one per hosted device, in
+    /// order): their forward and backward, while gradient synchronisation and the optimizer
+    /// stay on the host. The GPU executor runs a device's share of the graph whole, so the
+    /// plan must give every device the whole graph: data parallelism and ZeRO 1-2, but not yet
+    /// pipeline or tensor parallelism, ZeRO-3 or recomputation.
+    pub fn accelerate(&mut self, accelerators: Vec<Accelerator>) -> Result<(), String> {
+        let p = &self.placement;
+        let unsupported = if p.grids.len() > 1 {
+            Some(format!("pipeline parallelism ({} stages)", p.grids.len()))
+        } else if p.grids.iter().any(|grid| grid.tensor.size > 1) {
+            Some("tensor parallelism".into())
+        } else if p.zero >= 3 {
+            Some("ZeRO-3".into())
+        } else if p
+            .virtual_stages
+            .iter()
+            .any(|v| v.pieces.iter().any(|piece| piece.recompute))
+        {
+            Some("activation recomputation".into())
+        } else {
+            None
+        };
+        if let Some(what) = unsupported {
+            return Err(format!(
+                "the GPU executor does not run plans with {what} yet (data parallelism and ZeRO 1-2 only)"
+            ));
+        }
+        if accelerators.len() != self.devices.len() {
+            return Err(format!(
+                "{} GPUs for the {} devices of this process",
+                accelerators.len(),
+                self.devices.len()
+            ));
+        }
+        for (device, accelerator) in self.devices.iter_mut().zip(accelerators) {
+            device.accelerator = Some(accelerator);
+        }
+        Ok(())
     }
 
     /// fp16's dynamic loss scale as it stands (to save with a checkpoint).
@@ -818,6 +862,75 @@ mod tests {
         mesh.scale_losses(Some(LossScale::starting_at(1.0)));
         let outcome = mesh.step(&graph, &train, &micros, 1e-3, 1).unwrap();
         assert!(!outcome.overflowed && outcome.grad_norm > 0.0);
+    }
+
+    /// A step whose devices run on (emulated) GPUs gives the weights a step on CPU threads
+    /// gives, dropout included: data parallelism, and ZeRO-2's reduce-scatter as the GPU's
+    /// gradients arrive.
+    #[test]
+    fn a_step_on_gpus_matches_the_step_on_the_cpu() {
+        use crate::gpu::emulator::emulator;
+        const LR: f64 = 1e-3;
+        let mut batch = labelled(2);
+        batch.dropout = Some(crate::exec::DropoutKey::new(5, 1, vec![0, 1]));
+        let micros = [batch];
+        for parallel in ["data = 2", "data = 2, zero = 2"] {
+            let (train, graph, placement, values) = tiny(parallel, "");
+            let states = vec![None; values.len()];
+            let mut cpu = Mesh::new(&graph, placement.clone(), &values, &states, &World::Alone);
+            let mut gpu = Mesh::new(&graph, placement, &values, &states, &World::Alone);
+            let gpus = (0..2).map(|_| Accelerator::Emulated(emulator())).collect();
+            gpu.accelerate(gpus).unwrap();
+            let want = cpu.step(&graph, &train, &micros, LR, 1).unwrap();
+            let got = gpu.step(&graph, &train, &micros, LR, 1).unwrap();
+            let (loss, norm) = ((got.loss, want.loss), (got.grad_norm, want.grad_norm));
+            assert!((loss.0 - loss.1).abs() < 1e-5, "{parallel}: {loss:?}");
+            assert!(
+                (norm.0 - norm.1).abs() < 1e-5 * norm.1,
+                "{parallel}: {norm:?}"
+            );
+            // Adam moves a weight by about the learning rate whatever its gradient's size, so
+            // gradients near zero (these weights are all alike) that differ in their last bits
+            // move weights differently: a weight may differ by a small part of the step.
+            let (got, want) = (gpu.values(&graph).unwrap(), cpu.values(&graph).unwrap());
+            for ((g, w), p) in got.iter().zip(&want).zip(&graph.params) {
+                let worst = g
+                    .data
+                    .iter()
+                    .zip(&w.data)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0, f32::max);
+                assert!(
+                    worst < 0.05 * LR as f32,
+                    "{parallel}: `{}` differs by {worst}",
+                    p.name
+                );
+            }
+            // The next step reads the updated weights on both.
+            let want = cpu.step(&graph, &train, &micros, LR, 2).unwrap().loss;
+            let got = gpu.step(&graph, &train, &micros, LR, 2).unwrap().loss;
+            assert!((got - want).abs() < 1e-5, "{parallel}: {got} vs {want}");
+        }
+    }
+
+    /// Plans whose devices do not hold the whole graph are refused by the GPU executor, naming
+    /// what it does not run yet.
+    #[test]
+    fn the_gpu_executor_refuses_what_it_does_not_run_yet() {
+        use crate::gpu::emulator::emulator;
+        for (parallel, what) in [
+            ("pipeline = 2", "pipeline parallelism"),
+            ("tensor = 2", "tensor parallelism"),
+            ("data = 2, zero = 3", "ZeRO-3"),
+            ("data = 2, recompute = full", "recomputation"),
+        ] {
+            let (_, graph, placement, values) = tiny(parallel, "");
+            let states = vec![None; values.len()];
+            let mut mesh = Mesh::new(&graph, placement, &values, &states, &World::Alone);
+            let gpus = (0..2).map(|_| Accelerator::Emulated(emulator())).collect();
+            let refused = mesh.accelerate(gpus).unwrap_err();
+            assert!(refused.contains(what), "{parallel}: {refused}");
+        }
     }
 
     /// A device failing alone must stop the step on every device with its own error, not

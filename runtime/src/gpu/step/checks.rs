@@ -59,7 +59,7 @@ fn compare<D: Device>(d: &D, body: &str, format: Format, tolerance: f32) -> Resu
     let params = random_params(&g);
     let batch = batch(&g);
     let want = exec::forward_backward(&g, &params, &batch, format).map_err(|e| e.0)?;
-    let got = forward_backward(d, &g, &params, &batch, format).map_err(|e| e.0)?;
+    let got = forward_backward(d, &g, &params, &batch, format, 1.0).map_err(|e| e.0)?;
     within("the loss", &[got.loss], &[want.loss], tolerance / 10.0)?;
     for (id, (got, want)) in got.grads.iter().zip(&want.grads).enumerate() {
         let name = &g.params[id].name;

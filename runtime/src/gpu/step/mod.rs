@@ -135,13 +135,16 @@ pub(super) struct Step<'g, 'd, D: Device> {
     needs_grad: Vec<bool>,
 }
 
-/// Runs forward and backward for one batch over the whole graph on `d`.
+/// Runs forward and backward for one batch over the whole graph on `d`, the backward from
+/// `upstream` as the loss's gradient (1, or fp16's loss scale). A loss that is not finite is
+/// returned without a backward (no gradients): the caller says what it means for the run.
 pub fn forward_backward<D: Device>(
     d: &D,
     g: &Graph,
     values: &[HostTensor],
     batch: &Batch,
     format: Format,
+    upstream: f32,
 ) -> Result<Outcome, ExecError> {
     let Some(loss_node) = g.loss else {
         return Err(ExecError("the graph has no loss".into()));
@@ -158,10 +161,16 @@ pub fn forward_backward<D: Device>(
         Some(Value::Scalar(loss)) => *loss,
         _ => return Err(ExecError("the loss is not a scalar".into())),
     };
+    let mut outcome = Outcome {
+        loss,
+        grads: vec![None; g.params.len()],
+        class_logits: None,
+        stats: Stats::new(),
+    };
     if !loss.is_finite() {
-        return Err(ExecError(format!("the loss is {loss}")));
+        return Ok(outcome);
     }
-    step.grads[loss_node.index()] = Some(Grad::Scalar(1.0));
+    step.grads[loss_node.index()] = Some(Grad::Scalar(upstream));
     for &n in order.iter().rev() {
         if !step.needs_grad[n.index()] {
             continue;
@@ -174,18 +183,12 @@ pub fn forward_backward<D: Device>(
         step.backward(n, grad)
             .map_err(|e| ExecError(format!("{} (backward): {}", g.dag[n].name, e.0)))?;
     }
-    let mut grads = vec![None; g.params.len()];
     for (id, grad) in step.param_grads.iter().enumerate() {
         if let Some(grad) = grad {
-            grads[id] = Some(grad.data.download().map_err(gpu)?);
+            outcome.grads[id] = Some(grad.data.download().map_err(gpu)?);
         }
     }
-    Ok(Outcome {
-        loss,
-        grads,
-        class_logits: None,
-        stats: Stats::new(),
-    })
+    Ok(outcome)
 }
 
 fn gpu(e: GpuError) -> ExecError {

@@ -77,9 +77,13 @@ impl<'c> StepContext<'c> {
             })
             .collect();
         // Its parameters as tensors on the device, shared by every piece it runs this step
-        // (kept in the thread: device tensors need not be `Send`).
-        let mut tensors =
-            Params::new(g, &device.values, Format::of(self.train.precision)).map_err(own)?;
+        // (kept in the thread: device tensors need not be `Send`). A GPU reads them from the
+        // host values itself.
+        let format = Format::of(self.train.precision);
+        let mut tensors = match device.accelerator {
+            Some(_) => Params::none(g, format),
+            None => Params::new(g, &device.values, format).map_err(own)?,
+        };
         let mut loss = 0.0f32;
         let mut stats = Stats::new();
         let mut grad_norm = 0.0;
@@ -98,6 +102,16 @@ impl<'c> StepContext<'c> {
                             .insert(n, Value::from_host(value).map_err(own)?);
                     }
                 }
+                Action::Forward { mb, .. } if device.accelerator.is_some() => {
+                    let batch = microbatch(micros, mb)?;
+                    let (l, s) = self.accelerated(device, links, batch, &mut grads)?;
+                    loss += l * self.scale;
+                    for (name, x) in s {
+                        *stats.entry(name).or_default() += x * self.scale;
+                    }
+                }
+                // The GPU ran the microbatch's backward with its forward.
+                Action::Backward { .. } if device.accelerator.is_some() => {}
                 Action::Forward { mb, chunk } => {
                     let k = self.virtual_stage(device.stage, chunk)?;
                     let batch = microbatch(micros, mb)?;
@@ -417,22 +431,7 @@ impl<'c> StepContext<'c> {
                 .backward(&upstream)
                 .map_err(|e| Failure::Own(format!("step {}: {e}", self.step_no)))?;
             let mut received = out.received;
-            for (id, mut grad) in out.params {
-                let Some(acc) = grads[id].as_mut() else {
-                    continue;
-                };
-                let share = if self.partitioned_gradients(device.stage) {
-                    // Reduced as soon as backward produces it (DeepSpeed's ZeRO-2), so that no
-                    // device keeps a whole gradient across microbatches.
-                    links.data.reduce_scatter_sum(&mut grad)?;
-                    &grad[links.data.shard(grad.len())]
-                } else {
-                    &grad[..]
-                };
-                acc.iter_mut()
-                    .zip(share)
-                    .for_each(|(a, g)| *a += g * self.scale);
-            }
+            self.add_param_grads(device, links, grads, out.params)?;
             for (n, conversion) in &piece.inputs {
                 // Every input of a piece that ran backward has a gradient (zero if nothing
                 // reached it), on every rank alike, so the collectives stay matched.
@@ -452,6 +451,63 @@ impl<'c> StepContext<'c> {
             .retain(|n, _| needs.iter().any(|(m, _)| m == n));
         entry.kept.clear();
         entry.converted.clear();
+        Ok(())
+    }
+}
+
+impl StepContext<'_> {
+    /// One microbatch's forward and backward over the whole graph on the device's GPU: its
+    /// loss and figures; the parameters' gradients added to `grads`.
+    fn accelerated(
+        &self,
+        device: &Device,
+        links: &mut Links,
+        batch: &Batch,
+        grads: &mut Grads,
+    ) -> Result<(f32, Stats), Failure> {
+        let Some(accelerator) = &device.accelerator else {
+            return Err(Failure::Own("the device has no GPU".into()));
+        };
+        let format = Format::of(self.train.precision);
+        let upstream = self.loss_scale.unwrap_or(1.0);
+        let out = accelerator
+            .forward_backward(self.g, &device.values, batch, format, upstream)
+            .map_err(|e| Failure::Own(format!("step {}: {e}", self.step_no)))?;
+        self.check_finite(out.loss)?;
+        let params = out
+            .grads
+            .into_iter()
+            .enumerate()
+            .filter_map(|(id, grad)| Some((id, grad?)))
+            .collect();
+        self.add_param_grads(device, links, grads, params)?;
+        Ok((out.loss, out.stats))
+    }
+
+    /// Adds a microbatch's parameter gradients to the step's, scaled by its share; under
+    /// ZeRO-2 each is reduce-scattered first (as soon as backward produces it, as DeepSpeed
+    /// does, so that no device keeps a whole gradient across microbatches).
+    fn add_param_grads(
+        &self,
+        device: &Device,
+        links: &mut Links,
+        grads: &mut Grads,
+        params: Vec<(usize, Vec<f32>)>,
+    ) -> Result<(), Failure> {
+        for (id, mut grad) in params {
+            let Some(acc) = grads[id].as_mut() else {
+                continue;
+            };
+            let share = if self.partitioned_gradients(device.stage) {
+                links.data.reduce_scatter_sum(&mut grad)?;
+                &grad[links.data.shard(grad.len())]
+            } else {
+                &grad[..]
+            };
+            acc.iter_mut()
+                .zip(share)
+                .for_each(|(a, g)| *a += g * self.scale);
+        }
         Ok(())
     }
 }
