@@ -500,9 +500,9 @@ fn announce_emulation(
     let device = &mesh.node.device.name;
     if devices == Devices::CpuThreads && device != "cpu" && world.speaks() {
         println!(
-            "emulating: `{}` is planned for {} {device} GPUs; each runs as a CPU thread of this machine (--emulate): the numbers the plan computes, not its speed",
+            "emulating: `{}` is planned for {}; each runs as a CPU thread of this machine (--emulate): the numbers the plan computes, not its speed",
             experiment.name,
-            mesh.devices()
+            mesh.describe_devices()
         );
     }
 }

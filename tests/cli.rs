@@ -397,6 +397,54 @@ fn a_gpu_plan_runs_only_where_asked_to_emulate() {
     );
 }
 
+/// `mesh = gpu(n)` plans for this machine's own GPUs; where the driver offers none, `kiln run`
+/// says so and what to do instead, before it reads anything.
+#[test]
+fn a_local_gpu_mesh_needs_a_gpu() {
+    let dir = std::env::temp_dir().join(format!("kiln-cli-gpu-mesh-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("gpu.kiln");
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    std::fs::write(
+        &file,
+        format!(
+            "import \"{}/quickstart.kiln\"\n\
+             experiment on_gpu = quickstart {{ parallel {{ mesh = gpu(1) }}, train {{ steps = 2 }} }}\n",
+            examples.display()
+        ),
+    )
+    .unwrap();
+    let runs = dir.join("runs");
+    let out = kiln(&[
+        "run",
+        file.to_str().unwrap(),
+        "--runs",
+        runs.to_str().unwrap(),
+    ]);
+    let planned = kiln(&["plan", file.to_str().unwrap()]);
+    let left_behind = runs.join("on_gpu").exists();
+    std::fs::remove_dir_all(&dir).ok();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if stderr.contains("training on ") {
+        // This machine has a GPU: the run went ahead.
+        return;
+    }
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("planned for a GPU of the machine it runs on")
+            && stderr.contains("NVIDIA")
+            && stderr.contains("--emulate"),
+        "{stderr}"
+    );
+    assert!(!left_behind, "a refused run left a run directory behind");
+    assert_eq!(
+        planned.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&planned.stderr)
+    );
+}
+
 /// `kiln gpu-check` compares the GPU kernels with the CPU path on a GPU; where there is none
 /// (CI) it says what it found and fails, without a panic.
 #[test]

@@ -55,7 +55,11 @@ impl Progress {
                 resumed_from,
                 total,
                 initialised,
+                gpus,
             } => {
+                for gpu in gpus.iter() {
+                    self.say(format!("training on {gpu}"));
+                }
                 if let Some(bar) = &self.bar {
                     bar.set_length(*total);
                 }

@@ -58,8 +58,18 @@ fn cluster_named(name: String, node: &Rc<Record>, n: i64, span: Span, n_span: Sp
     ))
 }
 
-/// `cpu(n)`: this machine as one node of `n` CPU devices (the stdlib's `cpu_host`).
-pub(super) fn cpu(ev: &Evaluator, args: &[Spanned], span: Span) -> Option<Value> {
+/// This machine's devices as one node: `cpu(n)`, `n` CPU devices (the prelude's
+/// `cpu_host`); `gpu(n)` or `cuda(n)`, `n` of its NVIDIA GPUs (the prelude's `gpu_host`).
+pub(super) fn local_devices(
+    ev: &Evaluator,
+    call: &str,
+    args: &[Spanned],
+    span: Span,
+) -> Option<Value> {
+    let (host_name, what) = match call {
+        "cpu" => ("cpu_host", "CPU devices in this process"),
+        _ => ("gpu_host", "GPUs of this machine"),
+    };
     let n = match args {
         [Spanned {
             value: Value::Int(n),
@@ -73,24 +83,24 @@ pub(super) fn cpu(ev: &Evaluator, args: &[Spanned], span: Span) -> Option<Value>
             span,
         }] => {
             ev.report(
-                Diagnostic::new(Code::Range, format!("`cpu({n})` has no devices"))
+                Diagnostic::new(Code::Range, format!("`{call}({n})` has no devices"))
                     .at(*span, "must be at least 1")
-                    .help("write `cpu(4)` for four CPU devices in this process"),
+                    .help(format!("write `{call}(4)` for four {what}")),
             );
             return None;
         }
         _ => {
             ev.report(
-                Diagnostic::new(Code::Type, "`cpu` takes the number of devices")
+                Diagnostic::new(Code::Type, format!("`{call}` takes the number of devices"))
                     .at(span, "expected one positive integer")
-                    .help("write `cpu(4)` for four CPU devices in this process"),
+                    .help(format!("write `{call}(4)` for four {what}")),
             );
             return None;
         }
     };
-    // The prelude's host, whatever the user's file calls `cpu_host`.
+    // The prelude's host, whatever the user's file calls `cpu_host` or `gpu_host`.
     let host = ev.program.prelude().and_then(|prelude| {
-        let def = ev.program.module(prelude).defs.get("cpu_host")?;
+        let def = ev.program.module(prelude).defs.get(host_name)?;
         ev.definition(prelude, def)
     });
     let Some(Spanned {
@@ -99,8 +109,11 @@ pub(super) fn cpu(ev: &Evaluator, args: &[Spanned], span: Span) -> Option<Value>
     }) = host
     else {
         ev.report(
-            Diagnostic::new(Code::Internal, "the prelude defines no `cpu_host` node")
-                .at(span, "needed by `cpu(n)`"),
+            Diagnostic::new(
+                Code::Internal,
+                format!("the prelude defines no `{host_name}` node"),
+            )
+            .at(span, format!("needed by `{call}(n)`")),
         );
         return None;
     };
@@ -117,7 +130,7 @@ pub(super) fn cpu(ev: &Evaluator, args: &[Spanned], span: Span) -> Option<Value>
     let node = Rc::new(Record {
         kind: RecordKind::Def {
             kind: DefKind::Node,
-            name: "cpu_host".into(),
+            name: host_name.into(),
             tag: None,
         },
         span,

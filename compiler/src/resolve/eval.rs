@@ -560,7 +560,7 @@ impl<'p> Evaluator<'p> {
             return None;
         };
         let value = match ident.name.as_str() {
-            "cpu" => builtins::cpu(self, &args, span)?,
+            call @ ("cpu" | "gpu" | "cuda") => builtins::local_devices(self, call, &args, span)?,
             "hf" => builtins::hf(self, &args, env, span)?,
             "peft" => builtins::peft(self, &args, env, span)?,
             _ => Value::Call {

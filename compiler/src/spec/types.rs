@@ -428,6 +428,20 @@ impl Cluster {
     pub fn devices(&self) -> u64 {
         self.nodes.saturating_mul(self.node.devices)
     }
+
+    /// Its devices as a person names them: "8 h100 GPUs", "4 CPU devices", "a GPU of the
+    /// machine it runs on" (`gpu(1)`).
+    pub fn describe_devices(&self) -> String {
+        let n = self.devices();
+        match (self.node.device.name.as_str(), n) {
+            ("cpu", 1) => "a CPU device".into(),
+            ("cpu", n) => format!("{n} CPU devices"),
+            ("gpu", 1) => "a GPU of the machine it runs on".into(),
+            ("gpu", n) => format!("{n} GPUs of the machine it runs on"),
+            (device, 1) => format!("a {device} GPU"),
+            (device, n) => format!("{n} {device} GPUs"),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]

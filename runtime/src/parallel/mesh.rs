@@ -362,31 +362,9 @@ impl Mesh {
 
     /// Runs each hosted device's microbatches on `accelerators` (one per hosted device, in
     /// order): their forward and backward, while gradient synchronisation and the optimizer
-    /// stay on the host. The GPU executor runs a device's share of the graph whole, so the
-    /// plan must give every device the whole graph: data parallelism and ZeRO 1-2, but not yet
-    /// pipeline or tensor parallelism, ZeRO-3 or recomputation.
+    /// stay on the host (`Placement::gpu_executable` says which plans).
     pub fn accelerate(&mut self, accelerators: Vec<Accelerator>) -> Result<(), String> {
-        let p = &self.placement;
-        let unsupported = if p.grids.len() > 1 {
-            Some(format!("pipeline parallelism ({} stages)", p.grids.len()))
-        } else if p.grids.iter().any(|grid| grid.tensor.size > 1) {
-            Some("tensor parallelism".into())
-        } else if p.zero >= 3 {
-            Some("ZeRO-3".into())
-        } else if p
-            .virtual_stages
-            .iter()
-            .any(|v| v.pieces.iter().any(|piece| piece.recompute))
-        {
-            Some("activation recomputation".into())
-        } else {
-            None
-        };
-        if let Some(what) = unsupported {
-            return Err(format!(
-                "the GPU executor does not run plans with {what} yet (data parallelism and ZeRO 1-2 only)"
-            ));
-        }
+        self.placement.gpu_executable()?;
         if accelerators.len() != self.devices.len() {
             return Err(format!(
                 "{} GPUs for the {} devices of this process",

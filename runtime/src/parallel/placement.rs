@@ -257,6 +257,36 @@ impl Placement {
             .unwrap_or(0)
     }
 
+    /// Whether the GPU executor runs this plan: it runs a device's share of the graph whole,
+    /// so every device must hold the whole graph (data parallelism and ZeRO 1-2), not yet
+    /// pipeline or tensor parallelism, ZeRO-3 or recomputation.
+    pub fn gpu_executable(&self) -> Result<(), String> {
+        let unsupported = if self.grids.len() > 1 {
+            Some(format!(
+                "pipeline parallelism ({} stages)",
+                self.grids.len()
+            ))
+        } else if self.grids.iter().any(|grid| grid.tensor.size > 1) {
+            Some("tensor parallelism".into())
+        } else if self.zero >= 3 {
+            Some("ZeRO-3".into())
+        } else if self
+            .virtual_stages
+            .iter()
+            .any(|v| v.pieces.iter().any(|piece| piece.recompute))
+        {
+            Some("activation recomputation".into())
+        } else {
+            None
+        };
+        match unsupported {
+            Some(what) => Err(format!(
+                "the GPU executor does not run plans with {what} yet (data parallelism and ZeRO 1-2 only)"
+            )),
+            None => Ok(()),
+        }
+    }
+
     /// The virtual stage that is chunk `chunk` of `stage`.
     pub fn virtual_stage(&self, stage: usize, chunk: usize) -> Option<usize> {
         self.virtual_stages

@@ -80,8 +80,8 @@ pub enum Start {
 /// Which devices execute a plan.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Devices {
-    /// The ones it is planned for: this machine's CPU threads for a `cpu(N)` mesh. A plan for
-    /// GPUs is refused, naming the GPUs this machine has (Kiln does not execute on GPUs yet).
+    /// The ones it is planned for: this machine's CPU threads for a `cpu(N)` mesh, its GPUs
+    /// for a plan for GPUs (refused, naming the GPUs it has, when it has too few).
     Planned,
     /// CPU threads, one per planned device, whatever the mesh (`--emulate`): the numbers the
     /// plan computes, not its devices' speed.
@@ -97,6 +97,8 @@ pub enum Event<'a> {
         resumed_from: Option<u64>,
         total: u64,
         initialised: &'a [String],
+        /// The GPUs it trains on (none: CPU threads).
+        gpus: &'a [String],
     },
     Step(&'a StepReport),
     Evaluated {

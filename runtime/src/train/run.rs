@@ -3,10 +3,12 @@
 //! (batches of the objective's examples, or PPO's rollouts), the learning-rate schedule,
 //! metrics, evaluation, checkpoints and the loss curve.
 
+use crate::comm::launch::Launch;
 use crate::comm::world::World;
 use crate::data::{load_tokenizer, task_data, Example, Feed, Source};
 use crate::exec::precision::Format;
 use crate::exec::DropoutKey;
+use crate::gpu::{self, cuda::CudaDevice, Accelerator};
 use crate::host::gpus::Gpus;
 use crate::parallel::mesh::{Mesh, StepOutcome};
 use crate::parallel::placement::Placement;
@@ -45,10 +47,7 @@ fn plot_run(name: &str, run_dir: &Path) -> Result<(), RunError> {
 /// cannot execute it on, for another number of processes, or does not fit this machine's memory.
 fn placement(program: &Program, world: &World, devices: Devices) -> Result<Placement, RunError> {
     let e = &program.experiment;
-    let device = &e.parallel.mesh.node.device.name;
-    if device != "cpu" && devices == Devices::Planned {
-        return Err(RunError(gpu_refusal(e, &crate::host::gpus::probe())));
-    }
+    let on_cpu = e.parallel.mesh.node.device.name == "cpu" || devices == Devices::CpuThreads;
     let batch = e.train.batch as usize;
     let placement = Placement::from_plan(&program.graph, &program.plan)
         .map_err(|err| RunError(format!("the plan: {}", err.0)))?;
@@ -63,7 +62,10 @@ fn placement(program: &Program, world: &World, devices: Devices) -> Result<Place
             world.size()
         )));
     }
-    check_host_memory(&placement, world)?;
+    // A GPU's memory is checked when it is opened (`open_gpus`).
+    if on_cpu {
+        check_host_memory(&placement, world)?;
+    }
     let (rows, microbatches) = (placement.rows_per_microbatch, placement.microbatches);
     if rows * microbatches != batch {
         return Err(RunError(format!(
@@ -73,23 +75,72 @@ fn placement(program: &Program, world: &World, devices: Devices) -> Result<Place
     Ok(placement)
 }
 
-/// Why a plan for GPUs does not run here, with what the driver said of this machine's GPUs and
-/// what the user can do instead.
-fn gpu_refusal(e: &Experiment, found: &Gpus) -> String {
-    let (n, device) = (e.parallel.mesh.devices(), &e.parallel.mesh.node.device.name);
-    let instead = format!(
-        "`--emulate` trains it on {n} CPU threads of this machine (the numbers the plan computes, not its speed), `kiln plan` shows the plan, and `parallel {{ mesh = cpu(N) }}` plans for this CPU"
-    );
-    match found {
-        Gpus::Found { gpus, .. } if !gpus.is_empty() => format!(
-            "`{}` is planned for {n} {device} GPUs and this machine has {found}, but this Kiln does not execute on GPUs yet: {instead}",
-            e.name
-        ),
-        _ => format!(
-            "`{}` is planned for {n} {device} GPUs and this machine has {found}: {instead}",
-            e.name
-        ),
+/// The GPUs a plan for GPUs trains on: one per device this process hosts (in an MPI job, the
+/// GPU of its local rank), each with Kiln's kernels compiled for it; `None` when the run is on
+/// CPU threads (a `cpu(N)` plan, or `--emulate`). Refused before anything is read when this
+/// machine cannot run it: too few GPUs (named), a plan or graph the GPU executor does not run
+/// yet, or a GPU, NVRTC or cuBLAS that does not load.
+fn open_gpus(
+    program: &Program,
+    world: &World,
+    devices: Devices,
+    placement: &Placement,
+) -> Result<Option<Vec<Accelerator>>, RunError> {
+    let e = &program.experiment;
+    if e.parallel.mesh.node.device.name == "cpu" || devices == Devices::CpuThreads {
+        return Ok(None);
     }
+    let found = crate::host::gpus::probe();
+    let visible = match &found {
+        Gpus::Found { gpus, .. } => gpus.len(),
+        Gpus::Unusable(_) => 0,
+    };
+    let ordinals: Vec<usize> = match world.size() {
+        1 => (0..placement.devices()).collect(),
+        _ => vec![Launch::from_env().map_or(0, |launch| launch.local_rank)],
+    };
+    let instead = "`--emulate` trains it on CPU threads of this machine (the numbers the plan computes, not its speed), `kiln plan` shows the plan, and `parallel { mesh = cpu(N) }` plans for this CPU";
+    let planned = e.parallel.mesh.describe_devices();
+    if ordinals.iter().any(|&i| i >= visible) {
+        return Err(RunError(format!(
+            "`{}` is planned for {planned} ({} in this process) and this machine has {found}: {instead}",
+            e.name,
+            ordinals.len()
+        )));
+    }
+    if let Err(why) = placement
+        .gpu_executable()
+        .and_then(|()| gpu::step::executable(&program.graph))
+    {
+        return Err(RunError(format!(
+            "`{}` is planned for GPUs, but {why}: {instead}",
+            e.name
+        )));
+    }
+    if let Gpus::Found { gpus, .. } = &found {
+        for &i in &ordinals {
+            let needed = placement.memory.first().map_or(0.0, |m| m.total);
+            if needed > gpus[i].memory_bytes as f64 {
+                const GIB: f64 = (1u64 << 30) as f64;
+                return Err(RunError(format!(
+                    "`{}` needs {:.1} GiB on each GPU and GPU {i} ({}) has {:.1} GiB; `kiln plan` shows where the memory goes (shrink the model, batch, micro_batch or seq_len, or add data parallelism with ZeRO)",
+                    e.name,
+                    needed / GIB,
+                    gpus[i].name,
+                    gpus[i].memory_bytes as f64 / GIB
+                )));
+            }
+        }
+    }
+    ordinals
+        .into_iter()
+        .map(|i| {
+            CudaDevice::open(i)
+                .map(Accelerator::Cuda)
+                .map_err(|err| RunError(format!("GPU {i}: {err}")))
+        })
+        .collect::<Result<_, _>>()
+        .map(Some)
 }
 
 /// The plan's memory over the devices this process hosts (all of them, or in an MPI job its
@@ -170,6 +221,8 @@ pub fn run(
     let (e, graph) = (&program.experiment, &program.graph);
     // Before anything is read or allocated: the plan must be runnable here and fit.
     let placement = placement(program, world, devices)?;
+    let gpus = open_gpus(program, world, devices, &placement)?;
+    let on: Vec<String> = gpus.iter().flatten().map(Accelerator::describe).collect();
     let run = runs.join(&e.name);
     let run_dir = match world.speaks() {
         true => Some(RunDir::lock(runs, &e.name)?),
@@ -290,6 +343,9 @@ pub fn run(
     let tokens_before = progress.tokens;
     let mut mesh = Mesh::new(graph, placement, &values, &states, world);
     drop(values);
+    if let Some(gpus) = gpus {
+        mesh.accelerate(gpus).map_err(RunError)?;
+    }
     if Format::of(e.train.precision) == Format::F16 {
         progress.loss_scale = Some(progress.loss_scale.take().unwrap_or_default());
         mesh.scale_losses(progress.loss_scale.clone());
@@ -306,6 +362,7 @@ pub fn run(
         resumed_from,
         total,
         initialised: &initialised,
+        gpus: &on,
     });
     while progress.step < total && matches!(control, Control::Continue) {
         let s = progress.step;

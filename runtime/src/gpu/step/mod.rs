@@ -28,7 +28,7 @@ use crate::exec::{
     dropout_scale, dropout_threshold, integer_input, Batch, ExecError, Outcome, Stats,
 };
 use crate::tensor::HostTensor;
-use kiln_compiler::graph::{Graph, Op};
+use kiln_compiler::graph::{Act, Graph, InputKind, Op};
 use petgraph::graph::NodeIndex;
 
 /// A tensor on the device: its values, row-major, and its shape.
@@ -191,6 +191,61 @@ pub fn forward_backward<D: Device>(
     Ok(outcome)
 }
 
+/// The module that computes an op, forward and backward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Family {
+    Input,
+    Dense,
+    Attention,
+    Norm,
+    Elementwise,
+    Layout,
+    Loss,
+}
+
+/// The family of `op`, or why the GPU executor does not run it yet.
+fn family(op: &Op) -> Result<Family, String> {
+    Ok(match op {
+        Op::Input { kind } if *kind != InputKind::Rollout => Family::Input,
+        Op::Linear { .. } => Family::Dense,
+        Op::Attention { .. } | Op::Rotary { .. } => Family::Attention,
+        Op::LayerNorm { .. } | Op::RmsNorm { .. } => Family::Norm,
+        Op::Activation {
+            act: Act::Relu | Act::Tanh,
+        } => {
+            return Err(
+                "the GPU executor has no ReLU or tanh kernel yet (GELU and SiLU only)".into(),
+            )
+        }
+        Op::Add
+        | Op::Mul
+        | Op::Scale { .. }
+        | Op::ScaleBy { .. }
+        | Op::Activation { .. }
+        | Op::Dropout { .. } => Family::Elementwise,
+        Op::Embedding { .. }
+        | Op::PositionEmbedding { .. }
+        | Op::VirtualTokens { .. }
+        | Op::Slice { .. }
+        | Op::Concat { .. } => Family::Layout,
+        Op::CrossEntropy { .. } | Op::WeightedSum { .. } => Family::Loss,
+        other => {
+            return Err(format!(
+                "the GPU executor does not run `{}` yet",
+                other.kind()
+            ))
+        }
+    })
+}
+
+/// Whether the GPU executor runs every op of `g` (else, the first it does not, by name).
+pub fn executable(g: &Graph) -> Result<(), String> {
+    for n in g.topo_order() {
+        family(&g.dag[n].op).map_err(|why| format!("{} (`{}`)", why, g.dag[n].name))?;
+    }
+    Ok(())
+}
+
 fn gpu(e: GpuError) -> ExecError {
     ExecError(e.0)
 }
@@ -263,49 +318,29 @@ impl<'g, 'd, D: Device> Step<'g, 'd, D> {
     /// Computes node `n`'s value, keeping what its backward needs.
     fn forward(&mut self, n: NodeIndex) -> Result<Value<'d, D>, ExecError> {
         let op = self.g.dag[n].op.clone();
-        match op {
-            Op::Input { .. } => Ok(Value::Ints(integer_input(self.g, n, self.batch)?)),
-            Op::Linear { .. } => dense::forward(self, n, &op),
-            Op::Attention { .. } | Op::Rotary { .. } => attention::forward(self, n, &op),
-            Op::LayerNorm { .. } | Op::RmsNorm { .. } => norm::forward(self, n, &op),
-            Op::Add
-            | Op::Mul
-            | Op::Scale { .. }
-            | Op::ScaleBy { .. }
-            | Op::Activation { .. }
-            | Op::Dropout { .. } => elementwise::forward(self, n, &op),
-            Op::Embedding { .. }
-            | Op::PositionEmbedding { .. }
-            | Op::VirtualTokens { .. }
-            | Op::Slice { .. }
-            | Op::Concat { .. } => layout::forward(self, n, &op),
-            Op::CrossEntropy { .. } | Op::WeightedSum { .. } => loss::forward(self, n, &op),
-            other => err(format!(
-                "the GPU executor does not run `{}` yet (train it on the CPU: `parallel {{ mesh = cpu(N) }}`)",
-                other.kind()
-            )),
+        match family(&op).map_err(ExecError)? {
+            Family::Input => Ok(Value::Ints(integer_input(self.g, n, self.batch)?)),
+            Family::Dense => dense::forward(self, n, &op),
+            Family::Attention => attention::forward(self, n, &op),
+            Family::Norm => norm::forward(self, n, &op),
+            Family::Elementwise => elementwise::forward(self, n, &op),
+            Family::Layout => layout::forward(self, n, &op),
+            Family::Loss => loss::forward(self, n, &op),
         }
     }
 
     /// Adds node `n`'s contribution to its inputs' and parameters' gradients.
     fn backward(&mut self, n: NodeIndex, grad: Grad<'d, D>) -> Result<(), ExecError> {
         let op = self.g.dag[n].op.clone();
-        match (&op, grad) {
-            (Op::CrossEntropy { .. } | Op::WeightedSum { .. }, Grad::Scalar(upstream)) => {
-                loss::backward(self, n, &op, upstream)
-            }
-            (_, Grad::Scalar(_)) => err("a scalar gradient of a tensor"),
-            (_, Grad::Tensor(dy)) => match op {
-                Op::Linear { .. } => dense::backward(self, n, &op, &dy),
-                Op::Attention { .. } | Op::Rotary { .. } => attention::backward(self, n, &op, &dy),
-                Op::LayerNorm { .. } | Op::RmsNorm { .. } => norm::backward(self, n, &op, &dy),
-                Op::Embedding { .. }
-                | Op::PositionEmbedding { .. }
-                | Op::VirtualTokens { .. }
-                | Op::Slice { .. }
-                | Op::Concat { .. } => layout::backward(self, n, &op, &dy),
-                _ => elementwise::backward(self, n, &op, &dy),
-            },
+        match (family(&op).map_err(ExecError)?, grad) {
+            (Family::Loss, Grad::Scalar(upstream)) => loss::backward(self, n, &op, upstream),
+            (Family::Input, _) => Ok(()),
+            (_, Grad::Scalar(_)) | (Family::Loss, _) => err("a gradient of the wrong kind"),
+            (Family::Dense, Grad::Tensor(dy)) => dense::backward(self, n, &op, &dy),
+            (Family::Attention, Grad::Tensor(dy)) => attention::backward(self, n, &op, &dy),
+            (Family::Norm, Grad::Tensor(dy)) => norm::backward(self, n, &op, &dy),
+            (Family::Elementwise, Grad::Tensor(dy)) => elementwise::backward(self, n, &op, &dy),
+            (Family::Layout, Grad::Tensor(dy)) => layout::backward(self, n, &op, &dy),
         }
     }
 
