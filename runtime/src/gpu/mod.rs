@@ -31,7 +31,7 @@ pub(crate) mod emulator;
 mod tests;
 
 use crate::exec::precision::Format;
-use crate::exec::{Batch, ExecError, Outcome};
+use crate::exec::{Batch, ExecError};
 use crate::tensor::HostTensor;
 use kiln_compiler::graph::Graph;
 use std::fmt;
@@ -64,20 +64,21 @@ pub enum Accelerator {
 }
 
 impl Accelerator {
-    /// One batch's forward and backward over the whole graph (`step::forward_backward`).
+    /// Microbatches' forward and backward over the whole graph, their gradients summed
+    /// (`step::forward_backward`).
     pub fn forward_backward(
         &self,
         g: &Graph,
         values: &[HostTensor],
-        batch: &Batch,
+        batches: &[Batch],
         format: Format,
         upstream: f32,
-    ) -> Result<Outcome, ExecError> {
+    ) -> Result<step::Microbatches, ExecError> {
         match self {
-            Accelerator::Cuda(d) => step::forward_backward(d, g, values, batch, format, upstream),
+            Accelerator::Cuda(d) => step::forward_backward(d, g, values, batches, format, upstream),
             #[cfg(test)]
             Accelerator::Emulated(d) => {
-                step::forward_backward(*d, g, values, batch, format, upstream)
+                step::forward_backward(*d, g, values, batches, format, upstream)
             }
         }
     }

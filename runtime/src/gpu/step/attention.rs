@@ -32,7 +32,7 @@ pub(in crate::gpu) struct RotaryTables<'d, D: Device> {
 }
 
 pub(super) fn forward<'d, D: Device>(
-    step: &mut Step<'_, 'd, D>,
+    step: &mut Step<'_, '_, 'd, D>,
     n: NodeIndex,
     op: &Op,
 ) -> Result<Value<'d, D>, ExecError> {
@@ -134,7 +134,7 @@ pub(super) fn forward<'d, D: Device>(
 /// covers the last keys (the real tokens; keys before them, prefixes and virtual tokens, are
 /// always visible); `None` without a mask.
 fn key_keep<D: Device>(
-    step: &Step<'_, '_, D>,
+    step: &Step<'_, '_, '_, D>,
     b: usize,
     skv: usize,
 ) -> Result<Option<Vec<f32>>, ExecError> {
@@ -157,7 +157,7 @@ fn key_keep<D: Device>(
 }
 
 fn rotary_tables<'d, D: Device>(
-    step: &Step<'_, 'd, D>,
+    step: &Step<'_, '_, 'd, D>,
     x: &Tensor<'_, D>,
     theta: f64,
     d: usize,
@@ -193,7 +193,7 @@ fn rotary_tables<'d, D: Device>(
 }
 
 pub(super) fn backward<D: Device>(
-    step: &mut Step<'_, '_, D>,
+    step: &mut Step<'_, '_, '_, D>,
     n: NodeIndex,
     op: &Op,
     dy: &Tensor<'_, D>,

@@ -1,5 +1,6 @@
 //! The training step on a device against the CPU executor (`exec::forward_backward`), on tiny
-//! models of each family with random weights: the loss and every parameter's gradient. Run
+//! models of each family with random weights: two microbatches' losses and every parameter's
+//! gradient summed over them. Run
 //! under the host emulation in the tests and on a GPU by `kiln gpu-check`.
 
 use super::forward_backward;
@@ -57,11 +58,24 @@ fn compare<D: Device>(d: &D, body: &str, format: Format, tolerance: f32) -> Resu
     let g = compile_graph(&checked.module.experiments[0].value)
         .map_err(|e| format!("{:?}", e.items))?;
     let params = random_params(&g);
-    let batch = batch(&g);
-    let want = exec::forward_backward(&g, &params, &batch, format).map_err(|e| e.0)?;
-    let got = forward_backward(d, &g, &params, &batch, format, 1.0).map_err(|e| e.0)?;
-    within("the loss", &[got.loss], &[want.loss], tolerance / 10.0)?;
-    for (id, (got, want)) in got.grads.iter().zip(&want.grads).enumerate() {
+    // Two microbatches, their gradients summed on the device: the second draws other dropout
+    // masks.
+    let batches = [batch(&g, 3), batch(&g, 4)];
+    let got = forward_backward(d, &g, &params, &batches, format, 1.0).map_err(|e| e.0)?;
+    let mut want_losses = Vec::new();
+    let mut want_grads: Vec<Option<Vec<f32>>> = vec![None; g.params.len()];
+    for b in &batches {
+        let out = exec::forward_backward(&g, &params, b, format).map_err(|e| e.0)?;
+        want_losses.push(out.loss);
+        for (sum, grad) in want_grads.iter_mut().zip(out.grads) {
+            *sum = match (sum.take(), grad) {
+                (Some(sum), Some(grad)) => Some(sum.iter().zip(grad).map(|(a, b)| a + b).collect()),
+                (sum, grad) => sum.or(grad),
+            };
+        }
+    }
+    within("the losses", &got.losses, &want_losses, tolerance / 10.0)?;
+    for (id, (got, want)) in got.grads.iter().zip(&want_grads).enumerate() {
         let name = &g.params[id].name;
         match (got, want) {
             (Some(got), Some(want)) => {
@@ -100,8 +114,9 @@ fn random_params(g: &Graph) -> Vec<HostTensor> {
 }
 
 /// Token ids, a left-padded last row (its padding unlabelled), labels for every objective the
-/// checks use (masked-LM ones at every third position), token types, and dropout's key.
-fn batch(g: &Graph) -> Batch {
+/// checks use (masked-LM ones at every third position), token types, and dropout's key (of
+/// training step `step`).
+fn batch(g: &Graph, step: u64) -> Batch {
     let vocab = g.params.first().map_or(2, |p| param_shape(p)[0]).max(2) as i64;
     let padding = 3;
     let padded = |r: usize, j: usize| r == BATCH - 1 && j < padding;
@@ -140,6 +155,6 @@ fn batch(g: &Graph) -> Batch {
             .map(|r| (0..SEQ).map(|j| i64::from(!padded(r, j))).collect())
             .collect(),
     );
-    b.dropout = Some(DropoutKey::new(11, 3, (0..BATCH as u64).collect()));
+    b.dropout = Some(DropoutKey::new(11, step, (0..BATCH as u64).collect()));
     b
 }

@@ -47,7 +47,7 @@ impl Geometry {
 }
 
 fn geometry<D: Device>(
-    step: &Step<'_, '_, D>,
+    step: &Step<'_, '_, '_, D>,
     n: NodeIndex,
     op: &Op,
 ) -> Result<Geometry, ExecError> {
@@ -84,7 +84,7 @@ fn geometry<D: Device>(
 }
 
 pub(super) fn forward<'d, D: Device>(
-    step: &mut Step<'_, 'd, D>,
+    step: &mut Step<'_, '_, 'd, D>,
     n: NodeIndex,
     op: &Op,
 ) -> Result<Value<'d, D>, ExecError> {
@@ -131,7 +131,7 @@ pub(super) fn forward<'d, D: Device>(
 }
 
 pub(super) fn backward<D: Device>(
-    step: &mut Step<'_, '_, D>,
+    step: &mut Step<'_, '_, '_, D>,
     n: NodeIndex,
     op: &Op,
     dy: &Tensor<'_, D>,

@@ -20,7 +20,7 @@ fn kernel(act: Act) -> Result<Activation, ExecError> {
 }
 
 pub(super) fn forward<'d, D: Device>(
-    step: &mut Step<'_, 'd, D>,
+    step: &mut Step<'_, '_, 'd, D>,
     n: NodeIndex,
     op: &Op,
 ) -> Result<Value<'d, D>, ExecError> {
@@ -79,7 +79,7 @@ pub(super) fn forward<'d, D: Device>(
 }
 
 pub(super) fn backward<D: Device>(
-    step: &mut Step<'_, '_, D>,
+    step: &mut Step<'_, '_, '_, D>,
     n: NodeIndex,
     op: &Op,
     dy: &Tensor<'_, D>,

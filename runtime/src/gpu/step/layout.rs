@@ -10,7 +10,7 @@ use kiln_compiler::graph::Op;
 use petgraph::graph::NodeIndex;
 
 pub(super) fn forward<'d, D: Device>(
-    step: &mut Step<'_, 'd, D>,
+    step: &mut Step<'_, '_, 'd, D>,
     n: NodeIndex,
     op: &Op,
 ) -> Result<Value<'d, D>, ExecError> {
@@ -85,7 +85,7 @@ pub(super) fn forward<'d, D: Device>(
 
 /// Rows `ids` of parameter `table`, as a tensor of `shape` + [width].
 fn lookup<'d, D: Device>(
-    step: &mut Step<'_, 'd, D>,
+    step: &mut Step<'_, '_, 'd, D>,
     n: NodeIndex,
     table: usize,
     ids: &[i64],
@@ -109,7 +109,7 @@ fn lookup<'d, D: Device>(
 /// Where each input of a concatenation along `axis` lies in the output: the axes before it
 /// are rows, each input's rest a range of columns of the output's row.
 fn concat_pieces<D: Device>(
-    step: &Step<'_, '_, D>,
+    step: &Step<'_, '_, '_, D>,
     n: NodeIndex,
     axis: usize,
 ) -> Result<Vec<Columns>, ExecError> {
@@ -161,7 +161,7 @@ fn reversed(c: Columns) -> Columns {
 }
 
 pub(super) fn backward<D: Device>(
-    step: &mut Step<'_, '_, D>,
+    step: &mut Step<'_, '_, '_, D>,
     n: NodeIndex,
     op: &Op,
     dy: &Tensor<'_, D>,

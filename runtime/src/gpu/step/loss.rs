@@ -23,7 +23,7 @@ pub(in crate::gpu) struct Saved<'d, D: Device> {
 }
 
 pub(super) fn forward<'d, D: Device>(
-    step: &mut Step<'_, 'd, D>,
+    step: &mut Step<'_, '_, 'd, D>,
     n: NodeIndex,
     op: &Op,
 ) -> Result<Value<'d, D>, ExecError> {
@@ -109,7 +109,7 @@ pub(super) fn forward<'d, D: Device>(
 
 /// The loss's contribution to its inputs' gradients, `upstream` the gradient of the loss.
 pub(super) fn backward<D: Device>(
-    step: &mut Step<'_, '_, D>,
+    step: &mut Step<'_, '_, '_, D>,
     n: NodeIndex,
     op: &Op,
     upstream: f32,

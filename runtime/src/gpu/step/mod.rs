@@ -24,9 +24,7 @@ use super::launch::{Buffer, DropoutDraw, Kernels};
 use super::memory::Owned;
 use super::{Device, GpuError};
 use crate::exec::precision::Format;
-use crate::exec::{
-    dropout_scale, dropout_threshold, integer_input, Batch, ExecError, Outcome, Stats,
-};
+use crate::exec::{dropout_scale, dropout_threshold, integer_input, Batch, ExecError};
 use crate::tensor::HostTensor;
 use kiln_compiler::graph::{Act, Graph, InputKind, Op};
 use petgraph::graph::NodeIndex;
@@ -117,78 +115,101 @@ pub(super) enum Saved<'d, D: Device> {
     Loss(loss::Saved<'d, D>),
 }
 
-/// The step's state: the graph, the batch, the parameters on the device, each node's value,
-/// what its backward needs, and the gradients so far.
-pub(super) struct Step<'g, 'd, D: Device> {
+/// The parameters on the device for a step's microbatches: those the graph reads, in the
+/// run's number format (the working copies of the f32 masters), and the trainable ones'
+/// gradients, summed over the microbatches in f32.
+struct Weights<'d, D: Device> {
+    params: Vec<Option<Tensor<'d, D>>>,
+    grads: Vec<Option<Tensor<'d, D>>>,
+}
+
+impl<'d, D: Device> Weights<'d, D> {
+    fn upload(
+        d: &'d D,
+        g: &Graph,
+        values: &[HostTensor],
+        format: Format,
+    ) -> Result<Self, GpuError> {
+        let mut read = vec![false; g.params.len()];
+        for n in g.dag.node_indices() {
+            for id in g.dag[n].op.params() {
+                read[id] = true;
+            }
+        }
+        let mut params = Vec::with_capacity(g.params.len());
+        let mut grads = Vec::with_capacity(g.params.len());
+        for (id, meta) in g.params.iter().enumerate() {
+            let host = values.get(id).filter(|v| read[id] && !v.data.is_empty());
+            let Some(host) = host else {
+                if read[id] {
+                    return Err(GpuError(format!("parameter `{}` has no values", meta.name)));
+                }
+                params.push(None);
+                grads.push(None);
+                continue;
+            };
+            let mut data = host.data.clone();
+            format.round_all(&mut data);
+            params.push(Some(Tensor::upload(d, &host.shape, &data)?));
+            grads.push(match meta.trainable {
+                true => Some(Tensor::zeros(d, &host.shape)?),
+                false => None,
+            });
+        }
+        Ok(Weights { params, grads })
+    }
+}
+
+/// One microbatch's state: the graph, the batch, the weights on the device, each node's
+/// value, what its backward needs, and the gradients so far.
+pub(super) struct Step<'g, 'w, 'd, D: Device> {
     d: &'d D,
     g: &'g Graph,
     batch: &'g Batch,
     format: Format,
-    /// The parameters the graph reads, in the run's number format.
-    params: Vec<Option<Tensor<'d, D>>>,
+    weights: &'w Weights<'d, D>,
     values: Vec<Option<Value<'d, D>>>,
     saved: Vec<Saved<'d, D>>,
     grads: Vec<Option<Grad<'d, D>>>,
-    /// The trainable parameters' gradients (f32 sums).
-    param_grads: Vec<Option<Tensor<'d, D>>>,
     /// Whether a node's gradient reaches a trainable parameter.
     needs_grad: Vec<bool>,
 }
 
-/// Runs forward and backward for one batch over the whole graph on `d`, the backward from
-/// `upstream` as the loss's gradient (1, or fp16's loss scale). A loss that is not finite is
-/// returned without a backward (no gradients): the caller says what it means for the run.
+/// What a step's microbatches computed: each one's loss, in order (the last not finite where
+/// they stopped), and the parameters' gradients summed over them.
+pub struct Microbatches {
+    pub losses: Vec<f32>,
+    pub grads: Vec<Option<Vec<f32>>>,
+}
+
+/// Runs forward and backward of each of `batches` in turn over the whole graph on `d`, the
+/// parameters uploaded once and their gradients summed on the device, each backward from
+/// `upstream` as the loss's gradient (1, or fp16's loss scale). Stops at a loss that is not
+/// finite, without its backward: the caller says what it means for the run.
 pub fn forward_backward<D: Device>(
     d: &D,
     g: &Graph,
     values: &[HostTensor],
-    batch: &Batch,
+    batches: &[Batch],
     format: Format,
     upstream: f32,
-) -> Result<Outcome, ExecError> {
-    let Some(loss_node) = g.loss else {
-        return Err(ExecError("the graph has no loss".into()));
-    };
-    let mut step = Step::new(d, g, values, batch, format).map_err(gpu)?;
-    let order = g.topo_order();
-    for &n in &order {
-        let value = step
-            .forward(n)
-            .map_err(|e| ExecError(format!("{}: {}", g.dag[n].name, e.0)))?;
-        step.values[n.index()] = Some(value);
-    }
-    let loss = match &step.values[loss_node.index()] {
-        Some(Value::Scalar(loss)) => *loss,
-        _ => return Err(ExecError("the loss is not a scalar".into())),
-    };
-    let mut outcome = Outcome {
-        loss,
-        grads: vec![None; g.params.len()],
-        class_logits: None,
-        stats: Stats::new(),
-    };
-    if !loss.is_finite() {
-        return Ok(outcome);
-    }
-    step.grads[loss_node.index()] = Some(Grad::Scalar(upstream));
-    for &n in order.iter().rev() {
-        if !step.needs_grad[n.index()] {
-            continue;
-        }
-        // Each gradient is complete once every reader of the node has run its backward, and
-        // is not needed after the node's own.
-        let Some(grad) = step.grads[n.index()].take() else {
-            continue;
-        };
-        step.backward(n, grad)
-            .map_err(|e| ExecError(format!("{} (backward): {}", g.dag[n].name, e.0)))?;
-    }
-    for (id, grad) in step.param_grads.iter().enumerate() {
-        if let Some(grad) = grad {
-            outcome.grads[id] = Some(grad.data.download().map_err(gpu)?);
+) -> Result<Microbatches, ExecError> {
+    let weights = Weights::upload(d, g, values, format).map_err(gpu)?;
+    let mut losses = Vec::with_capacity(batches.len());
+    for batch in batches {
+        let loss = Step::new(d, g, batch, format, &weights).run(upstream)?;
+        losses.push(loss);
+        if !loss.is_finite() {
+            break;
         }
     }
-    Ok(outcome)
+    let grads = weights
+        .grads
+        .iter()
+        .map(|grad| grad.as_ref().map(|t| t.data.download()).transpose())
+        .collect::<Result<_, _>>()
+        .map_err(gpu)?;
+    Ok(Microbatches { losses, grads })
 }
 
 /// The module that computes an op, forward and backward.
@@ -254,61 +275,69 @@ fn err<T>(message: impl Into<String>) -> Result<T, ExecError> {
     Err(ExecError(message.into()))
 }
 
-impl<'g, 'd, D: Device> Step<'g, 'd, D> {
-    /// The parameters the graph reads on the device, rounded to `format` (the working copies
-    /// of the f32 masters), and zero gradients for the trainable ones.
+impl<'g, 'w, 'd, D: Device> Step<'g, 'w, 'd, D> {
     fn new(
         d: &'d D,
         g: &'g Graph,
-        values: &[HostTensor],
         batch: &'g Batch,
         format: Format,
-    ) -> Result<Self, GpuError> {
+        weights: &'w Weights<'d, D>,
+    ) -> Self {
         let nodes = g.dag.node_count();
-        let mut read = vec![false; g.params.len()];
-        for n in g.dag.node_indices() {
-            for id in g.dag[n].op.params() {
-                read[id] = true;
-            }
-        }
-        let mut params = Vec::with_capacity(g.params.len());
-        let mut param_grads = Vec::with_capacity(g.params.len());
-        for (id, meta) in g.params.iter().enumerate() {
-            let host = values.get(id).filter(|v| read[id] && !v.data.is_empty());
-            let Some(host) = host else {
-                if read[id] {
-                    return Err(GpuError(format!("parameter `{}` has no values", meta.name)));
-                }
-                params.push(None);
-                param_grads.push(None);
-                continue;
-            };
-            let mut data = host.data.clone();
-            format.round_all(&mut data);
-            params.push(Some(Tensor::upload(d, &host.shape, &data)?));
-            param_grads.push(match meta.trainable {
-                true => Some(Tensor::zeros(d, &host.shape)?),
-                false => None,
-            });
-        }
         let mut needs_grad = vec![false; nodes];
         for n in g.topo_order() {
             let op = &g.dag[n].op;
             needs_grad[n.index()] = op.params().into_iter().any(|id| g.params[id].trainable)
                 || g.inputs(n).iter().any(|i| needs_grad[i.index()]);
         }
-        Ok(Step {
+        Step {
             d,
             g,
             batch,
             format,
-            params,
+            weights,
             values: (0..nodes).map(|_| None).collect(),
             saved: (0..nodes).map(|_| Saved::Nothing).collect(),
             grads: (0..nodes).map(|_| None).collect(),
-            param_grads,
             needs_grad,
-        })
+        }
+    }
+
+    /// The batch's forward, then (for a finite loss) its backward from `upstream`, adding to
+    /// the weights' gradients; returns the loss.
+    fn run(mut self, upstream: f32) -> Result<f32, ExecError> {
+        let g = self.g;
+        let Some(loss_node) = g.loss else {
+            return err("the graph has no loss");
+        };
+        let order = g.topo_order();
+        for &n in &order {
+            let value = self
+                .forward(n)
+                .map_err(|e| ExecError(format!("{}: {}", g.dag[n].name, e.0)))?;
+            self.values[n.index()] = Some(value);
+        }
+        let loss = match &self.values[loss_node.index()] {
+            Some(Value::Scalar(loss)) => *loss,
+            _ => return err("the loss is not a scalar"),
+        };
+        if !loss.is_finite() {
+            return Ok(loss);
+        }
+        self.grads[loss_node.index()] = Some(Grad::Scalar(upstream));
+        for &n in order.iter().rev() {
+            if !self.needs_grad[n.index()] {
+                continue;
+            }
+            // Each gradient is complete once every reader of the node has run its backward,
+            // and is not needed after the node's own.
+            let Some(grad) = self.grads[n.index()].take() else {
+                continue;
+            };
+            self.backward(n, grad)
+                .map_err(|e| ExecError(format!("{} (backward): {}", g.dag[n].name, e.0)))?;
+        }
+        Ok(loss)
     }
 
     fn kernels(&self) -> Kernels<'_, D> {
@@ -378,7 +407,7 @@ impl<'g, 'd, D: Device> Step<'g, 'd, D> {
 
     /// Parameter `id` on the device.
     fn param(&self, id: usize) -> Result<&Tensor<'d, D>, ExecError> {
-        self.params[id].as_ref().ok_or_else(|| {
+        self.weights.params[id].as_ref().ok_or_else(|| {
             ExecError(format!(
                 "parameter `{}` is not on the device",
                 self.g.params[id].name
@@ -388,7 +417,7 @@ impl<'g, 'd, D: Device> Step<'g, 'd, D> {
 
     /// The gradient of parameter `id`, when it is trained.
     fn param_grad(&self, id: usize) -> Option<Buffer<'_, f32>> {
-        self.param_grads[id].as_ref().map(Tensor::buffer)
+        self.weights.grads[id].as_ref().map(Tensor::buffer)
     }
 
     /// The gradient of node `n`'s input `slot`, made (zeros) if none has reached it yet;

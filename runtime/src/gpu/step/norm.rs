@@ -36,7 +36,7 @@ fn norm(op: &Op) -> Result<Norm, ExecError> {
 }
 
 pub(super) fn forward<'d, D: Device>(
-    step: &mut Step<'_, 'd, D>,
+    step: &mut Step<'_, '_, 'd, D>,
     n: NodeIndex,
     op: &Op,
 ) -> Result<Value<'d, D>, ExecError> {
@@ -65,7 +65,7 @@ pub(super) fn forward<'d, D: Device>(
 }
 
 pub(super) fn backward<D: Device>(
-    step: &mut Step<'_, '_, D>,
+    step: &mut Step<'_, '_, '_, D>,
     n: NodeIndex,
     op: &Op,
     dy: &Tensor<'_, D>,

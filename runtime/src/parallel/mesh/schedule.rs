@@ -89,6 +89,7 @@ impl<'c> StepContext<'c> {
         let mut grad_norm = 0.0;
         let mut overflowed = false;
         let mut flight: BTreeMap<(usize, usize), InFlight> = BTreeMap::new();
+        let mut accelerated = false;
         for &action in &self.placement.schedules[device.stage] {
             match action {
                 Action::Recv { mb, chunk } => {
@@ -102,16 +103,16 @@ impl<'c> StepContext<'c> {
                             .insert(n, Value::from_host(value).map_err(own)?);
                     }
                 }
-                Action::Forward { mb, .. } if device.accelerator.is_some() => {
-                    let batch = microbatch(micros, mb)?;
-                    let (l, s) = self.accelerated(device, links, batch, &mut grads)?;
-                    loss += l * self.scale;
-                    for (name, x) in s {
-                        *stats.entry(name).or_default() += x * self.scale;
+                // A GPU runs every microbatch's forward and backward at the first forward (one
+                // stage: nothing is sent between them), with the weights uploaded once.
+                Action::Forward { .. } | Action::Backward { .. }
+                    if device.accelerator.is_some() =>
+                {
+                    if !accelerated {
+                        loss += self.accelerated(device, links, micros, &mut grads)?;
+                        accelerated = true;
                     }
                 }
-                // The GPU ran the microbatch's backward with its forward.
-                Action::Backward { .. } if device.accelerator.is_some() => {}
                 Action::Forward { mb, chunk } => {
                     let k = self.virtual_stage(device.stage, chunk)?;
                     let batch = microbatch(micros, mb)?;
@@ -456,24 +457,27 @@ impl<'c> StepContext<'c> {
 }
 
 impl StepContext<'_> {
-    /// One microbatch's forward and backward over the whole graph on the device's GPU: its
-    /// loss and figures; the parameters' gradients added to `grads`.
+    /// Every microbatch's forward and backward over the whole graph on the device's GPU: their
+    /// share of the step's loss; the parameters' gradients (summed on the GPU) added to
+    /// `grads`.
     fn accelerated(
         &self,
         device: &Device,
         links: &mut Links,
-        batch: &Batch,
+        micros: &[Batch],
         grads: &mut Grads,
-    ) -> Result<(f32, Stats), Failure> {
+    ) -> Result<f32, Failure> {
         let Some(accelerator) = &device.accelerator else {
             return Err(Failure::Own("the device has no GPU".into()));
         };
         let format = Format::of(self.train.precision);
         let upstream = self.loss_scale.unwrap_or(1.0);
         let out = accelerator
-            .forward_backward(self.g, &device.values, batch, format, upstream)
+            .forward_backward(self.g, &device.values, micros, format, upstream)
             .map_err(|e| Failure::Own(format!("step {}: {e}", self.step_no)))?;
-        self.check_finite(out.loss)?;
+        for &loss in &out.losses {
+            self.check_finite(loss)?;
+        }
         let params = out
             .grads
             .into_iter()
@@ -481,7 +485,7 @@ impl StepContext<'_> {
             .filter_map(|(id, grad)| Some((id, grad?)))
             .collect();
         self.add_param_grads(device, links, grads, params)?;
-        Ok((out.loss, out.stats))
+        Ok(out.losses.iter().map(|l| l * self.scale).sum())
     }
 
     /// Adds a microbatch's parameter gradients to the step's, scaled by its share; under
