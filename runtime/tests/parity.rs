@@ -151,7 +151,8 @@ fn run_case(dir: &Path) -> Result<String, String> {
             .map(|a| a.iter().map(|x| x.as_u64().unwrap() as usize).collect()),
         ..Batch::default()
     };
-    // bf16 cases are autocast's (their tolerances are stated in the case: `make_bf16.py`).
+    // bf16 and fp16 cases are autocast's (their tolerances are stated in the case:
+    // `make_mixed.py`).
     let format = match case["precision"].as_str().unwrap_or("f32") {
         "f32" => Format::F32,
         "bf16" => Format::Bf16,
@@ -164,17 +165,24 @@ fn run_case(dir: &Path) -> Result<String, String> {
     let loss_tol = case["tolerance"]["loss_rel"].as_f64().unwrap_or(1e-5) as f32;
     let loss_rel = (outcome.loss - expected_loss).abs() / expected_loss.abs();
     let mut problems = Vec::new();
-    // A case in a lower precision keeps its f32 loss: the run must have moved from it by a
-    // tenth of the reference's own distance at least, or it did not compute in that precision.
-    if let (Some(f32_loss), Some(reference_distance)) = (
-        case["expected"]["loss_f32"].as_f64(),
-        case["autocast_distance_from_f32"]["loss_rel"].as_f64(),
+    // A case in a lower precision states how far autocast's gradients lie from its f32 run:
+    // Kiln's must lie at least a tenth as far from Kiln's own f32 run, or it did not compute in
+    // that precision. (Gradients, not the loss: a loss averages fp16's roundings away.)
+    if let (Format::Bf16 | Format::F16, Some(reference_distance)) = (
+        format,
+        case["autocast_distance_from_f32"]["grad_rel_l2_worst"].as_f64(),
     ) {
-        let moved = (f64::from(outcome.loss) - f32_loss).abs() / f32_loss.abs();
+        let f32_run =
+            forward_backward(&graph, &values, &batch, Format::F32).map_err(|e| e.to_string())?;
+        let moved = outcome
+            .grads
+            .iter()
+            .zip(&f32_run.grads)
+            .filter_map(|(g, r)| Some(relative_l2(g.as_ref()?, r.as_ref()?, 0.0)))
+            .fold(0.0, f64::max);
         if moved < 0.1 * reference_distance {
             problems.push(format!(
-                "loss {} is {moved:.1e} from the f32 run's {f32_loss}: not computed in {}",
-                outcome.loss,
+                "gradients {moved:.1e} from Kiln's f32 run at most (autocast's: {reference_distance:.1e}): not computed in {}",
                 case["precision"].as_str().unwrap_or("its precision")
             ));
         }
@@ -190,7 +198,6 @@ fn run_case(dir: &Path) -> Result<String, String> {
     // Some gradients are zero in exact arithmetic (a key bias: softmax ignores a constant added
     // to a row of scores), so both sides hold only rounding noise; they are measured against a
     // floor of 1e-6 of the case's largest gradient instead of against their own noise.
-    let norm = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
     let floor = 1e-6
         * reference
             .values()
@@ -203,13 +210,7 @@ fn run_case(dir: &Path) -> Result<String, String> {
             problems.push(format!("no reference gradient for `{}`", p.name));
             continue;
         };
-        let diff: f64 = g
-            .iter()
-            .zip(&r.data)
-            .map(|(a, b)| ((a - b) as f64).powi(2))
-            .sum::<f64>()
-            .sqrt();
-        let rel = diff / norm(&r.data).max(floor).max(1e-30);
+        let rel = relative_l2(g, &r.data, floor);
         worst = worst.max(rel);
         let grad_tol = case["tolerance"]["grad_rel_l2_by_param"][&p.name]
             .as_f64()
@@ -225,6 +226,21 @@ fn run_case(dir: &Path) -> Result<String, String> {
     } else {
         Err(problems.join("\n    "))
     }
+}
+
+fn norm(v: &[f32]) -> f64 {
+    v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt()
+}
+
+/// ‖got − want‖ / ‖want‖, the denominator at least `floor`.
+fn relative_l2(got: &[f32], want: &[f32], floor: f64) -> f64 {
+    let diff: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| ((a - b) as f64).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    diff / norm(want).max(floor).max(1e-30)
 }
 
 #[test]
