@@ -83,6 +83,21 @@ impl Accelerator {
         }
     }
 
+    /// Each batch's loss, forward only (`step::losses`: evaluation).
+    pub fn losses(
+        &self,
+        g: &Graph,
+        values: &[HostTensor],
+        batches: &[Batch],
+        format: Format,
+    ) -> Result<Vec<f32>, ExecError> {
+        match self {
+            Accelerator::Cuda(d) => step::losses(d, g, values, batches, format),
+            #[cfg(test)]
+            Accelerator::Emulated(d) => step::losses(*d, g, values, batches, format),
+        }
+    }
+
     /// The device, for reports.
     pub fn describe(&self) -> String {
         match self {

@@ -378,6 +378,11 @@ impl Mesh {
         Ok(())
     }
 
+    /// The GPU of this process's first device, if it runs on one (evaluation runs there).
+    pub fn accelerator(&self) -> Option<&Accelerator> {
+        self.devices.first()?.accelerator.as_ref()
+    }
+
     /// fp16's dynamic loss scale as it stands (to save with a checkpoint).
     pub fn loss_scale(&self) -> Option<&LossScale> {
         self.loss_scale.as_ref()

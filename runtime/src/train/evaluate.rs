@@ -5,6 +5,7 @@
 use crate::data::{Example, Inputs};
 use crate::exec::precision::Format;
 use crate::exec::{forward_backward, Batch};
+use crate::gpu::Accelerator;
 use crate::parallel::mesh::Mesh;
 use crate::rng::{Key, Purpose};
 use crate::store::run_dir::MetricsLog;
@@ -30,6 +31,7 @@ fn evaluate(
     seq_len: usize,
     inputs: &Inputs,
     format: Format,
+    gpu: Option<&Accelerator>,
 ) -> Result<Evaluation, RunError> {
     // Each chunk's rows and its share of the records.
     let (chunks, shares): (Vec<Vec<&Example>>, Vec<f64>) = set
@@ -44,6 +46,21 @@ fn evaluate(
         .map(|rows| inputs.batch(rows, seq_len))
         .collect();
     share_label_counts(graph, &mut batches, &shares)?;
+    // On the run's GPU: the losses alone (the GPU executor runs no classifying objective).
+    if let Some(gpu) = gpu {
+        let losses = gpu
+            .losses(graph, values, &batches, format)
+            .map_err(|err| RunError(format!("evaluation: {err}")))?;
+        let loss: f64 = losses
+            .iter()
+            .zip(&shares)
+            .map(|(&l, share)| f64::from(l) * share)
+            .sum();
+        return Ok(Evaluation {
+            loss: loss as f32,
+            accuracy: None,
+        });
+    }
     let (mut loss, mut correct, mut classified) = (0.0f64, 0usize, 0usize);
     for ((b, rows), share) in batches.iter().zip(&chunks).zip(&shares) {
         let out = forward_backward(graph, values, b, format)
@@ -106,6 +123,7 @@ impl Evaluator<'_> {
             self.e.train.seq_len as usize,
             inputs,
             Format::of(self.e.train.precision),
+            mesh.accelerator(),
         )?;
         let mut line = serde_json::json!({ "step": step, "eval_loss": eval.loss });
         if self.token_loss {

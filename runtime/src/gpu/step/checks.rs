@@ -3,7 +3,7 @@
 //! gradient summed over them. Run
 //! under the host emulation in the tests and on a GPU by `kiln gpu-check`.
 
-use super::forward_backward;
+use super::{forward_backward, losses};
 use crate::exec::kernels::testing::{values, within};
 use crate::exec::precision::Format;
 use crate::exec::{self, Batch, DropoutKey};
@@ -75,6 +75,14 @@ fn compare<D: Device>(d: &D, body: &str, format: Format, tolerance: f32) -> Resu
         }
     }
     within("the losses", &got.losses, &want_losses, tolerance / 10.0)?;
+    // Evaluation runs the same forward, without the backward.
+    let evaluated = losses(d, &g, &params, &batches, format).map_err(|e| e.0)?;
+    if evaluated != got.losses {
+        return Err(format!(
+            "evaluation's losses {evaluated:?} differ from training's {:?}",
+            got.losses
+        ));
+    }
     for (id, (got, want)) in got.grads.iter().zip(&want_grads).enumerate() {
         let name = &g.params[id].name;
         match (got, want) {

@@ -124,11 +124,13 @@ struct Weights<'d, D: Device> {
 }
 
 impl<'d, D: Device> Weights<'d, D> {
+    /// The weights, with zero gradients for the trainable ones when `train`.
     fn upload(
         d: &'d D,
         g: &Graph,
         values: &[HostTensor],
         format: Format,
+        train: bool,
     ) -> Result<Self, GpuError> {
         let mut read = vec![false; g.params.len()];
         for n in g.dag.node_indices() {
@@ -151,7 +153,7 @@ impl<'d, D: Device> Weights<'d, D> {
             let mut data = host.data.clone();
             format.round_all(&mut data);
             params.push(Some(Tensor::upload(d, &host.shape, &data)?));
-            grads.push(match meta.trainable {
+            grads.push(match meta.trainable && train {
                 true => Some(Tensor::zeros(d, &host.shape)?),
                 false => None,
             });
@@ -194,10 +196,10 @@ pub fn forward_backward<D: Device>(
     format: Format,
     upstream: f32,
 ) -> Result<Microbatches, ExecError> {
-    let weights = Weights::upload(d, g, values, format).map_err(gpu)?;
+    let weights = Weights::upload(d, g, values, format, true).map_err(gpu)?;
     let mut losses = Vec::with_capacity(batches.len());
     for batch in batches {
-        let loss = Step::new(d, g, batch, format, &weights).run(upstream)?;
+        let loss = Step::new(d, g, batch, format, &weights).run(Some(upstream))?;
         losses.push(loss);
         if !loss.is_finite() {
             break;
@@ -210,6 +212,22 @@ pub fn forward_backward<D: Device>(
         .collect::<Result<_, _>>()
         .map_err(gpu)?;
     Ok(Microbatches { losses, grads })
+}
+
+/// The loss of each of `batches` over the whole graph on `d`, forward only (evaluation), the
+/// parameters uploaded once.
+pub fn losses<D: Device>(
+    d: &D,
+    g: &Graph,
+    values: &[HostTensor],
+    batches: &[Batch],
+    format: Format,
+) -> Result<Vec<f32>, ExecError> {
+    let weights = Weights::upload(d, g, values, format, false).map_err(gpu)?;
+    batches
+        .iter()
+        .map(|batch| Step::new(d, g, batch, format, &weights).run(None))
+        .collect()
 }
 
 /// The module that computes an op, forward and backward.
@@ -303,9 +321,9 @@ impl<'g, 'w, 'd, D: Device> Step<'g, 'w, 'd, D> {
         }
     }
 
-    /// The batch's forward, then (for a finite loss) its backward from `upstream`, adding to
-    /// the weights' gradients; returns the loss.
-    fn run(mut self, upstream: f32) -> Result<f32, ExecError> {
+    /// The batch's forward, then (for a finite loss, with an `upstream` gradient) its backward
+    /// from `upstream`, adding to the weights' gradients; returns the loss.
+    fn run(mut self, upstream: Option<f32>) -> Result<f32, ExecError> {
         let g = self.g;
         let Some(loss_node) = g.loss else {
             return err("the graph has no loss");
@@ -321,9 +339,9 @@ impl<'g, 'w, 'd, D: Device> Step<'g, 'w, 'd, D> {
             Some(Value::Scalar(loss)) => *loss,
             _ => return err("the loss is not a scalar"),
         };
-        if !loss.is_finite() {
+        let Some(upstream) = upstream.filter(|_| loss.is_finite()) else {
             return Ok(loss);
-        }
+        };
         self.grads[loss_node.index()] = Some(Grad::Scalar(upstream));
         for &n in order.iter().rev() {
             if !self.needs_grad[n.index()] {
