@@ -1,7 +1,7 @@
 // Runs Kiln's CUDA C kernels on the host, for their tests where no GPU is: each thread of a
-// block is a host thread, blocks run one after another (so a `__shared__` variable can be a
-// function's static), `__syncthreads` is a barrier over the block and warp shuffles exchange
-// through a barrier over the warp. It checks what the kernels compute, their indexing and their
+// block is a host thread (one set per launch, going through the blocks together), blocks run
+// one after another (so a `__shared__` variable can be a function's static), `__syncthreads`
+// is a barrier over the block and warp shuffles exchange through a barrier over the warp. It checks what the kernels compute, their indexing and their
 // synchronisation, not their speed; memory is the host's.
 #pragma once
 
@@ -36,9 +36,9 @@ struct Block {
     std::atomic<int> votes{0};
 };
 
-inline dim3 grid_dim, block_dim, block_idx;
+inline dim3 grid_dim, block_dim;
 inline Block* block;
-inline thread_local dim3 thread_idx;
+inline thread_local dim3 thread_idx, block_idx;
 inline thread_local unsigned thread_rank;
 
 template <class T>
@@ -73,22 +73,25 @@ bool run(dim3 grid, dim3 threads, Kernel kernel) {
     if (count == 0 || count % 32 != 0 || count > 1024) return false;
     grid_dim = grid;
     block_dim = threads;
-    for (unsigned z = 0; z < grid.z; ++z)
-        for (unsigned y = 0; y < grid.y; ++y)
-            for (unsigned x = 0; x < grid.x; ++x) {
-                block_idx = dim3{x, y, z};
-                Block current(count);
-                block = &current;
-                std::vector<std::thread> workers;
-                workers.reserve(count);
-                for (unsigned rank = 0; rank < count; ++rank)
-                    workers.emplace_back([&, rank] {
-                        thread_rank = rank;
-                        thread_idx = dim3{rank % threads.x, rank / threads.x % threads.y, rank / (threads.x * threads.y)};
+    Block current(count);
+    block = &current;
+    std::vector<std::thread> workers;
+    workers.reserve(count);
+    for (unsigned rank = 0; rank < count; ++rank)
+        workers.emplace_back([&, rank] {
+            thread_rank = rank;
+            thread_idx = dim3{rank % threads.x, rank / threads.x % threads.y, rank / (threads.x * threads.y)};
+            for (unsigned z = 0; z < grid.z; ++z)
+                for (unsigned y = 0; y < grid.y; ++y)
+                    for (unsigned x = 0; x < grid.x; ++x) {
+                        block_idx = dim3{x, y, z};
                         kernel();
-                    });
-                for (auto& worker : workers) worker.join();
-            }
+                        // Every thread is done with this block (and its shared memory) before
+                        // any starts the next.
+                        current.sync.arrive_and_wait();
+                    }
+        });
+    for (auto& worker : workers) worker.join();
     return true;
 }
 

@@ -117,19 +117,38 @@ fn open_gpus(
             e.name
         )));
     }
+    const GIB: f64 = (1u64 << 30) as f64;
     if let Gpus::Found { gpus, .. } = &found {
+        // The plan's estimate, with whole f32 gradients (the GPU executor sums them on the GPU
+        // before ZeRO shards them): a lower bound, since it also keeps every activation.
+        let memory = placement.memory.first();
+        let gradients = 4.0 * program.graph.trainable_params() as f64;
+        let needed = memory.map_or(0.0, |m| m.total - m.gradients) + gradients;
         for &i in &ordinals {
-            let needed = placement.memory.first().map_or(0.0, |m| m.total);
             if needed > gpus[i].memory_bytes as f64 {
-                const GIB: f64 = (1u64 << 30) as f64;
                 return Err(RunError(format!(
-                    "`{}` needs {:.1} GiB on each GPU and GPU {i} ({}) has {:.1} GiB; `kiln plan` shows where the memory goes (shrink the model, batch, micro_batch or seq_len, or add data parallelism with ZeRO)",
+                    "`{}` needs at least {:.1} GiB on each GPU and GPU {i} ({}) has {:.1} GiB; `kiln plan` shows where the memory goes (shrink the model, batch, micro_batch or seq_len)",
                     e.name,
                     needed / GIB,
                     gpus[i].name,
                     gpus[i].memory_bytes as f64 / GIB
                 )));
             }
+        }
+    }
+    // The host keeps each hosted device's f32 weights, gradients and AdamW moments.
+    let host_needed = ordinals.len() as f64
+        * (4.0 * program.graph.total_params() as f64
+            + 12.0 * program.graph.trainable_params() as f64);
+    if let Some(available) = crate::host::available_memory() {
+        if host_needed > available as f64 {
+            return Err(RunError(format!(
+                "`{}` keeps {:.1} GiB of weights, gradients and optimizer state in host memory for its {} GPUs and this machine has {:.1} GiB available; `kiln plan` shows the plan",
+                e.name,
+                host_needed / GIB,
+                ordinals.len(),
+                available as f64 / GIB
+            )));
         }
     }
     ordinals

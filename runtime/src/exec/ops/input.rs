@@ -38,7 +38,11 @@ pub(crate) fn integer_input(
     };
     let ints = match batch.ints.get(&node.name) {
         Some(v) => v.clone(),
-        None if kind == InputKind::TokenTypes => vec![vec![0; g.seq as usize]; g.batch as usize],
+        // Token types default to 0, over the rows and positions of the batch's token ids.
+        None if kind == InputKind::TokenTypes => match batch.ints.get("input_ids") {
+            Some(ids) => ids.iter().map(|row| vec![0; row.len()]).collect(),
+            None => vec![vec![0; g.seq as usize]; g.batch as usize],
+        },
         None => return err(format!("the batch has no `{}`", node.name)),
     };
     let (virtual_tokens, fill) = match (kind, node.out.shape.get(1)) {

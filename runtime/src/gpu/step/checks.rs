@@ -33,6 +33,16 @@ pub(in crate::gpu) fn llama_bf16<D: Device>(d: &D) -> Result<(), String> {
     )
 }
 
+/// GPT-2 with prompt tuning and with prefix tuning: virtual tokens concatenated before the
+/// real ones (as embeddings, or as every layer's keys and values); in f32.
+pub(in crate::gpu) fn gpt2_prompt_and_prefix<D: Device>(d: &D) -> Result<(), String> {
+    for adapter in ["prompt { tokens = 4 }", "prefix { tokens = 4 }"] {
+        let body = format!("model = gpt2_tiny, objective = causal_lm, adapter = {adapter}");
+        compare(d, &body, Format::F32, 1e-4).map_err(|e| format!("{adapter}: {e}"))?;
+    }
+    Ok(())
+}
+
 /// BERT: token types, bidirectional attention over padding, erf-GELU, the masked-LM head; in
 /// f32.
 pub(in crate::gpu) fn bert_mlm<D: Device>(d: &D) -> Result<(), String> {
@@ -44,12 +54,15 @@ pub(in crate::gpu) fn bert_mlm<D: Device>(d: &D) -> Result<(), String> {
     )
 }
 
-const BATCH: usize = 3;
-const SEQ: usize = 12;
+/// Rows of each microbatch; the graph is compiled for a step of two (so that every op reads
+/// a microbatch's rows, not the graph's batch).
+const BATCH: usize = 2;
+const SEQ: usize = 8;
 
 fn compare<D: Device>(d: &D, body: &str, format: Format, tolerance: f32) -> Result<(), String> {
     let src = format!(
-        "import std.models.tiny\nexperiment e {{ {body}, train {{ batch = {BATCH}, seq_len = {SEQ} }} }}"
+        "import std.models.tiny\nexperiment e {{ {body}, train {{ batch = {}, seq_len = {SEQ} }} }}",
+        2 * BATCH
     );
     let checked = kiln_compiler::check_source("check.kiln", &src, None);
     if !checked.is_ok() {

@@ -65,12 +65,12 @@ pub(super) fn forward<'d, D: Device>(
         }
         Op::Concat { axis } => {
             let pieces = concat_pieces(step, n, axis)?;
-            let shape = step.g.dag[n]
-                .out
-                .shape
-                .iter()
-                .map(|&x| x as usize)
-                .collect::<Vec<_>>();
+            // The inputs' shape with their extents along `axis` summed (the microbatch's rows,
+            // not the graph's whole batch).
+            let mut shape = step.tensor(n, 0)?.shape.clone();
+            shape[axis] = (0..pieces.len())
+                .map(|slot| step.tensor(n, slot).map(|t| t.shape[axis]))
+                .sum::<Result<usize, _>>()?;
             let y = Tensor::zeros(step.d, &shape).map_err(gpu)?;
             for (slot, columns) in pieces.into_iter().enumerate() {
                 step.kernels()
