@@ -144,7 +144,6 @@ enum Command {
     Explain { code: String },
     /// Check Kiln's GPU kernels on one of this machine's GPUs: each compiled by NVRTC for it,
     /// run, and compared with the CPU path on the same inputs.
-    #[cfg(not(feature = "cuda"))]
     GpuCheck {
         /// Which GPU (the driver's numbering, after CUDA_VISIBLE_DEVICES).
         #[arg(long, default_value_t = 0)]
@@ -297,7 +296,6 @@ pub fn main() -> ExitCode {
             runs,
         } => export(&file, experiment.as_deref(), peft, merged, &runs),
         Command::Explain { code } => explain(&code),
-        #[cfg(not(feature = "cuda"))]
         Command::GpuCheck { device } => gpu_check(device),
     }
 }
@@ -861,7 +859,6 @@ fn train_tokenizer(
     }
 }
 
-#[cfg(not(feature = "cuda"))]
 fn gpu_check(ordinal: usize) -> ExitCode {
     use kiln_runtime::gpu::{cuda::CudaDevice, parity};
     let device = match CudaDevice::open(ordinal) {

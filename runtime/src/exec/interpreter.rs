@@ -106,7 +106,6 @@ impl<'g> Interpreter<'g> {
     }
 
     /// A vector parameter for the CPU kernels, with whether it is trained.
-    #[cfg(not(feature = "cuda"))]
     pub(super) fn vector(&self, id: usize) -> Result<super::kernels::Vector, ExecError> {
         Ok(super::kernels::Vector {
             v: self.p1(id)?,
@@ -127,23 +126,11 @@ impl<'g> Interpreter<'g> {
 
     /// `t` rounded to the run's number format, as a matrix product's operand or result, on the
     /// tape.
-    #[cfg(not(feature = "cuda"))]
     pub(super) fn rounded(&mut self, t: T3) -> Result<T3, ExecError> {
         let (t, tape) =
             super::kernels::rounded(t.put_tape(self.take_tape()), self.format).split_tape();
         self.tape = tape;
         Ok(t)
-    }
-
-    /// The CUDA build computes in f32 until its executor lands (the CUDA issue).
-    #[cfg(feature = "cuda")]
-    pub(super) fn rounded(&mut self, t: T3) -> Result<T3, ExecError> {
-        match self.format {
-            Format::F32 => Ok(t),
-            other => err(format!(
-                "the CUDA build does not compute in {other:?} yet; use precision = f32"
-            )),
-        }
     }
 
     /// The tape, for the op computed next to record itself on (it puts the tape back with

@@ -1,5 +1,5 @@
-//! The executor: interprets the operator graph with dfdx, on the CPU or, with the `cuda`
-//! feature, an NVIDIA GPU. Values live in a table of tape-less tensors (one per node); a single
+//! The CPU executor: interprets the operator graph with dfdx on the CPU (GPUs run the graph
+//! through `gpu::step`). Values live in a table of tape-less tensors (one per node); a single
 //! gradient tape is threaded through the ops in topological order (put on the left operand,
 //! split off the result), and `backward` on the loss yields gradients for every parameter the
 //! ops touched.
@@ -8,13 +8,12 @@
 //! the parameters a device holds), `interpreter` (the values table and the tape threaded
 //! through the ops), `segment` (a part of the graph run forward, then backward), `dropout`
 //! (where masks are drawn from), `precision` (the number format a run computes in). `ops`
-//! computes each op, one module per family of ops, on the
-//! CPU `kernels` or dfdx's CUDA ops; `prompt` is the prompt PEFT saves for virtual tokens.
+//! computes each op, one module per family of ops, on the CPU `kernels` or dfdx's ops;
+//! `prompt` is the prompt PEFT saves for virtual tokens.
 
 mod batch;
 mod dropout;
 mod interpreter;
-#[cfg(not(feature = "cuda"))]
 pub(crate) mod kernels;
 mod ops;
 pub mod precision;
@@ -35,20 +34,14 @@ use dfdx::prelude::*;
 use std::collections::BTreeMap;
 use std::fmt;
 
-/// The device the executor computes on: the CPU, or with the `cuda` feature an NVIDIA GPU
-/// through dfdx's CUDA backend (the same ops, kernels compiled by nvcc).
-#[cfg(not(feature = "cuda"))]
+/// The device the executor computes on.
 pub type Dev = Cpu;
-#[cfg(feature = "cuda")]
-pub type Dev = dfdx::tensor::Cuda;
 
 type Tape = OwnedTape<f32, Dev>;
 type T0 = Tensor<(), f32, Dev>;
 type T1 = Tensor<(usize,), f32, Dev>;
 type T2 = Tensor<(usize, usize), f32, Dev>;
 type T3 = Tensor<(usize, usize, usize), f32, Dev>;
-#[cfg(feature = "cuda")]
-type T4 = Tensor<(usize, usize, usize, usize), f32, Dev>;
 type T3Taped = Tensor<(usize, usize, usize), f32, Dev, Tape>;
 
 #[derive(Debug)]

@@ -19,7 +19,6 @@ pub mod gemm;
 pub mod launch;
 pub mod memory;
 pub mod nvrtc;
-#[cfg(not(feature = "cuda"))]
 pub mod parity;
 pub mod source;
 pub mod step;
@@ -27,7 +26,7 @@ pub mod tensor_ops;
 
 #[cfg(test)]
 pub(crate) mod emulator;
-#[cfg(all(test, not(feature = "cuda")))]
+#[cfg(test)]
 mod tests;
 
 use crate::exec::precision::Format;

@@ -4,10 +4,7 @@
 use super::misrouted;
 use crate::exec::interpreter::Interpreter;
 use crate::exec::value::V;
-#[cfg(not(feature = "cuda"))]
 use crate::exec::{err, kernels};
-#[cfg(feature = "cuda")]
-use crate::exec::{Dev, Tape, T4};
 use crate::exec::{ExecError, T2, T3};
 use dfdx::prelude::*;
 use kiln_compiler::graph::Op;
@@ -131,67 +128,17 @@ fn attention(
     let first = it.ops.rank * heads;
     let plane = s * skv;
     let dropout = it.dropout_values(dropout, b, first * plane, heads * plane)?;
-    #[cfg(not(feature = "cuda"))]
-    {
-        if kv_heads == 0 || heads % kv_heads != 0 {
-            return err(format!(
-                "{heads} query heads over {kv_heads} key/value heads"
-            ));
-        }
-        let dims = kernels::Heads {
-            heads,
-            kv_heads,
-            dim: d,
-        };
-        let q = q.put_tape(it.take_tape());
-        let out = kernels::attention(q, k, v, dims, mask, dropout).map_err(ExecError)?;
-        Ok(it.keep3(kernels::rounded(out, it.format)))
+    if kv_heads == 0 || heads % kv_heads != 0 {
+        return err(format!(
+            "{heads} query heads over {kv_heads} key/value heads"
+        ));
     }
-    #[cfg(feature = "cuda")]
-    {
-        let group = heads / kv_heads.max(1);
-        let mask: T4 = it
-            .dev
-            .tensor_from_vec(mask, (b, s, skv))
-            .broadcast_like::<_, Axis<1>>(&(b, heads, s, skv));
-        let tape = it.take_tape();
-        let q = q
-            .put_tape(tape)
-            .reshape_like(&(b, s, heads, d))
-            .permute::<_, Axes4<0, 2, 1, 3>>();
-        let (q, tape) = q.split_tape();
-        // Keys and values to [b, heads, s_kv, d], each key/value head serving `group` query
-        // heads (head h reads key/value head h / group): a gather over the head axis, on the tape.
-        let dev = it.dev.clone();
-        let expand = |t: T3, tape: Tape| -> (T4, Tape) {
-            let t = t.put_tape(tape).reshape_like(&(b, skv, kv_heads, d));
-            if group == 1 {
-                return t.permute::<_, Axes4<0, 2, 1, 3>>().split_tape();
-            }
-            let by_head = t
-                .permute::<_, Axes4<2, 0, 1, 3>>()
-                .reshape_like(&(kv_heads, b * skv * d));
-            let idx: Tensor<(usize,), usize, Dev> =
-                dev.tensor_from_vec((0..heads).map(|h| h / group).collect(), (heads,));
-            let repeated: Tensor<(usize, usize), f32, Dev, Tape> = by_head.gather(idx);
-            repeated
-                .reshape_like(&(heads, b, skv, d))
-                .permute::<_, Axes4<1, 0, 2, 3>>()
-                .split_tape()
-        };
-        let (k, tape) = expand(k, tape);
-        let (v, tape) = expand(v, tape);
-        let scores =
-            q.put_tape(tape).matmul(k.permute::<_, Axes4<0, 1, 3, 2>>()) / (d as f32).sqrt();
-        let probs = (scores + mask).softmax::<Axis<3>>();
-        let probs = match dropout {
-            Some(m) => probs * it.dev.tensor_from_vec(m, (b, heads, s, skv)),
-            None => probs,
-        };
-        let out = probs
-            .matmul(v)
-            .permute::<_, Axes4<0, 2, 1, 3>>()
-            .reshape_like(&(b, s, heads * d));
-        Ok(it.keep3(out))
-    }
+    let dims = kernels::Heads {
+        heads,
+        kv_heads,
+        dim: d,
+    };
+    let q = q.put_tape(it.take_tape());
+    let out = kernels::attention(q, k, v, dims, mask, dropout).map_err(ExecError)?;
+    Ok(it.keep3(kernels::rounded(out, it.format)))
 }

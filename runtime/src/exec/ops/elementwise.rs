@@ -2,12 +2,8 @@
 //! activations and dropout.
 
 use super::misrouted;
-#[cfg(feature = "cuda")]
-use crate::exec::dropout::dropout_factors;
-#[cfg(not(feature = "cuda"))]
 use crate::exec::dropout::dropout_scale;
 use crate::exec::interpreter::Interpreter;
-#[cfg(not(feature = "cuda"))]
 use crate::exec::kernels;
 use crate::exec::value::V;
 use crate::exec::{err, Dev, ExecError, Tape};
@@ -71,10 +67,7 @@ pub(super) fn forward(it: &mut Interpreter<'_>, n: NodeIndex, op: Op) -> Result<
                 return Ok(V::R3(x));
             };
             let x = x.put_tape(it.take_tape());
-            #[cfg(not(feature = "cuda"))]
             let out = kernels::dropout(x, keep, dropout_scale(p)).map_err(ExecError)?;
-            #[cfg(feature = "cuda")]
-            let out = { x * it.dev.tensor_from_vec(dropout_factors(keep, p), (b, s, d)) };
             Ok(it.keep3(out))
         }
         other => Err(misrouted("elementwise", &other)),
@@ -83,18 +76,15 @@ pub(super) fn forward(it: &mut Interpreter<'_>, n: NodeIndex, op: Op) -> Result<
 
 fn activate<S: Shape>(x: Tensor<S, f32, Dev, Tape>, act: Act) -> Tensor<S, f32, Dev, Tape> {
     // On the CPU the GELUs and SiLU are one fused kernel each (value and derivative).
-    #[cfg(not(feature = "cuda"))]
-    {
-        use crate::exec::kernels::{activation, Activation};
-        let fused = match act {
-            Act::Gelu => Some(Activation::GeluErf),
-            Act::GeluTanh => Some(Activation::GeluTanh),
-            Act::Silu => Some(Activation::Silu),
-            Act::Relu | Act::Tanh => None,
-        };
-        if let Some(fused) = fused {
-            return activation(x, fused);
-        }
+    use crate::exec::kernels::{activation, Activation};
+    let fused = match act {
+        Act::Gelu => Some(Activation::GeluErf),
+        Act::GeluTanh => Some(Activation::GeluTanh),
+        Act::Silu => Some(Activation::Silu),
+        Act::Relu | Act::Tanh => None,
+    };
+    if let Some(fused) = fused {
+        return activation(x, fused);
     }
     match act {
         Act::Gelu => exact_gelu(x),

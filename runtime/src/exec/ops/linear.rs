@@ -4,7 +4,6 @@
 
 use super::misrouted;
 use crate::exec::interpreter::Interpreter;
-#[cfg(not(feature = "cuda"))]
 use crate::exec::kernels;
 use crate::exec::value::V;
 use crate::exec::ExecError;
@@ -66,7 +65,6 @@ fn linear(
     let x = it.rounded(x)?;
     let tape = it.take_tape();
     let x = x.put_tape(tape);
-    #[cfg(not(feature = "cuda"))]
     let y = {
         let bias = match bias {
             Some(b) => Some(it.vector(b.id)?),
@@ -79,25 +77,6 @@ fn linear(
         };
         let y = kernels::linear(x, w, bias, outputs).map_err(ExecError)?;
         kernels::rounded(y, it.format)
-    };
-    #[cfg(feature = "cuda")]
-    let y = {
-        let (b, s, _) = *x.shape();
-        let y = match layout {
-            Layout::InOut => x.matmul(w),
-            Layout::OutIn => x.matmul(w.permute::<_, Axes2<1, 0>>()),
-        };
-        let n = y.shape().2;
-        let y = match bias {
-            Some(bias) => y + it.p1(bias.id)?.broadcast_like::<_, Axes2<0, 1>>(&(b, s, n)),
-            None => y,
-        };
-        // A range of a fused weight (GPT-2's c_attn read as q, k, v): the full product,
-        // sliced.
-        match outputs {
-            Some((a, e)) => y.slice((.., .., a..e)).realize(),
-            None => y,
-        }
     };
     let b = y.shape().0;
     if pooled {

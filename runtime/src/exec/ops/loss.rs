@@ -5,7 +5,6 @@
 
 use super::misrouted;
 use crate::exec::interpreter::Interpreter;
-#[cfg(not(feature = "cuda"))]
 use crate::exec::kernels;
 use crate::exec::value::V;
 use crate::exec::{err, Batch, Dev, ExecError, Stats, Tape, T2, T3};
@@ -188,36 +187,10 @@ fn token_cross_entropy(
     if count == 0.0 {
         return err("no position has a label");
     }
-    #[cfg(not(feature = "cuda"))]
-    {
-        let logits = logits.put_tape(it.take_tape());
-        let loss = kernels::cross_entropy(logits, positions, targets, weights, count, shard)
-            .map_err(ExecError)?;
-        Ok(it.keep0(loss))
-    }
-    #[cfg(feature = "cuda")]
-    {
-        // The CUDA kernels of the vocabulary-parallel loss are still to come (the CUDA issue).
-        if shard.is_some() {
-            return err("vocabulary-parallel cross-entropy runs on the CPU kernels only");
-        }
-        let targets: Tensor<(usize, usize), usize, Dev> =
-            it.dev.tensor_from_vec(targets, (b, positions));
-        let weights: T2 = it.dev.tensor_from_vec(weights, (b, positions));
-        let tape = it.take_tape();
-        let logits = logits.put_tape(tape);
-        let logits = if shift {
-            logits
-                .slice((.., 0..positions, ..))
-                .realize::<(usize, usize, usize)>()
-        } else {
-            logits
-        };
-        let picked: Tensor<(usize, usize), f32, Dev, Tape> =
-            logits.log_softmax::<Axis<2>>().select(targets);
-        let loss = (picked * weights).sum::<(), _>().negate() / count;
-        Ok(it.keep0(loss))
-    }
+    let logits = logits.put_tape(it.take_tape());
+    let loss = kernels::cross_entropy(logits, positions, targets, weights, count, shard)
+        .map_err(ExecError)?;
+    Ok(it.keep0(loss))
 }
 
 /// `log softmax(logits)[token]` at each position, 0 where the token is −100.
@@ -241,25 +214,7 @@ fn token_log_probs(
         targets.push(usize::try_from(t).ok());
     }
     let logits = logits.put_tape(it.take_tape());
-    #[cfg(not(feature = "cuda"))]
     let out = kernels::token_log_probs(logits, targets, shard).map_err(ExecError)?;
-    #[cfg(feature = "cuda")]
-    let out = {
-        // The CUDA kernels of vocabulary-parallel log-probabilities are still to come.
-        if shard.is_some() {
-            return err("vocabulary-parallel log-probabilities run on the CPU kernels only");
-        }
-        let ids = targets.iter().map(|t| t.unwrap_or(0)).collect();
-        let used = targets
-            .iter()
-            .map(|t| if t.is_some() { 1.0 } else { 0.0 })
-            .collect();
-        let ids: Tensor<(usize, usize), usize, Dev> = it.dev.tensor_from_vec(ids, (b, s));
-        let used: T2 = it.dev.tensor_from_vec(used, (b, s));
-        let picked: Tensor<(usize, usize), f32, Dev, Tape> =
-            logits.log_softmax::<Axis<2>>().select(ids);
-        picked * used
-    };
     Ok(it.keep2(out))
 }
 

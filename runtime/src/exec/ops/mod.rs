@@ -1,5 +1,5 @@
 //! The ops, by family: each module computes its family's ops on the interpreter's values and
-//! tape, with the CPU kernels or, with the `cuda` feature, dfdx's ops; [`forward`] sends a node
+//! tape, with the CPU kernels or dfdx's ops; [`forward`] sends a node
 //! to its family. What a tensor-parallel rank does differently, each family reads from the
 //! interpreter's `RankOps`.
 

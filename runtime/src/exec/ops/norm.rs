@@ -2,7 +2,6 @@
 
 use super::misrouted;
 use crate::exec::interpreter::Interpreter;
-#[cfg(not(feature = "cuda"))]
 use crate::exec::kernels;
 use crate::exec::value::V;
 use crate::exec::ExecError;
@@ -19,40 +18,13 @@ pub(super) fn forward(it: &mut Interpreter<'_>, n: NodeIndex, op: Op) -> Result<
         other => return Err(misrouted("norm", &other)),
     };
     let x = it.input(n, 0)?.r3("x")?.put_tape(it.take_tape());
-    #[cfg(not(feature = "cuda"))]
-    {
-        let w = it.vector(weight)?;
-        let bias = bias.map(|b| it.vector(b)).transpose()?;
-        let centring = if centred {
-            kernels::Centring::Centred
-        } else {
-            kernels::Centring::Uncentred
-        };
-        let y = kernels::norm(x, w, bias, eps, centring).map_err(ExecError)?;
-        Ok(it.keep3(y))
-    }
-    #[cfg(feature = "cuda")]
-    {
-        let shape = *x.shape();
-        let w = it.p1(weight)?.broadcast_like::<_, Axes2<0, 1>>(&shape);
-        let mut y = if centred {
-            x.normalize::<Axis<2>>(eps) * w
-        } else {
-            let (xs, tape) = x.split_tape();
-            let ms = xs
-                .clone()
-                .put_tape(tape)
-                .square()
-                .mean::<(usize, usize), Axis<2>>();
-            let inv = (ms + eps)
-                .sqrt()
-                .recip()
-                .broadcast_like::<_, Axis<2>>(&shape);
-            inv * xs * w
-        };
-        if let Some(b) = bias {
-            y = y + it.p1(b)?.broadcast_like::<_, Axes2<0, 1>>(&shape);
-        }
-        Ok(it.keep3(y))
-    }
+    let w = it.vector(weight)?;
+    let bias = bias.map(|b| it.vector(b)).transpose()?;
+    let centring = if centred {
+        kernels::Centring::Centred
+    } else {
+        kernels::Centring::Uncentred
+    };
+    let y = kernels::norm(x, w, bias, eps, centring).map_err(ExecError)?;
+    Ok(it.keep3(y))
 }

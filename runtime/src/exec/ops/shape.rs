@@ -3,7 +3,6 @@
 
 use super::misrouted;
 use crate::exec::interpreter::Interpreter;
-#[cfg(not(feature = "cuda"))]
 use crate::exec::kernels;
 use crate::exec::value::V;
 use crate::exec::{err, Dev, ExecError, Tape};
@@ -24,10 +23,7 @@ pub(super) fn forward(it: &mut Interpreter<'_>, n: NodeIndex, op: Op) -> Result<
             match it.input(n, 0)?.clone() {
                 V::R3(x) => {
                     let x = x.put_tape(it.take_tape());
-                    #[cfg(not(feature = "cuda"))]
                     let y = kernels::columns(x, start, end).map_err(ExecError)?;
-                    #[cfg(feature = "cuda")]
-                    let y = x.slice((.., .., start..end)).realize();
                     Ok(it.keep3(y))
                 }
                 _ => err("slice of a non-rank-3 tensor"),

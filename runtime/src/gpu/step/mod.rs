@@ -11,7 +11,6 @@
 //! slices, concatenations), `loss`.
 
 mod attention;
-#[cfg(not(feature = "cuda"))]
 pub(super) mod checks;
 mod dense;
 mod elementwise;
