@@ -65,6 +65,7 @@ pub const SOURCES: &[Source] = &[
             "add_scaled",
             "add_product",
             "rotary",
+            "column_partials",
             "dropout_factors",
         ],
     },

@@ -285,8 +285,15 @@ impl<L: Launcher + ?Sized> Kernels<'_, L> {
         launch!(self.0, "dropout_factors", grid; keys, out, rows, len, offset, threshold, scale)
     }
 
-    /// out[c] += Σ over rows of x[row, c], in row order (a bias's gradient).
-    pub fn column_sums(&self, x: Buffer<'_, f32>, out: Buffer<'_, f32>) -> Result<(), GpuError> {
+    /// out[c] += Σ over rows of x[row, c] (a bias's gradient), in a fixed order: each group of
+    /// `COLUMN_ROWS_PER_BLOCK` rows summed into `scratch` (`column_sums_scratch` values) by a
+    /// block of its own, then the groups in order.
+    pub fn column_sums(
+        &self,
+        x: Buffer<'_, f32>,
+        out: Buffer<'_, f32>,
+        scratch: Buffer<'_, f32>,
+    ) -> Result<(), GpuError> {
         let width = out.len();
         if width == 0 || !x.len().is_multiple_of(width) {
             return Err(GpuError(format!(
@@ -294,19 +301,46 @@ impl<L: Launcher + ?Sized> Kernels<'_, L> {
                 x.len()
             )));
         }
-        let blocks = narrow("rows", x.len() / width)?;
+        let rows = x.len() / width;
+        let groups = rows.div_ceil(COLUMN_ROWS_PER_BLOCK);
+        check(
+            "the column sums' scratch",
+            scratch.len(),
+            column_sums_scratch(rows, width),
+        )?;
+        let column_blocks = narrow("column blocks", width.div_ceil(256))?;
         let grid = Grid {
-            blocks: [width.div_ceil(256) as u32, 1, 1],
+            blocks: [column_blocks, narrow("row groups", groups)?, 1],
             threads: 256,
         };
-        let (partial, out, width, stride) = (
+        if groups > 65_535 {
+            return Err(GpuError(format!(
+                "column sums over {rows} rows: too many for a grid"
+            )));
+        }
+        let (x, partial, rows64, width32, per_block) = (
             x.address(),
-            out.address(),
+            scratch.address(),
+            rows as u64,
             narrow("columns", width)?,
-            width as u64,
+            COLUMN_ROWS_PER_BLOCK as u32,
         );
-        launch!(self.0, "column_sums", grid; partial, out, blocks, width, stride)
+        launch!(self.0, "column_partials", grid; x, partial, rows64, width32, per_block)?;
+        let grid = Grid {
+            blocks: [column_blocks, 1, 1],
+            threads: 256,
+        };
+        let (out, blocks, stride) = (out.address(), groups as u32, width as u64);
+        launch!(self.0, "column_sums", grid; partial, out, blocks, width32, stride)
     }
+}
+
+/// Rows each block of `column_sums`' first pass sums.
+const COLUMN_ROWS_PER_BLOCK: usize = 64;
+
+/// The scratch values `Kernels::column_sums` needs for `rows` rows of `width`.
+pub fn column_sums_scratch(rows: usize, width: usize) -> usize {
+    rows.div_ceil(COLUMN_ROWS_PER_BLOCK) * width
 }
 
 /// A table of the rows the ids were checked against, rows of `width`.

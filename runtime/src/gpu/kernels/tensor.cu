@@ -1,6 +1,7 @@
 // Moving and combining tensors: embedding rows gathered and their gradients summed back per row,
 // column ranges copied (slices, concatenations, fused projections), sums and products with
-// broadcasting over rows, LLaMA's rotary embedding, and dropout's factors. Every kernel but
+// broadcasting over rows, LLaMA's rotary embedding, dropout's factors, and the first pass of a
+// column sum. Every kernel but
 // `gather_rows` and `dropout_factors` adds to its output, as gradients add up.
 // Grid-stride loops, so any grid covers any length.
 
@@ -66,6 +67,19 @@ extern "C" __global__ void rotary(const float* __restrict__ x, const float* __re
         y[first] += a * c - b * s;
         y[second] += b * c + a * s;
     }
+}
+
+// partial[g, c] = the sum of x[r, c] over the `per_block` rows r of group g (blockIdx.y), in row
+// order: the first pass of a column sum in a fixed order (`column_sums` adds the groups).
+extern "C" __global__ void column_partials(const float* __restrict__ x, float* __restrict__ partial, u64 rows,
+                                           u32 width, u32 per_block) {
+    const u32 c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= width) return;
+    const u64 first = (u64)blockIdx.y * per_block;
+    const u64 end = first + per_block < rows ? first + per_block : rows;
+    float s = 0.0f;
+    for (u64 r = first; r < end; ++r) s += x[r * width + c];
+    partial[(u64)blockIdx.y * width + c] = s;
 }
 
 // out[r, i] = inverted dropout's factor of element offset + i of row r (0 or `scale`), drawn

@@ -5,6 +5,8 @@
 use super::{err, gpu, Saved as Kept, Step, Tensor, Value};
 use crate::exec::ExecError;
 use crate::gpu::gemm::{Operand, Product};
+use crate::gpu::memory::Owned;
+use crate::gpu::tensor_ops::column_sums_scratch;
 use crate::gpu::Device;
 use kiln_compiler::graph::{Layout, Op};
 use petgraph::graph::NodeIndex;
@@ -210,7 +212,11 @@ pub(super) fn backward<D: Device>(
         let used = db
             .range(geo.first, geo.n)
             .ok_or_else(|| ExecError(format!("a bias of {} for {} outputs", db.len(), geo.all)))?;
-        step.kernels().column_sums(dy.buffer(), used).map_err(gpu)?;
+        let scratch =
+            Owned::<D, f32>::zeros(step.d, column_sums_scratch(geo.m, geo.n)).map_err(gpu)?;
+        step.kernels()
+            .column_sums(dy.buffer(), used, scratch.buffer())
+            .map_err(gpu)?;
     }
     Ok(())
 }

@@ -5,6 +5,7 @@ use super::{err, gpu, Saved, Step, Tensor, Value};
 use crate::exec::ExecError;
 use crate::gpu::launch::Activation;
 use crate::gpu::memory::Owned;
+use crate::gpu::tensor_ops::column_sums_scratch;
 use crate::gpu::Device;
 use kiln_compiler::graph::{Act, Op};
 use petgraph::graph::NodeIndex;
@@ -120,7 +121,11 @@ pub(super) fn backward<D: Device>(
                 let products = Owned::<D, f32>::zeros(step.d, x.len()).map_err(gpu)?;
                 k.add_product(dy.buffer(), x.buffer(), products.buffer())
                     .map_err(gpu)?;
-                k.column_sums(products.buffer(), dv).map_err(gpu)?;
+                let scratch =
+                    Owned::<D, f32>::zeros(step.d, column_sums_scratch(x.rows(), x.width()))
+                        .map_err(gpu)?;
+                k.column_sums(products.buffer(), dv, scratch.buffer())
+                    .map_err(gpu)?;
             }
         }
         Op::Activation { act } => {
