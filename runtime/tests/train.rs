@@ -430,6 +430,19 @@ fn parallel_training_matches_one_device() {
     );
 }
 
+/// An interleaved pipeline whose chunks hold uneven layer counts (5 blocks in 4 chunks: the
+/// first has the embedding and two blocks) computes what one device computes.
+#[test]
+fn uneven_interleaved_chunks_match_one_device() {
+    assert_parallel_matches_one_device(
+        "quickstart",
+        "quickstart",
+        &format!("{STORIES}, model = gpt2 {{ vocab = 1024, positions = 128, hidden = 64, layers = 5, heads = 4, dropout = 0.1 }}, \
+         train {{ batch = 8, micro_batch = 2, steps = 3 }}"),
+        &["mesh = cpu(2), pipeline = 2, schedule = interleaved(2)"],
+    );
+}
+
 /// Tensor parallelism across families and adapters: LoRA on GPT-2's fused c_attn (B split by
 /// q|k|v sections), IA3 vectors split with the values they scale, LLaMA's grouped-query
 /// attention with rotary positions and a gated MLP, BERT's MLM + NSP heads, prompt tuning.

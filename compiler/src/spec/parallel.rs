@@ -171,19 +171,21 @@ pub(super) fn parallel(r: &mut Rec, model: Option<&Model>) -> Option<Parallel> {
             );
             ok = false;
         }
+        // Chunks may hold uneven layer counts (as Megatron-Core allows): the planner cuts the
+        // blocks as evenly as they go. Each chunk needs a layer.
         if let Some(PipelineSchedule::Interleaved { chunks }) = schedule {
-            if m.layers % pipeline.saturating_mul(chunks) != 0 {
+            if pipeline.saturating_mul(chunks) > m.layers {
                 cx.report(
                     Diagnostic::new(
                         Code::Divisibility,
                         format!(
-                            "pipeline × chunks = {} does not divide layers = {}",
+                            "pipeline × chunks = {} is more chunks than the model's {} layers",
                             pipeline.saturating_mul(chunks),
                             m.layers
                         ),
                     )
                     .at(r.span_of("schedule"), "interleaved schedule")
-                    .help("each device holds `chunks` equal groups of layers"),
+                    .help("each device holds `chunks` groups of at least one layer: use fewer chunks or stages"),
                 );
                 ok = false;
             }
