@@ -32,6 +32,28 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// The key dropout with probability `p` draws its masks of a value of `rows` rows from;
+    /// `None` when dropout is off for this batch or `p` is zero.
+    pub(crate) fn dropout_key(
+        &self,
+        p: f64,
+        rows: usize,
+    ) -> Result<Option<&DropoutKey>, ExecError> {
+        let Some(key) = &self.dropout else {
+            return Ok(None);
+        };
+        if p <= 0.0 {
+            return Ok(None);
+        }
+        if key.len() != rows {
+            return Err(ExecError(format!(
+                "dropout over {rows} rows with the global rows of {}",
+                key.len()
+            )));
+        }
+        Ok(Some(key))
+    }
+
     /// Rows `rows` of the batch: what one data-parallel replica computes of a microbatch. Its
     /// cross-entropies divide by its share of the microbatch's count, so that with the mesh's
     /// weight of each share (one over microbatches times replicas) the replicas' losses sum to

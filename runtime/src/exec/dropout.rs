@@ -2,7 +2,7 @@
 //! the row's place in the step, the element's place in the row), and the mask's values.
 
 use super::interpreter::Interpreter;
-use super::{err, ExecError};
+use super::ExecError;
 use crate::rng::{Key, Purpose};
 use petgraph::graph::NodeIndex;
 use std::ops::Range;
@@ -91,18 +91,9 @@ impl Interpreter<'_> {
         offset: usize,
         len: usize,
     ) -> Result<Option<Vec<bool>>, ExecError> {
-        let Some(key) = &self.batch.dropout else {
+        let Some(key) = self.batch.dropout_key(p, rows)? else {
             return Ok(None);
         };
-        if p <= 0.0 {
-            return Ok(None);
-        }
-        if key.len() != rows {
-            return err(format!(
-                "dropout over {rows} rows with the global rows of {}",
-                key.len()
-            ));
-        }
         let threshold = dropout_threshold(p);
         Ok(Some(
             key.row_keys(self.current)

@@ -26,7 +26,7 @@ pub use dropout::DropoutKey;
 pub(crate) use dropout::{dropout_scale, dropout_threshold};
 pub(crate) use ops::input::integer_input;
 pub use ops::loss::label_counts;
-pub(crate) use ops::loss::position_labels;
+pub(crate) use ops::loss::position_targets;
 pub use segment::{forward_backward, Outcome, Segment, SegmentGrads};
 pub use value::{Params, Value};
 

@@ -172,17 +172,12 @@ fn token_cross_entropy(
     let (b, s, width) = *logits.shape();
     let vocab = shard.as_ref().map_or(width, |sh| sh.at.vocab);
     let (positions, offset) = if shift { (s - 1, 1) } else { (s, 0) };
-    let mut targets = Vec::with_capacity(b * positions);
-    let mut weights = Vec::with_capacity(b * positions);
-    for label in position_labels(labels, b, positions, offset) {
-        if label >= vocab as i64 {
-            return err(format!(
-                "label {label} is outside the vocabulary of {vocab}"
-            ));
-        }
-        targets.push(label.max(0) as usize);
-        weights.push(if label < 0 { 0.0 } else { 1.0 });
-    }
+    let labelled = position_targets(labels, b, positions, offset, vocab)?;
+    let targets: Vec<usize> = labelled.iter().map(|t| t.unwrap_or(0)).collect();
+    let weights: Vec<f32> = labelled
+        .iter()
+        .map(|t| f32::from(u8::from(t.is_some())))
+        .collect();
     let count = count.unwrap_or_else(|| weights.iter().sum());
     if count == 0.0 {
         return err("no position has a label");
@@ -326,7 +321,7 @@ struct PpoKnobs {
 /// The label a cross-entropy over `positions` positions of `rows` rows reads at each: the
 /// row's from `offset` on (the next token's under a shift; a class's at 0), −100 (none) past
 /// its end.
-pub(crate) fn position_labels(
+fn position_labels(
     labels: &[Vec<i64>],
     rows: usize,
     positions: usize,
@@ -335,6 +330,26 @@ pub(crate) fn position_labels(
     labels.iter().take(rows).flat_map(move |row| {
         (0..positions).map(move |t| row.get(t + offset).copied().unwrap_or(-100))
     })
+}
+
+/// The token each of `positions` positions of `rows` rows predicts (labels from `offset` on),
+/// checked against the vocabulary; `None` where the label is −100 (no loss there).
+pub(crate) fn position_targets(
+    labels: &[Vec<i64>],
+    rows: usize,
+    positions: usize,
+    offset: usize,
+    vocab: usize,
+) -> Result<Vec<Option<usize>>, ExecError> {
+    position_labels(labels, rows, positions, offset)
+        .map(|label| match usize::try_from(label) {
+            Err(_) => Ok(None),
+            Ok(t) if t < vocab => Ok(Some(t)),
+            Ok(_) => err(format!(
+                "label {label} is outside the vocabulary of {vocab}"
+            )),
+        })
+        .collect()
 }
 
 /// How many labelled positions each cross-entropy node of `g` averages over in `batch` (what

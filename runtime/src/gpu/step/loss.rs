@@ -3,7 +3,7 @@
 //! and one of its gradient; and weighted sums of losses (on the host: they are scalars).
 
 use super::{err, gpu, Grad, Saved as Kept, Step, Value};
-use crate::exec::{position_labels, ExecError};
+use crate::exec::{position_targets, ExecError};
 use crate::gpu::launch::TargetRows;
 use crate::gpu::memory::Owned;
 use crate::gpu::Device;
@@ -42,17 +42,16 @@ pub(super) fn forward<'d, D: Device>(
             } else {
                 (s, 0)
             };
-            let mut targets = Vec::with_capacity(b * positions);
-            let mut weights = Vec::with_capacity(b * positions);
-            for label in position_labels(labels, b, positions, offset) {
-                if label >= width as i64 {
-                    return err(format!(
-                        "label {label} is outside the vocabulary of {width}"
-                    ));
-                }
-                targets.push(label.max(-1));
-                weights.push(if label < 0 { 0.0 } else { 1.0 });
-            }
+            let labelled = position_targets(labels, b, positions, offset, width)?;
+            // −1: no target (the kernels skip the row).
+            let targets: Vec<i64> = labelled
+                .iter()
+                .map(|t| t.map_or(-1, |t| t as i64))
+                .collect();
+            let weights: Vec<f32> = labelled
+                .iter()
+                .map(|t| f32::from(u8::from(t.is_some())))
+                .collect();
             let count = match step.batch.label_counts.get(&n) {
                 Some(&count) => count,
                 None => weights.iter().sum(),

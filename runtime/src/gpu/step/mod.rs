@@ -491,18 +491,9 @@ impl<'g, 'w, 'd, D: Device> Step<'g, 'w, 'd, D> {
         p: f64,
         rows: usize,
     ) -> Result<Option<RowKeys<'d, D>>, ExecError> {
-        let Some(key) = &self.batch.dropout else {
+        let Some(key) = self.batch.dropout_key(p, rows)? else {
             return Ok(None);
         };
-        if p <= 0.0 {
-            return Ok(None);
-        }
-        if key.len() != rows {
-            return err(format!(
-                "dropout over {rows} rows with the global rows of {}",
-                key.len()
-            ));
-        }
         let keys: Vec<u64> = key.row_keys(n).into_iter().map(|k| k.value()).collect();
         Ok(Some(RowKeys {
             keys: Owned::upload(self.d, &keys).map_err(gpu)?,
