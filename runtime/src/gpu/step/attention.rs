@@ -193,13 +193,11 @@ fn rotary_tables<'d, D: Device>(
 }
 
 pub(super) fn backward<D: Device>(
-    step: &mut Step<'_, '_, '_, D>,
+    step: &Step<'_, '_, '_, D>,
     n: NodeIndex,
     op: &Op,
     dy: &Tensor<'_, D>,
 ) -> Result<(), ExecError> {
-    step.make_input_grads(n)?;
-    let step = &*step;
     match (op, &step.saved[n.index()]) {
         (Op::Rotary { .. }, Kept::Rotary(tables)) => {
             if let Some(dx) = step.made_grad(n, 0)? {

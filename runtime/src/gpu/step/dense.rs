@@ -133,7 +133,7 @@ pub(super) fn forward<'d, D: Device>(
 }
 
 pub(super) fn backward<D: Device>(
-    step: &mut Step<'_, '_, '_, D>,
+    step: &Step<'_, '_, '_, D>,
     n: NodeIndex,
     op: &Op,
     dy: &Tensor<'_, D>,
@@ -142,8 +142,6 @@ pub(super) fn backward<D: Device>(
         return err("not a linear layer");
     };
     let geo = geometry(step, n, op)?;
-    step.make_input_grads(n)?;
-    let step = &*step;
     // The output's rounding: the gradient rounded like the value.
     let rounded_dy = step.rounded(dy)?;
     let dy = rounded_dy.as_ref().unwrap_or(dy);

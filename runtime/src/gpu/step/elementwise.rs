@@ -80,13 +80,11 @@ pub(super) fn forward<'d, D: Device>(
 }
 
 pub(super) fn backward<D: Device>(
-    step: &mut Step<'_, '_, '_, D>,
+    step: &Step<'_, '_, '_, D>,
     n: NodeIndex,
     op: &Op,
     dy: &Tensor<'_, D>,
 ) -> Result<(), ExecError> {
-    step.make_input_grads(n)?;
-    let step = &*step;
     let k = step.kernels();
     let x = step.tensor(n, 0)?;
     let dx = step.made_grad(n, 0)?;

@@ -161,13 +161,11 @@ fn reversed(c: Columns) -> Columns {
 }
 
 pub(super) fn backward<D: Device>(
-    step: &mut Step<'_, '_, '_, D>,
+    step: &Step<'_, '_, '_, D>,
     n: NodeIndex,
     op: &Op,
     dy: &Tensor<'_, D>,
 ) -> Result<(), ExecError> {
-    step.make_input_grads(n)?;
-    let step = &*step;
     let k = step.kernels();
     match *op {
         Op::Embedding { table }

@@ -378,15 +378,25 @@ impl<'g, 'w, 'd, D: Device> Step<'g, 'w, 'd, D> {
     /// Adds node `n`'s contribution to its inputs' and parameters' gradients.
     fn backward(&mut self, n: NodeIndex, grad: Grad<'d, D>) -> Result<(), ExecError> {
         let op = self.g.dag[n].op.clone();
-        match (family(&op).map_err(ExecError)?, grad) {
-            (Family::Loss, Grad::Scalar(upstream)) => loss::backward(self, n, &op, upstream),
-            (Family::Input, _) => Ok(()),
-            (_, Grad::Scalar(_)) | (Family::Loss, _) => err("a gradient of the wrong kind"),
-            (Family::Dense, Grad::Tensor(dy)) => dense::backward(self, n, &op, &dy),
-            (Family::Attention, Grad::Tensor(dy)) => attention::backward(self, n, &op, &dy),
-            (Family::Norm, Grad::Tensor(dy)) => norm::backward(self, n, &op, &dy),
-            (Family::Elementwise, Grad::Tensor(dy)) => elementwise::backward(self, n, &op, &dy),
-            (Family::Layout, Grad::Tensor(dy)) => layout::backward(self, n, &op, &dy),
+        let family = family(&op).map_err(ExecError)?;
+        let dy = match (family, grad) {
+            (Family::Loss, Grad::Scalar(upstream)) => {
+                return loss::backward(self, n, &op, upstream)
+            }
+            (Family::Input, _) => return Ok(()),
+            (Family::Loss, _) | (_, Grad::Scalar(_)) => return err("a gradient of the wrong kind"),
+            (_, Grad::Tensor(dy)) => dy,
+        };
+        // The inputs' gradients exist before the family's backward borrows them all.
+        self.make_input_grads(n)?;
+        let step = &*self;
+        match family {
+            Family::Dense => dense::backward(step, n, &op, &dy),
+            Family::Attention => attention::backward(step, n, &op, &dy),
+            Family::Norm => norm::backward(step, n, &op, &dy),
+            Family::Elementwise => elementwise::backward(step, n, &op, &dy),
+            Family::Layout => layout::backward(step, n, &op, &dy),
+            Family::Input | Family::Loss => err("a gradient of the wrong kind"),
         }
     }
 

@@ -65,14 +65,12 @@ pub(super) fn forward<'d, D: Device>(
 }
 
 pub(super) fn backward<D: Device>(
-    step: &mut Step<'_, '_, '_, D>,
+    step: &Step<'_, '_, '_, D>,
     n: NodeIndex,
     op: &Op,
     dy: &Tensor<'_, D>,
 ) -> Result<(), ExecError> {
     let norm = norm(op)?;
-    step.make_input_grads(n)?;
-    let step = &*step;
     let Saved::Norm(stats) = &step.saved[n.index()] else {
         return err("the forward kept nothing");
     };
