@@ -54,6 +54,10 @@ pub fn checks<D: Device>() -> Vec<Check<D>> {
             super::step::checks::llama_bf16,
         ),
         (
+            "training step: GPT-2 with dropout, fp16",
+            super::step::checks::gpt2_f16,
+        ),
+        (
             "training step: GPT-2 with prompt and prefix tuning, f32",
             super::step::checks::gpt2_prompt_and_prefix,
         ),
