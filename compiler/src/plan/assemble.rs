@@ -2,14 +2,13 @@
 //! every parameter, collectives, the per-stage schedule, throughput.
 
 use super::cost::{
-    zero3_gathers, Evaluation, Model, RecomputeChoice, ScheduleChoice, StageCost, StagePlace,
-    Strategy, Submesh,
+    Evaluation, Model, RecomputeChoice, ScheduleChoice, StageCost, StagePlace, Strategy, Submesh,
 };
 use super::search::Candidate;
 use super::sharding::TensorLayout;
 use super::types::*;
 use crate::graph::{Graph, LayerKind};
-use crate::spec::{Experiment, Offload};
+use crate::spec::{Experiment, Offload, WeightGather};
 
 /// Rounds to six significant digits so plans print the same everywhere.
 pub fn round(x: f64) -> f64 {
@@ -58,6 +57,8 @@ pub fn summary(ev: &Evaluation, e: &Experiment, chosen_by: &str) -> StrategySumm
         }
         .into(),
         overlap_grad_sync: e.parallel.overlap_grad_sync,
+        weight_gather: (s.zero >= 3).then_some(e.parallel.weight_gather),
+        collective_efficiency: Some(e.parallel.collective_efficiency).filter(|&x| x < 1.0),
     }
 }
 
@@ -410,11 +411,18 @@ fn collectives(model: &Model, g: &Graph, c: &Candidate) -> Vec<Collective> {
             sync.reduce,
         ));
         out.push(if s.zero >= 3 {
-            let modules = stage.modules.max(1.0);
+            let gathers = model.zero3_gathers(&on, stage);
             collective(
-                "all_gather (weights, each module's, forward and backward)",
-                stage.params * bytes / modules,
-                zero3_gathers(&on, stage) as u64,
+                match model.weight_gather {
+                    WeightGather::Prefetch => {
+                        "all_gather (weights, each layer's, prefetched, forward and backward)"
+                    }
+                    WeightGather::OnDemand => {
+                        "all_gather (weights, each module's, forward and backward)"
+                    }
+                },
+                gathers.bytes,
+                gathers.count as u64,
                 sync.gather,
             )
         } else {

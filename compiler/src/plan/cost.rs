@@ -5,9 +5,10 @@
 //! Longer than most files (~820 lines) because every time and memory term is a method of one
 //! `Model` and they are reviewed together against the reference formulas.
 
+use super::collective::{self, Collective, Collective::*, Group};
 use super::profile::{Gemm, GemmSplit, LayerProfile};
 use crate::graph::LayerKind;
-use crate::spec::{Cluster, Offload, PipelineSchedule, Precision, Recompute};
+use crate::spec::{Cluster, Offload, PipelineSchedule, Precision, Recompute, WeightGather};
 use rayon::prelude::*;
 use serde::Serialize;
 use smallvec::SmallVec;
@@ -167,6 +168,10 @@ pub struct Model<'a> {
     pub offload: Offload,
     /// Whether gradient reduction overlaps the backward pass (`overlap_grad_sync`).
     pub overlap: bool,
+    /// How ZeRO-3 gathers weights (`weight_gather`).
+    pub weight_gather: WeightGather,
+    /// Share of NCCL's bus bandwidth the framework's collectives reach.
+    pub collective_efficiency: f64,
 }
 
 /// Seconds of one iteration, by cause.
@@ -299,20 +304,6 @@ fn wave_losses(gemms: &[Gemm], micro_batch: f64, t: f64, sms: f64) -> (f64, f64)
     (fwd, bwd)
 }
 
-/// Ring all-gather or reduce-scatter: (n−1)/n · S/B plus n−1 latency steps.
-pub fn all_gather(bytes: f64, n: u64, bandwidth: f64, latency: f64) -> f64 {
-    all_reduce(bytes, n, bandwidth, latency) / 2.0
-}
-
-/// Ring all-reduce: 2(n−1)/n · S/B plus 2(n−1) latency steps.
-pub fn all_reduce(bytes: f64, n: u64, bandwidth: f64, latency: f64) -> f64 {
-    if n <= 1 {
-        return 0.0;
-    }
-    let n = n as f64;
-    2.0 * (n - 1.0) / n * bytes / bandwidth + 2.0 * (n - 1.0) * latency
-}
-
 impl Model<'_> {
     pub fn element_bytes(&self) -> f64 {
         match self.precision {
@@ -342,8 +333,8 @@ impl Model<'_> {
             .unwrap_or(1.0)
     }
 
-    /// Achievable bandwidth and latency of a link: NVLink inside a node; across nodes each
-    /// device's share of the node's network links.
+    /// Achievable bandwidth and latency of a point-to-point link: NVLink inside a node; across
+    /// nodes the sending device's own network adapter.
     fn link(&self, same_node: bool) -> (f64, f64) {
         let node = &self.cluster.node;
         if same_node {
@@ -354,10 +345,22 @@ impl Model<'_> {
         }
     }
 
-    /// A group of `n` ranks with stride `stride` in a stage's rank order (tensor fastest, then
-    /// data): inside one node when it spans no more than a node's devices.
-    fn group_bandwidth(&self, n: u64, stride: u64) -> (f64, f64) {
-        self.link(n * stride <= self.cluster.node.devices)
+    /// The ranks of a collective: `n` of them `stride` apart in a stage's rank order (tensor
+    /// fastest, then data).
+    fn group(&self, n: u64, stride: u64) -> Group {
+        Group::strided(n, stride, self.cluster.node.devices)
+    }
+
+    /// Seconds of collective `c` over `bytes` in `group` (see [`collective`]),
+    /// at the framework's `collective_efficiency`.
+    fn collective(&self, c: Collective, bytes: f64, group: Group) -> f64 {
+        collective::seconds(
+            &self.cluster.node,
+            c,
+            bytes,
+            group,
+            self.collective_efficiency,
+        )
     }
 
     /// Seconds to move one microbatch's boundary activation (or its gradient) from a stage on
@@ -400,7 +403,7 @@ impl Model<'_> {
         let rate = self.flop_rate();
         let hbm = self.cluster.node.device.hbm_bandwidth;
         let repl_div = if s.sequence_parallel { t } else { 1.0 };
-        let (bw, lat) = self.group_bandwidth(s.tensor, 1);
+        let tensor_group = self.group(s.tensor, 1);
         let mut out = vec![Terms::default()];
         let sms = self.cluster.node.device.multiprocessors;
         for l in self.layers {
@@ -449,7 +452,8 @@ impl Model<'_> {
                 forward,
                 backward,
                 recompute,
-                tensor_comm: collectives * all_reduce(l.boundary_bytes * f, s.tensor, bw, lat),
+                tensor_comm: collectives
+                    * self.collective(AllReduce, l.boundary_bytes * f, tensor_group),
                 params: l.params_split / t + l.params_repl,
                 trainable: l.trainable_split / t + l.trainable_repl,
                 modules: l.modules,
@@ -735,31 +739,26 @@ impl Model<'_> {
     /// [`Model::sync`] by collective. ZeRO-3 reduce-scatters gradients and all-gathers every
     /// weight (frozen ones too) for the forward and again for the backward of each microbatch
     /// (DeepSpeed and FSDP free a module's gathered weights after use): 3Ψ instead of 2Ψ for
-    /// full training in one microbatch, (2m + 1)Ψ in m. The gathers are one collective per
-    /// module, each paying the ring's n − 1 latency steps: at a thousand ranks that latency,
-    /// not the bytes, is what grows with the group (Megatron 2021 Table 2's ZeRO-3 rows).
+    /// full training in one microbatch, (2m + 1)Ψ in m; [`Model::zero3_gathers`] says which of
+    /// those gathers the step waits for.
     ///
     /// With `overlap` (DeepSpeed's `overlap_comm`, its default under ZeRO-3), the gradient
     /// reduction runs as the last microbatch's backward produces the gradients and only what
-    /// outlasts that backward is on the critical path; weight all-gathers (ZeRO-1/2 after the
-    /// update, ZeRO-3 before each use) stay on it.
+    /// outlasts that backward is on the critical path; ZeRO-1/2's weight all-gather after the
+    /// update stays on it.
     pub fn sync_parts(&self, s: &Strategy, stage: &StageCost) -> SyncTime {
         let grad_bytes = stage.trainable * self.element_bytes();
-        let (bw, lat) = self.group_bandwidth(s.data, s.tensor);
+        let group = self.group(s.data, s.tensor);
         let (reduce, gather) = match s.zero {
-            0 => (all_reduce(grad_bytes, s.data, bw, lat), 0.0),
+            0 => (self.collective(AllReduce, grad_bytes, group), 0.0),
             1 | 2 => {
-                let half = all_gather(grad_bytes, s.data, bw, lat);
+                let half = self.collective(AllGather, grad_bytes, group);
                 (half, half)
             }
-            _ => {
-                let modules = stage.modules.max(1.0);
-                let per_module = stage.params * self.element_bytes() / modules;
-                (
-                    all_gather(grad_bytes, s.data, bw, lat),
-                    zero3_gathers(s, stage) * all_gather(per_module, s.data, bw, lat),
-                )
-            }
+            _ => (
+                self.collective(AllGather, grad_bytes, group),
+                self.zero3_gathers(s, stage).exposed,
+            ),
         };
         let reduce = if self.overlap {
             (reduce - stage.backward - stage.recompute).max(0.0)
@@ -768,12 +767,49 @@ impl Model<'_> {
         };
         SyncTime { reduce, gather }
     }
+
+    /// ZeRO-3's weight all-gathers in one iteration of a stage, and the seconds of them the
+    /// step waits for.
+    ///
+    /// - `prefetch` (FSDP): one gather per layer (FSDP wraps each transformer block as one flat
+    ///   parameter; the embedding and head are units of their own), and the next unit's gather
+    ///   is issued while the current unit computes (`forward_prefetch`, `BACKWARD_PRE`). Each
+    ///   pass waits for its first gather and for whatever the rest take beyond the compute
+    ///   they hide under.
+    /// - `on_demand`: one gather per module, each on the critical path; at a thousand ranks
+    ///   their ring latency, not the bytes, is what grows with the group (Megatron 2021 Table
+    ///   2's DeepSpeed ZeRO-3 rows).
+    pub fn zero3_gathers(&self, s: &Strategy, stage: &StageCost) -> Zero3Gathers {
+        let units = match self.weight_gather {
+            WeightGather::Prefetch => stage.layers.iter().map(|(a, b)| b - a).sum::<usize>() as f64,
+            WeightGather::OnDemand => stage.modules,
+        }
+        .max(1.0);
+        let bytes = stage.params * self.element_bytes() / units;
+        let one = self.collective(AllGather, bytes, self.group(s.data, s.tensor));
+        let m = s.microbatches as f64;
+        let exposed = match self.weight_gather {
+            WeightGather::OnDemand => 2.0 * m * units * one,
+            WeightGather::Prefetch => {
+                let pass = |compute: f64| one + ((units - 1.0) * one - compute).max(0.0);
+                m * (pass(stage.forward) + pass(stage.backward + stage.recompute))
+            }
+        };
+        Zero3Gathers {
+            count: 2.0 * m * units,
+            bytes,
+            exposed,
+        }
+    }
 }
 
-/// ZeRO-3's weight all-gathers in one iteration of a stage: each module's, for the forward and
-/// the backward of every microbatch.
-pub fn zero3_gathers(s: &Strategy, stage: &StageCost) -> f64 {
-    2.0 * s.microbatches as f64 * stage.modules.max(1.0)
+/// ZeRO-3's weight all-gathers of one iteration of a stage (see [`Model::zero3_gathers`]).
+pub struct Zero3Gathers {
+    pub count: f64,
+    /// Bytes of each.
+    pub bytes: f64,
+    /// Seconds of them on the critical path.
+    pub exposed: f64,
 }
 
 /// A stage's data-parallel synchronisation, seconds on the critical path.

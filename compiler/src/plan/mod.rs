@@ -2,6 +2,7 @@
 //! execution plan. Formulas: shared/reference/cost-model.md; search: auto-partition.md.
 
 mod assemble;
+pub mod collective;
 pub mod cost;
 mod profile;
 mod report;
@@ -115,6 +116,8 @@ impl<'e> Planner<'e> {
             batch: e.train.batch,
             offload: e.parallel.offload,
             overlap: e.parallel.overlap_grad_sync,
+            weight_gather: e.parallel.weight_gather,
+            collective_efficiency: e.parallel.collective_efficiency,
         }
     }
 

@@ -2,6 +2,7 @@
 
 use super::assemble::GIB;
 use super::types::{render_range, ExecutionPlan};
+use crate::spec::WeightGather;
 use std::fmt::Write;
 
 fn gib(x: f64) -> String {
@@ -84,6 +85,21 @@ pub fn render_text(p: &ExecutionPlan) -> String {
             o,
             "gradient reduction overlaps the last microbatch's backward (only what outlasts it is counted)"
         );
+    }
+    match s.weight_gather {
+        Some(WeightGather::Prefetch) => {
+            let _ = writeln!(o, "ZeRO-3 gathers each layer's weights, the next one's under the current one's compute");
+        }
+        Some(WeightGather::OnDemand) => {
+            let _ = writeln!(
+                o,
+                "ZeRO-3 gathers each module's weights when it runs, on the critical path"
+            );
+        }
+        None => {}
+    }
+    if let Some(x) = s.collective_efficiency {
+        let _ = writeln!(o, "collectives costed at {x} of NCCL's bus bandwidth");
     }
     if !uniform {
         let _ = writeln!(

@@ -520,7 +520,7 @@ mod tests {
     use crate::graph::LayerKind;
     use crate::plan::cost::RecomputeChoice;
     use crate::plan::profile::LayerProfile;
-    use crate::spec::{Cluster, Device, Node, Offload, Precision};
+    use crate::spec::{Cluster, Device, Node, Offload, Precision, WeightGather};
 
     /// Four nodes of eight devices; an embedding, four blocks of one unit of work and one unit
     /// of parameters each, and a head of twelve units of work and four of parameters. Memory
@@ -578,6 +578,8 @@ mod tests {
             batch: 192,
             offload: Offload::None,
             overlap: false,
+            weight_gather: WeightGather::Prefetch,
+            collective_efficiency: 1.0,
         };
         // The best uniform plan: two stages of 16 devices, pipeline microbatches of 48.
         let uniform = Strategy {
@@ -695,6 +697,8 @@ mod tests {
                 batch: microbatch * microbatches,
                 offload: Offload::None,
             overlap: false,
+            weight_gather: WeightGather::Prefetch,
+            collective_efficiency: 1.0,
             };
             let devices = nodes * node;
             let base = Strategy {

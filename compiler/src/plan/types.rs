@@ -3,6 +3,7 @@
 
 use super::cost::{MemoryBreakdown, RecomputeChoice, ScheduleChoice, Submesh, TimeBreakdown};
 use super::sharding::TensorLayout;
+use crate::spec::WeightGather;
 use serde::{Serialize, Serializer};
 use std::fmt;
 use std::ops::Range;
@@ -61,6 +62,12 @@ pub struct StrategySummary {
     /// Gradient reduction overlaps the backward pass; written only when it does.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub overlap_grad_sync: bool,
+    /// How ZeRO-3 gathers weights; written only under ZeRO-3.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub weight_gather: Option<WeightGather>,
+    /// Share of NCCL's bus bandwidth the collectives are costed at; written only below 1.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub collective_efficiency: Option<f64>,
 }
 
 #[derive(Clone, Debug, Serialize)]

@@ -57,6 +57,20 @@ pub(super) fn parallel(r: &mut Rec, model: Option<&Model>) -> Option<Parallel> {
     let schedule = r.or("schedule", PipelineSchedule::OneFOneB, schedule);
     let microbatches = r.opt("microbatches", size(limits::MICROBATCHES));
     let overlap_grad_sync = r.or("overlap_grad_sync", false, boolean);
+    let weight_gather = r.or("weight_gather", WeightGather::Prefetch, |cx, v| {
+        choice(
+            cx,
+            v,
+            "weight gather setting",
+            &[
+                ("prefetch", WeightGather::Prefetch),
+                ("on_demand", WeightGather::OnDemand),
+            ],
+        )
+    });
+    let collective_efficiency = r.or("collective_efficiency", 1.0, |cx, v| {
+        number_where(cx, v, "above 0 and at most 1", |x| x > 0.0 && x <= 1.0)
+    });
     let offload = r.or("offload", Offload::None, |cx, v| {
         choice(
             cx,
@@ -202,6 +216,17 @@ pub(super) fn parallel(r: &mut Rec, model: Option<&Model>) -> Option<Parallel> {
                 ok = false;
             }
         }
+        if r.has("weight_gather") && zero.is_some_and(|z| z < 3) {
+            cx.report(
+                Diagnostic::new(
+                    Code::Conflict,
+                    "`weight_gather` sets how ZeRO-3 gathers weights, but this plan does not shard them",
+                )
+                .at(r.span_of("weight_gather"), "has no effect without ZeRO-3")
+                .help("set `zero = 3`, or remove `weight_gather`"),
+            );
+            ok = false;
+        }
         if sequence_parallel == Some(true) && tensor == 1 {
             cx.report(
                 Diagnostic::new(
@@ -231,6 +256,8 @@ pub(super) fn parallel(r: &mut Rec, model: Option<&Model>) -> Option<Parallel> {
         microbatches: microbatches?,
         offload: offload?,
         overlap_grad_sync: overlap_grad_sync?,
+        weight_gather: weight_gather?,
+        collective_efficiency: collective_efficiency?,
     })
 }
 

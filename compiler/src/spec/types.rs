@@ -377,6 +377,21 @@ pub struct Parallel {
     /// Gradient reduction runs during the backward pass (DDP's buckets, DeepSpeed's
     /// `overlap_comm`) rather than after it.
     pub overlap_grad_sync: bool,
+    /// How ZeRO-3 gathers weights before their use.
+    pub weight_gather: WeightGather,
+    /// Share of NCCL's bus bandwidth the framework's collectives reach (1: NCCL's own).
+    pub collective_efficiency: f64,
+}
+
+/// How ZeRO-3 gathers sharded weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WeightGather {
+    /// One gather per block (FSDP's flat parameter per wrapped block), the next block's
+    /// issued while the current one computes (FSDP's forward and backward prefetch).
+    Prefetch,
+    /// Each module's weights gathered when it runs, on the critical path.
+    OnDemand,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
