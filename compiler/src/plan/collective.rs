@@ -97,6 +97,7 @@ mod tests {
                 name: "a100".into(),
                 peak: BTreeMap::new(),
                 matmul_efficiency: 1.0,
+                attention_efficiency: 1.0,
                 memory: 80e9,
                 memory_reserve: 0.0,
                 hbm_bandwidth: 2e12,

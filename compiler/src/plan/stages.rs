@@ -541,6 +541,7 @@ mod tests {
             name: "unit".into(),
             peak: [(Precision::Bf16, 1e12)].into(),
             matmul_efficiency: 1.0,
+            attention_efficiency: 1.0,
             memory: 100e9,
             memory_reserve: 0.0,
             hbm_bandwidth: 1e18,

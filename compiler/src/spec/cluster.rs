@@ -70,6 +70,9 @@ pub fn device(cx: &Cx, v: &Spanned, path: &str) -> Option<Device> {
     let matmul_efficiency = r.req("matmul_efficiency", |cx, v| {
         number_where(cx, v, "in (0, 1]", |x| x > 0.0 && x <= 1.0)
     });
+    let attention_efficiency = r.opt("attention_efficiency", |cx, v| {
+        number_where(cx, v, "in (0, 1]", |x| x > 0.0 && x <= 1.0)
+    });
     let memory = r.req("memory", |cx, v| quantity(cx, v, Dim::Bytes));
     let memory_reserve = r.or("memory_reserve", 0.0, |cx, v| quantity(cx, v, Dim::Bytes));
     let hbm_bandwidth = r.req("hbm_bandwidth", |cx, v| quantity(cx, v, Dim::Bandwidth));
@@ -94,6 +97,7 @@ pub fn device(cx: &Cx, v: &Spanned, path: &str) -> Option<Device> {
     Some(Device {
         name,
         peak: peak?,
+        attention_efficiency: attention_efficiency?.or(matmul_efficiency)?,
         matmul_efficiency: matmul_efficiency?,
         memory,
         memory_reserve,

@@ -486,6 +486,9 @@ pub struct Device {
     pub peak: BTreeMap<Precision, f64>,
     /// Fraction of peak that large matmuls achieve (measured ceiling ÷ datasheet peak).
     pub matmul_efficiency: f64,
+    /// Fraction of peak a fused (flash) attention kernel achieves; the matmul efficiency
+    /// where the device does not say.
+    pub attention_efficiency: f64,
     pub memory: f64,
     /// Memory kept free for the framework, fragmentation and buffers.
     pub memory_reserve: f64,
