@@ -32,14 +32,18 @@ pub struct Group {
 
 impl Group {
     /// `ranks` ranks `stride` apart in a stage's rank order (tensor fastest, then data), on
-    /// nodes of `devices` devices: consecutive ranks of a stride that divides the node share it.
+    /// nodes of `devices` devices, from the start of a node: consecutive ranks of a stride
+    /// that divides the node share it. A ring runs at the pace of its emptiest node, so
+    /// `per_node` is the fewest ranks any spanned node holds (the last, when it is partly
+    /// filled).
     pub fn strided(ranks: u64, stride: u64, devices: u64) -> Group {
         let ranks = ranks.max(1);
-        let per_node = (devices / stride.max(1)).clamp(1, ranks);
+        let full = (devices / stride.max(1)).clamp(1, ranks);
+        let last = ranks % full;
         Group {
             ranks,
-            nodes: ranks.div_ceil(per_node),
-            per_node,
+            nodes: ranks.div_ceil(full),
+            per_node: if last == 0 { full } else { last },
         }
     }
 }

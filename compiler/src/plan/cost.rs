@@ -752,19 +752,26 @@ impl Model<'_> {
     pub fn sync_parts(&self, s: &Strategy, stage: &StageCost) -> SyncTime {
         let grad_bytes = stage.trainable * self.element_bytes();
         let group = self.group(s.data, s.tensor);
+        // The backward the gradient reduction may hide under, less what ZeRO-3's own gathers
+        // keep the links busy for.
+        let mut window = stage.backward + stage.recompute;
         let (reduce, gather) = match s.zero {
             0 => (self.collective(AllReduce, grad_bytes, group), 0.0),
             1 | 2 => {
                 let half = self.collective(AllGather, grad_bytes, group);
                 (half, half)
             }
-            _ => (
-                self.collective(AllGather, grad_bytes, group),
-                self.zero3_gathers(s, stage).exposed,
-            ),
+            _ => {
+                let gathers = self.zero3_gathers(s, stage);
+                window -= gathers.backward_busy;
+                (
+                    self.collective(AllGather, grad_bytes, group),
+                    gathers.exposed,
+                )
+            }
         };
         let reduce = if self.overlap {
-            (reduce - stage.backward - stage.recompute).max(0.0)
+            (reduce - window.max(0.0)).max(0.0)
         } else {
             reduce
         };
@@ -774,17 +781,21 @@ impl Model<'_> {
     /// ZeRO-3's weight all-gathers in one iteration of a stage, and the seconds of them the
     /// step waits for.
     ///
-    /// - `prefetch` (FSDP): one gather per layer (FSDP wraps each transformer block as one flat
-    ///   parameter; the embedding and head are units of their own), and the next unit's gather
-    ///   is issued while the current unit computes (`forward_prefetch`, `BACKWARD_PRE`). Each
-    ///   pass waits for its first gather and for whatever the rest take beyond the compute
-    ///   they hide under.
+    /// - `prefetch` (FSDP): one gather per layer that holds weights (FSDP wraps each block as
+    ///   one flat parameter; the embedding and head are units of their own), and the next
+    ///   unit's gather runs while the current unit computes (`forward_prefetch`,
+    ///   `BACKWARD_PRE`: one unit ahead). Each pass through a chunk of layers (one per chunk
+    ///   when interleaved) waits for its first gather; every later gather is hidden by the
+    ///   compute of the unit before it, up to that unit's share of the compute.
     /// - `on_demand`: one gather per module, each on the critical path; at a thousand ranks
     ///   their ring latency, not the bytes, is what grows with the group (Megatron 2021 Table
     ///   2's DeepSpeed ZeRO-3 rows).
     pub fn zero3_gathers(&self, s: &Strategy, stage: &StageCost) -> Zero3Gathers {
+        let layers = || stage.layers.iter().flat_map(|&(a, b)| &self.layers[a..b]);
         let units = match self.weight_gather {
-            WeightGather::Prefetch => stage.layers.iter().map(|(a, b)| b - a).sum::<usize>() as f64,
+            WeightGather::Prefetch => layers()
+                .filter(|l| l.params_split + l.params_repl > 0.0)
+                .count() as f64,
             WeightGather::OnDemand => stage.modules,
         }
         .max(1.0);
@@ -794,7 +805,10 @@ impl Model<'_> {
         let exposed = match self.weight_gather {
             WeightGather::OnDemand => 2.0 * m * units * one,
             WeightGather::Prefetch => {
-                let pass = |compute: f64| one + ((units - 1.0) * one - compute).max(0.0);
+                let chunks = (stage.layers.len() as f64).min(units);
+                let pass = |compute: f64| {
+                    chunks * one + (units - chunks) * (one - compute / units).max(0.0)
+                };
                 m * (pass(stage.forward) + pass(stage.backward + stage.recompute))
             }
         };
@@ -802,6 +816,7 @@ impl Model<'_> {
             count: 2.0 * m * units,
             bytes,
             exposed,
+            backward_busy: units * one,
         }
     }
 }
@@ -813,6 +828,9 @@ pub struct Zero3Gathers {
     pub bytes: f64,
     /// Seconds of them on the critical path.
     pub exposed: f64,
+    /// Seconds the network spends on one microbatch's backward gathers: the gradient
+    /// reduction overlapping that backward shares the same links.
+    pub backward_busy: f64,
 }
 
 /// A stage's data-parallel synchronisation, seconds on the critical path.

@@ -379,7 +379,8 @@ pub struct Parallel {
     pub overlap_grad_sync: bool,
     /// How ZeRO-3 gathers weights before their use.
     pub weight_gather: WeightGather,
-    /// Share of NCCL's bus bandwidth the framework's collectives reach (1: NCCL's own).
+    /// Share of NCCL's bus bandwidth the framework's collectives (tensor- and data-parallel,
+    /// ZeRO) reach (1: NCCL's own); pipeline sends are point-to-point and not scaled.
     pub collective_efficiency: f64,
 }
 
