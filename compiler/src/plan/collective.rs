@@ -90,33 +90,15 @@ pub fn seconds(node: &Node, c: Collective, bytes: f64, group: Group, efficiency:
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spec::Device;
-    use std::collections::BTreeMap;
 
-    /// DGX A100 as `stdlib/clusters.kiln` describes it.
+    /// DGX A100's links as `stdlib/clusters.kiln` describes them.
     fn dgx_a100() -> Node {
         Node {
-            name: "dgx_a100".into(),
-            device: Device {
-                name: "a100".into(),
-                peak: BTreeMap::new(),
-                matmul_efficiency: 1.0,
-                attention_efficiency: 1.0,
-                memory: 80e9,
-                memory_reserve: 0.0,
-                hbm_bandwidth: 2e12,
-                activation_overhead: 1.0,
-                weight_copies: 1.0,
-                flash_attention: true,
-                multiprocessors: Some(108),
-            },
-            devices: 8,
             intra_bandwidth: 230e9,
             intra_latency: 5e-6,
             inter_bandwidth: 0.9 * 8.0 * 25e9,
             inter_latency: 10e-6,
-            host_bandwidth: None,
-            host_memory_bandwidth: None,
+            ..crate::plan::unit_node()
         }
     }
 

@@ -935,41 +935,20 @@ pub fn model_states(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spec::{Device, Node};
-    use std::collections::BTreeMap;
 
     /// A fused attention kernel's FLOPs run at the device's attention efficiency and the
     /// layer's other products at its GEMM ceiling: one layer of 1 TFLOP each, forward and
     /// backward, on a 1 PFLOP/s device at 0.8 and 0.4 takes 1.25 + 2.5 ms forward.
     #[test]
     fn flash_attention_runs_at_the_attention_efficiency() {
-        let device = Device {
-            name: "unit".into(),
-            peak: BTreeMap::from([(Precision::Bf16, 1e15)]),
-            matmul_efficiency: 0.8,
-            attention_efficiency: 0.4,
-            memory: 1e12,
-            memory_reserve: 0.0,
-            hbm_bandwidth: 1e18,
-            activation_overhead: 1.0,
-            weight_copies: 1.0,
-            flash_attention: true,
-            multiprocessors: None,
-        };
+        let mut node = crate::plan::unit_node();
+        node.device.peak = [(Precision::Bf16, 1e15)].into();
+        node.device.matmul_efficiency = 0.8;
+        node.device.attention_efficiency = 0.4;
         let cluster = Cluster {
             name: "unit".into(),
             nodes: 1,
-            node: Node {
-                name: "unit".into(),
-                device,
-                devices: 1,
-                intra_bandwidth: 1e18,
-                intra_latency: 0.0,
-                inter_bandwidth: 1e18,
-                inter_latency: 0.0,
-                host_bandwidth: None,
-                host_memory_bandwidth: None,
-            },
+            node,
         };
         let layers = [LayerProfile {
             flops_fwd: 1e12,

@@ -13,6 +13,37 @@ mod svg;
 pub mod timeline;
 mod types;
 
+/// A node for the cost model's unit tests: eight devices of 1 TFLOP/s bf16 that compute at
+/// peak, with instant memory and links; a test overrides what it measures.
+#[cfg(test)]
+pub(crate) fn unit_node() -> crate::spec::Node {
+    use crate::spec::{Device, Node, Precision};
+    let device = Device {
+        name: "unit".into(),
+        peak: [(Precision::Bf16, 1e12)].into(),
+        matmul_efficiency: 1.0,
+        attention_efficiency: 1.0,
+        memory: 100e9,
+        memory_reserve: 0.0,
+        hbm_bandwidth: 1e18,
+        activation_overhead: 1.0,
+        weight_copies: 1.0,
+        flash_attention: false,
+        multiprocessors: None,
+    };
+    Node {
+        name: "unit".into(),
+        device,
+        devices: 8,
+        intra_bandwidth: 1e18,
+        intra_latency: 0.0,
+        inter_bandwidth: 1e18,
+        inter_latency: 0.0,
+        host_bandwidth: None,
+        host_memory_bandwidth: None,
+    }
+}
+
 pub use cost::{model_states, MemoryBreakdown, TimeBreakdown};
 pub use report::render_text;
 pub use svg::render_svg;

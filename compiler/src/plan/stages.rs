@@ -520,7 +520,7 @@ mod tests {
     use crate::graph::LayerKind;
     use crate::plan::cost::RecomputeChoice;
     use crate::plan::profile::LayerProfile;
-    use crate::spec::{Cluster, Device, Node, Offload, Precision, WeightGather};
+    use crate::spec::{Cluster, Offload, Precision, WeightGather};
 
     /// Four nodes of eight devices; an embedding, four blocks of one unit of work and one unit
     /// of parameters each, and a head of twelve units of work and four of parameters. Memory
@@ -537,34 +537,10 @@ mod tests {
         let mut layers = vec![layer(LayerKind::Embedding, 0.0, 0.0)];
         layers.extend((0..4).map(|_| layer(LayerKind::Block, 1.0, 1.0)));
         layers.push(layer(LayerKind::Head, 12.0, 4.0));
-        let device = Device {
-            name: "unit".into(),
-            peak: [(Precision::Bf16, 1e12)].into(),
-            matmul_efficiency: 1.0,
-            attention_efficiency: 1.0,
-            memory: 100e9,
-            memory_reserve: 0.0,
-            hbm_bandwidth: 1e18,
-            activation_overhead: 1.0,
-            weight_copies: 1.0,
-            flash_attention: false,
-            multiprocessors: None,
-        };
-        let node = Node {
-            name: "unit".into(),
-            device,
-            devices: 8,
-            intra_bandwidth: 1e18,
-            intra_latency: 0.0,
-            inter_bandwidth: 1e18,
-            inter_latency: 0.0,
-            host_bandwidth: None,
-            host_memory_bandwidth: None,
-        };
         let cluster = Cluster {
             name: "unit * 4".into(),
             nodes: 4,
-            node,
+            node: crate::plan::unit_node(),
         };
         (layers, cluster)
     }
